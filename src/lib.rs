@@ -1,0 +1,14 @@
+//! supervise: keeps long-running Linux jobs alive across crashes by
+//! checkpointing them with CRIU and restoring them from the newest good
+//! image when they die.
+
+pub mod check;
+pub mod config;
+pub mod criu;
+pub mod init;
+pub mod job;
+pub mod proc;
+pub mod reaper;
+pub mod schedule;
+pub mod store;
+pub mod supervisor;

@@ -1,0 +1,257 @@
+//! `supervise check`: the preflight. It tells whether checkpointing can work
+//! on this machine and, when it cannot, how to fix it. `supervise run`
+//! refuses to start with the same report when anything fatal is found.
+
+use std::process::Command;
+
+use crate::criu::{criu_bin, parse_version, MIN_VERSION};
+
+/// How serious a finding is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Level {
+    /// Fine.
+    Ok,
+    /// Works, with a limitation.
+    Warn,
+    /// Checkpointing cannot work.
+    Fail,
+}
+
+/// One finding.
+#[derive(Debug, Clone)]
+pub struct Finding {
+    /// What was checked.
+    pub what: &'static str,
+    /// The verdict.
+    pub level: Level,
+    /// What was found.
+    pub detail: String,
+    /// How to fix it, for Warn/Fail.
+    pub fix: Option<String>,
+}
+
+/// The preflight's findings.
+#[derive(Debug, Clone, Default)]
+pub struct Report {
+    /// In check order.
+    pub findings: Vec<Finding>,
+    /// Whether CRIU can track dirty memory (pre-dump / --track-mem).
+    pub dirty_tracking: bool,
+    /// CRIU's version, if found.
+    pub criu_version: Option<(u32, u32, u32)>,
+}
+
+impl Report {
+    /// True if checkpointing cannot work.
+    pub fn fatal(&self) -> bool {
+        self.findings.iter().any(|f| f.level == Level::Fail)
+    }
+
+    /// Human-readable report.
+    pub fn render(&self) -> String {
+        let mut s = String::new();
+        for f in &self.findings {
+            let tag = match f.level {
+                Level::Ok => "ok  ",
+                Level::Warn => "warn",
+                Level::Fail => "FAIL",
+            };
+            s.push_str(&format!("[{tag}] {}: {}\n", f.what, f.detail));
+            if let Some(fix) = &f.fix {
+                for line in fix.lines() {
+                    s.push_str(&format!("       fix: {line}\n"));
+                }
+            }
+        }
+        if self.fatal() {
+            s.push_str(
+                "checkpointing cannot work on this machine until the FAIL items are fixed\n",
+            );
+        } else {
+            s.push_str("checkpointing can work on this machine\n");
+        }
+        s
+    }
+
+    fn push(&mut self, what: &'static str, level: Level, detail: String, fix: Option<&str>) {
+        self.findings.push(Finding {
+            what,
+            level,
+            detail,
+            fix: fix.map(str::to_string),
+        });
+    }
+}
+
+const SETUP_FIX: &str = "run scripts/setup.sh (installs CRIU >= 4.2 from Debian testing \"forky\" at low pin priority)\n\
+or: apt-get install -t forky criu   (Debian 12's 3.17 fails on 6.x kernels with a vDSO error;\n\
+4.1.1 cannot dump processes holding inet sockets on kernels >= 6.16)";
+
+fn run(cmd: &mut Command) -> Option<(bool, String)> {
+    let out = cmd.output().ok()?;
+    let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
+    text.push_str(&String::from_utf8_lossy(&out.stderr));
+    Some((out.status.success(), text))
+}
+
+/// Effective capability bits from `/proc/self/status`.
+fn cap_eff() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("CapEff:"))
+                .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        })
+        .unwrap_or(0)
+}
+
+/// Runs every check. Must not run while a [`crate::reaper::Reaper`] is
+/// installed (it waits for its own children).
+pub fn preflight() -> Report {
+    let mut r = Report::default();
+    let criu = criu_bin();
+    // 1. CRIU present and new enough.
+    match run(Command::new(&criu).arg("--version")) {
+        None => r.push(
+            "criu",
+            Level::Fail,
+            format!("{} not found", criu.display()),
+            Some(SETUP_FIX),
+        ),
+        Some((_, text)) => match parse_version(&text) {
+            Some(v) if v >= MIN_VERSION => {
+                r.criu_version = Some(v);
+                r.push(
+                    "criu",
+                    Level::Ok,
+                    format!("version {}.{}.{}", v.0, v.1, v.2),
+                    None,
+                )
+            }
+            Some(v) => {
+                r.criu_version = Some(v);
+                r.push(
+                    "criu",
+                    Level::Fail,
+                    format!(
+                        "version {}.{}.{} is older than {}.{} (required on this kernel)",
+                        v.0, v.1, v.2, MIN_VERSION.0, MIN_VERSION.1
+                    ),
+                    Some(SETUP_FIX),
+                )
+            }
+            None => r.push(
+                "criu",
+                Level::Fail,
+                format!("cannot read the version from: {}", text.trim()),
+                Some(SETUP_FIX),
+            ),
+        },
+    }
+    // 2. Privileges.
+    let caps = cap_eff();
+    let has = |bit: u32| caps & (1u64 << bit) != 0;
+    let euid = nix::unistd::geteuid();
+    if euid.is_root() && has(21) {
+        r.push(
+            "privileges",
+            Level::Ok,
+            "root with CAP_SYS_ADMIN".into(),
+            None,
+        );
+    } else if has(21) && has(19) && (has(40) || has(21)) {
+        r.push(
+            "privileges",
+            Level::Warn,
+            format!("uid {euid} with CAP_SYS_ADMIN/CAP_SYS_PTRACE"),
+            None,
+        );
+    } else {
+        r.push(
+            "privileges",
+            Level::Fail,
+            format!("uid {euid} without CAP_SYS_ADMIN"),
+            Some("run supervise as root (CRIU needs CAP_SYS_ADMIN, CAP_SYS_PTRACE and CAP_CHECKPOINT_RESTORE; creating the jobs' PID namespaces needs CAP_SYS_ADMIN)"),
+        );
+    }
+    if !has(24) {
+        r.push(
+            "resource limits",
+            Level::Warn,
+            "no CAP_SYS_RESOURCE: CRIU logs \"Can't setup RLIMIT_NOFILE for self\" (harmless) and cannot dump processes of other users"
+                .into(),
+            Some("run jobs as the same user as supervise"),
+        );
+    }
+    // 3. nsenter (util-linux) for dumps inside the job's namespaces.
+    match run(Command::new("nsenter").arg("--version")) {
+        Some((true, _)) => r.push("nsenter", Level::Ok, "present".into(), None),
+        _ => r.push(
+            "nsenter",
+            Level::Fail,
+            "not found".into(),
+            Some("apt-get install util-linux"),
+        ),
+    }
+    if r.criu_version.is_some() {
+        // 4. criu check.
+        match run(Command::new(&criu).arg("check")) {
+            Some((true, text)) => r.push(
+                "criu check",
+                Level::Ok,
+                text.lines()
+                    .filter(|l| !l.contains("kdat cache"))
+                    .last()
+                    .unwrap_or("ok")
+                    .trim()
+                    .to_string(),
+                None,
+            ),
+            Some((false, text)) => r.push(
+                "criu check",
+                Level::Fail,
+                crate::criu::error_lines(&text),
+                Some("see `criu check --all -v4`; the kernel lacks something CRIU needs"),
+            ),
+            None => r.push("criu check", Level::Fail, "cannot run".into(), None),
+        }
+        // 5. Dirty-memory tracking (incremental pre-dumps).
+        match run(Command::new(&criu).args(["check", "--feature", "mem_dirty_track"])) {
+            Some((true, _)) => {
+                r.dirty_tracking = true;
+                r.push(
+                    "dirty-memory tracking",
+                    Level::Ok,
+                    "available (pre-dump / --track-mem usable)".into(),
+                    None,
+                )
+            }
+            _ => r.push(
+                "dirty-memory tracking",
+                Level::Warn,
+                "not available on this kernel (no soft-dirty): every checkpoint is a full dump".into(),
+                Some("a kernel built with CONFIG_MEM_SOFT_DIRTY would shorten the job's freeze; checkpoints still work"),
+            ),
+        }
+    }
+    r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fatal_only_with_fail() {
+        let mut r = Report::default();
+        r.push("a", Level::Ok, "x".into(), None);
+        r.push("b", Level::Warn, "y".into(), Some("do z"));
+        assert!(!r.fatal());
+        assert!(r.render().contains("fix: do z"));
+        r.push("c", Level::Fail, "w".into(), Some("fix it"));
+        assert!(r.fatal());
+        assert!(r.render().contains("[FAIL] c: w"));
+        assert!(r.render().contains("cannot work"));
+    }
+}

@@ -1,0 +1,532 @@
+//! The CRIU engine adapter.
+//!
+//! supervise speaks CRIU's RPC protocol to a `criu swrk` child over a
+//! `SOCK_SEQPACKET` socketpair (messages in [`rpc`], hand-derived with prost
+//! from CRIU's `rpc.proto`). CRIU logs to its stderr (`log_to_stderr`), which
+//! supervise captures, so the *text* of CRIU's errors reaches the user rather
+//! than just an errno.
+//!
+//! Jobs live in their own PID and mount namespaces (see [`crate::init`]), so
+//! a dump runs CRIU *inside* the job's namespaces (`nsenter --pid --mount`,
+//! as CRIU's own `criu-ns` does), and a restore runs CRIU as a child of a
+//! fresh namespace's init. That is what makes a restore independent of which
+//! PIDs are taken on the host.
+
+pub mod rpc;
+
+use std::io::Read;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use nix::sys::socket::{recv, send, socketpair, AddressFamily, MsgFlags, SockFlag, SockType};
+use prost::Message;
+
+use crate::config::{CriuOptions, NetworkLock};
+use crate::reaper::{ExitStatus, Reaper, Spawned};
+use rpc::{CriuOpts, CriuReq, CriuResp, DumpStatsEntry, ReqType, StatsEntry};
+
+/// Oldest CRIU that works on the kernels supervise targets: 3.17 fails on
+/// 6.x kernels (vDSO), 4.1.1 cannot dump inet sockets on kernels >= 6.16.
+pub const MIN_VERSION: (u32, u32, u32) = (4, 2, 0);
+
+/// The fd number `criu swrk` is told to use for its RPC socket.
+pub const SWRK_FD: RawFd = 3;
+
+/// Errors of the CRIU adapter.
+#[derive(Debug, thiserror::Error)]
+pub enum CriuError {
+    /// `criu` (or `nsenter`) could not be started.
+    #[error("cannot start {what}: {source}")]
+    Spawn {
+        /// What was started.
+        what: String,
+        /// Why it failed.
+        source: std::io::Error,
+    },
+    /// The RPC socket failed.
+    #[error("CRIU RPC socket error: {0}")]
+    Io(#[from] std::io::Error),
+    /// CRIU answered with something that is not a `criu_resp`.
+    #[error("malformed CRIU response: {0}")]
+    Decode(#[from] prost::DecodeError),
+    /// CRIU reported a failure.
+    #[error("criu {op} failed: {message}")]
+    Failed {
+        /// dump, restore, ...
+        op: &'static str,
+        /// CRIU's own error text (errmsg and the error lines of its log).
+        message: String,
+        /// CRIU's errno, if it gave one.
+        errno: Option<i32>,
+    },
+    /// CRIU went away without answering.
+    #[error("criu {op} ended without an answer ({status}): {message}")]
+    Died {
+        /// dump, restore, ...
+        op: &'static str,
+        /// How the criu process ended, if known.
+        status: String,
+        /// The error lines of its log.
+        message: String,
+    },
+}
+
+/// Lines of a CRIU log that explain a failure: `Error` lines, minus the ones
+/// known to be harmless here.
+pub fn error_lines(log: &str) -> String {
+    let mut lines: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("Error") || l.starts_with("nsenter:") || l.contains("criu:"))
+        .filter(|l| !l.contains("Can't setup RLIMIT_NOFILE for self"))
+        .map(str::trim)
+        .collect();
+    if lines.is_empty() {
+        // Fall back to the log's tail.
+        lines = log.lines().rev().take(5).collect();
+        lines.reverse();
+    }
+    lines.join("; ")
+}
+
+/// Parses `Version: 4.2.1` from `criu --version`.
+pub fn parse_version(text: &str) -> Option<(u32, u32, u32)> {
+    let v = text
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("Version:"))?
+        .trim();
+    let mut it = v
+        .split(|c: char| !c.is_ascii_digit())
+        .filter(|s| !s.is_empty());
+    let a = it.next()?.parse().ok()?;
+    let b = it.next().and_then(|s| s.parse().ok()).unwrap_or(0);
+    let c = it.next().and_then(|s| s.parse().ok()).unwrap_or(0);
+    Some((a, b, c))
+}
+
+/// The `criu` binary: `$SUPERVISE_CRIU` or `criu` from `PATH`.
+pub fn criu_bin() -> PathBuf {
+    std::env::var_os("SUPERVISE_CRIU")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("criu"))
+}
+
+fn common_opts(images_dir: &Path, o: &CriuOptions) -> CriuOpts {
+    CriuOpts {
+        images_dir_fd: -1,
+        images_dir: Some(images_dir.to_string_lossy().into_owned()),
+        shell_job: Some(o.shell_job),
+        tcp_established: Some(o.tcp_established),
+        file_locks: Some(o.file_locks),
+        ext_unix_sk: Some(o.ext_unix_sk),
+        log_level: Some(o.log_level as i32),
+        log_to_stderr: Some(true),
+        network_lock: Some(match o.network_lock {
+            NetworkLock::Iptables => rpc::NetworkLockMethod::Iptables,
+            NetworkLock::Nftables => rpc::NetworkLockMethod::Nftables,
+            NetworkLock::Skip => rpc::NetworkLockMethod::Skip,
+        } as i32),
+        ..Default::default()
+    }
+}
+
+/// The DUMP request for `ns_pid` (the root's PID as CRIU sees it), leaving
+/// the job running.
+pub fn dump_request(
+    ns_pid: i32,
+    images_dir: &Path,
+    o: &CriuOptions,
+    timeout: Option<Duration>,
+    notify: bool,
+) -> CriuReq {
+    let mut opts = common_opts(images_dir, o);
+    opts.pid = Some(ns_pid);
+    opts.leave_running = Some(true);
+    opts.notify_scripts = Some(notify);
+    opts.timeout = timeout.map(|t| t.as_secs().clamp(1, u32::MAX as u64) as u32);
+    CriuReq {
+        r#type: ReqType::Dump as i32,
+        opts: Some(opts),
+        ..Default::default()
+    }
+}
+
+/// The PRE_DUMP request (memory only, job keeps running), for kernels with
+/// soft-dirty tracking; `parent` is relative to `images_dir`.
+pub fn pre_dump_request(
+    ns_pid: i32,
+    images_dir: &Path,
+    parent: Option<&str>,
+    o: &CriuOptions,
+) -> CriuReq {
+    let mut opts = common_opts(images_dir, o);
+    opts.pid = Some(ns_pid);
+    opts.track_mem = Some(true);
+    opts.parent_img = parent.map(str::to_string);
+    CriuReq {
+        r#type: ReqType::PreDump as i32,
+        opts: Some(opts),
+        ..Default::default()
+    }
+}
+
+/// The RESTORE request: the restored root becomes a sibling of `criu swrk`,
+/// i.e. a child of the namespace init that started CRIU.
+pub fn restore_request(images_dir: &Path, o: &CriuOptions, notify: bool) -> CriuReq {
+    let mut opts = common_opts(images_dir, o);
+    opts.rst_sibling = Some(true);
+    opts.notify_scripts = Some(notify);
+    CriuReq {
+        r#type: ReqType::Restore as i32,
+        opts: Some(opts),
+        ..Default::default()
+    }
+}
+
+/// A FEATURE_CHECK request for dirty-memory tracking.
+pub fn feature_check_request() -> CriuReq {
+    CriuReq {
+        r#type: ReqType::FeatureCheck as i32,
+        features: Some(rpc::CriuFeatures {
+            mem_track: Some(true),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// Reads CRIU's `stats-dump` file: two magic words, then one length-prefixed
+/// `stats_entry`.
+pub fn read_dump_stats(images_dir: &Path) -> Option<DumpStatsEntry> {
+    let bytes = std::fs::read(images_dir.join("stats-dump")).ok()?;
+    decode_stats(&bytes)?.dump
+}
+
+/// Reads CRIU's `stats-restore` file.
+pub fn read_restore_stats(images_dir: &Path) -> Option<rpc::RestoreStatsEntry> {
+    let bytes = std::fs::read(images_dir.join("stats-restore")).ok()?;
+    decode_stats(&bytes)?.restore
+}
+
+fn decode_stats(bytes: &[u8]) -> Option<StatsEntry> {
+    let len = u32::from_le_bytes(bytes.get(8..12)?.try_into().ok()?) as usize;
+    StatsEntry::decode(bytes.get(12..12 + len)?).ok()
+}
+
+/// Creates the RPC socketpair (both ends close-on-exec).
+pub fn rpc_socketpair() -> std::io::Result<(OwnedFd, OwnedFd)> {
+    Ok(socketpair(
+        AddressFamily::Unix,
+        SockType::SeqPacket,
+        None,
+        SockFlag::SOCK_CLOEXEC,
+    )?)
+}
+
+/// One conversation with a `criu swrk` process over a seqpacket socket.
+pub struct Conversation {
+    sock: OwnedFd,
+}
+
+impl Conversation {
+    /// Wraps our end of the socketpair.
+    pub fn new(sock: OwnedFd) -> Self {
+        Conversation { sock }
+    }
+
+    /// Sends `req` and reads answers until the final one, answering CRIU's
+    /// notifications (`post-dump`, `pre-restore`, ...) with `on_notify`'s
+    /// verdict. Returns `None` if CRIU closed the socket without answering.
+    pub fn call(
+        &self,
+        req: &CriuReq,
+        on_notify: &mut dyn FnMut(&str) -> bool,
+    ) -> Result<Option<CriuResp>, CriuError> {
+        self.send(req)?;
+        loop {
+            let Some(resp) = self.recv()? else {
+                return Ok(None);
+            };
+            if resp.r#type == ReqType::Notify as i32 {
+                let script = resp
+                    .notify
+                    .as_ref()
+                    .and_then(|n| n.script.clone())
+                    .unwrap_or_default();
+                let ok = on_notify(&script);
+                self.send(&CriuReq {
+                    r#type: ReqType::Notify as i32,
+                    notify_success: Some(ok),
+                    ..Default::default()
+                })?;
+                continue;
+            }
+            return Ok(Some(resp));
+        }
+    }
+
+    fn send(&self, req: &CriuReq) -> Result<(), CriuError> {
+        let buf = req.encode_to_vec();
+        send(self.sock.as_raw_fd(), &buf, MsgFlags::MSG_NOSIGNAL).map_err(std::io::Error::from)?;
+        Ok(())
+    }
+
+    fn recv(&self) -> Result<Option<CriuResp>, CriuError> {
+        let mut buf = vec![0u8; 1 << 16];
+        let n = loop {
+            match recv(self.sock.as_raw_fd(), &mut buf, MsgFlags::empty()) {
+                Ok(n) => break n,
+                Err(nix::errno::Errno::EINTR) => continue,
+                Err(nix::errno::Errno::ECONNRESET) => return Ok(None),
+                Err(e) => return Err(std::io::Error::from(e).into()),
+            }
+        };
+        if n == 0 {
+            return Ok(None);
+        }
+        Ok(Some(CriuResp::decode(&buf[..n])?))
+    }
+}
+
+/// Turns a final response into a result.
+pub fn check_response(
+    op: &'static str,
+    resp: Option<CriuResp>,
+    log: &str,
+    status: Option<ExitStatus>,
+) -> Result<CriuResp, CriuError> {
+    match resp {
+        Some(r) if r.success => Ok(r),
+        Some(r) => {
+            let mut message = error_lines(log);
+            if let Some(m) = r.cr_errmsg.as_deref().filter(|m| !m.is_empty()) {
+                message = if message.is_empty() {
+                    m.to_string()
+                } else {
+                    format!("{m}; {message}")
+                };
+            }
+            if message.is_empty() {
+                message = "no error text from CRIU".into();
+            }
+            Err(CriuError::Failed {
+                op,
+                message,
+                errno: r.cr_errno,
+            })
+        }
+        None => Err(CriuError::Died {
+            op,
+            status: status
+                .map(|s| s.to_string())
+                .unwrap_or_else(|| "still running".into()),
+            message: error_lines(log),
+        }),
+    }
+}
+
+/// Reads a pipe to the end on a thread (CRIU's stderr log).
+pub fn collect(mut r: impl Read + Send + 'static) -> JoinHandle<String> {
+    std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = r.read_to_end(&mut v);
+        String::from_utf8_lossy(&v).into_owned()
+    })
+}
+
+/// Result of a dump.
+#[derive(Debug, Clone)]
+pub struct DumpOutcome {
+    /// Wall time from request to answer.
+    pub duration: Duration,
+    /// CRIU's own statistics (frozen time etc.), if it wrote them.
+    pub stats: Option<DumpStatsEntry>,
+    /// CRIU's log.
+    pub log: String,
+}
+
+/// Dumps the process tree rooted at `host_pid` into `images_dir`, leaving it
+/// running. CRIU runs inside the tree's PID and mount namespaces.
+pub fn dump(
+    reaper: &Reaper,
+    host_pid: i32,
+    images_dir: &Path,
+    o: &CriuOptions,
+    timeout: Option<Duration>,
+    on_notify: &mut dyn FnMut(&str) -> bool,
+) -> Result<DumpOutcome, CriuError> {
+    let ns_pid = crate::proc::ns_pid(host_pid)?;
+    let (ours, theirs) = rpc_socketpair()?;
+    let theirs_raw = theirs.as_raw_fd();
+    let mut cmd = Command::new("nsenter");
+    cmd.arg(format!("--target={host_pid}"))
+        .args(["--pid", "--mount", "--"])
+        .arg(criu_bin())
+        .args(["swrk", &SWRK_FD.to_string()])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    // SAFETY: only async-signal-safe calls (dup2/fcntl) between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || inherit_as(theirs_raw, SWRK_FD));
+    }
+    let start = Instant::now();
+    let mut spawned: Spawned = reaper.spawn(&mut cmd).map_err(|e| CriuError::Spawn {
+        what: "nsenter/criu swrk".into(),
+        source: e,
+    })?;
+    drop(theirs);
+    let stderr = spawned
+        .child
+        .as_mut()
+        .and_then(|c| c.stderr.take())
+        .map(collect);
+    let conv = Conversation::new(ours);
+    let req = dump_request(ns_pid, images_dir, o, timeout, true);
+    let resp = conv.call(&req, on_notify);
+    drop(conv);
+    let status = spawned.exit.blocking_recv().ok();
+    let log = stderr.and_then(|h| h.join().ok()).unwrap_or_default();
+    let resp = check_response("dump", resp?, &log, status)?;
+    let _ = resp;
+    Ok(DumpOutcome {
+        duration: start.elapsed(),
+        stats: read_dump_stats(images_dir),
+        log,
+    })
+}
+
+/// In a freshly forked child: make `fd` available as `target`, without
+/// close-on-exec.
+pub fn inherit_as(fd: RawFd, target: RawFd) -> std::io::Result<()> {
+    // SAFETY: dup2/fcntl on valid descriptors; async-signal-safe.
+    unsafe {
+        if fd == target {
+            let flags = libc::fcntl(fd, libc::F_GETFD);
+            if flags < 0 || libc::fcntl(fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+        } else if libc::dup2(fd, target) < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn opts() -> CriuOptions {
+        CriuOptions {
+            shell_job: true,
+            tcp_established: false,
+            file_locks: true,
+            ext_unix_sk: false,
+            log_level: 2,
+            network_lock: NetworkLock::Nftables,
+        }
+    }
+
+    #[test]
+    fn dump_request_fields_round_trip() {
+        let req = dump_request(
+            1000,
+            Path::new("/img/x"),
+            &opts(),
+            Some(Duration::from_secs(90)),
+            true,
+        );
+        let bytes = req.encode_to_vec();
+        let back = CriuReq::decode(&bytes[..]).unwrap();
+        assert_eq!(back.r#type, ReqType::Dump as i32);
+        let o = back.opts.unwrap();
+        assert_eq!(o.images_dir_fd, -1);
+        assert_eq!(o.images_dir.as_deref(), Some("/img/x"));
+        assert_eq!(o.pid, Some(1000));
+        assert_eq!(o.leave_running, Some(true));
+        assert_eq!(o.shell_job, Some(true));
+        assert_eq!(o.file_locks, Some(true));
+        assert_eq!(o.log_to_stderr, Some(true));
+        assert_eq!(o.timeout, Some(90));
+        assert_eq!(o.notify_scripts, Some(true));
+        assert_eq!(
+            o.network_lock,
+            Some(rpc::NetworkLockMethod::Nftables as i32)
+        );
+    }
+
+    #[test]
+    fn images_dir_fd_is_always_encoded() {
+        // images_dir_fd is `required` in rpc.proto: CRIU rejects a request without it.
+        let bytes = restore_request(Path::new("/i"), &opts(), false).encode_to_vec();
+        // field 2 (opts) ... contains tag 1 varint -1 => 0x08 0xff..0x01
+        let o = CriuReq::decode(&bytes[..]).unwrap().opts.unwrap();
+        assert_eq!(o.images_dir_fd, -1);
+        assert_eq!(o.rst_sibling, Some(true));
+        assert!(bytes.windows(2).any(|w| w == [0x08, 0xff]));
+    }
+
+    #[test]
+    fn pre_dump_request_tracks_memory_with_parent() {
+        let req = pre_dump_request(7, Path::new("/i/2"), Some("../1"), &opts());
+        assert_eq!(req.r#type, ReqType::PreDump as i32);
+        let o = req.opts.unwrap();
+        assert_eq!(o.track_mem, Some(true));
+        assert_eq!(o.parent_img.as_deref(), Some("../1"));
+        assert_eq!(o.leave_running, None);
+        let f = feature_check_request();
+        assert_eq!(f.features.unwrap().mem_track, Some(true));
+    }
+
+    #[test]
+    fn stats_dump_is_decoded() {
+        // Bytes of a real stats-dump written by CRIU 4.2.1 on this machine.
+        let bytes: [u8; 45] = [
+            0x40, 0x59, 0x10, 0x55, 0x06, 0x33, 0x09, 0x57, 0x21, 0x00, 0x00, 0x00, 0x0a, 0x1f,
+            0x08, 0x88, 0x01, 0x10, 0xb7, 0x3c, 0x18, 0xeb, 0x03, 0x20, 0x6d, 0x28, 0x2a, 0x30,
+            0x00, 0x38, 0x1c, 0x40, 0x00, 0x48, 0x00, 0x50, 0x06, 0x58, 0x06, 0x60, 0x00, 0x68,
+            0x00, 0x70, 0x00,
+        ];
+        let d = decode_stats(&bytes).unwrap().dump.unwrap();
+        assert_eq!(d.freezing_time, Some(136));
+        assert_eq!(d.frozen_time, Some(7735));
+        assert_eq!(d.pages_scanned, Some(42));
+        assert_eq!(d.pages_written, Some(28));
+        assert!(decode_stats(&bytes[..10]).is_none());
+    }
+
+    #[test]
+    fn version_and_error_text() {
+        assert_eq!(parse_version("Version: 4.2.1\n"), Some((4, 2, 1)));
+        assert_eq!(parse_version("Version: 3.17\nGitID: x"), Some((3, 17, 0)));
+        assert_eq!(parse_version("nothing"), None);
+        let log = "Error (criu/util.c:1534): rlimit: Can't setup RLIMIT_NOFILE for self: Operation not permitted\n\
+                   Warn (x): y\n  1000: Error (criu/files-reg.c:2175): File tmp/out has bad size 89 (expect 12)\n";
+        let e = error_lines(log);
+        assert!(e.contains("bad size 89"), "{e}");
+        assert!(!e.contains("RLIMIT_NOFILE"), "{e}");
+    }
+
+    #[test]
+    fn failed_response_carries_criu_text() {
+        let resp = CriuResp {
+            r#type: ReqType::Dump as i32,
+            success: false,
+            cr_errno: Some(3),
+            cr_errmsg: Some("No process with such pid".into()),
+            ..Default::default()
+        };
+        let err = check_response("dump", Some(resp), "Error (x): boom\n", None).unwrap_err();
+        let s = err.to_string();
+        assert!(
+            s.contains("No process with such pid") && s.contains("boom"),
+            "{s}"
+        );
+        let died = check_response("restore", None, "", Some(ExitStatus::Signal(9))).unwrap_err();
+        assert!(died.to_string().contains("killed by SIGKILL"));
+    }
+}

@@ -1,0 +1,362 @@
+//! The namespace init: `supervise __init`.
+//!
+//! Every job launched or restored by supervise runs in a fresh PID and mount
+//! namespace whose PID 1 is this small program (the same binary, a hidden
+//! subcommand). That is what lets a restore succeed whatever PIDs are taken
+//! on the host: the restored tree gets back its old PIDs *inside* a new
+//! namespace, as CRIU's `criu-ns` wrapper does. The init
+//!
+//! 1. makes `/` a recursive slave mount (host mounts still propagate in) and
+//!    mounts a fresh `/proc` for the namespace;
+//! 2. either starts the job's command (setsid, stdio appended to the job's
+//!    files, opened *inside* the namespace so CRIU can resolve them), or runs
+//!    `criu swrk` for the supervisor, which drives the restore over RPC with
+//!    `rst_sibling`, so the restored root becomes the init's child;
+//! 3. reaps everything in the namespace and, when the job's root exits,
+//!    reports how (report pipe, status file, and its own exit code) and exits,
+//!    which makes the kernel kill whatever is left in the namespace.
+//!
+//! If supervise itself dies, the init and the job keep running.
+//!
+//! File descriptors at exec: 3 = report pipe (write), 4 = control pipe
+//! (read), and for restores 5 = CRIU RPC socket, 6 = CRIU's stderr.
+
+use std::collections::HashMap;
+use std::fs::{File, OpenOptions};
+use std::io::{BufRead, BufReader, Write};
+use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+
+use serde::{Deserialize, Serialize};
+
+use crate::reaper::ExitStatus;
+
+/// Environment variable carrying the [`InitSpec`] as JSON.
+pub const SPEC_ENV: &str = "SUPERVISE_INIT_SPEC";
+/// Report pipe fd in the init.
+pub const REPORT_FD: i32 = 3;
+/// Control pipe fd in the init.
+pub const CONTROL_FD: i32 = 4;
+/// CRIU RPC socket fd in the init (restores).
+pub const CRIU_SOCK_FD: i32 = 5;
+/// CRIU stderr fd in the init (restores).
+pub const CRIU_ERR_FD: i32 = 6;
+/// The job's root gets PID `FIRST_PID` in its namespace, leaving the low PIDs
+/// free for the init and CRIU at restore time.
+pub const FIRST_PID: i32 = 1000;
+
+/// What the init is asked to do.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct InitSpec {
+    /// Launch or restore.
+    pub mode: InitMode,
+    /// Where to record the job's end (`exited N` / `signaled N`).
+    pub status_file: Option<PathBuf>,
+}
+
+/// See [`InitSpec`].
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum InitMode {
+    /// Start a command.
+    Launch {
+        /// argv.
+        argv: Vec<String>,
+        /// Working directory.
+        cwd: PathBuf,
+        /// Extra environment.
+        env: Vec<(String, String)>,
+        /// stdout file (appended).
+        stdout: PathBuf,
+        /// stderr file (appended).
+        stderr: PathBuf,
+    },
+    /// Run `criu swrk` and adopt the tree it restores.
+    Restore {
+        /// The criu binary.
+        criu: PathBuf,
+    },
+}
+
+/// A line the init writes on its report pipe.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Report {
+    /// The job's root runs, with this PID in the namespace.
+    Started(i32),
+    /// The job's root ended.
+    Ended(ExitStatus),
+    /// The init could not do what it was asked.
+    Error(String),
+}
+
+impl Report {
+    /// Parses one report line.
+    pub fn parse(line: &str) -> Option<Report> {
+        let (word, rest) = line.trim_end().split_once(' ')?;
+        match word {
+            "started" => rest.parse().ok().map(Report::Started),
+            "exited" => rest
+                .parse()
+                .ok()
+                .map(|c| Report::Ended(ExitStatus::Code(c))),
+            "signaled" => rest
+                .parse()
+                .ok()
+                .map(|s| Report::Ended(ExitStatus::Signal(s))),
+            "error" => Some(Report::Error(rest.to_string())),
+            _ => None,
+        }
+    }
+
+    /// The line for this report.
+    pub fn line(&self) -> String {
+        match self {
+            Report::Started(p) => format!("started {p}\n"),
+            Report::Ended(ExitStatus::Code(c)) => format!("exited {c}\n"),
+            Report::Ended(ExitStatus::Signal(s)) => format!("signaled {s}\n"),
+            Report::Error(m) => format!("error {}\n", m.replace('\n', " ")),
+        }
+    }
+}
+
+/// Exit code of the init when it could not start the job.
+pub const EXIT_START_FAILED: i32 = 125;
+
+/// Entry point of `supervise __init`. Never returns.
+pub fn main() -> ! {
+    // SAFETY: setting a signal disposition at start-up, single-threaded.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_IGN);
+    }
+    // SAFETY: the fd numbers are handed to us by the supervisor (see module docs).
+    let mut report = unsafe { File::from_raw_fd(REPORT_FD) };
+    let code = match run(&mut report) {
+        Ok(status) => {
+            let _ = report.write_all(Report::Ended(status).line().as_bytes());
+            match status {
+                ExitStatus::Code(c) => c,
+                ExitStatus::Signal(s) => 128 + s,
+            }
+        }
+        Err(msg) => {
+            let _ = report.write_all(Report::Error(msg.clone()).line().as_bytes());
+            eprintln!("supervise init: {msg}");
+            EXIT_START_FAILED
+        }
+    };
+    std::process::exit(code)
+}
+
+fn run(report: &mut File) -> Result<ExitStatus, String> {
+    let spec: InitSpec = serde_json::from_str(
+        &std::env::var(SPEC_ENV).map_err(|_| format!("{SPEC_ENV} is not set"))?,
+    )
+    .map_err(|e| format!("bad {SPEC_ENV}: {e}"))?;
+    setup_namespace()?;
+    close_on_exec_from(3);
+    let root = match &spec.mode {
+        InitMode::Launch {
+            argv,
+            cwd,
+            env,
+            stdout,
+            stderr,
+        } => launch(argv, cwd, env, stdout, stderr)?,
+        InitMode::Restore { criu } => restore(criu)?,
+    };
+    report
+        .write_all(Report::Started(root.0).line().as_bytes())
+        .ok();
+    let status = match root.1 {
+        Some(s) => s,
+        None => wait_for(root.0, &mut HashMap::new())?,
+    };
+    if let Some(path) = &spec.status_file {
+        let tmp = path.with_extension("tmp");
+        if std::fs::write(&tmp, Report::Ended(status).line()).is_ok() {
+            let _ = std::fs::rename(&tmp, path);
+        }
+    }
+    Ok(status)
+}
+
+fn setup_namespace() -> Result<(), String> {
+    use nix::mount::{mount, MsFlags};
+    mount(
+        None::<&str>,
+        "/",
+        None::<&str>,
+        MsFlags::MS_SLAVE | MsFlags::MS_REC,
+        None::<&str>,
+    )
+    .map_err(|e| format!("cannot make / a slave mount: {e}"))?;
+    mount(
+        Some("proc"),
+        "/proc",
+        Some("proc"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+        None::<&str>,
+    )
+    .map_err(|e| format!("cannot mount /proc in the job's namespace: {e}"))?;
+    Ok(())
+}
+
+/// Marks every fd >= `from` close-on-exec, so the job inherits only stdio.
+fn close_on_exec_from(from: i32) {
+    if let Ok(dir) = std::fs::read_dir("/proc/self/fd") {
+        let fds: Vec<i32> = dir
+            .flatten()
+            .filter_map(|e| e.file_name().to_str().and_then(|s| s.parse().ok()))
+            .filter(|&fd| fd >= from)
+            .collect();
+        for fd in fds {
+            // SAFETY: fcntl on an fd number; harmless if it is already closed.
+            unsafe {
+                let flags = libc::fcntl(fd, libc::F_GETFD);
+                if flags >= 0 {
+                    libc::fcntl(fd, libc::F_SETFD, flags | libc::FD_CLOEXEC);
+                }
+            }
+        }
+    }
+}
+
+fn open_append(path: &PathBuf) -> Result<File, String> {
+    OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o640)
+        .open(path)
+        .map_err(|e| format!("cannot open {}: {e}", path.display()))
+}
+
+fn launch(
+    argv: &[String],
+    cwd: &PathBuf,
+    env: &[(String, String)],
+    stdout: &PathBuf,
+    stderr: &PathBuf,
+) -> Result<(i32, Option<ExitStatus>), String> {
+    // The job's root gets a PID well above those the init and CRIU use.
+    let _ = std::fs::write("/proc/sys/kernel/ns_last_pid", format!("{}", FIRST_PID - 1));
+    let out = open_append(stdout)?;
+    let err = if stderr == stdout {
+        out.try_clone().map_err(|e| e.to_string())?
+    } else {
+        open_append(stderr)?
+    };
+    let (prog, args) = argv.split_first().ok_or("empty command")?;
+    let mut cmd = Command::new(prog);
+    cmd.args(args)
+        .current_dir(cwd)
+        .env_remove(SPEC_ENV)
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .stdin(Stdio::null())
+        .stdout(out)
+        .stderr(err);
+    // SAFETY: setsid and sigprocmask are async-signal-safe.
+    unsafe {
+        cmd.pre_exec(|| {
+            // Own session: CRIU can then dump the tree without --shell-job.
+            if libc::setsid() < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            let mut set: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut set);
+            libc::sigprocmask(libc::SIG_SETMASK, &set, std::ptr::null_mut());
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+            Ok(())
+        });
+    }
+    let child = cmd
+        .spawn()
+        .map_err(|e| format!("cannot start {prog:?} in {}: {e}", cwd.display()))?;
+    Ok((child.id() as i32, None))
+}
+
+fn restore(criu: &PathBuf) -> Result<(i32, Option<ExitStatus>), String> {
+    // SAFETY: fd numbers handed to us by the supervisor.
+    let control = unsafe { File::from_raw_fd(CONTROL_FD) };
+    let criu_err = unsafe { File::from_raw_fd(CRIU_ERR_FD) };
+    let mut cmd = Command::new(criu);
+    cmd.args(["swrk", &crate::criu::SWRK_FD.to_string()])
+        .env_remove(SPEC_ENV)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::from(criu_err));
+    // SAFETY: dup2/fcntl only.
+    unsafe {
+        cmd.pre_exec(|| crate::criu::inherit_as(CRIU_SOCK_FD, crate::criu::SWRK_FD));
+    }
+    let child = cmd
+        .spawn()
+        .map_err(|e| format!("cannot start {}: {e}", criu.display()))?;
+    let criu_pid = child.id() as i32;
+    // Our copies of CRIU's stderr and socket must go, or the supervisor
+    // never sees EOF on CRIU's log.
+    drop(cmd);
+    // SAFETY: closing our copy; criu has its own.
+    unsafe {
+        libc::close(CRIU_SOCK_FD);
+    }
+    let mut seen = HashMap::new();
+    wait_for(criu_pid, &mut seen)?;
+    let mut line = String::new();
+    BufReader::new(&control)
+        .read_line(&mut line)
+        .map_err(|e| e.to_string())?;
+    let root: i32 = match line.trim().strip_prefix("go ") {
+        Some(p) => p
+            .parse()
+            .map_err(|_| format!("bad control line {line:?}"))?,
+        None => return Err("restore abandoned by the supervisor".into()),
+    };
+    let _ = control.as_raw_fd();
+    let early = seen.remove(&root);
+    Ok((root, early))
+}
+
+/// Reaps children until `pid` exits; remembers the others' statuses.
+fn wait_for(pid: i32, seen: &mut HashMap<i32, ExitStatus>) -> Result<ExitStatus, String> {
+    if let Some(s) = seen.remove(&pid) {
+        return Ok(s);
+    }
+    loop {
+        let mut status = 0;
+        // SAFETY: plain wait.
+        let got = unsafe { libc::waitpid(-1, &mut status, 0) };
+        if got < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::EINTR) {
+                continue;
+            }
+            return Err(format!("waiting for pid {pid}: {e}"));
+        }
+        let s = ExitStatus::from_raw(status);
+        if got == pid {
+            return Ok(s);
+        }
+        seen.insert(got, s);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn report_lines_round_trip() {
+        for r in [
+            Report::Started(1000),
+            Report::Ended(ExitStatus::Code(3)),
+            Report::Ended(ExitStatus::Signal(9)),
+            Report::Error("cannot start \"x\": No such file".into()),
+        ] {
+            assert_eq!(Report::parse(&r.line()), Some(r.clone()));
+        }
+        assert_eq!(Report::parse("garbage"), None);
+    }
+}

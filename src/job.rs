@@ -1,0 +1,421 @@
+//! A job's process tree as the supervisor sees it: launching it under a
+//! namespace init, restoring it from an image, attaching to a running one,
+//! waiting for its end and killing it.
+
+use std::ffi::CString;
+use std::fs::File;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use nix::sched::CloneFlags;
+use tokio::io::unix::AsyncFd;
+use tokio::sync::oneshot;
+
+use crate::config::{CriuOptions, LaunchSpec};
+use crate::criu::{self, CriuError};
+use crate::init::{self, InitMode, InitSpec, Report};
+use crate::reaper::{ExitStatus, Reaper};
+
+/// Errors starting or restoring a job.
+#[derive(Debug, thiserror::Error)]
+pub enum JobError {
+    /// The namespace init could not be created.
+    #[error("cannot create the job's namespace init: {0}")]
+    Init(std::io::Error),
+    /// The init reported a failure (e.g. the command does not exist).
+    #[error("{0}")]
+    Start(String),
+    /// CRIU failed.
+    #[error(transparent)]
+    Criu(#[from] CriuError),
+    /// Anything else from the OS.
+    #[error("{what}: {source}")]
+    Io {
+        /// What was being done.
+        what: String,
+        /// The OS error.
+        source: std::io::Error,
+    },
+}
+
+fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> JobError {
+    let what = what.into();
+    move |source| JobError::Io { what, source }
+}
+
+/// How supervise learns that the job's root ended.
+pub enum Waiter {
+    /// Our child init mirrors the root's end (report pipe + exit status).
+    Init {
+        /// The init's exit, from the reaper.
+        exit: oneshot::Receiver<ExitStatus>,
+        /// The rest of the report pipe.
+        report: File,
+    },
+    /// An attached process: its pidfd becomes readable when it exits.
+    Pidfd(AsyncFd<OwnedFd>),
+}
+
+/// A running job.
+pub struct Running {
+    /// PID of the root process in supervise's namespace.
+    pub host_pid: i32,
+    /// PID of the root inside its own namespace.
+    pub ns_pid: i32,
+    /// The namespace init (None for an attached job that was never restored).
+    pub init_pid: Option<i32>,
+    /// Start time of the root (clock ticks since boot), to tell it from a
+    /// reused PID.
+    pub start_time: u64,
+    /// When supervise started or restored it.
+    pub since: Instant,
+    waiter: Option<Waiter>,
+}
+
+impl Running {
+    /// Waits for the job's root to end. Cancel-safe: can be polled again.
+    pub async fn wait(&mut self) -> ExitStatus {
+        let status = match self.waiter.as_mut() {
+            None => std::future::pending().await,
+            Some(Waiter::Init { exit, report }) => {
+                let init_status = exit.await.unwrap_or(ExitStatus::Signal(libc::SIGKILL));
+                let mut rest = String::new();
+                let _ = report.read_to_string(&mut rest);
+                rest.lines()
+                    .filter_map(Report::parse)
+                    .find_map(|r| match r {
+                        Report::Ended(s) => Some(s),
+                        _ => None,
+                    })
+                    .unwrap_or(match init_status {
+                        // The init itself died (e.g. SIGKILLed): so did the job.
+                        ExitStatus::Signal(s) => ExitStatus::Signal(s),
+                        ExitStatus::Code(c) if c > 128 => ExitStatus::Signal(c - 128),
+                        other => other,
+                    })
+            }
+            Some(Waiter::Pidfd(fd)) => {
+                loop {
+                    match fd.readable().await {
+                        Ok(mut g) => {
+                            g.retain_ready();
+                            break;
+                        }
+                        Err(_) => break,
+                    }
+                }
+                // Not our child: read the zombie's status if its parent has
+                // not reaped it yet; otherwise we cannot know and call it a
+                // failure (documented).
+                crate::proc::zombie_exit_status(self.host_pid).unwrap_or(ExitStatus::Signal(0))
+            }
+        };
+        self.waiter = None;
+        status
+    }
+
+    /// True while the job has not been seen to end.
+    pub fn is_waitable(&self) -> bool {
+        self.waiter.is_some()
+    }
+
+    /// Kills the whole job: the namespace init (the kernel then kills every
+    /// process in the namespace), or for an attached job its process tree.
+    pub fn kill(&self) {
+        if let Some(init) = self.init_pid {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(init),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        } else if crate::proc::start_time(self.host_pid).ok() == Some(self.start_time) {
+            for pid in crate::proc::tree(self.host_pid) {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+        }
+    }
+}
+
+/// Where the init's report and the job's end are recorded.
+pub struct InitFiles {
+    /// `<state_dir>/exit-status`.
+    pub status_file: PathBuf,
+}
+
+struct Pipe {
+    r: OwnedFd,
+    w: OwnedFd,
+}
+
+fn pipe() -> std::io::Result<Pipe> {
+    let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
+    Ok(Pipe { r, w })
+}
+
+/// Duplicates `fd` to a number >= 100, close-on-exec, so that the child can
+/// dup2 it onto a low number without clobbering another source fd.
+fn high(fd: &OwnedFd) -> std::io::Result<OwnedFd> {
+    // SAFETY: fcntl F_DUPFD_CLOEXEC on a valid fd returns a new owned fd.
+    let n = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 100) };
+    if n < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: fresh fd.
+    Ok(unsafe { OwnedFd::from_raw_fd(n) })
+}
+
+/// Clones `supervise __init` as PID 1 of new PID and mount namespaces, with
+/// `fds[i]` at fd `3 + i`. Returns the init's PID and its exit receiver.
+fn clone_init(
+    reaper: &Reaper,
+    spec: &InitSpec,
+    fds: &[&OwnedFd],
+) -> Result<(i32, oneshot::Receiver<ExitStatus>), JobError> {
+    let exe = std::env::current_exe().map_err(JobError::Init)?;
+    let exe_c = CString::new(exe.as_os_str().as_encoded_bytes())
+        .map_err(|e| JobError::Init(std::io::Error::new(std::io::ErrorKind::InvalidInput, e)))?;
+    let argv = [exe_c.clone(), CString::new("__init").expect("static")];
+    let spec_json = serde_json::to_string(spec).expect("spec serialises");
+    let mut envp: Vec<CString> = std::env::vars_os()
+        .filter(|(k, _)| k != init::SPEC_ENV)
+        .filter_map(|(k, v)| {
+            let mut b = k.into_encoded_bytes();
+            b.push(b'=');
+            b.extend(v.into_encoded_bytes());
+            CString::new(b).ok()
+        })
+        .collect();
+    envp.push(
+        CString::new(format!("{}={}", init::SPEC_ENV, spec_json)).map_err(|e| {
+            JobError::Init(std::io::Error::new(std::io::ErrorKind::InvalidInput, e))
+        })?,
+    );
+    let highs: Vec<OwnedFd> = fds
+        .iter()
+        .map(|fd| high(fd))
+        .collect::<Result<_, _>>()
+        .map_err(JobError::Init)?;
+    let high_raw: Vec<RawFd> = highs.iter().map(|f| f.as_raw_fd()).collect();
+    let argv_p: Vec<*const libc::c_char> = argv
+        .iter()
+        .map(|a| a.as_ptr())
+        .chain(std::iter::once(std::ptr::null()))
+        .collect();
+    let envp_p: Vec<*const libc::c_char> = envp
+        .iter()
+        .map(|a| a.as_ptr())
+        .chain(std::iter::once(std::ptr::null()))
+        .collect();
+    let exe_p = exe_c.as_ptr();
+    let mut stack = vec![0u8; 256 * 1024];
+    let spawned = reaper
+        .spawn_with(|| {
+            let child = Box::new(|| {
+                // In the child (a copy of our memory, one thread): only
+                // async-signal-safe calls until execve.
+                for (i, fd) in high_raw.iter().enumerate() {
+                    // SAFETY: dup2 of valid fds.
+                    if unsafe { libc::dup2(*fd, 3 + i as i32) } < 0 {
+                        return 126;
+                    }
+                }
+                // SAFETY: pointers to NUL-terminated arrays prepared above.
+                unsafe {
+                    libc::execve(exe_p, argv_p.as_ptr(), envp_p.as_ptr());
+                    libc::_exit(127)
+                }
+            });
+            // SAFETY: the callback only calls dup2/execve/_exit (see above).
+            let pid = unsafe {
+                nix::sched::clone(
+                    child,
+                    &mut stack,
+                    CloneFlags::CLONE_NEWPID | CloneFlags::CLONE_NEWNS,
+                    Some(libc::SIGCHLD),
+                )
+            }
+            .map_err(std::io::Error::from)?;
+            Ok(pid.as_raw())
+        })
+        .map_err(JobError::Init)?;
+    drop(highs);
+    Ok((spawned.pid, spawned.exit))
+}
+
+fn read_started(report: &mut BufReader<File>) -> Result<i32, JobError> {
+    let mut line = String::new();
+    report
+        .read_line(&mut line)
+        .map_err(io("reading the init's report"))?;
+    match Report::parse(&line) {
+        Some(Report::Started(p)) => Ok(p),
+        Some(Report::Error(m)) => Err(JobError::Start(m)),
+        _ => Err(JobError::Start(format!(
+            "the job's init ended without starting it ({:?})",
+            line.trim()
+        ))),
+    }
+}
+
+fn find_host_pid(init_pid: i32, ns_pid: i32) -> Result<i32, JobError> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        for c in crate::proc::children(init_pid) {
+            if crate::proc::ns_pid(c).ok() == Some(ns_pid) {
+                return Ok(c);
+            }
+        }
+        if Instant::now() > deadline {
+            return Err(JobError::Start(format!(
+                "cannot find the job's root (pid {ns_pid} in its namespace) under init {init_pid}"
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+fn running(
+    init_pid: i32,
+    ns_pid: i32,
+    exit: oneshot::Receiver<ExitStatus>,
+    report: BufReader<File>,
+) -> Result<Running, JobError> {
+    let host_pid = find_host_pid(init_pid, ns_pid)?;
+    let start_time = crate::proc::start_time(host_pid).unwrap_or(0);
+    Ok(Running {
+        host_pid,
+        ns_pid,
+        init_pid: Some(init_pid),
+        start_time,
+        since: Instant::now(),
+        waiter: Some(Waiter::Init {
+            exit,
+            report: report.into_inner(),
+        }),
+    })
+}
+
+/// Launches the job's command under a fresh namespace init. Blocking.
+pub fn launch(reaper: &Reaper, spec: &LaunchSpec, files: &InitFiles) -> Result<Running, JobError> {
+    let report = pipe().map_err(JobError::Init)?;
+    let control = pipe().map_err(JobError::Init)?;
+    let _ = std::fs::remove_file(&files.status_file);
+    let ispec = InitSpec {
+        mode: InitMode::Launch {
+            argv: spec.command.clone(),
+            cwd: spec.cwd.clone(),
+            env: spec
+                .env
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+            stdout: spec.stdout.clone(),
+            stderr: spec.stderr.clone(),
+        },
+        status_file: Some(files.status_file.clone()),
+    };
+    let (init_pid, exit) = clone_init(reaper, &ispec, &[&report.w, &control.r])?;
+    drop(report.w);
+    drop(control.r);
+    let mut rd = BufReader::new(File::from(report.r));
+    let ns_pid = read_started(&mut rd)?;
+    drop(control.w);
+    running(init_pid, ns_pid, exit, rd)
+}
+
+/// Result of a successful restore.
+pub struct Restored {
+    /// The job, running again.
+    pub running: Running,
+    /// Wall time from starting the init to the job running.
+    pub duration: Duration,
+    /// CRIU's restore time in microseconds, if it reported it.
+    pub criu_restore_us: Option<u32>,
+}
+
+/// Restores the job from `images_dir` (a directory CRIU may write its
+/// `stats-restore` into) in a fresh namespace. Blocking.
+pub fn restore(
+    reaper: &Reaper,
+    images_dir: &Path,
+    opts: &CriuOptions,
+    files: &InitFiles,
+    on_notify: &mut dyn FnMut(&str) -> bool,
+) -> Result<Restored, JobError> {
+    let start = Instant::now();
+    let report = pipe().map_err(JobError::Init)?;
+    let control = pipe().map_err(JobError::Init)?;
+    let errp = pipe().map_err(JobError::Init)?;
+    let (ours, theirs) = criu::rpc_socketpair().map_err(JobError::Init)?;
+    let _ = std::fs::remove_file(&files.status_file);
+    let ispec = InitSpec {
+        mode: InitMode::Restore {
+            criu: criu::criu_bin(),
+        },
+        status_file: Some(files.status_file.clone()),
+    };
+    let (init_pid, exit) = clone_init(reaper, &ispec, &[&report.w, &control.r, &theirs, &errp.w])?;
+    drop(report.w);
+    drop(control.r);
+    drop(theirs);
+    drop(errp.w);
+    let log = criu::collect(File::from(errp.r));
+    let conv = criu::Conversation::new(ours);
+    let req = criu::restore_request(images_dir, opts, true);
+    let resp = conv.call(&req, on_notify);
+    drop(conv);
+    let mut control_w = File::from(control.w);
+    let resp = match resp {
+        Ok(r) => r,
+        Err(e) => {
+            let _ = control_w.write_all(b"fail\n");
+            return Err(e.into());
+        }
+    };
+    // criu exits after answering: its log is complete once the pipe closes.
+    let log = log.join().unwrap_or_default();
+    let resp = match criu::check_response("restore", resp, &log, None) {
+        Ok(r) => r,
+        Err(e) => {
+            let _ = control_w.write_all(b"fail\n");
+            return Err(e.into());
+        }
+    };
+    let ns_pid = resp.restore.map(|r| r.pid).unwrap_or(0);
+    control_w
+        .write_all(format!("go {ns_pid}\n").as_bytes())
+        .map_err(io("telling the init the restored pid"))?;
+    let mut rd = BufReader::new(File::from(report.r));
+    let got = read_started(&mut rd)?;
+    let running = running(init_pid, got, exit, rd)?;
+    Ok(Restored {
+        running,
+        duration: start.elapsed(),
+        criu_restore_us: criu::read_restore_stats(images_dir).and_then(|s| s.restore_time),
+    })
+}
+
+/// Attaches to a process supervise did not start.
+pub fn attach(pid: i32) -> Result<Running, JobError> {
+    if !crate::proc::alive(pid) {
+        return Err(JobError::Start(format!("process {pid} does not exist")));
+    }
+    let fd = crate::proc::pidfd_open(pid).map_err(io(format!("pidfd_open({pid})")))?;
+    // SAFETY: `fd` is an owned pidfd that lives inside the AsyncFd for as
+    // long as the registration does.
+    let fd = unsafe { AsyncFd::register(fd) }
+        .map_err(|e| std::io::Error::other(e.to_string()))
+        .map_err(io("registering the pidfd"))?;
+    Ok(Running {
+        host_pid: pid,
+        ns_pid: crate::proc::ns_pid(pid).unwrap_or(pid),
+        init_pid: None,
+        start_time: crate::proc::start_time(pid).unwrap_or(0),
+        since: Instant::now(),
+        waiter: Some(Waiter::Pidfd(fd)),
+    })
+}

@@ -1,0 +1,119 @@
+//! Small `/proc` helpers: PID namespaces, process trees, start times.
+
+use std::fs;
+use std::io;
+use std::os::fd::{FromRawFd, OwnedFd};
+
+use crate::reaper::ExitStatus;
+
+/// The PID of `pid` inside its own (innermost) PID namespace, from the
+/// `NSpid:` line of `/proc/PID/status`.
+pub fn ns_pid(pid: i32) -> io::Result<i32> {
+    let status = fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("NSpid:"))
+        .and_then(|rest| rest.split_whitespace().last())
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| io::Error::other(format!("no NSpid in /proc/{pid}/status")))
+}
+
+/// Direct children of `pid` (all threads), as PIDs in our namespace.
+pub fn children(pid: i32) -> Vec<i32> {
+    let mut out = Vec::new();
+    let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) else {
+        return out;
+    };
+    for t in tasks.flatten() {
+        let p = t.path().join("children");
+        if let Ok(s) = fs::read_to_string(p) {
+            out.extend(s.split_whitespace().filter_map(|x| x.parse::<i32>().ok()));
+        }
+    }
+    out.sort_unstable();
+    out.dedup();
+    out
+}
+
+/// `pid` and all its descendants, parents before children.
+pub fn tree(pid: i32) -> Vec<i32> {
+    let mut out = vec![pid];
+    let mut i = 0;
+    while i < out.len() {
+        let kids = children(out[i]);
+        out.extend(kids);
+        i += 1;
+    }
+    out
+}
+
+/// Fields of `/proc/PID/stat` after the command name.
+fn stat_fields(pid: i32) -> io::Result<Vec<String>> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    let after = stat
+        .rfind(')')
+        .map(|i| &stat[i + 2..])
+        .ok_or_else(|| io::Error::other("malformed stat"))?;
+    Ok(after.split_whitespace().map(str::to_string).collect())
+}
+
+/// Process start time in clock ticks since boot (field 22 of stat). With the
+/// PID it identifies a process even when PIDs are reused.
+pub fn start_time(pid: i32) -> io::Result<u64> {
+    let f = stat_fields(pid)?;
+    // f[0] is field 3 (state); start time is field 22.
+    f.get(19)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| io::Error::other("malformed stat"))
+}
+
+/// For a zombie not yet reaped by its parent: how it ended (field 52 of stat).
+pub fn zombie_exit_status(pid: i32) -> Option<ExitStatus> {
+    let f = stat_fields(pid).ok()?;
+    if f.first().map(String::as_str) != Some("Z") {
+        return None;
+    }
+    let raw: i32 = f.get(49)?.parse().ok()?;
+    Some(ExitStatus::from_raw(raw))
+}
+
+/// True if `pid` exists and is not a zombie.
+pub fn alive(pid: i32) -> bool {
+    match stat_fields(pid) {
+        Ok(f) => f.first().map(String::as_str) != Some("Z"),
+        Err(_) => false,
+    }
+}
+
+/// `pidfd_open(2)`.
+pub fn pidfd_open(pid: i32) -> io::Result<OwnedFd> {
+    // SAFETY: raw syscall with integer arguments; the fd is owned on success.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fd is a fresh descriptor we own.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// The inode of `/proc/PID/ns/NAME`, to compare namespaces.
+pub fn ns_inode(pid: i32, name: &str) -> io::Result<u64> {
+    use std::os::unix::fs::MetadataExt;
+    Ok(fs::metadata(format!("/proc/{pid}/ns/{name}"))?.ino())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn self_is_alive_with_ns_pid_and_start_time() {
+        let me = std::process::id() as i32;
+        assert!(alive(me));
+        assert!(start_time(me).unwrap() > 0);
+        assert!(ns_pid(me).unwrap() > 0);
+        assert!(tree(me).contains(&me));
+        assert!(zombie_exit_status(me).is_none());
+        assert!(!alive(i32::MAX));
+    }
+}
