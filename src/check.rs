@@ -201,8 +201,7 @@ pub fn preflight() -> Report {
                 "criu check",
                 Level::Ok,
                 text.lines()
-                    .filter(|l| !l.contains("kdat cache"))
-                    .last()
+                    .rfind(|l| !l.contains("kdat cache"))
                     .unwrap_or("ok")
                     .trim()
                     .to_string(),

@@ -97,14 +97,8 @@ impl Running {
                     })
             }
             Some(Waiter::Pidfd(fd)) => {
-                loop {
-                    match fd.readable().await {
-                        Ok(mut g) => {
-                            g.retain_ready();
-                            break;
-                        }
-                        Err(_) => break,
-                    }
+                if let Ok(mut g) = fd.readable().await {
+                    g.retain_ready();
                 }
                 // Not our child: read the zombie's status if its parent has
                 // not reaped it yet; otherwise we cannot know and call it a

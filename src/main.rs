@@ -85,7 +85,7 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
     }
 }
 
-fn images(job: &PathBuf, json: bool) -> Result<ExitCode> {
+fn images(job: &std::path::Path, json: bool) -> Result<ExitCode> {
     let cfg = JobConfig::load(job)?;
     let store = supervise::store::ImageStore::open(&cfg.checkpoint.dir)
         .with_context(|| format!("job {}", cfg.name))?;

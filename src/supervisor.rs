@@ -329,7 +329,7 @@ impl Supervisor {
         let id = staging.id().to_string();
         let reaper = self.reaper.clone();
         let host_pid = job.host_pid;
-        let opts = self.cfg.checkpoint.criu.clone();
+        let opts = self.cfg.checkpoint.criu;
         let timeout = self.cfg.checkpoint.timeout;
         let res = tokio::task::spawn_blocking(move || {
             let r = crate::criu::dump(
@@ -406,7 +406,7 @@ impl Supervisor {
         for img in images {
             let store = self.store.clone();
             let reaper = self.reaper.clone();
-            let opts = self.cfg.checkpoint.criu.clone();
+            let opts = self.cfg.checkpoint.criu;
             let files = self.files();
             let work = self.cfg.state_dir.join("restore");
             let img2 = img.clone();

@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# The project's test command (also what CI runs, via .ci/run):
+#
+#   1. scripts/setup.sh --no-build   installs CRIU >= 4.2 if missing (idempotent)
+#   2. cargo fmt --all -- --check
+#   3. cargo clippy --all-targets -- -D warnings
+#   4. cargo test --all-targets -- --test-threads=2
+#
+# The integration tests drive real CRIU against real processes: run this as
+# root on Linux. Usage: scripts/test.sh
+set -euo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+started=$SECONDS
+section() { printf '\n==== %s ====\n' "$*"; }
+step_ok() { printf '==== ok: %s (%ss)\n' "$1" "$((SECONDS - $2))"; }
+
+if [ "$(id -u)" -ne 0 ]; then
+  echo "warning: not running as root: the integration tests need root (CRIU, PID namespaces)" >&2
+fi
+command -v cargo >/dev/null 2>&1 || {
+  echo "error: cargo not found: install a Rust toolchain (rustup)" >&2
+  exit 1
+}
+
+section "1/4 setup (scripts/setup.sh --no-build)"
+t=$SECONDS
+bash scripts/setup.sh --no-build
+step_ok setup "$t"
+
+section "2/4 format (cargo fmt --all -- --check)"
+t=$SECONDS
+cargo fmt --all -- --check
+step_ok fmt "$t"
+
+section "3/4 lint (cargo clippy --all-targets -- -D warnings)"
+t=$SECONDS
+cargo clippy --all-targets -- -D warnings
+step_ok clippy "$t"
+
+section "4/4 tests (cargo test --all-targets -- --test-threads=2)"
+t=$SECONDS
+cargo test --all-targets -- --test-threads=2
+step_ok tests "$t"
+
+printf '\n==== all checks passed in %ss ====\n' "$((SECONDS - started))"

@@ -1,0 +1,206 @@
+//! Command-line behaviour: preflight, bad job files, image listing, and the
+//! schedule against a checkpoint slower than its interval.
+
+mod common;
+
+use std::fs;
+use std::process::Command;
+
+use common::*;
+
+#[test]
+fn check_reports_criu_and_exits_zero_here() {
+    if !criu_available() {
+        return;
+    }
+    let out = Command::new(BIN).arg("check").output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("[ok  ] criu: version 4."), "{text}");
+    assert!(text.contains("dirty-memory tracking"), "{text}");
+    assert!(text.contains("checkpointing can work"), "{text}");
+}
+
+#[test]
+fn check_fails_with_a_fix_when_criu_is_missing() {
+    let out = Command::new(BIN)
+        .arg("check")
+        .env("SUPERVISE_CRIU", "/nonexistent/criu")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success());
+    assert!(
+        text.contains("[FAIL] criu: /nonexistent/criu not found"),
+        "{text}"
+    );
+    assert!(text.contains("fix: run scripts/setup.sh"), "{text}");
+    // `run` refuses with the same report, starting nothing.
+    let env = Env::new();
+    let job = env.job("x", "command = [\"/bin/true\"]\n");
+    let out = Command::new(BIN)
+        .arg("run")
+        .arg(&job)
+        .env("SUPERVISE_CRIU", "/nonexistent/criu")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("refusing to run") && err.contains("not found"),
+        "{err}"
+    );
+    assert!(!env.path().join(".supervise").exists(), "nothing started");
+}
+
+#[test]
+fn bad_job_files_name_file_line_column_and_key() {
+    let env = Env::new();
+    let cases = [
+        (
+            "unknown",
+            "command = [\"/bin/true\"]\n[checkpoint]\nevry = \"30s\"\n",
+            ":3:1: checkpoint.evry: unknown key",
+        ),
+        (
+            "duration",
+            "command = [\"/bin/true\"]\n[checkpoint]\nevery = \"30 parsecs\"\n",
+            ":3:9: checkpoint.every: invalid duration",
+        ),
+        (
+            "cron",
+            "command = [\"/bin/true\"]\n[checkpoint]\ncron = \"*/5 * *\"\n",
+            ":3:8: checkpoint.cron: invalid cron expression",
+        ),
+        (
+            "type",
+            "command = \"/bin/true\"\n",
+            ":1:11: command: expected an array of strings",
+        ),
+        (
+            "restore",
+            "command = [\"/bin/true\"]\n\n[restore]\non = \"sometimes\"\n",
+            ":4:6: restore.on:",
+        ),
+        ("syntax", "command = [\"/bin/true\"\n", ":"),
+    ];
+    for (name, text, want) in cases {
+        let job = env.job(name, text);
+        let out = Command::new(BIN).arg("run").arg(&job).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{name}: {err}");
+        let expect = format!("{}{want}", job.display());
+        assert!(
+            err.contains(&expect),
+            "{name}: expected {expect:?} in {err:?}"
+        );
+    }
+    let out = Command::new(BIN)
+        .args(["run", "/nonexistent/job.toml"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("/nonexistent/job.toml: cannot read"), "{err}");
+    assert!(!env.path().join(".supervise").exists(), "nothing started");
+}
+
+/// `supervise images --json`: newest first, RFC 3339 times, sizes on disk.
+#[test]
+fn images_lists_newest_first_with_sizes() {
+    if !criu_available() {
+        return;
+    }
+    let env = Env::new();
+    let job = env.job(
+        "img",
+        &format!(
+            "command = [\"{}\", \"100\"]\n[checkpoint]\nevery = \"1s\"\nkeep = 2\n",
+            progs().join("counter").display()
+        ),
+    );
+    let sup = env.start(&job);
+    sup.wait_for("checkpoint published", 3, T);
+    drop(sup);
+    let imgs = images(&job);
+    assert_eq!(imgs.len(), 2, "keep = 2: {imgs:?}");
+    assert!(imgs[0]["id"].as_str() > imgs[1]["id"].as_str());
+    for i in &imgs {
+        let created = i["created"].as_str().unwrap();
+        assert!(
+            chrono::DateTime::parse_from_rfc3339(created).is_ok(),
+            "{created}"
+        );
+        let path = std::path::PathBuf::from(i["path"].as_str().unwrap());
+        let on_disk: u64 = fs::read_dir(&path)
+            .unwrap()
+            .flatten()
+            .map(|e| e.metadata().unwrap().len())
+            .sum();
+        assert_eq!(i["size_bytes"].as_u64().unwrap(), on_disk);
+    }
+    let text = Command::new(BIN).arg("images").arg(&job).output().unwrap();
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(text.starts_with("ID"), "{text}");
+    assert_eq!(text.lines().count(), 3, "{text}");
+}
+
+/// A checkpoint slower than the interval: no overlap, ticks that fell
+/// during a step are skipped and logged (not queued), and the schedule keeps
+/// firing.
+#[test]
+fn schedule_never_overlaps_a_slow_checkpoint() {
+    if !criu_available() {
+        return;
+    }
+    let env = Env::new();
+    // 256 MiB of dirty memory: dump + hash + fsync take about a second here.
+    let job = env.job(
+        "slow",
+        &format!(
+            "command = [\"{}\", \"256\"]\n[checkpoint]\nevery = \"1s\"\nkeep = 10\n",
+            progs().join("bigmem").display()
+        ),
+    );
+    let sup = env.start(&job);
+    sup.wait_for(
+        "checkpoint published",
+        4,
+        std::time::Duration::from_secs(120),
+    );
+    let log = sup.log();
+    drop(sup);
+    let mut imgs = images(&job);
+    imgs.reverse();
+    assert!(imgs.len() >= 4);
+    let mut prev: Option<(chrono::DateTime<chrono::FixedOffset>, i64)> = None;
+    let mut late = 0;
+    for i in &imgs {
+        let dir = std::path::PathBuf::from(i["path"].as_str().unwrap());
+        let m: serde_json::Value =
+            serde_json::from_slice(&fs::read(dir.join("MANIFEST.json")).unwrap()).unwrap();
+        let start = chrono::DateTime::parse_from_rfc3339(m["created"].as_str().unwrap()).unwrap();
+        let dur = m["meta"]["duration_ms"].as_i64().unwrap();
+        if let Some((p, pdur)) = prev {
+            let gap = (start - p).num_milliseconds();
+            assert!(
+                gap >= pdur,
+                "checkpoint began {gap} ms after the previous one, which took {pdur} ms"
+            );
+            if gap > 1500 {
+                late += 1;
+            }
+        }
+        prev = Some((start, dur));
+    }
+    if late > 0 {
+        assert!(
+            log.contains("were skipped"),
+            "a late tick must be logged as skipped: {log}"
+        );
+    }
+    let skipped_lines = log.matches("were skipped").count();
+    assert!(
+        skipped_lines <= late + 1,
+        "skips are logged once per step: {log}"
+    );
+}

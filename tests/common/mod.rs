@@ -1,0 +1,331 @@
+//! Harness for the integration suite: real `supervise`, real CRIU, real
+//! processes. Everything synchronises on events (lines in supervise's log,
+//! files appearing), with generous upper bounds only as failure timeouts.
+#![allow(dead_code)]
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_supervise");
+
+/// True if CRIU can be used; otherwise prints a loud SKIP line. In CI CRIU
+/// is installed by scripts/setup.sh, so nothing is skipped there.
+pub fn criu_available() -> bool {
+    let ok = Command::new("criu")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    if !ok {
+        if std::env::var_os("CI").is_some() {
+            panic!("CRIU is not installed but CI is set: run scripts/setup.sh");
+        }
+        eprintln!(
+            "\n!!!!!!!! SKIPPED: criu not found; run scripts/setup.sh (needs root) !!!!!!!!\n"
+        );
+        return false;
+    }
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "the integration suite needs root (CRIU)"
+    );
+    true
+}
+
+/// Test programs compiled once per test binary.
+pub fn progs() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("progs");
+        fs::create_dir_all(&dir).unwrap();
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        for (name, src, extra) in [
+            ("counter", "examples/counter.c", ""),
+            ("threads", "tests/progs/threads.c", "-pthread"),
+            ("bigmem", "tests/progs/bigmem.c", ""),
+        ] {
+            let mut cmd = Command::new("cc");
+            cmd.args(["-O2", "-o"])
+                .arg(dir.join(name))
+                .arg(root.join(src));
+            if !extra.is_empty() {
+                cmd.arg(extra);
+            }
+            let st = cmd.status().expect("cc");
+            assert!(st.success(), "compiling {src}");
+        }
+        dir
+    })
+}
+
+/// A temp dir holding job files, images and outputs.
+pub struct Env {
+    pub dir: tempfile::TempDir,
+}
+
+impl Env {
+    pub fn new() -> Env {
+        Env {
+            dir: tempfile::Builder::new()
+                .prefix("supervise-test-")
+                .tempdir()
+                .unwrap(),
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Writes `<name>.toml`.
+    pub fn job(&self, name: &str, toml: &str) -> PathBuf {
+        let p = self.path().join(format!("{name}.toml"));
+        fs::write(&p, toml).unwrap();
+        p
+    }
+
+    pub fn start(&self, job: &Path) -> Sup {
+        let log = self.path().join(format!(
+            "supervise-{}.log",
+            job.file_stem().unwrap().to_string_lossy()
+        ));
+        let f = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .unwrap();
+        let start_len = fs::metadata(&log).map(|m| m.len()).unwrap_or(0) as usize;
+        let child = Command::new(BIN)
+            .arg("run")
+            .arg(job)
+            .env("SUPERVISE_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(f.try_clone().unwrap())
+            .stderr(f)
+            .spawn()
+            .unwrap();
+        Sup {
+            child: Some(child),
+            log,
+            start_len,
+            state: self.path().join(".supervise"),
+        }
+    }
+
+    /// Numbers printed by a counter into `file`.
+    pub fn numbers(&self, file: &str) -> Vec<i64> {
+        numbers(&self.path().join(file))
+    }
+}
+
+pub fn numbers(p: &Path) -> Vec<i64> {
+    fs::read_to_string(p)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.trim().parse().ok())
+        .collect()
+}
+
+/// A running `supervise run`.
+pub struct Sup {
+    child: Option<Child>,
+    pub log: PathBuf,
+    start_len: usize,
+    state: PathBuf,
+}
+
+impl Sup {
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().unwrap().id() as i32
+    }
+
+    /// This run's log so far.
+    pub fn log(&self) -> String {
+        let s = fs::read_to_string(&self.log).unwrap_or_default();
+        s.get(self.start_len..).unwrap_or("").to_string()
+    }
+
+    /// Waits until `needle` occurs `count` times in this run's log.
+    pub fn wait_for(&self, needle: &str, count: usize, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let log = self.log();
+            if log.matches(needle).count() >= count {
+                return;
+            }
+            if Instant::now() > deadline {
+                panic!("timed out waiting for {count}x {needle:?}; log:\n{log}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// `.supervise/<job>/job.json`: (host_pid, ns_pid).
+    pub fn job_pid(&self, job: &str) -> (i32, i32) {
+        let v: serde_json::Value = serde_json::from_slice(
+            &fs::read(self.state.join(job).join("job.json")).expect("job.json"),
+        )
+        .unwrap();
+        (
+            v["host_pid"].as_i64().unwrap() as i32,
+            v["ns_pid"].as_i64().unwrap() as i32,
+        )
+    }
+
+    /// SIGKILLs the job's root process.
+    pub fn kill_job(&self, job: &str) -> i32 {
+        let (pid, _) = self.job_pid(job);
+        kill(pid, libc::SIGKILL);
+        pid
+    }
+
+    pub fn signal(&self, sig: i32) {
+        kill(self.pid(), sig);
+    }
+
+    /// Waits for supervise to exit; returns its exit code (or 128+signal).
+    pub fn wait_exit(&mut self, timeout: Duration) -> i32 {
+        let child = self.child.as_mut().unwrap();
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(st) = child.try_wait().unwrap() {
+                self.child = None;
+                use std::os::unix::process::ExitStatusExt;
+                return st.code().unwrap_or_else(|| 128 + st.signal().unwrap_or(0));
+            }
+            if Instant::now() > deadline {
+                panic!("supervise did not exit in time; log:\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGKILLs supervise and everything it started (used when a test wants
+    /// the jobs left running to be cleaned up by hand).
+    pub fn kill_all(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let tree = process_tree(child.id() as i32);
+            for p in tree.iter().rev() {
+                kill(*p, libc::SIGKILL);
+            }
+            let _ = child.wait();
+            reap_pids(&tree);
+        }
+    }
+}
+
+impl Drop for Sup {
+    fn drop(&mut self) {
+        if self.child.is_none() {
+            return;
+        }
+        // Graceful first: supervise stops its jobs and reaps them itself.
+        self.signal(libc::SIGTERM);
+        let child = self.child.as_mut().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = child.try_wait() {
+                self.child = None;
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.kill_all();
+    }
+}
+
+pub fn kill(pid: i32, sig: i32) {
+    // SAFETY: kill(2) on a PID this test started.
+    unsafe {
+        libc::kill(pid, sig);
+    }
+}
+
+pub fn process_tree(pid: i32) -> Vec<i32> {
+    supervise::proc::tree(pid)
+}
+
+/// Makes this test process a subreaper so that anything orphaned by a test
+/// comes back to it, and reaps the given pids if they are our children.
+pub fn reap_pids(pids: &[i32]) {
+    for _ in 0..50 {
+        let mut left = 0;
+        for &p in pids {
+            let mut st = 0;
+            // SAFETY: waitpid on specific pids.
+            let r = unsafe { libc::waitpid(p, &mut st, libc::WNOHANG) };
+            if r == 0 {
+                left += 1;
+            }
+        }
+        if left == 0 {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+pub fn subreaper() {
+    // SAFETY: prctl with integer args.
+    unsafe {
+        libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0);
+    }
+}
+
+/// Checks a counter's output: strictly contiguous runs; every restart
+/// continues from a checkpointed value (never from 0, never beyond the
+/// last value printed before the kill + 1). Returns the restart points as
+/// (last value before, first value after).
+pub fn restarts(nums: &[i64]) -> Vec<(i64, i64)> {
+    assert!(!nums.is_empty(), "no output");
+    assert_eq!(nums[0], 0, "counter must start at 0: {nums:?}");
+    let mut out = Vec::new();
+    for w in nums.windows(2) {
+        if w[1] == w[0] + 1 {
+            continue;
+        }
+        assert!(
+            w[1] <= w[0],
+            "counter skipped ahead from {} to {}: {nums:?}",
+            w[0],
+            w[1]
+        );
+        out.push((w[0], w[1]));
+    }
+    out
+}
+
+/// Waits until `path` holds at least `n` numbers.
+pub fn wait_numbers(path: &Path, n: usize, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    while numbers(path).len() < n {
+        assert!(
+            Instant::now() < deadline,
+            "{} never reached {n} numbers",
+            path.display()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// `supervise images --json`.
+pub fn images(job: &Path) -> Vec<serde_json::Value> {
+    let out = Command::new(BIN)
+        .args(["images", "--json"])
+        .arg(job)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+pub const T: Duration = Duration::from_secs(30);
