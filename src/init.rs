@@ -122,6 +122,8 @@ impl Report {
     }
 }
 
+const ABANDONED: &str = "restore abandoned by the supervisor";
+
 /// Exit code of the init when it could not start the job.
 pub const EXIT_START_FAILED: i32 = 125;
 
@@ -143,7 +145,9 @@ pub fn main() -> ! {
         }
         Err(msg) => {
             let _ = report.write_all(Report::Error(msg.clone()).line().as_bytes());
-            eprintln!("supervise init: {msg}");
+            if msg != ABANDONED {
+                eprintln!("supervise init: {msg}");
+            }
             EXIT_START_FAILED
         }
     };
@@ -312,7 +316,7 @@ fn restore(criu: &PathBuf) -> Result<(i32, Option<ExitStatus>), String> {
         Some(p) => p
             .parse()
             .map_err(|_| format!("bad control line {line:?}"))?,
-        None => return Err("restore abandoned by the supervisor".into()),
+        None => return Err(ABANDONED.into()),
     };
     let _ = control.as_raw_fd();
     let early = seen.remove(&root);

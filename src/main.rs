@@ -87,9 +87,13 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
 
 fn images(job: &std::path::Path, json: bool) -> Result<ExitCode> {
     let cfg = JobConfig::load(job)?;
-    let store = supervise::store::ImageStore::open(&cfg.checkpoint.dir)
-        .with_context(|| format!("job {}", cfg.name))?;
-    let list = store.list()?;
+    let list = if cfg.checkpoint.dir.exists() {
+        supervise::store::ImageStore::open_read_only(&cfg.checkpoint.dir)
+            .and_then(|s| s.list())
+            .with_context(|| format!("job {}", cfg.name))?
+    } else {
+        Vec::new()
+    };
     if json {
         let v: Vec<_> = list
             .iter()
@@ -147,7 +151,11 @@ fn run(jobs: &[PathBuf]) -> Result<ExitCode> {
         let (tx, rx) = tokio::sync::watch::channel(false);
         let mut sups = Vec::new();
         for cfg in cfgs {
-            sups.push(Supervisor::new(cfg, reaper.clone())?);
+            let mut s = Supervisor::new(cfg, reaper.clone())?;
+            if let Some((a, b, c)) = report.criu_version {
+                s.set_criu_version(format!("{a}.{b}.{c}"));
+            }
+            sups.push(s);
         }
         tokio::spawn(async move {
             use tokio::signal::unix::{signal, SignalKind};

@@ -291,6 +291,21 @@ impl ImageStore {
         Ok(store)
     }
 
+    /// Opens an existing store for reading only: creates nothing and
+    /// removes nothing (a `.staging-*` entry may belong to a checkpoint in
+    /// progress in a running supervise). Used by `supervise images`.
+    pub fn open_read_only(dir: &Path) -> Result<ImageStore, StoreError> {
+        let md = fs::metadata(dir).map_err(io_err(dir))?;
+        if !md.is_dir() {
+            return Err(StoreError::NotADirectory {
+                path: dir.to_path_buf(),
+            });
+        }
+        Ok(ImageStore {
+            dir: dir.to_path_buf(),
+        })
+    }
+
     /// The store directory.
     pub fn dir(&self) -> &Path {
         &self.dir

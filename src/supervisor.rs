@@ -118,6 +118,7 @@ pub struct Supervisor {
     state: JobState,
     restores: VecDeque<Instant>,
     consecutive: u32,
+    criu_version: String,
     _lock: File,
 }
 
@@ -181,8 +182,14 @@ impl Supervisor {
             state: JobState::Starting,
             restores: VecDeque::new(),
             consecutive: 0,
+            criu_version: String::new(),
             _lock: lock,
         })
+    }
+
+    /// Records the CRIU version in each checkpoint's manifest.
+    pub fn set_criu_version(&mut self, v: String) {
+        self.criu_version = v;
     }
 
     /// The job's name.
@@ -357,7 +364,7 @@ impl Supervisor {
         };
         let meta = CheckpointMeta {
             job: self.cfg.name.clone(),
-            criu_version: String::new(),
+            criu_version: self.criu_version.clone(),
             duration_ms: outcome.duration.as_millis() as u64,
             frozen_us: outcome
                 .stats

@@ -78,15 +78,19 @@ pub enum CriuError {
 /// Lines of a CRIU log that explain a failure: `Error` lines, minus the ones
 /// known to be harmless here.
 pub fn error_lines(log: &str) -> String {
-    let mut lines: Vec<&str> = log
+    let useful: Vec<&str> = log
         .lines()
-        .filter(|l| l.contains("Error") || l.starts_with("nsenter:") || l.contains("criu:"))
-        .filter(|l| !l.contains("Can't setup RLIMIT_NOFILE for self"))
         .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.contains("Can't setup RLIMIT_NOFILE for self"))
+        .collect();
+    let mut lines: Vec<&str> = useful
+        .iter()
+        .copied()
+        .filter(|l| l.contains("Error") || l.starts_with("nsenter:") || l.contains("criu:"))
         .collect();
     if lines.is_empty() {
         // Fall back to the log's tail.
-        lines = log.lines().rev().take(5).collect();
+        lines = useful.iter().rev().take(5).copied().collect();
         lines.reverse();
     }
     lines.join("; ")
@@ -302,7 +306,10 @@ pub fn check_response(
         Some(r) if r.success => Ok(r),
         Some(r) => {
             let mut message = error_lines(log);
-            if let Some(m) = r.cr_errmsg.as_deref().filter(|m| !m.is_empty()) {
+            let errmsg = r.cr_errmsg.as_deref().map(error_lines).unwrap_or_default();
+            if let Some(m) =
+                Some(errmsg.as_str()).filter(|m| !m.is_empty() && !message.contains(*m))
+            {
                 message = if message.is_empty() {
                     m.to_string()
                 } else {
