@@ -60,7 +60,8 @@ pub enum Waiter {
 
 /// A running job.
 pub struct Running {
-    /// PID of the root process in supervise's namespace.
+    /// PID of the root process in supervise's namespace (0 if it ended
+    /// before supervise could see it).
     pub host_pid: i32,
     /// PID of the root inside its own namespace.
     pub ns_pid: i32,
@@ -255,13 +256,19 @@ fn read_started(report: &mut BufReader<File>) -> Result<i32, JobError> {
     }
 }
 
-fn find_host_pid(init_pid: i32, ns_pid: i32) -> Result<i32, JobError> {
+/// The root's PID on the host: the init's child whose innermost PID is
+/// `ns_pid`. `None` if the root already ended (a job that exits at once):
+/// the init then reaps it and exits, and the report pipe says how it ended.
+fn find_host_pid(init_pid: i32, ns_pid: i32) -> Result<Option<i32>, JobError> {
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
         for c in crate::proc::children(init_pid) {
             if crate::proc::ns_pid(c).ok() == Some(ns_pid) {
-                return Ok(c);
+                return Ok(Some(c));
             }
+        }
+        if !crate::proc::alive(init_pid) {
+            return Ok(None);
         }
         if Instant::now() > deadline {
             return Err(JobError::Start(format!(
@@ -278,7 +285,8 @@ fn running(
     exit: oneshot::Receiver<ExitStatus>,
     report: BufReader<File>,
 ) -> Result<Running, JobError> {
-    let host_pid = find_host_pid(init_pid, ns_pid)?;
+    // 0 when the root already ended; `wait` then reports how.
+    let host_pid = find_host_pid(init_pid, ns_pid)?.unwrap_or(0);
     let start_time = crate::proc::start_time(host_pid).unwrap_or(0);
     Ok(Running {
         host_pid,

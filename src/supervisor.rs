@@ -325,6 +325,9 @@ impl Supervisor {
 
     /// Takes one checkpoint of the running job and publishes it atomically.
     pub async fn checkpoint(&mut self, job: &Running) -> Result<ImageInfo, String> {
+        if job.host_pid <= 0 {
+            return Err("the job has already ended".into());
+        }
         self.state = JobState::Checkpointing;
         let staging = match self.store.begin() {
             Ok(s) => s,

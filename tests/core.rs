@@ -481,3 +481,40 @@ fn restore_succeeds_when_old_host_pid_is_reused() {
     wait_numbers(&env.path().join("reuse.out"), n + 3, T);
     assert_eq!(restarts(&env.numbers("reuse.out")).len(), 1);
 }
+
+/// CRIU's own error text reaches the log. A job writing its own file (opened
+/// without O_APPEND) cannot be restored by plain CRIU once the file grew
+/// ("has bad size"): every image fails with that text, and the launched job
+/// is started afresh. (Rolling such files back is a separate feature.)
+#[test]
+fn criu_error_text_is_logged_and_job_starts_afresh() {
+    if !criu_available() {
+        return;
+    }
+    let env = Env::new();
+    let job = env.job(
+        "ownfile",
+        &format!(
+            r#"command = ["/bin/sh", "-c", "exec {} 100 > own.txt"]
+[checkpoint]
+every = "1s"
+[restore]
+backoff = "0s"
+"#,
+            progs().join("counter").display()
+        ),
+    );
+    let sup = env.start(&job);
+    sup.wait_for("checkpoint published", 1, T);
+    wait_numbers(&env.path().join("own.txt"), 25, T);
+    sup.kill_job("ownfile");
+    sup.wait_for("starting the command afresh", 1, T);
+    let log = sup.log();
+    assert!(log.contains("cannot restore this image"), "{log}");
+    assert!(log.contains("has bad size"), "CRIU's own words: {log}");
+    assert!(
+        !log.contains("RLIMIT_NOFILE"),
+        "harmless CRIU noise is filtered: {log}"
+    );
+    sup.wait_for("started pid=", 2, T);
+}
