@@ -24,7 +24,7 @@
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Write};
-use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::fd::FromRawFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
@@ -318,7 +318,6 @@ fn restore(criu: &PathBuf) -> Result<(i32, Option<ExitStatus>), String> {
             .map_err(|_| format!("bad control line {line:?}"))?,
         None => return Err(ABANDONED.into()),
     };
-    let _ = control.as_raw_fd();
     let early = seen.remove(&root);
     Ok((root, early))
 }

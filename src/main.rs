@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use supervise::config::JobConfig;
-use supervise::supervisor::{Outcome, Supervisor};
+use supervise::supervisor::Supervisor;
 
 #[derive(Parser)]
 #[command(
@@ -178,7 +178,6 @@ fn run(jobs: &[PathBuf]) -> Result<ExitCode> {
             total += 1;
             match res {
                 Ok(o) if o.is_failure() => failed += 1,
-                Ok(Outcome::Detached) => {}
                 Ok(_) => {}
                 Err(e) => {
                     tracing::error!(error = %e, "job task panicked");
