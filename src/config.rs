@@ -71,6 +71,36 @@ pub struct JobConfig {
     pub restore: RestoreConfig,
     /// The `[shutdown]` table.
     pub shutdown: ShutdownConfig,
+    /// The `[files]` table.
+    pub files: FilesConfig,
+}
+
+/// The `[files]` table: rolling the job's own files back with a restore.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FilesConfig {
+    /// Record the files the job has open for writing at each checkpoint and
+    /// put them back to that state before a restore.
+    pub rollback: bool,
+    /// Absolute paths whose full content is kept with every checkpoint
+    /// (whether or not the job has them open at that moment).
+    pub snapshot: Vec<PathBuf>,
+    /// Absolute paths the job only ever extends: their size is enough, even
+    /// when they are open read-write.
+    pub append: Vec<PathBuf>,
+    /// Absolute paths (files, or directories with everything under them)
+    /// never recorded nor touched.
+    pub exclude: Vec<PathBuf>,
+}
+
+impl Default for FilesConfig {
+    fn default() -> Self {
+        FilesConfig {
+            rollback: true,
+            snapshot: Vec::new(),
+            append: Vec::new(),
+            exclude: Vec::new(),
+        }
+    }
 }
 
 /// What a job supervises.
@@ -627,6 +657,7 @@ struct RawJob {
     checkpoint: Option<Table<RawCheckpoint>>,
     restore: Option<Table<RawRestore>>,
     shutdown: Option<Table<RawShutdown>>,
+    files: Option<Table<RawFiles>>,
 }
 
 /// A sub-table. Unlike a plain derived struct it refuses arrays (serde would
@@ -681,6 +712,15 @@ struct RawRestore {
 struct RawShutdown {
     action: Option<ShutdownAction>,
     checkpoint: Option<bool>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFiles {
+    rollback: Option<bool>,
+    snapshot: Option<Vec<Spanned<PathValue>>>,
+    append: Option<Vec<Spanned<PathValue>>>,
+    exclude: Option<Vec<Spanned<PathValue>>>,
 }
 
 /// Deserializes a string through `f`; `f`'s error becomes the message.
@@ -1106,6 +1146,8 @@ fn build(raw: RawJob, ctx: &Ctx<'_>) -> Result<JobConfig, ConfigError> {
         },
     };
 
+    let files = build_files(raw.files, &base_dir, ctx)?;
+
     Ok(JobConfig {
         name,
         source: ctx.path.to_path_buf(),
@@ -1115,6 +1157,63 @@ fn build(raw: RawJob, ctx: &Ctx<'_>) -> Result<JobConfig, ConfigError> {
         checkpoint,
         restore,
         shutdown,
+        files,
+    })
+}
+
+fn build_files(
+    raw: Option<Table<RawFiles>>,
+    base_dir: &Path,
+    ctx: &Ctx<'_>,
+) -> Result<FilesConfig, ConfigError> {
+    let Some(Table(raw)) = raw else {
+        return Ok(FilesConfig::default());
+    };
+    type Spans = Vec<(PathBuf, std::ops::Range<usize>)>;
+    let list = |v: Option<Vec<Spanned<PathValue>>>| -> Spans {
+        v.unwrap_or_default()
+            .into_iter()
+            .map(|p| {
+                let span = p.span();
+                (resolve(base_dir, &p.into_inner().0), span)
+            })
+            .collect()
+    };
+    let snapshot = list(raw.snapshot);
+    let append = list(raw.append);
+    let exclude = list(raw.exclude);
+    // One path, one treatment: a later list naming a path an earlier one
+    // already names is an error at the later mention.
+    let named: [(&str, &Spans); 3] = [
+        ("files.snapshot", &snapshot),
+        ("files.append", &append),
+        ("files.exclude", &exclude),
+    ];
+    for (i, (key, paths)) in named.iter().enumerate() {
+        for (j, (other, others)) in named.iter().enumerate().skip(i) {
+            for (n, (p, span)) in others.iter().enumerate() {
+                let dup = if i == j {
+                    paths[..n].iter().any(|(q, _)| q == p)
+                } else {
+                    paths.iter().any(|(q, _)| q == p)
+                };
+                if dup {
+                    let msg = if i == j {
+                        format!("{} is listed twice", p.display())
+                    } else {
+                        format!("{} is already listed in `{key}`", p.display())
+                    };
+                    return ctx.err(Some(span.clone()), other, msg);
+                }
+            }
+        }
+    }
+    let strip = |v: Spans| v.into_iter().map(|(p, _)| p).collect();
+    Ok(FilesConfig {
+        rollback: raw.rollback.unwrap_or(true),
+        snapshot: strip(snapshot),
+        append: strip(append),
+        exclude: strip(exclude),
     })
 }
 

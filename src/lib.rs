@@ -5,6 +5,7 @@
 pub mod check;
 pub mod config;
 pub mod criu;
+pub mod files;
 pub mod init;
 pub mod job;
 pub mod proc;

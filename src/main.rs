@@ -104,6 +104,8 @@ fn images(job: &std::path::Path, json: bool) -> Result<ExitCode> {
                     "size_bytes": i.size_bytes,
                     "duration_ms": i.manifest.meta.duration_ms,
                     "frozen_us": i.manifest.meta.frozen_us,
+                    "job_files": i.manifest.meta.extra.get("files"),
+                    "job_files_copied_bytes": i.manifest.meta.extra.get("files_copied_bytes"),
                     "path": i.path,
                 })
             })

@@ -19,6 +19,7 @@ use tokio::sync::watch;
 use tracing::{error, info, warn};
 
 use crate::config::{JobConfig, RestoreOn, ShutdownAction, Target};
+use crate::files::{Action, CaptureSummary, FilesError};
 use crate::job::{self, InitFiles, Running};
 use crate::reaper::{ExitStatus, Reaper};
 use crate::schedule::Ticker;
@@ -341,30 +342,61 @@ impl Supervisor {
         let host_pid = job.host_pid;
         let opts = self.cfg.checkpoint.criu;
         let timeout = self.cfg.checkpoint.timeout;
+        let files_cfg = self.cfg.files.clone();
+        let ignore = vec![
+            self.cfg.checkpoint.dir.clone(),
+            self.cfg.state_dir.join("restore"),
+        ];
         let res = tokio::task::spawn_blocking(move || {
-            let r = crate::criu::dump(
-                &reaper,
-                host_pid,
-                staging.path(),
-                &opts,
-                timeout,
-                &mut |_| true,
-            );
-            (staging, r)
+            let dir = staging.path().to_path_buf();
+            let mut files: Option<Result<CaptureSummary, FilesError>> = None;
+            // CRIU's post-dump notification comes while the tree is still
+            // frozen: the job's files are recorded at the instant of the dump.
+            let mut on_notify = |script: &str| {
+                if script != "post-dump" || !files_cfg.rollback {
+                    return true;
+                }
+                let pids = crate::proc::tree(host_pid);
+                let r = crate::files::capture(&pids, &files_cfg, &ignore, &dir);
+                let ok = r.is_ok();
+                files = Some(r);
+                ok
+            };
+            let r = crate::criu::dump(&reaper, host_pid, &dir, &opts, timeout, &mut on_notify);
+            (staging, r, files)
         })
         .await;
-        let (staging, outcome) = match res {
+        let (staging, outcome, files) = match res {
             Ok(x) => x,
             Err(e) => return Err(format!("checkpoint task failed: {e}")),
         };
-        let outcome = match outcome {
-            Ok(o) => o,
-            Err(e) => {
+        let files = match (outcome.is_ok(), files, self.cfg.files.rollback) {
+            (_, Some(Err(e)), _) => Err(format!("cannot record the job's files: {e}")),
+            (true, None, true) => Err("CRIU sent no post-dump notification, so the job's files \
+                 could not be recorded at the instant of the dump"
+                .to_string()),
+            (_, f, _) => Ok(f.and_then(Result::ok)),
+        };
+        let (outcome, files) = match (outcome, files) {
+            (Ok(o), Ok(f)) => (o, f),
+            (Err(e), Ok(_)) => {
                 staging.abort();
                 error!(checkpoint = %id, error = %e, "checkpoint failed; the job keeps running, older images are intact");
                 return Err(e.to_string());
             }
+            (_, Err(e)) => {
+                staging.abort();
+                error!(checkpoint = %id, error = %e, "checkpoint failed; the job keeps running, older images are intact");
+                return Err(e);
+            }
         };
+        let mut extra = serde_json::Map::new();
+        if let Some(f) = &files {
+            extra.insert("files".into(), f.files.into());
+            extra.insert("files_copied".into(), f.snapshots.into());
+            extra.insert("files_copied_bytes".into(), f.bytes_copied.into());
+            extra.insert("files_us".into(), (f.elapsed.as_micros() as u64).into());
+        }
         let meta = CheckpointMeta {
             job: self.cfg.name.clone(),
             criu_version: self.criu_version.clone(),
@@ -376,7 +408,7 @@ impl Supervisor {
                 .map(u64::from),
             pages_written: outcome.stats.as_ref().and_then(|s| s.pages_written),
             root_pid: job.ns_pid,
-            extra: Default::default(),
+            extra,
         };
         let store = self.store.clone();
         let info = match tokio::task::spawn_blocking(move || staging.commit(meta)).await {
@@ -393,6 +425,9 @@ impl Supervisor {
             frozen_ms = outcome.stats.as_ref().and_then(|s| s.frozen_time).map(|t| t as f64 / 1000.0).unwrap_or(f64::NAN),
             bytes = info.size_bytes,
             pages = outcome.stats.as_ref().and_then(|s| s.pages_written).unwrap_or(0),
+            files = files.as_ref().map_or(0, |f| f.files),
+            files_copied_bytes = files.as_ref().map_or(0, |f| f.bytes_copied),
+            files_ms = files.as_ref().map_or(0.0, |f| f.elapsed.as_micros() as f64 / 1000.0),
             "checkpoint published"
         );
         let keep = self.cfg.checkpoint.keep;
@@ -420,18 +455,33 @@ impl Supervisor {
             let files = self.files();
             let work = self.cfg.state_dir.join("restore");
             let img2 = img.clone();
-            let res = tokio::task::spawn_blocking(move || -> Result<job::Restored, String> {
-                store
-                    .verify(&img2)
-                    .map_err(|e| format!("image failed verification: {e}"))?;
-                materialise(&img2, &work)
-                    .map_err(|e| format!("cannot prepare {} for CRIU: {e}", work.display()))?;
-                job::restore(&reaper, &work, &opts, &files, &mut |_| true)
-                    .map_err(|e| e.to_string())
-            })
+            let files_cfg = self.cfg.files.clone();
+            let res = tokio::task::spawn_blocking(
+                move || -> Result<(job::Restored, Vec<Action>), String> {
+                    store
+                        .verify(&img2)
+                        .map_err(|e| format!("image failed verification: {e}"))?;
+                    // The job's files go back to the checkpoint's instant
+                    // before CRIU reopens them.
+                    let actions = crate::files::rollback(&img2.path, &files_cfg)
+                        .map_err(|e| e.to_string())?;
+                    materialise(&img2, &work)
+                        .map_err(|e| format!("cannot prepare {} for CRIU: {e}", work.display()))?;
+                    let r = job::restore(&reaper, &work, &opts, &files, &mut |_| true)
+                        .map_err(|e| e.to_string())?;
+                    Ok((r, actions))
+                },
+            )
             .await;
             match res {
-                Ok(Ok(r)) => {
+                Ok(Ok((r, actions))) => {
+                    if !actions.is_empty() {
+                        let changed = actions
+                            .iter()
+                            .filter(|a| !matches!(a, Action::Keep(_)))
+                            .count();
+                        info!(checkpoint = %img.id, files = actions.len(), changed, "job files rolled back to the checkpoint");
+                    }
                     info!(
                         checkpoint = %img.id,
                         duration_ms = r.duration.as_millis() as u64,

@@ -48,6 +48,7 @@ pub fn progs() -> &'static Path {
             ("counter", "examples/counter.c", ""),
             ("threads", "tests/progs/threads.c", "-pthread"),
             ("bigmem", "tests/progs/bigmem.c", ""),
+            ("filejob", "tests/progs/filejob.c", ""),
         ] {
             let mut cmd = Command::new("cc");
             cmd.args(["-O2", "-o"])
@@ -298,6 +299,26 @@ pub fn restarts(nums: &[i64]) -> Vec<(i64, i64)> {
         out.push((w[0], w[1]));
     }
     out
+}
+
+/// The output of a counter whose files supervise rolls back: exactly
+/// 0, 1, 2, ... whatever kills and restores happened (no gap, no repeat).
+pub fn assert_exactly_once(nums: &[i64]) {
+    assert!(!nums.is_empty(), "no output");
+    for (i, n) in nums.iter().enumerate() {
+        assert_eq!(*n, i as i64, "line {i} should be {i}: {nums:?}");
+    }
+}
+
+/// Ids named by `event` lines ("checkpoint published", "restored") of a
+/// supervise log, in order.
+pub fn ids(log: &str, event: &str) -> Vec<String> {
+    log.lines()
+        .filter(|l| l.contains(event))
+        .filter_map(|l| l.split("checkpoint=").nth(1))
+        .filter_map(|r| r.split_whitespace().next())
+        .map(str::to_string)
+        .collect()
 }
 
 /// Waits until `path` holds at least `n` numbers.

@@ -1,0 +1,206 @@
+//! The job's own files are rolled back with each restore (real CRIU).
+
+mod common;
+
+use std::fs;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use common::*;
+
+/// 0..200 ms, different each run; printed so a failure can be replayed.
+fn random_pause() -> Duration {
+    let n = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos();
+    Duration::from_millis(u64::from(n % 1000))
+}
+
+fn filejob(env: &Env, name: &str, steps: u32, every: &str, extra: &str) -> std::path::PathBuf {
+    env.job(
+        name,
+        &format!(
+            r#"command = ["{}", "out.txt", "state.txt", "{steps}", "100"]
+stdout = "stdout.txt"
+stderr = "stderr.txt"
+[checkpoint]
+every = "{every}"
+dir = "images"
+[restore]
+backoff = "0s"
+{extra}
+"#,
+            progs().join("filejob").display()
+        ),
+    )
+}
+
+fn lines(steps: u32) -> String {
+    (0..steps).map(|i| format!("{i}\n")).collect()
+}
+
+/// The issue's example: a job writing "0\n", "1\n", ... to a file opened
+/// "w" (and rewriting a state file in place), SIGKILLed twice at random
+/// moments and restored each time, leaves files identical to an
+/// uninterrupted run: no gap, no repeat; stdout too.
+#[test]
+fn output_is_exactly_once_across_kills() {
+    if !criu_available() {
+        return;
+    }
+    let env = Env::new();
+    let steps = 60;
+    let job = filejob(&env, "once", steps, "1s", "");
+    let mut sup = env.start(&job);
+    for round in 1..=2 {
+        sup.wait_for("checkpoint published", 2 * round, T);
+        let pause = random_pause();
+        eprintln!("kill {round} after {pause:?}");
+        std::thread::sleep(pause);
+        sup.kill_job("once");
+        sup.wait_for("restored", round, T);
+    }
+    sup.wait_for("job exited; supervision ends", 1, Duration::from_secs(60));
+    assert_eq!(sup.wait_exit(T), 0);
+    let log = sup.log();
+    assert!(log.contains("job files rolled back"), "{log}");
+    let stderr = fs::read_to_string(env.path().join("stderr.txt")).unwrap_or_default();
+    assert!(!stderr.contains("MISMATCH"), "{stderr}");
+    assert_eq!(
+        fs::read_to_string(env.path().join("out.txt")).unwrap(),
+        lines(steps)
+    );
+    assert_eq!(
+        fs::read_to_string(env.path().join("stdout.txt")).unwrap(),
+        lines(steps)
+    );
+    assert_eq!(
+        fs::read_to_string(env.path().join("state.txt")).unwrap(),
+        format!("{:08}\n", steps - 1)
+    );
+    // stdout, stderr, out.txt and state.txt were recorded; only the 9 bytes
+    // of the state file were copied.
+    let img = &images(&job)[0];
+    assert_eq!(img["job_files"], 4, "{img}");
+    assert_eq!(img["job_files_copied_bytes"], 9, "{img}");
+}
+
+/// Restoring puts an in-place-rewritten state file back to the content it
+/// had at the checkpoint: the job compares it with its memory on every step
+/// and exits 3 on a mismatch. Killed only after it moved on from the image.
+#[test]
+fn state_file_is_put_back_to_the_checkpoint() {
+    if !criu_available() {
+        return;
+    }
+    let env = Env::new();
+    let job = filejob(&env, "state", 1000, "5s", "");
+    let sup = env.start(&job);
+    sup.wait_for("checkpoint published", 1, T);
+    let state = || {
+        fs::read_to_string(env.path().join("state.txt"))
+            .unwrap()
+            .trim()
+            .parse::<i64>()
+            .unwrap_or(-1)
+    };
+    // Two steps after the checkpoint was published: the state file holds a
+    // later value than the image's copy.
+    let seen = state();
+    let deadline = std::time::Instant::now() + T;
+    while state() < seen + 2 {
+        assert!(std::time::Instant::now() < deadline);
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    sup.kill_job("state");
+    sup.wait_for("restored", 1, T);
+    assert_eq!(ids(&sup.log(), "checkpoint published").len(), 1);
+    let n = env.numbers("out.txt").len();
+    wait_numbers(&env.path().join("out.txt"), n + 3, T);
+    let stderr = fs::read_to_string(env.path().join("stderr.txt")).unwrap_or_default();
+    assert!(!stderr.contains("MISMATCH"), "{stderr}");
+    assert_exactly_once(&env.numbers("out.txt"));
+    let log = sup.log();
+    assert!(
+        log.contains("job files rolled back") && log.contains("changed=3"),
+        "{log}"
+    );
+}
+
+/// A file the job writes is deleted behind its back, then the job dies: the
+/// rollback refuses with a message naming the file (nothing is guessed), no
+/// image is used, and the job starts afresh, which rewrites the file whole.
+#[test]
+fn deleted_output_file_is_reported_and_job_starts_afresh() {
+    if !criu_available() {
+        return;
+    }
+    let env = Env::new();
+    let steps = 30;
+    let job = filejob(&env, "deleted", steps, "1s", "");
+    let mut sup = env.start(&job);
+    sup.wait_for("checkpoint published", 1, T);
+    fs::remove_file(env.path().join("out.txt")).unwrap();
+    sup.kill_job("deleted");
+    sup.wait_for("starting the command afresh", 1, T);
+    let log = sup.log();
+    assert!(
+        log.contains("cannot roll back") && log.contains("out.txt") && log.contains("deleted"),
+        "{log}"
+    );
+    sup.wait_for("job exited; supervision ends", 1, Duration::from_secs(60));
+    assert_eq!(sup.wait_exit(T), 0);
+    assert_eq!(
+        fs::read_to_string(env.path().join("out.txt")).unwrap(),
+        lines(steps)
+    );
+}
+
+/// A state file the job replaces atomically (write a temp file, rename),
+/// so it is never open at a checkpoint, is kept whole when listed in
+/// `[files] snapshot`; a shell job checks its own state after each restore.
+#[test]
+fn listed_snapshot_file_follows_the_job() {
+    if !criu_available() {
+        return;
+    }
+    let env = Env::new();
+    let script = r#"i=0; echo -1 > state
+while [ $i -lt 40 ]; do
+  [ "$(cat state)" = "$((i-1))" ] || { echo "MISMATCH $i $(cat state)" >&2; exit 3; }
+  echo $i > state.tmp && mv state.tmp state
+  echo $i
+  i=$((i+1)); sleep 0.1
+done"#;
+    let job = env.job(
+        "listed",
+        &format!(
+            r#"command = ["/bin/sh", "-c", {script:?}]
+stdout = "stdout.txt"
+stderr = "stderr.txt"
+[checkpoint]
+every = "1s"
+[restore]
+backoff = "0s"
+[files]
+snapshot = ["state"]
+exclude = ["state.tmp"]
+"#
+        ),
+    );
+    let mut sup = env.start(&job);
+    sup.wait_for("checkpoint published", 2, T);
+    std::thread::sleep(random_pause());
+    sup.kill_job("listed");
+    sup.wait_for("restored", 1, T);
+    sup.wait_for("job exited; supervision ends", 1, Duration::from_secs(60));
+    assert_eq!(sup.wait_exit(T), 0, "{}", sup.log());
+    let stderr = fs::read_to_string(env.path().join("stderr.txt")).unwrap_or_default();
+    assert!(!stderr.contains("MISMATCH"), "{stderr}");
+    assert_exactly_once(&env.numbers("stdout.txt"));
+    assert_eq!(env.numbers("stdout.txt").len(), 40);
+    assert_eq!(
+        fs::read_to_string(env.path().join("state")).unwrap(),
+        "39\n"
+    );
+}
