@@ -1404,6 +1404,69 @@ mod tests {
     // ---- errors ---------------------------------------------------------
 
     #[test]
+    fn files_table() {
+        let j = parse(
+            "command = [\"a\"]\n[files]\nsnapshot = [\"state.db\", \"/abs/s\"]\n\
+             append = [\"out/results.csv\"]\nexclude = [\"scratch\"]\n",
+        )
+        .unwrap();
+        assert_eq!(
+            j.files,
+            FilesConfig {
+                rollback: true,
+                snapshot: vec!["/x/state.db".into(), "/abs/s".into()],
+                append: vec!["/x/out/results.csv".into()],
+                exclude: vec!["/x/scratch".into()],
+            }
+        );
+        let off = parse("command = [\"a\"]\n[files]\nrollback = false\n").unwrap();
+        assert!(!off.files.rollback);
+        assert_eq!(
+            parse("command = [\"a\"]\n").unwrap().files,
+            FilesConfig::default()
+        );
+    }
+
+    #[test]
+    fn files_errors_point_at_the_entry() {
+        invalid(
+            "command = [\"a\"]\n[files]\nsnapshot = [\"s\"]\nappend = [\"o\", \"./s\"]\n",
+            4,
+            16,
+            "files.append",
+            "/x/s is already listed in `files.snapshot`",
+        );
+        invalid(
+            "command = [\"a\"]\n[files]\nexclude = [\"a\", \"a\"]\n",
+            3,
+            17,
+            "files.exclude",
+            "listed twice",
+        );
+        invalid(
+            "command = [\"a\"]\n[files]\nsnapshot = \"s\"\n",
+            3,
+            12,
+            "files.snapshot",
+            "an array",
+        );
+        invalid(
+            "command = [\"a\"]\n[files]\nsnapshot = [\"\"]\n",
+            3,
+            13,
+            "files.snapshot[0]",
+            "must not be empty",
+        );
+        invalid(
+            "command = [\"a\"]\n[files]\nrolback = true\n",
+            3,
+            1,
+            "files.rolback",
+            "did you mean `rollback`",
+        );
+    }
+
+    #[test]
     fn unknown_key_in_checkpoint() {
         let text = "name = \"j\"\ncommand = [\"a\"]\n\n[checkpoint]\nkeep = 2\n\nevry = \"30s\"\n";
         let shown = invalid(text, 7, 1, "checkpoint.evry", "unknown key");
@@ -2401,7 +2464,12 @@ checkpoint = false
     #[test]
     fn reference_commented_examples_are_valid() {
         // cron + timezone instead of every, plus timeout.
-        let text = edit_reference(&["cron", "timezone", "timeout"], &["every"]);
+        let text = edit_reference(
+            &[
+                "cron", "timezone", "timeout", "snapshot", "append", "exclude",
+            ],
+            &["every"],
+        );
         let j = JobConfig::from_str_at(&text, Path::new("/x/reference.toml")).unwrap();
         assert_eq!(
             j.checkpoint.schedule,
@@ -2448,6 +2516,11 @@ checkpoint = false
             "[shutdown]",
             "action",
             "checkpoint",
+            "[files]",
+            "rollback",
+            "snapshot",
+            "append",
+            "exclude",
         ];
         for k in keys {
             let documented = REFERENCE.lines().any(|l| {

@@ -124,7 +124,7 @@ fn captured(dir: &Path) -> (Holder, FileState, FilesConfig, CaptureSummary) {
     c.snapshot = vec![dir.join("f.listed")];
     let img = dir.join("img");
     fs::create_dir(&img).unwrap();
-    let s = capture(&[h.pid()], &c, &[img.clone()], &img).unwrap();
+    let s = capture(&[h.pid()], &c, std::slice::from_ref(&img), &img).unwrap();
     let state = load(&img).unwrap().unwrap();
     (h, state, c, s)
 }
