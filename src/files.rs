@@ -262,21 +262,7 @@ pub fn opened_for_writing(pid: i32) -> io::Result<Vec<Opened>> {
         if flags & libc::O_ACCMODE == libc::O_RDONLY {
             continue;
         }
-        let Ok(md) = fs::metadata(&handle) else {
-            continue;
-        };
-        if !md.is_file() || md.nlink() == 0 {
-            continue;
-        }
-        out.push(Opened {
-            path,
-            handle,
-            flags: Some(flags),
-            pos,
-            dev: md.dev(),
-            ino: md.ino(),
-            size: md.len(),
-        });
+        out.extend(linked_file(path, handle, Some(flags), pos));
     }
     // Shared writable file mappings: "addr perms offset dev inode path".
     if let Ok(maps) = fs::read_to_string(format!("/proc/{pid}/maps")) {
@@ -294,24 +280,27 @@ pub fn opened_for_writing(pid: i32) -> io::Result<Vec<Opened>> {
                 continue;
             };
             let handle = PathBuf::from(format!("/proc/{pid}/map_files/{range}"));
-            let Ok(md) = fs::metadata(&handle) else {
-                continue;
-            };
-            if !md.is_file() || md.nlink() == 0 {
-                continue;
-            }
-            out.push(Opened {
-                path,
-                handle,
-                flags: None,
-                pos: 0,
-                dev: md.dev(),
-                ino: md.ino(),
-                size: md.len(),
-            });
+            out.extend(linked_file(path, handle, None, 0));
         }
     }
     Ok(out)
+}
+
+/// An [`Opened`] for `handle` if it is a regular file that still has a name.
+fn linked_file(path: PathBuf, handle: PathBuf, flags: Option<i32>, pos: u64) -> Option<Opened> {
+    let md = fs::metadata(&handle).ok()?;
+    if !md.is_file() || md.nlink() == 0 {
+        return None;
+    }
+    Some(Opened {
+        path,
+        handle,
+        flags,
+        pos,
+        dev: md.dev(),
+        ino: md.ino(),
+        size: md.len(),
+    })
 }
 
 /// An absolute path of a linked file, or None (pipes, sockets, anon inodes,

@@ -97,6 +97,41 @@ fn modes_follow_flags_and_offsets() {
 }
 
 #[test]
+fn shared_writable_mappings_are_found() {
+    let t = tempfile::tempdir().unwrap();
+    let path = t.path().join("mapped");
+    fs::write(&path, vec![0u8; 8192]).unwrap();
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&path)
+        .unwrap();
+    // SAFETY: maps a file we own for the duration of the test, then unmaps.
+    let addr = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            8192,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            std::os::fd::AsRawFd::as_raw_fd(&f),
+            0,
+        )
+    };
+    assert_ne!(addr, libc::MAP_FAILED);
+    drop(f); // the mapping alone keeps the file in use
+    let found = opened_for_writing(std::process::id() as i32).unwrap();
+    // SAFETY: the mapping made above.
+    unsafe { libc::munmap(addr, 8192) };
+    let m = found
+        .iter()
+        .find(|o| o.path == path)
+        .unwrap_or_else(|| panic!("mapping not found: {found:?}"));
+    assert_eq!(m.flags, None);
+    assert_eq!(m.size, 8192);
+    assert_eq!(classify(m).0, Mode::Snapshot);
+}
+
+#[test]
 fn exclusions() {
     let mut c = cfg();
     c.exclude = vec!["/data/scratch".into()];
