@@ -439,6 +439,72 @@ impl JobConfig {
         JobConfig::from_str_at(&text, path)
     }
 
+    /// Reads several job files; a directory stands for the `*.toml` files
+    /// in it (sorted by name). Two jobs may not share a name, a state
+    /// directory or an image directory.
+    pub fn load_all(paths: &[PathBuf]) -> Result<Vec<JobConfig>, ConfigError> {
+        let mut files = Vec::new();
+        for p in paths {
+            if p.is_dir() {
+                let rd = std::fs::read_dir(p).map_err(|source| ConfigError::Read {
+                    path: absolute(p),
+                    source,
+                })?;
+                let mut found: Vec<PathBuf> = rd
+                    .flatten()
+                    .map(|e| e.path())
+                    .filter(|f| f.extension().is_some_and(|x| x == "toml") && f.is_file())
+                    .collect();
+                if found.is_empty() {
+                    return Err(ConfigError::Invalid {
+                        path: absolute(p),
+                        position: None,
+                        key: None,
+                        message: "no job files (*.toml) in this directory".into(),
+                    });
+                }
+                found.sort();
+                files.extend(found);
+            } else {
+                files.push(p.clone());
+            }
+        }
+        let mut cfgs: Vec<JobConfig> = Vec::new();
+        for f in &files {
+            let c = JobConfig::load(f)?;
+            for other in &cfgs {
+                let clash = if other.name == c.name {
+                    Some(("name", format!("job name {:?}", c.name)))
+                } else if other.state_dir == c.state_dir {
+                    Some((
+                        "state_dir",
+                        format!("state directory {}", c.state_dir.display()),
+                    ))
+                } else if other.checkpoint.dir == c.checkpoint.dir {
+                    Some((
+                        "checkpoint.dir",
+                        format!("image directory {}", c.checkpoint.dir.display()),
+                    ))
+                } else {
+                    None
+                };
+                if let Some((key, what)) = clash {
+                    return Err(ConfigError::Invalid {
+                        path: c.source.clone(),
+                        position: None,
+                        key: Some(key.into()),
+                        message: format!(
+                            "{what} is also used by {}; each job needs its own",
+                            other.source.display()
+                        ),
+                    });
+                }
+            }
+            cfgs.push(c);
+        }
+        Ok(cfgs)
+    }
+
     /// Like [`JobConfig::load`], from text. `path` is used for messages and
     /// relative-path resolution; it need not exist.
     pub fn from_str_at(text: &str, path: &Path) -> Result<JobConfig, ConfigError> {
@@ -1399,6 +1465,41 @@ mod tests {
     fn pos_of(text: &str, needle: &str) -> (usize, usize) {
         let p = Position::of_offset(text, text.find(needle).expect("needle"));
         (p.line, p.column)
+    }
+
+    #[test]
+    fn load_all_expands_dirs_and_refuses_clashes() {
+        let t = tempfile::tempdir().unwrap();
+        let d = t.path().join("jobs");
+        std::fs::create_dir(&d).unwrap();
+        assert!(JobConfig::load_all(&[d.clone()])
+            .unwrap_err()
+            .to_string()
+            .contains("no job files"));
+        std::fs::write(d.join("b.toml"), "command = [\"b\"]\n").unwrap();
+        std::fs::write(d.join("a.toml"), "command = [\"a\"]\n").unwrap();
+        std::fs::write(d.join("notes.txt"), "x").unwrap();
+        let c = JobConfig::load_all(&[d.clone()]).unwrap();
+        let names: Vec<&str> = c.iter().map(|c| c.name.as_str()).collect();
+        assert_eq!(names, ["a", "b"]);
+        std::fs::write(
+            t.path().join("a2.toml"),
+            "name = \"a\"\ncommand = [\"a\"]\n",
+        )
+        .unwrap();
+        let e = JobConfig::load_all(&[d.clone(), t.path().join("a2.toml")]).unwrap_err();
+        assert_eq!(e.key(), Some("name"));
+        assert!(
+            e.to_string().contains("a2.toml") && e.to_string().contains("also used by"),
+            "{e}"
+        );
+        std::fs::write(
+            t.path().join("c.toml"),
+            "command = [\"c\"]\n[checkpoint]\ndir = \"jobs/.supervise/a/images\"\n",
+        )
+        .unwrap();
+        let e = JobConfig::load_all(&[d, t.path().join("c.toml")]).unwrap_err();
+        assert_eq!(e.key(), Some("checkpoint.dir"), "{e}");
     }
 
     // ---- errors ---------------------------------------------------------

@@ -56,6 +56,26 @@ pub enum Waiter {
     },
     /// An attached process: its pidfd becomes readable when it exits.
     Pidfd(AsyncFd<OwnedFd>),
+    /// A job re-adopted from an earlier supervise: a pidfd on its init (or
+    /// on its root, if it has none); the init records how the root ended in
+    /// the status file.
+    Adopted {
+        /// Readable when the watched process exits.
+        pidfd: AsyncFd<OwnedFd>,
+        /// The watched process.
+        pid: i32,
+        /// `<state_dir>/exit-status`.
+        status_file: PathBuf,
+    },
+}
+
+fn register_pidfd(pid: i32) -> Result<AsyncFd<OwnedFd>, JobError> {
+    let fd = crate::proc::pidfd_open(pid).map_err(io(format!("pidfd_open({pid})")))?;
+    // SAFETY: `fd` is an owned pidfd that lives inside the AsyncFd for as
+    // long as the registration does.
+    unsafe { AsyncFd::register(fd) }
+        .map_err(|e| std::io::Error::other(e.to_string()))
+        .map_err(io("registering the pidfd"))
 }
 
 /// A running job.
@@ -96,6 +116,29 @@ impl Running {
                         ExitStatus::Code(c) if c > 128 => ExitStatus::Signal(c - 128),
                         other => other,
                     })
+            }
+            Some(Waiter::Adopted {
+                pidfd,
+                pid,
+                status_file,
+            }) => {
+                if let Ok(mut g) = pidfd.readable().await {
+                    g.retain_ready();
+                }
+                let recorded = std::fs::read_to_string(&*status_file)
+                    .ok()
+                    .and_then(|t| t.lines().find_map(Report::parse));
+                match recorded {
+                    Some(Report::Ended(s)) => s,
+                    // No record: the init itself was killed (taking the job
+                    // with it), or the root had no init; read the zombie if
+                    // its parent has not reaped it, else call it a SIGKILL.
+                    _ => match crate::proc::zombie_exit_status(*pid) {
+                        Some(ExitStatus::Code(c)) if c > 128 => ExitStatus::Signal(c - 128),
+                        Some(s) => s,
+                        None => ExitStatus::Signal(libc::SIGKILL),
+                    },
+                }
             }
             Some(Waiter::Pidfd(fd)) => {
                 if let Ok(mut g) = fd.readable().await {
@@ -406,12 +449,7 @@ pub fn attach(pid: i32) -> Result<Running, JobError> {
     if !crate::proc::alive(pid) {
         return Err(JobError::Start(format!("process {pid} does not exist")));
     }
-    let fd = crate::proc::pidfd_open(pid).map_err(io(format!("pidfd_open({pid})")))?;
-    // SAFETY: `fd` is an owned pidfd that lives inside the AsyncFd for as
-    // long as the registration does.
-    let fd = unsafe { AsyncFd::register(fd) }
-        .map_err(|e| std::io::Error::other(e.to_string()))
-        .map_err(io("registering the pidfd"))?;
+    let fd = register_pidfd(pid)?;
     Ok(Running {
         host_pid: pid,
         ns_pid: crate::proc::ns_pid(pid).unwrap_or(pid),
@@ -419,5 +457,34 @@ pub fn attach(pid: i32) -> Result<Running, JobError> {
         start_time: crate::proc::start_time(pid).unwrap_or(0),
         since: Instant::now(),
         waiter: Some(Waiter::Pidfd(fd)),
+    })
+}
+
+/// Takes over a job started by an earlier supervise that has since died:
+/// `host_pid` must still be the job's root (the caller checked its start
+/// time). Its end is seen through a pidfd on its namespace init (which
+/// records the root's exit status in `status_file`), or on the root itself
+/// if it has no init.
+pub fn adopt(
+    host_pid: i32,
+    ns_pid: i32,
+    init_pid: Option<i32>,
+    start_time: u64,
+    status_file: PathBuf,
+) -> Result<Running, JobError> {
+    let init_pid = init_pid.filter(|p| crate::proc::alive(*p));
+    let watched = init_pid.unwrap_or(host_pid);
+    let pidfd = register_pidfd(watched)?;
+    Ok(Running {
+        host_pid,
+        ns_pid,
+        init_pid,
+        start_time,
+        since: Instant::now(),
+        waiter: Some(Waiter::Adopted {
+            pidfd,
+            pid: watched,
+            status_file,
+        }),
     })
 }

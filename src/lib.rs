@@ -4,10 +4,13 @@
 
 pub mod check;
 pub mod config;
+pub mod control;
 pub mod criu;
+pub mod daemon;
 pub mod files;
 pub mod init;
 pub mod job;
+pub mod metrics;
 pub mod proc;
 pub mod reaper;
 pub mod schedule;

@@ -6,7 +6,8 @@ use std::process::ExitCode;
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use supervise::config::JobConfig;
-use supervise::supervisor::Supervisor;
+use supervise::control::{Request, Response};
+use supervise::daemon::RunOptions;
 
 #[derive(Parser)]
 #[command(
@@ -15,6 +16,10 @@ use supervise::supervisor::Supervisor;
     about = "Keep long-running jobs alive across crashes with CRIU checkpoints"
 )]
 struct Cli {
+    /// Control socket of the running supervise [default: $SUPERVISE_SOCKET,
+    /// else /run/supervise/supervise.sock for root].
+    #[arg(long, global = true, value_name = "PATH")]
+    socket: Option<PathBuf>,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -23,9 +28,12 @@ struct Cli {
 enum Cmd {
     /// Launch (or attach to) the jobs, checkpoint them on schedule, restore them when they die.
     Run {
-        /// Job files (TOML).
+        /// Job files (TOML), or directories of them.
         #[arg(required = true)]
         jobs: Vec<PathBuf>,
+        /// Serve Prometheus metrics on this loopback address (e.g. 127.0.0.1:9464).
+        #[arg(long, value_name = "ADDR")]
+        metrics: Option<std::net::SocketAddr>,
     },
     /// Preflight: can checkpointing work on this machine?
     Check,
@@ -36,6 +44,38 @@ enum Cmd {
         /// Machine-readable output.
         #[arg(long)]
         json: bool,
+    },
+    /// Show the jobs of the running supervise.
+    Status {
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Checkpoint a job now; waits and prints the result.
+    Checkpoint {
+        /// Job name.
+        name: String,
+    },
+    /// Replace a job's running process by an image (default: the newest).
+    Restore {
+        /// Job name.
+        name: String,
+        /// Checkpoint id (see `supervise images`).
+        #[arg(long)]
+        image: Option<String>,
+    },
+    /// Stop a job; it stays stopped until `supervise start`.
+    Stop {
+        /// Job name.
+        name: String,
+        /// Take a checkpoint first (the job is not stopped if it fails).
+        #[arg(long)]
+        checkpoint: bool,
+    },
+    /// Start a stopped job: resume from its newest image, or launch it.
+    Start {
+        /// Job name.
+        name: String,
     },
     /// Internal: PID 1 of a job's namespace.
     #[command(name = "__init", hide = true)]
@@ -69,6 +109,10 @@ fn init_logging() {
 }
 
 fn real_main(cli: Cli) -> Result<ExitCode> {
+    let socket = cli
+        .socket
+        .clone()
+        .unwrap_or_else(supervise::control::default_socket);
     match cli.cmd {
         Cmd::Check => {
             let report = supervise::check::preflight();
@@ -80,9 +124,59 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
             })
         }
         Cmd::Images { job, json } => images(&job, json),
-        Cmd::Run { jobs } => run(&jobs),
+        Cmd::Run { jobs, metrics } => run(&jobs, socket, metrics),
+        Cmd::Status { json } => control(&socket, Request::Status, json),
+        Cmd::Checkpoint { name } => control(&socket, Request::Checkpoint { job: name }, false),
+        Cmd::Restore { name, image } => {
+            control(&socket, Request::Restore { job: name, image }, false)
+        }
+        Cmd::Stop { name, checkpoint } => control(
+            &socket,
+            Request::Stop {
+                job: name,
+                checkpoint,
+            },
+            false,
+        ),
+        Cmd::Start { name } => control(&socket, Request::Start { job: name }, false),
         Cmd::Init => unreachable!("handled before parsing"),
     }
+}
+
+/// Exit 0: done; 1: refused or failed; 2: no supervise to talk to.
+fn control(socket: &std::path::Path, req: Request, json: bool) -> Result<ExitCode> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let resp = match rt.block_on(supervise::control::client::call(socket, &req)) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("supervise: {e}");
+            return Ok(ExitCode::from(2));
+        }
+    };
+    match resp {
+        Response::Status { jobs } if json => println!("{}", serde_json::to_string_pretty(&jobs)?),
+        Response::Status { jobs } => print!(
+            "{}",
+            supervise::control::client::render_status(&jobs, chrono::Utc::now())
+        ),
+        Response::Checkpoint { checkpoint: c } => println!(
+            "checkpoint {} published: {} bytes, {} ms, frozen {}",
+            c.id,
+            c.bytes,
+            c.duration_ms,
+            c.frozen_ms
+                .map(|f| format!("{f:.1} ms"))
+                .unwrap_or_else(|| "unknown".into())
+        ),
+        Response::Done { message } => println!("{message}"),
+        Response::Error { message } => {
+            eprintln!("supervise: {message}");
+            return Ok(ExitCode::FAILURE);
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn images(job: &std::path::Path, json: bool) -> Result<ExitCode> {
@@ -133,12 +227,13 @@ fn images(job: &std::path::Path, json: bool) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn run(jobs: &[PathBuf]) -> Result<ExitCode> {
+fn run(
+    jobs: &[PathBuf],
+    socket: PathBuf,
+    metrics: Option<std::net::SocketAddr>,
+) -> Result<ExitCode> {
     // Parse everything first: bad input starts nothing.
-    let cfgs = jobs
-        .iter()
-        .map(|p| JobConfig::load(p))
-        .collect::<Result<Vec<_>, _>>()?;
+    let cfgs = JobConfig::load_all(jobs)?;
     let report = supervise::check::preflight();
     if report.fatal() {
         eprint!("{}", report.render());
@@ -147,50 +242,15 @@ fn run(jobs: &[PathBuf]) -> Result<ExitCode> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    rt.block_on(async move {
-        let reaper =
-            supervise::reaper::Reaper::install().context("cannot become a child subreaper")?;
-        let (tx, rx) = tokio::sync::watch::channel(false);
-        let mut sups = Vec::new();
-        for cfg in cfgs {
-            let mut s = Supervisor::new(cfg, reaper.clone())?;
-            if let Some((a, b, c)) = report.criu_version {
-                s.set_criu_version(format!("{a}.{b}.{c}"));
-            }
-            sups.push(s);
-        }
-        tokio::spawn(async move {
-            use tokio::signal::unix::{signal, SignalKind};
-            let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
-            let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
-            tokio::select! {
-                _ = term.recv() => tracing::info!("SIGTERM received"),
-                _ = int.recv() => tracing::info!("SIGINT received"),
-            }
-            let _ = tx.send(true);
-        });
-        let mut set = tokio::task::JoinSet::new();
-        for s in sups {
-            let span = tracing::info_span!("job", job = %s.name());
-            set.spawn(tracing::Instrument::instrument(s.run(rx.clone()), span));
-        }
-        let mut failed = 0;
-        let mut total = 0;
-        while let Some(res) = set.join_next().await {
-            total += 1;
-            match res {
-                Ok(o) if o.is_failure() => failed += 1,
-                Ok(_) => {}
-                Err(e) => {
-                    tracing::error!(error = %e, "job task panicked");
-                    failed += 1
-                }
-            }
-        }
-        Ok(if failed > 0 && failed == total {
-            ExitCode::FAILURE
-        } else {
-            ExitCode::SUCCESS
-        })
+    let opts = RunOptions {
+        socket,
+        metrics,
+        criu_version: report.criu_version.map(|(a, b, c)| format!("{a}.{b}.{c}")),
+    };
+    let summary = rt.block_on(supervise::daemon::run(cfgs, opts))?;
+    Ok(if summary.all_failed() {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
     })
 }

@@ -15,8 +15,11 @@ use std::time::{Duration, Instant};
 
 use chrono::Utc;
 use serde::{Deserialize, Serialize};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tracing::{error, info, warn};
+
+use crate::control::{CheckpointSummary, Command, JobPort, JobStatus, Response};
+use crate::metrics::Metrics;
 
 use crate::config::{JobConfig, RestoreOn, ShutdownAction, Target};
 use crate::files::{Action, CaptureSummary, FilesError};
@@ -78,6 +81,22 @@ pub enum JobState {
     Failed(String),
 }
 
+impl JobState {
+    /// One line for humans: "running", "failed: <reason>".
+    pub fn describe(&self) -> String {
+        match self {
+            JobState::Starting => "starting".into(),
+            JobState::Running => "running".into(),
+            JobState::Checkpointing => "checkpointing".into(),
+            JobState::Dead => "dead".into(),
+            JobState::Restoring => "restoring".into(),
+            JobState::Stopped => "stopped".into(),
+            JobState::Completed => "completed".into(),
+            JobState::Failed(r) => format!("failed: {r}"),
+        }
+    }
+}
+
 /// How supervision of a job ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
@@ -120,6 +139,11 @@ pub struct Supervisor {
     restores: VecDeque<Instant>,
     consecutive: u32,
     criu_version: String,
+    /// A live job left by an earlier supervise, to take over at start.
+    adopt: Option<JobRecord>,
+    status: Option<watch::Sender<JobStatus>>,
+    commands: Option<mpsc::Receiver<Command>>,
+    metrics: Metrics,
     _lock: File,
 }
 
@@ -157,20 +181,13 @@ impl Supervisor {
                 ),
             });
         }
-        if let Some(rec) = read_record(&cfg.state_dir) {
-            if crate::proc::alive(rec.host_pid)
+        // A job.json whose process still runs (same PID *and* start time)
+        // is a job an earlier supervise left behind: take it over instead
+        // of starting or restoring a second copy.
+        let adopt = read_record(&cfg.state_dir).filter(|rec| {
+            crate::proc::alive(rec.host_pid)
                 && crate::proc::start_time(rec.host_pid).ok() == Some(rec.start_time)
-            {
-                return Err(SupervisorError::Busy {
-                    job,
-                    message: format!(
-                        "the job is still running as pid {} from an earlier supervise; \
-                         refusing to start or restore a second copy (stop it first)",
-                        rec.host_pid
-                    ),
-                });
-            }
-        }
+        });
         let store =
             ImageStore::open(&cfg.checkpoint.dir).map_err(|source| SupervisorError::Store {
                 job: job.clone(),
@@ -184,8 +201,31 @@ impl Supervisor {
             restores: VecDeque::new(),
             consecutive: 0,
             criu_version: String::new(),
+            adopt,
+            status: None,
+            commands: None,
+            metrics: Metrics::new(),
             _lock: lock,
         })
+    }
+
+    /// Connects the job to the control socket and the metrics.
+    pub fn connect(&mut self, port: JobPort, metrics: Metrics) {
+        self.status = Some(port.status);
+        self.commands = Some(port.commands);
+        self.metrics = metrics;
+        self.metrics.up(&self.cfg.name, false);
+    }
+
+    fn publish(&self, f: impl FnOnce(&mut JobStatus)) {
+        if let Some(tx) = &self.status {
+            tx.send_modify(f);
+        }
+    }
+
+    fn set_state(&mut self, state: JobState) {
+        self.publish(|s| s.state = state.clone());
+        self.state = state;
     }
 
     /// Records the CRIU version in each checkpoint's manifest.
@@ -216,14 +256,21 @@ impl Supervisor {
             images = %self.cfg.checkpoint.dir.display(),
             "supervising"
         );
+        let mut commands = self.commands.take();
         let mut job = match self.start().await {
-            Ok(j) => j,
+            Ok(j) => Some(j),
             Err(reason) => return self.fail(reason),
         };
         let mut ticker = Ticker::new(self.cfg.checkpoint.schedule.clone(), Utc::now());
         loop {
-            self.state = JobState::Running;
-            let sleep = match ticker.due() {
+            let due = job.as_ref().and_then(|_| ticker.due());
+            self.set_state(if job.is_some() {
+                JobState::Running
+            } else {
+                JobState::Stopped
+            });
+            self.publish(|s| s.next_checkpoint = due);
+            let sleep = match due {
                 Some(due) => {
                     let d = (due - Utc::now()).to_std().unwrap_or(Duration::ZERO);
                     tokio::time::sleep(d)
@@ -231,18 +278,20 @@ impl Supervisor {
                 None => tokio::time::sleep(Duration::from_secs(86400 * 365)),
             };
             tokio::select! {
-                _ = sleep => {
-                    let _ = self.checkpoint(&job).await;
+                _ = sleep, if job.is_some() => {
+                    if let Some(j) = &job {
+                        let _ = self.checkpoint(j).await;
+                    }
                     let skipped = ticker.advance(Utc::now());
                     if skipped > 0 {
                         warn!(skipped, "checkpoint ticks fell during a running step and were skipped");
                     }
                 }
-                status = job.wait() => {
-                    self.forget_record();
-                    match self.on_death(status, job.since, &mut shutdown).await {
+                (status, since) = wait_job(&mut job) => {
+                    self.job_down();
+                    match self.on_death(status, since, &mut shutdown).await {
                         Ok(j) => {
-                            job = j;
+                            job = Some(j);
                             let skipped = ticker.reset(Utc::now());
                             if skipped > 0 {
                                 warn!(skipped, "checkpoint ticks fell during the restore and were skipped");
@@ -251,22 +300,205 @@ impl Supervisor {
                         Err(outcome) => return outcome,
                     }
                 }
+                Some(cmd) = next_command(&mut commands) => {
+                    self.command(cmd, &mut job, &mut ticker).await;
+                }
                 _ = shutdown.changed() => {
-                    return self.shut_down(job).await;
+                    return match job {
+                        Some(j) => self.shut_down(j).await,
+                        None => {
+                            info!("shutdown requested; the job is stopped");
+                            self.set_state(JobState::Stopped);
+                            Outcome::Stopped
+                        }
+                    };
                 }
             }
         }
     }
 
+    /// Carries out one control command between steps, and answers it.
+    async fn command(&mut self, cmd: Command, job: &mut Option<Running>, ticker: &mut Ticker) {
+        let err = |m: String| Response::Error { message: m };
+        match cmd {
+            Command::Checkpoint(tx) => {
+                let resp = match job.as_ref() {
+                    None => err("the job is stopped; start it first".into()),
+                    Some(j) => match self.checkpoint(j).await {
+                        Ok(info) => Response::Checkpoint {
+                            checkpoint: summary(&info),
+                        },
+                        Err(e) => err(format!("checkpoint failed (the job keeps running): {e}")),
+                    },
+                };
+                let _ = tx.send(resp);
+            }
+            Command::Stop(with_checkpoint, tx) => {
+                let Some(j) = job.take() else {
+                    let _ = tx.send(err("the job is already stopped".into()));
+                    return;
+                };
+                let mut note = String::new();
+                if with_checkpoint {
+                    match self.checkpoint(&j).await {
+                        Ok(info) => note = format!(" after checkpoint {}", info.id),
+                        Err(e) => {
+                            *job = Some(j);
+                            let _ = tx.send(err(format!(
+                                "checkpoint failed, so the job was not stopped: {e}"
+                            )));
+                            return;
+                        }
+                    }
+                }
+                self.stop_job(j).await;
+                info!("job stopped on request");
+                self.set_state(JobState::Stopped);
+                let _ = tx.send(Response::Done {
+                    message: format!("job {} stopped{note}", self.cfg.name),
+                });
+            }
+            Command::Start(tx) => {
+                if job.is_some() {
+                    let _ = tx.send(err("the job is already running".into()));
+                    return;
+                }
+                self.restores.clear();
+                self.consecutive = 0;
+                let resp = match self.start().await {
+                    Ok(j) => {
+                        let m = format!("job {} running as pid {}", self.cfg.name, j.host_pid);
+                        *job = Some(j);
+                        ticker.reset(Utc::now());
+                        Response::Done { message: m }
+                    }
+                    Err(e) => {
+                        self.publish(|s| s.last_error = Some(e.clone()));
+                        err(format!("cannot start the job: {e}"))
+                    }
+                };
+                let _ = tx.send(resp);
+            }
+            Command::Restore(image, tx) => {
+                let resp = self.manual_restore(image, job, ticker).await;
+                let _ = tx.send(resp);
+            }
+        }
+    }
+
+    /// `supervise restore`: the chosen image is checked first, and only if
+    /// it verifies is the running job replaced by it. If CRIU then fails,
+    /// the job is recovered as after a death (newest image, or afresh).
+    async fn manual_restore(
+        &mut self,
+        image: Option<String>,
+        job: &mut Option<Running>,
+        ticker: &mut Ticker,
+    ) -> Response {
+        let err = |m: String| Response::Error { message: m };
+        let img = match &image {
+            Some(id) => match self.store.get(id) {
+                Ok(i) => i,
+                Err(e) => return err(format!("{e}; the job was left as it is")),
+            },
+            None => match self.list_images().into_iter().next() {
+                Some(i) => i,
+                None => return err("there are no images to restore from".into()),
+            },
+        };
+        let store = self.store.clone();
+        let img2 = img.clone();
+        match tokio::task::spawn_blocking(move || store.verify(&img2)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                return err(format!(
+                    "image {} failed verification, the job was left as it is: {e}",
+                    img.id
+                ))
+            }
+            Err(e) => return err(e.to_string()),
+        }
+        if let Some(j) = job.take() {
+            info!(checkpoint = %img.id, "replacing the running job by an image on request");
+            self.stop_job(j).await;
+        }
+        self.set_state(JobState::Restoring);
+        let resp = match self.restore_image(&img, true).await {
+            Ok(r) => {
+                let m = format!(
+                    "job {} restored from {} as pid {}",
+                    self.cfg.name, img.id, r.host_pid
+                );
+                *job = Some(r);
+                Response::Done { message: m }
+            }
+            Err(e) => {
+                warn!(checkpoint = %img.id, error = %e, "requested restore failed; recovering the job");
+                let recovered = match self.restore_newest().await {
+                    Some(r) => Some(r),
+                    None => match self.cfg.target {
+                        Target::Launch(_) => self.launch().await.ok(),
+                        Target::Attach { .. } => None,
+                    },
+                };
+                let what = match &recovered {
+                    Some(r) => format!("the job runs again as pid {}", r.host_pid),
+                    None => "the job could not be recovered and is stopped".into(),
+                };
+                *job = recovered;
+                err(format!("restore of {} failed: {e}; {what}", img.id))
+            }
+        };
+        ticker.reset(Utc::now());
+        resp
+    }
+
+    /// Kills the job and waits for it (bounded); it is then down.
+    async fn stop_job(&mut self, mut job: Running) {
+        job.kill();
+        if job.is_waitable() {
+            let _ = tokio::time::timeout(Duration::from_secs(10), job.wait()).await;
+        }
+        self.job_down();
+    }
+
+    /// The job's process is gone: forget it.
+    fn job_down(&mut self) {
+        self.forget_record();
+        self.metrics.up(&self.cfg.name, false);
+        self.publish(|s| {
+            s.pid = None;
+            s.ns_pid = None;
+        });
+    }
+
     fn fail(&mut self, reason: String) -> Outcome {
         error!(reason = %reason, "job failed; supervision ends");
-        self.state = JobState::Failed(reason.clone());
+        self.set_state(JobState::Failed(reason.clone()));
         Outcome::Failed(reason)
     }
 
     /// First start: resume from the newest image if there is one, else
     /// launch (or attach).
     async fn start(&mut self) -> Result<Running, String> {
+        self.set_state(JobState::Starting);
+        if let Some(rec) = self.adopt.take() {
+            let r = job::adopt(
+                rec.host_pid,
+                rec.ns_pid,
+                rec.init_pid,
+                rec.start_time,
+                self.files().status_file,
+            )
+            .map_err(|e| e.to_string())?;
+            info!(
+                pid = rec.host_pid,
+                ns_pid = rec.ns_pid,
+                "re-adopted the job an earlier supervise left running (same pid and start time)"
+            );
+            self.remember(&r);
+            return Ok(r);
+        }
         match self.cfg.target.clone() {
             Target::Attach { pid } => {
                 if crate::proc::alive(pid) {
@@ -329,7 +561,34 @@ impl Supervisor {
         if job.host_pid <= 0 {
             return Err("the job has already ended".into());
         }
-        self.state = JobState::Checkpointing;
+        self.set_state(JobState::Checkpointing);
+        let r = self.checkpoint_inner(job).await;
+        match &r {
+            Ok(info) => {
+                let m = &info.manifest.meta;
+                self.metrics.checkpoint_ok(
+                    &self.cfg.name,
+                    Duration::from_millis(m.duration_ms),
+                    m.frozen_us.map(Duration::from_micros),
+                    info.size_bytes,
+                    info.size_bytes,
+                );
+                let sum = summary(info);
+                self.publish(|s| {
+                    s.checkpoints += 1;
+                    s.last_checkpoint = Some(sum);
+                });
+            }
+            Err(e) => {
+                self.metrics.checkpoint_failed(&self.cfg.name);
+                self.publish(|s| s.last_error = Some(format!("checkpoint: {e}")));
+            }
+        }
+        self.set_state(JobState::Running);
+        r
+    }
+
+    async fn checkpoint_inner(&mut self, job: &Running) -> Result<ImageInfo, String> {
         let staging = match self.store.begin() {
             Ok(s) => s,
             Err(e) => {
@@ -443,63 +702,79 @@ impl Supervisor {
 
     /// Tries images newest first: verify, then CRIU restore.
     async fn restore_newest(&mut self) -> Option<Running> {
-        self.state = JobState::Restoring;
+        self.set_state(JobState::Restoring);
         let images = self.list_images();
         if images.is_empty() {
             info!("no images to restore from");
         }
         for img in images {
-            let store = self.store.clone();
-            let reaper = self.reaper.clone();
-            let opts = self.cfg.checkpoint.criu;
-            let files = self.files();
-            let work = self.cfg.state_dir.join("restore");
-            let img2 = img.clone();
-            let files_cfg = self.cfg.files.clone();
-            let res = tokio::task::spawn_blocking(
-                move || -> Result<(job::Restored, Vec<Action>), String> {
-                    store
-                        .verify(&img2)
-                        .map_err(|e| format!("image failed verification: {e}"))?;
-                    // The job's files go back to the checkpoint's instant
-                    // before CRIU reopens them.
-                    let actions = crate::files::rollback(&img2.path, &files_cfg)
-                        .map_err(|e| e.to_string())?;
-                    materialise(&img2, &work)
-                        .map_err(|e| format!("cannot prepare {} for CRIU: {e}", work.display()))?;
-                    let r = job::restore(&reaper, &work, &opts, &files, &mut |_| true)
-                        .map_err(|e| e.to_string())?;
-                    Ok((r, actions))
-                },
-            )
-            .await;
-            match res {
-                Ok(Ok((r, actions))) => {
-                    if !actions.is_empty() {
-                        let changed = actions
-                            .iter()
-                            .filter(|a| !matches!(a, Action::Keep(_)))
-                            .count();
-                        info!(checkpoint = %img.id, files = actions.len(), changed, "job files rolled back to the checkpoint");
-                    }
-                    info!(
-                        checkpoint = %img.id,
-                        duration_ms = r.duration.as_millis() as u64,
-                        criu_restore_ms = r.criu_restore_us.map(|u| u as f64 / 1000.0).unwrap_or(f64::NAN),
-                        pid = r.running.host_pid,
-                        ns_pid = r.running.ns_pid,
-                        "restored"
-                    );
-                    self.remember(&r.running);
-                    return Some(r.running);
-                }
-                Ok(Err(e)) => {
+            match self.restore_image(&img, false).await {
+                Ok(r) => return Some(r),
+                Err(e) => {
                     warn!(checkpoint = %img.id, error = %e, "cannot restore this image; trying the next older one")
                 }
-                Err(e) => warn!(error = %e, "restore task failed"),
             }
         }
         None
+    }
+
+    /// Restores one image: verify (unless just done), roll the job's files
+    /// back, CRIU restore.
+    async fn restore_image(&mut self, img: &ImageInfo, verified: bool) -> Result<Running, String> {
+        let store = self.store.clone();
+        let reaper = self.reaper.clone();
+        let opts = self.cfg.checkpoint.criu;
+        let files = self.files();
+        let work = self.cfg.state_dir.join("restore");
+        let img2 = img.clone();
+        let files_cfg = self.cfg.files.clone();
+        let res =
+            tokio::task::spawn_blocking(move || -> Result<(job::Restored, Vec<Action>), String> {
+                if !verified {
+                    store
+                        .verify(&img2)
+                        .map_err(|e| format!("image failed verification: {e}"))?;
+                }
+                // The job's files go back to the checkpoint's instant
+                // before CRIU reopens them.
+                let actions =
+                    crate::files::rollback(&img2.path, &files_cfg).map_err(|e| e.to_string())?;
+                materialise(&img2, &work)
+                    .map_err(|e| format!("cannot prepare {} for CRIU: {e}", work.display()))?;
+                let r = job::restore(&reaper, &work, &opts, &files, &mut |_| true)
+                    .map_err(|e| e.to_string())?;
+                Ok((r, actions))
+            })
+            .await
+            .map_err(|e| format!("restore task failed: {e}"))
+            .and_then(|r| r);
+        let (r, actions) = match res {
+            Ok(x) => x,
+            Err(e) => {
+                self.metrics.restore(&self.cfg.name, false, None);
+                self.publish(|s| s.last_error = Some(format!("restore from {}: {e}", img.id)));
+                return Err(e);
+            }
+        };
+        if !actions.is_empty() {
+            let changed = actions
+                .iter()
+                .filter(|a| !matches!(a, Action::Keep(_)))
+                .count();
+            info!(checkpoint = %img.id, files = actions.len(), changed, "job files rolled back to the checkpoint");
+        }
+        info!(
+            checkpoint = %img.id,
+            duration_ms = r.duration.as_millis() as u64,
+            criu_restore_ms = r.criu_restore_us.map(|u| u as f64 / 1000.0).unwrap_or(f64::NAN),
+            pid = r.running.host_pid,
+            ns_pid = r.running.ns_pid,
+            "restored"
+        );
+        self.metrics.restore(&self.cfg.name, true, Some(r.duration));
+        self.publish(|s| s.restores += 1);
+        self.remember(&r.running);
+        Ok(r.running)
     }
 
     /// The job died: decide, back off, restore (or relaunch), or give up.
@@ -509,7 +784,7 @@ impl Supervisor {
         since: Instant,
         shutdown: &mut watch::Receiver<bool>,
     ) -> Result<Running, Outcome> {
-        self.state = JobState::Dead;
+        self.set_state(JobState::Dead);
         let ran = since.elapsed();
         let wanted = match self.cfg.restore.on {
             RestoreOn::Never => false,
@@ -519,7 +794,7 @@ impl Supervisor {
         if !wanted {
             if status.success() {
                 info!(%status, "job exited; supervision ends");
-                self.state = JobState::Completed;
+                self.set_state(JobState::Completed);
                 return Err(Outcome::Completed(status));
             }
             return Err(self.fail(format!("job ended ({status}) and restore.on = never")));
@@ -558,7 +833,7 @@ impl Supervisor {
             tokio::select! {
                 _ = tokio::time::sleep(delay) => {}
                 _ = shutdown.changed() => {
-                    self.state = JobState::Stopped;
+                    self.set_state(JobState::Stopped);
                     return Err(Outcome::Stopped);
                 }
             }
@@ -576,7 +851,7 @@ impl Supervisor {
         }
     }
 
-    async fn shut_down(&mut self, mut job: Running) -> Outcome {
+    async fn shut_down(&mut self, job: Running) -> Outcome {
         info!("shutdown requested");
         if self.cfg.shutdown.checkpoint {
             if let Err(e) = self.checkpoint(&job).await {
@@ -589,23 +864,26 @@ impl Supervisor {
                     pid = job.host_pid,
                     "leaving the job running (shutdown.action = detach)"
                 );
-                self.state = JobState::Stopped;
+                self.set_state(JobState::Stopped);
                 Outcome::Detached
             }
             ShutdownAction::Stop => {
-                job.kill();
-                if job.is_waitable() {
-                    let _ = tokio::time::timeout(Duration::from_secs(10), job.wait()).await;
-                }
-                self.forget_record();
+                self.stop_job(job).await;
                 info!("job stopped");
-                self.state = JobState::Stopped;
+                self.set_state(JobState::Stopped);
                 Outcome::Stopped
             }
         }
     }
 
     fn remember(&self, r: &Running) {
+        self.metrics.up(&self.cfg.name, true);
+        let (pid, ns_pid) = (r.host_pid, r.ns_pid);
+        self.publish(|s| {
+            s.pid = Some(pid).filter(|p| *p > 0);
+            s.ns_pid = Some(ns_pid);
+            s.since = Some(Utc::now());
+        });
         let rec = JobRecord {
             host_pid: r.host_pid,
             ns_pid: r.ns_pid,
@@ -626,6 +904,39 @@ impl Supervisor {
 
     fn forget_record(&self) {
         let _ = std::fs::remove_file(self.cfg.state_dir.join("job.json"));
+    }
+}
+
+/// Waits for the job's end; never resolves while there is no job.
+async fn wait_job(job: &mut Option<Running>) -> (ExitStatus, Instant) {
+    match job {
+        Some(j) => {
+            let status = j.wait().await;
+            (status, j.since)
+        }
+        None => std::future::pending().await,
+    }
+}
+
+/// The next control command; never resolves without a control socket.
+async fn next_command(commands: &mut Option<mpsc::Receiver<Command>>) -> Option<Command> {
+    match commands {
+        Some(rx) => match rx.recv().await {
+            Some(c) => Some(c),
+            None => std::future::pending().await,
+        },
+        None => std::future::pending().await,
+    }
+}
+
+/// What status shows of a published checkpoint.
+pub fn summary(info: &ImageInfo) -> CheckpointSummary {
+    CheckpointSummary {
+        id: info.id.clone(),
+        time: info.created,
+        duration_ms: info.manifest.meta.duration_ms,
+        frozen_ms: info.manifest.meta.frozen_us.map(|u| u as f64 / 1000.0),
+        bytes: info.size_bytes,
     }
 }
 

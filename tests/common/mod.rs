@@ -105,6 +105,7 @@ impl Env {
             .arg("run")
             .arg(job)
             .env("SUPERVISE_LOG", "info")
+            .env("SUPERVISE_SOCKET", self.socket())
             .stdin(Stdio::null())
             .stdout(f.try_clone().unwrap())
             .stderr(f)
@@ -116,6 +117,32 @@ impl Env {
             start_len,
             state: self.path().join(".supervise"),
         }
+    }
+
+    /// This test's control socket (each test its own, so tests can run in
+    /// parallel).
+    pub fn socket(&self) -> PathBuf {
+        self.path().join("supervise.sock")
+    }
+
+    /// Runs a `supervise` client command against this test's socket.
+    pub fn ctl(&self, args: &[&str]) -> std::process::Output {
+        Command::new(BIN)
+            .args(args)
+            .env("SUPERVISE_SOCKET", self.socket())
+            .output()
+            .unwrap()
+    }
+
+    /// `supervise status --json`, as JSON.
+    pub fn status(&self) -> serde_json::Value {
+        let out = self.ctl(&["status", "--json"]);
+        assert!(
+            out.status.success(),
+            "status: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
     }
 
     /// Numbers printed by a counter into `file`.

@@ -1,0 +1,411 @@
+//! The running supervisor's local API: a Unix socket that answers
+//! `supervise status`, `checkpoint`, `restore`, `stop` and `start`.
+//!
+//! Protocol: one request per connection, one line of JSON each way
+//! ([`Request`] in, [`Response`] out). The socket file is mode 0600 inside a
+//! 0700 directory, and the server also checks the peer's credentials
+//! (`SO_PEERCRED`): only supervise's own user (and root) are served.
+//!
+//! Each job's supervisor publishes its [`JobStatus`] on a watch channel (so
+//! status never waits for a checkpoint in progress) and takes [`Command`]s
+//! on a queue that its task handles between steps (so a command never
+//! overlaps a checkpoint or a restore).
+
+pub mod client;
+pub mod server;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::supervisor::JobState;
+
+/// Environment variable overriding the default socket path.
+pub const SOCKET_ENV: &str = "SUPERVISE_SOCKET";
+
+/// The default control socket: `$SUPERVISE_SOCKET`, else
+/// `/run/supervise/supervise.sock` for root, else
+/// `$XDG_RUNTIME_DIR/supervise/supervise.sock`, else
+/// `/tmp/supervise-<uid>/supervise.sock`.
+pub fn default_socket() -> PathBuf {
+    if let Some(p) = std::env::var_os(SOCKET_ENV).filter(|p| !p.is_empty()) {
+        return PathBuf::from(p);
+    }
+    let uid = nix::unistd::geteuid();
+    if uid.is_root() {
+        return PathBuf::from("/run/supervise/supervise.sock");
+    }
+    if let Some(d) = std::env::var_os("XDG_RUNTIME_DIR").filter(|p| !p.is_empty()) {
+        return PathBuf::from(d).join("supervise").join("supervise.sock");
+    }
+    PathBuf::from(format!("/tmp/supervise-{uid}/supervise.sock"))
+}
+
+/// A request to the running supervisor.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Request {
+    /// Every job's status.
+    Status,
+    /// Checkpoint a job now and wait for the result.
+    Checkpoint {
+        /// Job name.
+        job: String,
+    },
+    /// Replace the running job by an image (default: the newest).
+    Restore {
+        /// Job name.
+        job: String,
+        /// Checkpoint id.
+        #[serde(default)]
+        image: Option<String>,
+    },
+    /// Stop a job (optionally after a checkpoint); it stays stopped until
+    /// `start`.
+    Stop {
+        /// Job name.
+        job: String,
+        /// Take a checkpoint first (and do not stop if it fails).
+        #[serde(default)]
+        checkpoint: bool,
+    },
+    /// Start a stopped job: resume from its newest image, or launch it.
+    Start {
+        /// Job name.
+        job: String,
+    },
+}
+
+/// The supervisor's answer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "result", rename_all = "snake_case")]
+pub enum Response {
+    /// Answer to [`Request::Status`].
+    Status {
+        /// One entry per job, in the order they were given.
+        jobs: Vec<JobStatus>,
+    },
+    /// A checkpoint was published.
+    Checkpoint {
+        /// It.
+        checkpoint: CheckpointSummary,
+    },
+    /// The command was carried out.
+    Done {
+        /// What happened.
+        message: String,
+    },
+    /// The command was refused or failed.
+    Error {
+        /// Why.
+        message: String,
+    },
+}
+
+/// One published checkpoint, as status shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CheckpointSummary {
+    /// Checkpoint id.
+    pub id: String,
+    /// When it was taken.
+    pub time: DateTime<Utc>,
+    /// Wall time of the dump, ms.
+    pub duration_ms: u64,
+    /// CRIU's frozen time, ms.
+    pub frozen_ms: Option<f64>,
+    /// Bytes of the checkpoint.
+    pub bytes: u64,
+}
+
+/// Where one job stands, as `supervise status` shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobStatus {
+    /// Job name.
+    pub name: String,
+    /// running, checkpointing, restoring, stopped, failed (+ reason), ...
+    #[serde(flatten)]
+    pub state: JobState,
+    /// Root PID on the host, while the job runs.
+    pub pid: Option<i32>,
+    /// Root PID in its own namespace.
+    pub ns_pid: Option<i32>,
+    /// When the current process started or was restored.
+    pub since: Option<DateTime<Utc>>,
+    /// Seconds since then (filled in when status is asked).
+    pub uptime_s: Option<f64>,
+    /// Restores so far (automatic and manual).
+    pub restores: u32,
+    /// Checkpoints published by this supervise.
+    pub checkpoints: u32,
+    /// The newest checkpoint published by this supervise.
+    pub last_checkpoint: Option<CheckpointSummary>,
+    /// When the next scheduled checkpoint is due.
+    pub next_checkpoint: Option<DateTime<Utc>>,
+    /// The last failure (checkpoint or restore), if any.
+    pub last_error: Option<String>,
+    /// The image directory.
+    pub images: PathBuf,
+    /// Extra facts (e.g. the Slurm job id), by name.
+    #[serde(default)]
+    pub extra: BTreeMap<String, String>,
+}
+
+impl JobStatus {
+    /// The status of a job that has not started yet.
+    pub fn new(name: &str, images: PathBuf) -> JobStatus {
+        JobStatus {
+            name: name.to_string(),
+            state: JobState::Starting,
+            pid: None,
+            ns_pid: None,
+            since: None,
+            uptime_s: None,
+            restores: 0,
+            checkpoints: 0,
+            last_checkpoint: None,
+            next_checkpoint: None,
+            last_error: None,
+            images,
+            extra: BTreeMap::new(),
+        }
+    }
+}
+
+/// A command for one job's supervisor task; the answer comes back on the
+/// oneshot.
+#[derive(Debug)]
+pub enum Command {
+    /// See [`Request::Checkpoint`].
+    Checkpoint(oneshot::Sender<Response>),
+    /// See [`Request::Restore`].
+    Restore(Option<String>, oneshot::Sender<Response>),
+    /// See [`Request::Stop`].
+    Stop(bool, oneshot::Sender<Response>),
+    /// See [`Request::Start`].
+    Start(oneshot::Sender<Response>),
+}
+
+/// The control side of one job: its status and its command queue.
+#[derive(Debug, Clone)]
+pub struct JobHandle {
+    /// Job name.
+    pub name: String,
+    /// Latest status.
+    pub status: watch::Receiver<JobStatus>,
+    /// Commands to its task.
+    pub commands: mpsc::Sender<Command>,
+}
+
+/// The supervisor's end of a [`JobHandle`].
+#[derive(Debug)]
+pub struct JobPort {
+    /// Publishes status.
+    pub status: watch::Sender<JobStatus>,
+    /// Receives commands.
+    pub commands: mpsc::Receiver<Command>,
+}
+
+/// Creates a connected handle/port pair for a job.
+pub fn job_channel(name: &str, images: PathBuf) -> (JobHandle, JobPort) {
+    let (stx, srx) = watch::channel(JobStatus::new(name, images));
+    let (ctx, crx) = mpsc::channel(8);
+    (
+        JobHandle {
+            name: name.to_string(),
+            status: srx,
+            commands: ctx,
+        },
+        JobPort {
+            status: stx,
+            commands: crx,
+        },
+    )
+}
+
+/// Answers one request against the jobs' handles.
+pub async fn dispatch(jobs: &[JobHandle], req: Request) -> Response {
+    let err = |m: String| Response::Error { message: m };
+    let find = |name: &str| jobs.iter().find(|j| j.name == name);
+    let (name, make): (
+        &str,
+        Box<dyn FnOnce(oneshot::Sender<Response>) -> Command + Send>,
+    ) = match &req {
+        Request::Status => {
+            let now = Utc::now();
+            return Response::Status {
+                jobs: jobs
+                    .iter()
+                    .map(|j| {
+                        let mut s = j.status.borrow().clone();
+                        s.uptime_s = s
+                            .since
+                            .filter(|_| s.pid.is_some())
+                            .map(|t| (now - t).num_milliseconds() as f64 / 1000.0);
+                        s
+                    })
+                    .collect(),
+            };
+        }
+        Request::Checkpoint { job } => (job, Box::new(Command::Checkpoint)),
+        Request::Restore { job, image } => {
+            let image = image.clone();
+            (job, Box::new(move |tx| Command::Restore(image, tx)))
+        }
+        Request::Stop { job, checkpoint } => {
+            let c = *checkpoint;
+            (job, Box::new(move |tx| Command::Stop(c, tx)))
+        }
+        Request::Start { job } => (job, Box::new(Command::Start)),
+    };
+    let Some(h) = find(name) else {
+        let names: Vec<&str> = jobs.iter().map(|j| j.name.as_str()).collect();
+        return err(format!(
+            "no job named {name:?} (this supervise runs: {})",
+            names.join(", ")
+        ));
+    };
+    let state = h.status.borrow().state.clone();
+    match (&req, &state) {
+        (Request::Checkpoint { .. }, JobState::Checkpointing) => {
+            return err(format!(
+                "job {name}: a checkpoint is already in progress; try again when it is done"
+            ))
+        }
+        (_, JobState::Completed | JobState::Failed(_)) => {
+            return err(format!(
+                "job {name} is no longer supervised ({})",
+                state.describe()
+            ))
+        }
+        _ => {}
+    }
+    let (tx, rx) = oneshot::channel();
+    if h.commands.send(make(tx)).await.is_err() {
+        return err(format!("job {name} is no longer supervised"));
+    }
+    rx.await
+        .unwrap_or_else(|_| err(format!("job {name}: its supervisor ended before answering")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_round_trip_as_json_lines() {
+        let reqs = [
+            (Request::Status, r#"{"op":"status"}"#),
+            (
+                Request::Checkpoint { job: "a".into() },
+                r#"{"op":"checkpoint","job":"a"}"#,
+            ),
+            (
+                Request::Restore {
+                    job: "a".into(),
+                    image: Some("000001-x".into()),
+                },
+                r#"{"op":"restore","job":"a","image":"000001-x"}"#,
+            ),
+            (
+                Request::Stop {
+                    job: "a".into(),
+                    checkpoint: true,
+                },
+                r#"{"op":"stop","job":"a","checkpoint":true}"#,
+            ),
+            (
+                Request::Start { job: "a".into() },
+                r#"{"op":"start","job":"a"}"#,
+            ),
+        ];
+        for (r, text) in reqs {
+            assert_eq!(serde_json::to_string(&r).unwrap(), text);
+            assert_eq!(serde_json::from_str::<Request>(text).unwrap(), r);
+        }
+        let r: Request = serde_json::from_str(r#"{"op":"restore","job":"a"}"#).unwrap();
+        assert_eq!(
+            r,
+            Request::Restore {
+                job: "a".into(),
+                image: None
+            }
+        );
+    }
+
+    #[test]
+    fn status_json_shows_state_and_reason() {
+        let mut s = JobStatus::new("a", "/img".into());
+        s.state = JobState::Failed("gave up".into());
+        let v = serde_json::to_value(&s).unwrap();
+        assert_eq!(v["state"], "failed");
+        assert_eq!(v["reason"], "gave up");
+        let back: JobStatus = serde_json::from_value(v).unwrap();
+        assert_eq!(back, s);
+    }
+
+    #[tokio::test]
+    async fn dispatch_routes_refuses_and_reports() {
+        let (h, mut port) = job_channel("a", "/img".into());
+        let jobs = vec![h];
+        // Unknown job.
+        let r = dispatch(&jobs, Request::Start { job: "b".into() }).await;
+        assert!(
+            matches!(r, Response::Error { ref message } if message.contains("no job named \"b\"")),
+            "{r:?}"
+        );
+        // Busy checkpointing: refused without queueing.
+        port.status
+            .send_modify(|s| s.state = JobState::Checkpointing);
+        let r = dispatch(&jobs, Request::Checkpoint { job: "a".into() }).await;
+        assert!(
+            matches!(r, Response::Error { ref message } if message.contains("already in progress")),
+            "{r:?}"
+        );
+        assert!(port.commands.try_recv().is_err());
+        // Routed to the job's task, which answers.
+        port.status.send_modify(|s| s.state = JobState::Running);
+        let task = tokio::spawn(async move {
+            match port.commands.recv().await {
+                Some(Command::Stop(true, tx)) => {
+                    let _ = tx.send(Response::Done {
+                        message: "stopped".into(),
+                    });
+                }
+                other => panic!("unexpected {other:?}"),
+            }
+            port
+        });
+        let r = dispatch(
+            &jobs,
+            Request::Stop {
+                job: "a".into(),
+                checkpoint: true,
+            },
+        )
+        .await;
+        assert_eq!(
+            r,
+            Response::Done {
+                message: "stopped".into()
+            }
+        );
+        let port = task.await.unwrap();
+        // Ended jobs refuse.
+        port.status
+            .send_modify(|s| s.state = JobState::Failed("x".into()));
+        let r = dispatch(&jobs, Request::Start { job: "a".into() }).await;
+        assert!(
+            matches!(r, Response::Error { ref message } if message.contains("no longer supervised")),
+            "{r:?}"
+        );
+        // Status fills in uptime only for a running job.
+        let r = dispatch(&jobs, Request::Status).await;
+        let Response::Status { jobs: s } = r else {
+            panic!()
+        };
+        assert_eq!(s[0].uptime_s, None);
+    }
+}

@@ -1,0 +1,187 @@
+//! The control socket's server side.
+
+use std::io;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+use tracing::{info, warn};
+
+use super::{dispatch, JobHandle, Request, Response};
+
+/// Errors setting up the control socket.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// Another supervise already answers on this socket.
+    #[error(
+        "another supervise is already running with control socket {0} (stop it, or use --socket)"
+    )]
+    InUse(PathBuf),
+    /// The socket could not be created.
+    #[error("control socket {path}: {source}")]
+    Io {
+        /// The socket path.
+        path: PathBuf,
+        /// Cause.
+        source: io::Error,
+    },
+}
+
+/// A bound control socket; removes its file when dropped.
+pub struct Server {
+    listener: UnixListener,
+    path: PathBuf,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// True if `uid` may use a socket owned by `owner`: the same user, or root.
+pub fn peer_allowed(uid: u32, owner: u32) -> bool {
+    uid == owner || uid == 0
+}
+
+impl Server {
+    /// Binds `path` (creating its directory 0700), mode 0600. A stale socket
+    /// file (nobody answers) is replaced; a live one is an error.
+    pub async fn bind(path: &Path) -> Result<Server, ServerError> {
+        let ioe = |source| ServerError::Io {
+            path: path.to_path_buf(),
+            source,
+        };
+        if let Some(dir) = path.parent() {
+            if !dir.exists() {
+                crate::supervisor::create_private_dir(dir).map_err(ioe)?;
+            }
+        }
+        if path.exists() {
+            if UnixStream::connect(path).await.is_ok() {
+                return Err(ServerError::InUse(path.to_path_buf()));
+            }
+            std::fs::remove_file(path).map_err(ioe)?;
+        }
+        // Bind with a restrictive umask so the socket is never reachable by
+        // others, not even for an instant.
+        // SAFETY: umask is process-wide; set and restored around bind only.
+        let old = unsafe { libc::umask(0o177) };
+        let listener = UnixListener::bind(path);
+        // SAFETY: restores the previous umask.
+        unsafe { libc::umask(old) };
+        let listener = listener.map_err(ioe)?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(ioe)?;
+        info!(socket = %path.display(), "control socket ready");
+        Ok(Server {
+            listener,
+            path: path.to_path_buf(),
+        })
+    }
+
+    /// The socket path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Serves requests until the task is dropped.
+    pub async fn serve(self, jobs: Arc<Vec<JobHandle>>) {
+        let owner = nix::unistd::geteuid().as_raw();
+        loop {
+            let (stream, _) = match self.listener.accept().await {
+                Ok(s) => s,
+                Err(e) => {
+                    warn!(error = %e, "control socket accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            let jobs = jobs.clone();
+            tokio::spawn(async move {
+                if let Err(e) = handle(stream, &jobs, owner).await {
+                    warn!(error = %e, "control connection failed");
+                }
+            });
+        }
+    }
+}
+
+async fn handle(stream: UnixStream, jobs: &[JobHandle], owner: u32) -> io::Result<()> {
+    let uid = stream.peer_cred()?.uid();
+    let (r, mut w) = stream.into_split();
+    let reply = |resp: &Response| {
+        let mut s = serde_json::to_string(resp).expect("responses serialise");
+        s.push('\n');
+        s
+    };
+    if !peer_allowed(uid, owner) {
+        warn!(uid, "control request from another user refused");
+        let resp = Response::Error {
+            message: format!(
+                "permission denied: uid {uid} is not the owner of this supervise (uid {owner})"
+            ),
+        };
+        w.write_all(reply(&resp).as_bytes()).await?;
+        return Ok(());
+    }
+    let mut line = String::new();
+    BufReader::new(r.take(1 << 16)).read_line(&mut line).await?;
+    let resp = match serde_json::from_str::<Request>(&line) {
+        Ok(req) => {
+            info!(?req, "control request");
+            dispatch(jobs, req).await
+        }
+        Err(e) => Response::Error {
+            message: format!("malformed request: {e}"),
+        },
+    };
+    w.write_all(reply(&resp).as_bytes()).await?;
+    w.shutdown().await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_owner_and_root_are_served() {
+        assert!(peer_allowed(1000, 1000));
+        assert!(peer_allowed(0, 1000));
+        assert!(!peer_allowed(1001, 1000));
+        assert!(peer_allowed(0, 0));
+        assert!(!peer_allowed(65534, 0));
+    }
+
+    #[tokio::test]
+    async fn bind_is_private_and_refuses_a_live_socket() {
+        let t = tempfile::tempdir().unwrap();
+        let path = t.path().join("sub/ctl.sock");
+        let s = Server::bind(&path).await.unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        let dmode = std::fs::metadata(path.parent().unwrap())
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777;
+        assert_eq!(dmode, 0o700);
+        assert!(matches!(
+            Server::bind(&path).await,
+            Err(ServerError::InUse(_))
+        ));
+        drop(s);
+        assert!(!path.exists(), "socket removed on drop");
+        // A stale file is replaced.
+        std::fs::write(&path, "").unwrap();
+        let s = Server::bind(&path).await.unwrap();
+        let jobs = Arc::new(Vec::new());
+        let task = tokio::spawn(s.serve(jobs));
+        let resp = super::super::client::call(&path, &Request::Status)
+            .await
+            .unwrap();
+        assert_eq!(resp, Response::Status { jobs: vec![] });
+        task.abort();
+    }
+}

@@ -1,0 +1,348 @@
+//! Prometheus metrics, served on an optional loopback HTTP listener
+//! (`supervise run --metrics 127.0.0.1:9464`), encoded by the
+//! `prometheus-client` crate (OpenMetrics text, which Prometheus scrapes).
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+use tracing::{info, warn};
+
+/// Label set `{job}`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct JobLabel {
+    /// Job name.
+    pub job: String,
+}
+
+/// Label set `{job, outcome}`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabel {
+    /// Job name.
+    pub job: String,
+    /// "ok" or "failed".
+    pub outcome: String,
+}
+
+fn seconds_histogram() -> Histogram {
+    // 1 ms .. ~33 min.
+    Histogram::new(exponential_buckets(0.001, 2.0, 22))
+}
+
+/// All of supervise's metrics. Cheap to clone (shared).
+#[derive(Clone)]
+pub struct Metrics {
+    registry: Arc<Mutex<Registry>>,
+    checkpoints: Family<OutcomeLabel, Counter>,
+    checkpoint_seconds: Family<JobLabel, Histogram, fn() -> Histogram>,
+    frozen_seconds: Family<JobLabel, Histogram, fn() -> Histogram>,
+    bytes_written: Family<JobLabel, Counter>,
+    bytes_stored: Family<JobLabel, Counter>,
+    restores: Family<OutcomeLabel, Counter>,
+    restore_seconds: Family<JobLabel, Histogram, fn() -> Histogram>,
+    up: Family<JobLabel, Gauge>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Outcome label value.
+fn outcome(ok: bool) -> String {
+    if ok { "ok" } else { "failed" }.to_string()
+}
+
+impl Metrics {
+    /// Registers every metric.
+    pub fn new() -> Metrics {
+        let mut r = Registry::with_prefix("supervise");
+        let m = Metrics {
+            registry: Arc::new(Mutex::new(Registry::default())),
+            checkpoints: Family::default(),
+            checkpoint_seconds: Family::new_with_constructor(seconds_histogram),
+            frozen_seconds: Family::new_with_constructor(seconds_histogram),
+            bytes_written: Family::default(),
+            bytes_stored: Family::default(),
+            restores: Family::default(),
+            restore_seconds: Family::new_with_constructor(seconds_histogram),
+            up: Family::default(),
+        };
+        r.register(
+            "checkpoints",
+            "Checkpoints attempted, by outcome",
+            m.checkpoints.clone(),
+        );
+        r.register(
+            "checkpoint_duration_seconds",
+            "Wall time of successful checkpoints (dump and publish)",
+            m.checkpoint_seconds.clone(),
+        );
+        r.register(
+            "checkpoint_frozen_seconds",
+            "Time CRIU kept the job frozen per checkpoint",
+            m.frozen_seconds.clone(),
+        );
+        r.register(
+            "checkpoint_written_bytes",
+            "Bytes of checkpoint images written (logical size)",
+            m.bytes_written.clone(),
+        );
+        r.register(
+            "checkpoint_stored_bytes",
+            "Bytes newly stored by checkpoints",
+            m.bytes_stored.clone(),
+        );
+        r.register(
+            "restores",
+            "Restores attempted, by outcome",
+            m.restores.clone(),
+        );
+        r.register(
+            "restore_duration_seconds",
+            "Wall time of successful restores",
+            m.restore_seconds.clone(),
+        );
+        r.register("job_up", "1 while the job runs, else 0", m.up.clone());
+        *m.registry.lock().unwrap_or_else(|e| e.into_inner()) = r;
+        m
+    }
+
+    fn job(job: &str) -> JobLabel {
+        JobLabel {
+            job: job.to_string(),
+        }
+    }
+
+    /// A checkpoint succeeded.
+    pub fn checkpoint_ok(
+        &self,
+        job: &str,
+        duration: Duration,
+        frozen: Option<Duration>,
+        written: u64,
+        stored: u64,
+    ) {
+        self.checkpoints
+            .get_or_create(&OutcomeLabel {
+                job: job.to_string(),
+                outcome: outcome(true),
+            })
+            .inc();
+        self.checkpoint_seconds
+            .get_or_create(&Self::job(job))
+            .observe(duration.as_secs_f64());
+        if let Some(f) = frozen {
+            self.frozen_seconds
+                .get_or_create(&Self::job(job))
+                .observe(f.as_secs_f64());
+        }
+        self.bytes_written
+            .get_or_create(&Self::job(job))
+            .inc_by(written);
+        self.bytes_stored
+            .get_or_create(&Self::job(job))
+            .inc_by(stored);
+    }
+
+    /// A checkpoint failed.
+    pub fn checkpoint_failed(&self, job: &str) {
+        self.checkpoints
+            .get_or_create(&OutcomeLabel {
+                job: job.to_string(),
+                outcome: outcome(false),
+            })
+            .inc();
+    }
+
+    /// A restore attempt ended.
+    pub fn restore(&self, job: &str, ok: bool, duration: Option<Duration>) {
+        self.restores
+            .get_or_create(&OutcomeLabel {
+                job: job.to_string(),
+                outcome: outcome(ok),
+            })
+            .inc();
+        if let Some(d) = duration {
+            self.restore_seconds
+                .get_or_create(&Self::job(job))
+                .observe(d.as_secs_f64());
+        }
+    }
+
+    /// The job is up (1) or down (0).
+    pub fn up(&self, job: &str, up: bool) {
+        self.up.get_or_create(&Self::job(job)).set(i64::from(up));
+    }
+
+    /// The metrics in OpenMetrics text format.
+    pub fn encode(&self) -> String {
+        let mut s = String::new();
+        let r = self.registry.lock().unwrap_or_else(|e| e.into_inner());
+        prometheus_client::encoding::text::encode(&mut s, &r).expect("writing to a String");
+        s
+    }
+}
+
+/// Errors starting the metrics listener.
+#[derive(Debug, thiserror::Error)]
+pub enum MetricsError {
+    /// Only loopback addresses are allowed.
+    #[error("--metrics {0}: only a loopback address (127.0.0.1, ::1) is allowed; metrics are not for the network")]
+    NotLoopback(SocketAddr),
+    /// Binding failed.
+    #[error("--metrics {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// Cause.
+        source: std::io::Error,
+    },
+}
+
+/// Binds the metrics listener (loopback only).
+pub async fn bind(addr: SocketAddr) -> Result<TcpListener, MetricsError> {
+    if !addr.ip().is_loopback() {
+        return Err(MetricsError::NotLoopback(addr));
+    }
+    let l = TcpListener::bind(addr)
+        .await
+        .map_err(|source| MetricsError::Bind { addr, source })?;
+    if let Ok(a) = l.local_addr() {
+        info!(address = %a, "metrics listener ready (GET /metrics)");
+    }
+    Ok(l)
+}
+
+/// Answers `GET /metrics` (and 404 for anything else) until dropped.
+pub async fn serve(listener: TcpListener, metrics: Metrics) {
+    loop {
+        let (mut conn, _) = match listener.accept().await {
+            Ok(c) => c,
+            Err(e) => {
+                warn!(error = %e, "metrics accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let metrics = metrics.clone();
+        tokio::spawn(async move {
+            let mut buf = Vec::with_capacity(1024);
+            let mut chunk = [0u8; 1024];
+            // Read the request head (bounded), whatever its body.
+            while !buf.windows(4).any(|w| w == b"\r\n\r\n") && buf.len() < 16 * 1024 {
+                match tokio::time::timeout(Duration::from_secs(5), conn.read(&mut chunk)).await {
+                    Ok(Ok(n)) if n > 0 => buf.extend_from_slice(&chunk[..n]),
+                    _ => break,
+                }
+            }
+            let head = String::from_utf8_lossy(&buf);
+            let first = head.lines().next().unwrap_or("");
+            let mut parts = first.split_whitespace();
+            let (method, target) = (parts.next(), parts.next());
+            let (status, ctype, body) = match (method, target) {
+                (Some("GET"), Some("/metrics")) => (
+                    "200 OK",
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    metrics.encode(),
+                ),
+                _ => (
+                    "404 Not Found",
+                    "text/plain; charset=utf-8",
+                    "only GET /metrics is served here\n".to_string(),
+                ),
+            };
+            let resp = format!(
+                "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = conn.write_all(resp.as_bytes()).await;
+            let _ = conn.shutdown().await;
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counters_and_histograms_are_encoded() {
+        let m = Metrics::new();
+        m.checkpoint_ok(
+            "a",
+            Duration::from_millis(80),
+            Some(Duration::from_millis(20)),
+            1000,
+            200,
+        );
+        m.checkpoint_failed("a");
+        m.restore("a", true, Some(Duration::from_millis(50)));
+        m.up("a", true);
+        let t = m.encode();
+        assert!(
+            t.contains(r#"supervise_checkpoints_total{job="a",outcome="ok"} 1"#),
+            "{t}"
+        );
+        assert!(
+            t.contains(r#"supervise_checkpoints_total{job="a",outcome="failed"} 1"#),
+            "{t}"
+        );
+        assert!(
+            t.contains(r#"supervise_checkpoint_written_bytes_total{job="a"} 1000"#),
+            "{t}"
+        );
+        assert!(
+            t.contains(r#"supervise_checkpoint_stored_bytes_total{job="a"} 200"#),
+            "{t}"
+        );
+        assert!(
+            t.contains(r#"supervise_checkpoint_frozen_seconds_count{job="a"} 1"#),
+            "{t}"
+        );
+        assert!(
+            t.contains(r#"supervise_restore_duration_seconds_count{job="a"} 1"#),
+            "{t}"
+        );
+        assert!(
+            t.contains(r#"supervise_restores_total{job="a",outcome="ok"} 1"#),
+            "{t}"
+        );
+        assert!(t.contains(r#"supervise_job_up{job="a"} 1"#), "{t}");
+        assert!(t.ends_with("# EOF\n"));
+    }
+
+    #[tokio::test]
+    async fn listener_is_loopback_only_and_serves_metrics() {
+        let bad: SocketAddr = "0.0.0.0:0".parse().unwrap();
+        assert!(matches!(bind(bad).await, Err(MetricsError::NotLoopback(_))));
+        let l = bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let m = Metrics::new();
+        m.up("j", true);
+        let task = tokio::spawn(serve(l, m));
+        let get = |path: &'static str| async move {
+            let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
+            c.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+                .await
+                .unwrap();
+            let mut s = String::new();
+            c.read_to_string(&mut s).await.unwrap();
+            s
+        };
+        let ok = get("/metrics").await;
+        assert!(ok.starts_with("HTTP/1.1 200 OK"), "{ok}");
+        assert!(ok.contains(r#"supervise_job_up{job="j"} 1"#), "{ok}");
+        assert!(get("/").await.starts_with("HTTP/1.1 404"));
+        task.abort();
+    }
+}
