@@ -1472,14 +1472,14 @@ mod tests {
         let t = tempfile::tempdir().unwrap();
         let d = t.path().join("jobs");
         std::fs::create_dir(&d).unwrap();
-        assert!(JobConfig::load_all(&[d.clone()])
+        assert!(JobConfig::load_all(std::slice::from_ref(&d))
             .unwrap_err()
             .to_string()
             .contains("no job files"));
         std::fs::write(d.join("b.toml"), "command = [\"b\"]\n").unwrap();
         std::fs::write(d.join("a.toml"), "command = [\"a\"]\n").unwrap();
         std::fs::write(d.join("notes.txt"), "x").unwrap();
-        let c = JobConfig::load_all(&[d.clone()]).unwrap();
+        let c = JobConfig::load_all(std::slice::from_ref(&d)).unwrap();
         let names: Vec<&str> = c.iter().map(|c| c.name.as_str()).collect();
         assert_eq!(names, ["a", "b"]);
         std::fs::write(

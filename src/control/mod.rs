@@ -225,14 +225,14 @@ pub fn job_channel(name: &str, images: PathBuf) -> (JobHandle, JobPort) {
     )
 }
 
+/// Builds a job's [`Command`] around the reply channel.
+type MakeCommand = Box<dyn FnOnce(oneshot::Sender<Response>) -> Command + Send>;
+
 /// Answers one request against the jobs' handles.
 pub async fn dispatch(jobs: &[JobHandle], req: Request) -> Response {
     let err = |m: String| Response::Error { message: m };
     let find = |name: &str| jobs.iter().find(|j| j.name == name);
-    let (name, make): (
-        &str,
-        Box<dyn FnOnce(oneshot::Sender<Response>) -> Command + Send>,
-    ) = match &req {
+    let (name, make): (&str, MakeCommand) = match &req {
         Request::Status => {
             let now = Utc::now();
             return Response::Status {
