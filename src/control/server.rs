@@ -116,6 +116,22 @@ async fn handle(stream: UnixStream, jobs: &[JobHandle], owner: u32) -> io::Resul
         s.push('\n');
         s
     };
+    // Read the request first even from a refused peer, so it gets the
+    // answer rather than a broken pipe; it is never acted upon.
+    let mut line = String::new();
+    let mut reader = BufReader::new(r.take(1 << 16));
+    let read = reader.read_line(&mut line);
+    match tokio::time::timeout(std::time::Duration::from_secs(10), read).await {
+        Ok(r) => {
+            r?;
+        }
+        Err(_) => {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "no request within 10 s",
+            ))
+        }
+    }
     if !peer_allowed(uid, owner) {
         warn!(uid, "control request from another user refused");
         let resp = Response::Error {
@@ -126,8 +142,6 @@ async fn handle(stream: UnixStream, jobs: &[JobHandle], owner: u32) -> io::Resul
         w.write_all(reply(&resp).as_bytes()).await?;
         return Ok(());
     }
-    let mut line = String::new();
-    BufReader::new(r.take(1 << 16)).read_line(&mut line).await?;
     let resp = match serde_json::from_str::<Request>(&line) {
         Ok(req) => {
             info!(?req, "control request");

@@ -91,6 +91,13 @@ impl Env {
     }
 
     pub fn start(&self, job: &Path) -> Sup {
+        self.start_with(&[job.as_os_str()])
+    }
+
+    /// `supervise run ARGS...` (job files, directories, options).
+    pub fn start_with(&self, args: &[&std::ffi::OsStr]) -> Sup {
+        // Job files come last; the log is named after the last one.
+        let job = Path::new(args.last().expect("a job file"));
         let log = self.path().join(format!(
             "supervise-{}.log",
             job.file_stem().unwrap().to_string_lossy()
@@ -103,7 +110,7 @@ impl Env {
         let start_len = fs::metadata(&log).map(|m| m.len()).unwrap_or(0) as usize;
         let child = Command::new(BIN)
             .arg("run")
-            .arg(job)
+            .args(args)
             .env("SUPERVISE_LOG", "info")
             .env("SUPERVISE_SOCKET", self.socket())
             .stdin(Stdio::null())
@@ -231,6 +238,14 @@ impl Sup {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// The exit code if supervise has exited, without waiting.
+    pub fn wait_exit_nonblocking(&mut self) -> Option<i32> {
+        let st = self.child.as_mut()?.try_wait().unwrap()?;
+        self.child = None;
+        use std::os::unix::process::ExitStatusExt;
+        Some(st.code().unwrap_or_else(|| 128 + st.signal().unwrap_or(0)))
     }
 
     /// SIGKILLs supervise and everything it started (used when a test wants
