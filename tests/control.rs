@@ -192,7 +192,7 @@ fn stop_and_start() {
     let j = env.status()[0].clone();
     assert_eq!(j["state"], "stopped");
     assert!(j["pid"].is_null());
-    assert!(!supervise::proc::alive(pid as i32));
+    assert!(!supervise::proc::alive(pid));
     let stopped_at = env.numbers("s.out").len();
     assert_eq!(env.ctl(&["stop", "s"]).status.code(), Some(1));
     assert_eq!(env.ctl(&["checkpoint", "s"]).status.code(), Some(1));
