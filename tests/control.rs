@@ -431,3 +431,47 @@ fn client_without_supervise() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("no supervise is running"), "{err}");
 }
+
+/// An attached job gets the same verbs: checkpoint, stop, start, restore.
+#[test]
+fn attached_job_gets_the_same_verbs() {
+    if !criu_available() {
+        return;
+    }
+    let env = Env::new();
+    let out = fs::File::create(env.path().join("a.out")).unwrap();
+    let mut cmd = std::process::Command::new(progs().join("counter"));
+    cmd.arg("100")
+        .stdin(std::process::Stdio::null())
+        .stdout(out.try_clone().unwrap())
+        .stderr(out);
+    // SAFETY: setsid in the child before exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::setsid();
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().unwrap();
+    let job = env.job(
+        "a",
+        &format!("attach = {}\n[checkpoint]\nevery = \"1h\"\n", child.id()),
+    );
+    let sup = env.start(&job);
+    sup.wait_for("attached", 1, T);
+    wait_numbers(&env.path().join("a.out"), 3, T);
+    ok(&env.ctl(&["checkpoint", "a"]));
+    ok(&env.ctl(&["stop", "a", "--checkpoint"]));
+    let _ = child.wait(); // the attached process was ours: reap it
+    assert_eq!(env.status()[0]["state"], "stopped");
+    let n = env.numbers("a.out").len();
+    ok(&env.ctl(&["start", "a"]));
+    sup.wait_for("restored", 1, T);
+    wait_numbers(&env.path().join("a.out"), n + 3, T);
+    ok(&env.ctl(&["restore", "a"]));
+    sup.wait_for("restored", 2, T);
+    assert_eq!(env.status()[0]["restores"], 2);
+    let m = env.numbers("a.out").len();
+    wait_numbers(&env.path().join("a.out"), m + 3, T);
+    assert_exactly_once(&env.numbers("a.out"));
+}
