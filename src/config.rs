@@ -73,6 +73,29 @@ pub struct JobConfig {
     pub shutdown: ShutdownConfig,
     /// The `[files]` table.
     pub files: FilesConfig,
+    /// The `[slurm]` table (used only inside a Slurm job).
+    pub slurm: SlurmConfig,
+}
+
+/// The `[slurm]` table: what supervise does inside a Slurm batch job.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SlurmConfig {
+    /// The pre-termination signal to act on.
+    pub signal: SlurmSignal,
+    /// After the final checkpoint, `scontrol requeue` the Slurm job.
+    pub requeue: bool,
+    /// How long a new copy waits for an old one to confirm it stopped.
+    pub fence_wait: Duration,
+}
+
+impl Default for SlurmConfig {
+    fn default() -> Self {
+        SlurmConfig {
+            signal: SlurmSignal::Usr1,
+            requeue: true,
+            fence_wait: Duration::from_secs(15),
+        }
+    }
 }
 
 /// The `[files]` table: rolling the job's own files back with a restore.
@@ -290,6 +313,36 @@ choice_enum! {
         Nftables => "nftables",
         /// `skip`: do not lock the network.
         Skip => "skip",
+    }
+}
+
+choice_enum! {
+    /// The signal Slurm sends ahead of a time limit or preemption
+    /// (`slurm.signal`; `sbatch --signal=B:<SIG>@<seconds>`).
+    SlurmSignal, default Usr1 {
+        /// SIGUSR1 (default).
+        Usr1 => "USR1",
+        /// SIGUSR2.
+        Usr2 => "USR2",
+        /// SIGHUP.
+        Hup => "HUP",
+        /// SIGURG.
+        Urg => "URG",
+        /// SIGALRM.
+        Alrm => "ALRM",
+    }
+}
+
+impl SlurmSignal {
+    /// The signal number.
+    pub fn number(self) -> i32 {
+        match self {
+            SlurmSignal::Usr1 => libc::SIGUSR1,
+            SlurmSignal::Usr2 => libc::SIGUSR2,
+            SlurmSignal::Hup => libc::SIGHUP,
+            SlurmSignal::Urg => libc::SIGURG,
+            SlurmSignal::Alrm => libc::SIGALRM,
+        }
     }
 }
 
@@ -724,6 +777,7 @@ struct RawJob {
     restore: Option<Table<RawRestore>>,
     shutdown: Option<Table<RawShutdown>>,
     files: Option<Table<RawFiles>>,
+    slurm: Option<Table<RawSlurm>>,
 }
 
 /// A sub-table. Unlike a plain derived struct it refuses arrays (serde would
@@ -778,6 +832,14 @@ struct RawRestore {
 struct RawShutdown {
     action: Option<ShutdownAction>,
     checkpoint: Option<bool>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSlurm {
+    signal: Option<SlurmSignal>,
+    requeue: Option<bool>,
+    fence_wait: Option<Dur<0>>,
 }
 
 #[derive(Deserialize)]
@@ -1213,6 +1275,16 @@ fn build(raw: RawJob, ctx: &Ctx<'_>) -> Result<JobConfig, ConfigError> {
     };
 
     let files = build_files(raw.files, &base_dir, ctx)?;
+    let slurm = match raw.slurm {
+        None => SlurmConfig::default(),
+        Some(Table(r)) => SlurmConfig {
+            signal: r.signal.unwrap_or_default(),
+            requeue: r.requeue.unwrap_or(true),
+            fence_wait: r
+                .fence_wait
+                .map_or(SlurmConfig::default().fence_wait, |d| d.0),
+        },
+    };
 
     Ok(JobConfig {
         name,
@@ -1224,6 +1296,7 @@ fn build(raw: RawJob, ctx: &Ctx<'_>) -> Result<JobConfig, ConfigError> {
         restore,
         shutdown,
         files,
+        slurm,
     })
 }
 
@@ -1500,6 +1573,34 @@ mod tests {
         .unwrap();
         let e = JobConfig::load_all(&[d, t.path().join("c.toml")]).unwrap_err();
         assert_eq!(e.key(), Some("checkpoint.dir"), "{e}");
+    }
+
+    #[test]
+    fn slurm_table() {
+        let j = parse(
+            "command = [\"a\"]\n[slurm]\nsignal = \"USR2\"\nrequeue = false\nfence_wait = \"3s\"\n",
+        )
+        .unwrap();
+        assert_eq!(
+            j.slurm,
+            SlurmConfig {
+                signal: SlurmSignal::Usr2,
+                requeue: false,
+                fence_wait: Duration::from_secs(3)
+            }
+        );
+        assert_eq!(j.slurm.signal.number(), libc::SIGUSR2);
+        assert_eq!(
+            parse("command = [\"a\"]\n").unwrap().slurm,
+            SlurmConfig::default()
+        );
+        invalid(
+            "command = [\"a\"]\n[slurm]\nsignal = \"TERM\"\n",
+            3,
+            10,
+            "slurm.signal",
+            "expected one of: \"USR1\"",
+        );
     }
 
     // ---- errors ---------------------------------------------------------
@@ -2622,6 +2723,10 @@ checkpoint = false
             "snapshot",
             "append",
             "exclude",
+            "[slurm]",
+            "signal",
+            "requeue",
+            "fence_wait",
         ];
         for k in keys {
             let documented = REFERENCE.lines().any(|l| {

@@ -9,9 +9,10 @@ use tracing::Instrument;
 
 use crate::config::JobConfig;
 use crate::control::server::{Server, ServerError};
-use crate::control::{job_channel, JobHandle};
+use crate::control::{dispatch, job_channel, JobHandle, Request, Response};
 use crate::metrics::{Metrics, MetricsError};
 use crate::reaper::Reaper;
+use crate::slurm::SlurmContext;
 use crate::supervisor::{Supervisor, SupervisorError};
 
 /// Errors that keep `supervise run` from starting (nothing is started then).
@@ -77,11 +78,26 @@ pub async fn run(cfgs: Vec<JobConfig>, opts: RunOptions) -> Result<Summary, Daem
         Some(addr) => Some(crate::metrics::bind(addr).await?),
         None => None,
     };
+    let slurm = SlurmContext::from_env();
+    if let Some(ctx) = &slurm {
+        tracing::info!(
+            slurm_job = %ctx.job_id,
+            node = %ctx.node,
+            restart = ctx.restart_count,
+            "running inside a Slurm job"
+        );
+    }
     let mut sups = Vec::new();
     let mut handles: Vec<JobHandle> = Vec::new();
+    let mut pre_term: Vec<(i32, String, bool)> = Vec::new();
     for cfg in cfgs {
         let (handle, port) = job_channel(&cfg.name, cfg.checkpoint.dir.clone());
-        let mut s = Supervisor::new(cfg, reaper.clone())?;
+        pre_term.push((
+            cfg.slurm.signal.number(),
+            cfg.name.clone(),
+            cfg.slurm.requeue,
+        ));
+        let mut s = Supervisor::new(cfg, reaper.clone(), slurm.clone())?;
         if let Some(v) = &opts.criu_version {
             s.set_criu_version(v.clone());
         }
@@ -106,11 +122,24 @@ pub async fn run(cfgs: Vec<JobConfig>, opts: RunOptions) -> Result<Summary, Daem
             let _ = tx.send(true);
         });
     }
-    let control = tokio::spawn(server.serve(Arc::new(handles)));
+    let handles = Arc::new(handles);
+    if let Some(ctx) = slurm.clone() {
+        slurm_signals(ctx, pre_term, handles.clone(), reaper.clone())?;
+    }
+    let control = tokio::spawn(server.serve(handles));
     let metrics_task = metrics_listener.map(|l| tokio::spawn(crate::metrics::serve(l, metrics)));
     let mut set = tokio::task::JoinSet::new();
     for s in sups {
-        let span = tracing::info_span!("job", job = %s.name());
+        let span = match &slurm {
+            Some(ctx) => tracing::info_span!(
+                "job",
+                job = %s.name(),
+                slurm_job = %ctx.job_id,
+                node = %ctx.node,
+                restart = ctx.restart_count
+            ),
+            None => tracing::info_span!("job", job = %s.name()),
+        };
         set.spawn(s.run(rx.clone()).instrument(span));
     }
     let mut summary = Summary { jobs: 0, failed: 0 };
@@ -132,4 +161,91 @@ pub async fn run(cfgs: Vec<JobConfig>, opts: RunOptions) -> Result<Summary, Daem
         t.abort();
     }
     Ok(summary)
+}
+
+/// Inside Slurm: on a job's pre-termination signal (time limit or
+/// preemption, `sbatch --signal=B:USR1@N`), take a final checkpoint of
+/// each job that listens to it and stop it; once those checkpoints are
+/// published, ask Slurm to requeue the batch job. Slurm then sends SIGTERM,
+/// which ends supervise (the jobs are already stopped, so no second
+/// checkpoint is taken). Only the first such signal is acted upon.
+fn slurm_signals(
+    ctx: SlurmContext,
+    jobs_by_signal: Vec<(i32, String, bool)>,
+    handles: Arc<Vec<JobHandle>>,
+    reaper: Reaper,
+) -> Result<(), DaemonError> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut numbers: Vec<i32> = jobs_by_signal.iter().map(|(n, _, _)| *n).collect();
+    numbers.sort_unstable();
+    numbers.dedup();
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<i32>(4);
+    for n in numbers {
+        let mut stream = signal(SignalKind::from_raw(n)).map_err(|source| DaemonError::Os {
+            what: "cannot install the Slurm signal handler",
+            source,
+        })?;
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            while stream.recv().await.is_some() {
+                if tx.send(n).await.is_err() {
+                    break;
+                }
+            }
+        });
+    }
+    tokio::spawn(async move {
+        let Some(n) = rx.recv().await else { return };
+        let name = nix::sys::signal::Signal::try_from(n)
+            .map(|s| s.as_str())
+            .unwrap_or("?");
+        tracing::warn!(
+            signal = name,
+            slurm_job = %ctx.job_id,
+            "Slurm pre-termination signal: final checkpoint, then requeue"
+        );
+        let mut requeue = false;
+        for (_, job, rq) in jobs_by_signal.iter().filter(|(s, _, _)| *s == n) {
+            requeue |= *rq;
+            let r = dispatch(
+                &handles,
+                Request::Stop {
+                    job: job.clone(),
+                    checkpoint: true,
+                },
+            )
+            .await;
+            match r {
+                Response::Done { message } => tracing::info!(job = %job, "{message}"),
+                Response::Error { message } => {
+                    tracing::error!(job = %job, error = %message, "final checkpoint failed; the newest earlier image will be used");
+                    let _ = dispatch(
+                        &handles,
+                        Request::Stop {
+                            job: job.clone(),
+                            checkpoint: false,
+                        },
+                    )
+                    .await;
+                }
+                _ => {}
+            }
+        }
+        if !requeue {
+            tracing::info!(
+                "slurm.requeue = false: not requeueing; waiting for Slurm to end the job"
+            );
+            return;
+        }
+        match crate::slurm::requeue(&reaper, &ctx.job_id).await {
+            Ok(()) => tracing::info!(
+                slurm_job = %ctx.job_id,
+                "asked Slurm to requeue the job; waiting for its SIGTERM"
+            ),
+            Err(e) => tracing::error!(error = %e, "requeue failed"),
+        }
+        // Further signals are ignored (drained) until Slurm ends us.
+        while rx.recv().await.is_some() {}
+    });
+    Ok(())
 }

@@ -96,7 +96,9 @@ fn io_err(path: &Path) -> impl FnOnce(io::Error) -> FenceError {
 }
 
 /// An exclusive `flock` held until dropped.
-pub struct Locked(File);
+pub struct Locked {
+    _file: File,
+}
 
 fn lock(path: &Path) -> Result<Locked, FenceError> {
     let f = OpenOptions::new()
@@ -110,7 +112,7 @@ fn lock(path: &Path) -> Result<Locked, FenceError> {
     if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) } != 0 {
         return Err(io_err(path)(io::Error::last_os_error()));
     }
-    Ok(Locked(f))
+    Ok(Locked { _file: f })
 }
 
 /// This copy's hold on a store directory.
@@ -306,7 +308,10 @@ mod tests {
 
         // The handover waits for the old holder's release marker.
         let t0 = Instant::now();
-        assert_eq!(b.await_release(Duration::from_millis(200)), Handover::TimedOut);
+        assert_eq!(
+            b.await_release(Duration::from_millis(200)),
+            Handover::TimedOut
+        );
         assert!(t0.elapsed() >= Duration::from_millis(200));
         a.release().unwrap();
         assert_eq!(b.await_release(Duration::from_secs(5)), Handover::Released);
@@ -316,7 +321,10 @@ mod tests {
         let c = Fence::acquire(t.path(), owner(2)).unwrap();
         assert_eq!(c.epoch, 3);
         assert!(!t.path().join(".released-1").exists());
-        assert!(t.path().join(".released-2").exists(), "the previous one is kept");
+        assert!(
+            t.path().join(".released-2").exists(),
+            "the previous one is kept"
+        );
         assert_eq!(c.await_release(Duration::ZERO), Handover::Released);
     }
 
@@ -334,6 +342,9 @@ mod tests {
         assert_eq!(taker.join().unwrap(), 2);
         assert!(a.check().is_err());
         std::fs::write(t.path().join(".lease.json"), "{").unwrap();
-        assert!(matches!(Fence::current(t.path()), Err(FenceError::Malformed { .. })));
+        assert!(matches!(
+            Fence::current(t.path()),
+            Err(FenceError::Malformed { .. })
+        ));
     }
 }

@@ -159,12 +159,13 @@ mod tests {
     #[test]
     fn context_from_environment() {
         assert_eq!(SlurmContext::from_vars(vars(&[])), None);
-        assert_eq!(SlurmContext::from_vars(vars(&[("SLURM_JOB_ID", " ")])), None);
-        let first = SlurmContext::from_vars(vars(&[
-            ("SLURM_JOB_ID", "42"),
-            ("SLURMD_NODENAME", "n1"),
-        ]))
-        .unwrap();
+        assert_eq!(
+            SlurmContext::from_vars(vars(&[("SLURM_JOB_ID", " ")])),
+            None
+        );
+        let first =
+            SlurmContext::from_vars(vars(&[("SLURM_JOB_ID", "42"), ("SLURMD_NODENAME", "n1")]))
+                .unwrap();
         assert_eq!(first.restart_count, 0, "unset on the first run");
         assert_eq!(first.node, "n1");
         let again = SlurmContext::from_vars(vars(&[

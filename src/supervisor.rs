@@ -19,7 +19,15 @@ use tokio::sync::{mpsc, watch};
 use tracing::{error, info, warn};
 
 use crate::control::{CheckpointSummary, Command, JobPort, JobStatus, Response};
+use crate::fence::{Fence, Handover, Owner};
 use crate::metrics::Metrics;
+use crate::slurm::SlurmContext;
+
+/// How often a copy inside Slurm checks that it still holds the store.
+const FENCE_CHECK: Duration = Duration::from_secs(1);
+/// Prefix of the error of a checkpoint refused because another copy took
+/// over the store.
+const SUPERSEDED: &str = "superseded";
 
 use crate::config::{JobConfig, RestoreOn, ShutdownAction, Target};
 use crate::files::{Action, CaptureSummary, FilesError};
@@ -79,6 +87,8 @@ pub enum JobState {
     Completed,
     /// Given up.
     Failed(String),
+    /// Another copy of this job (Slurm) took over the image store.
+    Superseded(String),
 }
 
 impl JobState {
@@ -93,6 +103,7 @@ impl JobState {
             JobState::Stopped => "stopped".into(),
             JobState::Completed => "completed".into(),
             JobState::Failed(r) => format!("failed: {r}"),
+            JobState::Superseded(r) => format!("superseded: {r}"),
         }
     }
 }
@@ -108,6 +119,8 @@ pub enum Outcome {
     Detached,
     /// supervise gave up on the job.
     Failed(String),
+    /// A newer copy of the job (Slurm) took over; this one stopped its job.
+    Superseded(String),
 }
 
 impl Outcome {
@@ -144,6 +157,12 @@ pub struct Supervisor {
     status: Option<watch::Sender<JobStatus>>,
     commands: Option<mpsc::Receiver<Command>>,
     metrics: Metrics,
+    /// Where the per-run files live (the state dir, or a per-Slurm-run
+    /// subdirectory of it).
+    run_dir: PathBuf,
+    slurm: Option<SlurmContext>,
+    /// Our lease on the image store (Slurm only).
+    fence: Option<Fence>,
     _lock: File,
 }
 
@@ -154,17 +173,32 @@ pub fn restore_delay(consecutive: u32, backoff: Duration, backoff_max: Duration)
 }
 
 impl Supervisor {
-    /// Prepares a job: state dir, lock, image store.
-    pub fn new(cfg: JobConfig, reaper: Reaper) -> Result<Supervisor, SupervisorError> {
+    /// Prepares a job: state dir, lock, image store. Inside a Slurm job
+    /// (`slurm`), the per-run files (lock, job.json, exit status, restore
+    /// work dir) live in `<state_dir>/slurm-<job id>.<restart count>/`, so an
+    /// old and a new copy of the job never share them; the image store's
+    /// lease decides between them ([`crate::fence`]).
+    pub fn new(
+        cfg: JobConfig,
+        reaper: Reaper,
+        slurm: Option<SlurmContext>,
+    ) -> Result<Supervisor, SupervisorError> {
         let job = cfg.name.clone();
-        let sd = cfg.state_dir.clone();
+        let run_dir = match &slurm {
+            Some(s) => cfg
+                .state_dir
+                .join(format!("slurm-{}.{}", s.job_id, s.restart_count)),
+            None => cfg.state_dir.clone(),
+        };
+        let sd = run_dir.clone();
         let state_err = |source| SupervisorError::StateDir {
             job: job.clone(),
             path: sd.clone(),
             source,
         };
         create_private_dir(&cfg.state_dir).map_err(state_err)?;
-        let lock = File::create(cfg.state_dir.join("lock")).map_err(state_err)?;
+        create_private_dir(&run_dir).map_err(state_err)?;
+        let lock = File::create(run_dir.join("lock")).map_err(state_err)?;
         // SAFETY: flock on an fd we own; the lock lives as long as `lock`.
         let rc = unsafe {
             libc::flock(
@@ -177,14 +211,14 @@ impl Supervisor {
                 job,
                 message: format!(
                     "already supervised by another supervise (lock {} is held)",
-                    cfg.state_dir.join("lock").display()
+                    run_dir.join("lock").display()
                 ),
             });
         }
         // A job.json whose process still runs (same PID *and* start time)
         // is a job an earlier supervise left behind: take it over instead
         // of starting or restoring a second copy.
-        let adopt = read_record(&cfg.state_dir).filter(|rec| {
+        let adopt = read_record(&run_dir).filter(|rec| {
             crate::proc::alive(rec.host_pid)
                 && crate::proc::start_time(rec.host_pid).ok() == Some(rec.start_time)
         });
@@ -205,6 +239,9 @@ impl Supervisor {
             status: None,
             commands: None,
             metrics: Metrics::new(),
+            run_dir,
+            slurm,
+            fence: None,
             _lock: lock,
         })
     }
@@ -215,6 +252,10 @@ impl Supervisor {
         self.commands = Some(port.commands);
         self.metrics = metrics;
         self.metrics.up(&self.cfg.name, false);
+        if let Some(ctx) = &self.slurm {
+            let facts = ctx.facts();
+            self.publish(|s| s.extra = facts);
+        }
     }
 
     fn publish(&self, f: impl FnOnce(&mut JobStatus)) {
@@ -245,17 +286,101 @@ impl Supervisor {
 
     fn files(&self) -> InitFiles {
         InitFiles {
-            status_file: self.cfg.state_dir.join("exit-status"),
+            status_file: self.run_dir.join("exit-status"),
         }
     }
 
     /// Runs the job until it completes, fails for good, or `shutdown` fires.
-    pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) -> Outcome {
+    pub async fn run(mut self, shutdown: watch::Receiver<bool>) -> Outcome {
         info!(
             schedule = %self.cfg.checkpoint.schedule.describe(),
             images = %self.cfg.checkpoint.dir.display(),
             "supervising"
         );
+        if let Err(reason) = self.take_lease().await {
+            return self.fail(reason);
+        }
+        let outcome = self.run_inner(shutdown).await;
+        // Whatever the end, this copy no longer runs the job.
+        if let Some(f) = &self.fence {
+            if let Err(e) = f.release() {
+                warn!(error = %e, "cannot record the release of the image store lease");
+            }
+        }
+        outcome
+    }
+
+    /// Inside Slurm: take over the image store from any earlier copy of
+    /// this job, and give that copy a bounded time to stop its job.
+    async fn take_lease(&mut self) -> Result<(), String> {
+        let Some(ctx) = self.slurm.clone() else {
+            return Ok(());
+        };
+        let owner = Owner {
+            slurm_job_id: ctx.job_id.clone(),
+            node: ctx.node.clone(),
+            restart_count: ctx.restart_count,
+            host: nix::unistd::gethostname()
+                .ok()
+                .and_then(|h| h.into_string().ok())
+                .unwrap_or_default(),
+            pid: std::process::id(),
+        };
+        let dir = self.cfg.checkpoint.dir.clone();
+        let wait = self.cfg.slurm.fence_wait;
+        let (fence, handover) = tokio::task::spawn_blocking(move || {
+            let f = Fence::acquire(&dir, owner)?;
+            let h = f.await_release(wait);
+            Ok::<_, crate::fence::FenceError>((f, h))
+        })
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| format!("cannot take the image store lease: {e}"))?;
+        match (&fence.previous, handover) {
+            (None, _) | (_, Handover::Fresh) => {
+                info!(epoch = fence.epoch, "took the image store lease")
+            }
+            (Some(p), Handover::Released) => info!(
+                epoch = fence.epoch,
+                previous = %p.owner,
+                "took over the image store; the previous copy had stopped"
+            ),
+            (Some(p), Handover::TimedOut) => warn!(
+                epoch = fence.epoch,
+                previous = %p.owner,
+                wait_s = wait.as_secs_f64(),
+                "took over the image store; the previous copy did not confirm it stopped \
+                 (its node may be dead); it can no longer publish checkpoints"
+            ),
+        }
+        self.fence = Some(fence);
+        Ok(())
+    }
+
+    /// The fence's verdict: `Some(reason)` once another copy took over.
+    async fn superseded(&self) -> Option<String> {
+        let f = self.fence.clone()?;
+        match tokio::task::spawn_blocking(move || f.check()).await {
+            Ok(Err(e @ crate::fence::FenceError::Superseded { .. })) => Some(e.to_string()),
+            Ok(Err(e)) => {
+                warn!(error = %e, "cannot check the image store lease");
+                None
+            }
+            _ => None,
+        }
+    }
+
+    /// Another copy owns the store now: stop the job, publish nothing more.
+    async fn give_way(&mut self, job: Option<Running>, reason: String) -> Outcome {
+        error!(reason = %reason, "another copy of this job took over; stopping this copy's job and its checkpoints");
+        if let Some(j) = job {
+            self.stop_job(j).await;
+        }
+        self.set_state(JobState::Superseded(reason.clone()));
+        Outcome::Superseded(reason)
+    }
+
+    async fn run_inner(&mut self, mut shutdown: watch::Receiver<bool>) -> Outcome {
         let mut commands = self.commands.take();
         let mut job = match self.start().await {
             Ok(j) => Some(j),
@@ -277,10 +402,20 @@ impl Supervisor {
                 }
                 None => tokio::time::sleep(Duration::from_secs(86400 * 365)),
             };
+            let fence_tick = tokio::time::sleep(FENCE_CHECK);
             tokio::select! {
+                _ = fence_tick, if self.fence.is_some() => {
+                    if let Some(reason) = self.superseded().await {
+                        return self.give_way(job, reason).await;
+                    }
+                }
                 _ = sleep, if job.is_some() => {
                     if let Some(j) = &job {
-                        let _ = self.checkpoint(j).await;
+                        if let Err(e) = self.checkpoint(j).await {
+                            if e.starts_with(SUPERSEDED) {
+                                return self.give_way(job, e).await;
+                            }
+                        }
                     }
                     let skipped = ticker.advance(Utc::now());
                     if skipped > 0 {
@@ -328,6 +463,7 @@ impl Supervisor {
                         Ok(info) => Response::Checkpoint {
                             checkpoint: summary(&info),
                         },
+                        Err(e) if e.starts_with(SUPERSEDED) => err(e),
                         Err(e) => err(format!("checkpoint failed (the job keeps running): {e}")),
                     },
                 };
@@ -604,7 +740,7 @@ impl Supervisor {
         let files_cfg = self.cfg.files.clone();
         let ignore = vec![
             self.cfg.checkpoint.dir.clone(),
-            self.cfg.state_dir.join("restore"),
+            self.run_dir.join("restore"),
         ];
         let res = tokio::task::spawn_blocking(move || {
             let dir = staging.path().to_path_buf();
@@ -669,8 +805,25 @@ impl Supervisor {
             root_pid: job.ns_pid,
             extra,
         };
+        // Inside Slurm, publish only while holding our lease on the store.
+        let guard = match &self.fence {
+            Some(f) => match f.guard() {
+                Ok(g) => Some(g),
+                Err(e) => {
+                    staging.abort();
+                    return Err(format!("{SUPERSEDED}: {e}"));
+                }
+            },
+            None => None,
+        };
         let store = self.store.clone();
-        let info = match tokio::task::spawn_blocking(move || staging.commit(meta)).await {
+        let info = match tokio::task::spawn_blocking(move || {
+            let r = staging.commit(meta);
+            drop(guard);
+            r
+        })
+        .await
+        {
             Ok(Ok(info)) => info,
             Ok(Err(e)) => {
                 error!(checkpoint = %id, error = %e, "cannot publish the checkpoint; older images are intact");
@@ -690,7 +843,17 @@ impl Supervisor {
             "checkpoint published"
         );
         let keep = self.cfg.checkpoint.keep;
-        match tokio::task::spawn_blocking(move || store.retain(keep)).await {
+        let fence = self.fence.clone();
+        match tokio::task::spawn_blocking(move || {
+            // A copy that lost the store must not delete anything in it.
+            let _guard = match &fence {
+                Some(f) => Some(f.guard().map_err(|e| e.to_string())?),
+                None => None,
+            };
+            store.retain(keep).map_err(|e| e.to_string())
+        })
+        .await
+        {
             Ok(Ok(removed)) if !removed.is_empty() => {
                 info!(?removed, keep, "retention removed old images")
             }
@@ -725,7 +888,7 @@ impl Supervisor {
         let reaper = self.reaper.clone();
         let opts = self.cfg.checkpoint.criu;
         let files = self.files();
-        let work = self.cfg.state_dir.join("restore");
+        let work = self.run_dir.join("restore");
         let img2 = img.clone();
         let files_cfg = self.cfg.files.clone();
         let res =
@@ -890,7 +1053,7 @@ impl Supervisor {
             init_pid: r.init_pid,
             start_time: r.start_time,
         };
-        let path = self.cfg.state_dir.join("job.json");
+        let path = self.run_dir.join("job.json");
         let tmp = path.with_extension("json.tmp");
         if let Ok(s) = serde_json::to_vec(&rec) {
             if std::fs::write(&tmp, s)
@@ -903,7 +1066,7 @@ impl Supervisor {
     }
 
     fn forget_record(&self) {
-        let _ = std::fs::remove_file(self.cfg.state_dir.join("job.json"));
+        let _ = std::fs::remove_file(self.run_dir.join("job.json"));
     }
 }
 

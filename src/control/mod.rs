@@ -26,13 +26,17 @@ use crate::supervisor::JobState;
 /// Environment variable overriding the default socket path.
 pub const SOCKET_ENV: &str = "SUPERVISE_SOCKET";
 
-/// The default control socket: `$SUPERVISE_SOCKET`, else
+/// The default control socket: `$SUPERVISE_SOCKET`, else inside a Slurm
+/// job `/run/supervise/slurm-<job id>.<restart count>.sock`, else
 /// `/run/supervise/supervise.sock` for root, else
 /// `$XDG_RUNTIME_DIR/supervise/supervise.sock`, else
 /// `/tmp/supervise-<uid>/supervise.sock`.
 pub fn default_socket() -> PathBuf {
     if let Some(p) = std::env::var_os(SOCKET_ENV).filter(|p| !p.is_empty()) {
         return PathBuf::from(p);
+    }
+    if let Some(ctx) = crate::slurm::SlurmContext::from_env() {
+        return ctx.default_socket();
     }
     let uid = nix::unistd::geteuid();
     if uid.is_root() {
