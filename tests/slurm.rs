@@ -1,0 +1,366 @@
+//! supervise under a real Slurm 22.05 cluster (two slurmd nodes on this
+//! host, scripts/slurm/): time-limit signal -> checkpoint -> requeue ->
+//! resume on the other node; node failure; preemption; two live copies.
+//! One test runs the scenarios in turn (they share the cluster), then
+//! stops the cluster.
+
+mod common;
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+fn scripts() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/slurm")
+}
+
+fn sh(cmd: &str, args: &[&str]) -> String {
+    let out = Command::new(cmd)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{cmd}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd} {args:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Stops the cluster (and with it any job left) when the test ends.
+struct Cluster;
+
+impl Cluster {
+    fn start() -> Cluster {
+        sh(
+            "bash",
+            &[scripts().join("start.sh").to_str().unwrap(), "--clean"],
+        );
+        Cluster
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        let _ = Command::new("bash").arg(scripts().join("stop.sh")).status();
+    }
+}
+
+/// Fields of `scontrol show job`.
+fn job_field(id: &str, field: &str) -> String {
+    let out = Command::new("scontrol")
+        .args(["show", "job", id])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.split_whitespace()
+        .find_map(|kv| kv.strip_prefix(&format!("{field}=")))
+        .unwrap_or("")
+        .to_string()
+}
+
+fn wait(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) -> Duration {
+    let t0 = Instant::now();
+    while !f() {
+        assert!(
+            t0.elapsed() < timeout,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    t0.elapsed()
+}
+
+/// A shared job directory with a counter job and its batch script.
+struct Job {
+    dir: tempfile::TempDir,
+    id: String,
+}
+
+impl Job {
+    fn submit(sbatch_args: &[&str]) -> Job {
+        let dir = tempfile::Builder::new()
+            .prefix("supervise-slurm-")
+            .tempdir_in("/var/tmp")
+            .unwrap();
+        let d = dir.path();
+        fs::write(
+            d.join("job.toml"),
+            format!(
+                "command = [\"{}\", \"100\"]\nstdout = \"counter.out\"\n[checkpoint]\nevery = \"2s\"\ndir = \"images\"\n[restore]\nbackoff = \"0s\"\n[slurm]\nfence_wait = \"10s\"\n",
+                progs().join("counter").display()
+            ),
+        )
+        .unwrap();
+        let batch = d.join("batch.sh");
+        fs::write(
+            &batch,
+            format!(
+                "#!/bin/bash\nexport SUPERVISE_LOG=info\nexec {BIN} run {}\n",
+                d.join("job.toml").display()
+            ),
+        )
+        .unwrap();
+        let out = d.join("slurm.out");
+        let mut args = vec![
+            "--parsable".to_string(),
+            "--requeue".into(),
+            "-o".into(),
+            out.to_string_lossy().into_owned(),
+            "--open-mode=append".into(),
+        ];
+        args.extend(sbatch_args.iter().map(|s| s.to_string()));
+        args.push(batch.to_string_lossy().into_owned());
+        let a: Vec<&str> = args.iter().map(String::as_str).collect();
+        let id = sh("sbatch", &a).trim().to_string();
+        Job { dir, id }
+    }
+
+    fn log(&self) -> String {
+        fs::read_to_string(self.dir.path().join("slurm.out")).unwrap_or_default()
+    }
+
+    fn count(&self, needle: &str) -> usize {
+        self.log().matches(needle).count()
+    }
+
+    fn wait_log(&self, needle: &str, n: usize, timeout: Duration) -> Duration {
+        let what = format!("{n}x {needle:?} in job {}", self.id);
+        let t0 = Instant::now();
+        while self.count(needle) < n {
+            assert!(
+                t0.elapsed() < timeout,
+                "timed out after {timeout:?} waiting for {what}; log:\n{}\n{}",
+                self.log(),
+                sh("scontrol", &["show", "job", &self.id])
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        t0.elapsed()
+    }
+
+    /// The node it runs on, once RUNNING.
+    fn running_node(&self, timeout: Duration) -> String {
+        wait("job running", timeout, || {
+            job_field(&self.id, "JobState") == "RUNNING"
+        });
+        job_field(&self.id, "NodeList")
+    }
+
+    fn counter(&self) -> Vec<i64> {
+        numbers(&self.dir.path().join("counter.out"))
+    }
+
+    fn cancel(&self) {
+        let _ = Command::new("scancel").arg(&self.id).status();
+        wait("job gone", Duration::from_secs(60), || {
+            let s = job_field(&self.id, "JobState");
+            s.is_empty() || s == "CANCELLED" || s == "COMPLETED" || s == "FAILED"
+        });
+    }
+}
+
+fn other(node: &str) -> &'static str {
+    if node == "n1" {
+        "n2"
+    } else {
+        "n1"
+    }
+}
+
+/// Time limit: Slurm's USR1 ahead of it makes supervise publish a final
+/// checkpoint, then requeue; the rerun (on the other node, the first one is
+/// drained) resumes the counter from that checkpoint.
+fn time_limit_requeue() {
+    let job = Job::submit(&["--time=1", "--signal=B:USR1@50"]);
+    let n1 = job.running_node(Duration::from_secs(30));
+    sh(
+        "scontrol",
+        &[
+            "update",
+            &format!("nodename={n1}"),
+            "state=drain",
+            "reason=supervise-test",
+        ],
+    );
+    job.wait_log("checkpoint published", 1, Duration::from_secs(30));
+    let signal_after = job.wait_log("Slurm pre-termination signal", 1, Duration::from_secs(90));
+    job.wait_log("asked Slurm to requeue the job", 1, Duration::from_secs(30));
+    let t = Instant::now();
+    job.wait_log("restart=1}: restored", 1, Duration::from_secs(90));
+    let resumed = t.elapsed();
+    let log = job.log();
+    assert!(
+        log.contains(&format!("node={} restart=1", other(&n1))),
+        "{log}"
+    );
+    // The rerun resumed from the final checkpoint taken on the signal.
+    let final_ckpt = log
+        .lines()
+        .find(|l| l.contains("stopped after checkpoint"))
+        .and_then(|l| l.split("checkpoint ").nth(1))
+        .and_then(|r| r.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no final checkpoint: {log}"))
+        .to_string();
+    assert!(
+        log.contains(&format!("restored checkpoint={final_ckpt}")),
+        "{log}"
+    );
+    let n = job.counter().len();
+    wait_numbers(&job.dir.path().join("counter.out"), n + 5, T);
+    assert_exactly_once(&job.counter());
+    assert_eq!(job_field(&job.id, "Restarts"), "1");
+    job.cancel();
+    sh(
+        "scontrol",
+        &["update", &format!("nodename={n1}"), "state=resume"],
+    );
+    eprintln!(
+        "time limit: USR1 {signal_after:?} after the start, requeue -> restored in {resumed:?}"
+    );
+}
+
+/// Node failure: the rerun on the other node resumes from the last
+/// scheduled checkpoint.
+fn node_failure() {
+    let job = Job::submit(&[]);
+    let n1 = job.running_node(Duration::from_secs(30));
+    job.wait_log("checkpoint published", 2, Duration::from_secs(30));
+    let t = Instant::now();
+    sh(
+        "bash",
+        &[
+            scripts().join("node-fail.sh").to_str().unwrap(),
+            &n1,
+            "kill",
+        ],
+    );
+    let last = ids(&job.log(), "checkpoint published").pop().unwrap();
+    job.wait_log("restart=1}: restored", 1, Duration::from_secs(150));
+    let resumed = t.elapsed();
+    let log = job.log();
+    assert!(
+        log.contains(&format!("node={} restart=1", other(&n1))),
+        "{log}"
+    );
+    assert!(
+        log.contains(&format!("restored checkpoint={last}")),
+        "{log}"
+    );
+    let n = job.counter().len();
+    wait_numbers(&job.dir.path().join("counter.out"), n + 5, T);
+    assert_exactly_once(&job.counter());
+    sh(
+        "bash",
+        &[
+            scripts().join("node-fail.sh").to_str().unwrap(),
+            &n1,
+            "revive",
+        ],
+    );
+    job.cancel();
+    eprintln!("node failure: kill -> restored on the other node in {resumed:?}");
+}
+
+/// Preemption by the high-priority partition: the victim gets USR1 at once,
+/// checkpoints, requeues and resumes.
+fn preemption() {
+    let job = Job::submit(&["--exclusive", "--signal=B:USR1@10"]);
+    let n = job.running_node(Duration::from_secs(30));
+    job.wait_log("checkpoint published", 1, Duration::from_secs(30));
+    let t = Instant::now();
+    let high = sh(
+        "sbatch",
+        &[
+            "--parsable",
+            "-p",
+            "high",
+            "-w",
+            &n,
+            "--exclusive",
+            "-o",
+            "/dev/null",
+            "--wrap",
+            "sleep 5",
+        ],
+    );
+    job.wait_log("Slurm pre-termination signal", 1, Duration::from_secs(60));
+    job.wait_log("restart=1}: restored", 1, Duration::from_secs(90));
+    let resumed = t.elapsed();
+    let k = job.counter().len();
+    wait_numbers(&job.dir.path().join("counter.out"), k + 5, T);
+    assert_exactly_once(&job.counter());
+    job.cancel();
+    let _ = Command::new("scancel").arg(high.trim()).status();
+    eprintln!("preemption: high job submitted -> victim restored in {resumed:?}");
+}
+
+/// Only slurmd dies: Slurm reruns the job elsewhere while the old copy
+/// still runs. The new copy takes the store's lease; the old one sees it,
+/// stops its job and publishes nothing more; the store stays intact.
+fn two_live_copies() {
+    let job = Job::submit(&[]);
+    let n1 = job.running_node(Duration::from_secs(30));
+    job.wait_log("checkpoint published", 2, Duration::from_secs(30));
+    let t = Instant::now();
+    sh(
+        "bash",
+        &[
+            scripts().join("node-fail.sh").to_str().unwrap(),
+            &n1,
+            "slurmd",
+        ],
+    );
+    job.wait_log("restart=1}: restored", 1, Duration::from_secs(150));
+    let resumed = t.elapsed();
+    job.wait_log("another copy of this job took over", 1, T);
+    let log = job.log();
+    assert!(
+        log.contains("took over the image store; the previous copy had stopped"),
+        "{log}"
+    );
+    // After the takeover the old copy published nothing.
+    let takeover = log.find("another copy of this job took over").unwrap();
+    assert!(
+        !log[takeover..].contains("restart=0}: checkpoint published"),
+        "{log}"
+    );
+    // Every retained image verifies (the new copy keeps checkpointing).
+    job.wait_log("restart=1}: checkpoint published", 2, T);
+    let out = Command::new(BIN)
+        .args(["images", "--json"])
+        .arg(job.dir.path().join("job.toml"))
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let k = job.counter().len();
+    wait_numbers(&job.dir.path().join("counter.out"), k + 5, T);
+    assert_exactly_once(&job.counter());
+    sh(
+        "bash",
+        &[
+            scripts().join("node-fail.sh").to_str().unwrap(),
+            &n1,
+            "revive",
+        ],
+    );
+    job.cancel();
+    eprintln!("two copies: slurmd killed -> new copy restored in {resumed:?}");
+}
+
+#[test]
+fn slurm_scenarios() {
+    if !criu_available() {
+        return;
+    }
+    progs();
+    let _cluster = Cluster::start();
+    time_limit_requeue();
+    node_failure();
+    preemption();
+    two_live_copies();
+}
