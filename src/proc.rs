@@ -77,6 +77,11 @@ pub fn zombie_exit_status(pid: i32) -> Option<ExitStatus> {
     Some(ExitStatus::from_raw(raw))
 }
 
+/// The state letter of `pid` (`R`, `S`, `T` stopped, `t` traced, `Z`...).
+pub fn state(pid: i32) -> Option<char> {
+    stat_fields(pid).ok()?.first()?.chars().next()
+}
+
 /// True if `pid` exists and is not a zombie.
 pub fn alive(pid: i32) -> bool {
     match stat_fields(pid) {
@@ -114,6 +119,7 @@ mod tests {
         assert!(ns_pid(me).unwrap() > 0);
         assert!(tree(me).contains(&me));
         assert!(zombie_exit_status(me).is_none());
+        assert!(matches!(state(me), Some('R' | 'S')));
         assert!(!alive(i32::MAX));
     }
 }

@@ -774,14 +774,17 @@ impl Supervisor {
         };
         let (outcome, files) = match (outcome, files) {
             (Ok(o), Ok(f)) => (o, f),
-            (Err(e), Ok(_)) => {
+            (o, f) => {
+                let e = match (o, f) {
+                    (_, Err(e)) => e,
+                    (Err(e), _) => e.to_string(),
+                    _ => unreachable!(),
+                };
                 staging.abort();
                 error!(checkpoint = %id, error = %e, "checkpoint failed; the job keeps running, older images are intact");
-                return Err(e.to_string());
-            }
-            (_, Err(e)) => {
-                staging.abort();
-                error!(checkpoint = %id, error = %e, "checkpoint failed; the job keeps running, older images are intact");
+                // A dump that died half-way (CRIU killed, timeout) must not
+                // leave the job stopped.
+                let _ = tokio::task::spawn_blocking(move || resume_stopped(host_pid)).await;
                 return Err(e);
             }
         };
@@ -1070,6 +1073,42 @@ impl Supervisor {
     }
 }
 
+/// After a failed dump: any process of the job left stopped is resumed.
+/// CRIU seizes the tree with ptrace; if CRIU dies, the kernel detaches it
+/// and the tasks run on, which is waited for briefly; a task in a job-control
+/// stop gets SIGCONT. Returns how many tasks were resumed.
+pub fn resume_stopped(root: i32) -> usize {
+    let mut resumed = 0;
+    let deadline = Instant::now() + Duration::from_secs(2);
+    for pid in crate::proc::tree(root) {
+        loop {
+            match crate::proc::state(pid) {
+                Some('t') if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(20))
+                }
+                Some('T') => {
+                    warn!(pid, "a failed dump left this process stopped; resuming it");
+                    let _ = nix::sys::signal::kill(
+                        nix::unistd::Pid::from_raw(pid),
+                        nix::sys::signal::Signal::SIGCONT,
+                    );
+                    resumed += 1;
+                    break;
+                }
+                Some('t') => {
+                    warn!(
+                        pid,
+                        "a process of the job is still held in a trace stop after a failed dump"
+                    );
+                    break;
+                }
+                _ => break,
+            }
+        }
+    }
+    resumed
+}
+
 /// Waits for the job's end; never resolves while there is no job.
 async fn wait_job(job: &mut Option<Running>) -> (ExitStatus, Instant) {
     match job {
@@ -1133,6 +1172,31 @@ pub fn materialise(img: &ImageInfo, work: &Path) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn stopped_job_is_resumed() {
+        let mut c = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
+        let pid = c.id() as i32;
+        let p = nix::unistd::Pid::from_raw(pid);
+        nix::sys::signal::kill(p, nix::sys::signal::Signal::SIGSTOP).unwrap();
+        let t0 = Instant::now();
+        while crate::proc::state(pid) != Some('T') {
+            assert!(t0.elapsed() < Duration::from_secs(5));
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert_eq!(resume_stopped(pid), 1);
+        let t0 = Instant::now();
+        while crate::proc::state(pid) == Some('T') {
+            assert!(t0.elapsed() < Duration::from_secs(5), "still stopped");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert_eq!(resume_stopped(pid), 0);
+        let _ = c.kill();
+        let _ = c.wait();
+    }
 
     #[test]
     fn backoff_doubles_and_caps() {

@@ -1,0 +1,229 @@
+//! The fault suite: what supervise does when CRIU fails, jobs crash-loop,
+//! stores are damaged or full, and input is hostile. Real CRIU, real
+//! processes.
+
+mod common;
+
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    let t0 = Instant::now();
+    while !f() {
+        assert!(t0.elapsed() < timeout, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// No process of the tree is stopped or traced.
+fn assert_not_stopped(root: i32) {
+    for p in supervise::proc::tree(root) {
+        let st = supervise::proc::state(p);
+        assert!(
+            !matches!(st, Some('T') | Some('t')),
+            "pid {p} is left in state {st:?}"
+        );
+    }
+}
+
+/// CRIU is SIGKILLed in the middle of a dump: the job is not left frozen
+/// or stopped, CRIU's last words reach the user, and the next checkpoint
+/// works.
+#[test]
+fn criu_killed_mid_dump_leaves_the_job_running() {
+    if !criu_available() {
+        return;
+    }
+    let env = Env::new();
+    let job = env.job(
+        "big",
+        &format!(
+            "command = [\"{}\", \"768\"]\nstdout = \"big.out\"\n[checkpoint]\nevery = \"1h\"\n",
+            progs().join("bigmem").display()
+        ),
+    );
+    let sup = env.start(&job);
+    sup.wait_for("started", 1, T);
+    let out = env.path().join("big.out");
+    wait_numbers(&out, 2, T);
+    let (pid, _) = sup.job_pid("big");
+    let ckpt = Command::new(BIN)
+        .args(["checkpoint", "big"])
+        .env("SUPERVISE_SOCKET", env.socket())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Find supervise's criu (a descendant of supervise, not of the job).
+    let mut criu = None;
+    wait_until("criu to start", T, || {
+        criu = supervise::proc::tree(sup.pid()).into_iter().find(|p| {
+            fs::read_to_string(format!("/proc/{p}/comm")).is_ok_and(|c| c.trim() == "criu")
+        });
+        criu.is_some()
+    });
+    std::thread::sleep(Duration::from_millis(150));
+    kill(criu.unwrap(), libc::SIGKILL);
+    let res = ckpt.wait_with_output().unwrap();
+    assert_eq!(res.status.code(), Some(1), "{res:?}");
+    let err = String::from_utf8_lossy(&res.stderr);
+    assert!(
+        err.contains("checkpoint failed") && err.contains("criu dump"),
+        "{err}"
+    );
+    assert!(supervise::proc::alive(pid));
+    assert_not_stopped(pid);
+    let n = env.numbers("big.out").len();
+    wait_numbers(&out, n + 3, T);
+    let st = env.status();
+    assert!(
+        st[0]["last_error"].as_str().unwrap().contains("criu dump"),
+        "{st}"
+    );
+    assert_eq!(st[0]["state"], "running");
+    // Nothing half-written was published, and the next attempt works.
+    assert!(images(&job).is_empty());
+    let again = env.ctl(&["checkpoint", "big"]);
+    assert!(again.status.success(), "{again:?}");
+    assert_eq!(images(&job).len(), 1);
+}
+
+/// A resource CRIU cannot dump (an established TCP connection without
+/// `tcp_established`): every scheduled checkpoint fails with CRIU's own
+/// words, once per tick (no hammering), and the job runs on unfrozen.
+#[test]
+fn undumpable_job_fails_each_tick_with_criu_text() {
+    if !criu_available() {
+        return;
+    }
+    let env = Env::new();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let server = std::thread::spawn(move || listener.accept().map(|(s, _)| s));
+    let job = env.job(
+        "tcp",
+        &format!(
+            "command = [\"/bin/bash\", \"-c\", \"exec 3<>/dev/tcp/127.0.0.1/{port}; exec {} 100\"]\nstdout = \"tcp.out\"\n[checkpoint]\nevery = \"1s\"\n",
+            progs().join("counter").display()
+        ),
+    );
+    let sup = env.start(&job);
+    sup.wait_for("started", 1, T);
+    let _conn = server.join().unwrap().unwrap();
+    sup.wait_for("checkpoint failed", 1, T);
+    let t0 = Instant::now();
+    sup.wait_for("checkpoint failed", 4, T);
+    let span = t0.elapsed();
+    assert!(
+        span >= Duration::from_millis(2500),
+        "3 more failures took only {span:?}: retries must follow the 1 s schedule"
+    );
+    let log = sup.log();
+    assert!(
+        log.contains("tcp-established") || log.contains("TCP"),
+        "CRIU's words: {log}"
+    );
+    let (pid, _) = sup.job_pid("tcp");
+    assert_not_stopped(pid);
+    let out = env.path().join("tcp.out");
+    let n = env.numbers("tcp.out").len();
+    wait_numbers(&out, n + 3, T);
+    assert!(images(&job).is_empty());
+    assert!(!log.contains("checkpoint published"));
+}
+
+/// A job that dies right after every restore: growing backoff, then a
+/// final failure that says why, and `supervise run` exits 1 as every job
+/// it supervises failed.
+#[test]
+fn crash_loop_backs_off_then_fails_with_a_reason() {
+    if !criu_available() {
+        return;
+    }
+    let env = Env::new();
+    let job = env.job(
+        "crashy",
+        r#"command = ["/bin/sh", "-c", "i=0; while [ $i -lt 14 ]; do echo $i; i=$((i+1)); sleep 0.1; done; exit 1"]
+stdout = "crashy.out"
+[checkpoint]
+every = "1s"
+[restore]
+max_restores = 3
+window = "10m"
+backoff = "200ms"
+backoff_max = "5s"
+"#,
+    );
+    let mut sup = env.start(&job);
+    let code = sup.wait_exit(Duration::from_secs(60));
+    let log = sup.log();
+    assert_eq!(code, 1, "{log}");
+    let delays: Vec<u64> = log
+        .lines()
+        .filter(|l| l.contains("backing off before restoring"))
+        .filter_map(|l| l.split("delay_ms=").nth(1))
+        .filter_map(|v| v.split_whitespace().next()?.parse().ok())
+        .collect();
+    assert_eq!(delays, [200, 400, 800], "{log}");
+    assert!(
+        log.contains("restored"),
+        "it was restored before giving up: {log}"
+    );
+    assert!(
+        log.contains("job died 4 times within 10m; giving up (restore.max_restores)"),
+        "{log}"
+    );
+}
+
+/// Images hold the job's whole memory: the store is private (dirs 0700,
+/// files 0600), and an image dir others can write to is refused before
+/// anything starts.
+#[test]
+fn image_store_is_private_and_an_open_one_is_refused() {
+    if !criu_available() {
+        return;
+    }
+    let env = Env::new();
+    let job = env.job(
+        "priv",
+        &format!(
+            "command = [\"{}\", \"100\"]\nstdout = \"priv.out\"\n[checkpoint]\nevery = \"1s\"\ndir = \"images\"\n",
+            progs().join("counter").display()
+        ),
+    );
+    let mut sup = env.start(&job);
+    sup.wait_for("checkpoint published", 1, T);
+    sup.signal(libc::SIGTERM);
+    assert_eq!(sup.wait_exit(T), 0);
+    drop(sup);
+    let mut checked = 0;
+    let mut stack = vec![env.path().join("images")];
+    while let Some(d) = stack.pop() {
+        for e in fs::read_dir(&d).unwrap().flatten() {
+            let md = fs::symlink_metadata(e.path()).unwrap();
+            let mode = md.permissions().mode() & 0o777;
+            if md.is_dir() {
+                assert_eq!(mode, 0o700, "{}", e.path().display());
+                stack.push(e.path());
+            } else if md.is_file() {
+                assert_eq!(mode & 0o077, 0, "{} is {mode:o}", e.path().display());
+            }
+            checked += 1;
+        }
+    }
+    assert!(checked > 3);
+    fs::set_permissions(env.path().join("images"), fs::Permissions::from_mode(0o777)).unwrap();
+    let out = Command::new(BIN)
+        .arg("run")
+        .arg(&job)
+        .env("SUPERVISE_SOCKET", env.socket())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("images") && err.contains("writable"), "{err}");
+}
