@@ -244,7 +244,10 @@ fn main() {
     println!("checkpoints published {published}, failed {failed}, ticks skipped (during restores) {skipped}; ticks accounted {} of ~{:.0}", published + failed + skipped, secs);
     println!("overlapping checkpoints: {overlaps}; max gap between publishes {max_gap:.2} s; gaps > 2.5 s (missed ticks): {missed}");
     for r in reasons.iter().take(5) {
-        println!("  failed checkpoint: {}", r.chars().take(160).collect::<String>());
+        println!(
+            "  failed checkpoint: {}",
+            r.chars().take(160).collect::<String>()
+        );
     }
     println!("counter lines {}, exactly once: {exactly_once}", nums.len());
     println!("supervise RSS kB: first {rss0}, last {rss1}, max {rss_max}; open fds: first {fd0}, last {fd1}, max {fd_max}");

@@ -227,3 +227,112 @@ fn image_store_is_private_and_an_open_one_is_refused() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("images") && err.contains("writable"), "{err}");
 }
+
+/// A small tmpfs mounted for the test; unmounted when dropped.
+struct Tmpfs(std::path::PathBuf);
+
+impl Tmpfs {
+    fn mount(dir: &std::path::Path, size: &str) -> Tmpfs {
+        fs::create_dir_all(dir).unwrap();
+        let st = Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size},mode=0700"),
+                "tmpfs",
+            ])
+            .arg(dir)
+            .status()
+            .unwrap();
+        assert!(st.success(), "mount tmpfs");
+        Tmpfs(dir.to_path_buf())
+    }
+
+    fn free(&self) -> u64 {
+        let s = nix::sys::statvfs::statvfs(&self.0).unwrap();
+        s.blocks_available() as u64 * s.fragment_size() as u64
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}
+
+/// The image dir fills up: the checkpoint fails (ENOSPC, logged and in
+/// status), the job runs on unfrozen, the older image stays intact and
+/// restorable, the next scheduled checkpoint is tried again and succeeds
+/// once there is room.
+#[test]
+fn disk_full_during_a_checkpoint() {
+    if !criu_available() {
+        return;
+    }
+    let env = Env::new();
+    let disk = Tmpfs::mount(&env.path().join("images"), "24m");
+    let job = env.job(
+        "full",
+        &format!(
+            "command = [\"{}\", \"8\"]\nstdout = \"full.out\"\n[checkpoint]\nevery = \"1s\"\ndir = \"images\"\nkeep = 2\n[restore]\nbackoff = \"0s\"\n",
+            progs().join("bigmem").display()
+        ),
+    );
+    let sup = env.start(&job);
+    sup.wait_for("checkpoint published", 1, T);
+    // Leave ~256 KiB free: far less than the job's 8 MiB of pages.
+    let filler = disk.0.join("filler");
+    let room = disk.free().saturating_sub(256 << 10);
+    let f = fs::File::create(&filler).unwrap();
+    f.set_len(room).unwrap();
+    nix::fcntl::fallocate(
+        std::os::fd::AsRawFd::as_raw_fd(&f),
+        nix::fcntl::FallocateFlags::empty(),
+        0,
+        room as i64,
+    )
+    .unwrap();
+    drop(f);
+    let before = images(&job);
+    sup.wait_for("checkpoint failed", 2, T);
+    let log = sup.log();
+    assert!(
+        log.contains("No space left on device") || log.contains("ENOSPC"),
+        "{log}"
+    );
+    let st = env.status();
+    assert!(
+        st[0]["last_error"].as_str().unwrap().contains("No space"),
+        "{st}"
+    );
+    let (pid, _) = sup.job_pid("full");
+    assert_not_stopped(pid);
+    let n = env.numbers("full.out").len();
+    wait_numbers(&env.path().join("full.out"), n + 3, T);
+    // The older images are intact, and the newest still restores.
+    let after = images(&job);
+    let ids = |v: &[serde_json::Value]| v.iter().map(|i| i["id"].clone()).collect::<Vec<_>>();
+    assert_eq!(
+        ids(&after)[..],
+        ids(&before)[..],
+        "images changed while the disk was full"
+    );
+    let verify = Command::new(BIN).arg("images").arg(&job).output().unwrap();
+    assert!(verify.status.success());
+    sup.kill_job("full");
+    sup.wait_for("restored", 1, T);
+    assert!(sup.log().contains(&format!(
+        "restored checkpoint={}",
+        before[0]["id"].as_str().unwrap()
+    )));
+    // Room again: the schedule's next checkpoint succeeds.
+    fs::remove_file(&filler).unwrap();
+    let published = sup.log().matches("checkpoint published").count();
+    sup.wait_for("checkpoint published", published + 1, T);
+    let k = env.numbers("full.out").len();
+    wait_numbers(&env.path().join("full.out"), k + 3, T);
+    assert_exactly_once(&env.numbers("full.out"));
+    drop(sup);
+    drop(disk);
+}
