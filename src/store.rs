@@ -781,6 +781,7 @@ impl ImageStore {
         }
         if !renamed.is_empty() {
             fsync_dir(&self.dir)?;
+            failpoint("retain-after-rename");
         }
         let mut removed = Vec::new();
         for (id, path) in renamed {
@@ -800,6 +801,7 @@ impl ImageStore {
     /// Holds the exclusive lock, so it cannot race a commit or retention in
     /// another process.
     pub fn gc(&self) -> Result<GcReport, StoreError> {
+        check_dir(&self.dir)?;
         let _lock = self.lock(true)?;
         let mut report = GcReport {
             leftovers: self.remove_leftovers(false)?,
@@ -870,6 +872,7 @@ impl ImageStore {
                 objs.sort_unstable();
                 match repack(&db, &packs_dir, objs) {
                     Ok(Some(new)) => {
+                        failpoint("gc-after-repack");
                         remove_pack(&packs_dir, &pack.name)?;
                         report.rewritten_packs += 1;
                         report.freed_bytes += pack.file_bytes.saturating_sub(new.file_bytes);
@@ -1014,6 +1017,19 @@ impl ImageStore {
     }
 }
 
+/// Crash testing: when `SUPERVISE_FAILPOINT` names this point, the process
+/// SIGKILLs itself here (points: `commit-after-pack`, `retain-after-rename`,
+/// `gc-after-repack`, `gc-between-index-and-pack`).
+fn failpoint(name: &str) {
+    if std::env::var_os("SUPERVISE_FAILPOINT").is_some_and(|v| v == name) {
+        warn!(
+            failpoint = name,
+            "SUPERVISE_FAILPOINT reached: killing this process"
+        );
+        let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGKILL);
+    }
+}
+
 /// Checks that an existing store directory is a directory and not group/other-writable.
 fn check_dir(dir: &Path) -> Result<(), StoreError> {
     let md = fs::metadata(dir).map_err(io_err(dir))?;
@@ -1046,6 +1062,7 @@ fn remove_any(path: &Path) -> Result<(), StoreError> {
 fn remove_pack(dir: &Path, name: &str) -> Result<(), StoreError> {
     let idx = dir.join(format!("{name}.idx"));
     fs::remove_file(&idx).map_err(io_err(&idx))?;
+    failpoint("gc-between-index-and-pack");
     let pack = dir.join(format!("{name}.pack"));
     match fs::remove_file(&pack) {
         Ok(()) => Ok(()),
@@ -1506,6 +1523,7 @@ impl Staging {
         let new_raw_bytes = w.raw_bytes;
         let published = w.finish().map_err(io_err(&packs_dir))?;
         drop(db);
+        failpoint("commit-after-pack");
 
         // The data is safe in a published pack: drop the raw dump.
         for e in entries.iter().rev() {

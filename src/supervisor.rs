@@ -19,6 +19,7 @@ use tokio::sync::watch;
 use tracing::{error, info, warn};
 
 use crate::config::{JobConfig, RestoreOn, ShutdownAction, Target};
+use crate::criu::DumpMode;
 use crate::job::{self, InitFiles, Running};
 use crate::reaper::{ExitStatus, Reaper};
 use crate::schedule::Ticker;
@@ -119,6 +120,9 @@ pub struct Supervisor {
     restores: VecDeque<Instant>,
     consecutive: u32,
     criu_version: String,
+    /// Full dumps, or pre-dump + dump where CRIU tracks dirty memory;
+    /// asked of CRIU at the first checkpoint.
+    dump_mode: Option<DumpMode>,
     _lock: File,
 }
 
@@ -183,6 +187,7 @@ impl Supervisor {
             restores: VecDeque::new(),
             consecutive: 0,
             criu_version: String::new(),
+            dump_mode: None,
             _lock: lock,
         })
     }
@@ -337,17 +342,19 @@ impl Supervisor {
             }
         };
         let id = staging.id().to_string();
+        let mode = self.dump_mode().await;
         let reaper = self.reaper.clone();
         let host_pid = job.host_pid;
         let opts = self.cfg.checkpoint.criu;
         let timeout = self.cfg.checkpoint.timeout;
         let res = tokio::task::spawn_blocking(move || {
-            let r = crate::criu::dump(
+            let r = crate::criu::dump_with(
                 &reaper,
                 host_pid,
                 staging.path(),
                 &opts,
                 timeout,
+                mode,
                 &mut |_| true,
             );
             (staging, r)
@@ -392,17 +399,17 @@ impl Supervisor {
             duration_ms = outcome.duration.as_millis() as u64,
             frozen_ms = outcome.stats.as_ref().and_then(|s| s.frozen_time).map(|t| t as f64 / 1000.0).unwrap_or(f64::NAN),
             bytes = info.size_bytes,
+            new_bytes = info.new_bytes,
             pages = outcome.stats.as_ref().and_then(|s| s.pages_written).unwrap_or(0),
             "checkpoint published"
         );
         let keep = self.cfg.checkpoint.keep;
-        match tokio::task::spawn_blocking(move || store.retain(keep)).await {
-            Ok(Ok(removed)) if !removed.is_empty() => {
-                info!(?removed, keep, "retention removed old images")
-            }
-            Ok(Err(e)) => warn!(error = %e, "retention failed"),
-            _ => {}
-        }
+        let span = tracing::Span::current();
+        let _ = tokio::task::spawn_blocking(move || {
+            let _g = span.enter();
+            retain_and_gc(&store, keep)
+        })
+        .await;
         Ok(info)
     }
 
@@ -418,23 +425,31 @@ impl Supervisor {
             let reaper = self.reaper.clone();
             let opts = self.cfg.checkpoint.criu;
             let files = self.files();
-            let work = self.cfg.state_dir.join("restore");
+            let work =
+                crate::store::scratch_dir(&self.cfg.state_dir.join("restore"), img.size_bytes);
             let img2 = img.clone();
-            let res = tokio::task::spawn_blocking(move || -> Result<job::Restored, String> {
-                store
-                    .verify(&img2)
-                    .map_err(|e| format!("image failed verification: {e}"))?;
-                materialise(&img2, &work)
-                    .map_err(|e| format!("cannot prepare {} for CRIU: {e}", work.display()))?;
-                job::restore(&reaper, &work, &opts, &files, &mut |_| true)
-                    .map_err(|e| e.to_string())
-            })
+            let res = tokio::task::spawn_blocking(
+                move || -> Result<(job::Restored, Duration), String> {
+                    let m = store.materialise(&img2, &work).map_err(|e| match e {
+                        crate::store::StoreError::Corrupt { .. } => {
+                            format!("image failed verification: {e}")
+                        }
+                        e => format!("cannot prepare {} for CRIU: {e}", work.display()),
+                    })?;
+                    let r = job::restore(&reaper, &m.path, &opts, &files, &mut |_| true)
+                        .map_err(|e| e.to_string());
+                    // The restored job does not use the image files: free the (tmpfs) space.
+                    let _ = std::fs::remove_dir_all(&m.path);
+                    Ok((r?, m.duration))
+                },
+            )
             .await;
             match res {
-                Ok(Ok(r)) => {
+                Ok(Ok((r, materialise))) => {
                     info!(
                         checkpoint = %img.id,
-                        duration_ms = r.duration.as_millis() as u64,
+                        duration_ms = (r.duration + materialise).as_millis() as u64,
+                        materialise_ms = materialise.as_millis() as u64,
                         criu_restore_ms = r.criu_restore_us.map(|u| u as f64 / 1000.0).unwrap_or(f64::NAN),
                         pid = r.running.host_pid,
                         ns_pid = r.running.ns_pid,
@@ -574,6 +589,35 @@ impl Supervisor {
         }
     }
 
+    /// The dump mode, asked of CRIU once (FEATURE_CHECK `mem_track`).
+    async fn dump_mode(&mut self) -> DumpMode {
+        if let Some(m) = self.dump_mode {
+            return m;
+        }
+        let reaper = self.reaper.clone();
+        let mode =
+            match tokio::task::spawn_blocking(move || crate::criu::feature_check(&reaper)).await {
+                Ok(Ok(m)) => m,
+                Ok(Err(e)) => {
+                    warn!(error = %e, "CRIU feature check failed; taking full dumps");
+                    DumpMode::Full
+                }
+                Err(_) => DumpMode::Full,
+            };
+        match mode {
+            DumpMode::PreDump => info!(
+                dump_mode = "pre-dump",
+                "CRIU tracks dirty memory here: each checkpoint pre-dumps, then dumps only what changed"
+            ),
+            DumpMode::Full => info!(
+                dump_mode = "full",
+                "no dirty-memory tracking on this kernel: the job stays frozen for a full dump; the store still keeps only changed pages"
+            ),
+        }
+        self.dump_mode = Some(mode);
+        mode
+    }
+
     fn forget_record(&self) {
         let _ = std::fs::remove_file(self.cfg.state_dir.join("job.json"));
     }
@@ -592,18 +636,26 @@ pub fn create_private_dir(dir: &Path) -> std::io::Result<()> {
         .create(dir)
 }
 
-/// Lays out a directory CRIU can restore from without writing into the
-/// published image: a symlink per image file (CRIU writes its
-/// `stats-restore` next to them).
-pub fn materialise(img: &ImageInfo, work: &Path) -> std::io::Result<()> {
-    if work.exists() {
-        std::fs::remove_dir_all(work)?;
+/// Retention, then garbage collection of what it freed (blocking).
+fn retain_and_gc(store: &ImageStore, keep: usize) {
+    match store.retain(keep) {
+        Ok(removed) if !removed.is_empty() => {
+            info!(?removed, keep, "retention removed old images")
+        }
+        Ok(_) => {}
+        Err(e) => warn!(error = %e, "retention failed"),
     }
-    create_private_dir(work)?;
-    for f in &img.manifest.files {
-        std::os::unix::fs::symlink(img.path.join(&f.name), work.join(&f.name))?;
+    match store.gc() {
+        Ok(r) if r.removed_packs + r.rewritten_packs > 0 => info!(
+            removed_packs = r.removed_packs,
+            rewritten_packs = r.rewritten_packs,
+            freed_bytes = r.freed_bytes,
+            pack_bytes = r.pack_bytes,
+            "gc reclaimed unreferenced data"
+        ),
+        Ok(_) => {}
+        Err(e) => warn!(error = %e, "gc failed; unreferenced data stays until the next one"),
     }
-    Ok(())
 }
 
 #[cfg(test)]

@@ -48,6 +48,7 @@ pub fn progs() -> &'static Path {
             ("counter", "examples/counter.c", ""),
             ("threads", "tests/progs/threads.c", "-pthread"),
             ("bigmem", "tests/progs/bigmem.c", ""),
+            ("dirty", "tests/progs/dirty.c", ""),
         ] {
             let mut cmd = Command::new("cc");
             cmd.args(["-O2", "-o"])
@@ -90,6 +91,11 @@ impl Env {
     }
 
     pub fn start(&self, job: &Path) -> Sup {
+        self.start_with_env(job, &[])
+    }
+
+    /// Like [`start`](Self::start), with extra environment variables.
+    pub fn start_with_env(&self, job: &Path, env: &[(&str, &str)]) -> Sup {
         let log = self.path().join(format!(
             "supervise-{}.log",
             job.file_stem().unwrap().to_string_lossy()
@@ -104,6 +110,7 @@ impl Env {
             .arg("run")
             .arg(job)
             .env("SUPERVISE_LOG", "info")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(f.try_clone().unwrap())
             .stderr(f)
@@ -329,3 +336,18 @@ pub fn images(job: &Path) -> Vec<serde_json::Value> {
 }
 
 pub const T: Duration = Duration::from_secs(30);
+
+/// The pack file holding the objects an image (an entry of `images --json`)
+/// stored anew.
+pub fn newest_pack(img: &serde_json::Value) -> PathBuf {
+    let dir = PathBuf::from(img["path"].as_str().unwrap());
+    let m: serde_json::Value =
+        serde_json::from_slice(&fs::read(dir.join("MANIFEST.json")).unwrap()).unwrap();
+    let name = m["stored"]["pack"]
+        .as_str()
+        .expect("the image stored new data");
+    dir.parent()
+        .unwrap()
+        .join("packs")
+        .join(format!("{name}.pack"))
+}
