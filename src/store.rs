@@ -300,6 +300,9 @@ pub struct StoredInfo {
     pub new_objects: u64,
     /// Raw (uncompressed) bytes of those objects.
     pub new_raw_bytes: u64,
+    /// Raw bytes of the new tree nodes among them (metadata).
+    #[serde(default)]
+    pub node_bytes: u64,
     /// Chunks in the checkpoint (all files).
     pub chunks: u64,
     /// The pack holding the new objects, if any.
@@ -443,7 +446,7 @@ pub fn scratch_dir(fallback: &Path, need: u64) -> PathBuf {
     let tag = &objects::hex(&objects::hash(fallback.as_os_str().as_encoded_bytes()))[..16];
     if let Ok(st) = nix::sys::statfs::statfs(shm) {
         let tmpfs = st.filesystem_type() == nix::sys::statfs::TMPFS_MAGIC;
-        let avail = st.blocks_available() as u64 * st.block_size() as u64;
+        let avail = st.blocks_available() * st.block_size() as u64;
         // Keep at least half of the tmpfs (i.e. RAM) free for everything else.
         if tmpfs && need.saturating_mul(2) < avail {
             return shm.join(format!("supervise-restore-{tag}"));
@@ -1140,13 +1143,16 @@ enum WriteError {
     Damage(String),
 }
 
+/// Receives each verified chunk: (file index, chunk index, contents).
+type FileChunkSink<'a> = dyn FnMut(usize, usize, &[u8]) -> Result<(), PieceError> + 'a;
+
 /// Checks every piece of `image` (skipping objects in `good`, adding the
 /// ones found intact). `sink(file index, chunk index, data)` sees each chunk.
 fn check_image(
     db: &ObjectDb,
     image: &ImageInfo,
     good: &mut HashSetH,
-    sink: &mut dyn FnMut(usize, usize, &[u8]) -> Result<(), PieceError>,
+    sink: &mut FileChunkSink<'_>,
 ) -> Result<(), String> {
     if image.manifest.version == MANIFEST_VERSION_V1 {
         return verify_v1(image);
@@ -1521,6 +1527,7 @@ impl Staging {
         }
         let new_objects = w.len() as u64;
         let new_raw_bytes = w.raw_bytes;
+        let node_bytes = w.node_bytes;
         let published = w.finish().map_err(io_err(&packs_dir))?;
         drop(db);
         failpoint("commit-after-pack");
@@ -1544,6 +1551,7 @@ impl Staging {
             pack_bytes: published.as_ref().map(|p| p.file_bytes).unwrap_or(0),
             new_objects,
             new_raw_bytes,
+            node_bytes,
             chunks,
             pack: published.as_ref().map(|p| p.name.clone()),
             ingest_ms: start.elapsed().as_millis() as u64,

@@ -295,6 +295,8 @@ pub struct PackWriter {
     cbuf: Vec<u8>,
     /// Raw bytes of the objects added.
     pub raw_bytes: u64,
+    /// Raw bytes of the tree nodes among them.
+    pub node_bytes: u64,
 }
 
 /// A pack published by [`PackWriter::finish`].
@@ -331,6 +333,7 @@ impl PackWriter {
             cctx: zstd::bulk::Compressor::new(ZSTD_LEVEL)?,
             cbuf: Vec::new(),
             raw_bytes: 0,
+            node_bytes: 0,
         })
     }
 
@@ -475,6 +478,7 @@ impl TreeBuilder {
                 let h = hash(&node);
                 if !db.contains(&h) && !w.contains(&h) {
                     w.add(h, &node)?;
+                    w.node_bytes += node.len() as u64;
                 }
                 next.push(h);
             }
@@ -490,6 +494,9 @@ impl Default for TreeBuilder {
         Self::new()
     }
 }
+
+/// Receives each verified chunk: (chunk index, contents).
+pub type ChunkSink<'a> = dyn FnMut(usize, &[u8]) -> Result<(), PieceError> + 'a;
 
 /// Reads objects, verifying each against its hash.
 pub struct Reader<'a> {
@@ -635,7 +642,7 @@ impl<'a> Reader<'a> {
     pub fn read_chunks(
         &mut self,
         hashes: &[(usize, Hash)],
-        sink: &mut dyn FnMut(usize, &[u8]) -> Result<(), PieceError>,
+        sink: &mut ChunkSink<'_>,
     ) -> Result<(), PieceError> {
         let mut i = 0;
         let mut out = Vec::new();
