@@ -14,7 +14,8 @@
 //! `criu dump --leave-running` (run inside the job's namespaces with
 //! `nsenter`, as any CRIU user must for a job in its own PID namespace),
 //! `--gap-s` seconds apart. Then it kills the job and restores it both ways,
-//! timing kill-to-running:
+//! timing kill-to-running (the page cache is synced before every dump and
+//! restore, so earlier writes' writeback does not decide the comparison):
 //!
 //! * supervise: materialise the newest checkpoint (verifying every piece)
 //!   into its scratch directory, then restore through the engine;
@@ -160,12 +161,19 @@ fn bench(reaper: &Reaper, a: &Args) {
         a.mb, a.pages, a.interval_ms, a.checkpoints, a.gap
     );
     for i in 0..a.checkpoints {
-        // supervise's engine.
+        // supervise's engine. Each dump starts with no dirty page cache
+        // (sync first): CRIU writes the image while the job is frozen, and
+        // writeback of earlier gigabytes would otherwise throttle whichever
+        // dump comes next and decide the comparison.
+        nix::unistd::sync();
         let staging = store.begin().unwrap();
         let o = criu::dump(reaper, job_pid.0, staging.path(), &opts, None, &mut |_| {
             true
         })
         .expect("engine dump");
+        if std::env::var_os("BENCH_VERBOSE").is_some() {
+            eprintln!("engine stats: {:?}", o.stats);
+        }
         let t = Instant::now();
         let info = staging
             .commit(CheckpointMeta {
@@ -193,6 +201,11 @@ fn bench(reaper: &Reaper, a: &Args) {
         // Plain CRIU.
         let dir = raw_dir(i);
         fs::create_dir_all(&dir).unwrap();
+        if i > 0 {
+            // Only the newest raw dump is restored; keep the disk as for supervise.
+            let _ = fs::remove_dir_all(raw_dir(i - 1));
+        }
+        nix::unistd::sync();
         let t = Instant::now();
         let mut cmd = Command::new("nsenter");
         cmd.arg(format!("--target={}", job_pid.0))
@@ -215,6 +228,9 @@ fn bench(reaper: &Reaper, a: &Args) {
             .unwrap();
         assert!(st.success(), "criu dump: {st}; see raw-dump-{i}.log");
         let stats = criu::read_dump_stats(&dir);
+        if std::env::var_os("BENCH_VERBOSE").is_some() {
+            eprintln!("raw stats: {stats:?}");
+        }
         let bytes = supervise::store::dir_size(&dir);
         raws.push(Cp {
             frozen_ms: stats.and_then(|s| s.frozen_time).unwrap_or(0) as f64 / 1e3,
@@ -251,7 +267,8 @@ fn bench(reaper: &Reaper, a: &Args) {
 
     // Kill and restore, both ways.
     let newest = &by_id[ids.last().unwrap()];
-    drop(job.0.take());
+    drop(job);
+    nix::unistd::sync();
     let t0 = Instant::now();
     let d = scratch_dir(&work.join("restore"), newest.size_bytes);
     let m = store.materialise(newest, &d).expect("materialise");
@@ -264,11 +281,13 @@ fn bench(reaper: &Reaper, a: &Args) {
 
     let raw_newest = raw_dir(a.checkpoints - 1);
     let _ = fs::remove_file(raw_newest.join("stats-restore"));
+    nix::unistd::sync();
     let t0 = Instant::now();
     let r = job::restore(reaper, &raw_newest, &opts, &files, &mut |_| true).expect("restore raw");
     let engine_raw = t0.elapsed();
     drop(KillOnDrop(Some(r.running)));
 
+    nix::unistd::sync();
     let cli_raw = raw_cli_restore(reaper, &raw_newest, &work);
 
     // Report.
@@ -364,8 +383,9 @@ fn bench(reaper: &Reaper, a: &Args) {
         ours_restore.as_secs_f64() / engine_raw.as_secs_f64()
     );
     println!(
-        "disk: store {:.1} MiB for {} checkpoints, raw dumps {:.1} MiB",
+        "disk: store {:.1} MiB for {} checkpoints; {} raw dumps would take {:.1} MiB",
         mib(supervise::store::dir_size(&work.join("store"))),
+        ids.len(),
         ids.len(),
         mib(raws.iter().map(|r| r.bytes).sum())
     );

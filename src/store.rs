@@ -365,7 +365,10 @@ pub struct ImageStore {
 #[derive(Debug)]
 pub struct Staging {
     store: ImageStore,
-    path: PathBuf,
+    /// `<dir>/.staging-<seq>`: receives the manifest and is renamed into place.
+    publish_dir: PathBuf,
+    /// Where CRIU writes the dump: `path` itself, or a directory on tmpfs.
+    dump: PathBuf,
     id: String,
     seq: u64,
     created: DateTime<Utc>,
@@ -442,17 +445,41 @@ pub struct GcReport {
 /// else `fallback`. The name is derived from `fallback`, so a leftover of
 /// a crash is reused (and removed) by the same job's next restore.
 pub fn scratch_dir(fallback: &Path, need: u64) -> PathBuf {
-    let shm = Path::new("/dev/shm");
-    let tag = &objects::hex(&objects::hash(fallback.as_os_str().as_encoded_bytes()))[..16];
-    if let Ok(st) = nix::sys::statfs::statfs(shm) {
-        let tmpfs = st.filesystem_type() == nix::sys::statfs::TMPFS_MAGIC;
-        let avail = st.blocks_available() * st.block_size() as u64;
-        // Keep at least half of the tmpfs (i.e. RAM) free for everything else.
-        if tmpfs && need.saturating_mul(2) < avail {
-            return shm.join(format!("supervise-restore-{tag}"));
+    match tmpfs_dir(need) {
+        Some(shm) => shm.join(format!("supervise-restore-{}", path_tag(fallback))),
+        None => fallback.to_path_buf(),
+    }
+}
+
+/// Removes what [`scratch_dir`] may have left for `fallback` (a restore
+/// interrupted by a crash), on tmpfs and on disk.
+pub fn remove_scratch(fallback: &Path) {
+    let shm = Path::new("/dev/shm").join(format!("supervise-restore-{}", path_tag(fallback)));
+    for p in [shm.as_path(), fallback] {
+        if fs::symlink_metadata(p).is_ok() {
+            let _ = remove_any(p);
         }
     }
-    fallback.to_path_buf()
+}
+
+/// `/dev/shm` if it is a tmpfs with room for twice `need` (at least half
+/// of it, i.e. of RAM, stays free for everything else).
+fn tmpfs_dir(need: u64) -> Option<&'static Path> {
+    let shm = Path::new("/dev/shm");
+    let st = nix::sys::statfs::statfs(shm).ok()?;
+    let avail = st.blocks_available() * st.block_size() as u64;
+    (st.filesystem_type() == nix::sys::statfs::TMPFS_MAGIC && need.saturating_mul(2) < avail)
+        .then_some(shm)
+}
+
+/// A short stable tag naming `p` in shared directories.
+fn path_tag(p: &Path) -> String {
+    objects::hex(&objects::hash(p.as_os_str().as_encoded_bytes()))[..16].to_string()
+}
+
+/// Prefix of this store's dump directories on tmpfs.
+fn tmpfs_staging_prefix(store_dir: &Path) -> String {
+    format!("supervise-staging-{}-", path_tag(store_dir))
 }
 
 impl ImageStore {
@@ -586,10 +613,15 @@ impl ImageStore {
                         .map_err(io_err(&path))?;
                     let created = Utc::now();
                     let id = format!("{seq:06}-{}", created.format(ID_TIME_FORMAT));
-                    debug!(checkpoint = %id, path = %path.display(), "began checkpoint staging");
+                    let dump = match self.tmpfs_staging(seq) {
+                        Some(d) => d,
+                        None => path.clone(),
+                    };
+                    debug!(checkpoint = %id, path = %path.display(), dump = %dump.display(), "began checkpoint staging");
                     return Ok(Staging {
                         store: self.clone(),
-                        path,
+                        publish_dir: path,
+                        dump,
                         id,
                         seq,
                         created,
@@ -599,6 +631,23 @@ impl ImageStore {
                 // Someone (another Staging of this store) raced us: take the next number.
                 Err(e) if e.kind() == io::ErrorKind::AlreadyExists => seq += 1,
                 Err(e) => return Err(io_err(&path)(e)),
+            }
+        }
+    }
+
+    /// A private directory on tmpfs for CRIU to dump into, when tmpfs has
+    /// room for twice the newest checkpoint (the first one goes to disk:
+    /// its size is unknown). CRIU writes the image while the job is frozen,
+    /// and on tmpfs that costs memory bandwidth only, not the disk's
+    /// page-cache writeback stalls; the ingest then reads it from memory.
+    fn tmpfs_staging(&self, seq: u64) -> Option<PathBuf> {
+        let need = self.list().ok()?.first()?.size_bytes;
+        let dir = tmpfs_dir(need)?.join(format!("{}{seq:06}", tmpfs_staging_prefix(&self.dir)));
+        match DirBuilder::new().mode(0o700).create(&dir) {
+            Ok(()) => Some(dir),
+            Err(e) => {
+                debug!(dir = %dir.display(), error = %e, "cannot stage on tmpfs; staging on disk");
+                None
             }
         }
     }
@@ -908,6 +957,19 @@ impl ImageStore {
     /// an index and (with `staging`) `.staging-*`. Call under the exclusive lock.
     fn remove_leftovers(&self, staging: bool) -> Result<usize, StoreError> {
         let mut n = 0;
+        if staging {
+            let prefix = tmpfs_staging_prefix(&self.dir);
+            if let Ok(rd) = fs::read_dir("/dev/shm") {
+                for entry in rd.flatten() {
+                    if entry.file_name().to_string_lossy().starts_with(&prefix) {
+                        let path = entry.path();
+                        warn!(path = %path.display(), "removing leftover of an interrupted checkpoint");
+                        remove_any(&path)?;
+                        n += 1;
+                    }
+                }
+            }
+        }
         for entry in fs::read_dir(&self.dir).map_err(io_err(&self.dir))? {
             let entry = entry.map_err(io_err(&self.dir))?;
             let name = entry.file_name();
@@ -1430,9 +1492,10 @@ impl Staging {
         &self.id
     }
 
-    /// The staging directory (pass this to `criu dump -D`).
+    /// The directory to dump into (pass this to `criu dump -D`): on tmpfs
+    /// when it has room, else the store's `.staging-<seq>` directory.
     pub fn path(&self) -> &Path {
-        &self.path
+        &self.dump
     }
 
     /// Lists what the staging directory holds: regular files, regular files
@@ -1440,7 +1503,7 @@ impl Staging {
     /// inside the directory (CRIU's `parent` link to pre-dump images).
     fn entries(&self) -> Result<Vec<StagedEntry>, StoreError> {
         let mut out = Vec::new();
-        let mut walk = vec![(self.path.clone(), String::new())];
+        let mut walk = vec![(self.dump.clone(), String::new())];
         while let Some((dir, prefix)) = walk.pop() {
             for entry in fs::read_dir(&dir).map_err(io_err(&dir))? {
                 let entry = entry.map_err(io_err(&dir))?;
@@ -1505,7 +1568,7 @@ impl Staging {
                     ..Default::default()
                 }),
                 StagedEntry::File(name) => {
-                    let path = self.path.join(name);
+                    let path = self.dump.join(name);
                     let chunk = chunk_size_for(name);
                     let mut tree = TreeBuilder::new();
                     let size = objects::for_each_chunk(&path, chunk as usize, &mut |c| {
@@ -1533,13 +1596,20 @@ impl Staging {
         failpoint("commit-after-pack");
 
         // The data is safe in a published pack: drop the raw dump.
-        for e in entries.iter().rev() {
-            let p = self.path.join(entry_name(e));
+        if self.dump != self.publish_dir {
+            fs::remove_dir_all(&self.dump).map_err(io_err(&self.dump))?;
+        }
+        for e in entries
+            .iter()
+            .rev()
+            .filter(|_| self.dump == self.publish_dir)
+        {
+            let p = self.publish_dir.join(entry_name(e));
             fs::remove_file(&p).map_err(io_err(&p))?;
         }
-        for e in &entries {
+        for e in entries.iter().filter(|_| self.dump == self.publish_dir) {
             if let Some((sub, _)) = entry_name(e).split_once('/') {
-                let d = self.path.join(sub);
+                let d = self.publish_dir.join(sub);
                 match fs::remove_dir(&d) {
                     Ok(()) => {}
                     Err(e) if e.kind() == io::ErrorKind::NotFound => {}
@@ -1570,7 +1640,7 @@ impl Staging {
                 source,
             })?;
         json.push(b'\n');
-        let manifest_path = self.path.join(MANIFEST_NAME);
+        let manifest_path = self.publish_dir.join(MANIFEST_NAME);
         {
             let mut f = OpenOptions::new()
                 .write(true)
@@ -1583,10 +1653,10 @@ impl Staging {
             f.write_all(&json).map_err(io_err(&manifest_path))?;
             f.sync_all().map_err(io_err(&manifest_path))?;
         }
-        fsync_dir(&self.path)?;
+        fsync_dir(&self.publish_dir)?;
 
         let final_path = self.store.dir.join(&self.id);
-        rename_noreplace(&self.path, &final_path)?;
+        rename_noreplace(&self.publish_dir, &final_path)?;
         self.done = true;
         fsync_dir(&self.store.dir)?;
 
@@ -1605,10 +1675,13 @@ impl Staging {
             return;
         }
         self.done = true;
-        match fs::remove_dir_all(&self.path) {
-            Ok(()) => debug!(path = %self.path.display(), "removed staging directory"),
+        if self.dump != self.publish_dir {
+            let _ = fs::remove_dir_all(&self.dump);
+        }
+        match fs::remove_dir_all(&self.publish_dir) {
+            Ok(()) => debug!(path = %self.publish_dir.display(), "removed staging directory"),
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => warn!(path = %self.path.display(), error = %e,
+            Err(e) => warn!(path = %self.publish_dir.display(), error = %e,
                 "failed to remove staging directory; will retry at next open"),
         }
     }
@@ -2027,6 +2100,44 @@ mod tests {
         // Its sequence number is reused after the crash cleanup; that is fine
         // since it was never published.
         assert_eq!(publish(&store, "b").seq, 2);
+    }
+
+    #[test]
+    fn later_dumps_are_staged_on_tmpfs_and_removed() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = ImageStore::open(&tmp.path().join("s")).unwrap();
+        let first = store.begin().unwrap();
+        assert!(first.path().starts_with(tmp.path()), "first dump on disk");
+        first.abort();
+        publish(&store, "a");
+        let st = store.begin().unwrap();
+        let dump = st.path().to_path_buf();
+        if tmpfs_dir(1 << 20).is_none() {
+            return;
+        }
+        assert!(dump.starts_with("/dev/shm"), "{}", dump.display());
+        assert_eq!(mode(&dump), 0o700);
+        write(&dump.join("pages-1.img"), &job_pages(1, 3));
+        let img = st.commit(meta()).unwrap();
+        assert!(!dump.exists());
+        assert_eq!(names(&img.path), vec![MANIFEST_NAME.to_string()]);
+        assert_eq!(
+            contents(&store, &img, &tmp.path().join("w"))[0].1,
+            job_pages(1, 3)
+        );
+        // A crash leaves it behind; the next open removes it.
+        let st = store.begin().unwrap();
+        let dump = st.path().to_path_buf();
+        std::mem::forget(st);
+        assert!(dump.exists());
+        ImageStore::open(&tmp.path().join("s")).unwrap();
+        assert!(!dump.exists());
+        // Dropping a staging removes both directories.
+        let st = store.begin().unwrap();
+        let dump = st.path().to_path_buf();
+        drop(st);
+        assert!(!dump.exists());
+        assert_eq!(names(&tmp.path().join("s")).len(), 2);
     }
 
     #[test]

@@ -179,6 +179,8 @@ impl Supervisor {
                 job: job.clone(),
                 source,
             })?;
+        // Image files a crashed restore left behind (possibly GiBs of tmpfs).
+        crate::store::remove_scratch(&cfg.state_dir.join("restore"));
         Ok(Supervisor {
             cfg,
             store,
