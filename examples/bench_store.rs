@@ -139,7 +139,7 @@ fn bench(reaper: &Reaper, a: &Args) {
     };
     let job = job::launch(reaper, &spec, &files).expect("launch");
     // Whatever happens below, the job does not outlive the benchmark.
-    let mut job = KillOnDrop(Some(job));
+    let job = KillOnDrop(Some(job));
     let job_pid = (
         job.0.as_ref().unwrap().host_pid,
         job.0.as_ref().unwrap().ns_pid,
