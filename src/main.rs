@@ -1,6 +1,7 @@
 //! `supervise` command line. Thin: parsing, logging set-up, exit codes.
 
-use std::path::PathBuf;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{Context, Result};
@@ -8,6 +9,7 @@ use clap::{Parser, Subcommand};
 use supervise::config::JobConfig;
 use supervise::control::{Request, Response};
 use supervise::daemon::RunOptions;
+use supervise::store::ImageStore;
 
 #[derive(Parser)]
 #[command(
@@ -37,13 +39,28 @@ enum Cmd {
     },
     /// Preflight: can checkpointing work on this machine?
     Check,
-    /// List a job's images, newest first.
+    /// List a job's images, newest first, with their logical size, the
+    /// bytes each newly stored, CRIU's frozen time and whether it verifies.
     Images {
         /// Job file.
         job: PathBuf,
         /// Machine-readable output.
         #[arg(long)]
         json: bool,
+        /// Skip reading every stored piece (the VERIFIED column shows "-").
+        #[arg(long)]
+        no_verify: bool,
+    },
+    /// Check every stored piece of every image against its hash; exits 1
+    /// on damage, naming the image and the piece.
+    Verify {
+        /// Job file.
+        job: PathBuf,
+    },
+    /// Reclaim stored data no image references (also run after retention).
+    Gc {
+        /// Job file.
+        job: PathBuf,
     },
     /// Show the jobs of the running supervise.
     Status {
@@ -123,7 +140,13 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
                 ExitCode::SUCCESS
             })
         }
-        Cmd::Images { job, json } => images(&job, json),
+        Cmd::Images {
+            job,
+            json,
+            no_verify,
+        } => images(&job, json, !no_verify),
+        Cmd::Verify { job } => verify(&job),
+        Cmd::Gc { job } => gc(&job),
         Cmd::Run { jobs, metrics } => run(&jobs, socket, metrics),
         Cmd::Status { json } => control(&socket, Request::Status, json),
         Cmd::Checkpoint { name } => control(&socket, Request::Checkpoint { job: name }, false),
@@ -179,27 +202,48 @@ fn control(socket: &std::path::Path, req: Request, json: bool) -> Result<ExitCod
     Ok(ExitCode::SUCCESS)
 }
 
-fn images(job: &std::path::Path, json: bool) -> Result<ExitCode> {
+fn open_store(cfg: &JobConfig) -> Result<Option<ImageStore>> {
+    if !cfg.checkpoint.dir.exists() {
+        return Ok(None);
+    }
+    Ok(Some(
+        ImageStore::open_read_only(&cfg.checkpoint.dir)
+            .with_context(|| format!("job {}", cfg.name))?,
+    ))
+}
+
+fn images(job: &Path, json: bool, check: bool) -> Result<ExitCode> {
     let cfg = JobConfig::load(job)?;
-    let list = if cfg.checkpoint.dir.exists() {
-        supervise::store::ImageStore::open_read_only(&cfg.checkpoint.dir)
-            .and_then(|s| s.list())
-            .with_context(|| format!("job {}", cfg.name))?
-    } else {
-        Vec::new()
+    let store = open_store(&cfg)?;
+    let list = match &store {
+        Some(s) => s.list().with_context(|| format!("job {}", cfg.name))?,
+        None => Vec::new(),
     };
+    let mut verdicts: HashMap<String, Result<(), String>> = HashMap::new();
+    if let (true, Some(s)) = (check && !list.is_empty(), &store) {
+        let report = s
+            .verify_all()
+            .with_context(|| format!("job {}", cfg.name))?;
+        verdicts.extend(report.checkpoints);
+    }
+    let mb = |b: u64| format!("{:.1} MiB", b as f64 / (1 << 20) as f64);
     if json {
         let v: Vec<_> = list
             .iter()
             .map(|i| {
+                let verdict = verdicts.get(&i.id);
                 serde_json::json!({
                     "id": i.id,
                     "created": i.created.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
                     "size_bytes": i.size_bytes,
+                    "logical_bytes": i.size_bytes,
+                    "new_bytes": i.new_bytes,
                     "duration_ms": i.manifest.meta.duration_ms,
                     "frozen_us": i.manifest.meta.frozen_us,
                     "job_files": i.manifest.meta.extra.get("files"),
                     "job_files_copied_bytes": i.manifest.meta.extra.get("files_copied_bytes"),
+                    "verified": verdict.map(|r| r.is_ok()),
+                    "damage": verdict.and_then(|r| r.as_ref().err()),
                     "path": i.path,
                 })
             })
@@ -207,23 +251,97 @@ fn images(job: &std::path::Path, json: bool) -> Result<ExitCode> {
         println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
         println!(
-            "{:<24} {:<21} {:>12} {:>10}",
-            "ID", "CREATED", "SIZE", "FROZEN"
+            "{:<24} {:<21} {:>12} {:>12} {:>10} {:>8}",
+            "ID", "CREATED", "LOGICAL", "NEW", "FROZEN", "VERIFIED"
         );
         for i in &list {
             println!(
-                "{:<24} {:<21} {:>12} {:>10}",
+                "{:<24} {:<21} {:>12} {:>12} {:>10} {:>8}",
                 i.id,
                 i.created.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
-                i.size_bytes,
+                mb(i.size_bytes),
+                mb(i.new_bytes),
                 i.manifest
                     .meta
                     .frozen_us
                     .map(|u| format!("{:.1}ms", u as f64 / 1000.0))
-                    .unwrap_or_else(|| "-".into())
+                    .unwrap_or_else(|| "-".into()),
+                match verdicts.get(&i.id) {
+                    Some(Ok(())) => "yes",
+                    Some(Err(_)) => "NO",
+                    None => "-",
+                }
             );
         }
+        for (id, why) in verdicts
+            .iter()
+            .filter_map(|(id, r)| Some((id, r.as_ref().err()?)))
+        {
+            eprintln!("supervise: image {id} is damaged: {why}");
+        }
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn verify(job: &Path) -> Result<ExitCode> {
+    let cfg = JobConfig::load(job)?;
+    let Some(store) = open_store(&cfg)? else {
+        println!(
+            "job {}: no image store at {}",
+            cfg.name,
+            cfg.checkpoint.dir.display()
+        );
+        return Ok(ExitCode::SUCCESS);
+    };
+    let r = store
+        .verify_all()
+        .with_context(|| format!("job {}", cfg.name))?;
+    for (id, res) in &r.checkpoints {
+        match res {
+            Ok(()) => println!("ok       {id}"),
+            Err(why) => println!("DAMAGED  {id}: {why}"),
+        }
+    }
+    for (id, why) in &r.unreadable {
+        println!("DAMAGED  {id}: {why}");
+    }
+    for (pack, why) in &r.bad_indexes {
+        println!("DAMAGED  pack {pack}: {why}");
+    }
+    let bad = r.checkpoints.iter().filter(|c| c.1.is_err()).count() + r.unreadable.len();
+    println!(
+        "job {}: {} image(s), {} damaged; {} stored object(s) checked",
+        cfg.name,
+        r.checkpoints.len() + r.unreadable.len(),
+        bad,
+        r.objects_checked
+    );
+    Ok(if r.damaged() {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+fn gc(job: &Path) -> Result<ExitCode> {
+    let cfg = JobConfig::load(job)?;
+    let Some(store) = open_store(&cfg)? else {
+        println!(
+            "job {}: no image store at {}",
+            cfg.name,
+            cfg.checkpoint.dir.display()
+        );
+        return Ok(ExitCode::SUCCESS);
+    };
+    let r = store.gc().with_context(|| format!("job {}", cfg.name))?;
+    if let Some(why) = &r.refused {
+        println!("job {}: gc deleted nothing: {why}", cfg.name);
+        return Ok(ExitCode::FAILURE);
+    }
+    println!(
+        "job {}: removed {} pack(s), rewrote {}, freed {} bytes, {} leftover(s); {} live object(s) in {} bytes of packs",
+        cfg.name, r.removed_packs, r.rewritten_packs, r.freed_bytes, r.leftovers, r.live_objects, r.pack_bytes
+    );
     Ok(ExitCode::SUCCESS)
 }
 

@@ -1,62 +1,145 @@
-//! On-disk image store for one supervised job.
+//! On-disk image store for one supervised job: deduplicating, compressed,
+//! verified, crash-safe.
 //!
-//! A CRIU checkpoint is a directory of files (`*.img`, `stats-dump`, ...)
-//! produced by `criu dump` into a directory we choose. The store hands out
-//! such a directory ([`ImageStore::begin`]), then publishes it atomically with
-//! a checksummed manifest ([`Staging::commit`]), lists and verifies published
-//! checkpoints, and applies retention crash-safely.
+//! CRIU dumps a checkpoint as a directory of files. The store hands out such
+//! a directory ([`ImageStore::begin`]), and on [`Staging::commit`] *ingests*
+//! it: page images are cut into pages, every other file into 64 KiB pieces,
+//! each piece is named by its BLAKE3 hash and stored once, zstd-compressed,
+//! in a pack file; the checkpoint itself becomes a small manifest naming the
+//! root of each file's chunk tree. The raw dump is then deleted. A restore
+//! writes the files back out ([`ImageStore::materialise`]), verifying every
+//! piece against its hash as it is read.
+//!
+//! # Why this design
+//!
+//! * **Page-granular, content-addressed dedup.** Two dumps of a running job
+//!   differ in a few scattered pages (measured: 88 of 262,173 pages of a 1 GiB
+//!   job, 6 s apart). CRIU's `pages-*.img` are raw 4 KiB pages, so cutting
+//!   them at page boundaries finds exactly the unchanged ones, wherever they
+//!   moved in the file. No kernel support is needed (CRIU's own incremental
+//!   mode needs soft-dirty tracking), and no checkpoint depends on another:
+//!   each manifest names all of its pieces, so retention may delete any
+//!   checkpoint and every retained one still restores on its own.
+//! * **Merkle chunk lists.** A flat list of 262k hashes per GiB would cost
+//!   8 MiB per checkpoint. Instead chunk hashes are grouped 64 to a node (a
+//!   2 KiB object), nodes again 64 to a node, up to one root; unchanged
+//!   subtrees are unchanged objects and deduplicate like data, so a
+//!   checkpoint's metadata grows with what changed (about one 2 KiB node per
+//!   changed region plus its ancestors), not with the job's size.
+//! * **One pack per checkpoint.** New objects of one commit go into one pack
+//!   file with one index, instead of one file per page. Packs are immutable;
+//!   garbage collection deletes packs nobody references and rewrites packs
+//!   that are mostly dead.
+//! * **BLAKE3 + zstd level 1**: both run at GB/s, so verifying everything a
+//!   restore reads costs little; an object is stored raw when compressing
+//!   does not make it smaller.
 //!
 //! # Layout
 //!
 //! ```text
-//! <dir>/                         # created 0700 if missing (parents too); refused if it
-//!                                #   exists and is writable by group or others
-//!   000001-20261128T132955Z/     # a published checkpoint: "<seq:06>-<UTC %Y%m%dT%H%M%SZ>"
-//!      *.img, stats-dump ...     # CRIU's files, mode 0600
-//!      MANIFEST.json             # written last inside the staging dir, before the rename;
-//!                                #   its presence marks the checkpoint complete
-//!   .staging-000002/             # a checkpoint being written (never listed; removed by
-//!                                #   open() as the leftover of a crash)
-//!   .deleting-000001-.../        # a checkpoint being removed by retention (renamed first,
-//!                                #   then remove_dir_all; leftovers removed by open())
+//! <dir>/                          # created 0700 (parents too); refused if group/other-writable
+//!   .lock                         # flock: exclusive for commit/retain/gc, shared for reads
+//!   packs/                        # 0700
+//!     <name>.pack                 # objects (see objects.rs), written once, fsynced
+//!     <name>.idx                  # its index with a checksum; renamed in after the pack
+//!     .tmp-*                      # a pack/index being written (crash leftover if idle)
+//!   000001-20261128T132955Z/      # a published checkpoint: "<seq:06>-<UTC %Y%m%dT%H%M%SZ>"
+//!      MANIFEST.json              # version 2: files with size, chunk size, tree root/depth,
+//!                                 #   metadata, bytes newly stored; mode 0600
+//!   .staging-000002/              # CRIU's raw dump being written / ingested
+//!   .deleting-000001-.../         # a checkpoint being removed by retention
 //! ```
 //!
-//! * The id of a checkpoint is decided at [`ImageStore::begin`]: the sequence
-//!   number plus the UTC time of `begin()` (to the second). Lexicographic order
-//!   of ids equals age order (as long as sequence numbers have at most six
-//!   digits; the store itself always orders by the numeric sequence number).
-//! * Sequence numbers: next = 1 + the maximum sequence number among published,
-//!   staging and deleting entries, so ids never repeat, even after retention.
-//! * Publishing: every file is chmod 0600, hashed (SHA-256) and fsynced, then
-//!   `MANIFEST.json` is written and fsynced, the staging directory is fsynced,
-//!   renamed to `<dir>/<id>`, and `<dir>` is fsynced.
-//! * A directory with a missing, unparseable or unknown-version manifest is
-//!   skipped by [`ImageStore::list`] (with a warning) and never deleted by
-//!   [`ImageStore::retain`].
-//! * Dot-entries other than `.staging-*` / `.deleting-*` are ignored.
+//! Version 1 checkpoints (whole files next to a SHA-256 manifest, written by
+//! earlier releases) are still listed, verified, restored and retained.
+//!
+//! # Crash safety
+//!
+//! Everything is write, fsync, rename, fsync the directory; nothing
+//! published is ever modified in place.
+//!
+//! * **Commit**, under the exclusive lock: ingest into a temporary pack,
+//!   fsync, rename to `<name>.pack`, write and rename `<name>.idx`, fsync
+//!   `packs/`; only then delete the raw files, write `MANIFEST.json` into the
+//!   staging directory, fsync, rename it to `<id>`, fsync `<dir>`. A crash
+//!   before the last rename leaves a staging directory (removed by the next
+//!   [`ImageStore::open`]) and possibly an unreferenced pack (reclaimed by
+//!   [`ImageStore::gc`]); published checkpoints are untouched.
+//! * **Retention**, under the exclusive lock: rename to `.deleting-<id>`,
+//!   fsync, remove. Data stays in packs until gc.
+//! * **gc**, under the exclusive lock, so it never runs while a commit has
+//!   new objects that no manifest references yet (a CRIU dump still writing
+//!   into staging references nothing in the store). It marks every object
+//!   reachable from every published manifest; a pack with no live object is
+//!   removed (index first, then data); a pack less than half live is
+//!   rewritten: live objects are copied (each verified) into a new pack that
+//!   is published completely before the old index and pack are removed. If
+//!   any published checkpoint cannot be read (unknown manifest version, a
+//!   damaged tree node), gc deletes nothing.
+//! * `open` (by the supervising process, which holds the job's lock) removes
+//!   `.staging-*`, `.deleting-*` and `packs/.tmp-*` leftovers; gc removes the
+//!   latter two. `open_read_only` (`supervise images`, `verify`) changes
+//!   nothing.
+//!
+//! # Integrity
+//!
+//! Every object read for a restore is decompressed and checked against its
+//! hash, and every file's size and chunk count against the manifest, while
+//! it is being written out; a checkpoint with a bad or missing piece fails
+//! [`ImageStore::materialise`] with [`StoreError::Corrupt`] naming the file,
+//! chunk, object and pack, and the supervisor falls back to an older one.
+//! [`ImageStore::verify_all`] checks every checkpoint (each shared object
+//! once) plus the pack indexes' own checksums.
+//!
+//! # Restore speed
+//!
+//! [`ImageStore::materialise`] writes the image directory with several
+//! threads (objects that lie back to back in a pack are read with one call)
+//! into a scratch directory chosen by [`scratch_dir`]: on tmpfs (`/dev/shm`)
+//! when it has room, else under the job's state directory. The caller
+//! removes it once CRIU has restored.
+
+mod objects;
+
+pub use objects::{Hash, PieceError, FANOUT, FILE_CHUNK, PAGE_CHUNK};
 
 use std::fs::{self, DirBuilder, File, OpenOptions};
 use std::io::{self, Read, Write};
-use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{DirBuilderExt, FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use chrono::{DateTime, NaiveDateTime, Utc};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
+
+use objects::{HashSetH, ObjectDb, PackWriter, Reader, TreeBuilder};
 
 /// Name of the manifest file inside a checkpoint directory.
 pub const MANIFEST_NAME: &str = "MANIFEST.json";
-/// The manifest format version written (and the only one accepted) by this store.
-pub const MANIFEST_VERSION: u32 = 1;
+/// The manifest format version written by this store.
+pub const MANIFEST_VERSION: u32 = 2;
+/// The oldest manifest version still read (whole files + SHA-256).
+pub const MANIFEST_VERSION_V1: u32 = 1;
 /// Prefix of the directory of a checkpoint being written.
 pub const STAGING_PREFIX: &str = ".staging-";
 /// Prefix of the directory of a checkpoint being removed by retention.
 pub const DELETING_PREFIX: &str = ".deleting-";
+/// The store's lock file.
+pub const LOCK_NAME: &str = ".lock";
+/// The directory of pack files.
+pub const PACKS_DIR: &str = "packs";
 /// Time format used in checkpoint ids.
 const ID_TIME_FORMAT: &str = "%Y%m%dT%H%M%SZ";
 /// Buffer size for streaming hashes.
 const HASH_BUF_SIZE: usize = 1 << 20;
+/// Output is written in pieces of at most this size.
+const WRITE_BATCH: usize = 4 << 20;
+/// Files with more chunks than this are materialised by several threads.
+const PARALLEL_MIN_CHUNKS: usize = 2048;
 
 /// Errors of the image store. Every variant names the path or id it concerns.
 #[derive(Debug, thiserror::Error)]
@@ -107,7 +190,7 @@ pub enum StoreError {
         /// The rejected string.
         id: String,
     },
-    /// The staging directory contains something other than regular files.
+    /// The staging directory contains something the store cannot keep.
     #[error("unexpected entry {} in staging directory: {reason}", path.display())]
     UnexpectedEntry {
         /// The offending entry.
@@ -165,7 +248,7 @@ pub struct CheckpointMeta {
 /// Contents of `MANIFEST.json`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Manifest {
-    /// Manifest format version (currently [`MANIFEST_VERSION`]).
+    /// Manifest format version ([`MANIFEST_VERSION`] or [`MANIFEST_VERSION_V1`]).
     pub version: u32,
     /// Checkpoint id; equals the name of the checkpoint directory.
     pub id: String,
@@ -176,17 +259,57 @@ pub struct Manifest {
     pub meta: CheckpointMeta,
     /// Files of the checkpoint (excluding the manifest), sorted by name.
     pub files: Vec<FileEntry>,
+    /// What the commit added to the store (version 2).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stored: Option<StoredInfo>,
 }
 
 /// One file of a checkpoint as recorded in the manifest.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct FileEntry {
-    /// File name (no directory components).
+    /// Path relative to the image directory: a plain name, or `dir/name`
+    /// one level down (CRIU's pre-dump images).
     pub name: String,
     /// Size in bytes.
     pub size: u64,
-    /// Lower-case hex SHA-256 of the contents.
-    pub sha256: String,
+    /// Version 1: lower-case hex SHA-256 of the file kept whole in the
+    /// checkpoint directory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sha256: Option<String>,
+    /// Version 2: chunk size the file was cut into.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chunk: Option<u32>,
+    /// Version 2: levels of tree nodes above the chunks (0: `root` is the only chunk).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub depth: Option<u8>,
+    /// Version 2: hex BLAKE3 of the tree's root object.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub root: Option<String>,
+    /// A symbolic link (CRIU's `parent` link to pre-dump images) and its target.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub link: Option<String>,
+}
+
+/// What a commit added to the store.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct StoredInfo {
+    /// Bytes of the new pack and index files (the manifest's own size is
+    /// added when it is read: see [`ImageInfo::new_bytes`]).
+    pub pack_bytes: u64,
+    /// Objects that were not in the store yet.
+    pub new_objects: u64,
+    /// Raw (uncompressed) bytes of those objects.
+    pub new_raw_bytes: u64,
+    /// Raw bytes of the new tree nodes among them (metadata).
+    #[serde(default)]
+    pub node_bytes: u64,
+    /// Chunks in the checkpoint (all files).
+    pub chunks: u64,
+    /// The pack holding the new objects, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pack: Option<String>,
+    /// Milliseconds spent ingesting the dump.
+    pub ingest_ms: u64,
 }
 
 /// A published checkpoint.
@@ -196,12 +319,16 @@ pub struct ImageInfo {
     pub id: String,
     /// Sequence number parsed from the id.
     pub seq: u64,
-    /// Path of the checkpoint directory (pass this to `criu restore -D`).
+    /// Path of the checkpoint directory (holds the manifest; restore with
+    /// [`ImageStore::materialise`]).
     pub path: PathBuf,
     /// Creation time (from the manifest).
     pub created: DateTime<Utc>,
-    /// Sum of the file sizes in the manifest plus the size of the manifest file.
+    /// Logical size: the sum of the image files' sizes (what CRIU wrote).
     pub size_bytes: u64,
+    /// Bytes this checkpoint added to the disk when it was committed: its
+    /// new pack and index plus its manifest (version 1: all its files).
+    pub new_bytes: u64,
     /// The parsed manifest.
     pub manifest: Manifest,
 }
@@ -223,10 +350,12 @@ mod rfc3339 {
     }
 }
 
-/// The image store of one job.
+/// The image store of one job. Clones share the in-memory pack index.
 #[derive(Debug, Clone)]
 pub struct ImageStore {
     dir: PathBuf,
+    read_only: bool,
+    db: Arc<Mutex<ObjectDb>>,
 }
 
 /// A checkpoint being written; obtained from [`ImageStore::begin`].
@@ -235,8 +364,11 @@ pub struct ImageStore {
 /// removes the staging directory.
 #[derive(Debug)]
 pub struct Staging {
-    store_dir: PathBuf,
-    path: PathBuf,
+    store: ImageStore,
+    /// `<dir>/.staging-<seq>`: receives the manifest and is renamed into place.
+    publish_dir: PathBuf,
+    /// Where CRIU writes the dump: `path` itself, or a directory on tmpfs.
+    dump: PathBuf,
     id: String,
     seq: u64,
     created: DateTime<Utc>,
@@ -250,10 +382,112 @@ struct Skipped {
     reason: String,
 }
 
+/// A held `flock` on the store's lock file (released on drop).
+#[derive(Debug)]
+pub struct StoreLock {
+    _file: Option<File>,
+}
+
+/// What [`ImageStore::materialise`] did.
+#[derive(Debug, Clone)]
+pub struct Materialised {
+    /// The image directory written (pass it to CRIU).
+    pub path: PathBuf,
+    /// Bytes written.
+    pub bytes: u64,
+    /// Wall time.
+    pub duration: Duration,
+}
+
+/// Result of [`ImageStore::verify_all`].
+#[derive(Debug, Clone, Default)]
+pub struct VerifyReport {
+    /// Every listed checkpoint, newest first, with `Err(reason)` if damaged.
+    pub checkpoints: Vec<(String, Result<(), String>)>,
+    /// Entries that look like checkpoints but cannot be read (bad manifest).
+    pub unreadable: Vec<(String, String)>,
+    /// Pack indexes that failed their own checksum: (pack, why).
+    pub bad_indexes: Vec<(String, String)>,
+    /// Objects read and checked.
+    pub objects_checked: u64,
+}
+
+impl VerifyReport {
+    /// True if anything is damaged.
+    pub fn damaged(&self) -> bool {
+        !self.unreadable.is_empty()
+            || !self.bad_indexes.is_empty()
+            || self.checkpoints.iter().any(|(_, r)| r.is_err())
+    }
+}
+
+/// Result of [`ImageStore::gc`].
+#[derive(Debug, Clone, Default)]
+pub struct GcReport {
+    /// Packs removed because nothing referenced them.
+    pub removed_packs: usize,
+    /// Packs rewritten without their dead objects.
+    pub rewritten_packs: usize,
+    /// Bytes of pack files freed.
+    pub freed_bytes: u64,
+    /// Objects referenced by published checkpoints.
+    pub live_objects: u64,
+    /// Bytes of pack files after gc.
+    pub pack_bytes: u64,
+    /// Crash leftovers removed.
+    pub leftovers: usize,
+    /// Set when gc deleted nothing because the store could not be read whole.
+    pub refused: Option<String>,
+}
+
+/// Where to materialise an image for a restore: a private directory on
+/// tmpfs (`/dev/shm`) when that has room for `need` bytes with a margin,
+/// else `fallback`. The name is derived from `fallback`, so a leftover of
+/// a crash is reused (and removed) by the same job's next restore.
+pub fn scratch_dir(fallback: &Path, need: u64) -> PathBuf {
+    match tmpfs_dir(need) {
+        Some(shm) => shm.join(format!("supervise-restore-{}", path_tag(fallback))),
+        None => fallback.to_path_buf(),
+    }
+}
+
+/// Removes what [`scratch_dir`] may have left for `fallback` (a restore
+/// interrupted by a crash), on tmpfs and on disk.
+pub fn remove_scratch(fallback: &Path) {
+    let shm = Path::new("/dev/shm").join(format!("supervise-restore-{}", path_tag(fallback)));
+    for p in [shm.as_path(), fallback] {
+        if fs::symlink_metadata(p).is_ok() {
+            let _ = remove_any(p);
+        }
+    }
+}
+
+/// `/dev/shm` if it is a tmpfs with room for twice `need` (at least half
+/// of it, i.e. of RAM, stays free for everything else).
+fn tmpfs_dir(need: u64) -> Option<&'static Path> {
+    let shm = Path::new("/dev/shm");
+    let st = nix::sys::statfs::statfs(shm).ok()?;
+    let avail = st.blocks_available() * st.block_size() as u64;
+    (st.filesystem_type() == nix::sys::statfs::TMPFS_MAGIC && need.saturating_mul(2) < avail)
+        .then_some(shm)
+}
+
+/// A short stable tag naming `p` in shared directories.
+fn path_tag(p: &Path) -> String {
+    objects::hex(&objects::hash(p.as_os_str().as_encoded_bytes()))[..16].to_string()
+}
+
+/// Prefix of this store's dump directories on tmpfs.
+fn tmpfs_staging_prefix(store_dir: &Path) -> String {
+    format!("supervise-staging-{}-", path_tag(store_dir))
+}
+
 impl ImageStore {
     /// Opens (creating with mode 0700, parents included) the store directory
-    /// and removes leftover `.staging-*` and `.deleting-*` entries, logging
-    /// each with `tracing::warn!`.
+    /// for the supervising process and removes leftovers of a crash
+    /// (`.staging-*`, `.deleting-*`, `packs/.tmp-*`), logging each with
+    /// `tracing::warn!`. Only the process that holds the job's lock may call
+    /// this: a `.staging-*` directory may be a dump in progress otherwise.
     ///
     /// Fails with [`StoreError::InsecureDir`] if the directory is writable by
     /// group or others.
@@ -270,30 +504,26 @@ impl ImageStore {
             }
             Err(e) => return Err(io_err(dir)(e)),
         }
-        let md = fs::metadata(dir).map_err(io_err(dir))?;
-        if !md.is_dir() {
-            return Err(StoreError::NotADirectory {
-                path: dir.to_path_buf(),
-            });
+        check_dir(dir)?;
+        let packs = dir.join(PACKS_DIR);
+        match DirBuilder::new().mode(0o700).create(&packs) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(io_err(&packs)(e)),
         }
-        let mode = md.mode() & 0o7777;
-        if mode & 0o022 != 0 {
-            return Err(StoreError::InsecureDir {
-                path: dir.to_path_buf(),
-                mode,
-            });
+        let store = ImageStore::new(dir, false);
+        {
+            let _lock = store.lock(true)?;
+            store.remove_leftovers(true)?;
         }
-
-        let store = ImageStore {
-            dir: dir.to_path_buf(),
-        };
-        store.remove_leftovers()?;
         Ok(store)
     }
 
     /// Opens an existing store for reading only: creates nothing and
     /// removes nothing (a `.staging-*` entry may belong to a checkpoint in
-    /// progress in a running supervise). Used by `supervise images`.
+    /// progress in a running supervise). Used by `supervise images` and
+    /// `supervise verify`; [`gc`](Self::gc) works on it too (it never
+    /// touches staging directories).
     pub fn open_read_only(dir: &Path) -> Result<ImageStore, StoreError> {
         let md = fs::metadata(dir).map_err(io_err(dir))?;
         if !md.is_dir() {
@@ -301,14 +531,74 @@ impl ImageStore {
                 path: dir.to_path_buf(),
             });
         }
-        Ok(ImageStore {
+        Ok(ImageStore::new(dir, true))
+    }
+
+    fn new(dir: &Path, read_only: bool) -> ImageStore {
+        ImageStore {
             dir: dir.to_path_buf(),
-        })
+            read_only,
+            db: Arc::new(Mutex::new(ObjectDb::new(&dir.join(PACKS_DIR)))),
+        }
     }
 
     /// The store directory.
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// Takes the store lock: exclusive for writers (commit, retention, gc),
+    /// shared for readers (materialise, verify). Blocks until granted. A
+    /// read-only store without a lock file (nothing ever wrote to it with
+    /// this version) is read unlocked.
+    pub fn lock(&self, exclusive: bool) -> Result<StoreLock, StoreError> {
+        let path = self.dir.join(LOCK_NAME);
+        let file = if exclusive || !self.read_only {
+            match OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .mode(0o600)
+                .custom_flags(libc::O_CLOEXEC | libc::O_NOFOLLOW)
+                .open(&path)
+            {
+                Ok(f) => f,
+                Err(e) => return Err(io_err(&path)(e)),
+            }
+        } else {
+            match File::open(&path) {
+                Ok(f) => f,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                    return Ok(StoreLock { _file: None })
+                }
+                Err(e) => return Err(io_err(&path)(e)),
+            }
+        };
+        let op = if exclusive {
+            libc::LOCK_EX
+        } else {
+            libc::LOCK_SH
+        };
+        loop {
+            // SAFETY: flock on a descriptor we own.
+            if unsafe { libc::flock(file.as_raw_fd(), op) } == 0 {
+                break;
+            }
+            let e = io::Error::last_os_error();
+            if e.kind() != io::ErrorKind::Interrupted {
+                return Err(io_err(&path)(e));
+            }
+        }
+        Ok(StoreLock { _file: Some(file) })
+    }
+
+    /// The in-memory pack index, brought up to date (call under the lock).
+    fn db(&self) -> Result<MutexGuard<'_, ObjectDb>, StoreError> {
+        let mut db = self.db.lock().unwrap_or_else(|e| e.into_inner());
+        let dir = db.dir().to_path_buf();
+        db.refresh().map_err(io_err(&dir))?;
+        Ok(db)
     }
 
     /// Creates `.staging-<seq>` (mode 0700) for the next checkpoint. The id
@@ -323,10 +613,15 @@ impl ImageStore {
                         .map_err(io_err(&path))?;
                     let created = Utc::now();
                     let id = format!("{seq:06}-{}", created.format(ID_TIME_FORMAT));
-                    debug!(id = %id, path = %path.display(), "began checkpoint staging");
+                    let dump = match self.tmpfs_staging(seq) {
+                        Some(d) => d,
+                        None => path.clone(),
+                    };
+                    debug!(checkpoint = %id, path = %path.display(), dump = %dump.display(), "began checkpoint staging");
                     return Ok(Staging {
-                        store_dir: self.dir.clone(),
-                        path,
+                        store: self.clone(),
+                        publish_dir: path,
+                        dump,
                         id,
                         seq,
                         created,
@@ -336,6 +631,23 @@ impl ImageStore {
                 // Someone (another Staging of this store) raced us: take the next number.
                 Err(e) if e.kind() == io::ErrorKind::AlreadyExists => seq += 1,
                 Err(e) => return Err(io_err(&path)(e)),
+            }
+        }
+    }
+
+    /// A private directory on tmpfs for CRIU to dump into, when tmpfs has
+    /// room for twice the newest checkpoint (the first one goes to disk:
+    /// its size is unknown). CRIU writes the image while the job is frozen,
+    /// and on tmpfs that costs memory bandwidth only, not the disk's
+    /// page-cache writeback stalls; the ingest then reads it from memory.
+    fn tmpfs_staging(&self, seq: u64) -> Option<PathBuf> {
+        let need = self.list().ok()?.first()?.size_bytes;
+        let dir = tmpfs_dir(need)?.join(format!("{}{seq:06}", tmpfs_staging_prefix(&self.dir)));
+        match DirBuilder::new().mode(0o700).create(&dir) {
+            Ok(()) => Some(dir),
+            Err(e) => {
+                debug!(dir = %dir.display(), error = %e, "cannot stage on tmpfs; staging on disk");
+                None
             }
         }
     }
@@ -386,68 +698,113 @@ impl ImageStore {
         })
     }
 
-    /// Re-hashes every file of the checkpoint against its manifest.
+    /// Reads every piece of the checkpoint and checks it against its hash
+    /// (version 1: re-hashes every file against its SHA-256).
     ///
-    /// Fails with [`StoreError::Corrupt`] on a missing file, a non-regular
-    /// file, a size mismatch or a hash mismatch. Files present on disk but not
-    /// in the manifest are ignored.
+    /// Fails with [`StoreError::Corrupt`] naming the file and piece on a
+    /// missing or damaged piece, or a size mismatch.
     pub fn verify(&self, image: &ImageInfo) -> Result<(), StoreError> {
-        let corrupt = |reason: String| StoreError::Corrupt {
-            id: image.id.clone(),
-            reason,
+        let _lock = self.lock(false)?;
+        let db = self.db()?;
+        let mut checked = HashSetH::default();
+        check_image(&db, image, &mut checked, &mut |_, _, _| Ok(())).map_err(|reason| {
+            StoreError::Corrupt {
+                id: image.id.clone(),
+                reason,
+            }
+        })
+    }
+
+    /// Verifies the whole store: every listed checkpoint (objects shared by
+    /// several are read once), unreadable manifests and damaged pack indexes.
+    pub fn verify_all(&self) -> Result<VerifyReport, StoreError> {
+        let _lock = self.lock(false)?;
+        let (infos, skipped) = self.scan()?;
+        let db = self.db()?;
+        let mut report = VerifyReport {
+            unreadable: skipped
+                .into_iter()
+                .filter(|s| parse_id(&s.name).is_some())
+                .map(|s| (s.name, s.reason))
+                .collect(),
+            bad_indexes: db.bad_indexes.clone(),
+            ..Default::default()
         };
-        let mut buf = vec![0u8; HASH_BUF_SIZE];
-        for entry in &image.manifest.files {
-            if !valid_file_name(&entry.name) {
-                return Err(corrupt(format!(
-                    "manifest lists invalid file name {:?}",
-                    entry.name
-                )));
+        let mut good = HashSetH::default();
+        let before = good.len();
+        for img in &infos {
+            let r = check_image(&db, img, &mut good, &mut |_, _, _| Ok(()));
+            if let Err(e) = &r {
+                warn!(checkpoint = %img.id, error = %e, "checkpoint failed verification");
             }
-            let path = image.path.join(&entry.name);
-            let mut file = match open_nofollow(&path) {
-                Ok(f) => f,
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                    return Err(corrupt(format!("missing file {}", entry.name)))
-                }
-                Err(e) if e.raw_os_error() == Some(libc::ELOOP) => {
-                    return Err(corrupt(format!("{} is a symlink", entry.name)))
-                }
-                Err(e) => return Err(io_err(&path)(e)),
-            };
-            let md = file.metadata().map_err(io_err(&path))?;
-            if !md.is_file() {
-                return Err(corrupt(format!("{} is not a regular file", entry.name)));
+            report.checkpoints.push((img.id.clone(), r));
+        }
+        report.objects_checked = (good.len() - before) as u64;
+        Ok(report)
+    }
+
+    /// Writes the checkpoint's files into `work_dir` (removed first if it
+    /// exists, then created 0700) as real files CRIU can restore from,
+    /// verifying every piece as it is read. Large files are written by
+    /// several threads. On error the directory is removed and
+    /// [`StoreError::Corrupt`] names the file and piece that failed.
+    pub fn materialise(
+        &self,
+        image: &ImageInfo,
+        work_dir: &Path,
+    ) -> Result<Materialised, StoreError> {
+        let start = Instant::now();
+        match fs::symlink_metadata(work_dir) {
+            Ok(md) if md.is_dir() => fs::remove_dir_all(work_dir).map_err(io_err(work_dir))?,
+            Ok(_) => fs::remove_file(work_dir).map_err(io_err(work_dir))?,
+            Err(_) => {}
+        }
+        if let Some(parent) = work_dir.parent() {
+            DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(parent)
+                .map_err(io_err(parent))?;
+        }
+        DirBuilder::new()
+            .mode(0o700)
+            .create(work_dir)
+            .map_err(io_err(work_dir))?;
+        let res = (|| {
+            let _lock = self.lock(false)?;
+            let db = self.db()?;
+            let mut checked = HashSetH::default();
+            let mut bytes = 0u64;
+            write_image(&db, image, work_dir, &mut checked, &mut bytes).map_err(|e| match e {
+                WriteError::Store(e) => e,
+                WriteError::Damage(reason) => StoreError::Corrupt {
+                    id: image.id.clone(),
+                    reason,
+                },
+            })?;
+            Ok(bytes)
+        })();
+        match res {
+            Ok(bytes) => {
+                let duration = start.elapsed();
+                debug!(checkpoint = %image.id, bytes, ms = duration.as_millis() as u64, dir = %work_dir.display(), "materialised");
+                Ok(Materialised {
+                    path: work_dir.to_path_buf(),
+                    bytes,
+                    duration,
+                })
             }
-            if md.len() != entry.size {
-                return Err(corrupt(format!(
-                    "{}: size {} but manifest says {}",
-                    entry.name,
-                    md.len(),
-                    entry.size
-                )));
-            }
-            let (size, sha) = hash_reader(&mut file, &mut buf).map_err(io_err(&path))?;
-            if size != entry.size {
-                return Err(corrupt(format!(
-                    "{}: read {} bytes but manifest says {}",
-                    entry.name, size, entry.size
-                )));
-            }
-            if !sha.eq_ignore_ascii_case(&entry.sha256) {
-                return Err(corrupt(format!(
-                    "{}: sha256 {} but manifest says {}",
-                    entry.name, sha, entry.sha256
-                )));
+            Err(e) => {
+                let _ = fs::remove_dir_all(work_dir);
+                Err(e)
             }
         }
-        Ok(())
     }
 
     /// Keeps the newest `keep` published checkpoints (`keep >= 1`) and removes
     /// the rest crash-safely: each is renamed to `.deleting-<id>`, the store
     /// directory is fsynced, then the renamed directories are removed. Returns
-    /// the removed ids, newest first.
+    /// the removed ids, newest first. Their data is reclaimed by [`gc`](Self::gc).
     ///
     /// Only valid (listed) checkpoints count and are removed; invalid entries
     /// are left alone. A failure to remove an already-renamed directory is
@@ -459,6 +816,7 @@ impl ImageStore {
                 dir: self.dir.clone(),
             });
         }
+        let _lock = self.lock(true)?;
         let images = self.list()?;
         if images.len() <= keep {
             return Ok(Vec::new());
@@ -475,6 +833,7 @@ impl ImageStore {
         }
         if !renamed.is_empty() {
             fsync_dir(&self.dir)?;
+            failpoint("retain-after-rename");
         }
         let mut removed = Vec::new();
         for (id, path) in renamed {
@@ -482,36 +841,173 @@ impl ImageStore {
                 warn!(path = %path.display(), error = %e,
                     "failed to remove deleted checkpoint; will retry at next open");
             }
-            debug!(id = %id, "retention removed checkpoint");
+            debug!(checkpoint = %id, "retention removed checkpoint");
             removed.push(id);
         }
         result.map(|()| removed)
     }
 
-    /// Removes `.staging-*` and `.deleting-*` leftovers of a crash.
-    fn remove_leftovers(&self) -> Result<(), StoreError> {
-        let mut any = false;
+    /// Reclaims space no published checkpoint references (see the module
+    /// documentation): removes crash leftovers (never staging directories),
+    /// unreferenced packs, and rewrites packs that are less than half live.
+    /// Holds the exclusive lock, so it cannot race a commit or retention in
+    /// another process.
+    pub fn gc(&self) -> Result<GcReport, StoreError> {
+        check_dir(&self.dir)?;
+        let _lock = self.lock(true)?;
+        let mut report = GcReport {
+            leftovers: self.remove_leftovers(false)?,
+            ..Default::default()
+        };
+        let (infos, skipped) = self.scan()?;
+        let mut db = self.db()?;
+        if let Some(s) = skipped.iter().find(|s| parse_id(&s.name).is_some()) {
+            report.refused = Some(format!(
+                "checkpoint directory {} cannot be read ({}); deleting nothing",
+                s.name, s.reason
+            ));
+        }
+        // Mark.
+        let mut live = HashSetH::default();
+        if report.refused.is_none() {
+            let mut reader = Reader::new(&db).map_err(io_err(db.dir()))?;
+            'images: for img in &infos {
+                for f in &img.manifest.files {
+                    let Some((root, depth)) = tree_of(f) else {
+                        if img.manifest.version >= MANIFEST_VERSION && f.link.is_none() {
+                            report.refused = Some(format!(
+                                "checkpoint {}: file {} has no tree",
+                                img.id, f.name
+                            ));
+                            break 'images;
+                        }
+                        continue;
+                    };
+                    if let Err(e) = mark(&mut reader, &root, depth, &mut live) {
+                        report.refused = Some(format!(
+                            "checkpoint {}: file {}: {e}; deleting nothing",
+                            img.id, f.name
+                        ));
+                        break 'images;
+                    }
+                }
+            }
+        }
+        if let Some(why) = &report.refused {
+            warn!(store = %self.dir.display(), reason = %why, "gc deleted nothing");
+            report.pack_bytes = db.file_bytes();
+            return Ok(report);
+        }
+        report.live_objects = live.len() as u64;
+        // Sweep: live bytes per pack (an object counts for the pack the index maps it to).
+        let n = db.packs.len();
+        let mut live_bytes = vec![0u64; n];
+        let mut live_objs: Vec<Vec<(u64, Hash)>> = vec![Vec::new(); n];
+        for (h, loc) in db.iter() {
+            if live.contains(h) {
+                live_bytes[loc.pack as usize] += loc.stored_len as u64;
+                live_objs[loc.pack as usize].push((loc.offset, *h));
+            }
+        }
+        let packs_dir = db.dir().to_path_buf();
+        let mut changed = false;
+        for (i, pack) in db.packs.clone().iter().enumerate() {
+            let dead = pack.stored_bytes - live_bytes[i];
+            if live_bytes[i] == 0 {
+                remove_pack(&packs_dir, &pack.name)?;
+                report.removed_packs += 1;
+                report.freed_bytes += pack.file_bytes;
+                changed = true;
+                info!(pack = %pack.name, bytes = pack.file_bytes, "gc removed an unreferenced pack");
+            } else if dead > live_bytes[i] && dead >= (1 << 20) {
+                let objs = &mut live_objs[i];
+                objs.sort_unstable();
+                match repack(&db, &packs_dir, objs) {
+                    Ok(Some(new)) => {
+                        failpoint("gc-after-repack");
+                        remove_pack(&packs_dir, &pack.name)?;
+                        report.rewritten_packs += 1;
+                        report.freed_bytes += pack.file_bytes.saturating_sub(new.file_bytes);
+                        changed = true;
+                        info!(pack = %pack.name, into = %new.name, live = new.objects, freed = pack.file_bytes.saturating_sub(new.file_bytes), "gc rewrote a mostly dead pack");
+                    }
+                    Ok(None) => {}
+                    Err(e) => {
+                        warn!(pack = %pack.name, error = %e, "gc could not rewrite a pack; kept as is")
+                    }
+                }
+            }
+        }
+        if changed {
+            fsync_dir(&packs_dir)?;
+            db.refresh().map_err(io_err(&packs_dir))?;
+        }
+        report.pack_bytes = db.file_bytes();
+        Ok(report)
+    }
+
+    /// Bytes of all pack files and the number of packs.
+    pub fn pack_usage(&self) -> Result<(u64, usize), StoreError> {
+        let _lock = self.lock(false)?;
+        let db = self.db()?;
+        Ok((db.file_bytes(), db.packs.len()))
+    }
+
+    /// Removes crash leftovers: `.deleting-*`, `packs/.tmp-*`, packs without
+    /// an index and (with `staging`) `.staging-*`. Call under the exclusive lock.
+    fn remove_leftovers(&self, staging: bool) -> Result<usize, StoreError> {
+        let mut n = 0;
+        if staging {
+            let prefix = tmpfs_staging_prefix(&self.dir);
+            if let Ok(rd) = fs::read_dir("/dev/shm") {
+                for entry in rd.flatten() {
+                    if entry.file_name().to_string_lossy().starts_with(&prefix) {
+                        let path = entry.path();
+                        warn!(path = %path.display(), "removing leftover of an interrupted checkpoint");
+                        remove_any(&path)?;
+                        n += 1;
+                    }
+                }
+            }
+        }
         for entry in fs::read_dir(&self.dir).map_err(io_err(&self.dir))? {
             let entry = entry.map_err(io_err(&self.dir))?;
             let name = entry.file_name();
             let Some(name) = name.to_str() else { continue };
-            if !(name.starts_with(STAGING_PREFIX) || name.starts_with(DELETING_PREFIX)) {
+            if !((staging && name.starts_with(STAGING_PREFIX)) || name.starts_with(DELETING_PREFIX))
+            {
                 continue;
             }
             let path = entry.path();
             warn!(path = %path.display(), "removing leftover of an interrupted checkpoint operation");
-            let ft = entry.file_type().map_err(io_err(&path))?;
-            if ft.is_dir() {
-                fs::remove_dir_all(&path).map_err(io_err(&path))?;
-            } else {
-                fs::remove_file(&path).map_err(io_err(&path))?;
-            }
-            any = true;
+            remove_any(&path)?;
+            n += 1;
         }
-        if any {
+        if n > 0 {
             fsync_dir(&self.dir)?;
         }
-        Ok(())
+        let packs = self.dir.join(PACKS_DIR);
+        let mut m = 0;
+        if let Ok(rd) = fs::read_dir(&packs) {
+            for entry in rd {
+                let entry = entry.map_err(io_err(&packs))?;
+                let name = entry.file_name();
+                let Some(name) = name.to_str() else { continue };
+                let orphan = name
+                    .strip_suffix(".pack")
+                    .is_some_and(|stem| !packs.join(format!("{stem}.idx")).exists());
+                if name.starts_with(objects::TMP_PREFIX) || orphan {
+                    let path = entry.path();
+                    warn!(path = %path.display(), "removing leftover of an interrupted pack write");
+                    remove_any(&path)?;
+                    m += 1;
+                }
+            }
+            if m > 0 {
+                fsync_dir(&packs)?;
+            }
+        }
+        Ok(n + m)
     }
 
     /// 1 + the maximum sequence number among published, staging and deleting entries.
@@ -546,7 +1042,7 @@ impl ImageStore {
                 });
                 continue;
             };
-            if name.starts_with('.') {
+            if name.starts_with('.') || name == PACKS_DIR {
                 continue;
             }
             let Some(seq) = parse_id(name) else {
@@ -586,69 +1082,557 @@ impl ImageStore {
     }
 }
 
+/// Crash testing: when `SUPERVISE_FAILPOINT` names this point, the process
+/// SIGKILLs itself here (points: `commit-after-pack`, `retain-after-rename`,
+/// `gc-after-repack`, `gc-between-index-and-pack`).
+fn failpoint(name: &str) {
+    if std::env::var_os("SUPERVISE_FAILPOINT").is_some_and(|v| v == name) {
+        warn!(
+            failpoint = name,
+            "SUPERVISE_FAILPOINT reached: killing this process"
+        );
+        let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGKILL);
+    }
+}
+
+/// Checks that an existing store directory is a directory and not group/other-writable.
+fn check_dir(dir: &Path) -> Result<(), StoreError> {
+    let md = fs::metadata(dir).map_err(io_err(dir))?;
+    if !md.is_dir() {
+        return Err(StoreError::NotADirectory {
+            path: dir.to_path_buf(),
+        });
+    }
+    let mode = md.mode() & 0o7777;
+    if mode & 0o022 != 0 {
+        return Err(StoreError::InsecureDir {
+            path: dir.to_path_buf(),
+            mode,
+        });
+    }
+    Ok(())
+}
+
+fn remove_any(path: &Path) -> Result<(), StoreError> {
+    let md = fs::symlink_metadata(path).map_err(io_err(path))?;
+    if md.is_dir() {
+        fs::remove_dir_all(path).map_err(io_err(path))
+    } else {
+        fs::remove_file(path).map_err(io_err(path))
+    }
+}
+
+/// Removes a pack: its index first (so the data is never listed without
+/// it), then the data.
+fn remove_pack(dir: &Path, name: &str) -> Result<(), StoreError> {
+    let idx = dir.join(format!("{name}.idx"));
+    fs::remove_file(&idx).map_err(io_err(&idx))?;
+    failpoint("gc-between-index-and-pack");
+    let pack = dir.join(format!("{name}.pack"));
+    match fs::remove_file(&pack) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(io_err(&pack)(e)),
+    }
+}
+
+/// Copies the live objects `objs` (sorted by offset) of one pack into a new
+/// pack, verifying each. Returns the new pack.
+fn repack(
+    db: &ObjectDb,
+    dir: &Path,
+    objs: &[(u64, Hash)],
+) -> Result<Option<objects::Published>, String> {
+    let mut reader = Reader::new(db).map_err(|e| e.to_string())?;
+    let mut w = PackWriter::new(dir).map_err(|e| e.to_string())?;
+    let mut buf = Vec::new();
+    for (_, h) in objs {
+        let loc = reader.read_stored(h, &mut buf).map_err(|e| e.0)?;
+        w.add_stored(*h, &buf, loc.raw_len, loc.flags)
+            .map_err(|e| e.to_string())?;
+    }
+    w.finish().map_err(|e| e.to_string())
+}
+
+/// Adds every object of a tree to `live`; subtrees already marked are skipped.
+fn mark(
+    reader: &mut Reader<'_>,
+    root: &Hash,
+    depth: u8,
+    live: &mut HashSetH,
+) -> Result<(), PieceError> {
+    let mut level = vec![*root];
+    let mut buf = Vec::new();
+    for d in (0..=depth).rev() {
+        let mut next = Vec::new();
+        for h in level {
+            if !live.insert(h) {
+                continue;
+            }
+            if d > 0 {
+                reader.read(&h, &mut buf)?;
+                if buf.len() % 32 != 0 {
+                    return Err(PieceError(format!(
+                        "tree node {} has a bad length",
+                        objects::hex(&h)
+                    )));
+                }
+                next.extend(buf.chunks_exact(32).map(|c| Hash::try_from(c).unwrap()));
+            } else if reader_missing(reader, &h) {
+                return Err(PieceError(format!(
+                    "object {} is missing from the store",
+                    &objects::hex(&h)[..16]
+                )));
+            }
+        }
+        level = next;
+    }
+    Ok(())
+}
+
+fn reader_missing(reader: &Reader<'_>, h: &Hash) -> bool {
+    !reader.contains(h)
+}
+
+/// The tree of a version 2 file entry.
+fn tree_of(f: &FileEntry) -> Option<(Hash, u8)> {
+    Some((objects::parse_hex(f.root.as_deref()?)?, f.depth?))
+}
+
+/// A failure while writing or checking an image.
+enum WriteError {
+    Store(StoreError),
+    Damage(String),
+}
+
+/// Receives each verified chunk: (file index, chunk index, contents).
+type FileChunkSink<'a> = dyn FnMut(usize, usize, &[u8]) -> Result<(), PieceError> + 'a;
+
+/// Checks every piece of `image` (skipping objects in `good`, adding the
+/// ones found intact). `sink(file index, chunk index, data)` sees each chunk.
+fn check_image(
+    db: &ObjectDb,
+    image: &ImageInfo,
+    good: &mut HashSetH,
+    sink: &mut FileChunkSink<'_>,
+) -> Result<(), String> {
+    if image.manifest.version == MANIFEST_VERSION_V1 {
+        return verify_v1(image);
+    }
+    let mut reader = Reader::new(db).map_err(|e| e.to_string())?;
+    for (fi, f) in image.manifest.files.iter().enumerate() {
+        if !valid_file_name(&f.name) {
+            return Err(format!("manifest lists invalid file name {:?}", f.name));
+        }
+        if f.link.is_some() {
+            continue;
+        }
+        let (leaves, chunk) = file_leaves(&mut reader, f)?;
+        let todo: Vec<(usize, Hash)> = leaves
+            .iter()
+            .copied()
+            .enumerate()
+            .filter(|(_, h)| !good.contains(h))
+            .collect();
+        let mut ok = Vec::with_capacity(todo.len());
+        let last = leaves.len() - 1;
+        let r = reader.read_chunks(&todo, &mut |i, data| {
+            check_chunk_len(f, chunk, i, last, data.len())?;
+            ok.push(leaves[i]);
+            sink(fi, i, data)
+        });
+        good.extend(ok);
+        r.map_err(|e| format!("file {}: {e}", f.name))?;
+    }
+    Ok(())
+}
+
+fn check_chunk_len(
+    f: &FileEntry,
+    chunk: u64,
+    i: usize,
+    last: usize,
+    len: usize,
+) -> Result<(), PieceError> {
+    let want = if i < last {
+        chunk
+    } else {
+        f.size - chunk * last as u64
+    };
+    if len as u64 != want {
+        return Err(PieceError(format!(
+            "chunk {i} has {len} bytes, expected {want} (file size {})",
+            f.size
+        )));
+    }
+    Ok(())
+}
+
+/// The chunk list of a version 2 file, checked against its size.
+fn file_leaves(reader: &mut Reader<'_>, f: &FileEntry) -> Result<(Vec<Hash>, u64), String> {
+    let (Some((root, depth)), Some(chunk)) = (tree_of(f), f.chunk) else {
+        return Err(format!("file {}: manifest entry has no tree", f.name));
+    };
+    if chunk == 0 {
+        return Err(format!("file {}: chunk size 0", f.name));
+    }
+    let chunk = chunk as u64;
+    let leaves = reader
+        .leaves(&root, depth)
+        .map_err(|e| format!("file {}: {e}", f.name))?;
+    let want = f.size.div_ceil(chunk).max(1) as usize;
+    if leaves.len() != want {
+        return Err(format!(
+            "file {}: tree has {} chunks, size {} needs {want}",
+            f.name,
+            leaves.len(),
+            f.size
+        ));
+    }
+    Ok((leaves, chunk))
+}
+
+/// Re-hashes the whole files of a version 1 checkpoint.
+fn verify_v1(image: &ImageInfo) -> Result<(), String> {
+    let mut buf = vec![0u8; HASH_BUF_SIZE];
+    for entry in &image.manifest.files {
+        if !valid_file_name(&entry.name) || entry.name.contains('/') {
+            return Err(format!("manifest lists invalid file name {:?}", entry.name));
+        }
+        let path = image.path.join(&entry.name);
+        let mut file = match open_nofollow(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                return Err(format!("missing file {}", entry.name))
+            }
+            Err(e) if e.raw_os_error() == Some(libc::ELOOP) => {
+                return Err(format!("{} is a symlink", entry.name))
+            }
+            Err(e) => return Err(format!("{}: {e}", path.display())),
+        };
+        let md = file.metadata().map_err(|e| e.to_string())?;
+        if !md.is_file() {
+            return Err(format!("{} is not a regular file", entry.name));
+        }
+        if md.len() != entry.size {
+            return Err(format!(
+                "{}: size {} but manifest says {}",
+                entry.name,
+                md.len(),
+                entry.size
+            ));
+        }
+        let (size, sha) = hash_reader(&mut file, &mut buf).map_err(|e| e.to_string())?;
+        if size != entry.size {
+            return Err(format!(
+                "{}: read {} bytes but manifest says {}",
+                entry.name, size, entry.size
+            ));
+        }
+        let want = entry.sha256.as_deref().unwrap_or("");
+        if !sha.eq_ignore_ascii_case(want) {
+            return Err(format!(
+                "{}: sha256 {} but manifest says {}",
+                entry.name, sha, want
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Writes all files of `image` into `dir`.
+fn write_image(
+    db: &ObjectDb,
+    image: &ImageInfo,
+    dir: &Path,
+    good: &mut HashSetH,
+    bytes: &mut u64,
+) -> Result<(), WriteError> {
+    let damage = WriteError::Damage;
+    if image.manifest.version == MANIFEST_VERSION_V1 {
+        verify_v1(image).map_err(damage)?;
+        for f in &image.manifest.files {
+            let to = dir.join(&f.name);
+            fs::copy(image.path.join(&f.name), &to)
+                .and_then(|_| fs::set_permissions(&to, fs::Permissions::from_mode(0o600)))
+                .map_err(|e| WriteError::Store(io_err(&to)(e)))?;
+            *bytes += f.size;
+        }
+        return Ok(());
+    }
+    let mut reader = Reader::new(db).map_err(|e| WriteError::Store(io_err(db.dir())(e)))?;
+    for f in &image.manifest.files {
+        if !valid_file_name(&f.name) {
+            return Err(damage(format!(
+                "manifest lists invalid file name {:?}",
+                f.name
+            )));
+        }
+        let path = dir.join(&f.name);
+        if let Some((sub, _)) = f.name.split_once('/') {
+            let d = dir.join(sub);
+            if !d.exists() {
+                DirBuilder::new()
+                    .mode(0o700)
+                    .create(&d)
+                    .map_err(|e| WriteError::Store(io_err(&d)(e)))?;
+            }
+        }
+        if let Some(target) = &f.link {
+            if !valid_link(target) {
+                return Err(damage(format!(
+                    "{}: invalid link target {target:?}",
+                    f.name
+                )));
+            }
+            std::os::unix::fs::symlink(target, &path)
+                .map_err(|e| WriteError::Store(io_err(&path)(e)))?;
+            continue;
+        }
+        let (leaves, chunk) = file_leaves(&mut reader, f).map_err(damage)?;
+        let file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)
+            .map_err(|e| WriteError::Store(io_err(&path)(e)))?;
+        file.set_len(f.size)
+            .map_err(|e| WriteError::Store(io_err(&path)(e)))?;
+        let threads = if leaves.len() >= PARALLEL_MIN_CHUNKS {
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1)
+                .clamp(1, 4)
+        } else {
+            1
+        };
+        let per = leaves.len().div_ceil(threads);
+        let results: Vec<Result<(), String>> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..threads)
+                .map(|t| {
+                    let lo = (t * per).min(leaves.len());
+                    let hi = ((t + 1) * per).min(leaves.len());
+                    let file = &file;
+                    let leaves = &leaves;
+                    s.spawn(move || write_range(db, f, leaves, chunk, lo, hi, file))
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| {
+                    h.join()
+                        .unwrap_or_else(|_| Err("materialise thread panicked".into()))
+                })
+                .collect()
+        });
+        for r in results {
+            r.map_err(|e| damage(format!("file {}: {e}", f.name)))?;
+        }
+        good.extend(leaves.iter().copied());
+        *bytes += f.size;
+    }
+    Ok(())
+}
+
+/// Writes chunks `lo..hi` of one file at their offsets.
+fn write_range(
+    db: &ObjectDb,
+    f: &FileEntry,
+    leaves: &[Hash],
+    chunk: u64,
+    lo: usize,
+    hi: usize,
+    file: &File,
+) -> Result<(), String> {
+    if lo >= hi {
+        return Ok(());
+    }
+    let mut reader = Reader::new(db).map_err(|e| e.to_string())?;
+    let items: Vec<(usize, Hash)> = (lo..hi).map(|i| (i, leaves[i])).collect();
+    let last = leaves.len() - 1;
+    let mut buf: Vec<u8> = Vec::with_capacity(WRITE_BATCH + chunk as usize);
+    let mut buf_start = lo as u64 * chunk;
+    let mut io_error: Option<String> = None;
+    let flush = |buf: &mut Vec<u8>, at: u64| -> Result<(), String> {
+        file.write_all_at(buf, at)
+            .map_err(|e| format!("cannot write: {e}"))?;
+        buf.clear();
+        Ok(())
+    };
+    reader
+        .read_chunks(&items, &mut |i, data| {
+            check_chunk_len(f, chunk, i, last, data.len())?;
+            buf.extend_from_slice(data);
+            if buf.len() >= WRITE_BATCH {
+                let at = buf_start;
+                buf_start += buf.len() as u64;
+                if let Err(e) = flush(&mut buf, at) {
+                    io_error = Some(e.clone());
+                    return Err(PieceError(e));
+                }
+            }
+            Ok(())
+        })
+        .map_err(|e| io_error.take().unwrap_or(e.0))?;
+    if !buf.is_empty() {
+        flush(&mut buf, buf_start)?;
+    }
+    Ok(())
+}
+
+/// One entry of a staging directory to ingest.
+enum StagedEntry {
+    File(String),
+    Link(String, String),
+}
+
 impl Staging {
     /// The id this checkpoint will be published under.
     pub fn id(&self) -> &str {
         &self.id
     }
 
-    /// The staging directory (pass this to `criu dump -D`).
+    /// The directory to dump into (pass this to `criu dump -D`): on tmpfs
+    /// when it has room, else the store's `.staging-<seq>` directory.
     pub fn path(&self) -> &Path {
-        &self.path
+        &self.dump
     }
 
-    /// Publishes the checkpoint.
-    ///
-    /// Every regular file in the staging directory gets mode 0600, is hashed
-    /// (SHA-256, streaming) and fsynced; `MANIFEST.json` is written (0600) and
-    /// fsynced; the staging directory is fsynced, renamed to `<dir>/<id>`, and
-    /// `<dir>` is fsynced. Subdirectories, symlinks, other special files and a
-    /// pre-existing `MANIFEST.json` are errors. On error the staging
-    /// directory is removed.
+    /// Lists what the staging directory holds: regular files, regular files
+    /// one directory level down, and symbolic links with a relative target
+    /// inside the directory (CRIU's `parent` link to pre-dump images).
+    fn entries(&self) -> Result<Vec<StagedEntry>, StoreError> {
+        let mut out = Vec::new();
+        let mut walk = vec![(self.dump.clone(), String::new())];
+        while let Some((dir, prefix)) = walk.pop() {
+            for entry in fs::read_dir(&dir).map_err(io_err(&dir))? {
+                let entry = entry.map_err(io_err(&dir))?;
+                let path = entry.path();
+                let ft = entry.file_type().map_err(io_err(&path))?;
+                let unexpected = |reason: &str| StoreError::UnexpectedEntry {
+                    path: path.clone(),
+                    reason: reason.to_string(),
+                };
+                let Ok(name) = entry.file_name().into_string() else {
+                    return Err(unexpected("file name is not UTF-8"));
+                };
+                let rel = format!("{prefix}{name}");
+                if rel == MANIFEST_NAME {
+                    return Err(unexpected("MANIFEST.json is reserved for the store"));
+                }
+                if ft.is_dir() {
+                    if !prefix.is_empty() {
+                        return Err(unexpected("only one level of subdirectories is allowed"));
+                    }
+                    walk.push((path.clone(), format!("{rel}/")));
+                } else if ft.is_symlink() {
+                    let target = fs::read_link(&path).map_err(io_err(&path))?;
+                    let target = target
+                        .to_str()
+                        .filter(|t| prefix.is_empty() && valid_link(t))
+                        .ok_or_else(|| {
+                            unexpected("symbolic links must be top-level and point to a subdirectory by a relative name")
+                        })?;
+                    out.push(StagedEntry::Link(rel, target.to_string()));
+                } else if ft.is_file() {
+                    out.push(StagedEntry::File(rel));
+                } else {
+                    return Err(unexpected("not a regular file"));
+                }
+            }
+        }
+        out.sort_by(|a, b| entry_name(a).cmp(entry_name(b)));
+        Ok(out)
+    }
+
+    /// Publishes the checkpoint (see the module documentation, "Crash
+    /// safety"): ingests every file into the content-addressed store under
+    /// the exclusive lock, deletes the raw files, writes `MANIFEST.json`
+    /// and renames the staging directory to `<dir>/<id>`. On error the
+    /// staging directory is removed (new objects already in a published
+    /// pack are reclaimed by gc).
     pub fn commit(mut self, meta: CheckpointMeta) -> Result<ImageInfo, StoreError> {
-        let mut names = Vec::new();
-        for entry in fs::read_dir(&self.path).map_err(io_err(&self.path))? {
-            let entry = entry.map_err(io_err(&self.path))?;
-            let path = entry.path();
-            let ft = entry.file_type().map_err(io_err(&path))?;
-            let unexpected = |reason: &str| StoreError::UnexpectedEntry {
-                path: path.clone(),
-                reason: reason.to_string(),
-            };
-            if ft.is_dir() {
-                return Err(unexpected("subdirectories are not allowed"));
+        let start = Instant::now();
+        let entries = self.entries()?;
+        let _lock = self.store.lock(true)?;
+        let db = self.store.db()?;
+        let packs_dir = db.dir().to_path_buf();
+        let mut w = PackWriter::new(&packs_dir).map_err(io_err(&packs_dir))?;
+        let mut files = Vec::with_capacity(entries.len());
+        let mut chunks = 0u64;
+        for e in &entries {
+            match e {
+                StagedEntry::Link(name, target) => files.push(FileEntry {
+                    name: name.clone(),
+                    link: Some(target.clone()),
+                    ..Default::default()
+                }),
+                StagedEntry::File(name) => {
+                    let path = self.dump.join(name);
+                    let chunk = chunk_size_for(name);
+                    let mut tree = TreeBuilder::new();
+                    let size = objects::for_each_chunk(&path, chunk as usize, &mut |c| {
+                        chunks += 1;
+                        tree.push(&db, &mut w, c)
+                    })
+                    .map_err(io_err(&path))?;
+                    let (root, depth) = tree.finish(&db, &mut w).map_err(io_err(&packs_dir))?;
+                    files.push(FileEntry {
+                        name: name.clone(),
+                        size,
+                        chunk: Some(chunk),
+                        depth: Some(depth),
+                        root: Some(objects::hex(&root)),
+                        ..Default::default()
+                    });
+                }
             }
-            if !ft.is_file() {
-                return Err(unexpected("not a regular file"));
-            }
-            let Ok(name) = entry.file_name().into_string() else {
-                return Err(unexpected("file name is not UTF-8"));
-            };
-            if name == MANIFEST_NAME {
-                return Err(unexpected("MANIFEST.json is reserved for the store"));
-            }
-            names.push(name);
         }
-        names.sort();
+        let new_objects = w.len() as u64;
+        let new_raw_bytes = w.raw_bytes;
+        let node_bytes = w.node_bytes;
+        let published = w.finish().map_err(io_err(&packs_dir))?;
+        drop(db);
+        failpoint("commit-after-pack");
 
-        let mut buf = vec![0u8; HASH_BUF_SIZE];
-        let mut files = Vec::with_capacity(names.len());
-        for name in names {
-            let path = self.path.join(&name);
-            let mut file = open_nofollow(&path).map_err(io_err(&path))?;
-            file.set_permissions(fs::Permissions::from_mode(0o600))
-                .map_err(io_err(&path))?;
-            let (size, sha256) = hash_reader(&mut file, &mut buf).map_err(io_err(&path))?;
-            file.sync_all().map_err(io_err(&path))?;
-            files.push(FileEntry { name, size, sha256 });
+        // The data is safe in a published pack: drop the raw dump.
+        if self.dump != self.publish_dir {
+            fs::remove_dir_all(&self.dump).map_err(io_err(&self.dump))?;
         }
-
+        for e in entries
+            .iter()
+            .rev()
+            .filter(|_| self.dump == self.publish_dir)
+        {
+            let p = self.publish_dir.join(entry_name(e));
+            fs::remove_file(&p).map_err(io_err(&p))?;
+        }
+        for e in entries.iter().filter(|_| self.dump == self.publish_dir) {
+            if let Some((sub, _)) = entry_name(e).split_once('/') {
+                let d = self.publish_dir.join(sub);
+                match fs::remove_dir(&d) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(io_err(&d)(e)),
+                }
+            }
+        }
+        let stored = StoredInfo {
+            pack_bytes: published.as_ref().map(|p| p.file_bytes).unwrap_or(0),
+            new_objects,
+            new_raw_bytes,
+            node_bytes,
+            chunks,
+            pack: published.as_ref().map(|p| p.name.clone()),
+            ingest_ms: start.elapsed().as_millis() as u64,
+        };
         let manifest = Manifest {
             version: MANIFEST_VERSION,
             id: self.id.clone(),
             created: self.created,
             meta,
             files,
+            stored: Some(stored),
         };
         let mut json =
             serde_json::to_vec_pretty(&manifest).map_err(|source| StoreError::Serialize {
@@ -656,7 +1640,7 @@ impl Staging {
                 source,
             })?;
         json.push(b'\n');
-        let manifest_path = self.path.join(MANIFEST_NAME);
+        let manifest_path = self.publish_dir.join(MANIFEST_NAME);
         {
             let mut f = OpenOptions::new()
                 .write(true)
@@ -669,23 +1653,16 @@ impl Staging {
             f.write_all(&json).map_err(io_err(&manifest_path))?;
             f.sync_all().map_err(io_err(&manifest_path))?;
         }
-        fsync_dir(&self.path)?;
+        fsync_dir(&self.publish_dir)?;
 
-        let final_path = self.store_dir.join(&self.id);
-        rename_noreplace(&self.path, &final_path)?;
+        let final_path = self.store.dir.join(&self.id);
+        rename_noreplace(&self.publish_dir, &final_path)?;
         self.done = true;
-        fsync_dir(&self.store_dir)?;
+        fsync_dir(&self.store.dir)?;
 
-        let size_bytes = manifest.files.iter().map(|f| f.size).sum::<u64>() + json.len() as u64;
-        debug!(id = %self.id, size_bytes, "published checkpoint");
-        Ok(ImageInfo {
-            id: self.id.clone(),
-            seq: self.seq,
-            path: final_path,
-            created: self.created,
-            size_bytes,
-            manifest,
-        })
+        let info = image_info(&self.id, self.seq, final_path, manifest, json.len() as u64);
+        debug!(checkpoint = %self.id, size_bytes = info.size_bytes, new_bytes = info.new_bytes, "published checkpoint");
+        Ok(info)
     }
 
     /// Removes the staging directory (errors are logged, not returned).
@@ -698,10 +1675,13 @@ impl Staging {
             return;
         }
         self.done = true;
-        match fs::remove_dir_all(&self.path) {
-            Ok(()) => debug!(path = %self.path.display(), "removed staging directory"),
+        if self.dump != self.publish_dir {
+            let _ = fs::remove_dir_all(&self.dump);
+        }
+        match fs::remove_dir_all(&self.publish_dir) {
+            Ok(()) => debug!(path = %self.publish_dir.display(), "removed staging directory"),
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => warn!(path = %self.path.display(), error = %e,
+            Err(e) => warn!(path = %self.publish_dir.display(), error = %e,
                 "failed to remove staging directory; will retry at next open"),
         }
     }
@@ -710,6 +1690,46 @@ impl Staging {
 impl Drop for Staging {
     fn drop(&mut self) {
         self.remove();
+    }
+}
+
+fn entry_name(e: &StagedEntry) -> &str {
+    match e {
+        StagedEntry::File(n) | StagedEntry::Link(n, _) => n,
+    }
+}
+
+/// Page images are cut into pages, everything else into 64 KiB pieces.
+fn chunk_size_for(name: &str) -> u32 {
+    let base = name.rsplit('/').next().unwrap_or(name);
+    if base.starts_with("pages-") && base.ends_with(".img") {
+        PAGE_CHUNK
+    } else {
+        FILE_CHUNK
+    }
+}
+
+/// Builds an [`ImageInfo`] from a manifest whose file is `manifest_len` bytes.
+fn image_info(
+    id: &str,
+    seq: u64,
+    path: PathBuf,
+    manifest: Manifest,
+    manifest_len: u64,
+) -> ImageInfo {
+    let size_bytes = manifest.files.iter().map(|f| f.size).sum::<u64>();
+    let new_bytes = match &manifest.stored {
+        Some(s) => s.pack_bytes + manifest_len,
+        None => size_bytes + manifest_len,
+    };
+    ImageInfo {
+        id: id.to_string(),
+        seq,
+        path,
+        created: manifest.created,
+        size_bytes,
+        new_bytes,
+        manifest,
     }
 }
 
@@ -748,7 +1768,7 @@ fn load_image(id: &str, seq: u64, path: PathBuf) -> Result<ImageInfo, String> {
     };
     let probe: VersionProbe = serde_json::from_slice(&bytes)
         .map_err(|e| format!("{MANIFEST_NAME} is unparseable: {e}"))?;
-    if probe.version != MANIFEST_VERSION {
+    if probe.version != MANIFEST_VERSION && probe.version != MANIFEST_VERSION_V1 {
         return Err(format!(
             "{MANIFEST_NAME} has unknown version {} (expected {MANIFEST_VERSION})",
             probe.version
@@ -762,15 +1782,7 @@ fn load_image(id: &str, seq: u64, path: PathBuf) -> Result<ImageInfo, String> {
             manifest.id
         ));
     }
-    let size_bytes = manifest.files.iter().map(|f| f.size).sum::<u64>() + bytes.len() as u64;
-    Ok(ImageInfo {
-        id: id.to_string(),
-        seq,
-        path,
-        created: manifest.created,
-        size_bytes,
-        manifest,
-    })
+    Ok(image_info(id, seq, path, manifest, bytes.len() as u64))
 }
 
 /// Parses a checkpoint id `<seq (>= 6 digits)>-<%Y%m%dT%H%M%SZ>`, returning the sequence number.
@@ -794,9 +1806,20 @@ fn leading_seq(s: &str) -> Option<u64> {
     s[..end].parse().ok()
 }
 
-/// A plain file name: non-empty, no `/`, not `.`/`..`, not the manifest.
+/// A plain name, or `dir/name` one level down: no empty, `.` or `..`
+/// components, not the manifest.
 fn valid_file_name(name: &str) -> bool {
-    !name.is_empty() && !name.contains('/') && name != "." && name != ".." && name != MANIFEST_NAME
+    let parts: Vec<&str> = name.split('/').collect();
+    parts.len() <= 2
+        && parts
+            .iter()
+            .all(|p| !p.is_empty() && *p != "." && *p != "..")
+        && name != MANIFEST_NAME
+}
+
+/// A symlink target the store keeps: one relative plain name (a subdirectory).
+fn valid_link(target: &str) -> bool {
+    !target.is_empty() && !target.contains('/') && target != "." && target != ".."
 }
 
 /// Opens `path` read-only without following a final symlink.
@@ -871,6 +1894,19 @@ mod tests {
         fs::set_permissions(path, fs::Permissions::from_mode(0o644)).unwrap();
     }
 
+    /// Deterministic incompressible bytes.
+    fn noise(seed: u64, n: usize) -> Vec<u8> {
+        let mut x = seed.wrapping_mul(0x9E3779B97F4A7C15) | 1;
+        (0..n)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect()
+    }
+
     /// Creates and commits a checkpoint with two files.
     fn publish(store: &ImageStore, tag: &str) -> ImageInfo {
         let st = store.begin().unwrap();
@@ -882,12 +1918,57 @@ mod tests {
         st.commit(meta()).unwrap()
     }
 
+    /// Commits the given files.
+    fn publish_files(store: &ImageStore, files: &[(&str, &[u8])]) -> ImageInfo {
+        let st = store.begin().unwrap();
+        for (n, d) in files {
+            if let Some((sub, _)) = n.split_once('/') {
+                let _ = fs::create_dir(st.path().join(sub));
+            }
+            write(&st.path().join(n), d);
+        }
+        st.commit(meta()).unwrap()
+    }
+
+    /// Materialises `img` and returns name -> contents.
+    fn contents(store: &ImageStore, img: &ImageInfo, work: &Path) -> Vec<(String, Vec<u8>)> {
+        let m = store.materialise(img, work).unwrap();
+        let mut out = Vec::new();
+        for f in &img.manifest.files {
+            let p = m.path.join(&f.name);
+            if f.link.is_some() {
+                out.push((
+                    f.name.clone(),
+                    fs::read_link(&p)
+                        .unwrap()
+                        .into_os_string()
+                        .into_encoded_bytes(),
+                ));
+            } else {
+                assert_eq!(mode(&p), 0o600, "{}", f.name);
+                out.push((f.name.clone(), fs::read(&p).unwrap()));
+            }
+        }
+        out
+    }
+
     fn mode(path: &Path) -> u32 {
         fs::metadata(path).unwrap().mode() & 0o7777
     }
 
+    /// Checkpoint ids and other non-hidden entries of the store, sorted.
     fn names(dir: &Path) -> Vec<String> {
         let mut v: Vec<String> = fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .filter(|n| n != PACKS_DIR && n != LOCK_NAME)
+            .collect();
+        v.sort();
+        v
+    }
+
+    fn packs(dir: &Path) -> Vec<String> {
+        let mut v: Vec<String> = fs::read_dir(dir.join(PACKS_DIR))
             .unwrap()
             .map(|e| e.unwrap().file_name().into_string().unwrap())
             .collect();
@@ -939,12 +2020,17 @@ mod tests {
 
         let got = store.get(&b.id).unwrap();
         assert_eq!(got.manifest.meta, meta());
-        assert_eq!(got.manifest.version, 1);
+        assert_eq!(got.manifest.version, MANIFEST_VERSION);
         assert_eq!(got.manifest.files.len(), 2);
         assert_eq!(got.manifest.files[0].name, "pages-1.img");
+        assert_eq!(got.manifest.files[0].chunk, Some(PAGE_CHUNK));
+        assert_eq!(got.manifest.files[1].chunk, Some(FILE_CHUNK));
         assert_eq!(got.created, b.created);
         assert_eq!(got.size_bytes, b.size_bytes);
-        assert_eq!(got.size_bytes, dir_size(&got.path));
+        assert_eq!(got.size_bytes, 7 + 3000);
+        assert_eq!(got.new_bytes, b.new_bytes);
+        // Only the manifest is left in the checkpoint directory.
+        assert_eq!(names(&got.path), vec![MANIFEST_NAME.to_string()]);
         store.verify(&got).unwrap();
         assert!(matches!(
             store.get("000009-20260101T000000Z"),
@@ -962,13 +2048,16 @@ mod tests {
         let dir = tmp.path().join("store");
         let store = ImageStore::open(&dir).unwrap();
         assert_eq!(mode(&dir), 0o700);
+        assert_eq!(mode(&dir.join(PACKS_DIR)), 0o700);
         let st = store.begin().unwrap();
         assert_eq!(mode(st.path()), 0o700);
         write(&st.path().join("core-1.img"), b"core");
         let info = st.commit(meta()).unwrap();
         assert_eq!(mode(&info.path), 0o700);
-        for n in ["core-1.img", MANIFEST_NAME] {
-            assert_eq!(mode(&info.path.join(n)), 0o600, "{n}");
+        assert_eq!(mode(&info.path.join(MANIFEST_NAME)), 0o600);
+        assert_eq!(mode(&dir.join(LOCK_NAME)), 0o600);
+        for p in packs(&dir) {
+            assert_eq!(mode(&dir.join(PACKS_DIR).join(&p)), 0o600, "{p}");
         }
     }
 
@@ -1000,6 +2089,9 @@ mod tests {
         std::mem::forget(st); // simulated crash: no Drop
         assert!(staging_path.exists());
         assert_eq!(store.list().unwrap().len(), 1);
+        // gc never touches a staging directory (it may be a dump in progress).
+        store.gc().unwrap();
+        assert!(staging_path.exists());
 
         let (store, logs) = capture_logs(|| ImageStore::open(&dir).unwrap());
         assert!(!staging_path.exists());
@@ -1008,6 +2100,44 @@ mod tests {
         // Its sequence number is reused after the crash cleanup; that is fine
         // since it was never published.
         assert_eq!(publish(&store, "b").seq, 2);
+    }
+
+    #[test]
+    fn later_dumps_are_staged_on_tmpfs_and_removed() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = ImageStore::open(&tmp.path().join("s")).unwrap();
+        let first = store.begin().unwrap();
+        assert!(first.path().starts_with(tmp.path()), "first dump on disk");
+        first.abort();
+        publish(&store, "a");
+        let st = store.begin().unwrap();
+        let dump = st.path().to_path_buf();
+        if tmpfs_dir(1 << 20).is_none() {
+            return;
+        }
+        assert!(dump.starts_with("/dev/shm"), "{}", dump.display());
+        assert_eq!(mode(&dump), 0o700);
+        write(&dump.join("pages-1.img"), &job_pages(1, 3));
+        let img = st.commit(meta()).unwrap();
+        assert!(!dump.exists());
+        assert_eq!(names(&img.path), vec![MANIFEST_NAME.to_string()]);
+        assert_eq!(
+            contents(&store, &img, &tmp.path().join("w"))[0].1,
+            job_pages(1, 3)
+        );
+        // A crash leaves it behind; the next open removes it.
+        let st = store.begin().unwrap();
+        let dump = st.path().to_path_buf();
+        std::mem::forget(st);
+        assert!(dump.exists());
+        ImageStore::open(&tmp.path().join("s")).unwrap();
+        assert!(!dump.exists());
+        // Dropping a staging removes both directories.
+        let st = store.begin().unwrap();
+        let dump = st.path().to_path_buf();
+        drop(st);
+        assert!(!dump.exists());
+        assert_eq!(names(&tmp.path().join("s")).len(), 2);
     }
 
     #[test]
@@ -1037,15 +2167,19 @@ mod tests {
     }
 
     #[test]
-    fn commit_rejects_subdirectory_and_cleans_up() {
+    fn commit_rejects_deep_subdirectory_and_absolute_link_and_cleans_up() {
         let tmp = tempfile::tempdir().unwrap();
         let store = ImageStore::open(tmp.path()).unwrap();
         let st = store.begin().unwrap();
         let p = st.path().to_path_buf();
-        fs::create_dir(p.join("sub")).unwrap();
+        fs::create_dir_all(p.join("sub/deeper")).unwrap();
         let err = st.commit(meta()).unwrap_err();
         assert!(matches!(err, StoreError::UnexpectedEntry { .. }), "{err}");
         assert!(!p.exists());
+        let st = store.begin().unwrap();
+        std::os::unix::fs::symlink("/etc", st.path().join("parent")).unwrap();
+        let err = st.commit(meta()).unwrap_err();
+        assert!(matches!(err, StoreError::UnexpectedEntry { .. }), "{err}");
         assert!(store.list().unwrap().is_empty());
     }
 
@@ -1065,56 +2199,312 @@ mod tests {
             store.get("000009-20260101T000000Z"),
             Err(StoreError::Corrupt { .. })
         ));
+        // gc deletes nothing while a checkpoint cannot be read.
+        let r = store.gc().unwrap();
+        assert!(r.refused.is_some(), "{r:?}");
+        assert!(store.verify_all().unwrap().damaged());
         // It still counts for sequence numbers.
         assert_eq!(publish(&store, "b").seq, 10);
     }
 
+    /// Pages of a job: `n` pages, some zero, the rest noise.
+    fn job_pages(seed: u64, n: usize) -> Vec<u8> {
+        let mut v = Vec::with_capacity(n * 4096);
+        for i in 0..n {
+            if i % 5 == 0 {
+                v.extend_from_slice(&[0u8; 4096]);
+            } else {
+                v.extend_from_slice(&noise(seed * 100_000 + i as u64, 4096));
+            }
+        }
+        v
+    }
+
     #[test]
-    fn verify_detects_damage() {
+    fn later_checkpoints_store_only_what_changed() {
         let tmp = tempfile::tempdir().unwrap();
-        let store = ImageStore::open(tmp.path()).unwrap();
-
-        // Flipped byte.
-        let img = publish(&store, "a");
-        let f = img.path.join("stats-dump");
-        let mut data = fs::read(&f).unwrap();
-        data[1234] ^= 0x01;
-        fs::write(&f, &data).unwrap();
-        let err = store.verify(&img).unwrap_err();
-        assert!(
-            matches!(&err, StoreError::Corrupt { id, reason }
-            if *id == img.id && reason.contains("sha256")),
-            "{err}"
+        let store = ImageStore::open(&tmp.path().join("s")).unwrap();
+        let n = 3000; // ~12 MiB, depth-2 trees
+        let mut pages = job_pages(1, n);
+        let core = noise(9, 10_000);
+        let first = publish_files(
+            &store,
+            &[
+                ("pages-1.img", &pages),
+                ("core-1.img", &core),
+                ("supervise-files.json", b"{}"),
+            ],
         );
-
-        // Truncated file.
-        let img = publish(&store, "b");
-        let f = OpenOptions::new()
-            .write(true)
-            .open(img.path.join("stats-dump"))
-            .unwrap();
-        f.set_len(10).unwrap();
-        let err = store.verify(&img).unwrap_err();
-        assert!(
-            matches!(&err, StoreError::Corrupt { reason, .. }
-            if reason.contains("size")),
-            "{err}"
+        // Change 10 scattered pages and the core file.
+        for k in 0..10 {
+            let at = (k * 293 + 7) * 4096 + 100;
+            pages[at] ^= 0x5a;
+        }
+        let core2 = noise(10, 10_000);
+        let second = publish_files(
+            &store,
+            &[
+                ("pages-1.img", &pages),
+                ("core-1.img", &core2),
+                ("supervise-files.json", b"{}"),
+            ],
         );
-
-        // Missing file.
-        let img = publish(&store, "c");
-        fs::remove_file(img.path.join("pages-1.img")).unwrap();
-        let err = store.verify(&img).unwrap_err();
+        let s1 = first.manifest.stored.clone().unwrap();
+        let s2 = second.manifest.stored.clone().unwrap();
+        assert!(s1.new_raw_bytes >= (n as u64 * 4 / 5) * 4096, "{s1:?}");
+        // 10 pages + 1 core chunk + the changed tree nodes (10 leaves' parents + root).
+        assert!(s2.new_objects <= 10 + 1 + 10 + 1 + 1, "{s2:?}");
         assert!(
-            matches!(&err, StoreError::Corrupt { reason, .. }
-            if reason.contains("missing")),
-            "{err}"
+            second.new_bytes * 50 < first.new_bytes,
+            "second {} vs first {}",
+            second.new_bytes,
+            first.new_bytes
         );
+        let w = tmp.path().join("w");
+        let got = contents(&store, &second, &w);
+        assert_eq!(got[0].0, "core-1.img");
+        assert_eq!(got[0].1, core2);
+        assert_eq!(got[1].0, "pages-1.img");
+        assert_eq!(got[1].1, pages);
+        assert_eq!(got[2].1, b"{}");
+        // Nothing of the raw dump is left outside the packs.
+        assert_eq!(names(&second.path), vec![MANIFEST_NAME.to_string()]);
+        store.verify(&first).unwrap();
+        let report = store.verify_all().unwrap();
+        assert!(!report.damaged(), "{report:?}");
+        assert_eq!(report.checkpoints.len(), 2);
+    }
 
-        // Extra files are ignored.
-        let img = publish(&store, "d");
-        write(&img.path.join("extra.log"), b"extra");
+    #[test]
+    fn retention_then_gc_keeps_newest_restorable_and_frees_space() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("s");
+        let store = ImageStore::open(&dir).unwrap();
+        let n = 1000;
+        let mut pages = job_pages(2, n);
+        let mut imgs = Vec::new();
+        for round in 0..5u64 {
+            // Each round rewrites 300 pages: old packs become mostly dead.
+            for i in 0..300 {
+                let p = ((round as usize * 300 + i) % n) * 4096;
+                pages[p..p + 4096].copy_from_slice(&noise(round * 7777 + i as u64, 4096));
+            }
+            imgs.push(publish_files(
+                &store,
+                &[("pages-7.img", &pages), ("mm-7.img", b"mm")],
+            ));
+        }
+        let before = store.pack_usage().unwrap().0;
+        let removed = store.retain(1).unwrap();
+        assert_eq!(removed.len(), 4);
+        let r = store.gc().unwrap();
+        assert!(r.refused.is_none(), "{r:?}");
+        assert!(r.removed_packs + r.rewritten_packs > 0, "{r:?}");
+        let after = store.pack_usage().unwrap().0;
+        assert!(after < before, "gc freed nothing: {before} -> {after}");
+        // Close to the live data: the newest checkpoint's ~4 MiB (noise pages).
+        assert!(after < (n as u64 * 4096) * 13 / 10, "{after}");
+        let newest = store.list().unwrap().remove(0);
+        assert_eq!(newest.id, imgs[4].id);
+        let got = contents(&store, &newest, &tmp.path().join("w"));
+        assert_eq!(got[1].1, pages);
+        // A second gc finds nothing to do.
+        let r2 = store.gc().unwrap();
+        assert_eq!((r2.removed_packs, r2.rewritten_packs), (0, 0), "{r2:?}");
+        assert!(!store.verify_all().unwrap().damaged());
+    }
+
+    #[test]
+    fn flipped_byte_is_detected_and_older_checkpoint_still_restores() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("s");
+        let store = ImageStore::open(&dir).unwrap();
+        let mut pages = job_pages(3, 200);
+        let old = publish_files(&store, &[("pages-1.img", &pages)]);
+        pages[4096 * 17 + 5] ^= 1;
+        let new = publish_files(&store, &[("pages-1.img", &pages)]);
+        let pack = new.manifest.stored.as_ref().unwrap().pack.clone().unwrap();
+        let pp = dir.join(PACKS_DIR).join(format!("{pack}.pack"));
+        let mut bytes = fs::read(&pp).unwrap();
+        // The first object after the magic is the changed page.
+        bytes[8 + 100] ^= 0x01;
+        fs::write(&pp, &bytes).unwrap();
+        let w = tmp.path().join("w");
+        let err = store.materialise(&new, &w).unwrap_err();
+        let s = err.to_string();
+        assert!(
+            matches!(&err, StoreError::Corrupt { id, .. } if *id == new.id),
+            "{s}"
+        );
+        assert!(
+            s.contains("pages-1.img") && s.contains("chunk 17") && s.contains(&pack),
+            "{s}"
+        );
+        assert!(
+            !w.exists(),
+            "a failed materialisation leaves nothing behind"
+        );
+        assert!(store.verify(&new).is_err());
+        store.verify(&old).unwrap();
+        let got = contents(&store, &old, &w);
+        pages[4096 * 17 + 5] ^= 1;
+        assert_eq!(got[0].1, pages);
+        let report = store.verify_all().unwrap();
+        assert!(report.damaged());
+        let bad: Vec<_> = report.checkpoints.iter().filter(|c| c.1.is_err()).collect();
+        assert_eq!(bad.len(), 1);
+        assert_eq!(bad[0].0, new.id);
+    }
+
+    #[test]
+    fn damaged_pack_truncated_or_missing() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("s");
+        let store = ImageStore::open(&dir).unwrap();
+        let img = publish_files(&store, &[("pages-1.img", &job_pages(4, 50))]);
+        let pack = img.manifest.stored.as_ref().unwrap().pack.clone().unwrap();
+        let pp = dir.join(PACKS_DIR).join(format!("{pack}.pack"));
+        let f = OpenOptions::new().write(true).open(&pp).unwrap();
+        f.set_len(1000).unwrap();
+        let err = store.verify(&img).unwrap_err().to_string();
+        assert!(err.contains("missing") || err.contains("pack"), "{err}");
+        let report = store.verify_all().unwrap();
+        assert!(
+            report.bad_indexes.iter().any(|(n, _)| *n == pack),
+            "{report:?}"
+        );
+        fs::remove_file(&pp).unwrap();
+        assert!(store.materialise(&img, &tmp.path().join("w")).is_err());
+    }
+
+    #[test]
+    fn gc_removes_crash_leftovers_and_orphan_packs() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("s");
+        let store = ImageStore::open(&dir).unwrap();
+        let img = publish_files(&store, &[("pages-1.img", &job_pages(5, 20))]);
+        // A pack published by a commit that crashed before its manifest.
+        {
+            let db = ObjectDb::new(&dir.join(PACKS_DIR));
+            let mut w = PackWriter::new(&dir.join(PACKS_DIR)).unwrap();
+            let mut t = TreeBuilder::new();
+            t.push(&db, &mut w, &noise(77, 4096)).unwrap();
+            w.finish().unwrap().unwrap();
+        }
+        write(&dir.join(PACKS_DIR).join(".tmp-1-0.pack"), b"partial");
+        write(
+            &dir.join(PACKS_DIR).join("0123.pack"),
+            b"pack without index",
+        );
+        fs::create_dir(dir.join(".deleting-000000-20260101T000000Z")).unwrap();
+        assert_eq!(packs(&dir).len(), 2 + 2 + 2);
+        let r = store.gc().unwrap();
+        assert_eq!(r.leftovers, 3, "{r:?}");
+        assert_eq!(r.removed_packs, 1, "{r:?}");
+        assert_eq!(packs(&dir).len(), 2, "{:?}", packs(&dir));
+        assert_eq!(names(&dir), vec![img.id.clone()]);
         store.verify(&img).unwrap();
+    }
+
+    #[test]
+    fn predump_layout_and_other_files_roundtrip() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = ImageStore::open(&tmp.path().join("s")).unwrap();
+        let st = store.begin().unwrap();
+        let p = st.path().to_path_buf();
+        fs::create_dir(p.join("pre")).unwrap();
+        write(&p.join("pre/pages-1.img"), &job_pages(6, 30));
+        write(&p.join("pre/pagemap-1.img"), b"pm");
+        write(&p.join("pages-1.img"), &job_pages(7, 3));
+        write(&p.join("supervise-files.json"), b"{\"a\":1}");
+        write(&p.join("supervise-blob-0"), &noise(8, 200_000));
+        write(&p.join("empty"), b"");
+        std::os::unix::fs::symlink("pre", p.join("parent")).unwrap();
+        let img = st.commit(meta()).unwrap();
+        assert!(!p.exists());
+        let w = tmp.path().join("w");
+        let got = contents(&store, &img, &w);
+        let names: Vec<_> = got.iter().map(|g| g.0.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "empty",
+                "pages-1.img",
+                "parent",
+                "pre/pagemap-1.img",
+                "pre/pages-1.img",
+                "supervise-blob-0",
+                "supervise-files.json"
+            ]
+        );
+        assert_eq!(got[0].1, b"");
+        assert_eq!(got[2].1, b"pre");
+        assert_eq!(got[4].1, job_pages(6, 30));
+        assert_eq!(got[5].1, noise(8, 200_000));
+        assert_eq!(
+            fs::read(w.join("parent/pages-1.img")).unwrap(),
+            job_pages(6, 30)
+        );
+        assert_eq!(mode(&w), 0o700);
+        // Materialising again replaces the directory.
+        store.materialise(&img, &w).unwrap();
+    }
+
+    #[test]
+    fn version1_checkpoints_still_work() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("s");
+        let store = ImageStore::open(&dir).unwrap();
+        let id = "000001-20260101T000000Z";
+        let cp = dir.join(id);
+        fs::create_dir(&cp).unwrap();
+        write(&cp.join("pages-1.img"), b"v1 pages");
+        let m = serde_json::json!({
+            "version": 1, "id": id, "created": "2026-01-01T00:00:00Z",
+            "meta": meta(),
+            "files": [{"name": "pages-1.img", "size": 8,
+                "sha256": hex::encode(Sha256::digest(b"v1 pages"))}]
+        });
+        write(&cp.join(MANIFEST_NAME), m.to_string().as_bytes());
+        let v1 = store.get(id).unwrap();
+        store.verify(&v1).unwrap();
+        assert_eq!(
+            contents(&store, &v1, &tmp.path().join("w"))[0].1,
+            b"v1 pages"
+        );
+        let v2 = publish(&store, "x");
+        assert_eq!(v2.seq, 2);
+        assert!(store.gc().unwrap().refused.is_none());
+        assert!(!store.verify_all().unwrap().damaged());
+        write(&cp.join("pages-1.img"), b"v1 pagez");
+        assert!(store.verify(&v1).is_err());
+        assert_eq!(store.retain(1).unwrap(), vec![id.to_string()]);
+    }
+
+    #[test]
+    fn writers_exclude_each_other_across_handles() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("s");
+        let a = ImageStore::open(&dir).unwrap();
+        let b = ImageStore::open_read_only(&dir).unwrap();
+        let held = a.lock(true).unwrap();
+        let f = File::open(dir.join(LOCK_NAME)).unwrap();
+        // SAFETY: flock on our own descriptor.
+        let rc = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_SH | libc::LOCK_NB) };
+        assert_eq!(rc, -1, "a reader must wait for a writer");
+        let (tx, rx) = std::sync::mpsc::channel();
+        let t = std::thread::spawn(move || {
+            let r = b.gc().unwrap();
+            tx.send(()).unwrap();
+            r
+        });
+        assert!(
+            rx.recv_timeout(Duration::from_millis(200)).is_err(),
+            "gc ran under a held lock"
+        );
+        drop(held);
+        rx.recv_timeout(Duration::from_secs(10)).unwrap();
+        t.join().unwrap();
     }
 
     #[test]
@@ -1185,6 +2575,10 @@ mod tests {
         assert_eq!(removed, vec![a.id.clone()]);
         assert!(old.path.join(MANIFEST_NAME).exists());
         assert_eq!(names(&dir), vec![old.id.clone(), b.id.clone()]);
+        // Its objects may still be needed by a newer supervise: gc keeps everything.
+        let n = packs(&dir).len();
+        assert!(store.gc().unwrap().refused.is_some());
+        assert_eq!(packs(&dir).len(), n);
     }
 
     #[test]
@@ -1199,29 +2593,61 @@ mod tests {
         assert_eq!(leading_seq("000007-x"), Some(7));
         assert_eq!(leading_seq("0007x"), None);
         assert_eq!(leading_seq("lost+found"), None);
+        assert!(valid_file_name("pre/pages-1.img"));
+        assert!(!valid_file_name("a/b/c"));
+        assert!(!valid_file_name("../x"));
+        assert!(!valid_file_name(MANIFEST_NAME));
+        assert_eq!(chunk_size_for("pre/pages-12.img"), PAGE_CHUNK);
+        assert_eq!(chunk_size_for("pagemap-12.img"), FILE_CHUNK);
+        assert_eq!(chunk_size_for("supervise-pages-1.img.json"), FILE_CHUNK);
     }
 
     #[test]
     fn manifest_roundtrip() {
         let m = Manifest {
-            version: 1,
+            version: 2,
             id: "000001-20261128T132955Z".into(),
             created: Utc::now(),
             meta: meta(),
             files: vec![FileEntry {
                 name: "a".into(),
                 size: 1,
-                sha256: "00".into(),
+                chunk: Some(4096),
+                depth: Some(0),
+                root: Some("00".repeat(32)),
+                ..Default::default()
             }],
+            stored: Some(StoredInfo::default()),
         };
         let s = serde_json::to_string(&m).unwrap();
+        assert!(!s.contains("sha256") && !s.contains("link"), "{s}");
         let back: Manifest = serde_json::from_str(&s).unwrap();
         assert_eq!(back.created, m.created);
         assert_eq!(back.meta, m.meta);
+        assert_eq!(back.files, m.files);
         // `extra` may be absent.
         let mut v: serde_json::Value = serde_json::from_str(&s).unwrap();
         v["meta"].as_object_mut().unwrap().remove("extra");
         let back: Manifest = serde_json::from_value(v).unwrap();
         assert!(back.meta.extra.is_empty());
+    }
+
+    #[test]
+    fn scratch_dir_prefers_tmpfs_with_room() {
+        let fb = Path::new("/var/lib/x/restore");
+        let d = scratch_dir(fb, 1 << 20);
+        if nix::sys::statfs::statfs("/dev/shm")
+            .map(|s| s.filesystem_type() == nix::sys::statfs::TMPFS_MAGIC)
+            .unwrap_or(false)
+        {
+            assert!(
+                d.to_string_lossy()
+                    .starts_with("/dev/shm/supervise-restore-"),
+                "{}",
+                d.display()
+            );
+            assert_eq!(d, scratch_dir(fb, 1 << 20), "stable per job");
+        }
+        assert_eq!(scratch_dir(fb, u64::MAX / 4), fb);
     }
 }

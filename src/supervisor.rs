@@ -30,6 +30,7 @@ const FENCE_CHECK: Duration = Duration::from_secs(1);
 const SUPERSEDED: &str = "superseded";
 
 use crate::config::{JobConfig, RestoreOn, ShutdownAction, Target};
+use crate::criu::DumpMode;
 use crate::files::{Action, CaptureSummary, FilesError};
 use crate::job::{self, InitFiles, Running};
 use crate::reaper::{ExitStatus, Reaper};
@@ -163,6 +164,9 @@ pub struct Supervisor {
     slurm: Option<SlurmContext>,
     /// Our lease on the image store (Slurm only).
     fence: Option<Fence>,
+    /// Full dumps, or pre-dump + dump where CRIU tracks dirty memory;
+    /// asked of CRIU at the first checkpoint.
+    dump_mode: Option<DumpMode>,
     _lock: File,
 }
 
@@ -227,6 +231,8 @@ impl Supervisor {
                 job: job.clone(),
                 source,
             })?;
+        // Image files a crashed restore left behind (possibly GiBs of tmpfs).
+        crate::store::remove_scratch(&cfg.state_dir.join("restore"));
         Ok(Supervisor {
             cfg,
             store,
@@ -242,6 +248,7 @@ impl Supervisor {
             run_dir,
             slurm,
             fence: None,
+            dump_mode: None,
             _lock: lock,
         })
     }
@@ -559,7 +566,7 @@ impl Supervisor {
             self.stop_job(j).await;
         }
         self.set_state(JobState::Restoring);
-        let resp = match self.restore_image(&img, true).await {
+        let resp = match self.restore_image(&img).await {
             Ok(r) => {
                 let m = format!(
                     "job {} restored from {} as pid {}",
@@ -707,7 +714,7 @@ impl Supervisor {
                     Duration::from_millis(m.duration_ms),
                     m.frozen_us.map(Duration::from_micros),
                     info.size_bytes,
-                    info.size_bytes,
+                    info.new_bytes,
                 );
                 let sum = summary(info);
                 self.publish(|s| {
@@ -733,6 +740,7 @@ impl Supervisor {
             }
         };
         let id = staging.id().to_string();
+        let mode = self.dump_mode().await;
         let reaper = self.reaper.clone();
         let host_pid = job.host_pid;
         let opts = self.cfg.checkpoint.criu;
@@ -757,7 +765,15 @@ impl Supervisor {
                 files = Some(r);
                 ok
             };
-            let r = crate::criu::dump(&reaper, host_pid, &dir, &opts, timeout, &mut on_notify);
+            let r = crate::criu::dump_with(
+                &reaper,
+                host_pid,
+                &dir,
+                &opts,
+                timeout,
+                mode,
+                &mut on_notify,
+            );
             (staging, r, files)
         })
         .await;
@@ -839,6 +855,7 @@ impl Supervisor {
             duration_ms = outcome.duration.as_millis() as u64,
             frozen_ms = outcome.stats.as_ref().and_then(|s| s.frozen_time).map(|t| t as f64 / 1000.0).unwrap_or(f64::NAN),
             bytes = info.size_bytes,
+            new_bytes = info.new_bytes,
             pages = outcome.stats.as_ref().and_then(|s| s.pages_written).unwrap_or(0),
             files = files.as_ref().map_or(0, |f| f.files),
             files_copied_bytes = files.as_ref().map_or(0, |f| f.bytes_copied),
@@ -847,22 +864,23 @@ impl Supervisor {
         );
         let keep = self.cfg.checkpoint.keep;
         let fence = self.fence.clone();
-        match tokio::task::spawn_blocking(move || {
+        let span = tracing::Span::current();
+        let _ = tokio::task::spawn_blocking(move || {
+            let _g = span.enter();
             // A copy that lost the store must not delete anything in it.
             let _guard = match &fence {
-                Some(f) => Some(f.guard().map_err(|e| e.to_string())?),
+                Some(f) => match f.guard() {
+                    Ok(g) => Some(g),
+                    Err(e) => {
+                        warn!(error = %e, "retention and gc skipped");
+                        return;
+                    }
+                },
                 None => None,
             };
-            store.retain(keep).map_err(|e| e.to_string())
+            retain_and_gc(&store, keep)
         })
-        .await
-        {
-            Ok(Ok(removed)) if !removed.is_empty() => {
-                info!(?removed, keep, "retention removed old images")
-            }
-            Ok(Err(e)) => warn!(error = %e, "retention failed"),
-            _ => {}
-        }
+        .await;
         Ok(info)
     }
 
@@ -874,7 +892,7 @@ impl Supervisor {
             info!("no images to restore from");
         }
         for img in images {
-            match self.restore_image(&img, false).await {
+            match self.restore_image(&img).await {
                 Ok(r) => return Some(r),
                 Err(e) => {
                     warn!(checkpoint = %img.id, error = %e, "cannot restore this image; trying the next older one")
@@ -884,37 +902,44 @@ impl Supervisor {
         None
     }
 
-    /// Restores one image: verify (unless just done), roll the job's files
-    /// back, CRIU restore.
-    async fn restore_image(&mut self, img: &ImageInfo, verified: bool) -> Result<Running, String> {
+    /// Restores one image: materialise it (every piece verified as it is
+    /// read), roll the job's files back to it, CRIU restore.
+    async fn restore_image(&mut self, img: &ImageInfo) -> Result<Running, String> {
         let store = self.store.clone();
         let reaper = self.reaper.clone();
         let opts = self.cfg.checkpoint.criu;
         let files = self.files();
-        let work = self.run_dir.join("restore");
+        let work = crate::store::scratch_dir(&self.run_dir.join("restore"), img.size_bytes);
         let img2 = img.clone();
         let files_cfg = self.cfg.files.clone();
-        let res =
-            tokio::task::spawn_blocking(move || -> Result<(job::Restored, Vec<Action>), String> {
-                if !verified {
-                    store
-                        .verify(&img2)
-                        .map_err(|e| format!("image failed verification: {e}"))?;
-                }
+        let res = tokio::task::spawn_blocking(
+            move || -> Result<(job::Restored, Duration, Vec<Action>), String> {
+                let m = store.materialise(&img2, &work).map_err(|e| match e {
+                    crate::store::StoreError::Corrupt { .. } => {
+                        format!("image failed verification: {e}")
+                    }
+                    e => format!("cannot prepare {} for CRIU: {e}", work.display()),
+                })?;
                 // The job's files go back to the checkpoint's instant
                 // before CRIU reopens them.
-                let actions =
-                    crate::files::rollback(&img2.path, &files_cfg).map_err(|e| e.to_string())?;
-                materialise(&img2, &work)
-                    .map_err(|e| format!("cannot prepare {} for CRIU: {e}", work.display()))?;
-                let r = job::restore(&reaper, &work, &opts, &files, &mut |_| true)
-                    .map_err(|e| e.to_string())?;
-                Ok((r, actions))
-            })
-            .await
-            .map_err(|e| format!("restore task failed: {e}"))
-            .and_then(|r| r);
-        let (r, actions) = match res {
+                let r = crate::files::rollback(&m.path, &files_cfg)
+                    .map_err(|e| e.to_string())
+                    .and_then(|actions| {
+                        job::restore(&reaper, &m.path, &opts, &files, &mut |_| true)
+                            .map(|r| (r, actions))
+                            .map_err(|e| e.to_string())
+                    });
+                // The restored job does not use the image files: free the
+                // (tmpfs) space.
+                let _ = std::fs::remove_dir_all(&m.path);
+                let (r, actions) = r?;
+                Ok((r, m.duration, actions))
+            },
+        )
+        .await
+        .map_err(|e| format!("restore task failed: {e}"))
+        .and_then(|r| r);
+        let (r, materialise, actions) = match res {
             Ok(x) => x,
             Err(e) => {
                 self.metrics.restore(&self.cfg.name, false, None);
@@ -931,13 +956,15 @@ impl Supervisor {
         }
         info!(
             checkpoint = %img.id,
-            duration_ms = r.duration.as_millis() as u64,
+            duration_ms = (r.duration + materialise).as_millis() as u64,
+            materialise_ms = materialise.as_millis() as u64,
             criu_restore_ms = r.criu_restore_us.map(|u| u as f64 / 1000.0).unwrap_or(f64::NAN),
             pid = r.running.host_pid,
             ns_pid = r.running.ns_pid,
             "restored"
         );
-        self.metrics.restore(&self.cfg.name, true, Some(r.duration));
+        self.metrics
+            .restore(&self.cfg.name, true, Some(r.duration + materialise));
         self.publish(|s| s.restores += 1);
         self.remember(&r.running);
         Ok(r.running)
@@ -1068,6 +1095,35 @@ impl Supervisor {
         }
     }
 
+    /// The dump mode, asked of CRIU once (FEATURE_CHECK `mem_track`).
+    async fn dump_mode(&mut self) -> DumpMode {
+        if let Some(m) = self.dump_mode {
+            return m;
+        }
+        let reaper = self.reaper.clone();
+        let mode =
+            match tokio::task::spawn_blocking(move || crate::criu::feature_check(&reaper)).await {
+                Ok(Ok(m)) => m,
+                Ok(Err(e)) => {
+                    warn!(error = %e, "CRIU feature check failed; taking full dumps");
+                    DumpMode::Full
+                }
+                Err(_) => DumpMode::Full,
+            };
+        match mode {
+            DumpMode::PreDump => info!(
+                dump_mode = "pre-dump",
+                "CRIU tracks dirty memory here: each checkpoint pre-dumps, then dumps only what changed"
+            ),
+            DumpMode::Full => info!(
+                dump_mode = "full",
+                "no dirty-memory tracking on this kernel: the job stays frozen for a full dump; the store still keeps only changed pages"
+            ),
+        }
+        self.dump_mode = Some(mode);
+        mode
+    }
+
     fn forget_record(&self) {
         let _ = std::fs::remove_file(self.run_dir.join("job.json"));
     }
@@ -1155,18 +1211,26 @@ pub fn create_private_dir(dir: &Path) -> std::io::Result<()> {
         .create(dir)
 }
 
-/// Lays out a directory CRIU can restore from without writing into the
-/// published image: a symlink per image file (CRIU writes its
-/// `stats-restore` next to them).
-pub fn materialise(img: &ImageInfo, work: &Path) -> std::io::Result<()> {
-    if work.exists() {
-        std::fs::remove_dir_all(work)?;
+/// Retention, then garbage collection of what it freed (blocking).
+fn retain_and_gc(store: &ImageStore, keep: usize) {
+    match store.retain(keep) {
+        Ok(removed) if !removed.is_empty() => {
+            info!(?removed, keep, "retention removed old images")
+        }
+        Ok(_) => {}
+        Err(e) => warn!(error = %e, "retention failed"),
     }
-    create_private_dir(work)?;
-    for f in &img.manifest.files {
-        std::os::unix::fs::symlink(img.path.join(&f.name), work.join(&f.name))?;
+    match store.gc() {
+        Ok(r) if r.removed_packs + r.rewritten_packs > 0 => info!(
+            removed_packs = r.removed_packs,
+            rewritten_packs = r.rewritten_packs,
+            freed_bytes = r.freed_bytes,
+            pack_bytes = r.pack_bytes,
+            "gc reclaimed unreferenced data"
+        ),
+        Ok(_) => {}
+        Err(e) => warn!(error = %e, "gc failed; unreferenced data stays until the next one"),
     }
-    Ok(())
 }
 
 #[cfg(test)]

@@ -130,17 +130,22 @@ fn images_lists_newest_first_with_sizes() {
             chrono::DateTime::parse_from_rfc3339(created).is_ok(),
             "{created}"
         );
-        let path = std::path::PathBuf::from(i["path"].as_str().unwrap());
-        let on_disk: u64 = fs::read_dir(&path)
-            .unwrap()
-            .flatten()
-            .map(|e| e.metadata().unwrap().len())
-            .sum();
-        assert_eq!(i["size_bytes"].as_u64().unwrap(), on_disk);
+        let logical = i["logical_bytes"].as_u64().unwrap();
+        assert_eq!(i["size_bytes"].as_u64().unwrap(), logical);
+        assert!(logical > 0 && i["new_bytes"].as_u64().unwrap() > 0, "{i}");
+        assert_eq!(i["verified"], serde_json::Value::Bool(true), "{i}");
+        assert!(i["frozen_us"].as_u64().is_some(), "{i}");
     }
+    // Later images store much less than their logical size.
+    assert!(imgs[0]["new_bytes"].as_u64() < imgs[0]["logical_bytes"].as_u64());
     let text = Command::new(BIN).arg("images").arg(&job).output().unwrap();
     let text = String::from_utf8_lossy(&text.stdout);
     assert!(text.starts_with("ID"), "{text}");
+    assert!(
+        text.contains("LOGICAL") && text.contains("NEW") && text.contains("VERIFIED"),
+        "{text}"
+    );
+    assert_eq!(text.matches(" yes").count(), 2, "{text}");
     assert_eq!(text.lines().count(), 3, "{text}");
 }
 

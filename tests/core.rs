@@ -331,21 +331,13 @@ fn corrupted_newest_image_falls_back_to_previous() {
     assert!(imgs.len() >= 2);
     let newest = imgs[0]["id"].as_str().unwrap().to_string();
     let previous = imgs[1]["id"].as_str().unwrap().to_string();
-    let dir = std::path::PathBuf::from(imgs[0]["path"].as_str().unwrap());
-    let pages = fs::read_dir(&dir)
-        .unwrap()
-        .flatten()
-        .map(|e| e.path())
-        .find(|p| {
-            p.file_name()
-                .unwrap()
-                .to_string_lossy()
-                .starts_with("pages-")
-        })
-        .expect("a pages image");
-    let mut bytes = fs::read(&pages).unwrap();
-    bytes[100] ^= 0xff;
-    fs::write(&pages, bytes).unwrap();
+    // Flip a byte in the pack holding what the newest image stored anew
+    // (only the newest references it).
+    let pack = newest_pack(&imgs[0]);
+    let mut bytes = fs::read(&pack).unwrap();
+    let at = bytes.len() / 2;
+    bytes[at] ^= 0xff;
+    fs::write(&pack, bytes).unwrap();
 
     let sup = env.start(&job);
     sup.wait_for("restored", 1, T);

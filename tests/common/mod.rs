@@ -49,6 +49,7 @@ pub fn progs() -> &'static Path {
             ("threads", "tests/progs/threads.c", "-pthread"),
             ("bigmem", "tests/progs/bigmem.c", ""),
             ("filejob", "tests/progs/filejob.c", ""),
+            ("dirty", "tests/progs/dirty.c", ""),
         ] {
             let mut cmd = Command::new("cc");
             cmd.args(["-O2", "-o"])
@@ -91,11 +92,20 @@ impl Env {
     }
 
     pub fn start(&self, job: &Path) -> Sup {
-        self.start_with(&[job.as_os_str()])
+        self.start_full(&[job.as_os_str()], &[])
+    }
+
+    /// Like [`start`](Self::start), with extra environment variables.
+    pub fn start_with_env(&self, job: &Path, env: &[(&str, &str)]) -> Sup {
+        self.start_full(&[job.as_os_str()], env)
     }
 
     /// `supervise run ARGS...` (job files, directories, options).
     pub fn start_with(&self, args: &[&std::ffi::OsStr]) -> Sup {
+        self.start_full(args, &[])
+    }
+
+    fn start_full(&self, args: &[&std::ffi::OsStr], env: &[(&str, &str)]) -> Sup {
         // Job files come last; the log is named after the last one.
         let job = Path::new(args.last().expect("a job file"));
         let log = self.path().join(format!(
@@ -113,6 +123,7 @@ impl Env {
             .args(args)
             .env("SUPERVISE_LOG", "info")
             .env("SUPERVISE_SOCKET", self.socket())
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(f.try_clone().unwrap())
             .stderr(f)
@@ -392,3 +403,18 @@ pub fn images(job: &Path) -> Vec<serde_json::Value> {
 }
 
 pub const T: Duration = Duration::from_secs(30);
+
+/// The pack file holding the objects an image (an entry of `images --json`)
+/// stored anew.
+pub fn newest_pack(img: &serde_json::Value) -> PathBuf {
+    let dir = PathBuf::from(img["path"].as_str().unwrap());
+    let m: serde_json::Value =
+        serde_json::from_slice(&fs::read(dir.join("MANIFEST.json")).unwrap()).unwrap();
+    let name = m["stored"]["pack"]
+        .as_str()
+        .expect("the image stored new data");
+    dir.parent()
+        .unwrap()
+        .join("packs")
+        .join(format!("{name}.pack"))
+}

@@ -1,0 +1,544 @@
+//! Benchmark: supervise's image store against plain CRIU, on one job.
+//!
+//! ```sh
+//! cargo run --release --example bench_store -- [--mb 1024] [--pages 1] \
+//!     [--interval-ms 100] [--checkpoints 3] [--gap-s 5] [--dir /var/tmp]
+//! ```
+//!
+//! Starts `tests/progs/dirty.c` (compiled with `cc`) holding `--mb` MiB of
+//! incompressible memory and rewriting `--pages` random pages every
+//! `--interval-ms`, under a namespace init as `supervise run` would. Then,
+//! alternating on the same job, takes `--checkpoints` checkpoints through
+//! supervise's engine (CRIU RPC dump into the store's staging directory +
+//! commit into the deduplicating store) and as many with plain
+//! `criu dump --leave-running` (run inside the job's namespaces with
+//! `nsenter`, as any CRIU user must for a job in its own PID namespace),
+//! `--gap-s` seconds apart. Then it kills the job and restores it both ways,
+//! timing kill-to-running (the page cache is synced before every dump and
+//! restore, so earlier writes' writeback does not decide the comparison):
+//!
+//! * supervise: materialise the newest checkpoint (verifying every piece)
+//!   into its scratch directory, then restore through the engine;
+//! * raw: `criu restore` from the newest raw dump directory (CLI, in a fresh
+//!   PID + mount namespace via `unshare`, done when its `--pidfile` appears);
+//!   the engine's restore from the same raw directory is shown as well.
+//!
+//! "Pages that actually changed" between two consecutive supervise
+//! checkpoints is counted from the images themselves: both are
+//! materialised, and every page present in the later one (by process and
+//! virtual address, from `pagemap-*.img`) whose contents differ from, or are
+//! absent in, the earlier one counts.
+//!
+//! Not a test: it prints a table and three ratios with their targets.
+
+use std::collections::HashMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use prost::Message;
+use supervise::config::{CriuOptions, LaunchSpec};
+use supervise::criu;
+use supervise::job::{self, InitFiles};
+use supervise::reaper::Reaper;
+use supervise::store::{scratch_dir, CheckpointMeta, ImageStore};
+
+struct Args {
+    mb: u64,
+    pages: u64,
+    interval_ms: u64,
+    checkpoints: usize,
+    gap: Duration,
+    dir: PathBuf,
+}
+
+fn parse_args() -> Args {
+    let mut a = Args {
+        mb: 1024,
+        pages: 1,
+        interval_ms: 100,
+        checkpoints: 3,
+        gap: Duration::from_secs(5),
+        dir: PathBuf::from("/var/tmp"),
+    };
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let mut i = 0;
+    while i < args.len() {
+        let v = args.get(i + 1).cloned().unwrap_or_default();
+        match args[i].as_str() {
+            "--mb" => a.mb = v.parse().expect("--mb N"),
+            "--pages" => a.pages = v.parse().expect("--pages N"),
+            "--interval-ms" => a.interval_ms = v.parse().expect("--interval-ms N"),
+            "--checkpoints" => a.checkpoints = v.parse().expect("--checkpoints N"),
+            "--gap-s" => a.gap = Duration::from_secs_f64(v.parse().expect("--gap-s S")),
+            "--dir" => a.dir = PathBuf::from(v),
+            other => panic!("unknown argument {other}"),
+        }
+        i += 2;
+    }
+    assert!(a.checkpoints >= 2, "--checkpoints must be >= 2");
+    a
+}
+
+fn main() {
+    if std::env::args().nth(1).as_deref() == Some("__init") {
+        supervise::init::main();
+    }
+    let args = parse_args();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async move {
+        let reaper = Reaper::install().expect("subreaper");
+        tokio::task::spawn_blocking(move || bench(&reaper, &args))
+            .await
+            .unwrap();
+    });
+}
+
+struct Cp {
+    frozen_ms: f64,
+    dump_ms: f64,
+    ingest_ms: f64,
+    bytes: u64,
+    new_bytes: u64,
+    node_bytes: u64,
+}
+
+fn bench(reaper: &Reaper, a: &Args) {
+    let work = a
+        .dir
+        .join(format!("supervise-bench-{}", std::process::id()));
+    fs::create_dir_all(&work).unwrap();
+    let prog = work.join("dirty");
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/progs/dirty.c");
+    let st = Command::new("cc")
+        .args(["-O2", "-o"])
+        .arg(&prog)
+        .arg(&src)
+        .status()
+        .unwrap();
+    assert!(st.success(), "cc {}", src.display());
+    let out = work.join("job.out");
+    let spec = LaunchSpec {
+        command: vec![
+            prog.to_string_lossy().into(),
+            a.mb.to_string(),
+            a.pages.to_string(),
+            a.interval_ms.to_string(),
+        ],
+        cwd: work.clone(),
+        env: Default::default(),
+        stdout: out.clone(),
+        stderr: work.join("job.err"),
+    };
+    let files = InitFiles {
+        status_file: work.join("exit-status"),
+    };
+    let job = job::launch(reaper, &spec, &files).expect("launch");
+    // Whatever happens below, the job does not outlive the benchmark.
+    let job = KillOnDrop(Some(job));
+    let job_pid = (
+        job.0.as_ref().unwrap().host_pid,
+        job.0.as_ref().unwrap().ns_pid,
+    );
+    // Wait until the memory is filled (first counter line).
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while fs::read_to_string(&out).unwrap_or_default().is_empty() {
+        assert!(Instant::now() < deadline, "job never started");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let opts = CriuOptions::default();
+    let store = ImageStore::open(&work.join("store")).unwrap();
+    let mut ours = Vec::new();
+    let mut raws = Vec::new();
+    let mut ids = Vec::new();
+    let raw_dir = |i: usize| work.join(format!("raw-{i}"));
+    eprintln!(
+        "job: {} MiB, {} page(s) rewritten every {} ms; {} checkpoints each way, {:?} apart",
+        a.mb, a.pages, a.interval_ms, a.checkpoints, a.gap
+    );
+    for i in 0..a.checkpoints {
+        // supervise's engine. Each dump starts with no dirty page cache
+        // (sync first): CRIU writes the image while the job is frozen, and
+        // writeback of earlier gigabytes would otherwise throttle whichever
+        // dump comes next and decide the comparison.
+        nix::unistd::sync();
+        let staging = store.begin().unwrap();
+        let o = criu::dump(reaper, job_pid.0, staging.path(), &opts, None, &mut |_| {
+            true
+        })
+        .expect("engine dump");
+        if std::env::var_os("BENCH_VERBOSE").is_some() {
+            eprintln!("engine stats: {:?}", o.stats);
+        }
+        let t = Instant::now();
+        let info = staging
+            .commit(CheckpointMeta {
+                job: "bench".into(),
+                criu_version: String::new(),
+                duration_ms: o.duration.as_millis() as u64,
+                frozen_us: o.stats.as_ref().and_then(|s| s.frozen_time).map(u64::from),
+                pages_written: o.stats.as_ref().and_then(|s| s.pages_written),
+                root_pid: job_pid.1,
+                extra: Default::default(),
+            })
+            .unwrap();
+        let stored = info.manifest.stored.clone().unwrap_or_default();
+        ours.push(Cp {
+            frozen_ms: o.stats.as_ref().and_then(|s| s.frozen_time).unwrap_or(0) as f64 / 1e3,
+            dump_ms: o.duration.as_secs_f64() * 1e3,
+            ingest_ms: t.elapsed().as_secs_f64() * 1e3,
+            bytes: info.size_bytes,
+            new_bytes: info.new_bytes,
+            node_bytes: stored.node_bytes,
+        });
+        ids.push(info.id.clone());
+        eprintln!("supervise checkpoint {} done", i + 1);
+        std::thread::sleep(a.gap / 2);
+        // Plain CRIU.
+        let dir = raw_dir(i);
+        fs::create_dir_all(&dir).unwrap();
+        if i > 0 {
+            // Only the newest raw dump is restored; keep the disk as for supervise.
+            let _ = fs::remove_dir_all(raw_dir(i - 1));
+        }
+        nix::unistd::sync();
+        let t = Instant::now();
+        let mut cmd = Command::new("nsenter");
+        cmd.arg(format!("--target={}", job_pid.0))
+            .args(["--pid", "--mount", "--"])
+            .arg(criu::criu_bin())
+            .args(["dump", "--leave-running", "-v2", "-t"])
+            .arg(job_pid.1.to_string())
+            .arg("-D")
+            .arg(&dir)
+            .arg("-o")
+            .arg(work.join(format!("raw-dump-{i}.log")))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        let st = reaper
+            .spawn(&mut cmd)
+            .unwrap()
+            .exit
+            .blocking_recv()
+            .unwrap();
+        assert!(st.success(), "criu dump: {st}; see raw-dump-{i}.log");
+        let stats = criu::read_dump_stats(&dir);
+        if std::env::var_os("BENCH_VERBOSE").is_some() {
+            eprintln!("raw stats: {stats:?}");
+        }
+        let bytes = supervise::store::dir_size(&dir);
+        raws.push(Cp {
+            frozen_ms: stats.and_then(|s| s.frozen_time).unwrap_or(0) as f64 / 1e3,
+            dump_ms: t.elapsed().as_secs_f64() * 1e3,
+            ingest_ms: 0.0,
+            bytes,
+            new_bytes: bytes,
+            node_bytes: 0,
+        });
+        eprintln!("raw criu checkpoint {} done", i + 1);
+        if i + 1 < a.checkpoints {
+            std::thread::sleep(a.gap / 2);
+        }
+    }
+
+    // Pages that changed between consecutive supervise checkpoints.
+    let imgs = store.list().unwrap();
+    let by_id: HashMap<_, _> = imgs.iter().map(|i| (i.id.clone(), i.clone())).collect();
+    let mut changed = vec![0u64; ids.len()];
+    let mut prev_pages: Option<HashMap<(String, u64), [u8; 32]>> = None;
+    for (k, id) in ids.iter().enumerate() {
+        let d = scratch_dir(&work.join("m"), by_id[id].size_bytes);
+        let m = store.materialise(&by_id[id], &d).unwrap();
+        let pages = page_map(&m.path);
+        fs::remove_dir_all(&m.path).unwrap();
+        if let Some(prev) = &prev_pages {
+            changed[k] = pages
+                .iter()
+                .filter(|(key, h)| prev.get(*key) != Some(*h))
+                .count() as u64;
+        }
+        prev_pages = Some(pages);
+    }
+
+    // Kill and restore, both ways.
+    let newest = &by_id[ids.last().unwrap()];
+    drop(job);
+    nix::unistd::sync();
+    let t0 = Instant::now();
+    let d = scratch_dir(&work.join("restore"), newest.size_bytes);
+    let m = store.materialise(newest, &d).expect("materialise");
+    let r = job::restore(reaper, &m.path, &opts, &files, &mut |_| true).expect("restore");
+    let ours_restore = t0.elapsed();
+    let mat = m.duration;
+    let on_tmpfs = m.path.starts_with("/dev/shm");
+    fs::remove_dir_all(&m.path).unwrap();
+    drop(KillOnDrop(Some(r.running)));
+
+    let raw_newest = raw_dir(a.checkpoints - 1);
+    let _ = fs::remove_file(raw_newest.join("stats-restore"));
+    nix::unistd::sync();
+    let t0 = Instant::now();
+    let r = job::restore(reaper, &raw_newest, &opts, &files, &mut |_| true).expect("restore raw");
+    let engine_raw = t0.elapsed();
+    drop(KillOnDrop(Some(r.running)));
+
+    nix::unistd::sync();
+    let cli_raw = raw_cli_restore(reaper, &raw_newest, &work);
+
+    // Report.
+    println!();
+    println!(
+        "machine: {} cores, kernel {}, {}",
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(0),
+        fs::read_to_string("/proc/sys/kernel/osrelease")
+            .unwrap_or_default()
+            .trim(),
+        criu_version()
+    );
+    println!(
+        "job: {} MiB resident, {} page(s) rewritten every {} ms, checkpoints {:?} apart",
+        a.mb, a.pages, a.interval_ms, a.gap
+    );
+    println!();
+    println!(
+        "{:<4} {:>10} {:>10} {:>10} {:>12} {:>12} {:>10} {:>12} | {:>10} {:>10} {:>12}",
+        "#",
+        "frozen ms",
+        "dump ms",
+        "ingest ms",
+        "logical MiB",
+        "stored MiB",
+        "meta KiB",
+        "changed MiB",
+        "raw froz",
+        "raw ms",
+        "raw MiB"
+    );
+    let mib = |b: u64| b as f64 / (1 << 20) as f64;
+    for i in 0..ids.len() {
+        let (o, r) = (&ours[i], &raws[i]);
+        println!(
+            "{:<4} {:>10.1} {:>10.0} {:>10.0} {:>12.1} {:>12.3} {:>10.1} {:>12.3} | {:>10.1} {:>10.0} {:>12.1}",
+            i + 1,
+            o.frozen_ms,
+            o.dump_ms,
+            o.ingest_ms,
+            mib(o.bytes),
+            mib(o.new_bytes),
+            o.node_bytes as f64 / 1024.0,
+            if i == 0 { f64::NAN } else { mib(changed[i] * 4096) },
+            r.frozen_ms,
+            r.dump_ms,
+            mib(r.bytes)
+        );
+    }
+    let frozen_ours: f64 = ours.iter().map(|c| c.frozen_ms).sum::<f64>() / ours.len() as f64;
+    let frozen_raw: f64 = raws.iter().map(|c| c.frozen_ms).sum::<f64>() / raws.len() as f64;
+    let later_stored: u64 = ours[1..].iter().map(|c| c.new_bytes).sum();
+    let later_changed: u64 = changed[1..].iter().sum::<u64>() * 4096;
+    let later_meta: u64 = ours[1..].iter().map(|c| c.node_bytes).sum();
+    println!();
+    println!(
+        "restore, kill to running: supervise {:.0} ms (materialise {:.0} ms{}, engine restore {:.0} ms); raw `criu restore` {}; engine from the raw dump {:.0} ms",
+        ours_restore.as_secs_f64() * 1e3,
+        mat.as_secs_f64() * 1e3,
+        if on_tmpfs { " to tmpfs" } else { " to disk" },
+        (ours_restore - mat).as_secs_f64() * 1e3,
+        cli_raw
+            .map(|d| format!("{:.0} ms", d.as_secs_f64() * 1e3))
+            .unwrap_or_else(|| "failed".into()),
+        engine_raw.as_secs_f64() * 1e3
+    );
+    println!();
+    println!(
+        "freeze time per checkpoint, supervise / raw criu:        {:.3}  (target <= 1.05; {:.1} ms / {:.1} ms)",
+        frozen_ours / frozen_raw,
+        frozen_ours,
+        frozen_raw
+    );
+    println!(
+        "bytes stored per later checkpoint / bytes that changed:  {:.3}  (target <= 1.5 + 1 MiB metadata; {:.3} MiB stored / {:.3} MiB changed, of which tree nodes {:.1} KiB per checkpoint)",
+        later_stored as f64 / later_changed.max(1) as f64,
+        mib(later_stored) / (ours.len() - 1) as f64,
+        mib(later_changed) / (ours.len() - 1) as f64,
+        later_meta as f64 / 1024.0 / (ours.len() - 1) as f64
+    );
+    let within = later_stored as f64
+        <= 1.5 * later_changed as f64 + (ours.len() as f64 - 1.0) * (1 << 20) as f64;
+    println!(
+        "   stored <= 1.5 x changed + 1 MiB per checkpoint: {}",
+        if within { "yes" } else { "NO" }
+    );
+    let base = cli_raw.unwrap_or(engine_raw);
+    println!(
+        "kill-to-running restore, supervise / raw criu restore:   {:.3}  (target <= 1.3; vs engine on the raw dump: {:.3})",
+        ours_restore.as_secs_f64() / base.as_secs_f64(),
+        ours_restore.as_secs_f64() / engine_raw.as_secs_f64()
+    );
+    println!(
+        "disk: store {:.1} MiB for {} checkpoints; {} raw dumps would take {:.1} MiB",
+        mib(supervise::store::dir_size(&work.join("store"))),
+        ids.len(),
+        ids.len(),
+        mib(raws.iter().map(|r| r.bytes).sum())
+    );
+    let _ = fs::remove_dir_all(&work);
+}
+
+/// Kills and reaps the job when dropped (also when the benchmark panics).
+struct KillOnDrop(Option<job::Running>);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if let Some(mut j) = self.0.take() {
+            j.kill();
+            let _ = job_wait(&mut j);
+        }
+    }
+}
+
+fn job_wait(job: &mut job::Running) -> Option<supervise::reaper::ExitStatus> {
+    if !job.is_waitable() {
+        return None;
+    }
+    let rt = tokio::runtime::Handle::current();
+    Some(rt.block_on(async {
+        tokio::time::timeout(Duration::from_secs(30), job.wait())
+            .await
+            .expect("job did not die")
+    }))
+}
+
+fn criu_version() -> String {
+    Command::new(criu::criu_bin())
+        .arg("--version")
+        .output()
+        .ok()
+        .and_then(|o| criu::parse_version(&String::from_utf8_lossy(&o.stdout)))
+        .map(|(a, b, c)| format!("CRIU {a}.{b}.{c}"))
+        .unwrap_or_else(|| "CRIU ?".into())
+}
+
+/// Plain `criu restore` in a fresh PID + mount namespace; done when its
+/// pidfile appears. The restored job is then killed with the namespace.
+fn raw_cli_restore(reaper: &Reaper, dir: &Path, work: &Path) -> Option<Duration> {
+    let pidfile = work.join("raw-restore.pid");
+    let _ = fs::remove_file(&pidfile);
+    let mut cmd = Command::new("unshare");
+    cmd.args([
+        "--pid",
+        "--mount",
+        "--fork",
+        "--mount-proc",
+        "--propagation",
+        "slave",
+        "--",
+    ])
+    .arg(criu::criu_bin())
+    .args(["restore", "-v2", "-D"])
+    .arg(dir)
+    .arg("--pidfile")
+    .arg(&pidfile)
+    .arg("-o")
+    .arg(work.join("raw-restore.log"))
+    .stdin(Stdio::null())
+    .stdout(Stdio::null())
+    .stderr(Stdio::null());
+    let t0 = Instant::now();
+    let mut sp = reaper.spawn(&mut cmd).ok()?;
+    let deadline = t0 + Duration::from_secs(120);
+    let mut done = None;
+    while Instant::now() < deadline {
+        if fs::metadata(&pidfile).map(|m| m.len() > 0).unwrap_or(false) {
+            done = Some(t0.elapsed());
+            break;
+        }
+        if let Ok(st) = sp.exit.try_recv() {
+            eprintln!("raw criu restore ended early ({st}); see raw-restore.log");
+            return None;
+        }
+        std::thread::sleep(Duration::from_micros(500));
+    }
+    // unshare's child (criu, PID 1 of the namespace) dies, and the namespace with it.
+    for p in supervise::proc::tree(sp.pid).iter().rev() {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(*p),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+    let _ = sp.exit.blocking_recv();
+    done
+}
+
+/// `pagemap_head` / `pagemap_entry` from CRIU's pagemap.proto.
+#[derive(Clone, PartialEq, prost::Message)]
+struct PagemapHead {
+    #[prost(uint32, required, tag = "1")]
+    pages_id: u32,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct PagemapEntry {
+    #[prost(uint64, required, tag = "1")]
+    vaddr: u64,
+    #[prost(uint32, required, tag = "2")]
+    compat_nr_pages: u32,
+    #[prost(bool, optional, tag = "3")]
+    in_parent: Option<bool>,
+    #[prost(uint32, optional, tag = "4")]
+    flags: Option<u32>,
+    #[prost(uint64, optional, tag = "5")]
+    nr_pages: Option<u64>,
+}
+
+const PE_PRESENT: u32 = 1 << 2;
+
+/// (pagemap file, virtual address) -> BLAKE3 of the page, for every page
+/// stored in the image directory.
+fn page_map(dir: &Path) -> HashMap<(String, u64), [u8; 32]> {
+    let mut out = HashMap::new();
+    for e in fs::read_dir(dir).unwrap().flatten() {
+        let name = e.file_name().to_string_lossy().to_string();
+        if !(name.starts_with("pagemap-") && name.ends_with(".img")) {
+            continue;
+        }
+        let bytes = fs::read(e.path()).unwrap();
+        // Two magic words, then length-prefixed entries.
+        let mut off = 8;
+        let mut next = || -> Option<&[u8]> {
+            let len = u32::from_le_bytes(bytes.get(off..off + 4)?.try_into().ok()?) as usize;
+            let m = bytes.get(off + 4..off + 4 + len)?;
+            off += 4 + len;
+            Some(m)
+        };
+        let head = PagemapHead::decode(next().unwrap()).unwrap();
+        let pages = fs::read(dir.join(format!("pages-{}.img", head.pages_id))).unwrap();
+        let mut at = 0usize;
+        while let Some(m) = next() {
+            let pe = PagemapEntry::decode(m).unwrap();
+            let present = match pe.flags {
+                Some(f) => f & PE_PRESENT != 0,
+                None => !pe.in_parent.unwrap_or(false),
+            };
+            if !present {
+                continue;
+            }
+            for k in 0..pe.nr_pages.unwrap_or(pe.compat_nr_pages as u64) {
+                let page = &pages[at..at + 4096];
+                out.insert(
+                    (name.clone(), pe.vaddr + k * 4096),
+                    *blake3::hash(page).as_bytes(),
+                );
+                at += 4096;
+            }
+        }
+    }
+    out
+}

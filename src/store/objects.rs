@@ -1,0 +1,834 @@
+//! Content-addressed objects of the image store: pack files, their indexes,
+//! chunk trees, and verified reads. See the documentation of
+//! [`crate::store`] for the design; this module is its mechanics.
+//!
+//! # Formats
+//!
+//! * **Object**: a byte string named by its BLAKE3 hash ([`Hash`], 32 bytes).
+//!   Data chunks (a 4 KiB page, a 64 KiB piece of another file) and tree
+//!   nodes (a list of child hashes) are both objects.
+//! * **Pack** `packs/<name>.pack`: `PACK_MAGIC`, then the stored form of each
+//!   object back to back: zstd frames (flag [`FLAG_ZSTD`]) or raw bytes when
+//!   compression does not help (flag 0). Immutable once published.
+//! * **Index** `packs/<name>.idx`: `IDX_MAGIC`, `u64` count, then per object
+//!   `hash[32] offset:u64 stored_len:u32 raw_len:u32 flags:u32` (all little
+//!   endian), then the BLAKE3 hash of everything before it. The index is
+//!   renamed into place after its pack, so an index names a complete pack; a
+//!   pack without index is a crash leftover. `<name>` is derived from the hash
+//!   of the index, so names never collide.
+//! * **Tree**: a file's chunk hashes, grouped [`FANOUT`] per node; node hashes
+//!   are grouped again until one root remains. A file of one chunk has depth
+//!   0 and its root is the chunk itself. Unchanged parts of a file yield
+//!   unchanged nodes, which deduplicate like data, so a checkpoint's metadata
+//!   grows with what changed, not with the job's size.
+
+use std::collections::{HashMap, HashSet};
+use std::fs::{self, File, OpenOptions};
+use std::hash::{BuildHasherDefault, Hasher};
+use std::io::{self, BufWriter, Read, Write};
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+/// An object's name: the BLAKE3 hash of its contents.
+pub type Hash = [u8; 32];
+
+/// Children per tree node (a node is `FANOUT * 32` bytes = 2 KiB).
+pub const FANOUT: usize = 64;
+/// Chunk size of `pages-*.img` files: one page.
+pub const PAGE_CHUNK: u32 = 4096;
+/// Chunk size of every other file.
+pub const FILE_CHUNK: u32 = 64 * 1024;
+/// zstd level for new objects.
+pub const ZSTD_LEVEL: i32 = 1;
+/// Stored form is a zstd frame.
+pub const FLAG_ZSTD: u32 = 1;
+
+const PACK_MAGIC: &[u8; 8] = b"SVPACK01";
+const IDX_MAGIC: &[u8; 8] = b"SVIDX001";
+const IDX_ENTRY: usize = 32 + 8 + 4 + 4 + 4;
+/// Prefix of pack and index files being written.
+pub const TMP_PREFIX: &str = ".tmp-";
+/// Largest read of contiguous objects at once.
+const RUN_MAX: u64 = 8 << 20;
+
+/// BLAKE3 of `data`.
+pub fn hash(data: &[u8]) -> Hash {
+    *blake3::hash(data).as_bytes()
+}
+
+/// Lower-case hex of a hash.
+pub fn hex(h: &Hash) -> String {
+    hex::encode(h)
+}
+
+/// Parses a 64-digit hex hash.
+pub fn parse_hex(s: &str) -> Option<Hash> {
+    let v = hex::decode(s).ok()?;
+    v.try_into().ok()
+}
+
+/// Hashes are uniformly random: their first 8 bytes are a perfect hash key.
+#[derive(Default)]
+pub struct IdHasher(u64);
+
+impl Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for chunk in bytes.chunks(8) {
+            let mut b = [0u8; 8];
+            b[..chunk.len()].copy_from_slice(chunk);
+            self.0 ^= u64::from_le_bytes(b);
+        }
+    }
+}
+
+/// A map keyed by [`Hash`].
+pub type HashMapH<V> = HashMap<Hash, V, BuildHasherDefault<IdHasher>>;
+/// A set of [`Hash`]es.
+pub type HashSetH = HashSet<Hash, BuildHasherDefault<IdHasher>>;
+
+/// Where an object lives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Loc {
+    /// Index into [`ObjectDb::packs`].
+    pub pack: u32,
+    /// Byte offset in the pack file.
+    pub offset: u64,
+    /// Stored (possibly compressed) length.
+    pub stored_len: u32,
+    /// Length of the object itself.
+    pub raw_len: u32,
+    /// [`FLAG_ZSTD`] or 0.
+    pub flags: u32,
+}
+
+/// One published pack.
+#[derive(Debug, Clone)]
+pub struct Pack {
+    /// File stem (`<name>.pack`, `<name>.idx`).
+    pub name: String,
+    /// Objects listed by its index.
+    #[allow(dead_code)]
+    pub objects: u64,
+    /// Sum of stored lengths.
+    pub stored_bytes: u64,
+    /// Size of the `.pack` plus the `.idx` file.
+    pub file_bytes: u64,
+}
+
+/// A problem reading one object, described for the user.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PieceError(pub String);
+
+impl std::fmt::Display for PieceError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// All published packs of a store, with an in-memory index of their objects.
+#[derive(Debug, Default)]
+pub struct ObjectDb {
+    dir: PathBuf,
+    /// Published packs, in load order.
+    pub packs: Vec<Pack>,
+    index: HashMapH<Loc>,
+    loaded: HashMap<String, u32>,
+    /// Index files that failed their checksum or format check: (name, why).
+    pub bad_indexes: Vec<(String, String)>,
+}
+
+impl ObjectDb {
+    /// An empty database over `dir` (the `packs/` directory); call
+    /// [`refresh`](Self::refresh) to load it.
+    pub fn new(dir: &Path) -> ObjectDb {
+        ObjectDb {
+            dir: dir.to_path_buf(),
+            ..Default::default()
+        }
+    }
+
+    /// The `packs/` directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Brings the in-memory index up to date with the `.idx` files on disk:
+    /// new ones are loaded; if any loaded pack disappeared (gc), everything
+    /// is reloaded. Packs are immutable, so known ones are not re-read.
+    pub fn refresh(&mut self) -> io::Result<()> {
+        let mut names = Vec::new();
+        match fs::read_dir(&self.dir) {
+            Ok(rd) => {
+                for e in rd {
+                    let e = e?;
+                    let n = e.file_name();
+                    let Some(n) = n.to_str() else { continue };
+                    if n.starts_with('.') {
+                        continue;
+                    }
+                    if let Some(stem) = n.strip_suffix(".idx") {
+                        names.push(stem.to_string());
+                    }
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+        names.sort();
+        let present: HashSet<&String> = names.iter().collect();
+        if self.loaded.keys().any(|k| !present.contains(k)) {
+            let dir = std::mem::take(&mut self.dir);
+            *self = ObjectDb::new(&dir);
+        }
+        self.bad_indexes.clear();
+        for name in names {
+            if self.loaded.contains_key(&name) {
+                continue;
+            }
+            match read_index(&self.dir, &name) {
+                Ok(entries) => {
+                    let id = self.packs.len() as u32;
+                    let stored_bytes = entries.iter().map(|e| e.1.stored_len as u64).sum();
+                    let file_bytes = file_len(&self.dir.join(format!("{name}.pack")))
+                        + file_len(&self.dir.join(format!("{name}.idx")));
+                    self.packs.push(Pack {
+                        name: name.clone(),
+                        objects: entries.len() as u64,
+                        stored_bytes,
+                        file_bytes,
+                    });
+                    for (h, mut loc) in entries {
+                        loc.pack = id;
+                        self.index.entry(h).or_insert(loc);
+                    }
+                    self.loaded.insert(name, id);
+                }
+                Err(why) => {
+                    tracing::warn!(pack = %name, error = %why, "pack index is damaged; its objects are unavailable");
+                    self.bad_indexes.push((name, why));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Where `h` is stored, if anywhere.
+    pub fn get(&self, h: &Hash) -> Option<Loc> {
+        self.index.get(h).copied()
+    }
+
+    /// True if `h` is stored.
+    pub fn contains(&self, h: &Hash) -> bool {
+        self.index.contains_key(h)
+    }
+
+    /// Every stored object with its location.
+    pub fn iter(&self) -> impl Iterator<Item = (&Hash, &Loc)> {
+        self.index.iter()
+    }
+
+    /// The path of a pack's data file.
+    pub fn pack_path(&self, pack: u32) -> PathBuf {
+        self.dir
+            .join(format!("{}.pack", self.packs[pack as usize].name))
+    }
+
+    /// Total bytes of all pack and index files.
+    pub fn file_bytes(&self) -> u64 {
+        self.packs.iter().map(|p| p.file_bytes).sum()
+    }
+}
+
+fn file_len(p: &Path) -> u64 {
+    fs::metadata(p).map(|m| m.len()).unwrap_or(0)
+}
+
+/// Reads and checks `<name>.idx`, returning its entries (pack field 0).
+fn read_index(dir: &Path, name: &str) -> Result<Vec<(Hash, Loc)>, String> {
+    let path = dir.join(format!("{name}.idx"));
+    let bytes = fs::read(&path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    if bytes.len() < 16 + 32 || &bytes[..8] != IDX_MAGIC {
+        return Err("not an index file (bad magic or too short)".into());
+    }
+    let (body, sum) = bytes.split_at(bytes.len() - 32);
+    if hash(body) != sum {
+        return Err("index checksum mismatch".into());
+    }
+    let count = u64::from_le_bytes(body[8..16].try_into().unwrap()) as usize;
+    if body.len() != 16 + count * IDX_ENTRY {
+        return Err(format!("index length does not match its {count} entries"));
+    }
+    let pack_len = file_len(&dir.join(format!("{name}.pack")));
+    let mut out = Vec::with_capacity(count);
+    for e in body[16..].chunks_exact(IDX_ENTRY) {
+        let h: Hash = e[..32].try_into().unwrap();
+        let loc = Loc {
+            pack: 0,
+            offset: u64::from_le_bytes(e[32..40].try_into().unwrap()),
+            stored_len: u32::from_le_bytes(e[40..44].try_into().unwrap()),
+            raw_len: u32::from_le_bytes(e[44..48].try_into().unwrap()),
+            flags: u32::from_le_bytes(e[48..52].try_into().unwrap()),
+        };
+        if loc.offset + loc.stored_len as u64 > pack_len {
+            return Err(format!(
+                "object {} lies beyond the end of {name}.pack ({pack_len} bytes): the pack is truncated or missing",
+                &hex(&h)[..16]
+            ));
+        }
+        out.push((h, loc));
+    }
+    Ok(out)
+}
+
+/// Writes new objects into one new pack.
+pub struct PackWriter {
+    dir: PathBuf,
+    tmp: PathBuf,
+    out: BufWriter<File>,
+    offset: u64,
+    entries: Vec<(Hash, u64, u32, u32, u32)>,
+    seen: HashSetH,
+    cctx: zstd::bulk::Compressor<'static>,
+    cbuf: Vec<u8>,
+    /// Raw bytes of the objects added.
+    pub raw_bytes: u64,
+    /// Raw bytes of the tree nodes among them.
+    pub node_bytes: u64,
+}
+
+/// A pack published by [`PackWriter::finish`].
+#[derive(Debug, Clone)]
+pub struct Published {
+    /// Its name.
+    pub name: String,
+    /// Objects in it.
+    pub objects: u64,
+    /// Size of `.pack` + `.idx`.
+    pub file_bytes: u64,
+}
+
+impl PackWriter {
+    /// Starts a pack in `dir` (a temporary file until [`finish`](Self::finish)).
+    pub fn new(dir: &Path) -> io::Result<PackWriter> {
+        static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let tmp = dir.join(format!("{TMP_PREFIX}{}-{n}.pack", std::process::id()));
+        let f = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        let mut out = BufWriter::with_capacity(1 << 20, f);
+        out.write_all(PACK_MAGIC)?;
+        Ok(PackWriter {
+            dir: dir.to_path_buf(),
+            tmp,
+            out,
+            offset: PACK_MAGIC.len() as u64,
+            entries: Vec::new(),
+            seen: HashSetH::default(),
+            cctx: zstd::bulk::Compressor::new(ZSTD_LEVEL)?,
+            cbuf: Vec::new(),
+            raw_bytes: 0,
+            node_bytes: 0,
+        })
+    }
+
+    /// True if `h` was added to this pack already.
+    pub fn contains(&self, h: &Hash) -> bool {
+        self.seen.contains(h)
+    }
+
+    /// Objects added so far.
+    #[allow(clippy::len_without_is_empty)]
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Adds `data` (whose hash is `h`), compressing it when that helps.
+    /// Does nothing if `h` was added before.
+    pub fn add(&mut self, h: Hash, data: &[u8]) -> io::Result<()> {
+        if !self.seen.insert(h) {
+            return Ok(());
+        }
+        let bound = zstd::zstd_safe::compress_bound(data.len());
+        self.cbuf.resize(bound, 0);
+        let n = self.cctx.compress_to_buffer(data, &mut self.cbuf[..])?;
+        let mut cbuf = std::mem::take(&mut self.cbuf);
+        let r = if n < data.len() {
+            self.add_stored(h, &cbuf[..n], data.len() as u32, FLAG_ZSTD)
+        } else {
+            self.add_stored(h, data, data.len() as u32, 0)
+        };
+        cbuf.clear();
+        self.cbuf = cbuf;
+        r
+    }
+
+    /// Adds an object in its stored form (used by gc when repacking).
+    pub fn add_stored(
+        &mut self,
+        h: Hash,
+        stored: &[u8],
+        raw_len: u32,
+        flags: u32,
+    ) -> io::Result<()> {
+        self.seen.insert(h);
+        self.out.write_all(stored)?;
+        self.entries
+            .push((h, self.offset, stored.len() as u32, raw_len, flags));
+        self.offset += stored.len() as u64;
+        self.raw_bytes += raw_len as u64;
+        Ok(())
+    }
+
+    /// Publishes the pack: fsyncs the data, renames it to `<name>.pack`,
+    /// writes, fsyncs and renames `<name>.idx`, then fsyncs the directory.
+    /// Returns `None` (and removes the temporary file) if nothing was added.
+    pub fn finish(mut self) -> io::Result<Option<Published>> {
+        if self.entries.is_empty() {
+            let _ = fs::remove_file(&self.tmp);
+            return Ok(None);
+        }
+        self.out.flush()?;
+        let f = self.out.get_ref();
+        f.sync_all()?;
+        let mut idx = Vec::with_capacity(16 + self.entries.len() * IDX_ENTRY + 32);
+        idx.extend_from_slice(IDX_MAGIC);
+        idx.extend_from_slice(&(self.entries.len() as u64).to_le_bytes());
+        for (h, off, stored, raw, flags) in &self.entries {
+            idx.extend_from_slice(h);
+            idx.extend_from_slice(&off.to_le_bytes());
+            idx.extend_from_slice(&stored.to_le_bytes());
+            idx.extend_from_slice(&raw.to_le_bytes());
+            idx.extend_from_slice(&flags.to_le_bytes());
+        }
+        let sum = hash(&idx);
+        idx.extend_from_slice(&sum);
+        let name = hex(&sum)[..32].to_string();
+        let pack_path = self.dir.join(format!("{name}.pack"));
+        fs::rename(&self.tmp, &pack_path)?;
+        let idx_tmp = self.dir.join(format!("{TMP_PREFIX}{name}.idx"));
+        {
+            let mut f = OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&idx_tmp)?;
+            f.write_all(&idx)?;
+            f.sync_all()?;
+        }
+        fs::rename(&idx_tmp, self.dir.join(format!("{name}.idx")))?;
+        File::open(&self.dir)?.sync_all()?;
+        Ok(Some(Published {
+            name,
+            objects: self.entries.len() as u64,
+            file_bytes: self.offset + idx.len() as u64,
+        }))
+    }
+}
+
+impl Drop for PackWriter {
+    fn drop(&mut self) {
+        // After finish() the temporary name no longer exists.
+        let _ = fs::remove_file(&self.tmp);
+    }
+}
+
+/// Splits `data` into `chunk`-sized pieces, stores the new ones in `w`, and
+/// returns the root of the file's tree and its depth.
+pub struct TreeBuilder {
+    leaves: Vec<Hash>,
+}
+
+impl TreeBuilder {
+    /// An empty tree.
+    pub fn new() -> TreeBuilder {
+        TreeBuilder { leaves: Vec::new() }
+    }
+
+    /// Adds one chunk of the file (in order).
+    pub fn push(&mut self, db: &ObjectDb, w: &mut PackWriter, chunk: &[u8]) -> io::Result<()> {
+        let h = hash(chunk);
+        if !db.contains(&h) && !w.contains(&h) {
+            w.add(h, chunk)?;
+        }
+        self.leaves.push(h);
+        Ok(())
+    }
+
+    /// Builds the nodes above the chunks; returns (root, depth).
+    pub fn finish(mut self, db: &ObjectDb, w: &mut PackWriter) -> io::Result<(Hash, u8)> {
+        if self.leaves.is_empty() {
+            let h = hash(&[]);
+            if !db.contains(&h) && !w.contains(&h) {
+                w.add(h, &[])?;
+            }
+            return Ok((h, 0));
+        }
+        let mut depth = 0u8;
+        while self.leaves.len() > 1 {
+            let mut next = Vec::with_capacity(self.leaves.len().div_ceil(FANOUT));
+            for group in self.leaves.chunks(FANOUT) {
+                let node: Vec<u8> = group.iter().flatten().copied().collect();
+                let h = hash(&node);
+                if !db.contains(&h) && !w.contains(&h) {
+                    w.add(h, &node)?;
+                    w.node_bytes += node.len() as u64;
+                }
+                next.push(h);
+            }
+            self.leaves = next;
+            depth += 1;
+        }
+        Ok((self.leaves[0], depth))
+    }
+}
+
+impl Default for TreeBuilder {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Receives each verified chunk: (chunk index, contents).
+pub type ChunkSink<'a> = dyn FnMut(usize, &[u8]) -> Result<(), PieceError> + 'a;
+
+/// Reads objects, verifying each against its hash.
+pub struct Reader<'a> {
+    db: &'a ObjectDb,
+    files: HashMap<u32, File>,
+    dctx: zstd::bulk::Decompressor<'static>,
+    run: Vec<u8>,
+}
+
+impl<'a> Reader<'a> {
+    /// A reader over `db`.
+    pub fn new(db: &'a ObjectDb) -> io::Result<Reader<'a>> {
+        Ok(Reader {
+            db,
+            files: HashMap::new(),
+            dctx: zstd::bulk::Decompressor::new()?,
+            run: Vec::new(),
+        })
+    }
+
+    /// True if `h` is stored.
+    pub fn contains(&self, h: &Hash) -> bool {
+        self.db.contains(h)
+    }
+
+    fn file(&mut self, pack: u32) -> Result<&File, PieceError> {
+        if !self.files.contains_key(&pack) {
+            let p = self.db.pack_path(pack);
+            let f = File::open(&p)
+                .map_err(|e| PieceError(format!("cannot open {}: {e}", p.display())))?;
+            self.files.insert(pack, f);
+        }
+        Ok(&self.files[&pack])
+    }
+
+    /// Decodes one stored object into `out` (cleared first) and checks its hash.
+    fn decode(
+        dctx: &mut zstd::bulk::Decompressor<'static>,
+        db: &ObjectDb,
+        h: &Hash,
+        loc: &Loc,
+        stored: &[u8],
+        out: &mut Vec<u8>,
+    ) -> Result<(), PieceError> {
+        let pack = &db.packs[loc.pack as usize].name;
+        let what = || format!("object {} in pack {pack}", &hex(h)[..16]);
+        let start = out.len();
+        if loc.flags & FLAG_ZSTD != 0 {
+            out.resize(start + loc.raw_len as usize, 0);
+            let n = dctx
+                .decompress_to_buffer(stored, &mut out[start..])
+                .map_err(|e| PieceError(format!("{}: cannot decompress: {e}", what())))?;
+            if n != loc.raw_len as usize {
+                return Err(PieceError(format!(
+                    "{}: decompressed to {n} bytes, index says {}",
+                    what(),
+                    loc.raw_len
+                )));
+            }
+        } else {
+            if stored.len() != loc.raw_len as usize {
+                return Err(PieceError(format!("{}: bad stored length", what())));
+            }
+            out.extend_from_slice(stored);
+        }
+        if hash(&out[start..]) != *h {
+            return Err(PieceError(format!(
+                "{}: contents do not match their hash",
+                what()
+            )));
+        }
+        Ok(())
+    }
+
+    /// Reads and verifies one object into `out` (cleared first).
+    pub fn read(&mut self, h: &Hash, out: &mut Vec<u8>) -> Result<(), PieceError> {
+        let loc = self.db.get(h).ok_or_else(|| {
+            PieceError(format!(
+                "object {} is missing from the store",
+                &hex(h)[..16]
+            ))
+        })?;
+        let mut stored = std::mem::take(&mut self.run);
+        stored.resize(loc.stored_len as usize, 0);
+        let r = self
+            .file(loc.pack)?
+            .read_exact_at(&mut stored, loc.offset)
+            .map_err(|e| {
+                PieceError(format!(
+                    "object {}: cannot read pack {}: {e}",
+                    &hex(h)[..16],
+                    self.db.packs[loc.pack as usize].name
+                ))
+            });
+        out.clear();
+        let res = r.and_then(|()| Self::decode(&mut self.dctx, self.db, h, &loc, &stored, out));
+        self.run = stored;
+        res
+    }
+
+    /// Reads a verified object in its stored form (for repacking).
+    pub fn read_stored(&mut self, h: &Hash, stored: &mut Vec<u8>) -> Result<Loc, PieceError> {
+        let loc = self.db.get(h).ok_or_else(|| {
+            PieceError(format!(
+                "object {} is missing from the store",
+                &hex(h)[..16]
+            ))
+        })?;
+        stored.resize(loc.stored_len as usize, 0);
+        self.file(loc.pack)?
+            .read_exact_at(stored, loc.offset)
+            .map_err(|e| PieceError(format!("cannot read pack: {e}")))?;
+        let mut out = Vec::new();
+        Self::decode(&mut self.dctx, self.db, h, &loc, stored, &mut out)?;
+        Ok(loc)
+    }
+
+    /// The chunk hashes of a file's tree (nodes are read and verified).
+    pub fn leaves(&mut self, root: &Hash, depth: u8) -> Result<Vec<Hash>, PieceError> {
+        let mut level = vec![*root];
+        let mut buf = Vec::new();
+        for d in (1..=depth).rev() {
+            let mut next = Vec::with_capacity(level.len() * FANOUT);
+            for h in &level {
+                self.read(h, &mut buf)?;
+                if buf.is_empty() || buf.len() % 32 != 0 || buf.len() > FANOUT * 32 {
+                    return Err(PieceError(format!(
+                        "tree node {} (level {d}) has a bad length {}",
+                        &hex(h)[..16],
+                        buf.len()
+                    )));
+                }
+                next.extend(buf.chunks_exact(32).map(|c| Hash::try_from(c).unwrap()));
+            }
+            level = next;
+        }
+        Ok(level)
+    }
+
+    /// Reads and verifies `hashes` (chunks of one file, in order), calling
+    /// `sink` with each chunk's contents. Objects that lie back to back in
+    /// a pack are read with one call.
+    pub fn read_chunks(
+        &mut self,
+        hashes: &[(usize, Hash)],
+        sink: &mut ChunkSink<'_>,
+    ) -> Result<(), PieceError> {
+        let mut i = 0;
+        let mut out = Vec::new();
+        while i < hashes.len() {
+            let first = self.db.get(&hashes[i].1).ok_or_else(|| {
+                PieceError(format!(
+                    "chunk {} (object {}) is missing from the store",
+                    hashes[i].0,
+                    &hex(&hashes[i].1)[..16]
+                ))
+            })?;
+            // Extend the run while the next object follows in the same pack.
+            let mut j = i + 1;
+            let mut end = first.offset + first.stored_len as u64;
+            while j < hashes.len() && end - first.offset < RUN_MAX {
+                match self.db.get(&hashes[j].1) {
+                    Some(l) if l.pack == first.pack && l.offset == end => {
+                        end += l.stored_len as u64;
+                        j += 1;
+                    }
+                    _ => break,
+                }
+            }
+            let mut run = std::mem::take(&mut self.run);
+            run.resize((end - first.offset) as usize, 0);
+            let pack_name = self.db.packs[first.pack as usize].name.clone();
+            let res = self
+                .file(first.pack)?
+                .read_exact_at(&mut run, first.offset)
+                .map_err(|e| {
+                    PieceError(format!(
+                        "chunk {}: cannot read pack {pack_name}: {e}",
+                        hashes[i].0
+                    ))
+                });
+            let res = res.and_then(|()| {
+                for (idx, h) in &hashes[i..j] {
+                    let loc = self.db.get(h).unwrap();
+                    let s = (loc.offset - first.offset) as usize;
+                    out.clear();
+                    Self::decode(
+                        &mut self.dctx,
+                        self.db,
+                        h,
+                        &loc,
+                        &run[s..s + loc.stored_len as usize],
+                        &mut out,
+                    )
+                    .map_err(|e| PieceError(format!("chunk {idx}: {e}")))?;
+                    sink(*idx, &out)?;
+                }
+                Ok(())
+            });
+            self.run = run;
+            res?;
+            i = j;
+        }
+        Ok(())
+    }
+}
+
+/// Reads a whole regular file in `chunk`-sized pieces, calling `f` for each.
+pub fn for_each_chunk(
+    path: &Path,
+    chunk: usize,
+    f: &mut dyn FnMut(&[u8]) -> io::Result<()>,
+) -> io::Result<u64> {
+    let mut file = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(path)?;
+    let per = (4 << 20) / chunk.max(1);
+    let mut buf = vec![0u8; chunk * per.max(1)];
+    let mut total = 0u64;
+    loop {
+        // Fill the buffer as far as possible (short reads are allowed).
+        let mut n = 0;
+        while n < buf.len() {
+            match file.read(&mut buf[n..]) {
+                Ok(0) => break,
+                Ok(k) => n += k,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        if n == 0 {
+            break;
+        }
+        for c in buf[..n].chunks(chunk) {
+            f(c)?;
+        }
+        total += n as u64;
+        if n < buf.len() {
+            break;
+        }
+    }
+    Ok(total)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pack_roundtrip_dedup_and_runs() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut db = ObjectDb::new(tmp.path());
+        db.refresh().unwrap();
+        let mut w = PackWriter::new(tmp.path()).unwrap();
+        let mut t = TreeBuilder::new();
+        let mut data = Vec::new();
+        for i in 0..300u32 {
+            // Compressible and incompressible pages, with repeats.
+            let page: Vec<u8> = if i % 3 == 0 {
+                vec![(i % 7) as u8; 4096]
+            } else {
+                (0..4096u32)
+                    .map(|k| (k.wrapping_mul(2654435761).wrapping_add(i * 97) >> 13) as u8)
+                    .collect()
+            };
+            t.push(&db, &mut w, &page).unwrap();
+            data.extend_from_slice(&page);
+        }
+        let (root, depth) = t.finish(&db, &mut w).unwrap();
+        assert_eq!(depth, 2); // 300 leaves -> 5 nodes -> 1 root
+        let p = w.finish().unwrap().unwrap();
+        db.refresh().unwrap();
+        assert_eq!(db.packs.len(), 1);
+        assert_eq!(db.packs[0].objects, p.objects);
+        let mut r = Reader::new(&db).unwrap();
+        let leaves = r.leaves(&root, depth).unwrap();
+        assert_eq!(leaves.len(), 300);
+        let mut back = Vec::new();
+        let items: Vec<(usize, Hash)> = leaves.into_iter().enumerate().collect();
+        r.read_chunks(&items, &mut |_, c| {
+            back.extend_from_slice(c);
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(back, data);
+
+        // A second pack with the same data adds nothing.
+        let mut w = PackWriter::new(tmp.path()).unwrap();
+        let mut t = TreeBuilder::new();
+        for c in data.chunks(4096) {
+            t.push(&db, &mut w, c).unwrap();
+        }
+        assert_eq!(t.finish(&db, &mut w).unwrap(), (root, depth));
+        assert!(w.finish().unwrap().is_none());
+        let leftovers: Vec<_> = fs::read_dir(tmp.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .filter(|n| n.starts_with(TMP_PREFIX))
+            .collect();
+        assert!(leftovers.is_empty(), "{leftovers:?}");
+    }
+
+    #[test]
+    fn damaged_index_and_object_are_reported() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut db = ObjectDb::new(tmp.path());
+        let mut w = PackWriter::new(tmp.path()).unwrap();
+        let a = vec![1u8; 5000];
+        let ha = hash(&a);
+        w.add(ha, &a).unwrap();
+        let name = w.finish().unwrap().unwrap().name;
+        db.refresh().unwrap();
+        // Flip a byte of the stored object.
+        let pp = tmp.path().join(format!("{name}.pack"));
+        let mut bytes = fs::read(&pp).unwrap();
+        let last = bytes.len() - 1;
+        bytes[last] ^= 0x40;
+        fs::write(&pp, &bytes).unwrap();
+        let mut r = Reader::new(&db).unwrap();
+        let mut out = Vec::new();
+        let e = r.read(&ha, &mut out).unwrap_err();
+        assert!(e.0.contains(&name), "{e}");
+        // Damage the index: its objects disappear and it is reported.
+        let ip = tmp.path().join(format!("{name}.idx"));
+        let mut bytes = fs::read(&ip).unwrap();
+        bytes[20] ^= 1;
+        fs::write(&ip, &bytes).unwrap();
+        let mut db = ObjectDb::new(tmp.path());
+        db.refresh().unwrap();
+        assert!(!db.contains(&ha));
+        assert_eq!(db.bad_indexes.len(), 1);
+        assert!(db.bad_indexes[0].1.contains("checksum"));
+    }
+}
