@@ -2,7 +2,7 @@
 //!
 //! ```sh
 //! cargo run --release --example bench_store -- [--mb 1024] [--pages 1] \
-//!     [--interval-ms 100] [--checkpoints 3] [--gap-s 5] [--dir /var/tmp]
+//!     [--interval-ms 100] [--checkpoints 3] [--gap-s 5] [--dir /var/tmp] [--warm-gib 0]
 //! ```
 //!
 //! Starts `tests/progs/dirty.c` (compiled with `cc`) holding `--mb` MiB of
@@ -51,6 +51,7 @@ struct Args {
     checkpoints: usize,
     gap: Duration,
     dir: PathBuf,
+    warm_gib: u64,
 }
 
 fn parse_args() -> Args {
@@ -61,6 +62,7 @@ fn parse_args() -> Args {
         checkpoints: 3,
         gap: Duration::from_secs(5),
         dir: PathBuf::from("/var/tmp"),
+        warm_gib: 0,
     };
     let args: Vec<String> = std::env::args().skip(1).collect();
     let mut i = 0;
@@ -73,6 +75,7 @@ fn parse_args() -> Args {
             "--checkpoints" => a.checkpoints = v.parse().expect("--checkpoints N"),
             "--gap-s" => a.gap = Duration::from_secs_f64(v.parse().expect("--gap-s S")),
             "--dir" => a.dir = PathBuf::from(v),
+            "--warm-gib" => a.warm_gib = v.parse().expect("--warm-gib N"),
             other => panic!("unknown argument {other}"),
         }
         i += 2;
@@ -107,7 +110,27 @@ struct Cp {
     node_bytes: u64,
 }
 
+/// Touches `gib` GiB of memory once (a tmpfs file, then deleted), so that
+/// on a VM whose host backs guest memory lazily, neither side of the
+/// comparison pays first-touch costs the other does not.
+fn warm_memory(gib: u64) {
+    if gib == 0 {
+        return;
+    }
+    let p = Path::new("/dev/shm").join(format!("supervise-bench-warm-{}", std::process::id()));
+    {
+        use std::io::Write;
+        let mut f = fs::File::create(&p).unwrap();
+        let buf = vec![0x5au8; 1 << 20];
+        for _ in 0..gib * 1024 {
+            f.write_all(&buf).unwrap();
+        }
+    }
+    fs::remove_file(&p).unwrap();
+}
+
 fn bench(reaper: &Reaper, a: &Args) {
+    warm_memory(a.warm_gib);
     let work = a
         .dir
         .join(format!("supervise-bench-{}", std::process::id()));
@@ -160,7 +183,7 @@ fn bench(reaper: &Reaper, a: &Args) {
         "job: {} MiB, {} page(s) rewritten every {} ms; {} checkpoints each way, {:?} apart",
         a.mb, a.pages, a.interval_ms, a.checkpoints, a.gap
     );
-    for i in 0..a.checkpoints {
+    let mut engine_cp = |i: usize| {
         // supervise's engine. Each dump starts with no dirty page cache
         // (sync first): CRIU writes the image while the job is frozen, and
         // writeback of earlier gigabytes would otherwise throttle whichever
@@ -197,7 +220,8 @@ fn bench(reaper: &Reaper, a: &Args) {
         });
         ids.push(info.id.clone());
         eprintln!("supervise checkpoint {} done", i + 1);
-        std::thread::sleep(a.gap / 2);
+    };
+    let mut raw_cp = |i: usize| {
         // Plain CRIU.
         let dir = raw_dir(i);
         fs::create_dir_all(&dir).unwrap();
@@ -241,6 +265,18 @@ fn bench(reaper: &Reaper, a: &Args) {
             node_bytes: 0,
         });
         eprintln!("raw criu checkpoint {} done", i + 1);
+    };
+    // Alternate which goes first, so neither always follows the other's I/O.
+    for i in 0..a.checkpoints {
+        if i % 2 == 0 {
+            engine_cp(i);
+            std::thread::sleep(a.gap / 2);
+            raw_cp(i);
+        } else {
+            raw_cp(i);
+            std::thread::sleep(a.gap / 2);
+            engine_cp(i);
+        }
         if i + 1 < a.checkpoints {
             std::thread::sleep(a.gap / 2);
         }

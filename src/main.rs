@@ -212,6 +212,15 @@ fn open_store(cfg: &JobConfig) -> Result<Option<ImageStore>> {
     ))
 }
 
+fn no_store(cfg: &JobConfig) -> ExitCode {
+    println!(
+        "job {}: no image store at {}",
+        cfg.name,
+        cfg.checkpoint.dir.display()
+    );
+    ExitCode::SUCCESS
+}
+
 fn images(job: &Path, json: bool, check: bool) -> Result<ExitCode> {
     let cfg = JobConfig::load(job)?;
     let store = open_store(&cfg)?;
@@ -286,12 +295,7 @@ fn images(job: &Path, json: bool, check: bool) -> Result<ExitCode> {
 fn verify(job: &Path) -> Result<ExitCode> {
     let cfg = JobConfig::load(job)?;
     let Some(store) = open_store(&cfg)? else {
-        println!(
-            "job {}: no image store at {}",
-            cfg.name,
-            cfg.checkpoint.dir.display()
-        );
-        return Ok(ExitCode::SUCCESS);
+        return Ok(no_store(&cfg));
     };
     let r = store
         .verify_all()
@@ -326,12 +330,7 @@ fn verify(job: &Path) -> Result<ExitCode> {
 fn gc(job: &Path) -> Result<ExitCode> {
     let cfg = JobConfig::load(job)?;
     let Some(store) = open_store(&cfg)? else {
-        println!(
-            "job {}: no image store at {}",
-            cfg.name,
-            cfg.checkpoint.dir.display()
-        );
-        return Ok(ExitCode::SUCCESS);
+        return Ok(no_store(&cfg));
     };
     let r = store.gc().with_context(|| format!("job {}", cfg.name))?;
     if let Some(why) = &r.refused {

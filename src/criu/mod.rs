@@ -255,26 +255,9 @@ pub fn dump_requests(
 /// on this kernel. Blocking; spawns `criu swrk` through the reaper.
 pub fn feature_check(reaper: &Reaper) -> Result<DumpMode, CriuError> {
     let (ours, theirs) = rpc_socketpair()?;
-    let theirs_raw = theirs.as_raw_fd();
     let mut cmd = Command::new(criu_bin());
-    cmd.args(["swrk", &SWRK_FD.to_string()])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
-    // SAFETY: only async-signal-safe calls (dup2/fcntl) between fork and exec.
-    unsafe {
-        cmd.pre_exec(move || inherit_as(theirs_raw, SWRK_FD));
-    }
-    let mut spawned: Spawned = reaper.spawn(&mut cmd).map_err(|e| CriuError::Spawn {
-        what: "criu swrk".into(),
-        source: e,
-    })?;
-    drop(theirs);
-    let stderr = spawned
-        .child
-        .as_mut()
-        .and_then(|c| c.stderr.take())
-        .map(collect);
+    cmd.args(["swrk", &SWRK_FD.to_string()]);
+    let (spawned, stderr) = spawn_swrk(reaper, &mut cmd, theirs, "criu swrk")?;
     let conv = Conversation::new(ours);
     let resp = conv.call(&feature_check_request(), &mut |_| true);
     drop(conv);
@@ -488,30 +471,13 @@ pub fn dump_with(
     }
     let ns_pid = crate::proc::ns_pid(host_pid)?;
     let (ours, theirs) = rpc_socketpair()?;
-    let theirs_raw = theirs.as_raw_fd();
     let mut cmd = Command::new("nsenter");
     cmd.arg(format!("--target={host_pid}"))
         .args(["--pid", "--mount", "--"])
         .arg(criu_bin())
-        .args(["swrk", &SWRK_FD.to_string()])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
-    // SAFETY: only async-signal-safe calls (dup2/fcntl) between fork and exec.
-    unsafe {
-        cmd.pre_exec(move || inherit_as(theirs_raw, SWRK_FD));
-    }
+        .args(["swrk", &SWRK_FD.to_string()]);
     let start = Instant::now();
-    let mut spawned: Spawned = reaper.spawn(&mut cmd).map_err(|e| CriuError::Spawn {
-        what: "nsenter/criu swrk".into(),
-        source: e,
-    })?;
-    drop(theirs);
-    let stderr = spawned
-        .child
-        .as_mut()
-        .and_then(|c| c.stderr.take())
-        .map(collect);
+    let (spawned, stderr) = spawn_swrk(reaper, &mut cmd, theirs, "nsenter/criu swrk")?;
     let conv = Conversation::new(ours);
     let reqs = dump_requests(ns_pid, images_dir, o, timeout, true, mode);
     let mut resps = Vec::new();
@@ -546,6 +512,36 @@ pub fn dump_with(
         stats,
         log,
     })
+}
+
+/// Spawns `cmd` (a `criu swrk` command line) through the reaper with
+/// `theirs` as its RPC socket on [`SWRK_FD`] and its stderr captured;
+/// returns the child and the thread collecting its log.
+fn spawn_swrk(
+    reaper: &Reaper,
+    cmd: &mut Command,
+    theirs: OwnedFd,
+    what: &str,
+) -> Result<(Spawned, Option<JoinHandle<String>>), CriuError> {
+    let theirs_raw = theirs.as_raw_fd();
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    // SAFETY: only async-signal-safe calls (dup2/fcntl) between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || inherit_as(theirs_raw, SWRK_FD));
+    }
+    let mut spawned = reaper.spawn(cmd).map_err(|e| CriuError::Spawn {
+        what: what.into(),
+        source: e,
+    })?;
+    drop(theirs);
+    let stderr = spawned
+        .child
+        .as_mut()
+        .and_then(|c| c.stderr.take())
+        .map(collect);
+    Ok((spawned, stderr))
 }
 
 /// In a freshly forked child: make `fd` available as `target`, without
