@@ -2,7 +2,7 @@
 //!
 //! ```sh
 //! cargo run --release --example bench_store -- [--mb 1024] [--pages 1] \
-//!     [--interval-ms 100] [--checkpoints 3] [--gap-s 5] [--dir /var/tmp] [--warm-gib 0]
+//!     [--interval-ms 100] [--checkpoints 3] [--gap-s 5] [--dir /var/tmp] [--warm-gib 2]
 //! ```
 //!
 //! Starts `tests/progs/dirty.c` (compiled with `cc`) holding `--mb` MiB of
@@ -62,7 +62,7 @@ fn parse_args() -> Args {
         checkpoints: 3,
         gap: Duration::from_secs(5),
         dir: PathBuf::from("/var/tmp"),
-        warm_gib: 0,
+        warm_gib: 2,
     };
     let args: Vec<String> = std::env::args().skip(1).collect();
     let mut i = 0;
@@ -110,9 +110,12 @@ struct Cp {
     node_bytes: u64,
 }
 
-/// Touches `gib` GiB of memory once (a tmpfs file, then deleted), so that
-/// on a VM whose host backs guest memory lazily, neither side of the
-/// comparison pays first-touch costs the other does not.
+/// Touches `gib` GiB of memory (a tmpfs file, then deleted) right before a
+/// dump, on both sides of the comparison. On a VM whose host backs guest
+/// memory lazily and takes freed memory back (free page reporting, as on
+/// this machine), a dump written into memory freed seconds earlier is
+/// several times slower than one written into memory just touched; which
+/// side happens to follow a big free would otherwise decide the ratio.
 fn warm_memory(gib: u64) {
     if gib == 0 {
         return;
@@ -130,7 +133,6 @@ fn warm_memory(gib: u64) {
 }
 
 fn bench(reaper: &Reaper, a: &Args) {
-    warm_memory(a.warm_gib);
     let work = a
         .dir
         .join(format!("supervise-bench-{}", std::process::id()));
@@ -189,6 +191,7 @@ fn bench(reaper: &Reaper, a: &Args) {
         // writeback of earlier gigabytes would otherwise throttle whichever
         // dump comes next and decide the comparison.
         nix::unistd::sync();
+        warm_memory(a.warm_gib);
         let staging = store.begin().unwrap();
         let o = criu::dump(reaper, job_pid.0, staging.path(), &opts, None, &mut |_| {
             true
@@ -225,11 +228,8 @@ fn bench(reaper: &Reaper, a: &Args) {
         // Plain CRIU.
         let dir = raw_dir(i);
         fs::create_dir_all(&dir).unwrap();
-        if i > 0 {
-            // Only the newest raw dump is restored; keep the disk as for supervise.
-            let _ = fs::remove_dir_all(raw_dir(i - 1));
-        }
         nix::unistd::sync();
+        warm_memory(a.warm_gib);
         let t = Instant::now();
         let mut cmd = Command::new("nsenter");
         cmd.arg(format!("--target={}", job_pid.0))
@@ -256,6 +256,15 @@ fn bench(reaper: &Reaper, a: &Args) {
             eprintln!("raw stats: {stats:?}");
         }
         let bytes = supervise::store::dir_size(&dir);
+        // Only the newest raw dump is restored, so the previous one goes now,
+        // right after this dump, as supervise drops its raw dump right after
+        // ingesting it. (When matters on VMs with free page reporting, like
+        // this one: memory freed seconds before a dump is handed back to the
+        // host, and writing the next dump into it is several times slower
+        // than into memory freed a moment ago.)
+        if i > 0 {
+            let _ = fs::remove_dir_all(raw_dir(i - 1));
+        }
         raws.push(Cp {
             frozen_ms: stats.and_then(|s| s.frozen_time).unwrap_or(0) as f64 / 1e3,
             dump_ms: t.elapsed().as_secs_f64() * 1e3,

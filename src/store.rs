@@ -356,6 +356,7 @@ pub struct ImageStore {
     dir: PathBuf,
     read_only: bool,
     db: Arc<Mutex<ObjectDb>>,
+    tmpfs_staging: bool,
 }
 
 /// A checkpoint being written; obtained from [`ImageStore::begin`].
@@ -539,7 +540,18 @@ impl ImageStore {
             dir: dir.to_path_buf(),
             read_only,
             db: Arc::new(Mutex::new(ObjectDb::new(&dir.join(PACKS_DIR)))),
+            tmpfs_staging: false,
         }
+    }
+
+    /// Let CRIU dump into tmpfs (`/dev/shm`, when it has room) instead of
+    /// the store's own disk. Off by default: measured here, CRIU keeps the
+    /// job frozen longer writing a dump into freshly allocated tmpfs pages
+    /// (512 MiB job: 290 ms vs 206 ms frozen), which the job pays for; the
+    /// disk's page cache is what plain `criu dump` uses too.
+    pub fn with_tmpfs_staging(mut self, on: bool) -> ImageStore {
+        self.tmpfs_staging = on;
+        self
     }
 
     /// The store directory.
@@ -635,12 +647,14 @@ impl ImageStore {
         }
     }
 
-    /// A private directory on tmpfs for CRIU to dump into, when tmpfs has
-    /// room for twice the newest checkpoint (the first one goes to disk:
-    /// its size is unknown). CRIU writes the image while the job is frozen,
-    /// and on tmpfs that costs memory bandwidth only, not the disk's
-    /// page-cache writeback stalls; the ingest then reads it from memory.
+    /// With [`with_tmpfs_staging`](Self::with_tmpfs_staging): a private
+    /// directory on tmpfs for CRIU to dump into, when tmpfs has room for
+    /// twice the newest checkpoint (the first one goes to disk: its size is
+    /// unknown).
     fn tmpfs_staging(&self, seq: u64) -> Option<PathBuf> {
+        if !self.tmpfs_staging {
+            return None;
+        }
         let need = self.list().ok()?.first()?.size_bytes;
         let dir = tmpfs_dir(need)?.join(format!("{}{seq:06}", tmpfs_staging_prefix(&self.dir)));
         match DirBuilder::new().mode(0o700).create(&dir) {
@@ -2105,7 +2119,15 @@ mod tests {
     #[test]
     fn later_dumps_are_staged_on_tmpfs_and_removed() {
         let tmp = tempfile::tempdir().unwrap();
-        let store = ImageStore::open(&tmp.path().join("s")).unwrap();
+        let disk = ImageStore::open(&tmp.path().join("d")).unwrap();
+        publish(&disk, "a");
+        assert!(
+            disk.begin().unwrap().path().starts_with(tmp.path()),
+            "disk by default"
+        );
+        let store = ImageStore::open(&tmp.path().join("s"))
+            .unwrap()
+            .with_tmpfs_staging(true);
         let first = store.begin().unwrap();
         assert!(first.path().starts_with(tmp.path()), "first dump on disk");
         first.abort();
