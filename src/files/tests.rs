@@ -16,7 +16,11 @@ impl Holder {
                 "cd '{}' && {script} && echo ready && exec sleep 60",
                 dir.display()
             ))
+            .stdin(Stdio::null())
             .stdout(Stdio::piped())
+            // Not the test's own stderr: it may be a file (CI logs), which
+            // the capture would then rightly record.
+            .stderr(Stdio::null())
             .spawn()
             .unwrap();
         let mut line = String::new();
