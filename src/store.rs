@@ -1585,11 +1585,21 @@ impl Staging {
                     let path = self.dump.join(name);
                     let chunk = chunk_size_for(name);
                     let mut tree = TreeBuilder::new();
+                    // Tell a failure to store (e.g. ENOSPC in the pack) from
+                    // a failure to read the dump.
+                    let mut store_failed = false;
                     let size = objects::for_each_chunk(&path, chunk as usize, &mut |c| {
                         chunks += 1;
                         tree.push(&db, &mut w, c)
+                            .inspect_err(|_| store_failed = true)
                     })
-                    .map_err(io_err(&path))?;
+                    .map_err(|e| {
+                        if store_failed {
+                            io_err(&packs_dir)(e)
+                        } else {
+                            io_err(&path)(e)
+                        }
+                    })?;
                     let (root, depth) = tree.finish(&db, &mut w).map_err(io_err(&packs_dir))?;
                     files.push(FileEntry {
                         name: name.clone(),
