@@ -332,11 +332,15 @@ fn two_live_copies() {
     // Every retained image verifies (the new copy keeps checkpointing).
     job.wait_log("restart=1}: checkpoint published", 2, T);
     let out = Command::new(BIN)
-        .args(["images", "--json"])
+        .arg("verify")
         .arg(job.dir.path().join("job.toml"))
         .output()
         .unwrap();
-    assert!(out.status.success());
+    assert!(
+        out.status.success(),
+        "store damaged after two live copies: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
     let k = job.counter().len();
     wait_numbers(&job.dir.path().join("counter.out"), k + 5, T);
     assert_exactly_once(&job.counter());
