@@ -8,7 +8,6 @@ use std::ffi::OsStr;
 use std::fs;
 use std::io::{Read, Write};
 use std::os::unix::process::CommandExt;
-use std::time::{Duration, Instant};
 
 use common::*;
 
@@ -38,14 +37,6 @@ fn ok(out: &std::process::Output) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + T;
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 /// Status has the documented fields; checkpoint-now adds an image and
@@ -98,24 +89,12 @@ fn checkpoint_now_refused_while_one_runs() {
         return;
     }
     let env = Env::new();
-    let job = env.job(
-        "big",
-        &format!(
-            "command = [\"{}\", \"384\"]\nstdout = \"big.out\"\n[checkpoint]\nevery = \"1h\"\n",
-            progs().join("bigmem").display()
-        ),
-    );
+    let job = env.bigmem_job("big", 384);
     let sup = env.start(&job);
     sup.wait_for("started", 1, T);
     wait_numbers(&env.path().join("big.out"), 2, T);
-    let first = std::process::Command::new(BIN)
-        .args(["checkpoint", "big"])
-        .env("SUPERVISE_SOCKET", env.socket())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    wait_until("state checkpointing", || {
+    let first = env.ctl_spawn(&["checkpoint", "big"]);
+    wait_until("state checkpointing", T, || {
         env.status()[0]["state"] == "checkpointing"
     });
     let second = env.ctl(&["checkpoint", "big"]);

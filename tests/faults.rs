@@ -6,18 +6,10 @@ mod common;
 
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::*;
-
-fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
-    let t0 = Instant::now();
-    while !f() {
-        assert!(t0.elapsed() < timeout, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
 
 /// No process of the tree is stopped or traced.
 fn assert_not_stopped(root: i32) {
@@ -39,25 +31,13 @@ fn criu_killed_mid_dump_leaves_the_job_running() {
         return;
     }
     let env = Env::new();
-    let job = env.job(
-        "big",
-        &format!(
-            "command = [\"{}\", \"768\"]\nstdout = \"big.out\"\n[checkpoint]\nevery = \"1h\"\n",
-            progs().join("bigmem").display()
-        ),
-    );
+    let job = env.bigmem_job("big", 768);
     let sup = env.start(&job);
     sup.wait_for("started", 1, T);
     let out = env.path().join("big.out");
     wait_numbers(&out, 2, T);
     let (pid, _) = sup.job_pid("big");
-    let ckpt = Command::new(BIN)
-        .args(["checkpoint", "big"])
-        .env("SUPERVISE_SOCKET", env.socket())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let ckpt = env.ctl_spawn(&["checkpoint", "big"]);
     // Find supervise's dumping criu: the one run through nsenter in the
     // job's namespaces (not the one-off feature check).
     let comm = |p: i32| fs::read_to_string(format!("/proc/{p}/comm")).unwrap_or_default();

@@ -152,6 +152,30 @@ impl Env {
             .unwrap()
     }
 
+    /// Starts a `supervise` client command in the background (its output
+    /// piped), against this test's socket.
+    pub fn ctl_spawn(&self, args: &[&str]) -> Child {
+        Command::new(BIN)
+            .args(args)
+            .env("SUPERVISE_SOCKET", self.socket())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    }
+
+    /// A job file for `bigmem MB` (a counter in `<name>.out` next to MB of
+    /// dirty memory) with no scheduled checkpoint during a test.
+    pub fn bigmem_job(&self, name: &str, mb: u32) -> PathBuf {
+        self.job(
+            name,
+            &format!(
+                "command = [\"{}\", \"{mb}\"]\nstdout = \"{name}.out\"\n[checkpoint]\nevery = \"1h\"\n",
+                progs().join("bigmem").display()
+            ),
+        )
+    }
+
     /// `supervise status --json`, as JSON.
     pub fn status(&self) -> serde_json::Value {
         let out = self.ctl(&["status", "--json"]);
@@ -372,6 +396,15 @@ pub fn ids(log: &str, event: &str) -> Vec<String> {
         .filter_map(|r| r.split_whitespace().next())
         .map(str::to_string)
         .collect()
+}
+
+/// Polls `f` every 10 ms until it holds; panics after `timeout`.
+pub fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    let t0 = Instant::now();
+    while !f() {
+        assert!(t0.elapsed() < timeout, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
 }
 
 /// Waits until `path` holds at least `n` numbers.
