@@ -84,7 +84,7 @@ impl Metrics {
         );
         r.register(
             "checkpoint_duration_seconds",
-            "Wall time of successful checkpoints (dump and publish)",
+            "Wall time of the CRIU dump of successful checkpoints",
             m.checkpoint_seconds.clone(),
         );
         r.register(
