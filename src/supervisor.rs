@@ -35,7 +35,7 @@ use crate::files::{Action, CaptureSummary, FilesError};
 use crate::job::{self, InitFiles, Running};
 use crate::reaper::{ExitStatus, Reaper};
 use crate::schedule::Ticker;
-use crate::store::{CheckpointMeta, ImageInfo, ImageStore};
+use crate::store::{CheckpointMeta, ImageInfo, ImageStore, Materialised};
 
 /// Errors that stop a job's supervision before it starts.
 #[derive(Debug, thiserror::Error)]
@@ -529,8 +529,8 @@ impl Supervisor {
         }
     }
 
-    /// `supervise restore`: the chosen image is checked first, and only if
-    /// it verifies is the running job replaced by it. If CRIU then fails,
+    /// `supervise restore`: the chosen image is materialised (and so
+    /// verified) first, and only then is the running job replaced by it. If CRIU then fails,
     /// the job is recovered as after a death (newest image, or afresh).
     async fn manual_restore(
         &mut self,
@@ -549,24 +549,18 @@ impl Supervisor {
                 None => return err("there are no images to restore from".into()),
             },
         };
-        let store = self.store.clone();
-        let img2 = img.clone();
-        match tokio::task::spawn_blocking(move || store.verify(&img2)).await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => {
-                return err(format!(
-                    "image {} failed verification, the job was left as it is: {e}",
-                    img.id
-                ))
-            }
-            Err(e) => return err(e.to_string()),
-        }
+        // Written out and verified before the running job is touched: a
+        // damaged image is refused with the job left as it is.
+        let m = match self.materialise_image(&img).await {
+            Ok(m) => m,
+            Err(e) => return err(format!("{e}; the job was left as it is")),
+        };
         if let Some(j) = job.take() {
             info!(checkpoint = %img.id, "replacing the running job by an image on request");
             self.stop_job(j).await;
         }
         self.set_state(JobState::Restoring);
-        let resp = match self.restore_image(&img).await {
+        let resp = match self.restore_materialised(&img, m).await {
             Ok(r) => {
                 let m = format!(
                     "job {} restored from {} as pid {}",
@@ -902,24 +896,56 @@ impl Supervisor {
         None
     }
 
-    /// Restores one image: materialise it (every piece verified as it is
-    /// read), roll the job's files back to it, CRIU restore.
+    /// Restores one image: materialise it, then roll files back and let
+    /// CRIU restore it.
     async fn restore_image(&mut self, img: &ImageInfo) -> Result<Running, String> {
+        match self.materialise_image(img).await {
+            Ok(m) => self.restore_materialised(img, m).await,
+            Err(e) => {
+                self.restore_failed(img, &e);
+                Err(e)
+            }
+        }
+    }
+
+    /// Writes the image out for CRIU, every piece verified as it is read.
+    /// Touches neither the job nor its files.
+    async fn materialise_image(&self, img: &ImageInfo) -> Result<Materialised, String> {
         let store = self.store.clone();
+        let work = crate::store::scratch_dir(&self.run_dir.join("restore"), img.size_bytes);
+        let img2 = img.clone();
+        tokio::task::spawn_blocking(move || {
+            store.materialise(&img2, &work).map_err(|e| match e {
+                crate::store::StoreError::Corrupt { .. } => {
+                    format!("image failed verification: {e}")
+                }
+                e => format!("cannot prepare {} for CRIU: {e}", work.display()),
+            })
+        })
+        .await
+        .map_err(|e| format!("restore task failed: {e}"))
+        .and_then(|r| r)
+    }
+
+    fn restore_failed(&self, img: &ImageInfo, e: &str) {
+        self.metrics.restore(&self.cfg.name, false, None);
+        self.publish(|s| s.last_error = Some(format!("restore from {}: {e}", img.id)));
+    }
+
+    /// Rolls the job's files back to the materialised image, then CRIU
+    /// restores it; the materialised copy is removed either way.
+    async fn restore_materialised(
+        &mut self,
+        img: &ImageInfo,
+        m: Materialised,
+    ) -> Result<Running, String> {
         let reaper = self.reaper.clone();
         let opts = self.cfg.checkpoint.criu;
         let files = self.files();
-        let work = crate::store::scratch_dir(&self.run_dir.join("restore"), img.size_bytes);
-        let img2 = img.clone();
         let files_cfg = self.cfg.files.clone();
-        let res = tokio::task::spawn_blocking(
-            move || -> Result<(job::Restored, Duration, Vec<Action>), String> {
-                let m = store.materialise(&img2, &work).map_err(|e| match e {
-                    crate::store::StoreError::Corrupt { .. } => {
-                        format!("image failed verification: {e}")
-                    }
-                    e => format!("cannot prepare {} for CRIU: {e}", work.display()),
-                })?;
+        let materialise = m.duration;
+        let res =
+            tokio::task::spawn_blocking(move || -> Result<(job::Restored, Vec<Action>), String> {
                 // The job's files go back to the checkpoint's instant
                 // before CRIU reopens them.
                 let r = crate::files::rollback(&m.path, &files_cfg)
@@ -932,18 +958,15 @@ impl Supervisor {
                 // The restored job does not use the image files: free the
                 // (tmpfs) space.
                 let _ = std::fs::remove_dir_all(&m.path);
-                let (r, actions) = r?;
-                Ok((r, m.duration, actions))
-            },
-        )
-        .await
-        .map_err(|e| format!("restore task failed: {e}"))
-        .and_then(|r| r);
-        let (r, materialise, actions) = match res {
+                r
+            })
+            .await
+            .map_err(|e| format!("restore task failed: {e}"))
+            .and_then(|r| r);
+        let (r, actions) = match res {
             Ok(x) => x,
             Err(e) => {
-                self.metrics.restore(&self.cfg.name, false, None);
-                self.publish(|s| s.last_error = Some(format!("restore from {}: {e}", img.id)));
+                self.restore_failed(img, &e);
                 return Err(e);
             }
         };

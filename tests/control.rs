@@ -152,6 +152,34 @@ fn manual_restore_to_an_older_image() {
     wait_numbers(&out, after + 3, T);
     assert_exactly_once(&env.numbers("m.out"));
     assert!(sup.log().contains(&format!("restored checkpoint={older}")));
+
+    // A damaged image is refused before the running job is touched: flip a
+    // byte in the older image's pack (the first, largest one).
+    let pack = fs::read_dir(env.path().join("images-m/packs"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "pack"))
+        .max_by_key(|p| fs::metadata(p).unwrap().len())
+        .unwrap();
+    let mut bytes = fs::read(&pack).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0xff;
+    fs::write(&pack, bytes).unwrap();
+    let pid = env.status()[0]["pid"].as_i64().unwrap();
+    let out = env.ctl(&["restore", "m", "--image", &older]);
+    assert_eq!(out.status.code(), Some(1));
+    let msg = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        msg.contains("failed verification") && msg.contains("left as it is"),
+        "{msg}"
+    );
+    assert_eq!(
+        env.status()[0]["pid"].as_i64().unwrap(),
+        pid,
+        "job untouched"
+    );
+    assert!(supervise::proc::alive(pid as i32));
 }
 
 /// stop --checkpoint, then start: resumes from that checkpoint.

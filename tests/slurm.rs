@@ -151,8 +151,13 @@ impl Job {
         job_field(&self.id, "NodeList")
     }
 
-    fn counter(&self) -> Vec<i64> {
-        numbers(&self.dir.path().join("counter.out"))
+    /// The counter prints 5 more lines, and its output reads 0, 1, 2, ...
+    /// exactly once: it resumed from an image, with its file rolled back.
+    fn assert_counter_goes_on(&self) {
+        let out = self.dir.path().join("counter.out");
+        let n = numbers(&out).len();
+        wait_numbers(&out, n + 5, T);
+        assert_exactly_once(&numbers(&out));
     }
 
     fn cancel(&self) {
@@ -210,9 +215,7 @@ fn time_limit_requeue() {
         log.contains(&format!("restored checkpoint={final_ckpt}")),
         "{log}"
     );
-    let n = job.counter().len();
-    wait_numbers(&job.dir.path().join("counter.out"), n + 5, T);
-    assert_exactly_once(&job.counter());
+    job.assert_counter_goes_on();
     assert_eq!(job_field(&job.id, "Restarts"), "1");
     job.cancel();
     sh(
@@ -251,9 +254,7 @@ fn node_failure() {
         log.contains(&format!("restored checkpoint={last}")),
         "{log}"
     );
-    let n = job.counter().len();
-    wait_numbers(&job.dir.path().join("counter.out"), n + 5, T);
-    assert_exactly_once(&job.counter());
+    job.assert_counter_goes_on();
     sh(
         "bash",
         &[
@@ -291,9 +292,7 @@ fn preemption() {
     job.wait_log("Slurm pre-termination signal", 1, Duration::from_secs(60));
     job.wait_log("restart=1}: restored", 1, Duration::from_secs(90));
     let resumed = t.elapsed();
-    let k = job.counter().len();
-    wait_numbers(&job.dir.path().join("counter.out"), k + 5, T);
-    assert_exactly_once(&job.counter());
+    job.assert_counter_goes_on();
     job.cancel();
     let _ = Command::new("scancel").arg(high.trim()).status();
     eprintln!("preemption: high job submitted -> victim restored in {resumed:?}");
@@ -341,9 +340,7 @@ fn two_live_copies() {
         "store damaged after two live copies: {}",
         String::from_utf8_lossy(&out.stdout)
     );
-    let k = job.counter().len();
-    wait_numbers(&job.dir.path().join("counter.out"), k + 5, T);
-    assert_exactly_once(&job.counter());
+    job.assert_counter_goes_on();
     sh(
         "bash",
         &[
