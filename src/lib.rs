@@ -9,6 +9,7 @@ pub mod criu;
 pub mod daemon;
 pub mod fence;
 pub mod files;
+pub mod fsutil;
 pub mod init;
 pub mod job;
 pub mod metrics;
