@@ -560,7 +560,10 @@ mod tests {
         fs::set_permissions(&a, fs::Permissions::from_mode(0o775)).unwrap();
         let e = check_trusted("image directory", &a.join("b")).unwrap_err();
         let s = e.to_string();
-        assert!(s.contains(&format!("{} is a directory", a.display())), "{s}");
+        assert!(
+            s.contains(&format!("{} is a directory", a.display())),
+            "{s}"
+        );
         assert!(s.contains("mode 0775"), "{s}");
         let e = ensure_trusted_dir("image directory", &a.join("b/new")).unwrap_err();
         assert!(!a.join("b/new").exists(), "{e}");
@@ -576,7 +579,9 @@ mod tests {
         let d = t.path().join("d");
         fs::create_dir(&d).unwrap();
         chown(&d, 65534);
-        let e = check_trusted("state directory", &d).unwrap_err().to_string();
+        let e = check_trusted("state directory", &d)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("uid 65534"), "{e}");
         assert!(e.contains("mode 0755"), "{e}");
         // A missing directory below a foreign one is not created.
