@@ -153,6 +153,7 @@ pub fn preflight() -> Report {
     let caps = cap_eff();
     let has = |bit: u32| caps & (1u64 << bit) != 0;
     let euid = nix::unistd::geteuid();
+    let mut privileged = true;
     if euid.is_root() && has(21) {
         r.push(
             "privileges",
@@ -168,6 +169,7 @@ pub fn preflight() -> Report {
             None,
         );
     } else {
+        privileged = false;
         r.push(
             "privileges",
             Level::Fail,
@@ -194,7 +196,16 @@ pub fn preflight() -> Report {
             Some("apt-get install util-linux"),
         ),
     }
-    if r.criu_version.is_some() {
+    if r.criu_version.is_some() && !privileged {
+        // Without the privileges CRIU's own checks fail for that reason
+        // alone; blaming the kernel would send the reader the wrong way.
+        r.push(
+            "criu check",
+            Level::Warn,
+            "not run: CRIU cannot examine the kernel without CAP_SYS_ADMIN (see privileges)".into(),
+            Some("run `supervise check` as root"),
+        );
+    } else if r.criu_version.is_some() {
         // 4. criu check.
         match run(Command::new(&criu).arg("check")) {
             Some((true, text)) => r.push(

@@ -892,8 +892,14 @@ where
     d.deserialize_i64(V(expecting, f, PhantomData))
 }
 
+/// Longest job name: it becomes a directory name (the default state
+/// directory `.supervise/<name>`), so it must leave room in a file name
+/// (255 bytes) and in the paths built from it.
+pub const MAX_NAME_LEN: usize = 128;
+
 fn is_valid_name(s: &str) -> bool {
     !s.is_empty()
+        && s.len() <= MAX_NAME_LEN
         && s != "."
         && s != ".."
         && s.chars()
@@ -901,7 +907,7 @@ fn is_valid_name(s: &str) -> bool {
 }
 
 const NAME_RULE: &str = "only letters A-Z a-z, digits 0-9 and `.`, `_`, `-` are allowed, \
-                         and it must not be empty, `.` or `..`";
+                         at most 128 of them, and it must not be empty, `.` or `..`";
 
 struct JobName(String);
 
@@ -912,6 +918,12 @@ impl<'de> Deserialize<'de> for JobName {
                 Ok(JobName(s.to_string()))
             } else if s.is_empty() {
                 Err("must not be empty".to_string())
+            } else if s.len() > MAX_NAME_LEN {
+                Err(format!(
+                    "job name is {} bytes long; the limit is {MAX_NAME_LEN} (it becomes a \
+                     directory name)",
+                    s.len()
+                ))
             } else {
                 Err(format!("invalid job name {s:?}: {NAME_RULE}"))
             }
@@ -2225,6 +2237,10 @@ mod tests {
             "name",
             "invalid job name",
         );
+        let long = format!("name = \"{}\"\ncommand = [\"a\"]\n", "a".repeat(300));
+        invalid(&long, 1, 8, "name", "300 bytes long; the limit is 128");
+        let max = format!("name = \"{}\"\ncommand = [\"a\"]\n", "a".repeat(128));
+        assert_eq!(ok(&max).name.len(), 128);
         assert_eq!(
             ok("name = \"web-1.prod_x\"\ncommand = [\"a\"]\n").name,
             "web-1.prod_x"

@@ -126,6 +126,8 @@ pub async fn run(cfgs: Vec<JobConfig>, opts: RunOptions) -> Result<Summary, Daem
     if let Some(ctx) = slurm.clone() {
         slurm_signals(ctx, pre_term, handles.clone(), reaper.clone())?;
     }
+    // Only now, with every job prepared, is supervise ready for clients.
+    tracing::info!(socket = %server.path().display(), "control socket ready");
     let control = tokio::spawn(server.serve(handles));
     let metrics_task = metrics_listener.map(|l| tokio::spawn(crate::metrics::serve(l, metrics)));
     let mut set = tokio::task::JoinSet::new();

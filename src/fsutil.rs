@@ -34,33 +34,47 @@ use std::path::{Component, Path, PathBuf};
 /// own limit).
 const MAX_LINKS: usize = 40;
 
+/// A path that fails the trust rule, and why (see [`TrustError`]).
+#[derive(Debug)]
+pub struct Untrusted {
+    /// What the path is for ("image directory", "state directory").
+    pub what: String,
+    /// The path as configured.
+    pub path: PathBuf,
+    /// The component that fails the rule.
+    pub culprit: PathBuf,
+    /// "a directory", "a symlink".
+    pub kind: &'static str,
+    /// Its owner.
+    pub uid: u32,
+    /// Its permission bits.
+    pub mode: u32,
+}
+
+impl std::fmt::Display for Untrusted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} {}: {} is {} owned by uid {}{} with mode {:04o}; {}",
+            self.what,
+            self.path.display(),
+            self.culprit.display(),
+            self.kind,
+            self.uid,
+            user_name(self.uid),
+            self.mode,
+            rule_text()
+        )
+    }
+}
+
 /// Why a path is not a trusted location for supervise's own data.
 #[derive(Debug, thiserror::Error)]
 pub enum TrustError {
     /// A directory on the path (or a symlink on it) is controlled by
     /// someone other than root or supervise's own user.
-    #[error(
-        "{what} {path}: {culprit} is {kind} owned by uid {uid}{user} with mode {mode:04o}; \
-         {rule}"
-    )]
-    Untrusted {
-        /// What the path is for ("image directory", "state directory").
-        what: String,
-        /// The path as configured.
-        path: PathBuf,
-        /// The component that fails the rule.
-        culprit: PathBuf,
-        /// "a directory", "a symlink".
-        kind: &'static str,
-        /// Its owner.
-        uid: u32,
-        /// " (name)" when known.
-        user: String,
-        /// Its permission bits.
-        mode: u32,
-        /// What would be acceptable.
-        rule: String,
-    },
+    #[error("{0}")]
+    Untrusted(Box<Untrusted>),
     /// The path exists but is not a directory.
     #[error("{what} {path}: not a directory")]
     NotADirectory {
@@ -112,7 +126,7 @@ fn rule_text() -> String {
 }
 
 fn untrusted(what: &str, path: &Path, culprit: &Path, md: &fs::Metadata) -> TrustError {
-    TrustError::Untrusted {
+    TrustError::Untrusted(Box::new(Untrusted {
         what: what.to_string(),
         path: path.to_path_buf(),
         culprit: culprit.to_path_buf(),
@@ -124,10 +138,8 @@ fn untrusted(what: &str, path: &Path, culprit: &Path, md: &fs::Metadata) -> Trus
             "a file"
         },
         uid: md.uid(),
-        user: user_name(md.uid()),
         mode: md.mode() & 0o7777,
-        rule: rule_text(),
-    }
+    }))
 }
 
 fn io_at(what: &str, path: &Path) -> impl FnOnce(io::Error) -> TrustError {
@@ -264,24 +276,10 @@ pub fn ensure_trusted_dir(what: &str, path: &Path) -> Result<(), TrustError> {
         }
     }
     check_trusted(what, &anc).map_err(|e| match e {
-        TrustError::Untrusted {
-            culprit,
-            kind,
-            uid,
-            user,
-            mode,
-            rule,
-            ..
-        } => TrustError::Untrusted {
-            what: what.to_string(),
-            path: path.to_path_buf(),
-            culprit,
-            kind,
-            uid,
-            user,
-            mode,
-            rule,
-        },
+        TrustError::Untrusted(mut u) => {
+            u.path = path.to_path_buf();
+            TrustError::Untrusted(u)
+        }
         other => other,
     })?;
     for dir in missing.iter().rev() {

@@ -179,10 +179,7 @@ fn run(report: &mut File) -> Result<ExitStatus, String> {
         None => wait_for(root.0, &mut HashMap::new())?,
     };
     if let Some(path) = &spec.status_file {
-        let tmp = path.with_extension("tmp");
-        if std::fs::write(&tmp, Report::Ended(status).line()).is_ok() {
-            let _ = std::fs::rename(&tmp, path);
-        }
+        let _ = crate::fsutil::write_atomic(path, Report::Ended(status).line().as_bytes(), 0o600);
     }
     Ok(status)
 }

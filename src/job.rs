@@ -167,12 +167,17 @@ impl Running {
                 nix::unistd::Pid::from_raw(init),
                 nix::sys::signal::Signal::SIGKILL,
             );
-        } else if crate::proc::start_time(self.host_pid).ok() == Some(self.start_time) {
-            for pid in crate::proc::tree(self.host_pid) {
-                let _ = nix::sys::signal::kill(
-                    nix::unistd::Pid::from_raw(pid),
-                    nix::sys::signal::Signal::SIGKILL,
-                );
+        } else {
+            let root = crate::proc::ProcId {
+                pid: self.host_pid,
+                start_time: self.start_time,
+            };
+            if root.alive() {
+                // Each process by PID and start time: none reused in
+                // between is hit.
+                for id in crate::proc::tree_ids(self.host_pid) {
+                    crate::proc::kill_exact(id, Duration::ZERO);
+                }
             }
         }
     }
@@ -445,16 +450,25 @@ pub fn restore(
 }
 
 /// Attaches to a process supervise did not start.
-pub fn attach(pid: i32) -> Result<Running, JobError> {
-    if !crate::proc::alive(pid) {
-        return Err(JobError::Start(format!("process {pid} does not exist")));
-    }
+pub fn attach(pid: i32, expected_start: Option<u64>) -> Result<Running, JobError> {
+    // The pidfd pins the process: the start time read after it is that of
+    // the process the pidfd watches, even if the PID is reused meanwhile.
     let fd = register_pidfd(pid)?;
+    let start_time = match crate::proc::start_time(pid) {
+        Ok(t) if crate::proc::alive(pid) => t,
+        _ => return Err(JobError::Start(format!("process {pid} does not exist"))),
+    };
+    if let Some(want) = expected_start.filter(|w| *w != start_time) {
+        return Err(JobError::Start(format!(
+            "process {pid} is not the process attached to before (start time {start_time}, \
+             recorded {want}: the PID was reused)"
+        )));
+    }
     Ok(Running {
         host_pid: pid,
         ns_pid: crate::proc::ns_pid(pid).unwrap_or(pid),
         init_pid: None,
-        start_time: crate::proc::start_time(pid).unwrap_or(0),
+        start_time,
         since: Instant::now(),
         waiter: Some(Waiter::Pidfd(fd)),
     })

@@ -104,14 +104,43 @@ fn main() -> ExitCode {
         supervise::init::main();
     }
     let cli = Cli::parse();
+    if !matches!(cli.cmd, Cmd::Run { .. }) {
+        // A client whose reader went away (`supervise images | head`) ends
+        // quietly, as other command-line tools do. `run` keeps SIGPIPE
+        // ignored: a client hanging up must never kill the supervisor.
+        // SAFETY: setting a signal disposition before any thread exists.
+        unsafe {
+            let _ = nix::sys::signal::signal(
+                nix::sys::signal::Signal::SIGPIPE,
+                nix::sys::signal::SigHandler::SigDfl,
+            );
+        }
+    }
     init_logging();
     match real_main(cli) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("supervise: {e:#}");
+            eprintln!("supervise: {}", render_error(&e));
             ExitCode::from(2)
         }
     }
+}
+
+/// The error and its causes, each said once: a cause whose text an outer
+/// message already contains (typically the OS error) is not repeated.
+fn render_error(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if text.is_empty() || out.contains(&text) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&text);
+    }
+    out
 }
 
 fn init_logging() {
@@ -173,6 +202,10 @@ fn control(socket: &std::path::Path, req: Request, json: bool) -> Result<ExitCod
         .build()?;
     let resp = match rt.block_on(supervise::control::client::call(socket, &req)) {
         Ok(r) => r,
+        Err(e @ supervise::control::client::ClientError::PermissionDenied { .. }) => {
+            eprintln!("supervise: {e}");
+            return Ok(ExitCode::FAILURE);
+        }
         Err(e) => {
             eprintln!("supervise: {e}");
             return Ok(ExitCode::from(2));

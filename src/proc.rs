@@ -90,6 +90,73 @@ pub fn alive(pid: i32) -> bool {
     }
 }
 
+/// A process named by its PID *and* start time, which together stay unique
+/// across PID reuse.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ProcId {
+    /// PID in supervise's namespace.
+    pub pid: i32,
+    /// Start time (clock ticks since boot).
+    pub start_time: u64,
+}
+
+impl ProcId {
+    /// The process now at `pid`, if any.
+    pub fn of(pid: i32) -> Option<ProcId> {
+        Some(ProcId {
+            pid,
+            start_time: start_time(pid).ok()?,
+        })
+    }
+
+    /// True while this very process lives (not a zombie, same start time).
+    pub fn alive(&self) -> bool {
+        alive(self.pid) && start_time(self.pid).ok() == Some(self.start_time)
+    }
+}
+
+/// `root` and its descendants with their start times, parents first.
+pub fn tree_ids(root: i32) -> Vec<ProcId> {
+    tree(root).into_iter().filter_map(ProcId::of).collect()
+}
+
+/// SIGKILLs `id` if it is still that very process: a pidfd is opened first
+/// and the start time checked after, so a PID reused in between is never
+/// signalled. Waits up to `wait` for it to die. Returns true if it was
+/// killed.
+pub fn kill_exact(id: ProcId, wait: std::time::Duration) -> bool {
+    let Ok(fd) = pidfd_open(id.pid) else {
+        return false;
+    };
+    if !id.alive() {
+        return false;
+    }
+    use std::os::fd::AsRawFd;
+    // SAFETY: pidfd_send_signal on a pidfd we own, no siginfo.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_pidfd_send_signal,
+            fd.as_raw_fd(),
+            libc::SIGKILL,
+            std::ptr::null::<libc::siginfo_t>(),
+            0,
+        )
+    };
+    if rc != 0 {
+        return false;
+    }
+    // A pidfd polls readable once the process has exited.
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    use std::os::fd::AsFd;
+    let mut fds = [PollFd::new(fd.as_fd(), PollFlags::POLLIN)];
+    let ms = wait.as_millis().min(i32::MAX as u128) as i32;
+    let _ = poll(
+        &mut fds,
+        PollTimeout::try_from(ms).unwrap_or(PollTimeout::NONE),
+    );
+    true
+}
+
 /// `pidfd_open(2)`.
 pub fn pidfd_open(pid: i32) -> io::Result<OwnedFd> {
     // SAFETY: raw syscall with integer arguments; the fd is owned on success.
@@ -121,5 +188,33 @@ mod tests {
         assert!(zombie_exit_status(me).is_none());
         assert!(matches!(state(me), Some('R' | 'S')));
         assert!(!alive(i32::MAX));
+        let id = ProcId::of(me).unwrap();
+        assert!(id.alive());
+        assert!(!ProcId {
+            pid: me,
+            start_time: id.start_time + 1
+        }
+        .alive());
+        assert_eq!(tree_ids(me)[0], id);
+    }
+
+    #[test]
+    fn kill_exact_spares_a_reused_pid() {
+        let mut c = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
+        let pid = c.id() as i32;
+        let id = ProcId::of(pid).unwrap();
+        let other = ProcId {
+            pid,
+            start_time: id.start_time + 1,
+        };
+        assert!(!kill_exact(other, std::time::Duration::from_millis(10)));
+        assert!(alive(pid), "a different start time is another process");
+        assert!(kill_exact(id, std::time::Duration::from_secs(5)));
+        let st = c.wait().unwrap();
+        use std::os::unix::process::ExitStatusExt;
+        assert_eq!(st.signal(), Some(libc::SIGKILL));
     }
 }

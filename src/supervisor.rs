@@ -21,6 +21,7 @@ use tracing::{error, info, warn};
 use crate::control::{CheckpointSummary, Command, JobPort, JobStatus, Response};
 use crate::fence::{Fence, Handover, Owner};
 use crate::metrics::Metrics;
+use crate::proc::ProcId;
 use crate::slurm::SlurmContext;
 
 /// How often a copy inside Slurm checks that it still holds the store.
@@ -56,6 +57,9 @@ pub enum SupervisorError {
         /// Why.
         message: String,
     },
+    /// The state or image directory is not a trusted location.
+    #[error(transparent)]
+    Untrusted(#[from] crate::fsutil::TrustError),
     /// The state directory is unusable.
     #[error("job {job}: state directory {path}: {source}")]
     StateDir {
@@ -167,7 +171,20 @@ pub struct Supervisor {
     /// Full dumps, or pre-dump + dump where CRIU tracks dirty memory;
     /// asked of CRIU at the first checkpoint.
     dump_mode: Option<DumpMode>,
+    /// An attached job that was never restored has no namespace init to
+    /// take its whole tree down: its processes at the last checkpoint, so
+    /// that survivors of its root's death are killed before a restore.
+    last_tree: Vec<ProcId>,
     _lock: File,
+}
+
+/// The process an `attach = PID` job was first attached to, in
+/// `<state_dir>/attached.json`: a later supervise attaches to `pid` again
+/// only if it is still that process (same start time).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+struct AttachRecord {
+    pid: i32,
+    start_time: u64,
 }
 
 /// Restore-rate bookkeeping, kept apart so it can be unit-tested.
@@ -200,17 +217,12 @@ impl Supervisor {
             path: sd.clone(),
             source,
         };
-        create_private_dir(&cfg.state_dir).map_err(state_err)?;
-        create_private_dir(&run_dir).map_err(state_err)?;
-        let lock = File::create(run_dir.join("lock")).map_err(state_err)?;
-        // SAFETY: flock on an fd we own; the lock lives as long as `lock`.
-        let rc = unsafe {
-            libc::flock(
-                std::os::fd::AsRawFd::as_raw_fd(&lock),
-                libc::LOCK_EX | libc::LOCK_NB,
-            )
-        };
-        if rc != 0 {
+        // supervise's own files: only in a directory nobody else controls.
+        crate::fsutil::ensure_trusted_dir("state directory", &cfg.state_dir)?;
+        crate::fsutil::ensure_trusted_dir("state directory", &run_dir)?;
+        let lock =
+            crate::fsutil::open_rw_nofollow(&run_dir.join("lock"), 0o600).map_err(state_err)?;
+        if crate::fsutil::flock(&lock, true, true).is_err() {
             return Err(SupervisorError::Busy {
                 job,
                 message: format!(
@@ -249,6 +261,7 @@ impl Supervisor {
             slurm,
             fence: None,
             dump_mode: None,
+            last_tree: Vec::new(),
             _lock: lock,
         })
     }
@@ -638,16 +651,40 @@ impl Supervisor {
         }
         match self.cfg.target.clone() {
             Target::Attach { pid } => {
+                let path = self.run_dir.join("attached.json");
+                let recorded = crate::fsutil::read_limited(&path, RECORD_MAX)
+                    .ok()
+                    .and_then(|b| serde_json::from_slice::<AttachRecord>(&b).ok())
+                    .filter(|r| r.pid == pid);
                 if crate::proc::alive(pid) {
-                    let r = job::attach(pid).map_err(|e| e.to_string())?;
-                    info!(pid, "attached");
-                    self.remember(&r);
-                    return Ok(r);
+                    match job::attach(pid, recorded.map(|r| r.start_time)) {
+                        Ok(r) => {
+                            info!(pid, start_time = r.start_time, "attached");
+                            let rec = AttachRecord {
+                                pid,
+                                start_time: r.start_time,
+                            };
+                            if let Err(e) = serde_json::to_vec(&rec)
+                                .map_err(std::io::Error::other)
+                                .and_then(|b| crate::fsutil::write_atomic(&path, &b, 0o600))
+                            {
+                                warn!(error = %e, "cannot record the attached process");
+                            }
+                            self.remember(&r);
+                            return Ok(r);
+                        }
+                        Err(e) => warn!(
+                            pid,
+                            error = %e,
+                            "not attaching; resuming from the newest image"
+                        ),
+                    }
+                } else {
+                    info!(
+                        pid,
+                        "process to attach to is gone; resuming from the newest image"
+                    );
                 }
-                info!(
-                    pid,
-                    "process to attach to is gone; resuming from the newest image"
-                );
                 match self.restore_newest().await {
                     Some(r) => Ok(r),
                     None => Err(format!(
@@ -740,6 +777,7 @@ impl Supervisor {
         let opts = self.cfg.checkpoint.criu;
         let timeout = self.cfg.checkpoint.timeout;
         let files_cfg = self.cfg.files.clone();
+        let attached = job.init_pid.is_none();
         let ignore = vec![
             self.cfg.checkpoint.dir.clone(),
             self.run_dir.join("restore"),
@@ -747,13 +785,21 @@ impl Supervisor {
         let res = tokio::task::spawn_blocking(move || {
             let dir = staging.path().to_path_buf();
             let mut files: Option<Result<CaptureSummary, FilesError>> = None;
+            let mut tree: Vec<ProcId> = Vec::new();
             // CRIU's post-dump notification comes while the tree is still
-            // frozen: the job's files are recorded at the instant of the dump.
+            // frozen: the job's files (and an attached job's processes) are
+            // recorded at the instant of the dump.
             let mut on_notify = |script: &str| {
-                if script != "post-dump" || !files_cfg.rollback {
+                if script != "post-dump" {
                     return true;
                 }
                 let pids = crate::proc::tree(host_pid);
+                if attached {
+                    tree = pids.iter().filter_map(|p| ProcId::of(*p)).collect();
+                }
+                if !files_cfg.rollback {
+                    return true;
+                }
                 let r = crate::files::capture(&pids, &files_cfg, &ignore, &dir);
                 let ok = r.is_ok();
                 files = Some(r);
@@ -768,10 +814,10 @@ impl Supervisor {
                 mode,
                 &mut on_notify,
             );
-            (staging, r, files)
+            (staging, r, files, tree)
         })
         .await;
-        let (staging, outcome, files) = match res {
+        let (staging, outcome, files, tree) = match res {
             Ok(x) => x,
             Err(e) => return Err(format!("checkpoint task failed: {e}")),
         };
@@ -804,6 +850,11 @@ impl Supervisor {
             extra.insert("files_copied".into(), f.snapshots.into());
             extra.insert("files_copied_bytes".into(), f.bytes_copied.into());
             extra.insert("files_us".into(), (f.elapsed.as_micros() as u64).into());
+        }
+        if !tree.is_empty() {
+            if let Ok(v) = serde_json::to_value(&tree) {
+                extra.insert("tree".into(), v);
+            }
         }
         let meta = CheckpointMeta {
             job: self.cfg.name.clone(),
@@ -856,6 +907,9 @@ impl Supervisor {
             files_ms = files.as_ref().map_or(0.0, |f| f.elapsed.as_micros() as f64 / 1000.0),
             "checkpoint published"
         );
+        if attached && !tree.is_empty() {
+            self.last_tree = tree;
+        }
         let keep = self.cfg.checkpoint.keep;
         let fence = self.fence.clone();
         let span = tracing::Span::current();
@@ -882,6 +936,7 @@ impl Supervisor {
     async fn restore_newest(&mut self) -> Option<Running> {
         self.set_state(JobState::Restoring);
         let images = self.list_images();
+        self.kill_survivors(images.first()).await;
         if images.is_empty() {
             info!("no images to restore from");
         }
@@ -894,6 +949,40 @@ impl Supervisor {
             }
         }
         None
+    }
+
+    /// Before an attached job is restored: every process of its tree at the
+    /// last checkpoint (known from this run, or recorded in the newest
+    /// image) that still lives, by PID *and* start time, is killed, so that
+    /// exactly one copy of the job runs. A launched or once-restored job
+    /// needs none of this: killing its namespace init kills everything.
+    async fn kill_survivors(&mut self, newest: Option<&ImageInfo>) {
+        if !matches!(self.cfg.target, Target::Attach { .. }) {
+            return;
+        }
+        let mut ids = std::mem::take(&mut self.last_tree);
+        if ids.is_empty() {
+            if let Some(v) = newest.and_then(|i| i.manifest.meta.extra.get("tree")) {
+                ids = serde_json::from_value(v.clone()).unwrap_or_default();
+            }
+        }
+        if ids.is_empty() {
+            return;
+        }
+        let killed = tokio::task::spawn_blocking(move || {
+            ids.into_iter()
+                .filter(|id| crate::proc::kill_exact(*id, Duration::from_secs(5)))
+                .map(|id| id.pid)
+                .collect::<Vec<_>>()
+        })
+        .await
+        .unwrap_or_default();
+        if !killed.is_empty() {
+            warn!(
+                pids = ?killed,
+                "processes of the attached job outlived its root; killed them so that only the restored copy runs"
+            );
+        }
     }
 
     /// Restores one image: materialise it, then roll files back and let
@@ -1107,13 +1196,9 @@ impl Supervisor {
             start_time: r.start_time,
         };
         let path = self.run_dir.join("job.json");
-        let tmp = path.with_extension("json.tmp");
         if let Ok(s) = serde_json::to_vec(&rec) {
-            if std::fs::write(&tmp, s)
-                .and_then(|_| std::fs::rename(&tmp, &path))
-                .is_err()
-            {
-                warn!(path = %path.display(), "cannot record the job's pid");
+            if let Err(e) = crate::fsutil::write_atomic(&path, &s, 0o600) {
+                warn!(error = %e, "cannot record the job's pid");
             }
         }
     }
@@ -1221,17 +1306,12 @@ pub fn summary(info: &ImageInfo) -> CheckpointSummary {
     }
 }
 
-fn read_record(state_dir: &Path) -> Option<JobRecord> {
-    serde_json::from_slice(&std::fs::read(state_dir.join("job.json")).ok()?).ok()
-}
+/// Largest `job.json` read back (it holds four numbers).
+const RECORD_MAX: u64 = 64 << 10;
 
-/// Creates `dir` (and parents) with mode 0700 for the leaf.
-pub fn create_private_dir(dir: &Path) -> std::io::Result<()> {
-    use std::os::unix::fs::DirBuilderExt;
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)
+fn read_record(state_dir: &Path) -> Option<JobRecord> {
+    let bytes = crate::fsutil::read_limited(&state_dir.join("job.json"), RECORD_MAX).ok()?;
+    serde_json::from_slice(&bytes).ok()
 }
 
 /// Retention, then garbage collection of what it freed (blocking).

@@ -19,6 +19,12 @@ pub enum ClientError {
         /// Cause.
         source: io::Error,
     },
+    /// The socket (or its directory) is not ours to use.
+    #[error("permission denied: {path}: only root and the user supervise runs as may use its control socket")]
+    PermissionDenied {
+        /// The socket path.
+        path: PathBuf,
+    },
     /// The connection failed midway.
     #[error("control socket {path}: {source}")]
     Io {
@@ -41,12 +47,18 @@ pub enum ClientError {
 
 /// Sends one request and reads the answer.
 pub async fn call(path: &Path, req: &Request) -> Result<Response, ClientError> {
-    let stream = UnixStream::connect(path)
-        .await
-        .map_err(|source| ClientError::NotRunning {
-            path: path.to_path_buf(),
-            source,
-        })?;
+    let stream = UnixStream::connect(path).await.map_err(|source| {
+        if source.kind() == io::ErrorKind::PermissionDenied {
+            ClientError::PermissionDenied {
+                path: path.to_path_buf(),
+            }
+        } else {
+            ClientError::NotRunning {
+                path: path.to_path_buf(),
+                source,
+            }
+        }
+    })?;
     let ioe = |source| ClientError::Io {
         path: path.to_path_buf(),
         source,

@@ -19,6 +19,9 @@ pub enum ServerError {
         "another supervise is already running with control socket {0} (stop it, or use --socket)"
     )]
     InUse(PathBuf),
+    /// The socket's directory is not a trusted location.
+    #[error(transparent)]
+    Untrusted(#[from] crate::fsutil::TrustError),
     /// The socket could not be created.
     #[error("control socket {path}: {source}")]
     Io {
@@ -54,10 +57,8 @@ impl Server {
             path: path.to_path_buf(),
             source,
         };
-        if let Some(dir) = path.parent() {
-            if !dir.exists() {
-                crate::supervisor::create_private_dir(dir).map_err(ioe)?;
-            }
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            crate::fsutil::ensure_trusted_dir("control socket directory", dir)?;
         }
         if path.exists() {
             if UnixStream::connect(path).await.is_ok() {
@@ -74,7 +75,6 @@ impl Server {
         unsafe { libc::umask(old) };
         let listener = listener.map_err(ioe)?;
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(ioe)?;
-        info!(socket = %path.display(), "control socket ready");
         Ok(Server {
             listener,
             path: path.to_path_buf(),

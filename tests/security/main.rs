@@ -13,6 +13,9 @@
 #[path = "../common/mod.rs"]
 mod common;
 
+mod attach;
+mod locations;
+
 use std::fs;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
