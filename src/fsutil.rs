@@ -286,7 +286,11 @@ pub fn ensure_trusted_dir(what: &str, path: &Path) -> Result<(), TrustError> {
         match nix::unistd::mkdir(dir, nix::sys::stat::Mode::from_bits_truncate(0o700)) {
             Ok(()) => {}
             Err(nix::errno::Errno::EEXIST) => {}
-            Err(e) => return Err(io_at(what, dir)(io::Error::from(e))),
+            Err(e) => {
+                let e = io::Error::from(e);
+                let msg = format!("cannot create {}: {e}", dir.display());
+                return Err(io_at(what, path)(io::Error::new(e.kind(), msg)));
+            }
         }
     }
     check_trusted(what, path)

@@ -15,6 +15,7 @@ mod common;
 
 mod attach;
 mod locations;
+mod messages;
 
 use std::fs;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
