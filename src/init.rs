@@ -22,12 +22,11 @@
 //! (read), and for restores 5 = CRIU RPC socket, 6 = CRIU's stderr.
 
 use std::collections::HashMap;
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::{BufRead, BufReader, Write};
 use std::os::fd::FromRawFd;
-use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::process::CommandExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use serde::{Deserialize, Serialize};
@@ -225,13 +224,60 @@ fn close_on_exec_from(from: i32) {
     }
 }
 
-fn open_append(path: &PathBuf) -> Result<File, String> {
-    OpenOptions::new()
-        .create(true)
-        .append(true)
-        .mode(0o640)
-        .open(path)
-        .map_err(|e| format!("cannot open {}: {e}", path.display()))
+/// Opens the job's stdout/stderr file for appending, as root, in a place
+/// that may belong to another user: no symlink anywhere on the path is
+/// followed (`openat2` with `RESOLVE_NO_SYMLINKS`), nothing blocks on a
+/// FIFO, and only a regular file or a character device (`/dev/null`) is
+/// accepted. A user who controls the directory cannot make supervise append
+/// to a file elsewhere.
+fn open_append(path: &Path) -> Result<File, String> {
+    use nix::fcntl::{openat2, OFlag, OpenHow, ResolveFlag};
+    use std::os::fd::FromRawFd;
+    let how = OpenHow::new()
+        .flags(
+            OFlag::O_WRONLY
+                | OFlag::O_APPEND
+                | OFlag::O_CREAT
+                | OFlag::O_CLOEXEC
+                | OFlag::O_NOCTTY
+                | OFlag::O_NONBLOCK,
+        )
+        .mode(nix::sys::stat::Mode::from_bits_truncate(0o640))
+        .resolve(ResolveFlag::RESOLVE_NO_SYMLINKS | ResolveFlag::RESOLVE_NO_MAGICLINKS);
+    let fd = match openat2(libc::AT_FDCWD, path, how) {
+        Ok(fd) => fd,
+        Err(nix::errno::Errno::ELOOP) => {
+            return Err(format!(
+                "cannot open {}: the path goes through a symlink, which supervise does not \
+                 follow for the job's output; give the real path",
+                path.display()
+            ))
+        }
+        Err(e) => return Err(format!("cannot open {}: {e}", path.display())),
+    };
+    // SAFETY: a fresh descriptor we own.
+    let f = unsafe { File::from_raw_fd(fd) };
+    let md = f
+        .metadata()
+        .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+    use std::os::unix::fs::FileTypeExt;
+    if !md.is_file() && !md.file_type().is_char_device() {
+        return Err(format!(
+            "cannot open {}: not a regular file (or character device)",
+            path.display()
+        ));
+    }
+    let fl = nix::fcntl::fcntl(
+        std::os::fd::AsRawFd::as_raw_fd(&f),
+        nix::fcntl::FcntlArg::F_GETFL,
+    )
+    .map_err(|e| e.to_string())?;
+    nix::fcntl::fcntl(
+        std::os::fd::AsRawFd::as_raw_fd(&f),
+        nix::fcntl::FcntlArg::F_SETFL(OFlag::from_bits_truncate(fl) & !OFlag::O_NONBLOCK),
+    )
+    .map_err(|e| e.to_string())?;
+    Ok(f)
 }
 
 fn launch(

@@ -209,3 +209,41 @@ fn control_socket_in_attacker_dir_is_refused() {
         .collect();
     assert_eq!(before, after);
 }
+
+/// The job's stdout in the attacker's directory, planted as a symlink to a
+/// root-only file before the job starts: supervise (as root) must not
+/// append the job's output to that file. The job does not start, with a
+/// message naming the path.
+#[test]
+fn job_output_is_never_opened_through_a_symlink() {
+    if !criu_available() {
+        return;
+    }
+    let env = Env::new();
+    let scratch = attacker_dir(&env, "scratch");
+    let secret = env.path().join("secret");
+    fs::create_dir(&secret).unwrap();
+    let canary = Canary::new(&secret, "shadow", 512);
+    nobody(&format!(
+        "ln -s {} {}/out.txt",
+        canary.path.display(),
+        scratch.display()
+    ));
+    let job = env.job(
+        "outlink",
+        &format!(
+            "command = [\"{}\", \"100\"]\nstdout = \"{}/out.txt\"\n[checkpoint]\nevery = \"1h\"\n",
+            progs().join("counter").display(),
+            scratch.display()
+        ),
+    );
+    let mut sup = env.start(&job);
+    let code = sup.wait_exit(QUICK);
+    let log = sup.log();
+    assert_eq!(code, 1, "the job failed to start: {log}");
+    assert!(
+        log.contains(&format!("{}/out.txt", scratch.display())) && log.contains("symlink"),
+        "{log}"
+    );
+    canary.check();
+}

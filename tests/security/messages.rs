@@ -107,7 +107,10 @@ fn each_cause_is_said_once() {
 fn overlong_name_is_refused_with_the_limit() {
     let env = Env::new();
     let name = "n".repeat(300);
-    let job = env.job("long", &format!("name = \"{name}\"\ncommand = [\"/bin/true\"]\n"));
+    let job = env.job(
+        "long",
+        &format!("name = \"{name}\"\ncommand = [\"/bin/true\"]\n"),
+    );
     let out = Command::new(BIN)
         .arg("run")
         .arg(&job)
