@@ -9,6 +9,8 @@ pub mod criu;
 pub mod daemon;
 pub mod fence;
 pub mod files;
+// TrustError carries the whole finding (owner, mode, rule) for the message.
+#[allow(clippy::result_large_err)]
 pub mod fsutil;
 pub mod init;
 pub mod job;

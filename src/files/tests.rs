@@ -1,5 +1,6 @@
 use super::*;
-use std::io::{BufRead, BufReader};
+use std::fs::OpenOptions;
+use std::io::{BufRead, BufReader, Seek, SeekFrom, Write};
 use std::process::{Child, Command, Stdio};
 
 /// A shell that opens files as `script` says, then becomes `sleep`, holding
