@@ -13,6 +13,8 @@
 #[path = "../common/mod.rs"]
 mod common;
 
+mod files;
+
 use std::fs;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
