@@ -401,14 +401,23 @@ fn listing(dir: &Path) -> BTreeMap<String, (String, Vec<u8>, u32)> {
 /// on and created the listed absent file, so that every kind of action is
 /// due.
 fn captured_outside(t: &Path) -> (PathBuf, PathBuf, FilesConfig) {
+    captured_outside_with(t, true)
+}
+
+/// Like [`captured_outside`]; without `extend`, the job has no a.log and
+/// b.out (so that even a rollback by path, which refuses a deleted
+/// *extend* file, would get to act on the other files).
+fn captured_outside_with(t: &Path, extend: bool) -> (PathBuf, PathBuf, FilesConfig) {
     let dir = t.join("job");
     fs::create_dir(&dir).unwrap();
     fs::write(dir.join("c.state"), "0123456789").unwrap();
     fs::write(dir.join("g.listed"), "listed at checkpoint").unwrap();
-    let h = Holder::new(
-        &dir,
-        "exec 3>>a.log 4>b.out 5<>c.state && printf abc >&3 && printf hello >&4",
-    );
+    let script = if extend {
+        "exec 3>>a.log 4>b.out 5<>c.state && printf abc >&3 && printf hello >&4"
+    } else {
+        "exec 5<>c.state"
+    };
+    let h = Holder::new(&dir, script);
     let mut c = cfg();
     c.snapshot = vec![dir.join("f.listed"), dir.join("g.listed")];
     let img = t.join("img");
@@ -416,7 +425,7 @@ fn captured_outside(t: &Path) -> (PathBuf, PathBuf, FilesConfig) {
     capture(&[h.pid()], &c, std::slice::from_ref(&img), &img).unwrap();
     drop(h);
     let state = load(&img).unwrap().unwrap();
-    assert_eq!(state.files.len(), 5, "{state:?}");
+    assert_eq!(state.files.len(), if extend { 5 } else { 3 }, "{state:?}");
     for r in &state.files {
         // `/`, then every directory down to `<t>/job`.
         assert_eq!(
@@ -427,8 +436,10 @@ fn captured_outside(t: &Path) -> (PathBuf, PathBuf, FilesConfig) {
             r.dirs
         );
     }
-    append(&dir.join("a.log"), b"def");
-    append(&dir.join("b.out"), b" world");
+    if extend {
+        append(&dir.join("a.log"), b"def");
+        append(&dir.join("b.out"), b" world");
+    }
     fs::write(dir.join("c.state"), "99").unwrap();
     fs::write(dir.join("f.listed"), "new").unwrap();
     fs::write(dir.join("g.listed"), "changed").unwrap();
@@ -444,10 +455,12 @@ fn append(p: &Path, b: &[u8]) {
         .unwrap();
 }
 
-/// A directory standing in for somebody else's: files named like the job's.
+/// A directory standing in for somebody else's: files named like the job's
+/// listed files (the one absent at the checkpoint too), none named like
+/// the files it held open (`c.state` would be created there).
 fn decoy(p: &Path) -> BTreeMap<String, (String, Vec<u8>, u32)> {
     fs::create_dir(p).unwrap();
-    for n in ["a.log", "b.out", "c.state", "f.listed", "g.listed"] {
+    for n in ["f.listed", "g.listed"] {
         fs::write(p.join(n), format!("precious {n} {}", "x".repeat(100))).unwrap();
         fs::set_permissions(p.join(n), fs::Permissions::from_mode(0o600)).unwrap();
     }
@@ -463,7 +476,7 @@ fn assert_refused(err: FilesError, needle: &str) {
 #[test]
 fn parent_dir_swapped_for_a_symlink_is_refused() {
     let t = tempfile::tempdir().unwrap();
-    let (dir, img, c) = captured_outside(t.path());
+    let (dir, img, c) = captured_outside_with(t.path(), false);
     let other = t.path().join("root-only");
     let before = decoy(&other);
     fs::rename(&dir, t.path().join("job.moved")).unwrap();
@@ -480,15 +493,15 @@ fn parent_dir_swapped_for_a_symlink_is_refused() {
     // Nothing was done to the moved directory either (the plan is whole
     // before anything changes).
     assert_eq!(
-        fs::read_to_string(t.path().join("job.moved/a.log")).unwrap(),
-        "abcdef"
+        fs::read_to_string(t.path().join("job.moved/c.state")).unwrap(),
+        "99"
     );
 }
 
 #[test]
 fn parent_dir_swapped_for_another_dir_is_refused() {
     let t = tempfile::tempdir().unwrap();
-    let (dir, img, c) = captured_outside(t.path());
+    let (dir, img, c) = captured_outside_with(t.path(), false);
     fs::rename(&dir, t.path().join("job.moved")).unwrap();
     let before = decoy(&dir);
     let err = rollback(&img, &c).unwrap_err();
@@ -507,7 +520,7 @@ fn a_directory_higher_up_swapped_is_refused() {
     let t = tempfile::tempdir().unwrap();
     let top = t.path().join("top");
     fs::create_dir(&top).unwrap();
-    let (dir, _, c) = captured_outside(&top);
+    let (dir, _, c) = captured_outside_with(&top, false);
     let moved = t.path().join("top.moved");
     fs::rename(&top, &moved).unwrap();
     fs::create_dir(&top).unwrap();
@@ -528,7 +541,7 @@ fn symlink_in_place_of_a_file_is_refused() {
         let other = t.path().join("root-only");
         let before = decoy(&other);
         fs::remove_file(dir.join(name)).unwrap();
-        std::os::unix::fs::symlink(other.join(name), dir.join(name)).unwrap();
+        std::os::unix::fs::symlink(other.join("g.listed"), dir.join(name)).unwrap();
         let err = rollback(&img, &c).unwrap_err();
         assert_refused(
             err,
