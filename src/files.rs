@@ -45,8 +45,50 @@
 //! size, or had bytes before that size changed (head/tail hashes), and when
 //! an open *snapshot* file was replaced by another file. It never guesses.
 //! An open *snapshot* file that was deleted is recreated from its copy;
-//! files listed in `[files] snapshot` are put back by path (write to a
-//! temporary file, rename), as jobs often replace them atomically themselves.
+//! files listed in `[files] snapshot` are put back by name (a temporary
+//! file renamed over it), as jobs often replace them atomically themselves.
+//!
+//! supervise runs as root, and the job's files often live in a directory
+//! another (untrusted) user owns, who can rename, replace and symlink
+//! anything in it at any moment. So nothing is ever followed, and nothing
+//! is looked up by path twice:
+//! * **Directory identities.** [`capture`] records, for every file, the
+//!   (device, inode) of every directory from `/` down to its parent, and
+//!   the file's owner. Paths are walked one component at a time from `/`
+//!   with `openat(dir, name, O_PATH|O_DIRECTORY|O_NOFOLLOW)`; empty, `.`
+//!   and `..` components are refused. At a rollback each directory's
+//!   descriptor is `fstat`ed and compared with the record: a directory
+//!   renamed away and replaced by another (or by a symlink) refuses the
+//!   image, naming the directory ("directory /x/y is not the one recorded at
+//!   the checkpoint (replaced or moved since)", "/x/y is a symlink now;
+//!   supervise does not follow it"). So does a symlink, a directory, a FIFO
+//!   or a device in place of a file.
+//! * **Descriptors.** [`plan`] opens each file itself with
+//!   `openat(parent, name, O_NOFOLLOW|O_NONBLOCK|O_NOCTTY)` (after an
+//!   `fstatat` without following, so nothing but a regular file is opened),
+//!   checks type and (device, inode) on the descriptor, and reads the
+//!   *extend* fingerprints from it; the [`Step`]s it returns hold these
+//!   descriptors, and [`apply`] acts only on them: `ftruncate`, rewrite and
+//!   `fsync` on the file's descriptor; `unlinkat`, create (`O_CREAT|O_EXCL|
+//!   O_NOFOLLOW`) and replace (a temporary file with a random name created
+//!   the same way, written, given the recorded owner and mode, synced, then
+//!   `renameat`) relative to the checked parent's descriptor. A rename or
+//!   `RENAME_EXCHANGE` between check and use therefore changes nothing: the
+//!   checked inode is the one changed, wherever its name went.
+//! * **Capture** walks the same way: a file the job holds open is recorded
+//!   only if the same inode is reachable by its path without a symlink;
+//!   a `[files] snapshot` path through a symlink (in any component) is not
+//!   read but listed in `skipped` with the reason (list the real path).
+//! * **Older records** (written before directory identities were recorded:
+//!   no `dirs`, `uid`, `gid`; the format version is unchanged) are rolled
+//!   back without the per-directory comparison, but still without
+//!   following any symlink and with every action on checked descriptors.
+//! * An *absent* listed file whose directory did not exist at the checkpoint
+//!   records the directories that did; those below are walked (never
+//!   followed) but cannot be compared.
+//!
+//! The consequence for jobs: a job that replaces or renames the directory
+//! its files live in after a checkpoint makes that image unusable.
 
 use std::fs::{self, File};
 use std::io;
