@@ -45,20 +45,68 @@
 //! size, or had bytes before that size changed (head/tail hashes), and when
 //! an open *snapshot* file was replaced by another file. It never guesses.
 //! An open *snapshot* file that was deleted is recreated from its copy;
-//! files listed in `[files] snapshot` are put back by path (write to a
-//! temporary file, rename), as jobs often replace them atomically themselves.
+//! files listed in `[files] snapshot` are put back by name (a temporary
+//! file renamed over it), as jobs often replace them atomically themselves.
+//!
+//! supervise runs as root, and the job's files often live in a directory
+//! another (untrusted) user owns, who can rename, replace and symlink
+//! anything in it at any moment. So nothing is ever followed, and nothing
+//! is looked up by path twice:
+//! * **Directory identities.** [`capture`] records, for every file, the
+//!   (device, inode) of every directory from `/` down to its parent, and
+//!   the file's owner. Paths are walked one component at a time from `/`
+//!   with `openat(dir, name, O_PATH|O_DIRECTORY|O_NOFOLLOW)`; empty, `.`
+//!   and `..` components are refused. At a rollback each directory's
+//!   descriptor is `fstat`ed and compared with the record: a directory
+//!   renamed away and replaced by another (or by a symlink) refuses the
+//!   image, naming the directory ("directory /x/y is not the one recorded at
+//!   the checkpoint (replaced or moved since)", "/x/y is a symlink now;
+//!   supervise does not follow it"). So does a symlink, a directory, a FIFO
+//!   or a device in place of a file.
+//! * **Descriptors.** [`plan`] opens each file itself with
+//!   `openat(parent, name, O_NOFOLLOW|O_NONBLOCK|O_NOCTTY)` (after an
+//!   `fstatat` without following, so nothing but a regular file is opened),
+//!   checks type and (device, inode) on the descriptor, and reads the
+//!   *extend* fingerprints from it; the [`Step`]s it returns hold these
+//!   descriptors, and [`apply`] acts only on them: `ftruncate`, rewrite and
+//!   `fsync` on the file's descriptor; `unlinkat`, create (`O_CREAT|O_EXCL|
+//!   O_NOFOLLOW`) and replace (a temporary file with a random name created
+//!   the same way, written, given the recorded owner and mode, synced, then
+//!   `renameat`) relative to the checked parent's descriptor. A rename or
+//!   `RENAME_EXCHANGE` between check and use therefore changes nothing: the
+//!   checked inode is the one changed, wherever its name went.
+//! * **Capture** walks the same way: a file the job holds open is recorded
+//!   only if the same inode is reachable by its path without a symlink;
+//!   a `[files] snapshot` path through a symlink (in any component) is not
+//!   read but listed in `skipped` with the reason (list the real path).
+//! * **Older records** (written before directory identities were recorded:
+//!   no `dirs`, `uid`, `gid`; the format version is unchanged) are rolled
+//!   back without the per-directory comparison, but still without
+//!   following any symlink and with every action on checked descriptors.
+//! * An *absent* listed file whose directory did not exist at the checkpoint
+//!   records the directories that did; those below are walked (never
+//!   followed) but cannot be compared.
+//!
+//! The consequence for jobs: a job that replaces or renames the directory
+//! its files live in after a checkpoint makes that image unusable.
 
-use std::collections::BTreeMap;
-use std::fs::{self, File, OpenOptions};
-use std::io::{self, Read, Seek, SeekFrom, Write};
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::fs::{self, File};
+use std::io;
+use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::config::FilesConfig;
+
+mod capture;
+mod resolve;
+mod rollback;
+
+pub use capture::capture;
+pub use rollback::{apply, plan, rollback, Action, Step};
 
 /// Name of the file-state record inside a checkpoint.
 pub const STATE_FILE: &str = "supervise-files.json";
@@ -117,6 +165,29 @@ pub enum Mode {
     Absent,
 }
 
+/// The identity of a directory: (device, inode) of an open descriptor.
+/// Stored as `[dev, ino]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(from = "(u64, u64)", into = "(u64, u64)")]
+pub struct DirId {
+    /// Device.
+    pub dev: u64,
+    /// Inode.
+    pub ino: u64,
+}
+
+impl From<(u64, u64)> for DirId {
+    fn from((dev, ino): (u64, u64)) -> DirId {
+        DirId { dev, ino }
+    }
+}
+
+impl From<DirId> for (u64, u64) {
+    fn from(d: DirId) -> (u64, u64) {
+        (d.dev, d.ino)
+    }
+}
+
 /// One recorded file.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FileRecord {
@@ -146,6 +217,19 @@ pub struct FileRecord {
     /// Name of the content copy in the checkpoint (snapshot).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub blob: Option<String>,
+    /// Identity of every directory from `/` down to the file's parent at
+    /// the checkpoint (first `/`). For an *absent* file whose directories
+    /// did not all exist, only those that did. Empty in records written
+    /// before supervise recorded it: such records are rolled back without
+    /// the per-directory check (still never through a symlink).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub dirs: Vec<DirId>,
+    /// Owner at the checkpoint (a recreated or replaced file gets it back).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uid: Option<u32>,
+    /// Group at the checkpoint.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gid: Option<u32>,
 }
 
 /// Contents of [`STATE_FILE`].
@@ -313,202 +397,21 @@ fn real_path(target: &Path) -> Option<PathBuf> {
     Some(PathBuf::from(s))
 }
 
-fn sha256_range(f: &mut File, start: u64, len: u64, path: &Path) -> Result<String, FilesError> {
-    f.seek(SeekFrom::Start(start))
-        .map_err(io_err(path, "seek"))?;
+/// SHA-256 of `len` bytes of `f` from `start` (positional reads: the
+/// descriptor's offset is not used).
+fn sha256_range(f: &File, start: u64, len: u64, path: &Path) -> Result<String, FilesError> {
     let mut buf = vec![0u8; len as usize];
-    f.read_exact(&mut buf).map_err(io_err(path, "read"))?;
+    f.read_exact_at(&mut buf, start)
+        .map_err(io_err(path, "read"))?;
     Ok(hex::encode(Sha256::digest(&buf)))
 }
 
 /// (head, tail) fingerprints of the first `size` bytes of `f`.
-fn fingerprints(f: &mut File, size: u64, path: &Path) -> Result<(String, String), FilesError> {
+fn fingerprints(f: &File, size: u64, path: &Path) -> Result<(String, String), FilesError> {
     let n = size.min(FINGERPRINT_BYTES);
     let head = sha256_range(f, 0, n, path)?;
     let tail = sha256_range(f, size - n, n, path)?;
     Ok((head, tail))
-}
-
-/// Records the files of the process tree `pids` into `out_dir` (the
-/// checkpoint's staging directory). Call while the tree is frozen.
-/// `ignore` lists supervise's own directories (image store, state dir).
-pub fn capture(
-    pids: &[i32],
-    cfg: &FilesConfig,
-    ignore: &[PathBuf],
-    out_dir: &Path,
-) -> Result<CaptureSummary, FilesError> {
-    let start = Instant::now();
-    // (dev, ino) -> (path, handle, mode, why)
-    let mut found: BTreeMap<(u64, u64), (Opened, Mode, String)> = BTreeMap::new();
-    let mut skipped = Vec::new();
-    for &pid in pids {
-        let opened = match opened_for_writing(pid) {
-            Ok(v) => v,
-            // The process vanished (it cannot while frozen; attached trees
-            // may have short-lived members): nothing of it to record.
-            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
-            Err(e) => return Err(io_err(Path::new(&format!("/proc/{pid}/fd")), "list")(e)),
-        };
-        for o in opened {
-            if excluded(&o.path, cfg, ignore) {
-                continue;
-            }
-            // The job sees its mount namespace; supervise must reach the
-            // same inode by the same path, or a rollback could hit another.
-            match fs::metadata(&o.path) {
-                Ok(md) if md.dev() == o.dev && md.ino() == o.ino => {}
-                _ => {
-                    skipped.push((
-                        o.path.clone(),
-                        "not the same file at this path outside the job's namespace".into(),
-                    ));
-                    continue;
-                }
-            }
-            let (mut mode, mut why) = classify(&o);
-            if cfg.append.iter().any(|p| p == &o.path) {
-                (mode, why) = (Mode::Extend, "listed in files.append");
-            } else if cfg.snapshot.iter().any(|p| p == &o.path) {
-                (mode, why) = (Mode::Snapshot, "listed in files.snapshot");
-            }
-            let key = (o.dev, o.ino);
-            match found.get_mut(&key) {
-                Some(prev) => {
-                    if prev.1 == Mode::Extend && mode == Mode::Snapshot {
-                        prev.1 = mode;
-                        prev.2 = why.to_string();
-                    }
-                }
-                None => {
-                    found.insert(key, (o, mode, why.to_string()));
-                }
-            }
-        }
-    }
-
-    let mut records = Vec::new();
-    let mut summary = CaptureSummary::default();
-    let mut n_blob = 0usize;
-    let mut take_blob = |src: &mut File, src_path: &Path| -> Result<(String, u64), FilesError> {
-        n_blob += 1;
-        let name = format!("{BLOB_PREFIX}{n_blob:04}");
-        let dst_path = out_dir.join(&name);
-        let mut dst = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&dst_path)
-            .map_err(io_err(&dst_path, "create"))?;
-        src.seek(SeekFrom::Start(0))
-            .map_err(io_err(src_path, "seek"))?;
-        let n = io::copy(src, &mut dst).map_err(io_err(src_path, "copy"))?;
-        Ok((name, n))
-    };
-
-    for (_, (o, mode, why)) in found {
-        let mut f = File::open(&o.handle).map_err(io_err(&o.path, "open"))?;
-        let md = f.metadata().map_err(io_err(&o.path, "stat"))?;
-        let mut rec = FileRecord {
-            path: o.path.clone(),
-            mode,
-            why,
-            size: md.len(),
-            dev: md.dev(),
-            ino: md.ino(),
-            perm: md.permissions().mode() & 0o7777,
-            listed: cfg.snapshot.iter().any(|p| p == &o.path),
-            head: None,
-            tail: None,
-            blob: None,
-        };
-        match mode {
-            Mode::Extend => {
-                let (h, t) = fingerprints(&mut f, rec.size, &o.path)?;
-                rec.head = Some(h);
-                rec.tail = Some(t);
-            }
-            _ => {
-                let (name, n) = take_blob(&mut f, &o.path)?;
-                rec.size = n;
-                rec.blob = Some(name);
-                summary.snapshots += 1;
-                summary.bytes_copied += n;
-            }
-        }
-        records.push(rec);
-    }
-
-    // Listed paths the job does not hold open right now.
-    for p in &cfg.snapshot {
-        if records.iter().any(|r| &r.path == p) || excluded(p, cfg, ignore) {
-            continue;
-        }
-        match File::open(p) {
-            Ok(mut f) => {
-                let md = f.metadata().map_err(io_err(p, "stat"))?;
-                if !md.is_file() {
-                    skipped.push((
-                        p.clone(),
-                        "listed in files.snapshot but not a regular file".into(),
-                    ));
-                    continue;
-                }
-                let (name, n) = take_blob(&mut f, p)?;
-                summary.snapshots += 1;
-                summary.bytes_copied += n;
-                records.push(FileRecord {
-                    path: p.clone(),
-                    mode: Mode::Snapshot,
-                    why: "listed in files.snapshot".into(),
-                    size: n,
-                    dev: md.dev(),
-                    ino: md.ino(),
-                    perm: md.permissions().mode() & 0o7777,
-                    listed: true,
-                    head: None,
-                    tail: None,
-                    blob: Some(name),
-                });
-            }
-            Err(e) if e.kind() == io::ErrorKind::NotFound => records.push(FileRecord {
-                path: p.clone(),
-                mode: Mode::Absent,
-                why: "listed in files.snapshot; absent at the checkpoint".into(),
-                size: 0,
-                dev: 0,
-                ino: 0,
-                perm: 0,
-                listed: true,
-                head: None,
-                tail: None,
-                blob: None,
-            }),
-            Err(e) => return Err(io_err(p, "open")(e)),
-        }
-    }
-
-    records.sort_by(|a, b| a.path.cmp(&b.path));
-    summary.files = records.len();
-    let state = FileState {
-        version: STATE_VERSION,
-        files: records,
-        skipped,
-    };
-    let path = out_dir.join(STATE_FILE);
-    let json = serde_json::to_vec_pretty(&state).map_err(|e| FilesError::Malformed {
-        path: path.clone(),
-        reason: e.to_string(),
-    })?;
-    let mut f = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&path)
-        .map_err(io_err(&path, "create"))?;
-    f.write_all(&json).map_err(io_err(&path, "write"))?;
-    summary.elapsed = start.elapsed();
-    Ok(summary)
 }
 
 /// Reads the file state of a checkpoint directory; `None` if it has none
@@ -541,7 +444,15 @@ pub fn load(image_dir: &Path) -> Result<Option<FileState>, FilesError> {
             (Mode::Snapshot, None) => false,
             (_, b) => b.is_none(),
         };
-        if !r.path.is_absolute() || !blob_ok {
+        // Directory identities: at most one per directory from `/` to the
+        // parent; all of them (or none, in older records) unless the file
+        // was absent.
+        let dirs_ok = r.dirs.is_empty()
+            || resolve::split(&r.path).is_ok_and(|(parents, _)| {
+                let full = parents.len() + 1;
+                r.dirs.len() == full || (r.mode == Mode::Absent && r.dirs.len() < full)
+            });
+        if !r.path.is_absolute() || !blob_ok || !dirs_ok {
             return Err(FilesError::Malformed {
                 path,
                 reason: format!("bad record for {}", r.path.display()),
@@ -549,191 +460,6 @@ pub fn load(image_dir: &Path) -> Result<Option<FileState>, FilesError> {
         }
     }
     Ok(Some(state))
-}
-
-/// One step of a rollback.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Action {
-    /// Already in its checkpoint state.
-    Keep(PathBuf),
-    /// Truncate to this size.
-    Truncate(PathBuf, u64),
-    /// Write the blob's content into the existing file (same inode).
-    Rewrite(PathBuf, PathBuf),
-    /// Create the file from the blob (it was deleted).
-    Recreate(PathBuf, PathBuf, u32),
-    /// Replace the path by the blob's content (temp file + rename).
-    Replace(PathBuf, PathBuf, u32),
-    /// Remove the path.
-    Remove(PathBuf),
-}
-
-fn conflict(path: &Path, reason: impl Into<String>) -> FilesError {
-    FilesError::Conflict {
-        path: path.to_path_buf(),
-        reason: reason.into(),
-    }
-}
-
-/// Decides, without changing anything, how to put every recorded file
-/// back; fails on the first file that cannot be put back safely.
-pub fn plan(
-    state: &FileState,
-    image_dir: &Path,
-    cfg: &FilesConfig,
-) -> Result<Vec<Action>, FilesError> {
-    let mut actions = Vec::new();
-    for r in &state.files {
-        if excluded(&r.path, cfg, &[]) {
-            continue;
-        }
-        let p = &r.path;
-        let now = match fs::symlink_metadata(p) {
-            Ok(md) => Some(md),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => None,
-            Err(e) => return Err(io_err(p, "stat")(e)),
-        };
-        let blob = || image_dir.join(r.blob.as_deref().unwrap_or_default());
-        let same = |md: &fs::Metadata| md.is_file() && md.dev() == r.dev && md.ino() == r.ino;
-        let action = match (r.mode, now) {
-            (Mode::Absent, None) => Action::Keep(p.clone()),
-            (Mode::Absent, Some(_)) => Action::Remove(p.clone()),
-            (Mode::Snapshot, _) if r.listed => Action::Replace(p.clone(), blob(), r.perm),
-            (Mode::Snapshot, None) => Action::Recreate(p.clone(), blob(), r.perm),
-            (Mode::Snapshot, Some(md)) if same(&md) => Action::Rewrite(p.clone(), blob()),
-            (Mode::Snapshot, Some(_)) => {
-                return Err(conflict(
-                    p,
-                    "it was replaced by another file since the checkpoint (different inode); \
-                     supervise does not overwrite it",
-                ))
-            }
-            (Mode::Extend, None) => {
-                return Err(conflict(
-                    p,
-                    format!(
-                        "it was deleted since the checkpoint, and with it the {} bytes \
-                         the job had written before the checkpoint",
-                        r.size
-                    ),
-                ))
-            }
-            (Mode::Extend, Some(md)) if !same(&md) => {
-                return Err(conflict(
-                    p,
-                    "it was replaced by another file since the checkpoint (different inode); \
-                     supervise does not truncate it",
-                ))
-            }
-            (Mode::Extend, Some(md)) if md.len() < r.size => {
-                return Err(conflict(
-                    p,
-                    format!(
-                        "it is shorter ({} bytes) than at the checkpoint ({} bytes): it was \
-                         truncated since; list it in [files] snapshot if the job does that",
-                        md.len(),
-                        r.size
-                    ),
-                ))
-            }
-            (Mode::Extend, Some(md)) => {
-                let mut f = File::open(p).map_err(io_err(p, "open"))?;
-                let (h, t) = fingerprints(&mut f, r.size, p)?;
-                if Some(&h) != r.head.as_ref() || Some(&t) != r.tail.as_ref() {
-                    return Err(conflict(
-                        p,
-                        "bytes written before the checkpoint have changed since (rewritten in \
-                         place?); list it in [files] snapshot so its content is kept",
-                    ));
-                }
-                if md.len() == r.size {
-                    Action::Keep(p.clone())
-                } else {
-                    Action::Truncate(p.clone(), r.size)
-                }
-            }
-        };
-        actions.push(action);
-    }
-    Ok(actions)
-}
-
-fn copy_blob(blob: &Path, dst: &mut File, dst_path: &Path) -> Result<u64, FilesError> {
-    let mut src = File::open(blob).map_err(io_err(blob, "open"))?;
-    dst.seek(SeekFrom::Start(0))
-        .map_err(io_err(dst_path, "seek"))?;
-    let n = io::copy(&mut src, dst).map_err(io_err(dst_path, "write"))?;
-    dst.set_len(n).map_err(io_err(dst_path, "truncate"))?;
-    dst.sync_all().map_err(io_err(dst_path, "fsync"))?;
-    Ok(n)
-}
-
-/// Carries out a plan.
-pub fn apply(actions: &[Action]) -> Result<(), FilesError> {
-    for a in actions {
-        match a {
-            Action::Keep(_) => {}
-            Action::Truncate(p, size) => {
-                let f = OpenOptions::new()
-                    .write(true)
-                    .open(p)
-                    .map_err(io_err(p, "open"))?;
-                f.set_len(*size).map_err(io_err(p, "truncate"))?;
-                f.sync_all().map_err(io_err(p, "fsync"))?;
-            }
-            Action::Rewrite(p, blob) => {
-                let mut f = OpenOptions::new()
-                    .write(true)
-                    .open(p)
-                    .map_err(io_err(p, "open"))?;
-                copy_blob(blob, &mut f, p)?;
-            }
-            Action::Recreate(p, blob, perm) => {
-                let mut f = OpenOptions::new()
-                    .write(true)
-                    .create_new(true)
-                    .mode(*perm)
-                    .open(p)
-                    .map_err(io_err(p, "create"))?;
-                copy_blob(blob, &mut f, p)?;
-            }
-            Action::Replace(p, blob, perm) => {
-                let mut tmp = p.as_os_str().to_owned();
-                tmp.push(".supervise-restore");
-                let tmp = PathBuf::from(tmp);
-                let _ = fs::remove_file(&tmp);
-                let mut f = OpenOptions::new()
-                    .write(true)
-                    .create_new(true)
-                    .mode(*perm)
-                    .open(&tmp)
-                    .map_err(io_err(&tmp, "create"))?;
-                copy_blob(blob, &mut f, &tmp)?;
-                fs::rename(&tmp, p).map_err(io_err(p, "rename"))?;
-            }
-            Action::Remove(p) => match fs::remove_file(p) {
-                Ok(()) => {}
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                Err(e) => return Err(io_err(p, "remove")(e)),
-            },
-        }
-    }
-    Ok(())
-}
-
-/// Puts the files recorded in `image_dir` back to their checkpoint state.
-/// Returns the actions taken (empty if the image recorded no file state or
-/// rollback is off).
-pub fn rollback(image_dir: &Path, cfg: &FilesConfig) -> Result<Vec<Action>, FilesError> {
-    if !cfg.rollback {
-        return Ok(Vec::new());
-    }
-    let Some(state) = load(image_dir)? else {
-        return Ok(Vec::new());
-    };
-    let actions = plan(&state, image_dir, cfg)?;
-    apply(&actions)?;
-    Ok(actions)
 }
 
 #[cfg(test)]

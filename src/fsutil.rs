@@ -381,6 +381,37 @@ pub fn create_temp_file(dir: &Path, name: &str, mode: u32) -> io::Result<(File, 
     ))
 }
 
+/// Creates a new file `<dir>/.<prefix>-<random>` relative to the open
+/// directory `dir` (`O_CREAT|O_EXCL|O_NOFOLLOW|O_CLOEXEC`, `mode`), for
+/// writing; returns it and its name. Nothing is resolved by path above
+/// `dir`, so the file lands in that very directory whatever was renamed
+/// meanwhile.
+pub fn create_temp_file_at(
+    dir: std::os::fd::BorrowedFd<'_>,
+    prefix: &str,
+    mode: u32,
+) -> io::Result<(File, String)> {
+    use nix::fcntl::OFlag;
+    for _ in 0..16 {
+        let name = format!(".{prefix}-{}", random_suffix()?);
+        match nix::fcntl::openat(
+            Some(dir.as_raw_fd()),
+            name.as_str(),
+            OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+            nix::sys::stat::Mode::from_bits_truncate(mode),
+        ) {
+            // SAFETY: a fresh descriptor we own.
+            Ok(fd) => return Ok((unsafe { File::from_raw_fd(fd) }, name)),
+            Err(nix::errno::Errno::EEXIST) => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Err(io::Error::new(
+        io::ErrorKind::AlreadyExists,
+        "no free temporary name",
+    ))
+}
+
 /// Writes `data` to `path` atomically: a new temporary file in the same
 /// directory (unpredictable name, `O_EXCL|O_NOFOLLOW`, `mode`), fsync,
 /// rename over `path` (which replaces a symlink there, never follows it),

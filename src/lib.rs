@@ -9,6 +9,7 @@ pub mod criu;
 pub mod daemon;
 pub mod fence;
 pub mod files;
+// TrustError carries the whole finding (owner, mode, rule) for the message.
 pub mod fsutil;
 pub mod init;
 pub mod job;

@@ -50,6 +50,8 @@ pub fn progs() -> &'static Path {
             ("bigmem", "tests/progs/bigmem.c", ""),
             ("filejob", "tests/progs/filejob.c", ""),
             ("dirty", "tests/progs/dirty.c", ""),
+            ("exchange", "tests/progs/exchange.c", ""),
+            ("appender", "tests/progs/appender.c", ""),
         ] {
             let mut cmd = Command::new("cc");
             cmd.args(["-O2", "-o"])

@@ -1,0 +1,425 @@
+//! Putting the job's files back to a checkpoint's state (see the module
+//! docs of [`crate::files`], "Safety of a rollback").
+
+use std::ffi::OsString;
+use std::fs::File;
+use std::io::{self, Seek, SeekFrom};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+
+use nix::errno::Errno;
+use nix::sys::stat::{FileStat, SFlag};
+use nix::unistd::{Gid, Uid, UnlinkatFlags};
+
+use super::resolve::{self, Walk, WalkError};
+use super::{excluded, fingerprints, io_err, load, FileRecord, FileState, FilesError, Mode};
+use crate::config::FilesConfig;
+use crate::fsutil;
+
+/// One step of a rollback, as reported (logs, tests).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Already in its checkpoint state.
+    Keep(PathBuf),
+    /// Truncate to this size.
+    Truncate(PathBuf, u64),
+    /// Write the blob's content into the existing file (same inode).
+    Rewrite(PathBuf, PathBuf),
+    /// Create the file from the blob (it was deleted).
+    Recreate(PathBuf, PathBuf, u32),
+    /// Replace the path by the blob's content (temp file + rename).
+    Replace(PathBuf, PathBuf, u32),
+    /// Remove the path.
+    Remove(PathBuf),
+}
+
+/// A new file's recorded permission bits and, when recorded, owner.
+#[derive(Debug)]
+struct Attrs {
+    perm: u32,
+    owner: Option<(u32, u32)>,
+}
+
+/// What a step does, on descriptors opened and checked by [`plan`].
+#[derive(Debug)]
+enum Op {
+    Keep,
+    /// `ftruncate` the very file whose fingerprints were checked.
+    Truncate(File, u64),
+    /// Write the blob into the very file that was checked.
+    Rewrite(File, File),
+    /// Create `name` in the checked directory (`O_CREAT|O_EXCL|O_NOFOLLOW`).
+    Recreate(OwnedFd, OsString, File, Attrs),
+    /// New temp file in the checked directory, renamed over `name` there.
+    Replace(OwnedFd, OsString, File, Attrs),
+    /// `unlinkat` in the checked directory.
+    Remove(OwnedFd, OsString),
+}
+
+/// One planned step of a rollback: what it does ([`Step::action`]) and the
+/// descriptors it does it on, opened and checked by [`plan`]; [`apply`]
+/// carries it out without resolving any path again.
+#[derive(Debug)]
+pub struct Step {
+    action: Action,
+    op: Op,
+}
+
+impl Step {
+    /// What this step does.
+    pub fn action(&self) -> &Action {
+        &self.action
+    }
+}
+
+fn conflict(path: &Path, reason: impl Into<String>) -> FilesError {
+    FilesError::Conflict {
+        path: path.to_path_buf(),
+        reason: reason.into(),
+    }
+}
+
+/// The refusal for a path that cannot be walked as recorded.
+fn walk_conflict(path: &Path, e: WalkError) -> FilesError {
+    match e {
+        WalkError::BadPath(why) => conflict(path, why),
+        WalkError::Symlink(at) => conflict(
+            path,
+            format!(
+                "{} is a symlink now; supervise does not follow it",
+                at.display()
+            ),
+        ),
+        WalkError::NotADirectory(at) => conflict(
+            path,
+            format!(
+                "{} is not a directory now; supervise does not guess",
+                at.display()
+            ),
+        ),
+        WalkError::Replaced(at) => conflict(
+            path,
+            format!(
+                "directory {} is not the one recorded at the checkpoint (replaced or moved since)",
+                at.display()
+            ),
+        ),
+        WalkError::Io(at, e) => io_err(&at, "open directory")(e),
+    }
+}
+
+fn is(st: &FileStat, k: SFlag) -> bool {
+    resolve::kind(st) == k
+}
+
+fn same(st: &FileStat, r: &FileRecord) -> bool {
+    is(st, SFlag::S_IFREG) && st.st_dev == r.dev && st.st_ino == r.ino
+}
+
+fn replaced(p: &Path, verb: &str) -> FilesError {
+    conflict(
+        p,
+        format!(
+            "it was replaced by another file since the checkpoint (different inode); \
+             supervise does not {verb} it"
+        ),
+    )
+}
+
+fn deleted(p: &Path, r: &FileRecord) -> FilesError {
+    conflict(
+        p,
+        format!(
+            "it was deleted since the checkpoint, and with it the {} bytes \
+             the job had written before the checkpoint",
+            r.size
+        ),
+    )
+}
+
+/// Refusal for what is now at a path where a regular file is expected.
+fn not_regular(p: &Path, st: &FileStat) -> FilesError {
+    if is(st, SFlag::S_IFLNK) {
+        conflict(
+            p,
+            format!(
+                "{} is a symlink now; supervise does not follow it",
+                p.display()
+            ),
+        )
+    } else {
+        conflict(
+            p,
+            "it is not a regular file now (a directory, FIFO, socket or device); \
+             supervise does not touch it",
+        )
+    }
+}
+
+/// Opens the recorded file for reading and writing, never through a
+/// symlink, and checks on the descriptor that it is the recorded inode.
+fn open_same(
+    dir: &OwnedFd,
+    name: &std::ffi::OsStr,
+    r: &FileRecord,
+    verb: &str,
+) -> Result<File, FilesError> {
+    let p = &r.path;
+    match resolve::open_file(dir, name, true) {
+        Ok((f, st)) if same(&st, r) => Ok(f),
+        Ok((_, st)) if !is(&st, SFlag::S_IFREG) => Err(not_regular(p, &st)),
+        Ok(_) => Err(replaced(p, verb)),
+        Err(Errno::ELOOP) => Err(conflict(
+            p,
+            format!(
+                "{} is a symlink now; supervise does not follow it",
+                p.display()
+            ),
+        )),
+        Err(Errno::ENOENT) => Err(conflict(p, "it was moved while supervise checked it")),
+        Err(e) => Err(io_err(p, "open")(e.into())),
+    }
+}
+
+fn open_blob(image_dir: &Path, r: &FileRecord) -> Result<(PathBuf, File), FilesError> {
+    let blob = image_dir.join(r.blob.as_deref().unwrap_or_default());
+    let f = fsutil::open_regular(&blob).map_err(io_err(&blob, "open"))?;
+    Ok((blob, f))
+}
+
+fn attrs(r: &FileRecord) -> Attrs {
+    Attrs {
+        perm: r.perm,
+        owner: r.uid.zip(r.gid),
+    }
+}
+
+/// Plans one record: walks to it without following anything, checks every
+/// directory against the recorded identities, opens what will be changed.
+fn plan_one(r: &FileRecord, image_dir: &Path) -> Result<Step, FilesError> {
+    let p = &r.path;
+    let (_, name) = resolve::split(p).map_err(|e| walk_conflict(p, e))?;
+    let name = name.to_os_string();
+    let step = |action, op| Ok(Step { action, op });
+    let dir = match resolve::open_parent(p, &r.dirs) {
+        Ok(Walk::Parent(fd, _)) => fd,
+        Ok(Walk::Missing(at, _)) => {
+            return match r.mode {
+                Mode::Absent => step(Action::Keep(p.clone()), Op::Keep),
+                Mode::Extend => Err(deleted(p, r)),
+                Mode::Snapshot => Err(conflict(
+                    p,
+                    format!(
+                        "directory {} no longer exists; supervise does not recreate directories",
+                        at.display()
+                    ),
+                )),
+            }
+        }
+        Err(e) => return Err(walk_conflict(p, e)),
+    };
+    let now = resolve::lstat_at(&dir, &name).map_err(|e| io_err(p, "stat")(e.into()))?;
+    match (r.mode, now) {
+        (Mode::Absent, None) => step(Action::Keep(p.clone()), Op::Keep),
+        (Mode::Absent, Some(st)) if is(&st, SFlag::S_IFDIR) => Err(conflict(
+            p,
+            "it is a directory now (it was absent at the checkpoint); supervise does not \
+             remove directories",
+        )),
+        // unlinkat removes the entry itself, whatever it is (a symlink is
+        // removed, never followed).
+        (Mode::Absent, Some(_)) => step(Action::Remove(p.clone()), Op::Remove(dir, name)),
+        (Mode::Snapshot, Some(st)) if !is(&st, SFlag::S_IFREG) => Err(not_regular(p, &st)),
+        (Mode::Snapshot, _) if r.listed => {
+            let (blob, bf) = open_blob(image_dir, r)?;
+            step(
+                Action::Replace(p.clone(), blob, r.perm),
+                Op::Replace(dir, name, bf, attrs(r)),
+            )
+        }
+        (Mode::Snapshot, None) => {
+            let (blob, bf) = open_blob(image_dir, r)?;
+            step(
+                Action::Recreate(p.clone(), blob, r.perm),
+                Op::Recreate(dir, name, bf, attrs(r)),
+            )
+        }
+        (Mode::Snapshot, Some(st)) if !same(&st, r) => Err(replaced(p, "overwrite")),
+        (Mode::Snapshot, Some(_)) => {
+            let f = open_same(&dir, &name, r, "overwrite")?;
+            let (blob, bf) = open_blob(image_dir, r)?;
+            step(Action::Rewrite(p.clone(), blob), Op::Rewrite(f, bf))
+        }
+        (Mode::Extend, None) => Err(deleted(p, r)),
+        (Mode::Extend, Some(st)) if !is(&st, SFlag::S_IFREG) => Err(not_regular(p, &st)),
+        (Mode::Extend, Some(st)) if !same(&st, r) => Err(replaced(p, "truncate")),
+        (Mode::Extend, Some(_)) => {
+            // From here on only this descriptor: the size, the
+            // fingerprints and the truncation all concern the same inode.
+            let f = open_same(&dir, &name, r, "truncate")?;
+            let len = f.metadata().map_err(io_err(p, "stat"))?.len();
+            if len < r.size {
+                return Err(conflict(
+                    p,
+                    format!(
+                        "it is shorter ({len} bytes) than at the checkpoint ({} bytes): it was \
+                         truncated since; list it in [files] snapshot if the job does that",
+                        r.size
+                    ),
+                ));
+            }
+            let (h, t) = fingerprints(&f, r.size, p)?;
+            if Some(&h) != r.head.as_ref() || Some(&t) != r.tail.as_ref() {
+                return Err(conflict(
+                    p,
+                    "bytes written before the checkpoint have changed since (rewritten in \
+                     place?); list it in [files] snapshot so its content is kept",
+                ));
+            }
+            if len == r.size {
+                step(Action::Keep(p.clone()), Op::Keep)
+            } else {
+                step(Action::Truncate(p.clone(), r.size), Op::Truncate(f, r.size))
+            }
+        }
+    }
+}
+
+/// Decides, without changing anything, how to put every recorded file
+/// back, and opens (and checks) everything that will be changed; fails on
+/// the first file that cannot be put back safely.
+pub fn plan(
+    state: &FileState,
+    image_dir: &Path,
+    cfg: &FilesConfig,
+) -> Result<Vec<Step>, FilesError> {
+    state
+        .files
+        .iter()
+        .filter(|r| !excluded(&r.path, cfg, &[]))
+        .map(|r| plan_one(r, image_dir))
+        .collect()
+}
+
+/// Copies the blob into `dst` from offset 0 and cuts `dst` to its length.
+fn copy_blob(blob: &mut File, dst: &mut File, dst_path: &Path) -> Result<u64, FilesError> {
+    blob.seek(SeekFrom::Start(0))
+        .map_err(io_err(dst_path, "read the copy"))?;
+    dst.seek(SeekFrom::Start(0))
+        .map_err(io_err(dst_path, "seek"))?;
+    let n = io::copy(blob, dst).map_err(io_err(dst_path, "write"))?;
+    dst.set_len(n).map_err(io_err(dst_path, "truncate"))?;
+    Ok(n)
+}
+
+/// Gives a new file its recorded owner, then its recorded mode (in this
+/// order: a chown clears set-id bits), and syncs it.
+fn finish(f: &File, a: &Attrs, path: &Path) -> Result<(), FilesError> {
+    if let Some((uid, gid)) = a.owner {
+        nix::unistd::fchown(
+            f.as_raw_fd(),
+            Some(Uid::from_raw(uid)),
+            Some(Gid::from_raw(gid)),
+        )
+        .map_err(|e| io_err(path, "chown")(e.into()))?;
+    }
+    nix::sys::stat::fchmod(
+        f.as_raw_fd(),
+        nix::sys::stat::Mode::from_bits_truncate(a.perm & 0o7777),
+    )
+    .map_err(|e| io_err(path, "chmod")(e.into()))?;
+    f.sync_all().map_err(io_err(path, "fsync"))
+}
+
+fn apply_one(action: &Action, op: Op) -> Result<(), FilesError> {
+    let p = match action {
+        Action::Keep(p)
+        | Action::Truncate(p, _)
+        | Action::Rewrite(p, _)
+        | Action::Recreate(p, ..)
+        | Action::Replace(p, ..)
+        | Action::Remove(p) => p,
+    };
+    match op {
+        Op::Keep => Ok(()),
+        Op::Truncate(f, size) => {
+            f.set_len(size).map_err(io_err(p, "truncate"))?;
+            f.sync_all().map_err(io_err(p, "fsync"))
+        }
+        Op::Rewrite(mut f, mut blob) => {
+            copy_blob(&mut blob, &mut f, p)?;
+            f.sync_all().map_err(io_err(p, "fsync"))
+        }
+        Op::Recreate(dir, name, mut blob, a) => {
+            let fd = resolve::open_at(
+                &dir,
+                &name,
+                nix::fcntl::OFlag::O_WRONLY
+                    | nix::fcntl::OFlag::O_CREAT
+                    | nix::fcntl::OFlag::O_EXCL,
+                0o600,
+            )
+            .map_err(|e| io_err(p, "create")(e.into()))?;
+            let mut f = File::from(fd);
+            copy_blob(&mut blob, &mut f, p)?;
+            finish(&f, &a, p)
+        }
+        Op::Replace(dir, name, mut blob, a) => {
+            let (mut f, tmp) = fsutil::create_temp_file_at(dir.as_fd(), "supervise-restore", 0o600)
+                .map_err(io_err(p, "create a temporary file next to"))?;
+            let res = copy_blob(&mut blob, &mut f, p)
+                .and_then(|_| finish(&f, &a, p))
+                .and_then(|()| {
+                    nix::fcntl::renameat(
+                        Some(dir.as_raw_fd()),
+                        tmp.as_str(),
+                        Some(dir.as_raw_fd()),
+                        name.as_os_str(),
+                    )
+                    .map_err(|e| io_err(p, "rename")(e.into()))
+                });
+            if res.is_err() {
+                let _ = nix::unistd::unlinkat(
+                    Some(dir.as_raw_fd()),
+                    tmp.as_str(),
+                    UnlinkatFlags::NoRemoveDir,
+                );
+            }
+            res
+        }
+        Op::Remove(dir, name) => {
+            match nix::unistd::unlinkat(
+                Some(dir.as_raw_fd()),
+                name.as_os_str(),
+                UnlinkatFlags::NoRemoveDir,
+            ) {
+                Ok(()) | Err(Errno::ENOENT) => Ok(()),
+                Err(e) => Err(io_err(p, "remove")(e.into())),
+            }
+        }
+    }
+}
+
+/// Carries out a plan, on the descriptors it holds. Returns what was done.
+pub fn apply(steps: Vec<Step>) -> Result<Vec<Action>, FilesError> {
+    let mut done = Vec::with_capacity(steps.len());
+    for Step { action, op } in steps {
+        apply_one(&action, op)?;
+        done.push(action);
+    }
+    Ok(done)
+}
+
+/// Puts the files recorded in `image_dir` back to their checkpoint state.
+/// Returns the actions taken (empty if the image recorded no file state or
+/// rollback is off).
+pub fn rollback(image_dir: &Path, cfg: &FilesConfig) -> Result<Vec<Action>, FilesError> {
+    if !cfg.rollback {
+        return Ok(Vec::new());
+    }
+    let Some(state) = load(image_dir)? else {
+        return Ok(Vec::new());
+    };
+    let steps = plan(&state, image_dir, cfg)?;
+    apply(steps)
+}
