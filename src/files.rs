@@ -106,7 +106,9 @@ mod resolve;
 mod rollback;
 
 pub use capture::capture;
-pub use rollback::{apply, plan, rollback, Action, Step};
+pub use rollback::{
+    apply, apply_checked, plan, rollback, rollback_checked, verify_restored, Action, Expected, Step,
+};
 
 /// Name of the file-state record inside a checkpoint.
 pub const STATE_FILE: &str = "supervise-files.json";
@@ -230,6 +232,12 @@ pub struct FileRecord {
     /// Group at the checkpoint.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gid: Option<u32>,
+    /// Which of the job's descriptors and shared mappings held this file at
+    /// the checkpoint: (PID inside the job's namespace, `fd/N` or
+    /// `map_files/RANGE`). After CRIU restored them (reopening by path),
+    /// each must be the file the rollback checked ([`verify_restored`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub holders: Vec<(i32, String)>,
 }
 
 /// Contents of [`STATE_FILE`].

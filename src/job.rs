@@ -394,7 +394,7 @@ pub fn restore(
     images_dir: &Path,
     opts: &CriuOptions,
     files: &InitFiles,
-    on_notify: &mut dyn FnMut(&str) -> bool,
+    on_notify: &mut dyn FnMut(&str, i32) -> bool,
 ) -> Result<Restored, JobError> {
     let start = Instant::now();
     let report = pipe().map_err(JobError::Init)?;
@@ -416,7 +416,9 @@ pub fn restore(
     let log = criu::collect(File::from(errp.r));
     let conv = criu::Conversation::new(ours);
     let req = criu::restore_request(images_dir, opts, true);
-    let resp = conv.call(&req, on_notify);
+    // The callback also learns the init's PID, under which the restored
+    // tree lives (to inspect it before it resumes).
+    let resp = conv.call(&req, &mut |script: &str| on_notify(script, init_pid));
     drop(conv);
     let mut control_w = File::from(control.w);
     let resp = match resp {

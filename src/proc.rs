@@ -157,6 +157,15 @@ pub fn kill_exact(id: ProcId, wait: std::time::Duration) -> bool {
     true
 }
 
+/// PIDs in their own namespace -> PIDs in ours, for `root` and its
+/// descendants (e.g. a job's namespace init and the restored tree).
+pub fn ns_pid_map(root: i32) -> std::collections::HashMap<i32, i32> {
+    tree(root)
+        .into_iter()
+        .filter_map(|p| Some((ns_pid(p).ok()?, p)))
+        .collect()
+}
+
 /// `pidfd_open(2)`.
 pub fn pidfd_open(pid: i32) -> io::Result<OwnedFd> {
     // SAFETY: raw syscall with integer arguments; the fd is owned on success.

@@ -1037,12 +1037,34 @@ impl Supervisor {
             tokio::task::spawn_blocking(move || -> Result<(job::Restored, Vec<Action>), String> {
                 // The job's files go back to the checkpoint's instant
                 // before CRIU reopens them.
-                let r = crate::files::rollback(&m.path, &files_cfg)
+                let r = crate::files::rollback_checked(&m.path, &files_cfg)
                     .map_err(|e| e.to_string())
-                    .and_then(|actions| {
-                        job::restore(&reaper, &m.path, &opts, &files, &mut |_| true)
-                            .map(|r| (r, actions))
-                            .map_err(|e| e.to_string())
+                    .and_then(|(actions, expect)| {
+                        pause_point("after-rollback");
+                        // CRIU reopens the job's files by path: before the
+                        // restored tree runs, each descriptor that held a
+                        // rolled-back file must hold that very file.
+                        let mut refusal = None;
+                        let mut on_notify = |script: &str, init: i32| {
+                            if script != "post-restore" || expect.is_empty() {
+                                return true;
+                            }
+                            let map = crate::proc::ns_pid_map(init);
+                            match crate::files::verify_restored(&expect, &|p| map.get(&p).copied())
+                            {
+                                Ok(()) => true,
+                                Err(e) => {
+                                    refusal = Some(e.to_string());
+                                    false
+                                }
+                            }
+                        };
+                        let res = job::restore(&reaper, &m.path, &opts, &files, &mut on_notify);
+                        match (res, refusal) {
+                            (Ok(r), _) => Ok((r, actions)),
+                            (Err(_), Some(why)) => Err(why),
+                            (Err(e), None) => Err(e.to_string()),
+                        }
                     });
                 // The restored job does not use the image files: free the
                 // (tmpfs) space.
@@ -1234,6 +1256,33 @@ impl Supervisor {
 
     fn forget_record(&self) {
         let _ = std::fs::remove_file(self.run_dir.join("job.json"));
+    }
+}
+
+/// Testing aid: with `SUPERVISE_PAUSE=<name>` and `SUPERVISE_PAUSE_FILE=F`
+/// set, the step named `name` creates `F.reached` and waits (at most 60 s)
+/// while `F` exists, so that a test can act in a precise window (e.g. an
+/// attacker swapping a file between the rollback and CRIU's reopen).
+fn pause_point(name: &str) {
+    if !matches!(std::env::var("SUPERVISE_PAUSE").as_deref(), Ok(n) if n == name) {
+        return;
+    }
+    let Some(file) = std::env::var_os("SUPERVISE_PAUSE_FILE").map(PathBuf::from) else {
+        return;
+    };
+    if !file.exists() {
+        return;
+    }
+    let mut reached = file.clone().into_os_string();
+    reached.push(".reached");
+    let _ = std::fs::write(&reached, name);
+    warn!(
+        pause = name,
+        "SUPERVISE_PAUSE reached: waiting for the test"
+    );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while file.exists() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
     }
 }
 

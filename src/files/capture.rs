@@ -72,6 +72,12 @@ fn find(path: &Path) -> Result<Found, FilesError> {
     }
 }
 
+/// `fd/N` or `map_files/RANGE` of a `/proc/PID/...` handle of `pid`.
+fn holder_entry(handle: &Path, pid: i32) -> Option<String> {
+    let rel = handle.strip_prefix(format!("/proc/{pid}")).ok()?;
+    Some(rel.to_str()?.to_string())
+}
+
 /// Records the files of the process tree `pids` into `out_dir` (the
 /// checkpoint's staging directory). Call while the tree is frozen.
 /// `ignore` lists supervise's own directories (image store, state dir).
@@ -84,8 +90,11 @@ pub fn capture(
     let start = Instant::now();
     // (dev, ino) -> (opened, mode, why)
     let mut found: BTreeMap<(u64, u64), (Opened, Mode, String)> = BTreeMap::new();
+    // (dev, ino) -> every (pid in the job's namespace, /proc entry) holding it
+    let mut holders: BTreeMap<(u64, u64), Vec<(i32, String)>> = BTreeMap::new();
     let mut skipped = Vec::new();
     for &pid in pids {
+        let ns_pid = crate::proc::ns_pid(pid).unwrap_or(pid);
         let opened = match opened_for_writing(pid) {
             Ok(v) => v,
             // The process vanished (it cannot while frozen; attached trees
@@ -104,6 +113,9 @@ pub fn capture(
                 (mode, why) = (Mode::Snapshot, "listed in files.snapshot");
             }
             let key = (o.dev, o.ino);
+            if let Some(rel) = holder_entry(&o.handle, pid) {
+                holders.entry(key).or_default().push((ns_pid, rel));
+            }
             if let Some(prev) = found.get_mut(&key) {
                 if prev.1 == Mode::Extend && mode == Mode::Snapshot {
                     prev.1 = mode;
@@ -167,6 +179,7 @@ pub fn capture(
         dirs,
         uid: st.map(|s| s.st_uid),
         gid: st.map(|s| s.st_gid),
+        holders: Vec::new(),
     };
 
     for (_, (o, mode, why)) in found {
@@ -185,6 +198,7 @@ pub fn capture(
             }
         };
         let mut rec = record(&o.path, mode, why, dirs, Some(&st));
+        rec.holders = holders.remove(&(o.dev, o.ino)).unwrap_or_default();
         match mode {
             Mode::Extend => {
                 let (h, t) = fingerprints(&f, rec.size, &o.path)?;

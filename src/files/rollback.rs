@@ -63,6 +63,26 @@ enum Op {
 pub struct Step {
     action: Action,
     op: Op,
+    /// The file's identity once the step is done (None: no file remains);
+    /// a recreated or replaced file's is read from the new file.
+    ident: Option<(u64, u64)>,
+    /// The job's descriptors and mappings that held it (see
+    /// [`FileRecord::holders`]).
+    holders: Vec<(i32, String)>,
+}
+
+/// A file the restored job must hold again, by identity: what
+/// [`verify_restored`] checks after CRIU reopened the job's files by path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Expected {
+    /// The path as recorded.
+    pub path: PathBuf,
+    /// Device of the file left by the rollback.
+    pub dev: u64,
+    /// Inode of the file left by the rollback.
+    pub ino: u64,
+    /// (PID in the job's namespace, `fd/N` or `map_files/RANGE`).
+    pub holders: Vec<(i32, String)>,
 }
 
 impl Step {
@@ -200,7 +220,14 @@ fn plan_one(r: &FileRecord, image_dir: &Path) -> Result<Step, FilesError> {
     let p = &r.path;
     let (_, name) = resolve::split(p).map_err(|e| walk_conflict(p, e))?;
     let name = name.to_os_string();
-    let step = |action, op| Ok(Step { action, op });
+    let step = |action, op| {
+        Ok(Step {
+            action,
+            op,
+            ident: None,
+            holders: Vec::new(),
+        })
+    };
     let dir = match resolve::open_parent(p, &r.dirs) {
         Ok(Walk::Parent(fd, _)) => fd,
         Ok(Walk::Missing(at, _)) => {
@@ -297,7 +324,14 @@ pub fn plan(
         .files
         .iter()
         .filter(|r| !excluded(&r.path, cfg, &[]))
-        .map(|r| plan_one(r, image_dir))
+        .map(|r| {
+            let mut s = plan_one(r, image_dir)?;
+            if r.mode != Mode::Absent {
+                s.ident = Some((r.dev, r.ino));
+                s.holders = r.holders.clone();
+            }
+            Ok(s)
+        })
         .collect()
 }
 
@@ -331,7 +365,15 @@ fn finish(f: &File, a: &Attrs, path: &Path) -> Result<(), FilesError> {
     f.sync_all().map_err(io_err(path, "fsync"))
 }
 
-fn apply_one(action: &Action, op: Op) -> Result<(), FilesError> {
+/// The (device, inode) of an open file.
+fn ident_of(f: &File, p: &Path) -> Result<Option<(u64, u64)>, FilesError> {
+    use std::os::unix::fs::MetadataExt;
+    let md = f.metadata().map_err(io_err(p, "stat"))?;
+    Ok(Some((md.dev(), md.ino())))
+}
+
+/// Carries out one step; for a new file, returns its identity.
+fn apply_one(action: &Action, op: Op) -> Result<Option<(u64, u64)>, FilesError> {
     let p = match action {
         Action::Keep(p)
         | Action::Truncate(p, _)
@@ -341,14 +383,16 @@ fn apply_one(action: &Action, op: Op) -> Result<(), FilesError> {
         | Action::Remove(p) => p,
     };
     match op {
-        Op::Keep => Ok(()),
+        Op::Keep => Ok(None),
         Op::Truncate(f, size) => {
             f.set_len(size).map_err(io_err(p, "truncate"))?;
-            f.sync_all().map_err(io_err(p, "fsync"))
+            f.sync_all().map_err(io_err(p, "fsync"))?;
+            Ok(None)
         }
         Op::Rewrite(mut f, mut blob) => {
             copy_blob(&mut blob, &mut f, p)?;
-            f.sync_all().map_err(io_err(p, "fsync"))
+            f.sync_all().map_err(io_err(p, "fsync"))?;
+            Ok(None)
         }
         Op::Recreate(dir, name, mut blob, a) => {
             let fd = resolve::open_at(
@@ -362,7 +406,8 @@ fn apply_one(action: &Action, op: Op) -> Result<(), FilesError> {
             .map_err(|e| io_err(p, "create")(e.into()))?;
             let mut f = File::from(fd);
             copy_blob(&mut blob, &mut f, p)?;
-            finish(&f, &a, p)
+            finish(&f, &a, p)?;
+            ident_of(&f, p)
         }
         Op::Replace(dir, name, mut blob, a) => {
             let (mut f, tmp) = fsutil::create_temp_file_at(dir.as_fd(), "supervise-restore", 0o600)
@@ -385,7 +430,8 @@ fn apply_one(action: &Action, op: Op) -> Result<(), FilesError> {
                     UnlinkatFlags::NoRemoveDir,
                 );
             }
-            res
+            res?;
+            ident_of(&f, p)
         }
         Op::Remove(dir, name) => {
             match nix::unistd::unlinkat(
@@ -393,7 +439,7 @@ fn apply_one(action: &Action, op: Op) -> Result<(), FilesError> {
                 name.as_os_str(),
                 UnlinkatFlags::NoRemoveDir,
             ) {
-                Ok(()) | Err(Errno::ENOENT) => Ok(()),
+                Ok(()) | Err(Errno::ENOENT) => Ok(None),
                 Err(e) => Err(io_err(p, "remove")(e.into())),
             }
         }
@@ -402,12 +448,86 @@ fn apply_one(action: &Action, op: Op) -> Result<(), FilesError> {
 
 /// Carries out a plan, on the descriptors it holds. Returns what was done.
 pub fn apply(steps: Vec<Step>) -> Result<Vec<Action>, FilesError> {
+    apply_checked(steps).map(|(done, _)| done)
+}
+
+/// [`apply`], also returning the identity of every file left in place and
+/// the job's descriptors that must hold it after the restore.
+pub fn apply_checked(steps: Vec<Step>) -> Result<(Vec<Action>, Vec<Expected>), FilesError> {
     let mut done = Vec::with_capacity(steps.len());
-    for Step { action, op } in steps {
-        apply_one(&action, op)?;
+    let mut expect = Vec::new();
+    for Step {
+        action,
+        op,
+        ident,
+        holders,
+    } in steps
+    {
+        let new = apply_one(&action, op)?;
+        if let (Some((dev, ino)), false) = (new.or(ident), holders.is_empty()) {
+            if let Some(path) = action_path(&action) {
+                expect.push(Expected {
+                    path: path.clone(),
+                    dev,
+                    ino,
+                    holders,
+                });
+            }
+        }
         done.push(action);
     }
-    Ok(done)
+    Ok((done, expect))
+}
+
+fn action_path(a: &Action) -> Option<&PathBuf> {
+    match a {
+        Action::Remove(_) => None,
+        Action::Keep(p)
+        | Action::Truncate(p, _)
+        | Action::Rewrite(p, _)
+        | Action::Recreate(p, ..)
+        | Action::Replace(p, ..) => Some(p),
+    }
+}
+
+/// After CRIU restored the job (its tasks not yet resumed: CRIU's
+/// `post-restore` notification): every descriptor and shared mapping that
+/// held a rolled-back file at the checkpoint must hold that very file now.
+/// CRIU reopens the job's files by path, following symlinks, and checks
+/// only their size and mode; a path swapped between the rollback and that
+/// open would give the restored job another file. `host_pid` maps a PID in
+/// the job's namespace to supervise's. A mismatch refuses the restore,
+/// naming the path and what the job would have held instead.
+pub fn verify_restored(
+    expected: &[Expected],
+    host_pid: &dyn Fn(i32) -> Option<i32>,
+) -> Result<(), FilesError> {
+    use std::os::unix::fs::MetadataExt;
+    for e in expected {
+        for (ns_pid, rel) in &e.holders {
+            let Some(pid) = host_pid(*ns_pid) else {
+                return Err(conflict(
+                    &e.path,
+                    format!("process {ns_pid} that held it is missing after the restore"),
+                ));
+            };
+            let handle = PathBuf::from(format!("/proc/{pid}/{rel}"));
+            let md = std::fs::metadata(&handle).map_err(io_err(&e.path, "check the restored"))?;
+            if (md.dev(), md.ino()) != (e.dev, e.ino) {
+                let held = std::fs::read_link(&handle)
+                    .map(|t| t.display().to_string())
+                    .unwrap_or_else(|_| "another file".into());
+                return Err(conflict(
+                    &e.path,
+                    format!(
+                        "CRIU reopened it by path as {held} (ns pid {ns_pid}, {rel}): the path \
+                         was swapped after the rollback; the restore is aborted before the job runs"
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Puts the files recorded in `image_dir` back to their checkpoint state.
@@ -422,4 +542,20 @@ pub fn rollback(image_dir: &Path, cfg: &FilesConfig) -> Result<Vec<Action>, File
     };
     let steps = plan(&state, image_dir, cfg)?;
     apply(steps)
+}
+
+/// [`rollback`], also returning what [`verify_restored`] must find after
+/// CRIU's restore.
+pub fn rollback_checked(
+    image_dir: &Path,
+    cfg: &FilesConfig,
+) -> Result<(Vec<Action>, Vec<Expected>), FilesError> {
+    if !cfg.rollback {
+        return Ok((Vec::new(), Vec::new()));
+    }
+    let Some(state) = load(image_dir)? else {
+        return Ok((Vec::new(), Vec::new()));
+    };
+    let steps = plan(&state, image_dir, cfg)?;
+    apply_checked(steps)
 }

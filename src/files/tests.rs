@@ -774,3 +774,38 @@ fn directory_identities_must_fit_the_path() {
     write("absent", "[[1,2]]");
     assert!(load(t.path()).is_ok());
 }
+
+#[test]
+fn restored_descriptors_must_hold_the_checked_files() {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::MetadataExt;
+    let t = tempfile::tempdir().unwrap();
+    let good = t.path().join("out.txt");
+    let other = t.path().join("other");
+    fs::write(&good, b"x").unwrap();
+    fs::write(&other, b"y").unwrap();
+    // "The restored job" is this process, holding `other` where `good` was
+    // expected: as if CRIU had reopened a swapped path.
+    let held = fs::File::open(&other).unwrap();
+    let me = std::process::id() as i32;
+    let md = fs::metadata(&good).unwrap();
+    let expect = vec![crate::files::Expected {
+        path: good.clone(),
+        dev: md.dev(),
+        ino: md.ino(),
+        holders: vec![(1000, format!("fd/{}", held.as_raw_fd()))],
+    }];
+    let map = |ns: i32| (ns == 1000).then_some(me);
+    let e = crate::files::verify_restored(&expect, &map).unwrap_err();
+    let s = e.to_string();
+    assert!(
+        s.contains("CRIU reopened it by path as") && s.contains("other"),
+        "{s}"
+    );
+    // Holding the right file passes; a missing process is refused.
+    let right = fs::File::open(&good).unwrap();
+    let mut ok = expect.clone();
+    ok[0].holders = vec![(1000, format!("fd/{}", right.as_raw_fd()))];
+    crate::files::verify_restored(&ok, &map).unwrap();
+    assert!(crate::files::verify_restored(&ok, &|_| None).is_err());
+}

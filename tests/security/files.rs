@@ -254,3 +254,58 @@ window = "1h"
     names.sort();
     assert_eq!(names, ["link", "out.txt"], "{log}");
 }
+
+/// CRIU reopens the job's files by path, as root, after supervise's
+/// rollback, and checks only size and mode (no size for append-only
+/// files). The attacker swaps the job's output for a symlink to a
+/// root-owned file of the same mode in exactly that window (a pause point
+/// holds supervise there). supervise checks every restored descriptor
+/// against the file the rollback verified before the restored job runs:
+/// the restore is aborted and not one byte reaches the root file.
+#[test]
+fn swap_between_rollback_and_criu_reopen_is_caught_before_the_job_runs() {
+    if !criu_available() {
+        return;
+    }
+    let env = Env::new();
+    let scratch = attacker_dir(&env, "scratch");
+    let vault = root_only_dir(&env, "vault");
+    // Same type and mode as the job's output file (created 0640 by root).
+    let canary = Canary::with_mode(&vault, "passwd", 2048, 0o640);
+    fs::set_permissions(&vault, fs::Permissions::from_mode(0o755)).unwrap();
+    let job = env.job(
+        "reopen",
+        &format!(
+            "command = [\"{}\", \"50\"]\nstdout = \"{}/out.txt\"\n[checkpoint]\nevery = \"1s\"\n[restore]\nbackoff = \"0s\"\n",
+            progs().join("counter").display(),
+            scratch.display()
+        ),
+    );
+    let pause = env.path().join("pause");
+    let reached = env.path().join("pause.reached");
+    let sup = env.start_with_env(
+        &job,
+        &[
+            ("SUPERVISE_PAUSE", "after-rollback"),
+            ("SUPERVISE_PAUSE_FILE", pause.to_str().unwrap()),
+        ],
+    );
+    sup.wait_for("checkpoint published", 1, T);
+    fs::write(&pause, "").unwrap();
+    sup.kill_job("reopen");
+    wait_until("the pause after the rollback", T, || reached.exists());
+    // The window: the rollback has checked and truncated out.txt; CRIU has
+    // not opened it yet.
+    nobody(&format!(
+        "mv {s}/out.txt {s}/out.old && ln -s {c} {s}/out.txt",
+        s = scratch.display(),
+        c = canary.path.display()
+    ));
+    fs::remove_file(&pause).unwrap();
+    sup.wait_for("CRIU reopened it by path", 1, T);
+    canary.check();
+    // Whatever comes next (older images refused: out.txt is a symlink now;
+    // the fresh start refuses to open it), the canary stays intact.
+    sup.wait_for("no image could be restored", 1, T);
+    canary.check();
+}

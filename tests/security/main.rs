@@ -104,6 +104,14 @@ impl Canary {
         }
     }
 
+    /// Like [`new`](Self::new), with permission bits `mode`.
+    pub fn with_mode(dir: &Path, name: &str, size: usize, mode: u32) -> Canary {
+        let mut c = Canary::new(dir, name, size);
+        fs::set_permissions(&c.path, fs::Permissions::from_mode(mode)).unwrap();
+        c.mode = mode;
+        c
+    }
+
     /// Panics unless the file is exactly as created.
     pub fn check(&self) {
         let md = fs::symlink_metadata(&self.path).expect("canary still exists");
