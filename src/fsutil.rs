@@ -190,12 +190,15 @@ fn walk(what: &str, orig: &Path, abs: &Path, budget: &mut usize) -> Result<PathB
                 // `cur` is writable by them, unless `cur` is sticky (then
                 // only the entry's owner, the directory's owner or root can).
                 let shared_parent = parent_md.mode() & 0o022 != 0;
-                if shared_parent
-                    && (parent_md.mode() & 0o1000 == 0
-                        || parent_md.uid() != 0
-                        || !trusted_owner(md.uid()))
-                {
-                    return Err(untrusted(what, orig, &cur, &parent_md));
+                if shared_parent {
+                    if parent_md.mode() & 0o1000 == 0 || parent_md.uid() != 0 {
+                        return Err(untrusted(what, orig, &cur, &parent_md));
+                    }
+                    // In a root-owned sticky directory (/tmp): the entry
+                    // itself is the culprit when it is someone else's.
+                    if !trusted_owner(md.uid()) {
+                        return Err(untrusted(what, orig, &next, &md));
+                    }
                 }
                 if md.file_type().is_symlink() {
                     if !trusted_owner(md.uid()) {

@@ -124,3 +124,5 @@ impl Canary {
         );
     }
 }
+
+mod store;
