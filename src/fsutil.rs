@@ -513,8 +513,8 @@ pub fn flock(f: &File, exclusive: bool, nonblock: bool) -> io::Result<()> {
 /// Says, naming `path` once, why `path` could not be used as one of
 /// supervise's own files after `e` from [`open_regular`], [`read_limited`]
 /// or [`open_rw_nofollow`]: "PATH is a symlink (not followed)", "PATH is a
-/// FIFO, not a regular file", "PATH is larger than N bytes", "PATH: <OS
-/// error>".
+/// FIFO, not a regular file", "PATH is larger than N bytes", "PATH: (the
+/// OS error)".
 pub fn describe_error(path: &Path, e: &io::Error) -> String {
     use std::os::unix::fs::FileTypeExt;
     if e.kind() != io::ErrorKind::NotFound && e.kind() != io::ErrorKind::PermissionDenied {

@@ -37,7 +37,9 @@
 //! # Layout
 //!
 //! ```text
-//! <dir>/                          # created 0700 (parents too); refused if group/other-writable
+//! <dir>/                          # created 0700 (parents too); must be a trusted location
+//!                                 #   (fsutil::check_trusted: owned by root/us, not group/other-writable, same above)
+//!   .supervise-store              # marker: a non-empty directory without it is not taken as a store
 //!   .lock                         # flock: exclusive for commit/retain/gc, shared for reads
 //!   packs/                        # 0700
 //!     <name>.pack                 # objects (see objects.rs), written once, fsynced
@@ -95,9 +97,23 @@
 //!
 //! [`ImageStore::materialise`] writes the image directory with several
 //! threads (objects that lie back to back in a pack are read with one call)
-//! into a scratch directory chosen by [`scratch_dir`]: on tmpfs (`/dev/shm`)
-//! when it has room, else under the job's state directory. The caller
-//! removes it once CRIU has restored.
+//! into a scratch directory made by [`scratch_dir`]: a fresh `mkdtemp`-style
+//! directory on tmpfs (`/dev/shm`) when it has room, else in the job's state
+//! directory. The caller removes it once CRIU has restored; leftovers of a
+//! crash are removed by [`remove_scratch`] (only directories that are ours).
+//!
+//! # Hostile files
+//!
+//! supervise runs as root; the store directory must be trusted, but a store
+//! file may still be damaged or replaced. Every store file is read through
+//! [`crate::fsutil`]: opened `O_NOFOLLOW|O_NONBLOCK` and used only if it is a
+//! regular file, so a symlink is never followed and a FIFO or device never
+//! blocks or feeds endless bytes. Metadata has a size limit
+//! ([`MAX_MANIFEST_BYTES`], `objects::index_limit`); a file over it is
+//! damage, like any other damaged file: its checkpoint is skipped (or its
+//! pack's objects unavailable), named in the warning or error. Image
+//! directories, `packs/` and staging directories are looked at with
+//! `lstat`: a symlink or non-directory there is damage, never followed.
 
 mod objects;
 
