@@ -297,7 +297,7 @@ fn bench(reaper: &Reaper, a: &Args) {
     let mut changed = vec![0u64; ids.len()];
     let mut prev_pages: Option<HashMap<(String, u64), [u8; 32]>> = None;
     for (k, id) in ids.iter().enumerate() {
-        let d = scratch_dir(&work.join("m"), by_id[id].size_bytes);
+        let d = scratch_dir(&work.join("m"), by_id[id].size_bytes).expect("scratch dir");
         let m = store.materialise(&by_id[id], &d).unwrap();
         let pages = page_map(&m.path);
         fs::remove_dir_all(&m.path).unwrap();
@@ -315,7 +315,7 @@ fn bench(reaper: &Reaper, a: &Args) {
     drop(job);
     nix::unistd::sync();
     let t0 = Instant::now();
-    let d = scratch_dir(&work.join("restore"), newest.size_bytes);
+    let d = scratch_dir(&work.join("restore"), newest.size_bytes).expect("scratch dir");
     let m = store.materialise(newest, &d).expect("materialise");
     let r = job::restore(reaper, &m.path, &opts, &files, &mut |_, _| true).expect("restore");
     let ours_restore = t0.elapsed();

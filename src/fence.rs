@@ -18,14 +18,24 @@
 //! checkpoint publish and on a timer; once superseded it publishes nothing
 //! more, stops its job, writes its release marker, and ends.
 
-use std::fs::{self, File, OpenOptions};
-use std::io::{self, Write};
-use std::os::fd::AsRawFd;
-use std::os::unix::fs::OpenOptionsExt;
+use std::fs::{self, File};
+use std::io;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
+
+use crate::fsutil;
+
+/// The lease file in the store directory.
+pub const LEASE_NAME: &str = ".lease.json";
+/// The lock file guarding the lease.
+pub const LEASE_LOCK_NAME: &str = ".lease.lock";
+/// Prefix of the release markers (`.released-<epoch>`).
+pub const RELEASED_PREFIX: &str = ".released-";
+/// Largest `.lease.json` read: it holds an epoch and an [`Owner`] (a few
+/// hundred bytes); anything bigger is not a lease.
+pub const MAX_LEASE_BYTES: u64 = 64 << 10;
 
 /// Who holds (or held) a lease.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -80,6 +90,15 @@ pub enum FenceError {
         /// Cause.
         source: io::Error,
     },
+    /// A lease file is not a regular file (a symlink, a FIFO, a device)
+    /// or is too large; `reason` names it.
+    #[error("{reason}")]
+    Unusable {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it (names the path).
+        reason: String,
+    },
     /// `.lease.json` is unreadable.
     #[error("{path}: malformed lease: {reason}")]
     Malformed {
@@ -92,7 +111,30 @@ pub enum FenceError {
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> FenceError {
     let path = path.to_path_buf();
-    move |source| FenceError::Io { path, source }
+    move |source| {
+        // fsutil's errors may name the path already.
+        let msg = source.to_string();
+        let source = match msg.strip_prefix(&format!("{}: ", path.display())) {
+            Some(rest) => io::Error::new(source.kind(), rest.to_string()),
+            None => source,
+        };
+        FenceError::Io { path, source }
+    }
+}
+
+/// An error of an fsutil open/read of a lease file: I/O (not found,
+/// permission denied) or [`FenceError::Unusable`] saying what it is.
+fn file_err(path: &Path) -> impl FnOnce(io::Error) -> FenceError + '_ {
+    move |e| {
+        if e.kind() == io::ErrorKind::NotFound || fsutil::is_permission_denied(&e) {
+            io_err(path)(e)
+        } else {
+            FenceError::Unusable {
+                path: path.to_path_buf(),
+                reason: fsutil::describe_error(path, &e),
+            }
+        }
+    }
 }
 
 /// An exclusive `flock` held until dropped.
@@ -101,17 +143,8 @@ pub struct Locked {
 }
 
 fn lock(path: &Path) -> Result<Locked, FenceError> {
-    let f = OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .mode(0o600)
-        .open(path)
-        .map_err(io_err(path))?;
-    // SAFETY: flock on an fd we own; released when the File is dropped.
-    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) } != 0 {
-        return Err(io_err(path)(io::Error::last_os_error()));
-    }
+    let f = fsutil::open_rw_nofollow(path, 0o600).map_err(file_err(path))?;
+    fsutil::flock(&f, true, false).map_err(io_err(path))?;
     Ok(Locked { _file: f })
 }
 
@@ -140,17 +173,18 @@ pub enum Handover {
 
 impl Fence {
     fn lease_path(dir: &Path) -> PathBuf {
-        dir.join(".lease.json")
+        dir.join(LEASE_NAME)
     }
 
     fn released_path(dir: &Path, epoch: u64) -> PathBuf {
-        dir.join(format!(".released-{epoch}"))
+        dir.join(format!("{RELEASED_PREFIX}{epoch}"))
     }
 
-    /// Reads the current lease, if any.
+    /// Reads the current lease, if any: a regular file (not followed
+    /// through a symlink) of at most [`MAX_LEASE_BYTES`].
     pub fn current(dir: &Path) -> Result<Option<Lease>, FenceError> {
         let p = Self::lease_path(dir);
-        match fs::read(&p) {
+        match fsutil::read_limited(&p, MAX_LEASE_BYTES) {
             Ok(b) => serde_json::from_slice(&b)
                 .map(Some)
                 .map_err(|e| FenceError::Malformed {
@@ -158,7 +192,7 @@ impl Fence {
                     reason: e.to_string(),
                 }),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(io_err(&p)(e)),
+            Err(e) => Err(file_err(&p)(e)),
         }
     }
 
@@ -166,7 +200,7 @@ impl Fence {
     /// atomically under the lock. Does not wait for the previous holder;
     /// see [`Fence::await_release`].
     pub fn acquire(dir: &Path, owner: Owner) -> Result<Fence, FenceError> {
-        let _l = lock(&dir.join(".lease.lock"))?;
+        let _l = lock(&dir.join(LEASE_LOCK_NAME))?;
         let previous = Self::current(dir)?;
         let epoch = previous.as_ref().map_or(1, |l| l.epoch + 1);
         let lease = Lease {
@@ -174,26 +208,17 @@ impl Fence {
             owner: owner.clone(),
         };
         let p = Self::lease_path(dir);
-        let tmp = dir.join(".lease.json.tmp");
-        let mut f = OpenOptions::new()
-            .create(true)
-            .truncate(true)
-            .write(true)
-            .mode(0o600)
-            .open(&tmp)
-            .map_err(io_err(&tmp))?;
-        f.write_all(&serde_json::to_vec(&lease).expect("lease serialises"))
-            .and_then(|_| f.sync_all())
-            .map_err(io_err(&tmp))?;
-        fs::rename(&tmp, &p).map_err(io_err(&p))?;
-        if let Ok(d) = File::open(dir) {
-            let _ = d.sync_all();
-        }
+        fsutil::write_atomic(
+            &p,
+            &serde_json::to_vec(&lease).expect("lease serialises"),
+            0o600,
+        )
+        .map_err(io_err(&p))?;
         // Markers older than the previous epoch are of no use any more.
         if let Ok(rd) = fs::read_dir(dir) {
             for e in rd.flatten() {
                 let name = e.file_name();
-                let Some(n) = name.to_str().and_then(|n| n.strip_prefix(".released-")) else {
+                let Some(n) = name.to_str().and_then(|n| n.strip_prefix(RELEASED_PREFIX)) else {
                     continue;
                 };
                 if n.parse::<u64>().is_ok_and(|k| k + 1 < epoch) {
@@ -218,7 +243,7 @@ impl Fence {
         let marker = Self::released_path(&self.dir, prev.epoch);
         let deadline = Instant::now() + wait;
         loop {
-            if marker.exists() {
+            if fs::symlink_metadata(&marker).is_ok_and(|m| m.is_file()) {
                 return Handover::Released;
             }
             if Instant::now() >= deadline {
@@ -231,7 +256,7 @@ impl Fence {
     /// Fails with [`FenceError::Superseded`] once another copy holds the
     /// lease.
     pub fn check(&self) -> Result<(), FenceError> {
-        let _l = lock(&self.dir.join(".lease.lock"))?;
+        let _l = lock(&self.dir.join(LEASE_LOCK_NAME))?;
         self.check_unlocked()
     }
 
@@ -252,7 +277,7 @@ impl Fence {
     /// Holds the lease lock and checks our epoch: publish while holding the
     /// returned guard, so no new copy can take over in between.
     pub fn guard(&self) -> Result<Locked, FenceError> {
-        let l = lock(&self.dir.join(".lease.lock"))?;
+        let l = lock(&self.dir.join(LEASE_LOCK_NAME))?;
         self.check_unlocked()?;
         Ok(l)
     }
@@ -260,14 +285,7 @@ impl Fence {
     /// Records that this copy's job is stopped and it will not write again.
     pub fn release(&self) -> Result<(), FenceError> {
         let p = Self::released_path(&self.dir, self.epoch);
-        OpenOptions::new()
-            .create(true)
-            .truncate(true)
-            .write(true)
-            .mode(0o600)
-            .open(&p)
-            .map(|_| ())
-            .map_err(io_err(&p))
+        fsutil::write_atomic(&p, b"", 0o600).map_err(io_err(&p))
     }
 }
 
@@ -346,5 +364,48 @@ mod tests {
             Fence::current(t.path()),
             Err(FenceError::Malformed { .. })
         ));
+    }
+
+    #[test]
+    fn hostile_lease_files_neither_block_nor_allocate() {
+        let t = tempfile::tempdir().unwrap();
+        let lease = t.path().join(LEASE_NAME);
+        nix::unistd::mkfifo(&lease, nix::sys::stat::Mode::S_IRWXU).unwrap();
+        let e = Fence::current(t.path()).unwrap_err().to_string();
+        assert!(e.contains(".lease.json is a FIFO"), "{e}");
+        fs::remove_file(&lease).unwrap();
+        std::os::unix::fs::symlink("/dev/zero", &lease).unwrap();
+        let e = Fence::current(t.path()).unwrap_err().to_string();
+        assert!(e.contains(".lease.json is a symlink"), "{e}");
+        fs::remove_file(&lease).unwrap();
+        File::create(&lease)
+            .unwrap()
+            .set_len(MAX_LEASE_BYTES + 1)
+            .unwrap();
+        let e = Fence::current(t.path()).unwrap_err().to_string();
+        assert!(e.contains("larger than"), "{e}");
+        fs::remove_file(&lease).unwrap();
+        // The lock file: never opened through a FIFO or symlink.
+        let lock = t.path().join(LEASE_LOCK_NAME);
+        nix::unistd::mkfifo(&lock, nix::sys::stat::Mode::S_IRWXU).unwrap();
+        let e = Fence::acquire(t.path(), owner(0)).unwrap_err().to_string();
+        assert!(e.contains(".lease.lock is a FIFO"), "{e}");
+        fs::remove_file(&lock).unwrap();
+        // A symlink in place of the lease is replaced, never written through.
+        let victim = t.path().join("victim");
+        fs::write(&victim, b"keep").unwrap();
+        std::os::unix::fs::symlink(&victim, &lease).unwrap();
+        assert!(Fence::current(t.path()).is_err());
+        fs::remove_file(&lease).unwrap();
+        let a = Fence::acquire(t.path(), owner(0)).unwrap();
+        a.release().unwrap();
+        assert_eq!(fs::read(&victim).unwrap(), b"keep");
+        let names: Vec<String> = fs::read_dir(t.path())
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().into_string().unwrap())
+            .filter(|n| n.contains(".tmp"))
+            .collect();
+        assert!(names.is_empty(), "{names:?}");
     }
 }

@@ -150,6 +150,8 @@ fn io_at(what: &str, path: &Path) -> impl FnOnce(io::Error) -> TrustError {
 
 /// Checks that the existing directory `path` is a trusted location for
 /// supervise's own data (see the module docs). `what` names it in errors.
+// A rare error that carries everything its one-line message needs.
+#[allow(clippy::result_large_err)]
 pub fn check_trusted(what: &str, path: &Path) -> Result<(), TrustError> {
     let abs = absolute(path).map_err(io_at(what, path))?;
     let mut budget = MAX_LINKS;
@@ -172,6 +174,8 @@ pub fn check_trusted(what: &str, path: &Path) -> Result<(), TrustError> {
 /// Every directory passed through must be owned by root or us, and either
 /// not group/other-writable, or root-owned and sticky (then the entry below
 /// it must be ours, which the next step checks). Returns the resolved path.
+// A rare error that carries everything its one-line message needs.
+#[allow(clippy::result_large_err)]
 fn walk(what: &str, orig: &Path, abs: &Path, budget: &mut usize) -> Result<PathBuf, TrustError> {
     let mut cur = PathBuf::from("/");
     let root_md = fs::metadata("/").map_err(io_at(what, Path::new("/")))?;
@@ -198,12 +202,15 @@ fn walk(what: &str, orig: &Path, abs: &Path, budget: &mut usize) -> Result<PathB
                 // `cur` is writable by them, unless `cur` is sticky (then
                 // only the entry's owner, the directory's owner or root can).
                 let shared_parent = parent_md.mode() & 0o022 != 0;
-                if shared_parent
-                    && (parent_md.mode() & 0o1000 == 0
-                        || parent_md.uid() != 0
-                        || !trusted_owner(md.uid()))
-                {
-                    return Err(untrusted(what, orig, &cur, &parent_md));
+                if shared_parent {
+                    if parent_md.mode() & 0o1000 == 0 || parent_md.uid() != 0 {
+                        return Err(untrusted(what, orig, &cur, &parent_md));
+                    }
+                    // In a root-owned sticky directory (/tmp): the entry
+                    // itself is the culprit when it is someone else's.
+                    if !trusted_owner(md.uid()) {
+                        return Err(untrusted(what, orig, &next, &md));
+                    }
                 }
                 if md.file_type().is_symlink() {
                     if !trusted_owner(md.uid()) {
@@ -253,6 +260,8 @@ fn absolute(p: &Path) -> io::Result<PathBuf> {
 /// Makes sure `path` is a trusted directory, creating it (and missing
 /// parents) with mode 0700 first if needed. The nearest existing ancestor
 /// is checked before anything is created in it, and the whole path after.
+// A rare error that carries everything its one-line message needs.
+#[allow(clippy::result_large_err)]
 pub fn ensure_trusted_dir(what: &str, path: &Path) -> Result<(), TrustError> {
     let abs = absolute(path).map_err(io_at(what, path))?;
     match fs::symlink_metadata(&abs) {
@@ -532,6 +541,54 @@ pub fn flock(f: &File, exclusive: bool, nonblock: bool) -> io::Result<()> {
             Err(e) => return Err(e.into()),
         }
     }
+}
+
+/// Says, naming `path` once, why `path` could not be used as one of
+/// supervise's own files after `e` from [`open_regular`], [`read_limited`]
+/// or [`open_rw_nofollow`]: "PATH is a symlink (not followed)", "PATH is a
+/// FIFO, not a regular file", "PATH is larger than N bytes", "PATH: (the
+/// OS error)".
+pub fn describe_error(path: &Path, e: &io::Error) -> String {
+    use std::os::unix::fs::FileTypeExt;
+    if e.kind() != io::ErrorKind::NotFound && e.kind() != io::ErrorKind::PermissionDenied {
+        if let Ok(md) = fs::symlink_metadata(path) {
+            let ft = md.file_type();
+            let kind = if ft.is_symlink() {
+                return format!("{} is a symlink (not followed)", path.display());
+            } else if ft.is_fifo() {
+                Some("a FIFO")
+            } else if ft.is_char_device() {
+                Some("a character device")
+            } else if ft.is_block_device() {
+                Some("a block device")
+            } else if ft.is_socket() {
+                Some("a socket")
+            } else if ft.is_dir() {
+                Some("a directory")
+            } else {
+                None
+            };
+            if let Some(kind) = kind {
+                return format!("{} is {kind}, not a regular file", path.display());
+            }
+        }
+    }
+    let msg = e.to_string();
+    if msg.starts_with(&path.display().to_string()) {
+        msg
+    } else {
+        format!("{}: {msg}", path.display())
+    }
+}
+
+/// fsyncs the directory `path` (opened `O_DIRECTORY|O_NOFOLLOW`, so
+/// neither a symlink nor anything but a directory is opened).
+pub fn fsync_dir(path: &Path) -> io::Result<()> {
+    fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(path)?
+        .sync_all()
 }
 
 /// True for "permission denied" (EACCES/EPERM), so that callers can say

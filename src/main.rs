@@ -4,12 +4,12 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use clap::{Parser, Subcommand};
 use supervise::config::JobConfig;
 use supervise::control::{Request, Response};
 use supervise::daemon::RunOptions;
-use supervise::store::ImageStore;
+use supervise::store::{ImageStore, StoreError};
 
 #[derive(Parser)]
 #[command(
@@ -235,14 +235,40 @@ fn control(socket: &std::path::Path, req: Request, json: bool) -> Result<ExitCod
     Ok(ExitCode::SUCCESS)
 }
 
-fn open_store(cfg: &JobConfig) -> Result<Option<ImageStore>> {
-    if !cfg.checkpoint.dir.exists() {
-        return Ok(None);
+/// The job's store for `images`/`verify`/`gc`, `None` if it does not
+/// exist. A store the caller may not read is an error
+/// ([`StoreError::PermissionDenied`]), never "no store".
+fn open_store(cfg: &JobConfig) -> Result<Option<ImageStore>, StoreError> {
+    let dir = &cfg.checkpoint.dir;
+    match std::fs::symlink_metadata(dir) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) if supervise::fsutil::is_permission_denied(&e) => {
+            return Err(StoreError::PermissionDenied { path: dir.clone() })
+        }
+        _ => {}
     }
-    Ok(Some(
-        ImageStore::open_read_only(&cfg.checkpoint.dir)
-            .with_context(|| format!("job {}", cfg.name))?,
-    ))
+    ImageStore::open_read_only(dir).map(Some)
+}
+
+/// A store error of `images`/`verify`/`gc`: "permission denied" exits 1
+/// (the store is there, the caller may not read it); anything else is an
+/// error (exit 2).
+fn store_failed(cfg: &JobConfig, e: StoreError) -> Result<ExitCode> {
+    if let StoreError::PermissionDenied { .. } = e {
+        eprintln!("supervise: job {}: {e}", cfg.name);
+        return Ok(ExitCode::FAILURE);
+    }
+    Err(anyhow::Error::new(e).context(format!("job {}", cfg.name)))
+}
+
+/// `r`'s value, or return from the calling command through [`store_failed`].
+macro_rules! store_try {
+    ($cfg:expr, $r:expr) => {
+        match $r {
+            Ok(v) => v,
+            Err(e) => return store_failed($cfg, e),
+        }
+    };
 }
 
 fn no_store(cfg: &JobConfig) -> ExitCode {
@@ -256,16 +282,14 @@ fn no_store(cfg: &JobConfig) -> ExitCode {
 
 fn images(job: &Path, json: bool, check: bool) -> Result<ExitCode> {
     let cfg = JobConfig::load(job)?;
-    let store = open_store(&cfg)?;
+    let store = store_try!(&cfg, open_store(&cfg));
     let list = match &store {
-        Some(s) => s.list().with_context(|| format!("job {}", cfg.name))?,
+        Some(s) => store_try!(&cfg, s.list()),
         None => Vec::new(),
     };
     let mut verdicts: HashMap<String, Result<(), String>> = HashMap::new();
     if let (true, Some(s)) = (check && !list.is_empty(), &store) {
-        let report = s
-            .verify_all()
-            .with_context(|| format!("job {}", cfg.name))?;
+        let report = store_try!(&cfg, s.verify_all());
         verdicts.extend(report.checkpoints);
     }
     let mb = |b: u64| format!("{:.1} MiB", b as f64 / (1 << 20) as f64);
@@ -327,12 +351,10 @@ fn images(job: &Path, json: bool, check: bool) -> Result<ExitCode> {
 
 fn verify(job: &Path) -> Result<ExitCode> {
     let cfg = JobConfig::load(job)?;
-    let Some(store) = open_store(&cfg)? else {
+    let Some(store) = store_try!(&cfg, open_store(&cfg)) else {
         return Ok(no_store(&cfg));
     };
-    let r = store
-        .verify_all()
-        .with_context(|| format!("job {}", cfg.name))?;
+    let r = store_try!(&cfg, store.verify_all());
     for (id, res) in &r.checkpoints {
         match res {
             Ok(()) => println!("ok       {id}"),
@@ -362,10 +384,10 @@ fn verify(job: &Path) -> Result<ExitCode> {
 
 fn gc(job: &Path) -> Result<ExitCode> {
     let cfg = JobConfig::load(job)?;
-    let Some(store) = open_store(&cfg)? else {
+    let Some(store) = store_try!(&cfg, open_store(&cfg)) else {
         return Ok(no_store(&cfg));
     };
-    let r = store.gc().with_context(|| format!("job {}", cfg.name))?;
+    let r = store_try!(&cfg, store.gc());
     if let Some(why) = &r.refused {
         println!("job {}: gc deleted nothing: {why}", cfg.name);
         return Ok(ExitCode::FAILURE);

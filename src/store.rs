@@ -37,7 +37,9 @@
 //! # Layout
 //!
 //! ```text
-//! <dir>/                          # created 0700 (parents too); refused if group/other-writable
+//! <dir>/                          # created 0700 (parents too); must be a trusted location
+//!                                 #   (fsutil::check_trusted: owned by root/us, not group/other-writable, same above)
+//!   .supervise-store              # marker: a non-empty directory without it is not taken as a store
 //!   .lock                         # flock: exclusive for commit/retain/gc, shared for reads
 //!   packs/                        # 0700
 //!     <name>.pack                 # objects (see objects.rs), written once, fsynced
@@ -95,9 +97,23 @@
 //!
 //! [`ImageStore::materialise`] writes the image directory with several
 //! threads (objects that lie back to back in a pack are read with one call)
-//! into a scratch directory chosen by [`scratch_dir`]: on tmpfs (`/dev/shm`)
-//! when it has room, else under the job's state directory. The caller
-//! removes it once CRIU has restored.
+//! into a scratch directory made by [`scratch_dir`]: a fresh `mkdtemp`-style
+//! directory on tmpfs (`/dev/shm`) when it has room, else in the job's state
+//! directory. The caller removes it once CRIU has restored; leftovers of a
+//! crash are removed by [`remove_scratch`] (only directories that are ours).
+//!
+//! # Hostile files
+//!
+//! supervise runs as root; the store directory must be trusted, but a store
+//! file may still be damaged or replaced. Every store file is read through
+//! [`crate::fsutil`]: opened `O_NOFOLLOW|O_NONBLOCK` and used only if it is a
+//! regular file, so a symlink is never followed and a FIFO or device never
+//! blocks or feeds endless bytes. Metadata has a size limit
+//! ([`MAX_MANIFEST_BYTES`], `objects::index_limit`); a file over it is
+//! damage, like any other damaged file: its checkpoint is skipped (or its
+//! pack's objects unavailable), named in the warning or error. Image
+//! directories, `packs/` and staging directories are looked at with
+//! `lstat`: a symlink or non-directory there is damage, never followed.
 
 mod objects;
 
@@ -105,13 +121,14 @@ pub use objects::{Hash, PieceError, FANOUT, FILE_CHUNK, PAGE_CHUNK};
 
 use std::fs::{self, DirBuilder, File, OpenOptions};
 use std::io::{self, Read, Write};
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::{DirBuilderExt, FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, NaiveDateTime, Utc};
+
+use crate::fsutil;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tracing::{debug, info, warn};
@@ -120,6 +137,21 @@ use objects::{HashSetH, ObjectDb, PackWriter, Reader, TreeBuilder};
 
 /// Name of the manifest file inside a checkpoint directory.
 pub const MANIFEST_NAME: &str = "MANIFEST.json";
+/// The marker file that makes a directory a supervise image store: written
+/// (0600) when [`ImageStore::open`] creates or adopts a directory; a
+/// non-empty directory without it is refused.
+pub const MARKER_NAME: &str = ".supervise-store";
+/// What the marker file holds.
+const MARKER_CONTENT: &[u8] = b"supervise image store\n";
+/// Largest marker file read (it holds [`MARKER_CONTENT`]).
+const MAX_MARKER_BYTES: u64 = 4096;
+/// Largest `MANIFEST.json` read (both versions); a larger one makes its
+/// checkpoint damaged. A manifest costs ~250 bytes per file of the dump
+/// (CRIU writes ~6-8 files per process), so 64 MiB is ~250k files, a job
+/// of tens of thousands of processes, far beyond real ones; reading and
+/// parsing that much is still cheap, while a hostile sparse file or
+/// `/dev/zero` can no longer make `list` allocate without bound.
+pub const MAX_MANIFEST_BYTES: u64 = 64 << 20;
 /// The manifest format version written by this store.
 pub const MANIFEST_VERSION: u32 = 2;
 /// The oldest manifest version still read (whole files + SHA-256).
@@ -153,22 +185,41 @@ pub enum StoreError {
         #[source]
         source: io::Error,
     },
-    /// The store directory exists but is writable by group or others.
+    /// The store directory (or a directory or symlink above it) is
+    /// controlled by someone other than root or supervise's own user, is
+    /// not a directory, or cannot be examined: one line naming the path,
+    /// the culprit's owner and mode.
+    #[error(transparent)]
+    Untrusted(Box<fsutil::TrustError>),
+    /// The directory holds entries that are not a store's and has no
+    /// [`MARKER_NAME`] marker: it is some other directory (e.g. `/etc`).
     #[error(
-        "image store directory {} has insecure mode {mode:04o} (writable by group/other); refusing to use it",
-        path.display()
+        "image directory {} is not empty and is not a supervise image store (found `{found}`; \
+         no {MARKER_NAME} marker): use a new or empty directory",
+        dir.display()
     )]
-    InsecureDir {
-        /// The store directory.
-        path: PathBuf,
-        /// Its permission bits.
-        mode: u32,
+    NotAStore {
+        /// The configured directory.
+        dir: PathBuf,
+        /// One of its unexpected entries.
+        found: String,
     },
-    /// The store path exists but is not a directory.
-    #[error("image store path {} is not a directory", path.display())]
-    NotADirectory {
+    /// The caller may not read (or lock) part of the store, e.g. a user
+    /// running `supervise images` on root's store.
+    #[error("permission denied: {}", path.display())]
+    PermissionDenied {
+        /// The file or directory that could not be accessed.
+        path: PathBuf,
+    },
+    /// A store file or directory is not what it must be: a symlink, a FIFO
+    /// or device, a non-directory, or larger than its limit. `reason`
+    /// names the path.
+    #[error("{reason}")]
+    BadFile {
         /// The offending path.
         path: PathBuf,
+        /// What is wrong with it (names the path).
+        reason: String,
     },
     /// A published checkpoint does not match its manifest, or its manifest is invalid.
     #[error("checkpoint {id} is corrupt: {reason}")]
@@ -217,11 +268,52 @@ pub enum StoreError {
     },
 }
 
-/// Builds a closure mapping an `io::Error` to [`StoreError::Io`] for `path`.
+/// Builds a closure mapping an `io::Error` to [`StoreError::Io`] for `path`
+/// ([`StoreError::PermissionDenied`] for EACCES/EPERM).
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> StoreError + '_ {
-    move |source| StoreError::Io {
-        path: path.to_path_buf(),
-        source,
+    move |source| {
+        if fsutil::is_permission_denied(&source) {
+            StoreError::PermissionDenied {
+                path: path.to_path_buf(),
+            }
+        } else {
+            StoreError::Io {
+                path: path.to_path_buf(),
+                source: objects::without_path(path, source),
+            }
+        }
+    }
+}
+
+/// Maps an error of an `fsutil` open or read of the store file `path`:
+/// permission denied, not found (as I/O), or [`StoreError::BadFile`] saying
+/// what the file is instead (symlink, FIFO, device, too large).
+fn file_err(path: &Path) -> impl FnOnce(io::Error) -> StoreError + '_ {
+    move |e| {
+        if fsutil::is_permission_denied(&e) || e.kind() == io::ErrorKind::NotFound {
+            io_err(path)(e)
+        } else {
+            StoreError::BadFile {
+                path: path.to_path_buf(),
+                reason: fsutil::describe_error(path, &e),
+            }
+        }
+    }
+}
+
+impl From<fsutil::TrustError> for StoreError {
+    /// A directory on the path that cannot be examined for lack of
+    /// permission is [`StoreError::PermissionDenied`]; the rest is
+    /// [`StoreError::Untrusted`].
+    fn from(e: fsutil::TrustError) -> StoreError {
+        match e {
+            fsutil::TrustError::Io { path, source, .. }
+                if fsutil::is_permission_denied(&source) =>
+            {
+                StoreError::PermissionDenied { path }
+            }
+            e => StoreError::Untrusted(Box::new(e)),
+        }
     }
 }
 
@@ -441,24 +533,92 @@ pub struct GcReport {
     pub refused: Option<String>,
 }
 
-/// Where to materialise an image for a restore: a private directory on
-/// tmpfs (`/dev/shm`) when that has room for `need` bytes with a margin,
-/// else `fallback`. The name is derived from `fallback`, so a leftover of
-/// a crash is reused (and removed) by the same job's next restore.
-pub fn scratch_dir(fallback: &Path, need: u64) -> PathBuf {
-    match tmpfs_dir(need) {
-        Some(shm) => shm.join(format!("supervise-restore-{}", path_tag(fallback))),
-        None => fallback.to_path_buf(),
+/// Creates a fresh, empty, private (0700) directory to materialise an
+/// image into for a restore, and returns it: on tmpfs (`/dev/shm`) when
+/// that has room for `need` bytes with a margin, else next to `fallback`
+/// (in its parent, the job's state directory). Its name is
+/// `supervise-restore-<tag>-<random>` (`<tag>` derived from `fallback`),
+/// created with `mkdir`, so nobody can pre-create or redirect it; a
+/// leftover of a crash is removed by [`remove_scratch`].
+pub fn scratch_dir(fallback: &Path, need: u64) -> io::Result<PathBuf> {
+    let prefix = scratch_prefix(fallback);
+    if let Some(shm) = tmpfs_dir(need) {
+        match fsutil::private_temp_dir(shm, &prefix) {
+            Ok(d) => return Ok(d),
+            Err(e) => {
+                debug!(dir = %shm.display(), error = %e, "cannot use tmpfs for the restore; using the state directory")
+            }
+        }
     }
+    let parent = match fallback.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    fsutil::private_temp_dir(parent, &prefix)
+}
+
+/// Prefix of the scratch directories of the job whose fallback is `fallback`.
+fn scratch_prefix(fallback: &Path) -> String {
+    format!("supervise-restore-{}-", path_tag(fallback))
 }
 
 /// Removes what [`scratch_dir`] may have left for `fallback` (a restore
-/// interrupted by a crash), on tmpfs and on disk.
+/// interrupted by a crash), on tmpfs and on disk: entries named
+/// `supervise-restore-<tag>-*` that are real directories (not symlinks)
+/// owned by our effective uid, plus the fixed names of earlier releases
+/// (`/dev/shm/supervise-restore-<tag>`, `fallback` itself) under the same
+/// rule. Anything else (someone else's directory, a symlink) is left alone:
+/// it cannot be in the way, since every restore makes a fresh name.
 pub fn remove_scratch(fallback: &Path) {
-    let shm = Path::new("/dev/shm").join(format!("supervise-restore-{}", path_tag(fallback)));
-    for p in [shm.as_path(), fallback] {
-        if fs::symlink_metadata(p).is_ok() {
-            let _ = remove_any(p);
+    let prefix = scratch_prefix(fallback);
+    let shm = Path::new("/dev/shm");
+    let legacy_shm = shm.join(&prefix[..prefix.len() - 1]);
+    for p in [legacy_shm.as_path(), fallback] {
+        remove_if_ours(p, "leftover restore directory");
+    }
+    let parent = fallback.parent().filter(|p| !p.as_os_str().is_empty());
+    for dir in [Some(shm), parent].into_iter().flatten() {
+        remove_ours_with_prefix(dir, &prefix, "leftover restore directory");
+    }
+}
+
+/// Removes every entry of `dir` named `<prefix>*` that is ours (see
+/// [`remove_if_ours`]); returns how many were removed.
+fn remove_ours_with_prefix(dir: &Path, prefix: &str, what: &str) -> usize {
+    let Ok(rd) = fs::read_dir(dir) else { return 0 };
+    let mut n = 0;
+    for entry in rd.flatten() {
+        if entry
+            .file_name()
+            .as_encoded_bytes()
+            .starts_with(prefix.as_bytes())
+            && remove_if_ours(&entry.path(), what)
+        {
+            n += 1;
+        }
+    }
+    n
+}
+
+/// Removes `path` (recursively) if it is a real directory (lstat: not a
+/// symlink) owned by our effective uid; anything else is left alone and
+/// logged. Returns true if it was removed.
+fn remove_if_ours(path: &Path, what: &str) -> bool {
+    let Ok(md) = fs::symlink_metadata(path) else {
+        return false;
+    };
+    if !md.is_dir() || md.uid() != fsutil::own_uid() {
+        debug!(path = %path.display(), uid = md.uid(), "not ours; leaving it alone");
+        return false;
+    }
+    match fs::remove_dir_all(path) {
+        Ok(()) => {
+            warn!(path = %path.display(), "removed {what}");
+            true
+        }
+        Err(e) => {
+            warn!(path = %path.display(), error = %e, "cannot remove {what}");
+            false
         }
     }
 }
@@ -490,26 +650,20 @@ impl ImageStore {
     /// `tracing::warn!`. Only the process that holds the job's lock may call
     /// this: a `.staging-*` directory may be a dump in progress otherwise.
     ///
-    /// Fails with [`StoreError::InsecureDir`] if the directory is writable by
-    /// group or others.
+    /// Fails with [`StoreError::Untrusted`] if the directory, or one above
+    /// it, is not a trusted location ([`fsutil::check_trusted`]: owned by
+    /// root or us, not writable by group or others), and with
+    /// [`StoreError::NotAStore`] if it holds anything but a store and has
+    /// no [`MARKER_NAME`] marker; nothing is created in it then. An empty
+    /// directory, or one holding only what earlier releases put into a
+    /// store, gets the marker.
     pub fn open(dir: &Path) -> Result<ImageStore, StoreError> {
-        match fs::metadata(dir) {
-            Ok(_) => {}
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                DirBuilder::new()
-                    .recursive(true)
-                    .mode(0o700)
-                    .create(dir)
-                    .map_err(io_err(dir))?;
-                fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).map_err(io_err(dir))?;
-            }
-            Err(e) => return Err(io_err(dir)(e)),
-        }
-        check_dir(dir)?;
+        fsutil::ensure_trusted_dir("image directory", dir)?;
+        check_marker(dir, true)?;
         let packs = dir.join(PACKS_DIR);
         match DirBuilder::new().mode(0o700).create(&packs) {
             Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => check_packs_dir(&packs)?,
             Err(e) => return Err(io_err(&packs)(e)),
         }
         let store = ImageStore::new(dir, false);
@@ -525,13 +679,14 @@ impl ImageStore {
     /// progress in a running supervise). Used by `supervise images` and
     /// `supervise verify`; [`gc`](Self::gc) works on it too (it never
     /// touches staging directories).
+    ///
+    /// The directory must be trusted and be a store, as for
+    /// [`open`](Self::open) (a directory of an earlier release without the
+    /// marker is accepted, not marked); one the caller cannot read is
+    /// [`StoreError::PermissionDenied`].
     pub fn open_read_only(dir: &Path) -> Result<ImageStore, StoreError> {
-        let md = fs::metadata(dir).map_err(io_err(dir))?;
-        if !md.is_dir() {
-            return Err(StoreError::NotADirectory {
-                path: dir.to_path_buf(),
-            });
-        }
+        fsutil::check_trusted("image directory", dir)?;
+        check_marker(dir, false)?;
         Ok(ImageStore::new(dir, true))
     }
 
@@ -566,50 +721,24 @@ impl ImageStore {
     pub fn lock(&self, exclusive: bool) -> Result<StoreLock, StoreError> {
         let path = self.dir.join(LOCK_NAME);
         let file = if exclusive || !self.read_only {
-            match OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create(true)
-                .truncate(false)
-                .mode(0o600)
-                .custom_flags(libc::O_CLOEXEC | libc::O_NOFOLLOW)
-                .open(&path)
-            {
-                Ok(f) => f,
-                Err(e) => return Err(io_err(&path)(e)),
-            }
+            fsutil::open_rw_nofollow(&path, 0o600).map_err(file_err(&path))?
         } else {
-            match File::open(&path) {
+            match fsutil::open_regular(&path) {
                 Ok(f) => f,
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {
                     return Ok(StoreLock { _file: None })
                 }
-                Err(e) => return Err(io_err(&path)(e)),
+                Err(e) => return Err(file_err(&path)(e)),
             }
         };
-        let op = if exclusive {
-            libc::LOCK_EX
-        } else {
-            libc::LOCK_SH
-        };
-        loop {
-            // SAFETY: flock on a descriptor we own.
-            if unsafe { libc::flock(file.as_raw_fd(), op) } == 0 {
-                break;
-            }
-            let e = io::Error::last_os_error();
-            if e.kind() != io::ErrorKind::Interrupted {
-                return Err(io_err(&path)(e));
-            }
-        }
+        fsutil::flock(&file, exclusive, false).map_err(io_err(&path))?;
         Ok(StoreLock { _file: Some(file) })
     }
 
     /// The in-memory pack index, brought up to date (call under the lock).
     fn db(&self) -> Result<MutexGuard<'_, ObjectDb>, StoreError> {
         let mut db = self.db.lock().unwrap_or_else(|e| e.into_inner());
-        let dir = db.dir().to_path_buf();
-        db.refresh().map_err(io_err(&dir))?;
+        db.refresh()?;
         Ok(db)
     }
 
@@ -656,11 +785,12 @@ impl ImageStore {
             return None;
         }
         let need = self.list().ok()?.first()?.size_bytes;
-        let dir = tmpfs_dir(need)?.join(format!("{}{seq:06}", tmpfs_staging_prefix(&self.dir)));
-        match DirBuilder::new().mode(0o700).create(&dir) {
-            Ok(()) => Some(dir),
+        let shm = tmpfs_dir(need)?;
+        let prefix = format!("{}{seq:06}-", tmpfs_staging_prefix(&self.dir));
+        match fsutil::private_temp_dir(shm, &prefix) {
+            Ok(dir) => Some(dir),
             Err(e) => {
-                debug!(dir = %dir.display(), error = %e, "cannot stage on tmpfs; staging on disk");
+                debug!(dir = %shm.display(), error = %e, "cannot stage on tmpfs; staging on disk");
                 None
             }
         }
@@ -706,7 +836,7 @@ impl ImageStore {
             }
             Err(e) => return Err(io_err(&path)(e)),
         }
-        load_image(id, seq, path).map_err(|reason| StoreError::Corrupt {
+        load_image(id, seq, path)?.map_err(|reason| StoreError::Corrupt {
             id: id.to_string(),
             reason,
         })
@@ -757,9 +887,11 @@ impl ImageStore {
         Ok(report)
     }
 
-    /// Writes the checkpoint's files into `work_dir` (removed first if it
-    /// exists, then created 0700) as real files CRIU can restore from,
-    /// verifying every piece as it is read. Large files are written by
+    /// Writes the checkpoint's files into `work_dir` as real files CRIU can
+    /// restore from, verifying every piece as it is read. `work_dir` is an
+    /// empty directory (as made by [`scratch_dir`]), or is created 0700 if
+    /// missing; anything else there (a file, a symlink, a non-empty
+    /// directory) is refused and left alone. Large files are written by
     /// several threads. On error the directory is removed and
     /// [`StoreError::Corrupt`] names the file and piece that failed.
     pub fn materialise(
@@ -769,21 +901,42 @@ impl ImageStore {
     ) -> Result<Materialised, StoreError> {
         let start = Instant::now();
         match fs::symlink_metadata(work_dir) {
-            Ok(md) if md.is_dir() => fs::remove_dir_all(work_dir).map_err(io_err(work_dir))?,
-            Ok(_) => fs::remove_file(work_dir).map_err(io_err(work_dir))?,
-            Err(_) => {}
+            Ok(md) if md.is_dir() => {
+                let mut rd = fs::read_dir(work_dir).map_err(io_err(work_dir))?;
+                if rd.next().is_some() {
+                    return Err(StoreError::BadFile {
+                        path: work_dir.to_path_buf(),
+                        reason: format!(
+                            "restore directory {} is not empty; refusing to write into it",
+                            work_dir.display()
+                        ),
+                    });
+                }
+            }
+            Ok(_) => {
+                return Err(StoreError::BadFile {
+                    path: work_dir.to_path_buf(),
+                    reason: format!(
+                        "restore directory {} is not a directory",
+                        work_dir.display()
+                    ),
+                })
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                if let Some(parent) = work_dir.parent() {
+                    DirBuilder::new()
+                        .recursive(true)
+                        .mode(0o700)
+                        .create(parent)
+                        .map_err(io_err(parent))?;
+                }
+                DirBuilder::new()
+                    .mode(0o700)
+                    .create(work_dir)
+                    .map_err(io_err(work_dir))?;
+            }
+            Err(e) => return Err(io_err(work_dir)(e)),
         }
-        if let Some(parent) = work_dir.parent() {
-            DirBuilder::new()
-                .recursive(true)
-                .mode(0o700)
-                .create(parent)
-                .map_err(io_err(parent))?;
-        }
-        DirBuilder::new()
-            .mode(0o700)
-            .create(work_dir)
-            .map_err(io_err(work_dir))?;
         let res = (|| {
             let _lock = self.lock(false)?;
             let db = self.db()?;
@@ -867,7 +1020,7 @@ impl ImageStore {
     /// Holds the exclusive lock, so it cannot race a commit or retention in
     /// another process.
     pub fn gc(&self) -> Result<GcReport, StoreError> {
-        check_dir(&self.dir)?;
+        fsutil::check_trusted("image directory", &self.dir)?;
         let _lock = self.lock(true)?;
         let mut report = GcReport {
             leftovers: self.remove_leftovers(false)?,
@@ -954,7 +1107,7 @@ impl ImageStore {
         }
         if changed {
             fsync_dir(&packs_dir)?;
-            db.refresh().map_err(io_err(&packs_dir))?;
+            db.refresh()?;
         }
         report.pack_bytes = db.file_bytes();
         Ok(report)
@@ -972,17 +1125,12 @@ impl ImageStore {
     fn remove_leftovers(&self, staging: bool) -> Result<usize, StoreError> {
         let mut n = 0;
         if staging {
-            let prefix = tmpfs_staging_prefix(&self.dir);
-            if let Ok(rd) = fs::read_dir("/dev/shm") {
-                for entry in rd.flatten() {
-                    if entry.file_name().to_string_lossy().starts_with(&prefix) {
-                        let path = entry.path();
-                        warn!(path = %path.display(), "removing leftover of an interrupted checkpoint");
-                        remove_any(&path)?;
-                        n += 1;
-                    }
-                }
-            }
+            // Only our own directories: anyone may create names in /dev/shm.
+            n += remove_ours_with_prefix(
+                Path::new("/dev/shm"),
+                &tmpfs_staging_prefix(&self.dir),
+                "leftover of an interrupted checkpoint",
+            );
         }
         for entry in fs::read_dir(&self.dir).map_err(io_err(&self.dir))? {
             let entry = entry.map_err(io_err(&self.dir))?;
@@ -1002,14 +1150,18 @@ impl ImageStore {
         }
         let packs = self.dir.join(PACKS_DIR);
         let mut m = 0;
+        match fs::symlink_metadata(&packs) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            _ => check_packs_dir(&packs)?,
+        }
         if let Ok(rd) = fs::read_dir(&packs) {
             for entry in rd {
                 let entry = entry.map_err(io_err(&packs))?;
                 let name = entry.file_name();
                 let Some(name) = name.to_str() else { continue };
-                let orphan = name
-                    .strip_suffix(".pack")
-                    .is_some_and(|stem| !packs.join(format!("{stem}.idx")).exists());
+                let orphan = name.strip_suffix(".pack").is_some_and(|stem| {
+                    fs::symlink_metadata(packs.join(format!("{stem}.idx"))).is_err()
+                });
                 if name.starts_with(objects::TMP_PREFIX) || orphan {
                     let path = entry.path();
                     warn!(path = %path.display(), "removing leftover of an interrupted pack write");
@@ -1083,7 +1235,7 @@ impl ImageStore {
                     continue;
                 }
             }
-            match load_image(name, seq, entry.path()) {
+            match load_image(name, seq, entry.path())? {
                 Ok(info) => infos.push(info),
                 Err(reason) => skipped.push(Skipped {
                     name: name.to_string(),
@@ -1109,19 +1261,65 @@ fn failpoint(name: &str) {
     }
 }
 
-/// Checks that an existing store directory is a directory and not group/other-writable.
-fn check_dir(dir: &Path) -> Result<(), StoreError> {
-    let md = fs::metadata(dir).map_err(io_err(dir))?;
-    if !md.is_dir() {
-        return Err(StoreError::NotADirectory {
-            path: dir.to_path_buf(),
+/// True for a name that earlier releases (and this one) put into a store
+/// directory: `.lock`, `packs`, checkpoint ids, `.staging-*`,
+/// `.deleting-*`, the Slurm fence's `.lease.json`, `.lease.lock`,
+/// `.lease.json.tmp` (and any `.lease*`), `.released-<epoch>`, and the
+/// marker's own temporary files.
+fn known_store_entry(name: &str) -> bool {
+    name == LOCK_NAME
+        || name == PACKS_DIR
+        || name == MARKER_NAME
+        || parse_id(name).is_some()
+        || name.starts_with(STAGING_PREFIX)
+        || name.starts_with(DELETING_PREFIX)
+        || name.starts_with(".lease")
+        || name
+            .strip_prefix(crate::fence::RELEASED_PREFIX)
+            .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+        || name.starts_with(&format!(".{MARKER_NAME}.tmp-"))
+}
+
+/// Makes sure the trusted directory `dir` is an image store: it has the
+/// [`MARKER_NAME`] marker (a small regular file), or is empty, or holds
+/// only [`known_store_entry`] names (a store of an earlier release). With
+/// `adopt`, the marker is written into an empty or earlier-release store.
+/// Anything else is [`StoreError::NotAStore`], and nothing is written.
+fn check_marker(dir: &Path, adopt: bool) -> Result<(), StoreError> {
+    let marker = dir.join(MARKER_NAME);
+    match fsutil::read_limited(&marker, MAX_MARKER_BYTES) {
+        Ok(_) => return Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(file_err(&marker)(e)),
+    }
+    let mut names = Vec::new();
+    for entry in fs::read_dir(dir).map_err(io_err(dir))? {
+        let entry = entry.map_err(io_err(dir))?;
+        names.push(entry.file_name().to_string_lossy().into_owned());
+    }
+    names.sort();
+    if let Some(found) = names.iter().find(|n| !known_store_entry(n)) {
+        return Err(StoreError::NotAStore {
+            dir: dir.to_path_buf(),
+            found: found.clone(),
         });
     }
-    let mode = md.mode() & 0o7777;
-    if mode & 0o022 != 0 {
-        return Err(StoreError::InsecureDir {
-            path: dir.to_path_buf(),
-            mode,
+    if adopt {
+        if !names.is_empty() {
+            info!(store = %dir.display(), "adopting an image store of an earlier release (adding its {MARKER_NAME} marker)");
+        }
+        fsutil::write_atomic(&marker, MARKER_CONTENT, 0o600).map_err(io_err(&marker))?;
+    }
+    Ok(())
+}
+
+/// Checks that an existing `packs/` is a real directory (not a symlink).
+fn check_packs_dir(packs: &Path) -> Result<(), StoreError> {
+    let md = fs::symlink_metadata(packs).map_err(io_err(packs))?;
+    if md.file_type().is_symlink() || !md.is_dir() {
+        return Err(StoreError::BadFile {
+            path: packs.to_path_buf(),
+            reason: objects::not_a_dir_reason(packs, &md),
         });
     }
     Ok(())
@@ -1314,20 +1512,14 @@ fn verify_v1(image: &ImageInfo) -> Result<(), String> {
             return Err(format!("manifest lists invalid file name {:?}", entry.name));
         }
         let path = image.path.join(&entry.name);
-        let mut file = match open_nofollow(&path) {
+        let mut file = match fsutil::open_regular(&path) {
             Ok(f) => f,
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
                 return Err(format!("missing file {}", entry.name))
             }
-            Err(e) if e.raw_os_error() == Some(libc::ELOOP) => {
-                return Err(format!("{} is a symlink", entry.name))
-            }
-            Err(e) => return Err(format!("{}: {e}", path.display())),
+            Err(e) => return Err(fsutil::describe_error(&path, &e)),
         };
         let md = file.metadata().map_err(|e| e.to_string())?;
-        if !md.is_file() {
-            return Err(format!("{} is not a regular file", entry.name));
-        }
         if md.len() != entry.size {
             return Err(format!(
                 "{}: size {} but manifest says {}",
@@ -1366,9 +1558,17 @@ fn write_image(
     if image.manifest.version == MANIFEST_VERSION_V1 {
         verify_v1(image).map_err(damage)?;
         for f in &image.manifest.files {
+            let from = image.path.join(&f.name);
+            let mut src = fsutil::open_regular(&from)
+                .map_err(|e| damage(fsutil::describe_error(&from, &e)))?;
             let to = dir.join(&f.name);
-            fs::copy(image.path.join(&f.name), &to)
-                .and_then(|_| fs::set_permissions(&to, fs::Permissions::from_mode(0o600)))
+            OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+                .open(&to)
+                .and_then(|mut out| io::copy(&mut (&mut src).take(f.size), &mut out))
                 .map_err(|e| WriteError::Store(io_err(&to)(e)))?;
             *bytes += f.size;
         }
@@ -1385,7 +1585,7 @@ fn write_image(
         let path = dir.join(&f.name);
         if let Some((sub, _)) = f.name.split_once('/') {
             let d = dir.join(sub);
-            if !d.exists() {
+            if fs::symlink_metadata(&d).is_err() {
                 DirBuilder::new()
                     .mode(0o700)
                     .create(&d)
@@ -1774,23 +1974,38 @@ pub fn dir_size(path: &Path) -> u64 {
     rd.filter_map(Result::ok).map(|e| dir_size(&e.path())).sum()
 }
 
-/// Loads and validates the manifest of the checkpoint directory `path`.
-/// Returns a human-readable reason on failure.
-fn load_image(id: &str, seq: u64, path: PathBuf) -> Result<ImageInfo, String> {
+/// Loads and validates the manifest of the checkpoint directory `path`
+/// (a real directory: the caller checked it with lstat). The manifest must
+/// be a regular file of at most [`MAX_MANIFEST_BYTES`], read without
+/// following a symlink or blocking on a FIFO. Returns a human-readable
+/// reason if the checkpoint is damaged; only a manifest the caller may not
+/// read is an error ([`StoreError::PermissionDenied`]).
+fn load_image(id: &str, seq: u64, path: PathBuf) -> Result<Result<ImageInfo, String>, StoreError> {
+    let manifest_path = path.join(MANIFEST_NAME);
+    let bytes = match fsutil::read_limited(&manifest_path, MAX_MANIFEST_BYTES) {
+        Ok(b) => b,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            return Ok(Err(format!("{MANIFEST_NAME} is missing")))
+        }
+        Err(e) if fsutil::is_permission_denied(&e) => return Err(io_err(&manifest_path)(e)),
+        Err(e) => {
+            return Ok(Err(format!(
+                "cannot read {}",
+                fsutil::describe_error(&manifest_path, &e)
+            )))
+        }
+    };
+    Ok(parse_manifest(id, seq, path, &bytes))
+}
+
+/// Parses and checks a manifest read from `<path>/MANIFEST.json`.
+fn parse_manifest(id: &str, seq: u64, path: PathBuf, bytes: &[u8]) -> Result<ImageInfo, String> {
     #[derive(Deserialize)]
     struct VersionProbe {
         version: u32,
     }
 
-    let manifest_path = path.join(MANIFEST_NAME);
-    let bytes = match fs::read(&manifest_path) {
-        Ok(b) => b,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {
-            return Err(format!("{MANIFEST_NAME} is missing"))
-        }
-        Err(e) => return Err(format!("cannot read {}: {e}", manifest_path.display())),
-    };
-    let probe: VersionProbe = serde_json::from_slice(&bytes)
+    let probe: VersionProbe = serde_json::from_slice(bytes)
         .map_err(|e| format!("{MANIFEST_NAME} is unparseable: {e}"))?;
     if probe.version != MANIFEST_VERSION && probe.version != MANIFEST_VERSION_V1 {
         return Err(format!(
@@ -1798,7 +2013,7 @@ fn load_image(id: &str, seq: u64, path: PathBuf) -> Result<ImageInfo, String> {
             probe.version
         ));
     }
-    let manifest: Manifest = serde_json::from_slice(&bytes)
+    let manifest: Manifest = serde_json::from_slice(bytes)
         .map_err(|e| format!("{MANIFEST_NAME} is unparseable: {e}"))?;
     if manifest.id != id {
         return Err(format!(
@@ -1846,14 +2061,6 @@ fn valid_link(target: &str) -> bool {
     !target.is_empty() && !target.contains('/') && target != "." && target != ".."
 }
 
-/// Opens `path` read-only without following a final symlink.
-fn open_nofollow(path: &Path) -> io::Result<File> {
-    OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-        .open(path)
-}
-
 /// Streams `r` through SHA-256 using `buf`; returns (bytes read, hex digest).
 fn hash_reader(r: &mut impl Read, buf: &mut [u8]) -> io::Result<(u64, String)> {
     let mut hasher = Sha256::new();
@@ -1874,9 +2081,7 @@ fn hash_reader(r: &mut impl Read, buf: &mut [u8]) -> io::Result<(u64, String)> {
 
 /// fsyncs a directory.
 fn fsync_dir(dir: &Path) -> Result<(), StoreError> {
-    File::open(dir)
-        .and_then(|f| f.sync_all())
-        .map_err(io_err(dir))
+    fsutil::fsync_dir(dir).map_err(io_err(dir))
 }
 
 /// Renames `from` to `to`, failing if `to` exists.
@@ -1985,7 +2190,7 @@ mod tests {
         let mut v: Vec<String> = fs::read_dir(dir)
             .unwrap()
             .map(|e| e.unwrap().file_name().into_string().unwrap())
-            .filter(|n| n != PACKS_DIR && n != LOCK_NAME)
+            .filter(|n| n != PACKS_DIR && n != LOCK_NAME && n != MARKER_NAME)
             .collect();
         v.sort();
         v
@@ -2092,11 +2297,15 @@ mod tests {
         fs::create_dir(&dir).unwrap();
         fs::set_permissions(&dir, fs::Permissions::from_mode(0o777)).unwrap();
         let err = ImageStore::open(&dir).unwrap_err();
+        assert!(matches!(err, StoreError::Untrusted(_)), "{err}");
+        let s = err.to_string();
+        assert!(s.contains(&dir.display().to_string()), "{s}");
+        assert!(s.contains("mode 0777") && !s.contains('\n'), "{s}");
+        assert!(ImageStore::open_read_only(&dir).is_err());
         assert!(
-            matches!(err, StoreError::InsecureDir { mode: 0o777, .. }),
-            "{err}"
+            fs::read_dir(&dir).unwrap().next().is_none(),
+            "nothing created"
         );
-        assert!(err.to_string().contains(&dir.display().to_string()));
         fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).unwrap();
         ImageStore::open(&dir).unwrap();
     }
@@ -2478,8 +2687,15 @@ mod tests {
             job_pages(6, 30)
         );
         assert_eq!(mode(&w), 0o700);
-        // Materialising again replaces the directory.
+        // A non-empty directory is refused and left alone.
+        let e = store.materialise(&img, &w).unwrap_err().to_string();
+        assert!(e.contains("not empty"), "{e}");
+        assert!(w.join("parent/pages-1.img").exists());
+        // An empty one (as scratch_dir makes) is written into.
+        fs::remove_dir_all(&w).unwrap();
+        fs::create_dir(&w).unwrap();
         store.materialise(&img, &w).unwrap();
+        assert!(w.join("supervise-blob-0").exists());
     }
 
     #[test]
@@ -2522,7 +2738,12 @@ mod tests {
         let held = a.lock(true).unwrap();
         let f = File::open(dir.join(LOCK_NAME)).unwrap();
         // SAFETY: flock on our own descriptor.
-        let rc = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_SH | libc::LOCK_NB) };
+        let rc = unsafe {
+            libc::flock(
+                std::os::fd::AsRawFd::as_raw_fd(&f),
+                libc::LOCK_SH | libc::LOCK_NB,
+            )
+        };
         assert_eq!(rc, -1, "a reader must wait for a writer");
         let (tx, rx) = std::sync::mpsc::channel();
         let t = std::thread::spawn(move || {
@@ -2665,21 +2886,223 @@ mod tests {
     }
 
     #[test]
-    fn scratch_dir_prefers_tmpfs_with_room() {
-        let fb = Path::new("/var/lib/x/restore");
-        let d = scratch_dir(fb, 1 << 20);
-        if nix::sys::statfs::statfs("/dev/shm")
-            .map(|s| s.filesystem_type() == nix::sys::statfs::TMPFS_MAGIC)
-            .unwrap_or(false)
-        {
-            assert!(
-                d.to_string_lossy()
-                    .starts_with("/dev/shm/supervise-restore-"),
-                "{}",
-                d.display()
-            );
-            assert_eq!(d, scratch_dir(fb, 1 << 20), "stable per job");
+    fn scratch_dir_prefers_tmpfs_with_room_and_is_fresh_each_time() {
+        let tmp = tempfile::tempdir().unwrap();
+        let fb = tmp.path().join("restore");
+        let prefix = scratch_prefix(&fb);
+        let d = scratch_dir(&fb, 1 << 20).unwrap();
+        let d2 = scratch_dir(&fb, 1 << 20).unwrap();
+        assert_ne!(d, d2, "a fresh name every time");
+        for p in [&d, &d2] {
+            assert_eq!(mode(p), 0o700);
+            assert!(fs::read_dir(p).unwrap().next().is_none());
+            let name = p.file_name().unwrap().to_str().unwrap();
+            assert!(name.starts_with(&prefix), "{name}");
+            assert!(name.len() >= prefix.len() + 16, "{name}");
         }
-        assert_eq!(scratch_dir(fb, u64::MAX / 4), fb);
+        if tmpfs_dir(1 << 20).is_some() {
+            assert!(d.starts_with("/dev/shm"), "{}", d.display());
+        }
+        // No room on tmpfs: next to the fallback, in the state directory.
+        let disk = scratch_dir(&fb, u64::MAX / 4).unwrap();
+        assert_eq!(disk.parent(), Some(tmp.path()));
+        // Leftovers of ours are removed; look-alikes that are not real
+        // directories of ours are left alone.
+        let link = tmp.path().join(format!("{prefix}link"));
+        std::os::unix::fs::symlink(tmp.path(), &link).unwrap();
+        fs::write(d.join("pages-1.img"), b"x").unwrap();
+        remove_scratch(&fb);
+        assert!(!d.exists() && !d2.exists() && !disk.exists());
+        assert!(fs::symlink_metadata(&link).is_ok(), "symlink left alone");
+        assert!(tmp.path().exists());
+    }
+
+    #[test]
+    fn foreign_scratch_and_staging_names_are_left_alone() {
+        if !nix::unistd::geteuid().is_root() || tmpfs_dir(1 << 20).is_none() {
+            eprintln!("SKIPPED: needs root and tmpfs");
+            return;
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        let fb = tmp.path().join("restore");
+        let theirs = Path::new("/dev/shm").join(format!("{}attacker", scratch_prefix(&fb)));
+        fs::create_dir(&theirs).unwrap();
+        nix::unistd::chown(&theirs, Some(nix::unistd::Uid::from_raw(65534)), None).unwrap();
+        remove_scratch(&fb);
+        assert!(theirs.exists(), "someone else's directory is not removed");
+        let d = scratch_dir(&fb, 1 << 20).unwrap();
+        assert_ne!(d, theirs);
+        fs::remove_dir(&d).unwrap();
+        fs::remove_dir(&theirs).unwrap();
+        // The same for tmpfs staging directories.
+        let dir = tmp.path().join("s");
+        let store = ImageStore::open(&dir).unwrap().with_tmpfs_staging(true);
+        publish(&store, "a");
+        let theirs = Path::new("/dev/shm").join(format!("{}000002-x", tmpfs_staging_prefix(&dir)));
+        fs::create_dir(&theirs).unwrap();
+        nix::unistd::chown(&theirs, Some(nix::unistd::Uid::from_raw(65534)), None).unwrap();
+        let st = store.begin().unwrap();
+        assert!(st.path().starts_with("/dev/shm"));
+        assert_ne!(st.path(), theirs);
+        drop(st);
+        ImageStore::open(&dir).unwrap();
+        assert!(theirs.exists());
+        fs::remove_dir(&theirs).unwrap();
+    }
+
+    #[test]
+    fn marker_written_and_foreign_directories_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        // New and empty directories become stores.
+        let new = tmp.path().join("new");
+        ImageStore::open(&new).unwrap();
+        assert_eq!(fs::read(new.join(MARKER_NAME)).unwrap(), MARKER_CONTENT);
+        assert_eq!(mode(&new.join(MARKER_NAME)), 0o600);
+        let empty = tmp.path().join("empty");
+        fs::create_dir(&empty).unwrap();
+        ImageStore::open_read_only(&empty).unwrap();
+        assert!(
+            !empty.join(MARKER_NAME).exists(),
+            "read-only writes nothing"
+        );
+        ImageStore::open(&empty).unwrap();
+        assert!(empty.join(MARKER_NAME).exists());
+        // A directory with foreign files is refused, and nothing is created.
+        let etc = tmp.path().join("etc");
+        fs::create_dir(&etc).unwrap();
+        fs::write(etc.join("passwd"), b"root:x:0:0").unwrap();
+        fs::create_dir(etc.join("000001-20260101T000000Z")).unwrap();
+        let before = {
+            let mut v: Vec<_> = fs::read_dir(&etc)
+                .unwrap()
+                .flatten()
+                .map(|e| e.file_name())
+                .collect();
+            v.sort();
+            v
+        };
+        for r in [ImageStore::open(&etc), ImageStore::open_read_only(&etc)] {
+            let e = r.unwrap_err();
+            assert!(matches!(e, StoreError::NotAStore { .. }), "{e}");
+            let s = e.to_string();
+            assert!(
+                s.contains(&etc.display().to_string()) && s.contains("`passwd`"),
+                "{s}"
+            );
+        }
+        let after = {
+            let mut v: Vec<_> = fs::read_dir(&etc)
+                .unwrap()
+                .flatten()
+                .map(|e| e.file_name())
+                .collect();
+            v.sort();
+            v
+        };
+        assert_eq!(before, after);
+        // A store of an earlier release (no marker) is adopted.
+        let old = tmp.path().join("old");
+        let store = ImageStore::open(&old).unwrap();
+        let img = publish(&store, "a");
+        let st = store.begin().unwrap();
+        std::mem::forget(st);
+        fs::remove_file(old.join(MARKER_NAME)).unwrap();
+        for n in [
+            ".lease.json",
+            ".lease.lock",
+            ".lease.json.tmp",
+            ".released-3",
+        ] {
+            fs::write(old.join(n), b"").unwrap();
+        }
+        fs::create_dir(old.join(".deleting-000001-20260101T000000Z")).unwrap();
+        ImageStore::open_read_only(&old).unwrap();
+        let store = ImageStore::open(&old).unwrap();
+        assert!(old.join(MARKER_NAME).exists());
+        assert_eq!(store.list().unwrap()[0].id, img.id);
+        // A marker that is not a regular file is refused, naming it.
+        let bad = tmp.path().join("bad");
+        fs::create_dir(&bad).unwrap();
+        nix::unistd::mkfifo(&bad.join(MARKER_NAME), nix::sys::stat::Mode::S_IRWXU).unwrap();
+        let e = ImageStore::open(&bad).unwrap_err().to_string();
+        assert!(e.contains(MARKER_NAME) && e.contains("FIFO"), "{e}");
+    }
+
+    #[test]
+    fn non_regular_and_oversized_store_files_are_damage() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("s");
+        let store = ImageStore::open(&dir).unwrap();
+        let old = publish(&store, "a");
+        let new = publish(&store, "b");
+        let manifest = new.path.join(MANIFEST_NAME);
+        // FIFO, /dev/zero, a sparse file over the limit: skipped, named.
+        for kind in 0..3 {
+            fs::remove_file(&manifest).unwrap();
+            match kind {
+                0 => nix::unistd::mkfifo(&manifest, nix::sys::stat::Mode::S_IRWXU).unwrap(),
+                1 => std::os::unix::fs::symlink("/dev/zero", &manifest).unwrap(),
+                _ => File::create(&manifest)
+                    .unwrap()
+                    .set_len(MAX_MANIFEST_BYTES + 1)
+                    .unwrap(),
+            }
+            let list = store.list().unwrap();
+            assert_eq!(list.len(), 1, "kind {kind}");
+            assert_eq!(list[0].id, old.id);
+            let r = store.verify_all().unwrap();
+            assert!(
+                r.unreadable[0].1.contains(&manifest.display().to_string()),
+                "{r:?}"
+            );
+            let e = store.get(&new.id).unwrap_err().to_string();
+            assert!(e.contains(MANIFEST_NAME), "{e}");
+        }
+        fs::remove_file(&manifest).unwrap();
+        // An index that is a symlink to /dev/zero is a bad index.
+        let pack = new.manifest.stored.as_ref().unwrap().pack.clone().unwrap();
+        let idx = dir.join(PACKS_DIR).join(format!("{pack}.idx"));
+        fs::remove_file(&idx).unwrap();
+        std::os::unix::fs::symlink("/dev/zero", &idx).unwrap();
+        // (A fresh handle: a loaded index is never re-read, packs are immutable.)
+        let r = ImageStore::open_read_only(&dir)
+            .unwrap()
+            .verify_all()
+            .unwrap();
+        assert!(
+            r.bad_indexes
+                .iter()
+                .any(|(n, why)| *n == pack && why.contains("symlink")),
+            "{r:?}"
+        );
+        // A sparse index far larger than its pack could need.
+        fs::remove_file(&idx).unwrap();
+        File::create(&idx).unwrap().set_len(1 << 40).unwrap();
+        let r = ImageStore::open_read_only(&dir)
+            .unwrap()
+            .verify_all()
+            .unwrap();
+        assert!(
+            r.bad_indexes
+                .iter()
+                .any(|(n, why)| *n == pack && why.contains("larger than")),
+            "{r:?}"
+        );
+        // packs/ as a symlink: refused, never followed.
+        let packs = dir.join(PACKS_DIR);
+        fs::rename(&packs, tmp.path().join("real-packs")).unwrap();
+        std::os::unix::fs::symlink(tmp.path().join("real-packs"), &packs).unwrap();
+        let e = ImageStore::open(&dir).unwrap_err().to_string();
+        assert!(e.contains("packs is a symlink"), "{e}");
+        let e = store.verify_all().unwrap_err().to_string();
+        assert!(e.contains("packs is a symlink"), "{e}");
+        assert!(store.gc().is_err());
+        // .lock as a FIFO: refused, not opened.
+        fs::remove_file(&packs).unwrap();
+        fs::rename(tmp.path().join("real-packs"), &packs).unwrap();
+        fs::remove_file(dir.join(LOCK_NAME)).unwrap();
+        nix::unistd::mkfifo(&dir.join(LOCK_NAME), nix::sys::stat::Mode::S_IRWXU).unwrap();
+        let e = store.verify(&old).unwrap_err().to_string();
+        assert!(e.contains(".lock is a FIFO"), "{e}");
     }
 }

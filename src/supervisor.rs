@@ -1001,9 +1001,12 @@ impl Supervisor {
     /// Touches neither the job nor its files.
     async fn materialise_image(&self, img: &ImageInfo) -> Result<Materialised, String> {
         let store = self.store.clone();
-        let work = crate::store::scratch_dir(&self.run_dir.join("restore"), img.size_bytes);
+        let fallback = self.run_dir.join("restore");
+        let need = img.size_bytes;
         let img2 = img.clone();
         tokio::task::spawn_blocking(move || {
+            let work = crate::store::scratch_dir(&fallback, need)
+                .map_err(|e| format!("cannot create a directory to restore into: {e}"))?;
             store.materialise(&img2, &work).map_err(|e| match e {
                 crate::store::StoreError::Corrupt { .. } => {
                     format!("image failed verification: {e}")

@@ -289,3 +289,291 @@ proptest! {
         }
     }
 }
+
+/// What is put in place of a store file.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Hostile {
+    Fifo,
+    DevZero,
+    LinkToDir,
+    Dangling,
+    /// A sparse regular file (a directory's place: a file) far beyond any
+    /// limit.
+    Huge,
+}
+
+const HOSTILE: [Hostile; 5] = [
+    Hostile::Fifo,
+    Hostile::DevZero,
+    Hostile::LinkToDir,
+    Hostile::Dangling,
+    Hostile::Huge,
+];
+
+/// Upper bound for any operation on a hostile store.
+const BOUND: std::time::Duration = std::time::Duration::from_secs(20);
+
+/// A version 1 checkpoint (whole files + SHA-256), as earlier releases
+/// wrote them.
+fn add_v1_image(dir: &Path, id: &str) {
+    use sha2::Digest;
+    let d = dir.join(id);
+    std::fs::create_dir(&d).unwrap();
+    let data = b"a version 1 core image";
+    std::fs::write(d.join("core-1.img"), data).unwrap();
+    let m = serde_json::json!({
+        "version": 1,
+        "id": id,
+        "created": "2030-01-01T00:00:00Z",
+        "meta": {"job": "fuzz", "criu_version": "3.17", "duration_ms": 1,
+                 "frozen_us": null, "pages_written": null, "root_pid": 1000},
+        "files": [{"name": "core-1.img", "size": data.len(),
+                   "sha256": hex::encode(sha2::Sha256::digest(data))}],
+    });
+    std::fs::write(d.join("MANIFEST.json"), serde_json::to_vec(&m).unwrap()).unwrap();
+}
+
+/// Replaces `victim` (file or directory) by `how`.
+fn plant(victim: &Path, how: Hostile, some_dir: &Path) {
+    match std::fs::symlink_metadata(victim) {
+        Ok(md) if md.is_dir() => std::fs::remove_dir_all(victim).unwrap(),
+        Ok(_) => std::fs::remove_file(victim).unwrap(),
+        Err(_) => {}
+    }
+    match how {
+        Hostile::Fifo => {
+            nix::unistd::mkfifo(victim, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap()
+        }
+        Hostile::DevZero => std::os::unix::fs::symlink("/dev/zero", victim).unwrap(),
+        Hostile::LinkToDir => std::os::unix::fs::symlink(some_dir, victim).unwrap(),
+        Hostile::Dangling => std::os::unix::fs::symlink("/nonexistent/x", victim).unwrap(),
+        Hostile::Huge => std::fs::File::create(victim)
+            .unwrap()
+            .set_len(1 << 40)
+            .unwrap(),
+    }
+}
+
+/// Runs `f` on a thread; panics if it takes longer than [`BOUND`] (the
+/// thread is left behind then) or panics.
+fn bounded<T: Send + 'static>(what: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)));
+    });
+    match rx.recv_timeout(BOUND) {
+        Ok(Ok(v)) => v,
+        Ok(Err(_)) => panic!("{what} panicked"),
+        Err(_) => panic!("{what} did not return within {BOUND:?}"),
+    }
+}
+
+/// Every library operation on the store; returns everything they said
+/// (errors, damage reports).
+fn library_ops(dir: PathBuf, work: PathBuf) -> String {
+    use supervise::store::ImageStore;
+    let mut said = Vec::new();
+    match ImageStore::open_read_only(&dir) {
+        Err(e) => said.push(e.to_string()),
+        Ok(ro) => {
+            match ro.list() {
+                Err(e) => said.push(e.to_string()),
+                Ok(list) => {
+                    for (k, img) in list.iter().enumerate() {
+                        if let Err(e) = ro.materialise(img, &work.join(format!("m{k}"))) {
+                            said.push(e.to_string());
+                        }
+                    }
+                }
+            }
+            match ro.verify_all() {
+                Err(e) => said.push(e.to_string()),
+                Ok(r) => {
+                    for (id, why) in r.unreadable {
+                        said.push(format!("{id}: {why}"));
+                    }
+                    for (p, why) in r.bad_indexes {
+                        said.push(format!("{p}: {why}"));
+                    }
+                    for (id, res) in r.checkpoints {
+                        if let Err(why) = res {
+                            said.push(format!("{id}: {why}"));
+                        }
+                    }
+                }
+            }
+            if let Err(e) = ro.gc() {
+                said.push(e.to_string());
+            }
+        }
+    }
+    match ImageStore::open(&dir) {
+        Err(e) => said.push(e.to_string()),
+        Ok(rw) => {
+            if let Err(e) = rw.gc() {
+                said.push(e.to_string());
+            }
+        }
+    }
+    if let Err(e) = supervise::fence::Fence::current(&dir) {
+        said.push(e.to_string());
+    }
+    said.join("\n")
+}
+
+/// `supervise ARGS job` with at most 2 GiB of address space, killed after
+/// [`BOUND`]: (exit code, output); panics if it hung or died by a signal.
+fn cli(args: &[&str], job: &Path) -> (i32, String) {
+    use std::os::unix::process::{CommandExt, ExitStatusExt};
+    let out = tempfile::NamedTempFile::new().unwrap();
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_supervise"));
+    cmd.args(args)
+        .arg(job)
+        .stdin(std::process::Stdio::null())
+        .stdout(out.reopen().unwrap())
+        .stderr(out.reopen().unwrap());
+    // SAFETY: setrlimit only, between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            let lim = libc::rlimit {
+                rlim_cur: 2 << 30,
+                rlim_max: 2 << 30,
+            };
+            if libc::setrlimit(libc::RLIMIT_AS, &lim) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let t0 = std::time::Instant::now();
+    let mut child = cmd.spawn().unwrap();
+    let st = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        if t0.elapsed() > BOUND {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("supervise {args:?} did not return within {BOUND:?}");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    };
+    let text = std::fs::read_to_string(out.path()).unwrap_or_default();
+    assert!(
+        st.signal().is_none(),
+        "supervise {args:?} died by signal {:?}:\n{text}",
+        st.signal()
+    );
+    (st.code().unwrap(), text)
+}
+
+/// FIFOs, symlinks (to /dev/zero, to a directory, dangling) and huge
+/// sparse files in place of every kind of store file and directory:
+/// every library operation and the real `images`, `verify` and `gc`
+/// return within a bound, nothing panics, and what fails names the file.
+#[test]
+fn hostile_store_files_never_hang_allocate_or_panic() {
+    let t = tempfile::tempdir().unwrap();
+    let pristine = t.path().join("pristine");
+    make_store(&pristine);
+    add_v1_image(&pristine, "000003-20300101T000000Z");
+    std::fs::write(
+        pristine.join(".lease.json"),
+        br#"{"epoch":1,"owner":{"slurm_job_id":"1","node":"n1","restart_count":0,"host":"h","pid":1}}"#,
+    )
+    .unwrap();
+    std::fs::write(pristine.join(".lease.lock"), b"").unwrap();
+    let ro = supervise::store::ImageStore::open_read_only(&pristine).unwrap();
+    let list = ro.list().unwrap();
+    assert_eq!(list.len(), 3);
+    let v2 = list.iter().find(|i| i.manifest.version == 2).unwrap();
+    let pack = v2.manifest.stored.as_ref().unwrap().pack.clone().unwrap();
+    let rel_victims: Vec<String> = vec![
+        format!("{}/MANIFEST.json", v2.id),
+        "000003-20300101T000000Z/MANIFEST.json".into(),
+        "000003-20300101T000000Z/core-1.img".into(),
+        format!("packs/{pack}.idx"),
+        format!("packs/{pack}.pack"),
+        ".lock".into(),
+        ".supervise-store".into(),
+        ".lease.json".into(),
+        ".lease.lock".into(),
+        "packs".into(),
+        v2.id.clone(),
+    ];
+    let elsewhere = t.path().join("elsewhere");
+    std::fs::create_dir(&elsewhere).unwrap();
+    std::fs::write(elsewhere.join("secret"), b"not a store file").unwrap();
+    let mut case = 0;
+    for rel in &rel_victims {
+        for how in HOSTILE {
+            case += 1;
+            let dir = t.path().join(format!("s{case}"));
+            let status = std::process::Command::new("cp")
+                .arg("-a")
+                .arg(&pristine)
+                .arg(&dir)
+                .status()
+                .unwrap();
+            assert!(status.success());
+            let victim = dir.join(rel);
+            plant(&victim, how, &elsewhere);
+            let name = victim.file_name().unwrap().to_string_lossy().into_owned();
+            // A pack's objects are reported as "object ... in pack <name>".
+            let name = name.strip_suffix(".pack").unwrap_or(&name).to_string();
+            let what = format!("{rel} as {how:?}");
+            let work = t.path().join(format!("w{case}"));
+            std::fs::create_dir(&work).unwrap();
+            let said = bounded(&what, {
+                let dir = dir.clone();
+                move || library_ops(dir, work)
+            });
+            // A lease and its lock are only read by the fence: anything
+            // that complained must name the file.
+            if !said.is_empty() {
+                assert!(
+                    said.contains(&name),
+                    "{what}: does not name {name}:\n{said}"
+                );
+            }
+            // The real binary, on a fresh copy (library gc may have fixed it).
+            let dir2 = t.path().join(format!("c{case}"));
+            std::process::Command::new("cp")
+                .arg("-a")
+                .arg(&pristine)
+                .arg(&dir2)
+                .status()
+                .unwrap();
+            plant(&dir2.join(rel), how, &elsewhere);
+            let job = t.path().join(format!("j{case}.toml"));
+            std::fs::write(
+                &job,
+                format!(
+                    "command = [\"/bin/true\"]\n[checkpoint]\ndir = \"{}\"\n",
+                    dir2.display()
+                ),
+            )
+            .unwrap();
+            for args in [&["images"][..], &["verify"][..], &["gc"][..]] {
+                let (code, out) = cli(args, &job);
+                assert!(
+                    code <= 2,
+                    "{what}: supervise {args:?} exited {code}:\n{out}"
+                );
+                if code != 0 {
+                    assert!(
+                        out.contains(&name),
+                        "{what}: supervise {args:?} exit {code} does not name {name}:\n{out}"
+                    );
+                }
+            }
+            // The file elsewhere was never touched through a symlink.
+            assert_eq!(
+                std::fs::read(elsewhere.join("secret")).unwrap(),
+                b"not a store file"
+            );
+            let _ = std::fs::remove_dir_all(&dir);
+            let _ = std::fs::remove_dir_all(&dir2);
+        }
+    }
+}

@@ -29,6 +29,9 @@ use std::io::{self, BufWriter, Read, Write};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
+use super::{io_err, StoreError};
+use crate::fsutil;
+
 /// An object's name: the BLAKE3 hash of its contents.
 pub type Hash = [u8; 32];
 
@@ -50,6 +53,42 @@ const IDX_ENTRY: usize = 32 + 8 + 4 + 4 + 4;
 pub const TMP_PREFIX: &str = ".tmp-";
 /// Largest read of contiguous objects at once.
 const RUN_MAX: u64 = 8 << 20;
+/// Absolute cap on a pack index file (it is read whole into memory). An
+/// index costs 52 bytes per object, so 8 GiB is ~165 million objects, at
+/// least 630 GiB of distinct 4 KiB pages stored by one checkpoint: beyond
+/// any job this runs. The tighter per-pack bound is [`index_limit`].
+pub const MAX_INDEX_BYTES: u64 = 8 << 30;
+
+/// The largest index `<name>.idx` whose pack is `pack_len` bytes can
+/// have: objects are distinct and at most one is empty, so a pack of `n`
+/// bytes after its magic holds at most `n + 1` objects. A bigger index
+/// (e.g. a sparse file next to a small pack) is damage and is not read.
+pub fn index_limit(pack_len: u64) -> u64 {
+    let objects = pack_len.saturating_sub(PACK_MAGIC.len() as u64) + 1;
+    objects
+        .saturating_mul(IDX_ENTRY as u64)
+        .saturating_add(16 + 32)
+        .min(MAX_INDEX_BYTES)
+}
+
+/// `e` without a leading "`path`: " in its message (fsutil's errors name
+/// the path; the store's errors name it themselves).
+pub(super) fn without_path(path: &Path, e: io::Error) -> io::Error {
+    let msg = e.to_string();
+    match msg.strip_prefix(&format!("{}: ", path.display())) {
+        Some(rest) => io::Error::new(e.kind(), rest.to_string()),
+        None => e,
+    }
+}
+
+/// "PATH is a symlink (not followed)" or "PATH is not a directory".
+pub(super) fn not_a_dir_reason(path: &Path, md: &fs::Metadata) -> String {
+    if md.file_type().is_symlink() {
+        format!("{} is a symlink (not followed)", path.display())
+    } else {
+        format!("{} is not a directory", path.display())
+    }
+}
 
 /// BLAKE3 of `data`.
 pub fn hash(data: &[u8]) -> Hash {
@@ -158,12 +197,29 @@ impl ObjectDb {
     /// Brings the in-memory index up to date with the `.idx` files on disk:
     /// new ones are loaded; if any loaded pack disappeared (gc), everything
     /// is reloaded. Packs are immutable, so known ones are not re-read.
-    pub fn refresh(&mut self) -> io::Result<()> {
+    ///
+    /// `packs/` must be a real directory (a symlink is not followed), and
+    /// an index or directory the caller may not read is
+    /// [`StoreError::PermissionDenied`]; a damaged index is only recorded
+    /// in [`bad_indexes`](Self::bad_indexes).
+    pub fn refresh(&mut self) -> Result<(), StoreError> {
         let mut names = Vec::new();
-        match fs::read_dir(&self.dir) {
+        let dir = self.dir.clone();
+        match fs::symlink_metadata(&dir) {
+            Ok(md) if md.is_dir() => {}
+            Ok(md) => {
+                return Err(StoreError::BadFile {
+                    reason: not_a_dir_reason(&dir, &md),
+                    path: dir,
+                })
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io_err(&dir)(e)),
+        }
+        match fs::read_dir(&dir) {
             Ok(rd) => {
                 for e in rd {
-                    let e = e?;
+                    let e = e.map_err(io_err(&dir))?;
                     let n = e.file_name();
                     let Some(n) = n.to_str() else { continue };
                     if n.starts_with('.') {
@@ -175,7 +231,7 @@ impl ObjectDb {
                 }
             }
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => return Err(e),
+            Err(e) => return Err(io_err(&dir)(e)),
         }
         names.sort();
         let present: HashSet<&String> = names.iter().collect();
@@ -188,7 +244,7 @@ impl ObjectDb {
             if self.loaded.contains_key(&name) {
                 continue;
             }
-            match read_index(&self.dir, &name) {
+            match read_index(&self.dir, &name)? {
                 Ok(entries) => {
                     let id = self.packs.len() as u32;
                     let stored_bytes = entries.iter().map(|e| e.1.stored_len as u64).sum();
@@ -242,14 +298,65 @@ impl ObjectDb {
     }
 }
 
+/// Size of a regular file (not followed through a symlink), else 0.
 fn file_len(p: &Path) -> u64 {
-    fs::metadata(p).map(|m| m.len()).unwrap_or(0)
+    fs::symlink_metadata(p)
+        .ok()
+        .filter(|m| m.is_file())
+        .map(|m| m.len())
+        .unwrap_or(0)
 }
 
-/// Reads and checks `<name>.idx`, returning its entries (pack field 0).
-fn read_index(dir: &Path, name: &str) -> Result<Vec<(Hash, Loc)>, String> {
+/// Reads and checks `<name>.idx`, returning its entries (pack field 0),
+/// or why it is damaged. The index and its pack must be regular files
+/// (symlinks are not followed, FIFOs and devices not opened) and the index
+/// no larger than [`index_limit`] of its pack. Only "permission denied" is
+/// an error of the whole read.
+#[allow(clippy::type_complexity)]
+fn read_index(dir: &Path, name: &str) -> Result<Result<Vec<(Hash, Loc)>, String>, StoreError> {
     let path = dir.join(format!("{name}.idx"));
-    let bytes = fs::read(&path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let pack = dir.join(format!("{name}.pack"));
+    let pack_len = match fs::symlink_metadata(&pack) {
+        Ok(md) if md.is_file() => md.len(),
+        Ok(_) => {
+            let e = io::Error::new(io::ErrorKind::InvalidData, "not a regular file");
+            return Ok(Err(fsutil::describe_error(&pack, &e)));
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => 0,
+        Err(e) => return Err(io_err(&pack)(e)),
+    };
+    let max = index_limit(pack_len);
+    let bytes = match read_capped(&path, max) {
+        Ok(Some(b)) => b,
+        Err(e) if fsutil::is_permission_denied(&e) => return Err(io_err(&path)(e)),
+        Ok(None) => {
+            return Ok(Err(format!(
+                "{} is larger than {max} bytes, more than its pack {name}.pack ({pack_len} bytes) \
+                 can hold: the index is damaged or the pack truncated or missing",
+                path.display()
+            )))
+        }
+        Err(e) => return Ok(Err(fsutil::describe_error(&path, &e))),
+    };
+    Ok(parse_index(name, &bytes, pack_len))
+}
+
+/// Reads the regular file `path` if it is at most `max` bytes (else
+/// `None`, having read no more than `max + 1` bytes).
+fn read_capped(path: &Path, max: u64) -> io::Result<Option<Vec<u8>>> {
+    let f = fsutil::open_regular(path)?;
+    let len = f.metadata()?.len();
+    if len > max {
+        return Ok(None);
+    }
+    let mut buf = Vec::with_capacity(len as usize);
+    f.take(max + 1).read_to_end(&mut buf)?;
+    Ok((buf.len() as u64 <= max).then_some(buf))
+}
+
+/// Checks an index's format and checksum and that its objects lie within
+/// the pack.
+fn parse_index(name: &str, bytes: &[u8], pack_len: u64) -> Result<Vec<(Hash, Loc)>, String> {
     if bytes.len() < 16 + 32 || &bytes[..8] != IDX_MAGIC {
         return Err("not an index file (bad magic or too short)".into());
     }
@@ -257,11 +364,11 @@ fn read_index(dir: &Path, name: &str) -> Result<Vec<(Hash, Loc)>, String> {
     if hash(body) != sum {
         return Err("index checksum mismatch".into());
     }
-    let count = u64::from_le_bytes(body[8..16].try_into().unwrap()) as usize;
-    if body.len() != 16 + count * IDX_ENTRY {
+    let count = u64::from_le_bytes(body[8..16].try_into().unwrap());
+    if (body.len() as u64 - 16) / IDX_ENTRY as u64 != count || (body.len() - 16) % IDX_ENTRY != 0 {
         return Err(format!("index length does not match its {count} entries"));
     }
-    let pack_len = file_len(&dir.join(format!("{name}.pack")));
+    let count = count as usize;
     let mut out = Vec::with_capacity(count);
     for e in body[16..].chunks_exact(IDX_ENTRY) {
         let h: Hash = e[..32].try_into().unwrap();
@@ -418,12 +525,13 @@ impl PackWriter {
                 .create(true)
                 .truncate(true)
                 .mode(0o600)
+                .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
                 .open(&idx_tmp)?;
             f.write_all(&idx)?;
             f.sync_all()?;
         }
         fs::rename(&idx_tmp, self.dir.join(format!("{name}.idx")))?;
-        File::open(&self.dir)?.sync_all()?;
+        fsutil::fsync_dir(&self.dir)?;
         Ok(Some(Published {
             name,
             objects: self.entries.len() as u64,
@@ -525,8 +633,9 @@ impl<'a> Reader<'a> {
     fn file(&mut self, pack: u32) -> Result<&File, PieceError> {
         if !self.files.contains_key(&pack) {
             let p = self.db.pack_path(pack);
-            let f = File::open(&p)
-                .map_err(|e| PieceError(format!("cannot open {}: {e}", p.display())))?;
+            let f = fsutil::open_regular(&p).map_err(|e| {
+                PieceError(format!("cannot open {}", fsutil::describe_error(&p, &e)))
+            })?;
             self.files.insert(pack, f);
         }
         Ok(&self.files[&pack])
@@ -710,10 +819,7 @@ pub fn for_each_chunk(
     chunk: usize,
     f: &mut dyn FnMut(&[u8]) -> io::Result<()>,
 ) -> io::Result<u64> {
-    let mut file = OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-        .open(path)?;
+    let mut file = fsutil::open_regular(path)?;
     let per = (4 << 20) / chunk.max(1);
     let mut buf = vec![0u8; chunk * per.max(1)];
     let mut total = 0u64;

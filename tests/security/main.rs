@@ -137,3 +137,5 @@ impl Canary {
         );
     }
 }
+
+mod store;
