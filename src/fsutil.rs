@@ -151,7 +151,6 @@ fn io_at(what: &str, path: &Path) -> impl FnOnce(io::Error) -> TrustError {
 /// Checks that the existing directory `path` is a trusted location for
 /// supervise's own data (see the module docs). `what` names it in errors.
 // A rare error that carries everything its one-line message needs.
-#[allow(clippy::result_large_err)]
 pub fn check_trusted(what: &str, path: &Path) -> Result<(), TrustError> {
     let abs = absolute(path).map_err(io_at(what, path))?;
     let mut budget = MAX_LINKS;
@@ -175,7 +174,6 @@ pub fn check_trusted(what: &str, path: &Path) -> Result<(), TrustError> {
 /// not group/other-writable, or root-owned and sticky (then the entry below
 /// it must be ours, which the next step checks). Returns the resolved path.
 // A rare error that carries everything its one-line message needs.
-#[allow(clippy::result_large_err)]
 fn walk(what: &str, orig: &Path, abs: &Path, budget: &mut usize) -> Result<PathBuf, TrustError> {
     let mut cur = PathBuf::from("/");
     let root_md = fs::metadata("/").map_err(io_at(what, Path::new("/")))?;
@@ -261,7 +259,6 @@ fn absolute(p: &Path) -> io::Result<PathBuf> {
 /// parents) with mode 0700 first if needed. The nearest existing ancestor
 /// is checked before anything is created in it, and the whole path after.
 // A rare error that carries everything its one-line message needs.
-#[allow(clippy::result_large_err)]
 pub fn ensure_trusted_dir(what: &str, path: &Path) -> Result<(), TrustError> {
     let abs = absolute(path).map_err(io_at(what, path))?;
     match fs::symlink_metadata(&abs) {

@@ -244,7 +244,7 @@ impl Supervisor {
                 source,
             })?;
         // Image files a crashed restore left behind (possibly GiBs of tmpfs).
-        crate::store::remove_scratch(&cfg.state_dir.join("restore"));
+        crate::store::remove_scratch(&run_dir.join("restore"));
         Ok(Supervisor {
             cfg,
             store,
@@ -715,8 +715,8 @@ impl Supervisor {
             .await
             .map_err(|e| e.to_string())?
             .map_err(|e| format!("cannot start the command: {e}"))?;
-        info!(pid = r.host_pid, ns_pid = r.ns_pid, "started");
         self.remember(&r);
+        info!(pid = r.host_pid, ns_pid = r.ns_pid, "started");
         Ok(r)
     }
 
@@ -1091,6 +1091,8 @@ impl Supervisor {
                 .count();
             info!(checkpoint = %img.id, files = actions.len(), changed, "job files rolled back to the checkpoint");
         }
+        // job.json first: whoever reads the log line finds the new pid.
+        self.remember(&r.running);
         info!(
             checkpoint = %img.id,
             duration_ms = (r.duration + materialise).as_millis() as u64,
@@ -1103,7 +1105,6 @@ impl Supervisor {
         self.metrics
             .restore(&self.cfg.name, true, Some(r.duration + materialise));
         self.publish(|s| s.restores += 1);
-        self.remember(&r.running);
         Ok(r.running)
     }
 

@@ -17,6 +17,7 @@ mod attach;
 mod files;
 mod locations;
 mod messages;
+mod store;
 
 use std::fs;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
@@ -137,5 +138,3 @@ impl Canary {
         );
     }
 }
-
-mod store;
