@@ -56,6 +56,14 @@ pub enum Waiter {
     },
     /// An attached process: its pidfd becomes readable when it exits.
     Pidfd(AsyncFd<OwnedFd>),
+    /// Not a process: an engine's stand-in (the supervisor's test double)
+    /// reports the end on a channel and is killed through a callback.
+    Channel {
+        /// The end.
+        exit: oneshot::Receiver<ExitStatus>,
+        /// What [`Running::kill`] does.
+        kill: Box<dyn Fn() + Send + Sync>,
+    },
     /// A job re-adopted from an earlier supervise: a pidfd on its init (or
     /// on its root, if it has none); the init records how the root ended in
     /// the status file.
@@ -140,6 +148,9 @@ impl Running {
                     },
                 }
             }
+            Some(Waiter::Channel { exit, .. }) => {
+                exit.await.unwrap_or(ExitStatus::Signal(libc::SIGKILL))
+            }
             Some(Waiter::Pidfd(fd)) => {
                 if let Ok(mut g) = fd.readable().await {
                     g.retain_ready();
@@ -162,6 +173,10 @@ impl Running {
     /// Kills the whole job: the namespace init (the kernel then kills every
     /// process in the namespace), or for an attached job its process tree.
     pub fn kill(&self) {
+        if let Some(Waiter::Channel { kill, .. }) = &self.waiter {
+            kill();
+            return;
+        }
         if let Some(init) = self.init_pid {
             let _ = nix::sys::signal::kill(
                 nix::unistd::Pid::from_raw(init),
@@ -179,6 +194,27 @@ impl Running {
                     crate::proc::kill_exact(id, Duration::ZERO);
                 }
             }
+        }
+    }
+}
+
+impl Running {
+    /// A job that is not a process of this machine: `exit` reports its
+    /// end, `kill` ends it. For engines other than CRIU (the supervisor's
+    /// test double); `host_pid` and `ns_pid` are only reported.
+    pub fn from_channel(
+        host_pid: i32,
+        ns_pid: i32,
+        exit: oneshot::Receiver<ExitStatus>,
+        kill: Box<dyn Fn() + Send + Sync>,
+    ) -> Running {
+        Running {
+            host_pid,
+            ns_pid,
+            init_pid: None,
+            start_time: 0,
+            since: Instant::now(),
+            waiter: Some(Waiter::Channel { exit, kill }),
         }
     }
 }

@@ -8,7 +8,6 @@
 //! schedule tick that falls while a step runs is skipped and logged
 //! ([`crate::schedule::Ticker`]).
 
-use std::collections::VecDeque;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -26,9 +25,6 @@ use crate::slurm::SlurmContext;
 
 /// How often a copy inside Slurm checks that it still holds the store.
 const FENCE_CHECK: Duration = Duration::from_secs(1);
-/// Prefix of the error of a checkpoint refused because another copy took
-/// over the store.
-const SUPERSEDED: &str = "superseded";
 
 use crate::config::{JobConfig, RestoreOn, ShutdownAction, Target};
 use crate::criu::DumpMode;
@@ -37,6 +33,33 @@ use crate::job::{self, InitFiles, Running};
 use crate::reaper::{ExitStatus, Reaper};
 use crate::schedule::Ticker;
 use crate::store::{CheckpointMeta, ImageInfo, ImageStore, Materialised};
+
+mod checkpoint;
+pub mod engine;
+pub mod policy;
+mod record;
+mod restore;
+
+pub use checkpoint::{resume_stopped, summary};
+pub use engine::{Criu, Engine};
+pub use policy::{restore_delay, Decision, History, Verb};
+
+/// Why a checkpoint was not published (the job keeps running either way).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CheckpointError {
+    /// Another copy of this job (Slurm) took over the image store: this
+    /// copy must publish nothing more and stop its job.
+    #[error("superseded: {0}")]
+    Superseded(String),
+    /// The job had already ended.
+    #[error("the job has already ended")]
+    Ended,
+    /// CRIU, the file recording or the store failed.
+    #[error("{0}")]
+    Failed(String),
+}
+pub use record::JobRecord;
+use record::{read_record, AttachRecord, RECORD_MAX};
 
 /// Errors that stop a job's supervision before it starts.
 #[derive(Debug, thiserror::Error)]
@@ -72,46 +95,7 @@ pub enum SupervisorError {
     },
 }
 
-/// Where a job stands.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase", tag = "state", content = "reason")]
-pub enum JobState {
-    /// Starting or resuming.
-    Starting,
-    /// Running, between checkpoints.
-    Running,
-    /// A checkpoint is being taken.
-    Checkpointing,
-    /// The job died; a restore is pending.
-    Dead,
-    /// A restore is running.
-    Restoring,
-    /// Stopped by supervise's shutdown.
-    Stopped,
-    /// Supervision ended because the job exited cleanly.
-    Completed,
-    /// Given up.
-    Failed(String),
-    /// Another copy of this job (Slurm) took over the image store.
-    Superseded(String),
-}
-
-impl JobState {
-    /// One line for humans: "running", "failed: <reason>".
-    pub fn describe(&self) -> String {
-        match self {
-            JobState::Starting => "starting".into(),
-            JobState::Running => "running".into(),
-            JobState::Checkpointing => "checkpointing".into(),
-            JobState::Dead => "dead".into(),
-            JobState::Restoring => "restoring".into(),
-            JobState::Stopped => "stopped".into(),
-            JobState::Completed => "completed".into(),
-            JobState::Failed(r) => format!("failed: {r}"),
-            JobState::Superseded(r) => format!("superseded: {r}"),
-        }
-    }
-}
+pub use crate::control::protocol::JobState;
 
 /// How supervision of a job ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -135,27 +119,15 @@ impl Outcome {
     }
 }
 
-/// What supervise remembers about the live job, in `<state_dir>/job.json`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct JobRecord {
-    /// Root PID in supervise's namespace.
-    pub host_pid: i32,
-    /// Root PID in its own namespace.
-    pub ns_pid: i32,
-    /// The namespace init, if any.
-    pub init_pid: Option<i32>,
-    /// Root start time (clock ticks since boot).
-    pub start_time: u64,
-}
-
 /// Supervises one job.
 pub struct Supervisor {
     cfg: JobConfig,
     store: ImageStore,
-    reaper: Reaper,
+    /// Launch, dump, restore: CRIU, or a test double.
+    engine: std::sync::Arc<dyn Engine>,
     state: JobState,
-    restores: VecDeque<Instant>,
-    consecutive: u32,
+    /// The restart policy's memory of earlier deaths.
+    history: History,
     criu_version: String,
     /// A live job left by an earlier supervise, to take over at start.
     adopt: Option<JobRecord>,
@@ -176,21 +148,6 @@ pub struct Supervisor {
     /// that survivors of its root's death are killed before a restore.
     last_tree: Vec<ProcId>,
     _lock: File,
-}
-
-/// The process an `attach = PID` job was first attached to, in
-/// `<state_dir>/attached.json`: a later supervise attaches to `pid` again
-/// only if it is still that process (same start time).
-#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
-struct AttachRecord {
-    pid: i32,
-    start_time: u64,
-}
-
-/// Restore-rate bookkeeping, kept apart so it can be unit-tested.
-pub fn restore_delay(consecutive: u32, backoff: Duration, backoff_max: Duration) -> Duration {
-    let exp = consecutive.saturating_sub(1).min(30);
-    backoff.saturating_mul(1u32 << exp).min(backoff_max)
 }
 
 impl Supervisor {
@@ -248,10 +205,9 @@ impl Supervisor {
         Ok(Supervisor {
             cfg,
             store,
-            reaper,
+            engine: std::sync::Arc::new(Criu::new(reaper)),
             state: JobState::Starting,
-            restores: VecDeque::new(),
-            consecutive: 0,
+            history: History::default(),
             criu_version: String::new(),
             adopt,
             status: None,
@@ -431,10 +387,8 @@ impl Supervisor {
                 }
                 _ = sleep, if job.is_some() => {
                     if let Some(j) = &job {
-                        if let Err(e) = self.checkpoint(j).await {
-                            if e.starts_with(SUPERSEDED) {
-                                return self.give_way(job, e).await;
-                            }
+                        if let Err(CheckpointError::Superseded(reason)) = self.checkpoint(j).await {
+                            return self.give_way(job, reason).await;
                         }
                     }
                     let skipped = ticker.advance(Utc::now());
@@ -475,25 +429,34 @@ impl Supervisor {
     /// Carries out one control command between steps, and answers it.
     async fn command(&mut self, cmd: Command, job: &mut Option<Running>, ticker: &mut Ticker) {
         let err = |m: String| Response::Error { message: m };
+        let verb = match &cmd {
+            Command::Checkpoint(_) => Verb::Checkpoint,
+            Command::Stop(..) => Verb::Stop,
+            Command::Start(_) => Verb::Start,
+            Command::Restore(..) => Verb::Restore,
+        };
+        if let Err(why) = policy::admit(verb, job.is_some()) {
+            let tx = match cmd {
+                Command::Checkpoint(tx) | Command::Stop(_, tx) | Command::Start(tx) => tx,
+                Command::Restore(_, tx) => tx,
+            };
+            let _ = tx.send(err(why.into()));
+            return;
+        }
         match cmd {
             Command::Checkpoint(tx) => {
-                let resp = match job.as_ref() {
-                    None => err("the job is stopped; start it first".into()),
-                    Some(j) => match self.checkpoint(j).await {
-                        Ok(info) => Response::Checkpoint {
-                            checkpoint: summary(&info),
-                        },
-                        Err(e) if e.starts_with(SUPERSEDED) => err(e),
-                        Err(e) => err(format!("checkpoint failed (the job keeps running): {e}")),
+                let Some(j) = job.as_ref() else { return };
+                let resp = match self.checkpoint(j).await {
+                    Ok(info) => Response::Checkpoint {
+                        checkpoint: summary(&info),
                     },
+                    Err(e @ CheckpointError::Superseded(_)) => err(e.to_string()),
+                    Err(e) => err(format!("checkpoint failed (the job keeps running): {e}")),
                 };
                 let _ = tx.send(resp);
             }
             Command::Stop(with_checkpoint, tx) => {
-                let Some(j) = job.take() else {
-                    let _ = tx.send(err("the job is already stopped".into()));
-                    return;
-                };
+                let Some(j) = job.take() else { return };
                 let mut note = String::new();
                 if with_checkpoint {
                     match self.checkpoint(&j).await {
@@ -515,12 +478,7 @@ impl Supervisor {
                 });
             }
             Command::Start(tx) => {
-                if job.is_some() {
-                    let _ = tx.send(err("the job is already running".into()));
-                    return;
-                }
-                self.restores.clear();
-                self.consecutive = 0;
+                self.history.reset();
                 let resp = match self.start().await {
                     Ok(j) => {
                         let m = format!("job {} running as pid {}", self.cfg.name, j.host_pid);
@@ -540,67 +498,6 @@ impl Supervisor {
                 let _ = tx.send(resp);
             }
         }
-    }
-
-    /// `supervise restore`: the chosen image is materialised (and so
-    /// verified) first, and only then is the running job replaced by it. If CRIU then fails,
-    /// the job is recovered as after a death (newest image, or afresh).
-    async fn manual_restore(
-        &mut self,
-        image: Option<String>,
-        job: &mut Option<Running>,
-        ticker: &mut Ticker,
-    ) -> Response {
-        let err = |m: String| Response::Error { message: m };
-        let img = match &image {
-            Some(id) => match self.store.get(id) {
-                Ok(i) => i,
-                Err(e) => return err(format!("{e}; the job was left as it is")),
-            },
-            None => match self.list_images().into_iter().next() {
-                Some(i) => i,
-                None => return err("there are no images to restore from".into()),
-            },
-        };
-        // Written out and verified before the running job is touched: a
-        // damaged image is refused with the job left as it is.
-        let m = match self.materialise_image(&img).await {
-            Ok(m) => m,
-            Err(e) => return err(format!("{e}; the job was left as it is")),
-        };
-        if let Some(j) = job.take() {
-            info!(checkpoint = %img.id, "replacing the running job by an image on request");
-            self.stop_job(j).await;
-        }
-        self.set_state(JobState::Restoring);
-        let resp = match self.restore_materialised(&img, m).await {
-            Ok(r) => {
-                let m = format!(
-                    "job {} restored from {} as pid {}",
-                    self.cfg.name, img.id, r.host_pid
-                );
-                *job = Some(r);
-                Response::Done { message: m }
-            }
-            Err(e) => {
-                warn!(checkpoint = %img.id, error = %e, "requested restore failed; recovering the job");
-                let recovered = match self.restore_newest().await {
-                    Some(r) => Some(r),
-                    None => match self.cfg.target {
-                        Target::Launch(_) => self.launch().await.ok(),
-                        Target::Attach { .. } => None,
-                    },
-                };
-                let what = match &recovered {
-                    Some(r) => format!("the job runs again as pid {}", r.host_pid),
-                    None => "the job could not be recovered and is stopped".into(),
-                };
-                *job = recovered;
-                err(format!("restore of {} failed: {e}; {what}", img.id))
-            }
-        };
-        ticker.reset(Utc::now());
-        resp
     }
 
     /// Kills the job and waits for it (bounded); it is then down.
@@ -709,9 +606,9 @@ impl Supervisor {
         let Target::Launch(spec) = self.cfg.target.clone() else {
             return Err("attached jobs cannot be launched".into());
         };
-        let reaper = self.reaper.clone();
+        let engine = self.engine.clone();
         let files = self.files();
-        let r = tokio::task::spawn_blocking(move || job::launch(&reaper, &spec, &files))
+        let r = tokio::task::spawn_blocking(move || engine.launch(&spec, &files))
             .await
             .map_err(|e| e.to_string())?
             .map_err(|e| format!("cannot start the command: {e}"))?;
@@ -727,458 +624,6 @@ impl Supervisor {
                 warn!(error = %e, "cannot list images");
                 Vec::new()
             }
-        }
-    }
-
-    /// Takes one checkpoint of the running job and publishes it atomically.
-    pub async fn checkpoint(&mut self, job: &Running) -> Result<ImageInfo, String> {
-        if job.host_pid <= 0 {
-            return Err("the job has already ended".into());
-        }
-        self.set_state(JobState::Checkpointing);
-        let r = self.checkpoint_inner(job).await;
-        match &r {
-            Ok(info) => {
-                let m = &info.manifest.meta;
-                self.metrics.checkpoint_ok(
-                    &self.cfg.name,
-                    Duration::from_millis(m.duration_ms),
-                    m.frozen_us.map(Duration::from_micros),
-                    info.size_bytes,
-                    info.new_bytes,
-                );
-                let sum = summary(info);
-                self.publish(|s| {
-                    s.checkpoints += 1;
-                    s.last_checkpoint = Some(sum);
-                });
-            }
-            Err(e) => {
-                self.metrics.checkpoint_failed(&self.cfg.name);
-                self.publish(|s| s.last_error = Some(format!("checkpoint: {e}")));
-            }
-        }
-        self.set_state(JobState::Running);
-        r
-    }
-
-    async fn checkpoint_inner(&mut self, job: &Running) -> Result<ImageInfo, String> {
-        let staging = match self.store.begin() {
-            Ok(s) => s,
-            Err(e) => {
-                error!(error = %e, "cannot stage a checkpoint");
-                return Err(e.to_string());
-            }
-        };
-        let id = staging.id().to_string();
-        let mode = self.dump_mode().await;
-        let reaper = self.reaper.clone();
-        let host_pid = job.host_pid;
-        let opts = self.cfg.checkpoint.criu;
-        let timeout = self.cfg.checkpoint.timeout;
-        let files_cfg = self.cfg.files.clone();
-        let attached = job.init_pid.is_none();
-        let ignore = vec![
-            self.cfg.checkpoint.dir.clone(),
-            self.run_dir.join("restore"),
-        ];
-        let res = tokio::task::spawn_blocking(move || {
-            let dir = staging.path().to_path_buf();
-            let mut files: Option<Result<CaptureSummary, FilesError>> = None;
-            let mut tree: Vec<ProcId> = Vec::new();
-            // CRIU's post-dump notification comes while the tree is still
-            // frozen: the job's files (and an attached job's processes) are
-            // recorded at the instant of the dump.
-            let mut on_notify = |script: &str| {
-                if script != "post-dump" {
-                    return true;
-                }
-                let pids = crate::proc::tree(host_pid);
-                if attached {
-                    tree = pids.iter().filter_map(|p| ProcId::of(*p)).collect();
-                }
-                if !files_cfg.rollback {
-                    return true;
-                }
-                let r = crate::files::capture(&pids, &files_cfg, &ignore, &dir);
-                let ok = r.is_ok();
-                files = Some(r);
-                ok
-            };
-            let r = crate::criu::dump_with(
-                &reaper,
-                host_pid,
-                &dir,
-                &opts,
-                timeout,
-                mode,
-                &mut on_notify,
-            );
-            (staging, r, files, tree)
-        })
-        .await;
-        let (staging, outcome, files, tree) = match res {
-            Ok(x) => x,
-            Err(e) => return Err(format!("checkpoint task failed: {e}")),
-        };
-        let files = match (outcome.is_ok(), files, self.cfg.files.rollback) {
-            (_, Some(Err(e)), _) => Err(format!("cannot record the job's files: {e}")),
-            (true, None, true) => Err("CRIU sent no post-dump notification, so the job's files \
-                 could not be recorded at the instant of the dump"
-                .to_string()),
-            (_, f, _) => Ok(f.and_then(Result::ok)),
-        };
-        let (outcome, files) = match (outcome, files) {
-            (Ok(o), Ok(f)) => (o, f),
-            (o, f) => {
-                let e = match (o, f) {
-                    (_, Err(e)) => e,
-                    (Err(e), _) => e.to_string(),
-                    _ => unreachable!(),
-                };
-                staging.abort();
-                error!(checkpoint = %id, error = %e, "checkpoint failed; the job keeps running, older images are intact");
-                // A dump that died half-way (CRIU killed, timeout) must not
-                // leave the job stopped.
-                let _ = tokio::task::spawn_blocking(move || resume_stopped(host_pid)).await;
-                return Err(e);
-            }
-        };
-        let mut extra = serde_json::Map::new();
-        if let Some(f) = &files {
-            extra.insert("files".into(), f.files.into());
-            extra.insert("files_copied".into(), f.snapshots.into());
-            extra.insert("files_copied_bytes".into(), f.bytes_copied.into());
-            extra.insert("files_us".into(), (f.elapsed.as_micros() as u64).into());
-        }
-        if !tree.is_empty() {
-            if let Ok(v) = serde_json::to_value(&tree) {
-                extra.insert("tree".into(), v);
-            }
-        }
-        let meta = CheckpointMeta {
-            job: self.cfg.name.clone(),
-            criu_version: self.criu_version.clone(),
-            duration_ms: outcome.duration.as_millis() as u64,
-            frozen_us: outcome
-                .stats
-                .as_ref()
-                .and_then(|s| s.frozen_time)
-                .map(u64::from),
-            pages_written: outcome.stats.as_ref().and_then(|s| s.pages_written),
-            root_pid: job.ns_pid,
-            extra,
-        };
-        // Inside Slurm, publish only while holding our lease on the store.
-        let guard = match &self.fence {
-            Some(f) => match f.guard() {
-                Ok(g) => Some(g),
-                Err(e) => {
-                    staging.abort();
-                    return Err(format!("{SUPERSEDED}: {e}"));
-                }
-            },
-            None => None,
-        };
-        let store = self.store.clone();
-        let info = match tokio::task::spawn_blocking(move || {
-            let r = staging.commit(meta);
-            drop(guard);
-            r
-        })
-        .await
-        {
-            Ok(Ok(info)) => info,
-            Ok(Err(e)) => {
-                error!(checkpoint = %id, error = %e, "cannot publish the checkpoint; older images are intact");
-                return Err(e.to_string());
-            }
-            Err(e) => return Err(e.to_string()),
-        };
-        info!(
-            checkpoint = %id,
-            duration_ms = outcome.duration.as_millis() as u64,
-            frozen_ms = outcome.stats.as_ref().and_then(|s| s.frozen_time).map(|t| t as f64 / 1000.0).unwrap_or(f64::NAN),
-            bytes = info.size_bytes,
-            new_bytes = info.new_bytes,
-            pages = outcome.stats.as_ref().and_then(|s| s.pages_written).unwrap_or(0),
-            files = files.as_ref().map_or(0, |f| f.files),
-            files_copied_bytes = files.as_ref().map_or(0, |f| f.bytes_copied),
-            files_ms = files.as_ref().map_or(0.0, |f| f.elapsed.as_micros() as f64 / 1000.0),
-            "checkpoint published"
-        );
-        if attached && !tree.is_empty() {
-            self.last_tree = tree;
-        }
-        let keep = self.cfg.checkpoint.keep;
-        let fence = self.fence.clone();
-        let span = tracing::Span::current();
-        let _ = tokio::task::spawn_blocking(move || {
-            let _g = span.enter();
-            // A copy that lost the store must not delete anything in it.
-            let _guard = match &fence {
-                Some(f) => match f.guard() {
-                    Ok(g) => Some(g),
-                    Err(e) => {
-                        warn!(error = %e, "retention and gc skipped");
-                        return;
-                    }
-                },
-                None => None,
-            };
-            retain_and_gc(&store, keep)
-        })
-        .await;
-        Ok(info)
-    }
-
-    /// Tries images newest first: verify, then CRIU restore.
-    async fn restore_newest(&mut self) -> Option<Running> {
-        self.set_state(JobState::Restoring);
-        let images = self.list_images();
-        self.kill_survivors(images.first()).await;
-        if images.is_empty() {
-            info!("no images to restore from");
-        }
-        for img in images {
-            match self.restore_image(&img).await {
-                Ok(r) => return Some(r),
-                Err(e) => {
-                    warn!(checkpoint = %img.id, error = %e, "cannot restore this image; trying the next older one")
-                }
-            }
-        }
-        None
-    }
-
-    /// Before an attached job is restored: every process of its tree at the
-    /// last checkpoint (known from this run, or recorded in the newest
-    /// image) that still lives, by PID *and* start time, is killed, so that
-    /// exactly one copy of the job runs. A launched or once-restored job
-    /// needs none of this: killing its namespace init kills everything.
-    async fn kill_survivors(&mut self, newest: Option<&ImageInfo>) {
-        if !matches!(self.cfg.target, Target::Attach { .. }) {
-            return;
-        }
-        let mut ids = std::mem::take(&mut self.last_tree);
-        if ids.is_empty() {
-            if let Some(v) = newest.and_then(|i| i.manifest.meta.extra.get("tree")) {
-                ids = serde_json::from_value(v.clone()).unwrap_or_default();
-            }
-        }
-        if ids.is_empty() {
-            return;
-        }
-        let killed = tokio::task::spawn_blocking(move || {
-            ids.into_iter()
-                .filter(|id| crate::proc::kill_exact(*id, Duration::from_secs(5)))
-                .map(|id| id.pid)
-                .collect::<Vec<_>>()
-        })
-        .await
-        .unwrap_or_default();
-        if !killed.is_empty() {
-            warn!(
-                pids = ?killed,
-                "processes of the attached job outlived its root; killed them so that only the restored copy runs"
-            );
-        }
-    }
-
-    /// Restores one image: materialise it, then roll files back and let
-    /// CRIU restore it.
-    async fn restore_image(&mut self, img: &ImageInfo) -> Result<Running, String> {
-        match self.materialise_image(img).await {
-            Ok(m) => self.restore_materialised(img, m).await,
-            Err(e) => {
-                self.restore_failed(img, &e);
-                Err(e)
-            }
-        }
-    }
-
-    /// Writes the image out for CRIU, every piece verified as it is read.
-    /// Touches neither the job nor its files.
-    async fn materialise_image(&self, img: &ImageInfo) -> Result<Materialised, String> {
-        let store = self.store.clone();
-        let fallback = self.run_dir.join("restore");
-        let need = img.size_bytes;
-        let img2 = img.clone();
-        tokio::task::spawn_blocking(move || {
-            let work = crate::store::scratch_dir(&fallback, need)
-                .map_err(|e| format!("cannot create a directory to restore into: {e}"))?;
-            store.materialise(&img2, &work).map_err(|e| match e {
-                crate::store::StoreError::Corrupt { .. } => {
-                    format!("image failed verification: {e}")
-                }
-                e => format!("cannot prepare {} for CRIU: {e}", work.display()),
-            })
-        })
-        .await
-        .map_err(|e| format!("restore task failed: {e}"))
-        .and_then(|r| r)
-    }
-
-    fn restore_failed(&self, img: &ImageInfo, e: &str) {
-        self.metrics.restore(&self.cfg.name, false, None);
-        self.publish(|s| s.last_error = Some(format!("restore from {}: {e}", img.id)));
-    }
-
-    /// Rolls the job's files back to the materialised image, then CRIU
-    /// restores it; the materialised copy is removed either way.
-    async fn restore_materialised(
-        &mut self,
-        img: &ImageInfo,
-        m: Materialised,
-    ) -> Result<Running, String> {
-        let reaper = self.reaper.clone();
-        let opts = self.cfg.checkpoint.criu;
-        let files = self.files();
-        let files_cfg = self.cfg.files.clone();
-        let materialise = m.duration;
-        let res =
-            tokio::task::spawn_blocking(move || -> Result<(job::Restored, Vec<Action>), String> {
-                // The job's files go back to the checkpoint's instant
-                // before CRIU reopens them.
-                let r = crate::files::rollback_checked(&m.path, &files_cfg)
-                    .map_err(|e| e.to_string())
-                    .and_then(|(actions, expect)| {
-                        pause_point("after-rollback");
-                        // CRIU reopens the job's files by path: before the
-                        // restored tree runs, each descriptor that held a
-                        // rolled-back file must hold that very file.
-                        let mut refusal = None;
-                        let mut on_notify = |script: &str, init: i32| {
-                            if script != "post-restore" || expect.is_empty() {
-                                return true;
-                            }
-                            let map = crate::proc::ns_pid_map(init);
-                            match crate::files::verify_restored(&expect, &|p| map.get(&p).copied())
-                            {
-                                Ok(()) => true,
-                                Err(e) => {
-                                    refusal = Some(e.to_string());
-                                    false
-                                }
-                            }
-                        };
-                        let res = job::restore(&reaper, &m.path, &opts, &files, &mut on_notify);
-                        match (res, refusal) {
-                            (Ok(r), _) => Ok((r, actions)),
-                            (Err(_), Some(why)) => Err(why),
-                            (Err(e), None) => Err(e.to_string()),
-                        }
-                    });
-                // The restored job does not use the image files: free the
-                // (tmpfs) space.
-                let _ = std::fs::remove_dir_all(&m.path);
-                r
-            })
-            .await
-            .map_err(|e| format!("restore task failed: {e}"))
-            .and_then(|r| r);
-        let (r, actions) = match res {
-            Ok(x) => x,
-            Err(e) => {
-                self.restore_failed(img, &e);
-                return Err(e);
-            }
-        };
-        if !actions.is_empty() {
-            let changed = actions
-                .iter()
-                .filter(|a| !matches!(a, Action::Keep(_)))
-                .count();
-            info!(checkpoint = %img.id, files = actions.len(), changed, "job files rolled back to the checkpoint");
-        }
-        // job.json first: whoever reads the log line finds the new pid.
-        self.remember(&r.running);
-        info!(
-            checkpoint = %img.id,
-            duration_ms = (r.duration + materialise).as_millis() as u64,
-            materialise_ms = materialise.as_millis() as u64,
-            criu_restore_ms = r.criu_restore_us.map(|u| u as f64 / 1000.0).unwrap_or(f64::NAN),
-            pid = r.running.host_pid,
-            ns_pid = r.running.ns_pid,
-            "restored"
-        );
-        self.metrics
-            .restore(&self.cfg.name, true, Some(r.duration + materialise));
-        self.publish(|s| s.restores += 1);
-        Ok(r.running)
-    }
-
-    /// The job died: decide, back off, restore (or relaunch), or give up.
-    async fn on_death(
-        &mut self,
-        status: ExitStatus,
-        since: Instant,
-        shutdown: &mut watch::Receiver<bool>,
-    ) -> Result<Running, Outcome> {
-        self.set_state(JobState::Dead);
-        let ran = since.elapsed();
-        let wanted = match self.cfg.restore.on {
-            RestoreOn::Never => false,
-            RestoreOn::Failure => !status.success(),
-            RestoreOn::Always => true,
-        };
-        if !wanted {
-            if status.success() {
-                info!(%status, "job exited; supervision ends");
-                self.set_state(JobState::Completed);
-                return Err(Outcome::Completed(status));
-            }
-            return Err(self.fail(format!("job ended ({status}) and restore.on = never")));
-        }
-        warn!(%status, ran_s = ran.as_secs_f64(), "job died");
-        let now = Instant::now();
-        let window = self.cfg.restore.window;
-        while self
-            .restores
-            .front()
-            .is_some_and(|t| now.duration_since(*t) > window)
-        {
-            self.restores.pop_front();
-        }
-        if self.restores.len() as u32 >= self.cfg.restore.max_restores {
-            return Err(self.fail(format!(
-                "job died {} times within {}; giving up (restore.max_restores)",
-                self.restores.len() + 1,
-                humantime::format_duration(window)
-            )));
-        }
-        if ran > self.cfg.restore.backoff_max {
-            self.consecutive = 0;
-        }
-        self.consecutive += 1;
-        let delay = restore_delay(
-            self.consecutive,
-            self.cfg.restore.backoff,
-            self.cfg.restore.backoff_max,
-        );
-        if !delay.is_zero() {
-            info!(
-                delay_ms = delay.as_millis() as u64,
-                "backing off before restoring"
-            );
-            tokio::select! {
-                _ = tokio::time::sleep(delay) => {}
-                _ = shutdown.changed() => {
-                    self.set_state(JobState::Stopped);
-                    return Err(Outcome::Stopped);
-                }
-            }
-        }
-        self.restores.push_back(Instant::now());
-        if let Some(r) = self.restore_newest().await {
-            return Ok(r);
-        }
-        match self.cfg.target {
-            Target::Launch(_) => {
-                warn!("no image could be restored; starting the command afresh");
-                self.launch().await.map_err(|e| self.fail(e))
-            }
-            Target::Attach { .. } => Err(self.fail("no image could be restored".into())),
         }
     }
 
@@ -1206,124 +651,6 @@ impl Supervisor {
             }
         }
     }
-
-    fn remember(&self, r: &Running) {
-        self.metrics.up(&self.cfg.name, true);
-        let (pid, ns_pid) = (r.host_pid, r.ns_pid);
-        self.publish(|s| {
-            s.pid = Some(pid).filter(|p| *p > 0);
-            s.ns_pid = Some(ns_pid);
-            s.since = Some(Utc::now());
-        });
-        let rec = JobRecord {
-            host_pid: r.host_pid,
-            ns_pid: r.ns_pid,
-            init_pid: r.init_pid,
-            start_time: r.start_time,
-        };
-        let path = self.run_dir.join("job.json");
-        if let Ok(s) = serde_json::to_vec(&rec) {
-            if let Err(e) = crate::fsutil::write_atomic(&path, &s, 0o600) {
-                warn!(error = %e, "cannot record the job's pid");
-            }
-        }
-    }
-
-    /// The dump mode, asked of CRIU once (FEATURE_CHECK `mem_track`).
-    async fn dump_mode(&mut self) -> DumpMode {
-        if let Some(m) = self.dump_mode {
-            return m;
-        }
-        let reaper = self.reaper.clone();
-        let mode =
-            match tokio::task::spawn_blocking(move || crate::criu::feature_check(&reaper)).await {
-                Ok(Ok(m)) => m,
-                Ok(Err(e)) => {
-                    warn!(error = %e, "CRIU feature check failed; taking full dumps");
-                    DumpMode::Full
-                }
-                Err(_) => DumpMode::Full,
-            };
-        match mode {
-            DumpMode::PreDump => info!(
-                dump_mode = "pre-dump",
-                "CRIU tracks dirty memory here: each checkpoint pre-dumps, then dumps only what changed"
-            ),
-            DumpMode::Full => info!(
-                dump_mode = "full",
-                "no dirty-memory tracking on this kernel: the job stays frozen for a full dump; the store still keeps only changed pages"
-            ),
-        }
-        self.dump_mode = Some(mode);
-        mode
-    }
-
-    fn forget_record(&self) {
-        let _ = std::fs::remove_file(self.run_dir.join("job.json"));
-    }
-}
-
-/// Testing aid: with `SUPERVISE_PAUSE=<name>` and `SUPERVISE_PAUSE_FILE=F`
-/// set, the step named `name` creates `F.reached` and waits (at most 60 s)
-/// while `F` exists, so that a test can act in a precise window (e.g. an
-/// attacker swapping a file between the rollback and CRIU's reopen).
-fn pause_point(name: &str) {
-    if !matches!(std::env::var("SUPERVISE_PAUSE").as_deref(), Ok(n) if n == name) {
-        return;
-    }
-    let Some(file) = std::env::var_os("SUPERVISE_PAUSE_FILE").map(PathBuf::from) else {
-        return;
-    };
-    if !file.exists() {
-        return;
-    }
-    let mut reached = file.clone().into_os_string();
-    reached.push(".reached");
-    let _ = std::fs::write(&reached, name);
-    warn!(
-        pause = name,
-        "SUPERVISE_PAUSE reached: waiting for the test"
-    );
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while file.exists() && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
-
-/// After a failed dump: any process of the job left stopped is resumed.
-/// CRIU seizes the tree with ptrace; if CRIU dies, the kernel detaches it
-/// and the tasks run on, which is waited for briefly; a task in a job-control
-/// stop gets SIGCONT. Returns how many tasks were resumed.
-pub fn resume_stopped(root: i32) -> usize {
-    let mut resumed = 0;
-    let deadline = Instant::now() + Duration::from_secs(2);
-    for pid in crate::proc::tree(root) {
-        loop {
-            match crate::proc::state(pid) {
-                Some('t') if Instant::now() < deadline => {
-                    std::thread::sleep(Duration::from_millis(20))
-                }
-                Some('T') => {
-                    warn!(pid, "a failed dump left this process stopped; resuming it");
-                    let _ = nix::sys::signal::kill(
-                        nix::unistd::Pid::from_raw(pid),
-                        nix::sys::signal::Signal::SIGCONT,
-                    );
-                    resumed += 1;
-                    break;
-                }
-                Some('t') => {
-                    warn!(
-                        pid,
-                        "a process of the job is still held in a trace stop after a failed dump"
-                    );
-                    break;
-                }
-                _ => break,
-            }
-        }
-    }
-    resumed
 }
 
 /// Waits for the job's end; never resolves while there is no job.
@@ -1348,85 +675,5 @@ async fn next_command(commands: &mut Option<mpsc::Receiver<Command>>) -> Option<
     }
 }
 
-/// What status shows of a published checkpoint.
-pub fn summary(info: &ImageInfo) -> CheckpointSummary {
-    CheckpointSummary {
-        id: info.id.clone(),
-        time: info.created,
-        duration_ms: info.manifest.meta.duration_ms,
-        frozen_ms: info.manifest.meta.frozen_us.map(|u| u as f64 / 1000.0),
-        bytes: info.size_bytes,
-    }
-}
-
-/// Largest `job.json` read back (it holds four numbers).
-const RECORD_MAX: u64 = 64 << 10;
-
-fn read_record(state_dir: &Path) -> Option<JobRecord> {
-    let bytes = crate::fsutil::read_limited(&state_dir.join("job.json"), RECORD_MAX).ok()?;
-    serde_json::from_slice(&bytes).ok()
-}
-
-/// Retention, then garbage collection of what it freed (blocking).
-fn retain_and_gc(store: &ImageStore, keep: usize) {
-    match store.retain(keep) {
-        Ok(removed) if !removed.is_empty() => {
-            info!(?removed, keep, "retention removed old images")
-        }
-        Ok(_) => {}
-        Err(e) => warn!(error = %e, "retention failed"),
-    }
-    match store.gc() {
-        Ok(r) if r.removed_packs + r.rewritten_packs > 0 => info!(
-            removed_packs = r.removed_packs,
-            rewritten_packs = r.rewritten_packs,
-            freed_bytes = r.freed_bytes,
-            pack_bytes = r.pack_bytes,
-            "gc reclaimed unreferenced data"
-        ),
-        Ok(_) => {}
-        Err(e) => warn!(error = %e, "gc failed; unreferenced data stays until the next one"),
-    }
-}
-
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn stopped_job_is_resumed() {
-        let mut c = std::process::Command::new("sleep")
-            .arg("30")
-            .spawn()
-            .unwrap();
-        let pid = c.id() as i32;
-        let p = nix::unistd::Pid::from_raw(pid);
-        nix::sys::signal::kill(p, nix::sys::signal::Signal::SIGSTOP).unwrap();
-        let t0 = Instant::now();
-        while crate::proc::state(pid) != Some('T') {
-            assert!(t0.elapsed() < Duration::from_secs(5));
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        assert_eq!(resume_stopped(pid), 1);
-        let t0 = Instant::now();
-        while crate::proc::state(pid) == Some('T') {
-            assert!(t0.elapsed() < Duration::from_secs(5), "still stopped");
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        assert_eq!(resume_stopped(pid), 0);
-        let _ = c.kill();
-        let _ = c.wait();
-    }
-
-    #[test]
-    fn backoff_doubles_and_caps() {
-        let b = Duration::from_secs(1);
-        let m = Duration::from_secs(10);
-        assert_eq!(restore_delay(1, b, m), Duration::from_secs(1));
-        assert_eq!(restore_delay(2, b, m), Duration::from_secs(2));
-        assert_eq!(restore_delay(4, b, m), Duration::from_secs(8));
-        assert_eq!(restore_delay(5, b, m), m);
-        assert_eq!(restore_delay(500, b, m), m);
-        assert_eq!(restore_delay(0, b, m), b);
-    }
-}
+mod tests;

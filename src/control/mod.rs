@@ -12,16 +12,16 @@
 //! overlaps a checkpoint or a restore).
 
 pub mod client;
+pub mod protocol;
 pub mod server;
 
-use std::collections::BTreeMap;
+pub use protocol::{CheckpointSummary, JobState, JobStatus, Request, Response};
+
 use std::path::PathBuf;
 
-use chrono::{DateTime, Utc};
-use serde::{Deserialize, Serialize};
-use tokio::sync::{mpsc, oneshot, watch};
+use chrono::Utc;
 
-use crate::supervisor::JobState;
+use tokio::sync::{mpsc, oneshot, watch};
 
 /// Environment variable overriding the default socket path.
 pub const SOCKET_ENV: &str = "SUPERVISE_SOCKET";
@@ -46,136 +46,6 @@ pub fn default_socket() -> PathBuf {
         return PathBuf::from(d).join("supervise").join("supervise.sock");
     }
     PathBuf::from(format!("/tmp/supervise-{uid}/supervise.sock"))
-}
-
-/// A request to the running supervisor.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "op", rename_all = "snake_case")]
-pub enum Request {
-    /// Every job's status.
-    Status,
-    /// Checkpoint a job now and wait for the result.
-    Checkpoint {
-        /// Job name.
-        job: String,
-    },
-    /// Replace the running job by an image (default: the newest).
-    Restore {
-        /// Job name.
-        job: String,
-        /// Checkpoint id.
-        #[serde(default)]
-        image: Option<String>,
-    },
-    /// Stop a job (optionally after a checkpoint); it stays stopped until
-    /// `start`.
-    Stop {
-        /// Job name.
-        job: String,
-        /// Take a checkpoint first (and do not stop if it fails).
-        #[serde(default)]
-        checkpoint: bool,
-    },
-    /// Start a stopped job: resume from its newest image, or launch it.
-    Start {
-        /// Job name.
-        job: String,
-    },
-}
-
-/// The supervisor's answer.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "result", rename_all = "snake_case")]
-pub enum Response {
-    /// Answer to [`Request::Status`].
-    Status {
-        /// One entry per job, in the order they were given.
-        jobs: Vec<JobStatus>,
-    },
-    /// A checkpoint was published.
-    Checkpoint {
-        /// It.
-        checkpoint: CheckpointSummary,
-    },
-    /// The command was carried out.
-    Done {
-        /// What happened.
-        message: String,
-    },
-    /// The command was refused or failed.
-    Error {
-        /// Why.
-        message: String,
-    },
-}
-
-/// One published checkpoint, as status shows it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct CheckpointSummary {
-    /// Checkpoint id.
-    pub id: String,
-    /// When it was taken.
-    pub time: DateTime<Utc>,
-    /// Wall time of the dump, ms.
-    pub duration_ms: u64,
-    /// CRIU's frozen time, ms.
-    pub frozen_ms: Option<f64>,
-    /// Bytes of the checkpoint.
-    pub bytes: u64,
-}
-
-/// Where one job stands, as `supervise status` shows it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct JobStatus {
-    /// Job name.
-    pub name: String,
-    /// running, checkpointing, restoring, stopped, failed (+ reason), ...
-    #[serde(flatten)]
-    pub state: JobState,
-    /// Root PID on the host, while the job runs.
-    pub pid: Option<i32>,
-    /// Root PID in its own namespace.
-    pub ns_pid: Option<i32>,
-    /// When the current process started or was restored.
-    pub since: Option<DateTime<Utc>>,
-    /// Seconds since then (filled in when status is asked).
-    pub uptime_s: Option<f64>,
-    /// Restores so far (automatic and manual).
-    pub restores: u32,
-    /// Checkpoints published by this supervise.
-    pub checkpoints: u32,
-    /// The newest checkpoint published by this supervise.
-    pub last_checkpoint: Option<CheckpointSummary>,
-    /// When the next scheduled checkpoint is due.
-    pub next_checkpoint: Option<DateTime<Utc>>,
-    /// The last failure (checkpoint or restore), if any.
-    pub last_error: Option<String>,
-    /// The image directory.
-    pub images: PathBuf,
-    /// Extra facts (e.g. the Slurm job id), by name.
-    #[serde(default)]
-    pub extra: BTreeMap<String, String>,
-}
-
-impl JobStatus {
-    /// The status of a job that has not started yet.
-    pub fn new(name: &str, images: PathBuf) -> JobStatus {
-        JobStatus {
-            name: name.to_string(),
-            state: JobState::Starting,
-            pid: None,
-            ns_pid: None,
-            since: None,
-            uptime_s: None,
-            restores: 0,
-            checkpoints: 0,
-            last_checkpoint: None,
-            next_checkpoint: None,
-            last_error: None,
-            images,
-            extra: BTreeMap::new(),
-        }
-    }
 }
 
 /// A command for one job's supervisor task; the answer comes back on the

@@ -1,0 +1,180 @@
+//! The control socket's wire types: what clients send, what supervise
+//! answers, and the job state they describe. The daemon (supervisor,
+//! server) depends on these; they depend on nothing of the daemon.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+/// A request to the running supervisor.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Request {
+    /// Every job's status.
+    Status,
+    /// Checkpoint a job now and wait for the result.
+    Checkpoint {
+        /// Job name.
+        job: String,
+    },
+    /// Replace the running job by an image (default: the newest).
+    Restore {
+        /// Job name.
+        job: String,
+        /// Checkpoint id.
+        #[serde(default)]
+        image: Option<String>,
+    },
+    /// Stop a job (optionally after a checkpoint); it stays stopped until
+    /// `start`.
+    Stop {
+        /// Job name.
+        job: String,
+        /// Take a checkpoint first (and do not stop if it fails).
+        #[serde(default)]
+        checkpoint: bool,
+    },
+    /// Start a stopped job: resume from its newest image, or launch it.
+    Start {
+        /// Job name.
+        job: String,
+    },
+}
+
+/// The supervisor's answer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "result", rename_all = "snake_case")]
+pub enum Response {
+    /// Answer to [`Request::Status`].
+    Status {
+        /// One entry per job, in the order they were given.
+        jobs: Vec<JobStatus>,
+    },
+    /// A checkpoint was published.
+    Checkpoint {
+        /// It.
+        checkpoint: CheckpointSummary,
+    },
+    /// The command was carried out.
+    Done {
+        /// What happened.
+        message: String,
+    },
+    /// The command was refused or failed.
+    Error {
+        /// Why.
+        message: String,
+    },
+}
+
+/// One published checkpoint, as status shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CheckpointSummary {
+    /// Checkpoint id.
+    pub id: String,
+    /// When it was taken.
+    pub time: DateTime<Utc>,
+    /// Wall time of the dump, ms.
+    pub duration_ms: u64,
+    /// CRIU's frozen time, ms.
+    pub frozen_ms: Option<f64>,
+    /// Bytes of the checkpoint.
+    pub bytes: u64,
+}
+
+/// Where one job stands, as `supervise status` shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobStatus {
+    /// Job name.
+    pub name: String,
+    /// running, checkpointing, restoring, stopped, failed (+ reason), ...
+    #[serde(flatten)]
+    pub state: JobState,
+    /// Root PID on the host, while the job runs.
+    pub pid: Option<i32>,
+    /// Root PID in its own namespace.
+    pub ns_pid: Option<i32>,
+    /// When the current process started or was restored.
+    pub since: Option<DateTime<Utc>>,
+    /// Seconds since then (filled in when status is asked).
+    pub uptime_s: Option<f64>,
+    /// Restores so far (automatic and manual).
+    pub restores: u32,
+    /// Checkpoints published by this supervise.
+    pub checkpoints: u32,
+    /// The newest checkpoint published by this supervise.
+    pub last_checkpoint: Option<CheckpointSummary>,
+    /// When the next scheduled checkpoint is due.
+    pub next_checkpoint: Option<DateTime<Utc>>,
+    /// The last failure (checkpoint or restore), if any.
+    pub last_error: Option<String>,
+    /// The image directory.
+    pub images: PathBuf,
+    /// Extra facts (e.g. the Slurm job id), by name.
+    #[serde(default)]
+    pub extra: BTreeMap<String, String>,
+}
+
+impl JobStatus {
+    /// The status of a job that has not started yet.
+    pub fn new(name: &str, images: PathBuf) -> JobStatus {
+        JobStatus {
+            name: name.to_string(),
+            state: JobState::Starting,
+            pid: None,
+            ns_pid: None,
+            since: None,
+            uptime_s: None,
+            restores: 0,
+            checkpoints: 0,
+            last_checkpoint: None,
+            next_checkpoint: None,
+            last_error: None,
+            images,
+            extra: BTreeMap::new(),
+        }
+    }
+}
+
+/// Where a job stands.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase", tag = "state", content = "reason")]
+pub enum JobState {
+    /// Starting or resuming.
+    Starting,
+    /// Running, between checkpoints.
+    Running,
+    /// A checkpoint is being taken.
+    Checkpointing,
+    /// The job died; a restore is pending.
+    Dead,
+    /// A restore is running.
+    Restoring,
+    /// Stopped by supervise's shutdown.
+    Stopped,
+    /// Supervision ended because the job exited cleanly.
+    Completed,
+    /// Given up.
+    Failed(String),
+    /// Another copy of this job (Slurm) took over the image store.
+    Superseded(String),
+}
+
+impl JobState {
+    /// One line for humans: "running", "failed: <reason>".
+    pub fn describe(&self) -> String {
+        match self {
+            JobState::Starting => "starting".into(),
+            JobState::Running => "running".into(),
+            JobState::Checkpointing => "checkpointing".into(),
+            JobState::Dead => "dead".into(),
+            JobState::Restoring => "restoring".into(),
+            JobState::Stopped => "stopped".into(),
+            JobState::Completed => "completed".into(),
+            JobState::Failed(r) => format!("failed: {r}"),
+            JobState::Superseded(r) => format!("superseded: {r}"),
+        }
+    }
+}

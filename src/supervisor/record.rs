@@ -1,0 +1,63 @@
+//! What supervise remembers on disk about the live job (`job.json`) and
+//! about the process an `attach = PID` job was attached to
+//! (`attached.json`), both in the (trusted) state directory.
+
+use super::*;
+
+/// What supervise remembers about the live job, in `<state_dir>/job.json`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct JobRecord {
+    /// Root PID in supervise's namespace.
+    pub host_pid: i32,
+    /// Root PID in its own namespace.
+    pub ns_pid: i32,
+    /// The namespace init, if any.
+    pub init_pid: Option<i32>,
+    /// Root start time (clock ticks since boot).
+    pub start_time: u64,
+}
+
+/// The process an `attach = PID` job was first attached to, in
+/// `<state_dir>/attached.json`: a later supervise attaches to `pid` again
+/// only if it is still that process (same start time).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+pub(super) struct AttachRecord {
+    pub(super) pid: i32,
+    pub(super) start_time: u64,
+}
+
+/// Largest `job.json` read back (it holds four numbers).
+pub(super) const RECORD_MAX: u64 = 64 << 10;
+
+pub(super) fn read_record(state_dir: &Path) -> Option<JobRecord> {
+    let bytes = crate::fsutil::read_limited(&state_dir.join("job.json"), RECORD_MAX).ok()?;
+    serde_json::from_slice(&bytes).ok()
+}
+
+impl Supervisor {
+    pub(super) fn remember(&self, r: &Running) {
+        self.metrics.up(&self.cfg.name, true);
+        let (pid, ns_pid) = (r.host_pid, r.ns_pid);
+        self.publish(|s| {
+            s.pid = Some(pid).filter(|p| *p > 0);
+            s.ns_pid = Some(ns_pid);
+            s.since = Some(Utc::now());
+        });
+        let rec = JobRecord {
+            host_pid: r.host_pid,
+            ns_pid: r.ns_pid,
+            init_pid: r.init_pid,
+            start_time: r.start_time,
+        };
+        let path = self.run_dir.join("job.json");
+        if let Ok(s) = serde_json::to_vec(&rec) {
+            if let Err(e) = crate::fsutil::write_atomic(&path, &s, 0o600) {
+                warn!(error = %e, "cannot record the job's pid");
+            }
+        }
+    }
+
+    pub(super) fn forget_record(&self) {
+        let _ = std::fs::remove_file(self.run_dir.join("job.json"));
+    }
+}

@@ -1,0 +1,235 @@
+//! The supervisor loop and its restart policy, driven through a test
+//! double of the [`Engine`]: no root, no CRIU, no real process. The image
+//! store is real (a temp dir); "dumps" are small files, "processes" are
+//! channels the test ends at will.
+
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::oneshot;
+
+use super::*;
+use crate::config::{CriuOptions, LaunchSpec};
+use crate::control::{job_channel, JobHandle, Response};
+use crate::criu::{CriuError, DumpMode, DumpOutcome};
+use crate::job::{JobError, Restored};
+
+type Slot = Arc<Mutex<Option<oneshot::Sender<ExitStatus>>>>;
+
+#[derive(Default)]
+struct Counts {
+    launches: u32,
+    dumps: u32,
+    restores: u32,
+}
+
+/// Launch and restore hand out channel-backed jobs; dump writes one file.
+#[derive(Default)]
+struct Fake {
+    current: Mutex<Option<Slot>>,
+    counts: Mutex<Counts>,
+    next_pid: Mutex<i32>,
+}
+
+impl Fake {
+    fn job(&self) -> Running {
+        let (tx, rx) = oneshot::channel();
+        let slot: Slot = Arc::new(Mutex::new(Some(tx)));
+        *self.current.lock().unwrap() = Some(slot.clone());
+        let mut pid = self.next_pid.lock().unwrap();
+        *pid += 1;
+        Running::from_channel(
+            *pid,
+            1000,
+            rx,
+            Box::new(move || {
+                if let Some(tx) = slot.lock().unwrap().take() {
+                    let _ = tx.send(ExitStatus::Signal(libc::SIGKILL));
+                }
+            }),
+        )
+    }
+
+    /// The current job dies with `status`.
+    fn die(&self, status: ExitStatus) {
+        let slot = self.current.lock().unwrap().clone().expect("a job runs");
+        let tx = slot.lock().unwrap().take().expect("still running");
+        tx.send(status).unwrap();
+    }
+
+    fn counts(&self) -> (u32, u32, u32) {
+        let c = self.counts.lock().unwrap();
+        (c.launches, c.dumps, c.restores)
+    }
+}
+
+impl Engine for Fake {
+    fn launch(&self, _: &LaunchSpec, _: &InitFiles) -> Result<Running, JobError> {
+        self.counts.lock().unwrap().launches += 1;
+        Ok(self.job())
+    }
+
+    fn dump(
+        &self,
+        _: i32,
+        dir: &Path,
+        _: &CriuOptions,
+        _: Option<Duration>,
+        _: DumpMode,
+        on_notify: &mut dyn FnMut(&str) -> bool,
+    ) -> Result<DumpOutcome, CriuError> {
+        let n = {
+            let mut c = self.counts.lock().unwrap();
+            c.dumps += 1;
+            c.dumps
+        };
+        std::fs::write(dir.join("core-1000.img"), format!("dump {n}")).unwrap();
+        assert!(on_notify("post-dump"));
+        Ok(DumpOutcome {
+            duration: Duration::from_millis(1),
+            stats: None,
+            log: String::new(),
+        })
+    }
+
+    fn restore(
+        &self,
+        images: &Path,
+        _: &CriuOptions,
+        _: &InitFiles,
+        on_notify: &mut dyn FnMut(&str, i32) -> bool,
+    ) -> Result<Restored, JobError> {
+        assert!(images.join("core-1000.img").exists(), "materialised first");
+        assert!(on_notify("post-restore", 0));
+        self.counts.lock().unwrap().restores += 1;
+        Ok(Restored {
+            running: self.job(),
+            duration: Duration::from_millis(1),
+            criu_restore_us: None,
+        })
+    }
+
+    fn feature_check(&self) -> Result<DumpMode, CriuError> {
+        Ok(DumpMode::Full)
+    }
+}
+
+struct Harness {
+    _dir: tempfile::TempDir,
+    fake: Arc<Fake>,
+    handle: JobHandle,
+    shutdown: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<Outcome>,
+}
+
+fn reaper() -> Reaper {
+    static R: std::sync::OnceLock<Reaper> = std::sync::OnceLock::new();
+    R.get_or_init(|| Reaper::install().expect("reaper")).clone()
+}
+
+async fn start(restore: &str) -> Harness {
+    let dir = tempfile::tempdir().unwrap();
+    let text = format!(
+        "command = [\"/bin/true\"]\n[checkpoint]\nevery = \"1h\"\n[files]\nrollback = false\n[restore]\n{restore}\n"
+    );
+    let cfg = JobConfig::from_str_at(&text, &dir.path().join("job.toml")).unwrap();
+    let fake = Arc::new(Fake::default());
+    let (handle, port) = job_channel(&cfg.name, cfg.checkpoint.dir.clone());
+    let mut sup = Supervisor::new(cfg, reaper(), None).unwrap();
+    sup.engine = fake.clone();
+    sup.connect(port, Metrics::new());
+    let (shutdown, rx) = watch::channel(false);
+    let task = tokio::spawn(sup.run(rx));
+    let h = Harness {
+        _dir: dir,
+        fake,
+        handle,
+        shutdown,
+        task,
+    };
+    h.wait(|s| s.state == JobState::Running).await;
+    h
+}
+
+impl Harness {
+    async fn wait(&self, f: impl Fn(&JobStatus) -> bool) -> JobStatus {
+        let mut rx = self.handle.status.clone();
+        let s = tokio::time::timeout(Duration::from_secs(10), rx.wait_for(|s| f(s)))
+            .await
+            .expect("status reached in time")
+            .expect("supervisor alive");
+        s.clone()
+    }
+
+    async fn ask(&self, make: impl FnOnce(oneshot::Sender<Response>) -> Command) -> Response {
+        let (tx, rx) = oneshot::channel();
+        self.handle.commands.send(make(tx)).await.unwrap();
+        rx.await.unwrap()
+    }
+
+    async fn checkpoint(&self) {
+        let r = self.ask(Command::Checkpoint).await;
+        assert!(matches!(r, Response::Checkpoint { .. }), "{r:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crash_loop_restores_with_backoff_then_gives_up() {
+    let h = start("max_restores = 2\nbackoff = \"10ms\"\nbackoff_max = \"1s\"\n").await;
+    h.checkpoint().await;
+    for n in 1..=2 {
+        h.fake.die(ExitStatus::Signal(libc::SIGKILL));
+        h.wait(|s| s.restores == n && s.state == JobState::Running)
+            .await;
+    }
+    h.fake.die(ExitStatus::Signal(libc::SIGKILL));
+    let outcome = h.task.await.unwrap();
+    match outcome {
+        Outcome::Failed(r) => assert!(r.contains("job died 3 times"), "{r}"),
+        o => panic!("{o:?}"),
+    }
+    assert_eq!(h.fake.counts(), (1, 1, 2));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn manual_restores_are_not_counted_and_start_resets() {
+    let h = start("max_restores = 1\nbackoff = \"0s\"\n").await;
+    h.checkpoint().await;
+    // Manual restores do not count against max_restores.
+    for _ in 0..3 {
+        let r = h.ask(|tx| Command::Restore(None, tx)).await;
+        assert!(matches!(r, Response::Done { .. }), "{r:?}");
+    }
+    // One automatic restore is allowed...
+    h.fake.die(ExitStatus::Code(3));
+    h.wait(|s| s.restores == 4 && s.state == JobState::Running)
+        .await;
+    // ...stop and start reset the count...
+    let r = h.ask(|tx| Command::Stop(false, tx)).await;
+    assert!(matches!(r, Response::Done { .. }), "{r:?}");
+    h.wait(|s| s.state == JobState::Stopped).await;
+    let r = h.ask(Command::Checkpoint).await;
+    assert!(matches!(r, Response::Error { ref message } if message.contains("stopped")));
+    let r = h.ask(Command::Start).await;
+    assert!(matches!(r, Response::Done { .. }), "{r:?}");
+    h.wait(|s| s.state == JobState::Running).await;
+    h.fake.die(ExitStatus::Code(3));
+    h.wait(|s| s.restores == 6 && s.state == JobState::Running)
+        .await;
+    // ...so only the second death after the start gives up.
+    h.fake.die(ExitStatus::Code(3));
+    assert!(matches!(h.task.await.unwrap(), Outcome::Failed(_)));
+    // One launch; restores: 3 manual, 1 automatic, 1 by start, 1 automatic.
+    assert_eq!(h.fake.counts(), (1, 1, 6));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clean_exit_completes_and_shutdown_checkpoints_then_stops() {
+    let h = start("").await;
+    h.fake.die(ExitStatus::Code(0));
+    assert!(matches!(h.task.await.unwrap(), Outcome::Completed(_)));
+    let h = start("").await;
+    h.shutdown.send(true).unwrap();
+    assert_eq!(h.task.await.unwrap(), Outcome::Stopped);
+    // The final checkpoint was taken, and the job killed.
+    assert_eq!(h.fake.counts(), (1, 1, 0));
+}
