@@ -238,12 +238,8 @@ fn pipe() -> std::io::Result<Pipe> {
 /// Duplicates `fd` to a number >= 100, close-on-exec, so that the child can
 /// dup2 it onto a low number without clobbering another source fd.
 fn high(fd: &OwnedFd) -> std::io::Result<OwnedFd> {
-    // SAFETY: fcntl F_DUPFD_CLOEXEC on a valid fd returns a new owned fd.
-    let n = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 100) };
-    if n < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: fresh fd.
+    let n = nix::fcntl::fcntl(fd.as_raw_fd(), nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(100))?;
+    // SAFETY: a fresh descriptor we own.
     Ok(unsafe { OwnedFd::from_raw_fd(n) })
 }
 

@@ -84,11 +84,7 @@ impl Reaper {
     /// Makes this process a child subreaper and starts reaping on SIGCHLD.
     /// Must be called inside a tokio runtime.
     pub fn install() -> io::Result<Reaper> {
-        // SAFETY: plain prctl with integer arguments.
-        let rc = unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
-        if rc != 0 {
-            return Err(io::Error::last_os_error());
-        }
+        nix::sys::prctl::set_child_subreaper(true)?;
         let reaper = Reaper::default();
         let mut sigchld = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::child())?;
         let r = reaper.clone();

@@ -543,7 +543,7 @@ impl Supervisor {
                 ns_pid = rec.ns_pid,
                 "re-adopted the job an earlier supervise left running (same pid and start time)"
             );
-            self.remember(&r);
+            self.remember(&r).await;
             return Ok(r);
         }
         match self.cfg.target.clone() {
@@ -567,7 +567,7 @@ impl Supervisor {
                             {
                                 warn!(error = %e, "cannot record the attached process");
                             }
-                            self.remember(&r);
+                            self.remember(&r).await;
                             return Ok(r);
                         }
                         Err(e) => warn!(
@@ -590,7 +590,7 @@ impl Supervisor {
                 }
             }
             Target::Launch(_) => {
-                if !self.list_images().is_empty() {
+                if !self.list_images().await.is_empty() {
                     info!("images found; resuming from the newest instead of starting afresh");
                     if let Some(r) = self.restore_newest().await {
                         return Ok(r);
@@ -612,13 +612,22 @@ impl Supervisor {
             .await
             .map_err(|e| e.to_string())?
             .map_err(|e| format!("cannot start the command: {e}"))?;
-        self.remember(&r);
+        self.remember(&r).await;
         info!(pid = r.host_pid, ns_pid = r.ns_pid, "started");
         Ok(r)
     }
 
-    fn list_images(&self) -> Vec<ImageInfo> {
-        match self.store.list() {
+    /// The published images, newest first (read on a blocking thread).
+    async fn list_images(&self) -> Vec<ImageInfo> {
+        let store = self.store.clone();
+        let listed = match tokio::task::spawn_blocking(move || store.list()).await {
+            Ok(r) => r,
+            Err(e) => {
+                warn!(error = %e, "cannot list images");
+                return Vec::new();
+            }
+        };
+        match listed {
             Ok(v) => v,
             Err(e) => {
                 warn!(error = %e, "cannot list images");

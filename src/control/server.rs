@@ -68,11 +68,11 @@ impl Server {
         }
         // Bind with a restrictive umask so the socket is never reachable by
         // others, not even for an instant.
-        // SAFETY: umask is process-wide; set and restored around bind only.
-        let old = unsafe { libc::umask(0o177) };
+        // (umask is process-wide: set and restored around bind only.)
+        use nix::sys::stat::{umask, Mode};
+        let old = umask(Mode::from_bits_truncate(0o177));
         let listener = UnixListener::bind(path);
-        // SAFETY: restores the previous umask.
-        unsafe { libc::umask(old) };
+        umask(old);
         let listener = listener.map_err(ioe)?;
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(ioe)?;
         Ok(Server {

@@ -43,7 +43,12 @@ impl Supervisor {
         &mut self,
         job: &Running,
     ) -> Result<ImageInfo, CheckpointError> {
-        let staging = match self.store.begin() {
+        // Directory scans and creation: off the async threads.
+        let store = self.store.clone();
+        let begun = tokio::task::spawn_blocking(move || store.begin())
+            .await
+            .map_err(|e| CheckpointError::Failed(format!("checkpoint task failed: {e}")))?;
+        let staging = match begun {
             Ok(s) => s,
             Err(e) => {
                 error!(error = %e, "cannot stage a checkpoint");
@@ -145,27 +150,30 @@ impl Supervisor {
             root_pid: job.ns_pid,
             extra,
         };
-        // Inside Slurm, publish only while holding our lease on the store.
-        let guard = match &self.fence {
-            Some(f) => match f.guard() {
-                Ok(g) => Some(g),
-                Err(e) => {
-                    staging.abort();
-                    return Err(CheckpointError::Superseded(e.to_string()));
-                }
-            },
-            None => None,
-        };
+        // Inside Slurm, publish only while holding our lease on the store
+        // (a flock: taken on the blocking thread, with the commit).
+        let fence = self.fence.clone();
         let store = self.store.clone();
-        let info = match tokio::task::spawn_blocking(move || {
+        let published = tokio::task::spawn_blocking(move || {
+            let guard = match &fence {
+                Some(f) => match f.guard() {
+                    Ok(g) => Some(g),
+                    Err(e) => {
+                        staging.abort();
+                        return Err(CheckpointError::Superseded(e.to_string()));
+                    }
+                },
+                None => None,
+            };
             let r = staging.commit(meta);
             drop(guard);
-            r
+            Ok(r)
         })
-        .await
-        {
-            Ok(Ok(info)) => info,
-            Ok(Err(e)) => {
+        .await;
+        let info = match published {
+            Ok(Err(superseded)) => return Err(superseded),
+            Ok(Ok(Ok(info))) => info,
+            Ok(Ok(Err(e))) => {
                 error!(checkpoint = %id, error = %e, "cannot publish the checkpoint; older images are intact");
                 return Err(CheckpointError::Failed(e.to_string()));
             }

@@ -35,7 +35,7 @@ pub(super) fn read_record(state_dir: &Path) -> Option<JobRecord> {
 }
 
 impl Supervisor {
-    pub(super) fn remember(&self, r: &Running) {
+    pub(super) async fn remember(&self, r: &Running) {
         self.metrics.up(&self.cfg.name, true);
         let (pid, ns_pid) = (r.host_pid, r.ns_pid);
         self.publish(|s| {
@@ -50,10 +50,13 @@ impl Supervisor {
             start_time: r.start_time,
         };
         let path = self.run_dir.join("job.json");
-        if let Ok(s) = serde_json::to_vec(&rec) {
-            if let Err(e) = crate::fsutil::write_atomic(&path, &s, 0o600) {
-                warn!(error = %e, "cannot record the job's pid");
-            }
+        let written = tokio::task::spawn_blocking(move || {
+            let s = serde_json::to_vec(&rec).map_err(std::io::Error::other)?;
+            crate::fsutil::write_atomic(&path, &s, 0o600)
+        })
+        .await;
+        if let Ok(Err(e)) = written {
+            warn!(error = %e, "cannot record the job's pid");
         }
     }
 

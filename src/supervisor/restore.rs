@@ -22,7 +22,7 @@ impl Supervisor {
                 Ok(i) => i,
                 Err(e) => return err(format!("{e}; the job was left as it is")),
             },
-            None => match self.list_images().into_iter().next() {
+            None => match self.list_images().await.into_iter().next() {
                 Some(i) => i,
                 None => return err("there are no images to restore from".into()),
             },
@@ -71,7 +71,7 @@ impl Supervisor {
     /// Tries images newest first: verify, then CRIU restore.
     pub(super) async fn restore_newest(&mut self) -> Option<Running> {
         self.set_state(JobState::Restoring);
-        let images = self.list_images();
+        let images = self.list_images().await;
         self.kill_survivors(images.first()).await;
         if images.is_empty() {
             info!("no images to restore from");
@@ -228,7 +228,7 @@ impl Supervisor {
             info!(checkpoint = %img.id, files = actions.len(), changed, "job files rolled back to the checkpoint");
         }
         // job.json first: whoever reads the log line finds the new pid.
-        self.remember(&r.running);
+        self.remember(&r.running).await;
         info!(
             checkpoint = %img.id,
             duration_ms = (r.duration + materialise).as_millis() as u64,
