@@ -48,7 +48,7 @@ fn detect_criu() {
     let shown = criu
         .as_deref()
         .map(|p| p.display().to_string())
-        .unwrap_or_else(|| "criu (not on PATH)".into());
+        .unwrap_or_default();
     let version = criu.as_deref().and_then(|p| {
         let out = Command::new(p).arg("--version").output().ok()?;
         if !out.status.success() {
@@ -76,6 +76,7 @@ fn detect_criu() {
         .is_some_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0");
 
     let problem = match &version {
+        None if criu.is_none() => Some("criu is not on PATH".to_string()),
         None => Some(format!("{shown} --version does not run")),
         Some((v, major, minor)) if (*major, *minor) < (4, 2) => {
             Some(format!("{shown} is version {v}"))
