@@ -9,10 +9,8 @@ use std::process::Command;
 use common::*;
 
 #[test]
+#[cfg_attr(not(criu), ignore = "needs root and CRIU >= 4.2 (scripts/setup.sh)")]
 fn check_reports_criu_and_exits_zero_here() {
-    if !criu_available() {
-        return;
-    }
     let out = Command::new(BIN).arg("check").output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{text}");
@@ -106,20 +104,12 @@ fn bad_job_files_name_file_line_column_and_key() {
 
 /// `supervise images --json`: newest first, RFC 3339 times, sizes on disk.
 #[test]
+#[cfg_attr(not(criu), ignore = "needs root and CRIU >= 4.2 (scripts/setup.sh)")]
 fn images_lists_newest_first_with_sizes() {
-    if !criu_available() {
-        return;
-    }
     let env = Env::new();
-    let job = env.job(
-        "img",
-        &format!(
-            "command = [\"{}\", \"100\"]\n[checkpoint]\nevery = \"1s\"\nkeep = 2\n",
-            progs().join("counter").display()
-        ),
-    );
+    let job = JobFile::counter("img").keep(2).write(&env);
     let sup = env.start(&job);
-    sup.wait_for("checkpoint published", 3, T);
+    sup.wait_checkpoints("img", 3, T);
     drop(sup);
     let imgs = images(&job);
     assert_eq!(imgs.len(), 2, "keep = 2: {imgs:?}");
@@ -153,25 +143,15 @@ fn images_lists_newest_first_with_sizes() {
 /// during a step are skipped and logged (not queued), and the schedule keeps
 /// firing.
 #[test]
+#[cfg_attr(not(criu), ignore = "needs root and CRIU >= 4.2 (scripts/setup.sh)")]
 fn schedule_never_overlaps_a_slow_checkpoint() {
-    if !criu_available() {
-        return;
-    }
     let env = Env::new();
     // 256 MiB of dirty memory: dump + hash + fsync take about a second here.
-    let job = env.job(
-        "slow",
-        &format!(
-            "command = [\"{}\", \"256\"]\n[checkpoint]\nevery = \"1s\"\nkeep = 10\n",
-            progs().join("bigmem").display()
-        ),
-    );
+    let job = JobFile::program("slow", &[&prog("bigmem"), "256"])
+        .keep(10)
+        .write(&env);
     let sup = env.start(&job);
-    sup.wait_for(
-        "checkpoint published",
-        4,
-        std::time::Duration::from_secs(120),
-    );
+    sup.wait_checkpoints("slow", 4, std::time::Duration::from_secs(120));
     let log = sup.log();
     drop(sup);
     let mut imgs = images(&job);

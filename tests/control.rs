@@ -11,21 +11,12 @@ use std::os::unix::process::CommandExt;
 
 use common::*;
 
+/// The counter job of these tests, with its own image dir.
 fn counter(env: &Env, name: &str, every: &str) -> std::path::PathBuf {
-    env.job(
-        name,
-        &format!(
-            r#"command = ["{}", "100"]
-stdout = "{name}.out"
-[checkpoint]
-every = "{every}"
-dir = "images-{name}"
-[restore]
-backoff = "0s"
-"#,
-            progs().join("counter").display()
-        ),
-    )
+    JobFile::counter(name)
+        .every(every)
+        .dir(&format!("images-{name}"))
+        .write(env)
 }
 
 fn ok(out: &std::process::Output) -> String {
@@ -42,14 +33,12 @@ fn ok(out: &std::process::Output) -> String {
 /// Status has the documented fields; checkpoint-now adds an image and
 /// status then shows it.
 #[test]
+#[cfg_attr(not(criu), ignore = "needs root and CRIU >= 4.2 (scripts/setup.sh)")]
 fn status_and_checkpoint_now() {
-    if !criu_available() {
-        return;
-    }
     let env = Env::new();
     let job = counter(&env, "c", "1h");
     let sup = env.start(&job);
-    sup.wait_for("started", 1, T);
+    sup.wait_state("c", "running", T);
     let s = env.status();
     let j = &s[0];
     assert_eq!(j["name"], "c");
@@ -84,14 +73,14 @@ fn status_and_checkpoint_now() {
 
 /// A second checkpoint request while one is running is refused cleanly.
 #[test]
+#[cfg_attr(not(criu), ignore = "needs root and CRIU >= 4.2 (scripts/setup.sh)")]
 fn checkpoint_now_refused_while_one_runs() {
-    if !criu_available() {
-        return;
-    }
     let env = Env::new();
-    let job = env.bigmem_job("big", 384);
+    let job = JobFile::program("big", &[&prog("bigmem"), "384"])
+        .every("1h")
+        .write(&env);
     let sup = env.start(&job);
-    sup.wait_for("started", 1, T);
+    sup.wait_state("big", "running", T);
     wait_numbers(&env.path().join("big.out"), 2, T);
     let first = env.ctl_spawn(&["checkpoint", "big"]);
     wait_until("state checkpointing", T, || {
@@ -109,14 +98,12 @@ fn checkpoint_now_refused_while_one_runs() {
 /// Manual restore to an older image continues from that image's state;
 /// a bad id leaves the job alone.
 #[test]
+#[cfg_attr(not(criu), ignore = "needs root and CRIU >= 4.2 (scripts/setup.sh)")]
 fn manual_restore_to_an_older_image() {
-    if !criu_available() {
-        return;
-    }
     let env = Env::new();
     let job = counter(&env, "m", "1h");
     let sup = env.start(&job);
-    sup.wait_for("started", 1, T);
+    sup.wait_state("m", "running", T);
     let out = env.path().join("m.out");
     wait_numbers(&out, 3, T);
     ok(&env.ctl(&["checkpoint", "m"]));
@@ -184,14 +171,12 @@ fn manual_restore_to_an_older_image() {
 
 /// stop --checkpoint, then start: resumes from that checkpoint.
 #[test]
+#[cfg_attr(not(criu), ignore = "needs root and CRIU >= 4.2 (scripts/setup.sh)")]
 fn stop_and_start() {
-    if !criu_available() {
-        return;
-    }
     let env = Env::new();
     let job = counter(&env, "s", "1h");
     let sup = env.start(&job);
-    sup.wait_for("started", 1, T);
+    sup.wait_state("s", "running", T);
     wait_numbers(&env.path().join("s.out"), 3, T);
     let (pid, _) = sup.job_pid("s");
     let out = ok(&env.ctl(&["stop", "s", "--checkpoint"]));
@@ -207,7 +192,7 @@ fn stop_and_start() {
     let out = ok(&env.ctl(&["start", "s"]));
     assert!(out.contains("running as pid"), "{out}");
     assert_eq!(env.status()[0]["state"], "running");
-    sup.wait_for("restored", 1, T);
+    sup.wait_restores("s", 1, T);
     wait_numbers(&env.path().join("s.out"), stopped_at + 3, T);
     assert_exactly_once(&env.numbers("s.out"));
     assert_eq!(env.ctl(&["start", "s"]).status.code(), Some(1));
@@ -216,28 +201,19 @@ fn stop_and_start() {
 /// `supervise run jobs/`: two jobs; one crash-loops and fails, the other
 /// keeps being checkpointed; supervise keeps running.
 #[test]
+#[cfg_attr(not(criu), ignore = "needs root and CRIU >= 4.2 (scripts/setup.sh)")]
 fn one_crash_looping_job_does_not_disturb_another() {
-    if !criu_available() {
-        return;
-    }
     let env = Env::new();
     let dir = env.path().join("jobs");
     fs::create_dir(&dir).unwrap();
-    fs::write(
-        dir.join("good.toml"),
-        format!(
-            "command = [\"{}\", \"100\"]\nstdout = \"good.out\"\n[checkpoint]\nevery = \"1s\"\n",
-            progs().join("counter").display()
-        ),
-    )
-    .unwrap();
+    JobFile::counter("good").write_in(&dir);
     fs::write(
         dir.join("loop.toml"),
         "command = [\"/bin/sh\", \"-c\", \"sleep 0.2; exit 3\"]\n[restore]\nbackoff = \"0s\"\nmax_restores = 2\n",
     )
     .unwrap();
     let mut sup = env.start_with(&[dir.as_os_str()]);
-    sup.wait_for("giving up", 1, T);
+    sup.wait_state("loop", "failed", T);
     let s = env.status();
     let by = |n: &str| {
         s.as_array()
@@ -251,11 +227,8 @@ fn one_crash_looping_job_does_not_disturb_another() {
     assert_eq!(lp["state"], "failed");
     assert!(lp["reason"].as_str().unwrap().contains("giving up"), "{lp}");
     assert_eq!(by("good")["state"], "running");
-    let published = sup
-        .log()
-        .matches("job{job=good}: checkpoint published")
-        .count();
-    sup.wait_for("job{job=good}: checkpoint published", published + 2, T);
+    let published = sup.checkpoints("good");
+    sup.wait_checkpoints("good", published + 2, T);
     assert_eq!(
         env.status()
             .as_array()
@@ -280,15 +253,13 @@ fn one_crash_looping_job_does_not_disturb_another() {
 /// SIGKILL supervise: the job keeps running; a new supervise re-adopts it
 /// (same process, no second copy) and still restores it after a kill.
 #[test]
+#[cfg_attr(not(criu), ignore = "needs root and CRIU >= 4.2 (scripts/setup.sh)")]
 fn readopts_job_after_supervise_is_killed() {
-    if !criu_available() {
-        return;
-    }
     subreaper();
     let env = Env::new();
     let job = counter(&env, "r", "1s");
     let mut sup = env.start(&job);
-    sup.wait_for("checkpoint published", 1, T);
+    sup.wait_checkpoints("r", 1, T);
     let (pid, _) = sup.job_pid("r");
     kill(sup.pid(), libc::SIGKILL);
     assert_eq!(sup.wait_exit(T), 128 + libc::SIGKILL);
@@ -310,14 +281,14 @@ fn readopts_job_after_supervise_is_killed() {
         "{log}"
     );
     assert_eq!(env.status()[0]["pid"].as_i64().unwrap(), pid as i64);
-    sup2.wait_for("checkpoint published", 1, T);
+    sup2.wait_checkpoints("r", 1, T);
 
     let v: serde_json::Value =
         serde_json::from_slice(&fs::read(env.path().join(".supervise/r/job.json")).unwrap())
             .unwrap();
     let old_init = v["init_pid"].as_i64().unwrap() as i32;
     sup2.kill_job("r");
-    sup2.wait_for("restored", 1, T);
+    sup2.wait_restores("r", 1, T);
     // The old init was orphaned to this test (a subreaper): reap it.
     reap_pids(&[old_init]);
     let n = env.numbers("r.out").len();
@@ -329,14 +300,12 @@ fn readopts_job_after_supervise_is_killed() {
 /// The socket is 0600 in a private directory, and the server checks the
 /// peer's uid even when the file permissions are opened up.
 #[test]
+#[cfg_attr(not(criu), ignore = "needs root and CRIU >= 4.2 (scripts/setup.sh)")]
 fn socket_refuses_other_users() {
-    if !criu_available() {
-        return;
-    }
     let env = Env::new();
     let job = counter(&env, "p", "1h");
     let sup = env.start(&job);
-    sup.wait_for("control socket ready", 1, T);
+    sup.wait_state("p", "running", T);
     use std::os::unix::fs::PermissionsExt;
     let mode = fs::metadata(env.socket()).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o600);
@@ -388,10 +357,8 @@ fn metric(text: &str, name: &str) -> f64 {
 /// The metrics endpoint scrapes, and its counters move with checkpoints
 /// and restores.
 #[test]
+#[cfg_attr(not(criu), ignore = "needs root and CRIU >= 4.2 (scripts/setup.sh)")]
 fn metrics_endpoint_counts() {
-    if !criu_available() {
-        return;
-    }
     let env = Env::new();
     let job = counter(&env, "x", "1h");
     let port = std::net::TcpListener::bind("127.0.0.1:0")
@@ -401,7 +368,7 @@ fn metrics_endpoint_counts() {
         .port();
     let addr = format!("127.0.0.1:{port}");
     let sup = env.start_with(&[OsStr::new("--metrics"), OsStr::new(&addr), job.as_os_str()]);
-    sup.wait_for("started", 1, T);
+    sup.wait_state("x", "running", T);
     let t = scrape(port);
     assert_eq!(metric(&t, r#"supervise_job_up{job="x"}"#), 1.0, "{t}");
     let ok_ckpt = r#"supervise_checkpoints_total{job="x",outcome="ok"}"#;
@@ -419,7 +386,7 @@ fn metrics_endpoint_counts() {
     );
     assert!(metric(&t, r#"supervise_checkpoint_written_bytes_total{job="x"}"#) > 0.0);
     sup.kill_job("x");
-    sup.wait_for("restored", 1, T);
+    sup.wait_restores("x", 1, T);
     let t = scrape(port);
     assert_eq!(
         metric(&t, r#"supervise_restores_total{job="x",outcome="ok"}"#),
@@ -441,10 +408,8 @@ fn client_without_supervise() {
 
 /// An attached job gets the same verbs: checkpoint, stop, start, restore.
 #[test]
+#[cfg_attr(not(criu), ignore = "needs root and CRIU >= 4.2 (scripts/setup.sh)")]
 fn attached_job_gets_the_same_verbs() {
-    if !criu_available() {
-        return;
-    }
     let env = Env::new();
     let out = fs::File::create(env.path().join("a.out")).unwrap();
     let mut cmd = std::process::Command::new(progs().join("counter"));
@@ -465,7 +430,7 @@ fn attached_job_gets_the_same_verbs() {
         &format!("attach = {}\n[checkpoint]\nevery = \"1h\"\n", child.id()),
     );
     let sup = env.start(&job);
-    sup.wait_for("attached", 1, T);
+    sup.wait_state("a", "running", T);
     wait_numbers(&env.path().join("a.out"), 3, T);
     ok(&env.ctl(&["checkpoint", "a"]));
     ok(&env.ctl(&["stop", "a", "--checkpoint"]));
@@ -473,10 +438,10 @@ fn attached_job_gets_the_same_verbs() {
     assert_eq!(env.status()[0]["state"], "stopped");
     let n = env.numbers("a.out").len();
     ok(&env.ctl(&["start", "a"]));
-    sup.wait_for("restored", 1, T);
+    sup.wait_restores("a", 1, T);
     wait_numbers(&env.path().join("a.out"), n + 3, T);
     ok(&env.ctl(&["restore", "a"]));
-    sup.wait_for("restored", 2, T);
+    sup.wait_restores("a", 2, T);
     assert_eq!(env.status()[0]["restores"], 2);
     let m = env.numbers("a.out").len();
     wait_numbers(&env.path().join("a.out"), m + 3, T);

@@ -6,24 +6,11 @@ use std::fs;
 
 use common::*;
 
-fn counter_job(env: &Env, name: &str, extra: &str) -> std::path::PathBuf {
-    let prog = progs().join("counter");
-    env.job(
-        name,
-        &format!(
-            r#"command = ["{}", "100"]
-stdout = "{name}.out"
-{extra}
-[checkpoint]
-every = "1s"
-dir = "images-{name}"
-keep = 3
-[restore]
-backoff = "0s"
-"#,
-            prog.display()
-        ),
-    )
+/// The counter job of these tests: its own image dir, three images kept.
+fn counter_job(name: &str) -> JobFile {
+    JobFile::counter(name)
+        .dir(&format!("images-{name}"))
+        .keep(3)
 }
 
 /// Last value in `file` right now.
@@ -33,17 +20,15 @@ fn last(env: &Env, file: &str) -> i64 {
 
 /// The seed scenario: checkpoint, SIGKILL, continue at checkpointed + 1.
 #[test]
+#[cfg_attr(not(criu), ignore = "needs root and CRIU >= 4.2 (scripts/setup.sh)")]
 fn counter_continues_after_sigkill() {
-    if !criu_available() {
-        return;
-    }
     let env = Env::new();
-    let job = counter_job(&env, "counter", "");
+    let job = counter_job("counter").write(&env);
     let sup = env.start(&job);
-    sup.wait_for("checkpoint published", 3, T);
+    sup.wait_checkpoints("counter", 3, T);
     let newest = ids(&sup.log(), "checkpoint published").pop().unwrap();
     let killed = sup.kill_job("counter");
-    sup.wait_for("restored", 1, T);
+    sup.wait_restores("counter", 1, T);
     let out = env.path().join("counter.out");
     let n = env.numbers("counter.out").len();
     wait_numbers(&out, n + 5, T);
@@ -74,20 +59,18 @@ fn counter_continues_after_sigkill() {
 /// can die and be restored again, and its output keeps flowing to the same
 /// file.
 #[test]
+#[cfg_attr(not(criu), ignore = "needs root and CRIU >= 4.2 (scripts/setup.sh)")]
 fn restored_job_is_checkpointed_and_restored_again() {
-    if !criu_available() {
-        return;
-    }
     let env = Env::new();
-    let job = counter_job(&env, "again", "");
+    let job = counter_job("again").write(&env);
     let sup = env.start(&job);
-    sup.wait_for("checkpoint published", 1, T);
+    sup.wait_checkpoints("again", 1, T);
     sup.kill_job("again");
-    sup.wait_for("restored", 1, T);
+    sup.wait_restores("again", 1, T);
     // A checkpoint of the restored job, then a second kill.
-    sup.wait_for("checkpoint published", 3, T);
+    sup.wait_checkpoints("again", 3, T);
     sup.kill_job("again");
-    sup.wait_for("restored", 2, T);
+    sup.wait_restores("again", 2, T);
     let out = env.path().join("again.out");
     let n = env.numbers("again.out").len();
     wait_numbers(&out, n + 3, T);
@@ -100,15 +83,13 @@ fn restored_job_is_checkpointed_and_restored_again() {
 /// SIGTERM: final checkpoint, job stopped, exit 0; the next run resumes from
 /// that image instead of starting over.
 #[test]
+#[cfg_attr(not(criu), ignore = "needs root and CRIU >= 4.2 (scripts/setup.sh)")]
 fn sigterm_checkpoints_stops_and_next_run_resumes() {
-    if !criu_available() {
-        return;
-    }
     subreaper();
     let env = Env::new();
-    let job = counter_job(&env, "resume", "");
+    let job = counter_job("resume").write(&env);
     let mut sup = env.start(&job);
-    sup.wait_for("checkpoint published", 1, T);
+    sup.wait_checkpoints("resume", 1, T);
     let (pid, _) = sup.job_pid("resume");
     let n_images = images(&job).len();
     sup.signal(libc::SIGTERM);
@@ -125,7 +106,7 @@ fn sigterm_checkpoints_stops_and_next_run_resumes() {
     drop(sup);
 
     let sup2 = env.start(&job);
-    sup2.wait_for("restored", 1, T);
+    sup2.wait_restores("resume", 1, T);
     assert!(
         sup2.log().contains("resuming from the newest"),
         "{}",
@@ -143,15 +124,15 @@ fn sigterm_checkpoints_stops_and_next_run_resumes() {
 
 /// `[shutdown] action = "detach"`: supervise exits 0 and the job keeps running.
 #[test]
+#[cfg_attr(not(criu), ignore = "needs root and CRIU >= 4.2 (scripts/setup.sh)")]
 fn detach_leaves_job_running() {
-    if !criu_available() {
-        return;
-    }
     subreaper();
     let env = Env::new();
-    let job = counter_job(&env, "detach", "[shutdown]\naction = \"detach\"\n");
+    let job = counter_job("detach")
+        .extra("[shutdown]\naction = \"detach\"")
+        .write(&env);
     let mut sup = env.start(&job);
-    sup.wait_for("checkpoint published", 1, T);
+    sup.wait_checkpoints("detach", 1, T);
     let (pid, _) = sup.job_pid("detach");
     let sp = sup.pid();
     let tree = process_tree(sp);
@@ -172,10 +153,8 @@ fn detach_leaves_job_running() {
 
 /// A job that exits 0 ends supervision without any restore.
 #[test]
+#[cfg_attr(not(criu), ignore = "needs root and CRIU >= 4.2 (scripts/setup.sh)")]
 fn clean_exit_ends_supervision() {
-    if !criu_available() {
-        return;
-    }
     let env = Env::new();
     let job = env.job(
         "clean",
@@ -199,10 +178,8 @@ every = "1h"
 /// A non-zero exit with no image: started afresh (launched job); with
 /// restore.on = never, supervise gives up and exits non-zero.
 #[test]
+#[cfg_attr(not(criu), ignore = "needs root and CRIU >= 4.2 (scripts/setup.sh)")]
 fn failure_without_images_restarts_or_gives_up() {
-    if !criu_available() {
-        return;
-    }
     let env = Env::new();
     let job = env.job(
         "never",
@@ -248,32 +225,20 @@ backoff = "10ms"
 
 /// A multi-process job (a shell pipeline) is dumped and restored as a tree.
 #[test]
+#[cfg_attr(not(criu), ignore = "needs root and CRIU >= 4.2 (scripts/setup.sh)")]
 fn pipeline_job_is_restored_as_a_tree() {
-    if !criu_available() {
-        return;
-    }
     let env = Env::new();
-    let prog = progs().join("counter");
-    let job = env.job(
-        "pipe",
-        &format!(
-            r#"command = ["/bin/sh", "-c", "{} 100 | cat"]
-stdout = "pipe.out"
-[checkpoint]
-every = "1s"
-[restore]
-backoff = "0s"
-"#,
-            prog.display()
-        ),
-    );
+    let pipeline = format!("{} 100 | cat", prog("counter"));
+    let job = JobFile::counter("pipe")
+        .command(&["/bin/sh", "-c", &pipeline])
+        .write(&env);
     let sup = env.start(&job);
-    sup.wait_for("checkpoint published", 2, T);
+    sup.wait_checkpoints("pipe", 2, T);
     let (root, _) = sup.job_pid("pipe");
     let tree = process_tree(root);
     assert!(tree.len() >= 3, "sh, counter and cat: {tree:?}");
     sup.kill_job("pipe");
-    sup.wait_for("restored", 1, T);
+    sup.wait_restores("pipe", 1, T);
     let (root2, _) = sup.job_pid("pipe");
     assert_eq!(process_tree(root2).len(), tree.len(), "whole tree restored");
     let n = env.numbers("pipe.out").len();
@@ -283,26 +248,17 @@ backoff = "0s"
 
 /// A multithreaded job keeps its threads and its state.
 #[test]
+#[cfg_attr(not(criu), ignore = "needs root and CRIU >= 4.2 (scripts/setup.sh)")]
 fn multithreaded_job() {
-    if !criu_available() {
-        return;
-    }
     let env = Env::new();
-    let prog = progs().join("threads");
-    let job = env.job(
-        "threads",
-        &format!(
-            "command = [\"{}\"]\nstdout = \"threads.out\"\n[checkpoint]\nevery = \"1s\"\n[restore]\nbackoff = \"0s\"\n",
-            prog.display()
-        ),
-    );
+    let job = JobFile::program("threads", &[&prog("threads")]).write(&env);
     let sup = env.start(&job);
-    sup.wait_for("checkpoint published", 2, T);
+    sup.wait_checkpoints("threads", 2, T);
     let (pid, _) = sup.job_pid("threads");
     let threads = fs::read_dir(format!("/proc/{pid}/task")).unwrap().count();
     assert_eq!(threads, 4);
     sup.kill_job("threads");
-    sup.wait_for("restored", 1, T);
+    sup.wait_restores("threads", 1, T);
     let (pid2, _) = sup.job_pid("threads");
     assert_eq!(
         fs::read_dir(format!("/proc/{pid2}/task")).unwrap().count(),
@@ -316,14 +272,12 @@ fn multithreaded_job() {
 /// The newest image is damaged: it fails verification and the previous one
 /// is used.
 #[test]
+#[cfg_attr(not(criu), ignore = "needs root and CRIU >= 4.2 (scripts/setup.sh)")]
 fn corrupted_newest_image_falls_back_to_previous() {
-    if !criu_available() {
-        return;
-    }
     let env = Env::new();
-    let job = counter_job(&env, "corrupt", "");
+    let job = counter_job("corrupt").write(&env);
     let mut sup = env.start(&job);
-    sup.wait_for("checkpoint published", 2, T);
+    sup.wait_checkpoints("corrupt", 2, T);
     sup.signal(libc::SIGTERM);
     assert_eq!(sup.wait_exit(T), 0);
     drop(sup);
@@ -340,7 +294,7 @@ fn corrupted_newest_image_falls_back_to_previous() {
     fs::write(&pack, bytes).unwrap();
 
     let sup = env.start(&job);
-    sup.wait_for("restored", 1, T);
+    sup.wait_restores("corrupt", 1, T);
     let log = sup.log();
     assert!(
         log.contains(&format!("checkpoint={newest}")) && log.contains("failed verification"),
@@ -355,10 +309,8 @@ fn corrupted_newest_image_falls_back_to_previous() {
 /// Attach to a process started outside supervise; it dies (its zombie keeps
 /// its PID taken) and is restored in a fresh PID namespace anyway.
 #[test]
+#[cfg_attr(not(criu), ignore = "needs root and CRIU >= 4.2 (scripts/setup.sh)")]
 fn attach_mode_and_restore_while_pid_is_taken() {
-    if !criu_available() {
-        return;
-    }
     let env = Env::new();
     let out = fs::OpenOptions::new()
         .create(true)
@@ -384,11 +336,11 @@ fn attach_mode_and_restore_while_pid_is_taken() {
         &format!("attach = {pid}\n[checkpoint]\nevery = \"1s\"\n[restore]\nbackoff = \"0s\"\n"),
     );
     let sup = env.start(&job);
-    sup.wait_for("attached", 1, T);
-    sup.wait_for("checkpoint published", 2, T);
+    sup.wait_state("attach", "running", T);
+    sup.wait_checkpoints("attach", 2, T);
     kill(pid, libc::SIGKILL);
     // We do not reap it yet: the zombie keeps `pid` taken during the restore.
-    sup.wait_for("restored", 1, T);
+    sup.wait_restores("attach", 1, T);
     assert!(
         fs::read_to_string(format!("/proc/{pid}/stat"))
             .unwrap()
@@ -409,18 +361,12 @@ fn attach_mode_and_restore_while_pid_is_taken() {
 /// A launched job's old host PID is occupied by another process when it
 /// dies; the restore succeeds regardless.
 #[test]
+#[cfg_attr(not(criu), ignore = "needs root and CRIU >= 4.2 (scripts/setup.sh)")]
 fn restore_succeeds_when_old_host_pid_is_reused() {
-    if !criu_available() {
-        return;
-    }
     let env = Env::new();
-    let job = counter_job(&env, "reuse", "");
-    let job_text = fs::read_to_string(&job)
-        .unwrap()
-        .replace("backoff = \"0s\"", "backoff = \"1s\"");
-    fs::write(&job, job_text).unwrap();
+    let job = counter_job("reuse").backoff("1s").write(&env);
     let sup = env.start(&job);
-    sup.wait_for("checkpoint published", 2, T);
+    sup.wait_checkpoints("reuse", 2, T);
     let old = sup.kill_job("reuse");
     // Take the old PID during the 1 s backoff: set the host's last PID just
     // below it and start a sleeper (retry: other processes may race us).
@@ -442,7 +388,7 @@ fn restore_succeeds_when_old_host_pid_is_reused() {
         let _ = c.kill();
         let _ = c.wait();
     }
-    sup.wait_for("restored", 1, T);
+    sup.wait_restores("reuse", 1, T);
     let (host, ns) = sup.job_pid("reuse");
     assert_eq!(ns, 1000);
     assert_ne!(host, old);
@@ -466,27 +412,17 @@ fn restore_succeeds_when_old_host_pid_is_reused() {
 /// by CRIU once the file grew ("has bad size"): every image fails with that
 /// text, and the launched job is started afresh.
 #[test]
+#[cfg_attr(not(criu), ignore = "needs root and CRIU >= 4.2 (scripts/setup.sh)")]
 fn criu_error_text_is_logged_and_job_starts_afresh() {
-    if !criu_available() {
-        return;
-    }
     let env = Env::new();
-    let job = env.job(
-        "ownfile",
-        &format!(
-            r#"command = ["/bin/sh", "-c", "exec {} 100 > own.txt"]
-[checkpoint]
-every = "1s"
-[restore]
-backoff = "0s"
-[files]
-rollback = false
-"#,
-            progs().join("counter").display()
-        ),
-    );
+    let script = format!("exec {} 100 > own.txt", prog("counter"));
+    let job = JobFile::counter("ownfile")
+        .command(&["/bin/sh", "-c", &script])
+        .no_stdout()
+        .extra("[files]\nrollback = false")
+        .write(&env);
     let sup = env.start(&job);
-    sup.wait_for("checkpoint published", 1, T);
+    sup.wait_checkpoints("ownfile", 1, T);
     wait_numbers(&env.path().join("own.txt"), 25, T);
     sup.kill_job("ownfile");
     sup.wait_for("starting the command afresh", 1, T);

@@ -26,14 +26,14 @@ fn assert_not_stopped(root: i32) {
 /// or stopped, CRIU's last words reach the user, and the next checkpoint
 /// works.
 #[test]
+#[cfg_attr(not(criu), ignore = "needs root and CRIU >= 4.2 (scripts/setup.sh)")]
 fn criu_killed_mid_dump_leaves_the_job_running() {
-    if !criu_available() {
-        return;
-    }
     let env = Env::new();
-    let job = env.bigmem_job("big", 768);
+    let job = JobFile::program("big", &[&prog("bigmem"), "768"])
+        .every("1h")
+        .write(&env);
     let sup = env.start(&job);
-    sup.wait_for("started", 1, T);
+    sup.wait_state("big", "running", T);
     let out = env.path().join("big.out");
     wait_numbers(&out, 2, T);
     let (pid, _) = sup.job_pid("big");
@@ -91,23 +91,21 @@ fn criu_killed_mid_dump_leaves_the_job_running() {
 /// `tcp_established`): every scheduled checkpoint fails with CRIU's own
 /// words, once per tick (no hammering), and the job runs on unfrozen.
 #[test]
+#[cfg_attr(not(criu), ignore = "needs root and CRIU >= 4.2 (scripts/setup.sh)")]
 fn undumpable_job_fails_each_tick_with_criu_text() {
-    if !criu_available() {
-        return;
-    }
     let env = Env::new();
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();
     let server = std::thread::spawn(move || listener.accept().map(|(s, _)| s));
-    let job = env.job(
-        "tcp",
-        &format!(
-            "command = [\"/bin/bash\", \"-c\", \"exec 3<>/dev/tcp/127.0.0.1/{port}; exec {} 100\"]\nstdout = \"tcp.out\"\n[checkpoint]\nevery = \"1s\"\n",
-            progs().join("counter").display()
-        ),
+    let script = format!(
+        "exec 3<>/dev/tcp/127.0.0.1/{port}; exec {} 100",
+        prog("counter")
     );
+    let job = JobFile::counter("tcp")
+        .command(&["/bin/bash", "-c", &script])
+        .write(&env);
     let sup = env.start(&job);
-    sup.wait_for("started", 1, T);
+    sup.wait_state("tcp", "running", T);
     let _conn = server.join().unwrap().unwrap();
     sup.wait_for("checkpoint failed", 1, T);
     let t0 = Instant::now();
@@ -135,10 +133,8 @@ fn undumpable_job_fails_each_tick_with_criu_text() {
 /// final failure that says why, and `supervise run` exits 1 as every job
 /// it supervises failed.
 #[test]
+#[cfg_attr(not(criu), ignore = "needs root and CRIU >= 4.2 (scripts/setup.sh)")]
 fn crash_loop_backs_off_then_fails_with_a_reason() {
-    if !criu_available() {
-        return;
-    }
     let env = Env::new();
     let job = env.job(
         "crashy",
@@ -178,20 +174,12 @@ backoff_max = "5s"
 /// files 0600), and an image dir others can write to is refused before
 /// anything starts.
 #[test]
+#[cfg_attr(not(criu), ignore = "needs root and CRIU >= 4.2 (scripts/setup.sh)")]
 fn image_store_is_private_and_an_open_one_is_refused() {
-    if !criu_available() {
-        return;
-    }
     let env = Env::new();
-    let job = env.job(
-        "priv",
-        &format!(
-            "command = [\"{}\", \"100\"]\nstdout = \"priv.out\"\n[checkpoint]\nevery = \"1s\"\ndir = \"images\"\n",
-            progs().join("counter").display()
-        ),
-    );
+    let job = JobFile::counter("priv").dir("images").write(&env);
     let mut sup = env.start(&job);
-    sup.wait_for("checkpoint published", 1, T);
+    sup.wait_checkpoints("priv", 1, T);
     sup.signal(libc::SIGTERM);
     assert_eq!(sup.wait_exit(T), 0);
     drop(sup);
@@ -261,21 +249,16 @@ impl Drop for Tmpfs {
 /// restorable, the next scheduled checkpoint is tried again and succeeds
 /// once there is room.
 #[test]
+#[cfg_attr(not(criu), ignore = "needs root and CRIU >= 4.2 (scripts/setup.sh)")]
 fn disk_full_during_a_checkpoint() {
-    if !criu_available() {
-        return;
-    }
     let env = Env::new();
     let disk = Tmpfs::mount(&env.path().join("images"), "24m");
-    let job = env.job(
-        "full",
-        &format!(
-            "command = [\"{}\", \"8\", \"64\", \"100\"]\nstdout = \"full.out\"\n[checkpoint]\nevery = \"1s\"\ndir = \"images\"\nkeep = 2\n[restore]\nbackoff = \"0s\"\n",
-            progs().join("dirty").display()
-        ),
-    );
+    let job = JobFile::program("full", &[&prog("dirty"), "8", "64", "100"])
+        .dir("images")
+        .keep(2)
+        .write(&env);
     let sup = env.start(&job);
-    sup.wait_for("checkpoint published", 1, T);
+    sup.wait_checkpoints("full", 1, T);
     // Leave ~256 KiB free: far less than the ~2.5 MiB of pages the job
     // (incompressible memory, 640 pages rewritten a second) changes
     // between checkpoints.
@@ -318,15 +301,15 @@ fn disk_full_during_a_checkpoint() {
     let verify = Command::new(BIN).arg("images").arg(&job).output().unwrap();
     assert!(verify.status.success());
     sup.kill_job("full");
-    sup.wait_for("restored", 1, T);
+    sup.wait_restores("full", 1, T);
     assert!(sup.log().contains(&format!(
         "restored checkpoint={}",
         before[0]["id"].as_str().unwrap()
     )));
     // Room again: the schedule's next checkpoint succeeds.
     fs::remove_file(&filler).unwrap();
-    let published = sup.log().matches("checkpoint published").count();
-    sup.wait_for("checkpoint published", published + 1, T);
+    let published = sup.checkpoints("full");
+    sup.wait_checkpoints("full", published + 1, T);
     let k = env.numbers("full.out").len();
     wait_numbers(&env.path().join("full.out"), k + 3, T);
     assert_exactly_once(&env.numbers("full.out"));

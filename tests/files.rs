@@ -44,21 +44,19 @@ fn lines(steps: u32) -> String {
 /// moments and restored each time, leaves files identical to an
 /// uninterrupted run: no gap, no repeat; stdout too.
 #[test]
+#[cfg_attr(not(criu), ignore = "needs root and CRIU >= 4.2 (scripts/setup.sh)")]
 fn output_is_exactly_once_across_kills() {
-    if !criu_available() {
-        return;
-    }
     let env = Env::new();
     let steps = 60;
     let job = filejob(&env, "once", steps, "1s", "");
     let mut sup = env.start(&job);
     for round in 1..=2 {
-        sup.wait_for("checkpoint published", 2 * round, T);
+        sup.wait_checkpoints("once", 2 * round, T);
         let pause = random_pause();
         eprintln!("kill {round} after {pause:?}");
         std::thread::sleep(pause);
         sup.kill_job("once");
-        sup.wait_for("restored", round, T);
+        sup.wait_restores("once", round, T);
     }
     sup.wait_for("job exited; supervision ends", 1, Duration::from_secs(60));
     assert_eq!(sup.wait_exit(T), 0);
@@ -89,14 +87,12 @@ fn output_is_exactly_once_across_kills() {
 /// had at the checkpoint: the job compares it with its memory on every step
 /// and exits 3 on a mismatch. Killed only after it moved on from the image.
 #[test]
+#[cfg_attr(not(criu), ignore = "needs root and CRIU >= 4.2 (scripts/setup.sh)")]
 fn state_file_is_put_back_to_the_checkpoint() {
-    if !criu_available() {
-        return;
-    }
     let env = Env::new();
     let job = filejob(&env, "state", 1000, "5s", "");
     let sup = env.start(&job);
-    sup.wait_for("checkpoint published", 1, T);
+    sup.wait_checkpoints("state", 1, T);
     let state = || {
         fs::read_to_string(env.path().join("state.txt"))
             .unwrap()
@@ -113,7 +109,7 @@ fn state_file_is_put_back_to_the_checkpoint() {
         std::thread::sleep(Duration::from_millis(10));
     }
     sup.kill_job("state");
-    sup.wait_for("restored", 1, T);
+    sup.wait_restores("state", 1, T);
     assert_eq!(ids(&sup.log(), "checkpoint published").len(), 1);
     let n = env.numbers("out.txt").len();
     wait_numbers(&env.path().join("out.txt"), n + 3, T);
@@ -131,15 +127,13 @@ fn state_file_is_put_back_to_the_checkpoint() {
 /// rollback refuses with a message naming the file (nothing is guessed), no
 /// image is used, and the job starts afresh, which rewrites the file whole.
 #[test]
+#[cfg_attr(not(criu), ignore = "needs root and CRIU >= 4.2 (scripts/setup.sh)")]
 fn deleted_output_file_is_reported_and_job_starts_afresh() {
-    if !criu_available() {
-        return;
-    }
     let env = Env::new();
     let steps = 30;
     let job = filejob(&env, "deleted", steps, "1s", "");
     let mut sup = env.start(&job);
-    sup.wait_for("checkpoint published", 1, T);
+    sup.wait_checkpoints("deleted", 1, T);
     fs::remove_file(env.path().join("out.txt")).unwrap();
     sup.kill_job("deleted");
     sup.wait_for("starting the command afresh", 1, T);
@@ -160,10 +154,8 @@ fn deleted_output_file_is_reported_and_job_starts_afresh() {
 /// so it is never open at a checkpoint, is kept whole when listed in
 /// `[files] snapshot`; a shell job checks its own state after each restore.
 #[test]
+#[cfg_attr(not(criu), ignore = "needs root and CRIU >= 4.2 (scripts/setup.sh)")]
 fn listed_snapshot_file_follows_the_job() {
-    if !criu_available() {
-        return;
-    }
     let env = Env::new();
     let script = r#"i=0; echo -1 > state
 while [ $i -lt 40 ]; do
@@ -189,10 +181,10 @@ exclude = ["state.tmp"]
         ),
     );
     let mut sup = env.start(&job);
-    sup.wait_for("checkpoint published", 2, T);
+    sup.wait_checkpoints("listed", 2, T);
     std::thread::sleep(random_pause());
     sup.kill_job("listed");
-    sup.wait_for("restored", 1, T);
+    sup.wait_restores("listed", 1, T);
     sup.wait_for("job exited; supervision ends", 1, Duration::from_secs(60));
     assert_eq!(sup.wait_exit(T), 0, "{}", sup.log());
     let stderr = fs::read_to_string(env.path().join("stderr.txt")).unwrap_or_default();

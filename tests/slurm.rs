@@ -63,18 +63,6 @@ fn job_field(id: &str, field: &str) -> String {
         .to_string()
 }
 
-fn wait(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) -> Duration {
-    let t0 = Instant::now();
-    while !f() {
-        assert!(
-            t0.elapsed() < timeout,
-            "timed out after {timeout:?} waiting for {what}"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    t0.elapsed()
-}
-
 /// A shared job directory with a counter job and its batch script.
 struct Job {
     dir: tempfile::TempDir,
@@ -88,20 +76,18 @@ impl Job {
             .tempdir_in("/var/tmp")
             .unwrap();
         let d = dir.path();
-        fs::write(
-            d.join("job.toml"),
-            format!(
-                "command = [\"{}\", \"100\"]\nstdout = \"counter.out\"\n[checkpoint]\nevery = \"2s\"\ndir = \"images\"\n[restore]\nbackoff = \"0s\"\n[slurm]\nfence_wait = \"10s\"\n",
-                progs().join("counter").display()
-            ),
-        )
-        .unwrap();
+        let job_file = JobFile::counter("job")
+            .stdout("counter.out")
+            .every("2s")
+            .dir("images")
+            .extra("[slurm]\nfence_wait = \"10s\"")
+            .write_in(d);
         let batch = d.join("batch.sh");
         fs::write(
             &batch,
             format!(
                 "#!/bin/bash\nexport SUPERVISE_LOG=info\nexec {BIN} run {}\n",
-                d.join("job.toml").display()
+                job_file.display()
             ),
         )
         .unwrap();
@@ -145,7 +131,7 @@ impl Job {
 
     /// The node it runs on, once RUNNING.
     fn running_node(&self, timeout: Duration) -> String {
-        wait("job running", timeout, || {
+        wait_until("job running", timeout, || {
             job_field(&self.id, "JobState") == "RUNNING"
         });
         job_field(&self.id, "NodeList")
@@ -162,7 +148,7 @@ impl Job {
 
     fn cancel(&self) {
         let _ = Command::new("scancel").arg(&self.id).status();
-        wait("job gone", Duration::from_secs(60), || {
+        wait_until("job gone", Duration::from_secs(60), || {
             let s = job_field(&self.id, "JobState");
             s.is_empty() || s == "CANCELLED" || s == "COMPLETED" || s == "FAILED"
         });
@@ -354,10 +340,8 @@ fn two_live_copies() {
 }
 
 #[test]
+#[cfg_attr(not(criu), ignore = "needs root and CRIU >= 4.2 (scripts/setup.sh)")]
 fn slurm_scenarios() {
-    if !criu_available() {
-        return;
-    }
     progs();
     let _cluster = Cluster::start();
     time_limit_requeue();

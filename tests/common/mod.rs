@@ -1,6 +1,13 @@
 //! Harness for the integration suite: real `supervise`, real CRIU, real
-//! processes. Everything synchronises on events (lines in supervise's log,
-//! files appearing), with generous upper bounds only as failure timeouts.
+//! processes. Everything synchronises on events, with generous upper bounds
+//! only as failure timeouts: on the job's state as `supervise status`
+//! reports it (checkpoints and restores counted, state, pid) where it does,
+//! else on lines in supervise's log or files appearing.
+//!
+//! Tests that need root and CRIU >= 4.2 carry
+//! `#[cfg_attr(not(criu), ignore = "needs root and CRIU >= 4.2 (scripts/setup.sh)")]`:
+//! `build.rs` sets `cfg(criu)` when CRIU is usable, and fails the build
+//! when `CI` is set and it is not.
 #![allow(dead_code)]
 
 use std::fs;
@@ -10,32 +17,6 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_supervise");
-
-/// True if CRIU can be used; otherwise prints a loud SKIP line. In CI CRIU
-/// is installed by scripts/setup.sh, so nothing is skipped there.
-pub fn criu_available() -> bool {
-    let ok = Command::new("criu")
-        .arg("--version")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false);
-    if !ok {
-        if std::env::var_os("CI").is_some() {
-            panic!("CRIU is not installed but CI is set: run scripts/setup.sh");
-        }
-        eprintln!(
-            "\n!!!!!!!! SKIPPED: criu not found; run scripts/setup.sh (needs root) !!!!!!!!\n"
-        );
-        return false;
-    }
-    assert!(
-        nix::unistd::geteuid().is_root(),
-        "the integration suite needs root (CRIU)"
-    );
-    true
-}
 
 /// Test programs compiled once per test binary.
 pub fn progs() -> &'static Path {
@@ -65,6 +46,147 @@ pub fn progs() -> &'static Path {
         }
         dir
     })
+}
+
+/// The path of test program `name` (see [`progs`]), as a string.
+pub fn prog(name: &str) -> String {
+    progs().join(name).display().to_string()
+}
+
+/// A job file. [`JobFile::counter`] is the usual job: `counter 100` (a
+/// number every 100 ms) with its stdout in `<name>.out`, a checkpoint every
+/// second and restores without backoff; the setters change one thing each.
+///
+/// ```ignore
+/// let job = JobFile::counter("c").every("1h").keep(3).write(&env);
+/// ```
+#[derive(Clone, Debug)]
+pub struct JobFile {
+    name: String,
+    command: Vec<String>,
+    top: Vec<String>,
+    stdout: Option<String>,
+    every: String,
+    dir: Option<String>,
+    keep: Option<u32>,
+    backoff: String,
+    extra: String,
+}
+
+impl JobFile {
+    /// `counter 100`, see the type's documentation.
+    pub fn counter(name: &str) -> JobFile {
+        JobFile::program(name, &[&prog("counter"), "100"])
+    }
+
+    /// Another command with the same defaults as [`counter`](Self::counter).
+    pub fn program(name: &str, argv: &[&str]) -> JobFile {
+        JobFile {
+            name: name.to_string(),
+            command: argv.iter().map(|a| a.to_string()).collect(),
+            top: Vec::new(),
+            stdout: Some(format!("{name}.out")),
+            every: "1s".into(),
+            dir: None,
+            keep: None,
+            backoff: "0s".into(),
+            extra: String::new(),
+        }
+    }
+
+    /// Replaces the command.
+    pub fn command(mut self, argv: &[&str]) -> JobFile {
+        self.command = argv.iter().map(|a| a.to_string()).collect();
+        self
+    }
+
+    /// A top-level key, e.g. `state_dir = "/x"` (before any table).
+    pub fn top(mut self, line: &str) -> JobFile {
+        self.top.push(line.to_string());
+        self
+    }
+
+    /// `stdout = PATH` instead of `<name>.out`.
+    pub fn stdout(mut self, path: &str) -> JobFile {
+        self.stdout = Some(path.to_string());
+        self
+    }
+
+    /// No `stdout` key.
+    pub fn no_stdout(mut self) -> JobFile {
+        self.stdout = None;
+        self
+    }
+
+    /// `[checkpoint] every`.
+    pub fn every(mut self, every: &str) -> JobFile {
+        self.every = every.to_string();
+        self
+    }
+
+    /// `[checkpoint] dir` (default: supervise's own default).
+    pub fn dir(mut self, dir: &str) -> JobFile {
+        self.dir = Some(dir.to_string());
+        self
+    }
+
+    /// `[checkpoint] keep` (default: supervise's own default).
+    pub fn keep(mut self, keep: u32) -> JobFile {
+        self.keep = Some(keep);
+        self
+    }
+
+    /// `[restore] backoff`.
+    pub fn backoff(mut self, backoff: &str) -> JobFile {
+        self.backoff = backoff.to_string();
+        self
+    }
+
+    /// TOML appended at the end: further tables (`[files]`, `[shutdown]`,
+    /// `[slurm]`).
+    pub fn extra(mut self, toml: &str) -> JobFile {
+        self.extra.push_str(toml);
+        if !self.extra.ends_with('\n') {
+            self.extra.push('\n');
+        }
+        self
+    }
+
+    /// The file's text.
+    pub fn text(&self) -> String {
+        let q = |s: &str| format!("{s:?}");
+        let argv: Vec<String> = self.command.iter().map(|a| q(a)).collect();
+        let mut t = format!("command = [{}]\n", argv.join(", "));
+        for l in &self.top {
+            t.push_str(l);
+            t.push('\n');
+        }
+        if let Some(o) = &self.stdout {
+            t.push_str(&format!("stdout = {}\n", q(o)));
+        }
+        t.push_str(&format!("[checkpoint]\nevery = {}\n", q(&self.every)));
+        if let Some(d) = &self.dir {
+            t.push_str(&format!("dir = {}\n", q(d)));
+        }
+        if let Some(k) = self.keep {
+            t.push_str(&format!("keep = {k}\n"));
+        }
+        t.push_str(&format!("[restore]\nbackoff = {}\n", q(&self.backoff)));
+        t.push_str(&self.extra);
+        t
+    }
+
+    /// Writes `<name>.toml` into the test's temp dir.
+    pub fn write(&self, env: &Env) -> PathBuf {
+        self.write_in(env.path())
+    }
+
+    /// Writes `<name>.toml` into `dir`.
+    pub fn write_in(&self, dir: &Path) -> PathBuf {
+        let p = dir.join(format!("{}.toml", self.name));
+        fs::write(&p, self.text()).unwrap();
+        p
+    }
 }
 
 /// A temp dir holding job files, images and outputs.
@@ -120,6 +242,18 @@ impl Env {
             .open(&log)
             .unwrap();
         let start_len = fs::metadata(&log).map(|m| m.len()).unwrap_or(0) as usize;
+        // The socket this run listens on: `--socket`, else SUPERVISE_SOCKET.
+        let socket = args
+            .iter()
+            .position(|a| *a == "--socket")
+            .and_then(|i| args.get(i + 1))
+            .map(PathBuf::from)
+            .or_else(|| {
+                env.iter()
+                    .find(|(k, _)| *k == "SUPERVISE_SOCKET")
+                    .map(|(_, v)| PathBuf::from(v))
+            })
+            .unwrap_or_else(|| self.socket());
         let child = Command::new(BIN)
             .arg("run")
             .args(args)
@@ -136,6 +270,7 @@ impl Env {
             log,
             start_len,
             state: self.path().join(".supervise"),
+            socket,
         }
     }
 
@@ -164,18 +299,6 @@ impl Env {
             .stderr(Stdio::piped())
             .spawn()
             .unwrap()
-    }
-
-    /// A job file for `bigmem MB` (a counter in `<name>.out` next to MB of
-    /// dirty memory) with no scheduled checkpoint during a test.
-    pub fn bigmem_job(&self, name: &str, mb: u32) -> PathBuf {
-        self.job(
-            name,
-            &format!(
-                "command = [\"{}\", \"{mb}\"]\nstdout = \"{name}.out\"\n[checkpoint]\nevery = \"1h\"\n",
-                progs().join("bigmem").display()
-            ),
-        )
     }
 
     /// `supervise status --json`, as JSON.
@@ -209,6 +332,7 @@ pub struct Sup {
     pub log: PathBuf,
     start_len: usize,
     state: PathBuf,
+    socket: PathBuf,
 }
 
 impl Sup {
@@ -235,6 +359,99 @@ impl Sup {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// `supervise status --json` through this run's control socket; `None`
+    /// while it does not answer (not listening yet, or gone).
+    pub fn try_status(&self) -> Option<serde_json::Value> {
+        let out = Command::new(BIN)
+            .args(["status", "--json"])
+            .env("SUPERVISE_SOCKET", &self.socket)
+            .stderr(Stdio::null())
+            .output()
+            .unwrap();
+        if !out.status.success() {
+            return None;
+        }
+        serde_json::from_slice(&out.stdout).ok()
+    }
+
+    /// Job `job`'s entry of `supervise status --json`; panics if supervise
+    /// does not answer or has no such job.
+    pub fn job_status(&self, job: &str) -> serde_json::Value {
+        let s = self
+            .try_status()
+            .unwrap_or_else(|| panic!("supervise status failed; log:\n{}", self.log()));
+        find_job(&s, job)
+            .unwrap_or_else(|| panic!("no job {job:?} in status {s}"))
+            .clone()
+    }
+
+    /// Waits until job `job`'s status satisfies `f` (polling `supervise
+    /// status --json`); returns that status. Fails at once if supervise has
+    /// exited.
+    pub fn wait_status(
+        &self,
+        job: &str,
+        what: &str,
+        timeout: Duration,
+        f: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        let deadline = Instant::now() + timeout;
+        let mut last = serde_json::Value::Null;
+        loop {
+            if let Some(j) = self.try_status().as_ref().and_then(|s| find_job(s, job)) {
+                if f(j) {
+                    return j.clone();
+                }
+                last = j.clone();
+            }
+            let gone = match &self.child {
+                Some(c) => supervise::proc::state(c.id() as i32) == Some('Z'),
+                None => true,
+            };
+            if gone || Instant::now() > deadline {
+                panic!(
+                    "{} waiting for job {job:?}: {what}; last status: {last}; log:\n{}",
+                    if gone {
+                        "supervise exited"
+                    } else {
+                        "timed out"
+                    },
+                    self.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Waits until this supervise has published `n` checkpoints of `job`
+    /// (status `checkpoints`); returns the job's status.
+    pub fn wait_checkpoints(&self, job: &str, n: u64, timeout: Duration) -> serde_json::Value {
+        self.wait_status(job, &format!("{n} checkpoints"), timeout, |j| {
+            j["checkpoints"].as_u64().unwrap_or(0) >= n
+        })
+    }
+
+    /// Waits until this supervise has restored `job` `n` times (status
+    /// `restores`, automatic and manual); returns the job's status.
+    pub fn wait_restores(&self, job: &str, n: u64, timeout: Duration) -> serde_json::Value {
+        self.wait_status(job, &format!("{n} restores"), timeout, |j| {
+            j["restores"].as_u64().unwrap_or(0) >= n
+        })
+    }
+
+    /// Waits until `job`'s status `state` is `state` ("running", "stopped",
+    /// "failed", ...); returns the job's status.
+    pub fn wait_state(&self, job: &str, state: &str, timeout: Duration) -> serde_json::Value {
+        self.wait_status(job, &format!("state {state}"), timeout, |j| {
+            j["state"] == state
+        })
+    }
+
+    /// Checkpoints of `job` this supervise has published so far.
+    pub fn checkpoints(&self, job: &str) -> u64 {
+        self.job_status(job)["checkpoints"].as_u64().unwrap()
     }
 
     /// `.supervise/<job>/job.json`: (host_pid, ns_pid).
@@ -400,13 +617,25 @@ pub fn ids(log: &str, event: &str) -> Vec<String> {
         .collect()
 }
 
-/// Polls `f` every 10 ms until it holds; panics after `timeout`.
-pub fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+/// The entry named `job` of a `supervise status --json` answer.
+pub fn find_job<'a>(status: &'a serde_json::Value, job: &str) -> Option<&'a serde_json::Value> {
+    status.as_array()?.iter().find(|j| j["name"] == job)
+}
+
+/// Polls `f` until it holds (every 10 ms at first, backing off to every
+/// 200 ms); panics after `timeout`. Returns how long it took.
+pub fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) -> Duration {
     let t0 = Instant::now();
+    let mut pause = Duration::from_millis(10);
     while !f() {
-        assert!(t0.elapsed() < timeout, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(10));
+        assert!(
+            t0.elapsed() < timeout,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        std::thread::sleep(pause);
+        pause = (pause * 2).min(Duration::from_millis(200));
     }
+    t0.elapsed()
 }
 
 /// Waits until `path` holds at least `n` numbers.

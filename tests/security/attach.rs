@@ -30,7 +30,7 @@ impl ProcId {
     }
 }
 
-use crate::common::{self, criu_available, kill, progs, Env, T};
+use crate::common::{self, kill, progs, Env, T};
 
 /// Starts `argv` in its own session with stdout/stderr appended to
 /// `<env>/<out>`.
@@ -80,10 +80,8 @@ fn occupy_pid(pid: i32) -> Option<Child> {
 /// shutdown, kill) the unrelated process: it restores the job from its
 /// image instead.
 #[test]
+#[cfg_attr(not(criu), ignore = "needs root and CRIU >= 4.2 (scripts/setup.sh)")]
 fn reused_pid_is_not_adopted_nor_killed() {
-    if !criu_available() {
-        return;
-    }
     let env = Env::new();
     let prog = progs().join("counter");
     let mut a = spawn_detached(&env, &[prog.to_str().unwrap(), "100"], "a.out");
@@ -93,7 +91,7 @@ fn reused_pid_is_not_adopted_nor_killed() {
         &format!("attach = {pid}\n[checkpoint]\nevery = \"1h\"\n[restore]\nbackoff = \"0s\"\n"),
     );
     let mut sup = env.start(&job);
-    sup.wait_for("attached", 1, T);
+    sup.wait_state("att", "running", T);
     let out = env.ctl(&["checkpoint", "att"]);
     assert!(
         out.status.success(),
@@ -111,7 +109,7 @@ fn reused_pid_is_not_adopted_nor_killed() {
     };
     let stranger_id = ProcId::of(pid).unwrap();
     let sup = env.start(&job);
-    sup.wait_for("restored", 1, T);
+    sup.wait_restores("att", 1, T);
     let log = sup.log();
     assert!(
         log.contains("not attaching") && log.contains("the PID was reused"),
@@ -136,10 +134,8 @@ fn reused_pid_is_not_adopted_nor_killed() {
 /// the checkpoint) is killed, so exactly one copy of the job runs and its
 /// output is written once.
 #[test]
+#[cfg_attr(not(criu), ignore = "needs root and CRIU >= 4.2 (scripts/setup.sh)")]
 fn survivors_of_an_attached_tree_are_killed_before_restore() {
-    if !criu_available() {
-        return;
-    }
     common::subreaper();
     let env = Env::new();
     let script = format!(
@@ -166,7 +162,7 @@ fn survivors_of_an_attached_tree_are_killed_before_restore() {
         &format!("attach = {pid}\n[checkpoint]\nevery = \"1h\"\n[restore]\nbackoff = \"0s\"\n"),
     );
     let sup = env.start(&job);
-    sup.wait_for("attached", 1, T);
+    sup.wait_state("tree", "running", T);
     let out = env.ctl(&["checkpoint", "tree"]);
     assert!(
         out.status.success(),
@@ -175,7 +171,7 @@ fn survivors_of_an_attached_tree_are_killed_before_restore() {
     );
     kill(pid, libc::SIGKILL);
     let _ = root.wait();
-    sup.wait_for("restored", 1, T);
+    sup.wait_restores("tree", 1, T);
     assert!(
         !child_id.alive(),
         "the old child must be gone once the tree is restored: {}",

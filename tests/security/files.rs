@@ -59,10 +59,8 @@ fn count(log: &str, needle: &str) -> usize {
 /// would make even the old code refuse (another inode) before changing
 /// anything; instead the test checks that no such file appears.
 #[test]
+#[cfg_attr(not(criu), ignore = "needs root and CRIU >= 4.2 (scripts/setup.sh)")]
 fn swapped_job_directory_is_refused_and_nothing_outside_is_touched() {
-    if !criu_available() {
-        return;
-    }
     let env = Env::new();
     let home = attacker_dir(&env, "home");
     nobody(&format!("mkdir -m 755 {}/scratch", home.display()));
@@ -99,7 +97,7 @@ snapshot = ["{scratch}/state", "{scratch}/absent.flag"]
         ),
     );
     let mut sup = env.start(&job);
-    sup.wait_for("checkpoint published", 2, T);
+    sup.wait_checkpoints("swap", 2, T);
     let img = &images(&job)[0];
     assert_eq!(img["job_files"], 5, "{img}"); // stdout, stderr, state, absent.flag, work.dat
                                               // The attacker moves the job's directory away and points its name at
@@ -141,10 +139,8 @@ snapshot = ["{scratch}/state", "{scratch}/absent.flag"]
 /// to truncate it, and so at some point truncated the canary. Restores may
 /// be refused while the attacker swaps; the canary must stay whole.
 #[test]
+#[cfg_attr(not(criu), ignore = "needs root and CRIU >= 4.2 (scripts/setup.sh)")]
 fn rename_exchange_race_never_reaches_the_canary() {
-    if !criu_available() {
-        return;
-    }
     const CYCLES: usize = 30;
     let env = Env::new();
     let dir = attacker_dir(&env, "scratch");
@@ -181,7 +177,7 @@ window = "1h"
         ),
     );
     let mut sup = env.start(&job);
-    sup.wait_for("checkpoint published", 1, T);
+    sup.wait_checkpoints("race", 1, T);
     let attacker = as_nobody(&format!(
         "exec {} {} {} 110 1000000000",
         exchange.display(),
@@ -195,13 +191,8 @@ window = "1h"
     let (mut restored, mut afresh) = (0, 0);
     for cycle in 0..CYCLES {
         // A checkpoint of the job as it runs now, then kill it.
-        let log = sup.log();
-        let published = count(&log, "checkpoint published");
-        sup.wait_for(
-            "checkpoint published",
-            published + 1,
-            Duration::from_secs(60),
-        );
+        let published = sup.checkpoints("race");
+        sup.wait_checkpoints("race", published + 1, Duration::from_secs(60));
         let log = sup.log();
         let before =
             count(&log, ": restored checkpoint=") + count(&log, "starting the command afresh");
@@ -263,24 +254,18 @@ window = "1h"
 /// against the file the rollback verified before the restored job runs:
 /// the restore is aborted and not one byte reaches the root file.
 #[test]
+#[cfg_attr(not(criu), ignore = "needs root and CRIU >= 4.2 (scripts/setup.sh)")]
 fn swap_between_rollback_and_criu_reopen_is_caught_before_the_job_runs() {
-    if !criu_available() {
-        return;
-    }
     let env = Env::new();
     let scratch = attacker_dir(&env, "scratch");
     let vault = root_only_dir(&env, "vault");
     // Same type and mode as the job's output file (created 0640 by root).
     let canary = Canary::with_mode(&vault, "passwd", 2048, 0o640);
     fs::set_permissions(&vault, fs::Permissions::from_mode(0o755)).unwrap();
-    let job = env.job(
-        "reopen",
-        &format!(
-            "command = [\"{}\", \"50\"]\nstdout = \"{}/out.txt\"\n[checkpoint]\nevery = \"1s\"\n[restore]\nbackoff = \"0s\"\n",
-            progs().join("counter").display(),
-            scratch.display()
-        ),
-    );
+    let job = JobFile::counter("reopen")
+        .command(&[&prog("counter"), "50"])
+        .stdout(&format!("{}/out.txt", scratch.display()))
+        .write(&env);
     let pause = env.path().join("pause");
     let reached = env.path().join("pause.reached");
     let sup = env.start_with_env(
@@ -290,7 +275,7 @@ fn swap_between_rollback_and_criu_reopen_is_caught_before_the_job_runs() {
             ("SUPERVISE_PAUSE_FILE", pause.to_str().unwrap()),
         ],
     );
-    sup.wait_for("checkpoint published", 1, T);
+    sup.wait_checkpoints("reopen", 1, T);
     fs::write(&pause, "").unwrap();
     sup.kill_job("reopen");
     wait_until("the pause after the rollback", T, || reached.exists());

@@ -8,19 +8,15 @@ use std::os::unix::fs::symlink;
 use std::path::Path;
 use std::time::Duration;
 
-use crate::common::{self, criu_available, progs, Env};
+use crate::common::{self, Env, JobFile};
 use crate::{attacker_dir, nobody, Canary};
 
 const QUICK: Duration = Duration::from_secs(20);
 
-fn counter_job(env: &Env, name: &str, extra: &str) -> std::path::PathBuf {
-    env.job(
-        name,
-        &format!(
-            "command = [\"{}\", \"100\"]\nstdout = \"{name}.out\"\n{extra}\n[checkpoint]\nevery = \"1h\"\n",
-            progs().join("counter").display()
-        ),
-    )
+/// A counter job with no checkpoint during a test and `top` (e.g. a
+/// `state_dir`) at the top level.
+fn counter_job(env: &Env, name: &str, top: &str) -> std::path::PathBuf {
+    JobFile::counter(name).every("1h").top(top).write(env)
 }
 
 /// Everything under `dir`, for before/after comparisons.
@@ -53,10 +49,8 @@ fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
 /// (exit 2, one line naming it, its owner and mode); the job never starts
 /// and the root file is untouched.
 #[test]
+#[cfg_attr(not(criu), ignore = "needs root and CRIU >= 4.2 (scripts/setup.sh)")]
 fn state_dir_in_attacker_space_is_refused() {
-    if !criu_available() {
-        return;
-    }
     let env = Env::new();
     let scratch = attacker_dir(&env, "scratch");
     let secret = env.path().join("secret");
@@ -107,10 +101,8 @@ fn state_dir_in_attacker_space_is_refused() {
 /// attacker's (they could rename it away and put their own in its place),
 /// and nothing is created below it.
 #[test]
+#[cfg_attr(not(criu), ignore = "needs root and CRIU >= 4.2 (scripts/setup.sh)")]
 fn state_dir_below_attacker_dir_is_refused_and_not_created() {
-    if !criu_available() {
-        return;
-    }
     let env = Env::new();
     let scratch = attacker_dir(&env, "scratch");
     let state = scratch.join("a/b/state");
@@ -153,10 +145,8 @@ fn state_dir_below_attacker_dir_is_refused_and_not_created() {
 /// attacker cannot write there) at the old fixed temporary name is left
 /// alone and its target untouched.
 #[test]
+#[cfg_attr(not(criu), ignore = "needs root and CRIU >= 4.2 (scripts/setup.sh)")]
 fn job_record_never_written_through_a_symlink() {
-    if !criu_available() {
-        return;
-    }
     let env = Env::new();
     let canary = Canary::new(env.path(), "root-file", 100);
     let state = env.path().join("st");
@@ -165,7 +155,7 @@ fn job_record_never_written_through_a_symlink() {
     symlink(&canary.path, state.join("job.json")).unwrap();
     let job = counter_job(&env, "rec", &format!("state_dir = \"{}\"", state.display()));
     let sup = env.start(&job);
-    sup.wait_for("started pid=", 1, common::T);
+    sup.wait_state("rec", "running", common::T);
     common::wait_until("job.json", QUICK, || {
         fs::symlink_metadata(state.join("job.json"))
             .map(|m| m.is_file())
@@ -179,10 +169,8 @@ fn job_record_never_written_through_a_symlink() {
 /// A control socket in a directory the attacker controls is refused
 /// before any job starts.
 #[test]
+#[cfg_attr(not(criu), ignore = "needs root and CRIU >= 4.2 (scripts/setup.sh)")]
 fn control_socket_in_attacker_dir_is_refused() {
-    if !criu_available() {
-        return;
-    }
     let env = Env::new();
     let scratch = attacker_dir(&env, "scratch");
     let job = counter_job(&env, "sock", "");
@@ -215,10 +203,8 @@ fn control_socket_in_attacker_dir_is_refused() {
 /// append the job's output to that file. The job does not start, with a
 /// message naming the path.
 #[test]
+#[cfg_attr(not(criu), ignore = "needs root and CRIU >= 4.2 (scripts/setup.sh)")]
 fn job_output_is_never_opened_through_a_symlink() {
-    if !criu_available() {
-        return;
-    }
     let env = Env::new();
     let scratch = attacker_dir(&env, "scratch");
     let secret = env.path().join("secret");
@@ -229,14 +215,10 @@ fn job_output_is_never_opened_through_a_symlink() {
         canary.path.display(),
         scratch.display()
     ));
-    let job = env.job(
-        "outlink",
-        &format!(
-            "command = [\"{}\", \"100\"]\nstdout = \"{}/out.txt\"\n[checkpoint]\nevery = \"1h\"\n",
-            progs().join("counter").display(),
-            scratch.display()
-        ),
-    );
+    let job = JobFile::counter("outlink")
+        .every("1h")
+        .stdout(&format!("{}/out.txt", scratch.display()))
+        .write(&env);
     let mut sup = env.start(&job);
     let code = sup.wait_exit(QUICK);
     let log = sup.log();

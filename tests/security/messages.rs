@@ -7,32 +7,25 @@ use std::fs;
 use std::process::{Command, Stdio};
 
 use crate::as_nobody;
-use crate::common::{self, criu_available, Env, BIN, T};
+use crate::common::{Env, JobFile, BIN, T};
 
 /// A non-root user asking root's live supervise is told "permission
 /// denied" (exit 1), not that no supervise runs.
 #[test]
+#[cfg_attr(not(criu), ignore = "needs root and CRIU >= 4.2 (scripts/setup.sh)")]
 fn non_root_status_on_roots_socket_is_permission_denied() {
-    if !criu_available() {
-        return;
-    }
     let env = Env::new();
     crate::open_up(&env);
     let sock_dir = env.path().join("run");
-    let job = env.job(
-        "p",
-        &format!(
-            "command = [\"{}\", \"100\"]\nstdout = \"p.out\"\n[checkpoint]\nevery = \"1h\"\n",
-            common::progs().join("counter").display()
-        ),
-    );
+    let job = JobFile::counter("p").every("1h").write(&env);
     let sock = sock_dir.join("s.sock");
     let sup = env.start_with(&[
         std::ffi::OsStr::new("--socket"),
         sock.as_os_str(),
         job.as_os_str(),
     ]);
-    sup.wait_for("control socket ready", 1, T);
+    // Through its own socket (`--socket`).
+    sup.wait_state("p", "running", T);
     let out = as_nobody(&format!("{BIN} --socket {} status", sock.display()))
         .output()
         .unwrap();
@@ -45,10 +38,8 @@ fn non_root_status_on_roots_socket_is_permission_denied() {
 /// `supervise check` as a non-root user blames the missing privileges,
 /// not the kernel.
 #[test]
+#[cfg_attr(not(criu), ignore = "needs root and CRIU >= 4.2 (scripts/setup.sh)")]
 fn non_root_check_blames_privileges_not_the_kernel() {
-    if !criu_available() {
-        return;
-    }
     let out = as_nobody(&format!("{BIN} check")).output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(!out.status.success(), "{text}");
@@ -80,10 +71,8 @@ fn closed_stdout_ends_a_client_quietly() {
 /// A failing OS call is reported once: its text is not repeated by every
 /// layer of the error chain.
 #[test]
+#[cfg_attr(not(criu), ignore = "needs root and CRIU >= 4.2 (scripts/setup.sh)")]
 fn each_cause_is_said_once() {
-    if !criu_available() {
-        return;
-    }
     let env = Env::new();
     let job = env.job(
         "once",

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::common::{self, Env, T};
+use crate::common::{self, Env, JobFile, T};
 use crate::{as_nobody, attacker_dir, chown, nobody, open_up, NOBODY};
 
 /// Upper bound for any store command on a hostile store.
@@ -18,21 +18,7 @@ const BOUND: Duration = Duration::from_secs(20);
 
 /// A counter job checkpointed every second into `dir`.
 fn counter_job(env: &Env, name: &str, dir: &str) -> PathBuf {
-    env.job(
-        name,
-        &format!(
-            r#"command = ["{}", "100"]
-stdout = "{name}.out"
-[checkpoint]
-every = "1s"
-dir = "{dir}"
-keep = 3
-[restore]
-backoff = "0s"
-"#,
-            common::progs().join("counter").display()
-        ),
-    )
+    JobFile::counter(name).dir(dir).keep(3).write(env)
 }
 
 /// What a bounded run of the CLI did.
@@ -150,10 +136,8 @@ fn line_with<'a>(log: &'a str, needle: &str) -> &'a str {
 /// it; likewise below a directory nobody owns. A store supervise made
 /// itself cannot be planted into by nobody.
 #[test]
+#[cfg_attr(not(criu), ignore = "needs root and CRIU >= 4.2 (scripts/setup.sh)")]
 fn planted_image_dir_is_refused() {
-    if !common::criu_available() {
-        return;
-    }
     let env = Env::new();
     open_up(&env);
     // Directly, in /tmp (root-owned, sticky): the attacker's own 0700 dir.
@@ -221,10 +205,8 @@ fn path_tag(p: &Path) -> String {
 /// name of earlier releases). The job is SIGKILLed: supervise still
 /// restores it from its image, the counter continues from the checkpoint.
 #[test]
+#[cfg_attr(not(criu), ignore = "needs root and CRIU >= 4.2 (scripts/setup.sh)")]
 fn predictable_scratch_names_cannot_block_a_restore() {
-    if !common::criu_available() {
-        return;
-    }
     let env = Env::new();
     open_up(&env);
     let job = counter_job(&env, "scratchy", "images-scratchy");
@@ -264,9 +246,9 @@ fn predictable_scratch_names_cannot_block_a_restore() {
     .unwrap();
 
     let sup = env.start(&job);
-    sup.wait_for("checkpoint published", 2, T);
+    sup.wait_checkpoints("scratchy", 2, T);
     sup.kill_job("scratchy");
-    sup.wait_for("restored", 1, T);
+    sup.wait_restores("scratchy", 1, T);
     let out = env.path().join("scratchy.out");
     let n = env.numbers("scratchy.out").len();
     common::wait_numbers(&out, n + 3, T);
@@ -311,7 +293,7 @@ fn predictable_scratch_names_cannot_block_a_restore() {
 /// checkpoint); returns the images' paths, newest first.
 fn three_images(env: &Env, job: &Path, name: &str) -> Vec<PathBuf> {
     let mut sup = env.start(job);
-    sup.wait_for("checkpoint published", 3, T);
+    sup.wait_checkpoints(name, 3, T);
     sup.signal(libc::SIGTERM);
     assert_eq!(sup.wait_exit(T), 0, "{}", sup.log());
     let imgs = common::images(job);
@@ -327,10 +309,8 @@ fn three_images(env: &Env, job: &Path, name: &str) -> Vec<PathBuf> {
 /// `supervise run` skips the image, restores an older one and still stops
 /// on SIGTERM.
 #[test]
+#[cfg_attr(not(criu), ignore = "needs root and CRIU >= 4.2 (scripts/setup.sh)")]
 fn fifo_manifest_and_dev_zero_index_neither_hang_nor_block_a_restore() {
-    if !common::criu_available() {
-        return;
-    }
     let env = Env::new();
     let job = counter_job(&env, "hostile", "images-hostile");
     let paths = three_images(&env, &job, "hostile");
@@ -389,7 +369,7 @@ fn fifo_manifest_and_dev_zero_index_neither_hang_nor_block_a_restore() {
     fs::rename(&manifest, &saved).unwrap();
     nix::unistd::mkfifo(&manifest, nix::sys::stat::Mode::S_IRWXU).unwrap();
     let mut sup = env.start(&job);
-    sup.wait_for("restored", 1, T);
+    sup.wait_restores("hostile", 1, T);
     assert_eq!(common::ids(&sup.log(), "restored"), vec![older_id]);
     assert!(sup.log().contains(&manifest.display().to_string()));
     sup.signal(libc::SIGTERM);
@@ -402,10 +382,8 @@ fn fifo_manifest_and_dev_zero_index_neither_hang_nor_block_a_restore() {
 /// Attack 8: a directory holding unrelated files (as /etc) as the image
 /// directory: refused by name, nothing created in it.
 #[test]
+#[cfg_attr(not(criu), ignore = "needs root and CRIU >= 4.2 (scripts/setup.sh)")]
 fn foreign_directory_is_not_taken_as_a_store() {
-    if !common::criu_available() {
-        return;
-    }
     let env = Env::new();
     let etc = env.path().join("etc");
     fs::create_dir(&etc).unwrap();
@@ -434,13 +412,7 @@ fn unreadable_store_is_permission_denied_not_empty() {
     open_up(&env);
     // An explicit dir and the default one (below .supervise/, 0700).
     let explicit = counter_job(&env, "explicit", "images-explicit");
-    let default = env.job(
-        "default",
-        &format!(
-            "command = [\"{}\", \"100\"]\n",
-            common::progs().join("counter").display()
-        ),
-    );
+    let default = JobFile::counter("default").write(&env);
     for job in [&explicit, &default] {
         let cfg = supervise::config::JobConfig::load(job).unwrap();
         fs::create_dir_all(&cfg.state_dir).unwrap();
