@@ -114,14 +114,13 @@
 //! pack's objects unavailable), named in the warning or error. Image
 //! directories, `packs/` and staging directories are looked at with
 //! `lstat`: a symlink or non-directory there is damage, never followed.
-
 //!
 //! # Where the code is
 //!
 //! * this file: [`ImageStore`] itself (open, lock, marker, listing) and
 //!   [`StoreError`];
-//! * `format.rs`: names, limits, ids and `MANIFEST.json` (the types above,
-//!   reading and checking a manifest);
+//! * `format.rs`: names, limits, ids and `MANIFEST.json` (its types, how it
+//!   is read and checked);
 //! * `ingest.rs`: [`ImageStore::begin`], [`Staging`], [`Staging::commit`];
 //! * `materialise.rs`: [`ImageStore::materialise`];
 //! * `verify.rs`: [`ImageStore::verify`], [`ImageStore::verify_all`] and
