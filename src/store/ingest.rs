@@ -1,0 +1,353 @@
+//! Ingest: a checkpoint from [`ImageStore::begin`] to [`Staging::commit`].
+//! CRIU dumps into a staging directory; commit cuts every file into
+//! chunks, stores the new ones in one pack, writes the manifest and
+//! publishes the checkpoint (see "Crash safety" in [`crate::store`]).
+
+use std::fs::{self, DirBuilder, OpenOptions};
+use std::io::{self, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use chrono::{DateTime, Utc};
+use tracing::{debug, warn};
+
+use super::format::{
+    image_info, leading_seq, valid_link, CheckpointMeta, FileEntry, ImageInfo, Manifest,
+    StoredInfo, DELETING_PREFIX, ID_TIME_FORMAT, MANIFEST_NAME, MANIFEST_VERSION, STAGING_PREFIX,
+};
+use super::objects::{self, PackWriter, TreeBuilder, FILE_CHUNK, PAGE_CHUNK};
+use super::scratch::{tmpfs_dir, tmpfs_staging_prefix};
+use super::util::{failpoint, fsync_dir, rename_noreplace};
+use super::{io_err, ImageStore, StoreError};
+use crate::fsutil;
+
+/// A checkpoint being written; obtained from [`ImageStore::begin`].
+///
+/// Dropping it without [`commit`](Staging::commit) or [`abort`](Staging::abort)
+/// removes the staging directory.
+#[derive(Debug)]
+pub struct Staging {
+    store: ImageStore,
+    /// `<dir>/.staging-<seq>`: receives the manifest and is renamed into place.
+    publish_dir: PathBuf,
+    /// Where CRIU writes the dump: `path` itself, or a directory on tmpfs.
+    dump: PathBuf,
+    id: String,
+    seq: u64,
+    created: DateTime<Utc>,
+    done: bool,
+}
+
+impl ImageStore {
+    /// Creates `.staging-<seq>` (mode 0700) for the next checkpoint. The id
+    /// it will be published under is fixed now: `<seq:06>-<now, UTC>`.
+    pub fn begin(&self) -> Result<Staging, StoreError> {
+        let mut seq = self.next_seq()?;
+        loop {
+            let path = self.dir.join(format!("{STAGING_PREFIX}{seq:06}"));
+            match DirBuilder::new().mode(0o700).create(&path) {
+                Ok(()) => {
+                    fs::set_permissions(&path, fs::Permissions::from_mode(0o700))
+                        .map_err(io_err(&path))?;
+                    let created = Utc::now();
+                    let id = format!("{seq:06}-{}", created.format(ID_TIME_FORMAT));
+                    let dump = match self.tmpfs_staging(seq) {
+                        Some(d) => d,
+                        None => path.clone(),
+                    };
+                    debug!(checkpoint = %id, path = %path.display(), dump = %dump.display(), "began checkpoint staging");
+                    return Ok(Staging {
+                        store: self.clone(),
+                        publish_dir: path,
+                        dump,
+                        id,
+                        seq,
+                        created,
+                        done: false,
+                    });
+                }
+                // Someone (another Staging of this store) raced us: take the next number.
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => seq += 1,
+                Err(e) => return Err(io_err(&path)(e)),
+            }
+        }
+    }
+
+    /// With [`with_tmpfs_staging`](Self::with_tmpfs_staging): a private
+    /// directory on tmpfs for CRIU to dump into, when tmpfs has room for
+    /// twice the newest checkpoint (the first one goes to disk: its size is
+    /// unknown).
+    fn tmpfs_staging(&self, seq: u64) -> Option<PathBuf> {
+        if !self.tmpfs_staging {
+            return None;
+        }
+        let need = self.list().ok()?.first()?.size_bytes;
+        let shm = tmpfs_dir(need)?;
+        let prefix = format!("{}{seq:06}-", tmpfs_staging_prefix(&self.dir));
+        match fsutil::private_temp_dir(shm, &prefix) {
+            Ok(dir) => Some(dir),
+            Err(e) => {
+                debug!(dir = %shm.display(), error = %e, "cannot stage on tmpfs; staging on disk");
+                None
+            }
+        }
+    }
+
+    /// 1 + the maximum sequence number among published, staging and deleting entries.
+    fn next_seq(&self) -> Result<u64, StoreError> {
+        let mut max = 0u64;
+        for entry in fs::read_dir(&self.dir).map_err(io_err(&self.dir))? {
+            let entry = entry.map_err(io_err(&self.dir))?;
+            let name = entry.file_name();
+            let Some(name) = name.to_str() else { continue };
+            let rest = name
+                .strip_prefix(STAGING_PREFIX)
+                .or_else(|| name.strip_prefix(DELETING_PREFIX))
+                .unwrap_or(name);
+            if let Some(seq) = leading_seq(rest) {
+                max = max.max(seq);
+            }
+        }
+        Ok(max + 1)
+    }
+}
+
+/// One entry of a staging directory to ingest.
+enum StagedEntry {
+    File(String),
+    Link(String, String),
+}
+
+impl Staging {
+    /// The id this checkpoint will be published under.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// The directory to dump into (pass this to `criu dump -D`): on tmpfs
+    /// when it has room, else the store's `.staging-<seq>` directory.
+    pub fn path(&self) -> &Path {
+        &self.dump
+    }
+
+    /// Lists what the staging directory holds: regular files, regular files
+    /// one directory level down, and symbolic links with a relative target
+    /// inside the directory (CRIU's `parent` link to pre-dump images).
+    fn entries(&self) -> Result<Vec<StagedEntry>, StoreError> {
+        let mut out = Vec::new();
+        let mut walk = vec![(self.dump.clone(), String::new())];
+        while let Some((dir, prefix)) = walk.pop() {
+            for entry in fs::read_dir(&dir).map_err(io_err(&dir))? {
+                let entry = entry.map_err(io_err(&dir))?;
+                let path = entry.path();
+                let ft = entry.file_type().map_err(io_err(&path))?;
+                let unexpected = |reason: &str| StoreError::UnexpectedEntry {
+                    path: path.clone(),
+                    reason: reason.to_string(),
+                };
+                let Ok(name) = entry.file_name().into_string() else {
+                    return Err(unexpected("file name is not UTF-8"));
+                };
+                let rel = format!("{prefix}{name}");
+                if rel == MANIFEST_NAME {
+                    return Err(unexpected("MANIFEST.json is reserved for the store"));
+                }
+                if ft.is_dir() {
+                    if !prefix.is_empty() {
+                        return Err(unexpected("only one level of subdirectories is allowed"));
+                    }
+                    walk.push((path.clone(), format!("{rel}/")));
+                } else if ft.is_symlink() {
+                    let target = fs::read_link(&path).map_err(io_err(&path))?;
+                    let target = target
+                        .to_str()
+                        .filter(|t| prefix.is_empty() && valid_link(t))
+                        .ok_or_else(|| {
+                            unexpected("symbolic links must be top-level and point to a subdirectory by a relative name")
+                        })?;
+                    out.push(StagedEntry::Link(rel, target.to_string()));
+                } else if ft.is_file() {
+                    out.push(StagedEntry::File(rel));
+                } else {
+                    return Err(unexpected("not a regular file"));
+                }
+            }
+        }
+        out.sort_by(|a, b| entry_name(a).cmp(entry_name(b)));
+        Ok(out)
+    }
+
+    /// Publishes the checkpoint (see the module documentation, "Crash
+    /// safety"): ingests every file into the content-addressed store under
+    /// the exclusive lock, deletes the raw files, writes `MANIFEST.json`
+    /// and renames the staging directory to `<dir>/<id>`. On error the
+    /// staging directory is removed (new objects already in a published
+    /// pack are reclaimed by gc).
+    pub fn commit(mut self, meta: CheckpointMeta) -> Result<ImageInfo, StoreError> {
+        let start = Instant::now();
+        let entries = self.entries()?;
+        let _lock = self.store.lock(true)?;
+        let db = self.store.db()?;
+        let packs_dir = db.dir().to_path_buf();
+        let mut w = PackWriter::new(&packs_dir).map_err(io_err(&packs_dir))?;
+        let mut files = Vec::with_capacity(entries.len());
+        let mut chunks = 0u64;
+        for e in &entries {
+            match e {
+                StagedEntry::Link(name, target) => files.push(FileEntry {
+                    name: name.clone(),
+                    link: Some(target.clone()),
+                    ..Default::default()
+                }),
+                StagedEntry::File(name) => {
+                    let path = self.dump.join(name);
+                    let chunk = chunk_size_for(name);
+                    let mut tree = TreeBuilder::new();
+                    // Tell a failure to store (e.g. ENOSPC in the pack) from
+                    // a failure to read the dump.
+                    let mut store_failed = false;
+                    let size = objects::for_each_chunk(&path, chunk as usize, &mut |c| {
+                        chunks += 1;
+                        tree.push(&db, &mut w, c)
+                            .inspect_err(|_| store_failed = true)
+                    })
+                    .map_err(|e| {
+                        if store_failed {
+                            io_err(&packs_dir)(e)
+                        } else {
+                            io_err(&path)(e)
+                        }
+                    })?;
+                    let (root, depth) = tree.finish(&db, &mut w).map_err(io_err(&packs_dir))?;
+                    files.push(FileEntry {
+                        name: name.clone(),
+                        size,
+                        chunk: Some(chunk),
+                        depth: Some(depth),
+                        root: Some(objects::hex(&root)),
+                        ..Default::default()
+                    });
+                }
+            }
+        }
+        let new_objects = w.len() as u64;
+        let new_raw_bytes = w.raw_bytes;
+        let node_bytes = w.node_bytes;
+        let published = w.finish().map_err(io_err(&packs_dir))?;
+        drop(db);
+        failpoint("commit-after-pack");
+
+        // The data is safe in a published pack: drop the raw dump.
+        if self.dump != self.publish_dir {
+            fs::remove_dir_all(&self.dump).map_err(io_err(&self.dump))?;
+        }
+        for e in entries
+            .iter()
+            .rev()
+            .filter(|_| self.dump == self.publish_dir)
+        {
+            let p = self.publish_dir.join(entry_name(e));
+            fs::remove_file(&p).map_err(io_err(&p))?;
+        }
+        for e in entries.iter().filter(|_| self.dump == self.publish_dir) {
+            if let Some((sub, _)) = entry_name(e).split_once('/') {
+                let d = self.publish_dir.join(sub);
+                match fs::remove_dir(&d) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(io_err(&d)(e)),
+                }
+            }
+        }
+        let stored = StoredInfo {
+            pack_bytes: published.as_ref().map(|p| p.file_bytes).unwrap_or(0),
+            new_objects,
+            new_raw_bytes,
+            node_bytes,
+            chunks,
+            pack: published.as_ref().map(|p| p.name.clone()),
+            ingest_ms: start.elapsed().as_millis() as u64,
+        };
+        let manifest = Manifest {
+            version: MANIFEST_VERSION,
+            id: self.id.clone(),
+            created: self.created,
+            meta,
+            files,
+            stored: Some(stored),
+        };
+        let mut json =
+            serde_json::to_vec_pretty(&manifest).map_err(|source| StoreError::Serialize {
+                id: self.id.clone(),
+                source,
+            })?;
+        json.push(b'\n');
+        let manifest_path = self.publish_dir.join(MANIFEST_NAME);
+        {
+            let mut f = OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&manifest_path)
+                .map_err(io_err(&manifest_path))?;
+            f.set_permissions(fs::Permissions::from_mode(0o600))
+                .map_err(io_err(&manifest_path))?;
+            f.write_all(&json).map_err(io_err(&manifest_path))?;
+            f.sync_all().map_err(io_err(&manifest_path))?;
+        }
+        fsync_dir(&self.publish_dir)?;
+
+        let final_path = self.store.dir.join(&self.id);
+        rename_noreplace(&self.publish_dir, &final_path)?;
+        self.done = true;
+        fsync_dir(&self.store.dir)?;
+
+        let info = image_info(&self.id, self.seq, final_path, manifest, json.len() as u64);
+        debug!(checkpoint = %self.id, size_bytes = info.size_bytes, new_bytes = info.new_bytes, "published checkpoint");
+        Ok(info)
+    }
+
+    /// Removes the staging directory (errors are logged, not returned).
+    pub fn abort(mut self) {
+        self.remove();
+    }
+
+    fn remove(&mut self) {
+        if self.done {
+            return;
+        }
+        self.done = true;
+        if self.dump != self.publish_dir {
+            let _ = fs::remove_dir_all(&self.dump);
+        }
+        match fs::remove_dir_all(&self.publish_dir) {
+            Ok(()) => debug!(path = %self.publish_dir.display(), "removed staging directory"),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => warn!(path = %self.publish_dir.display(), error = %e,
+                "failed to remove staging directory; will retry at next open"),
+        }
+    }
+}
+
+impl Drop for Staging {
+    fn drop(&mut self) {
+        self.remove();
+    }
+}
+
+fn entry_name(e: &StagedEntry) -> &str {
+    match e {
+        StagedEntry::File(n) | StagedEntry::Link(n, _) => n,
+    }
+}
+
+/// Page images are cut into pages, everything else into 64 KiB pieces.
+pub(super) fn chunk_size_for(name: &str) -> u32 {
+    let base = name.rsplit('/').next().unwrap_or(name);
+    if base.starts_with("pages-") && base.ends_with(".img") {
+        PAGE_CHUNK
+    } else {
+        FILE_CHUNK
+    }
+}

@@ -1,0 +1,272 @@
+//! Materialise (the restore side): a checkpoint's files written out as a
+//! directory CRIU can restore from, every piece verified as it is read,
+//! large files by several threads.
+
+use std::fs::{self, DirBuilder, File, OpenOptions};
+use std::io::{self, Read};
+use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use tracing::debug;
+
+use super::format::{valid_file_name, valid_link, FileEntry, ImageInfo, MANIFEST_VERSION_V1};
+use super::objects::{Hash, HashSetH, ObjectDb, PieceError, Reader};
+use super::verify::{check_chunk_len, file_leaves, verify_v1};
+use super::{io_err, ImageStore, StoreError};
+use crate::fsutil;
+
+/// Output is written in pieces of at most this size.
+const WRITE_BATCH: usize = 4 << 20;
+/// Files with more chunks than this are materialised by several threads.
+const PARALLEL_MIN_CHUNKS: usize = 2048;
+
+/// What [`ImageStore::materialise`] did.
+#[derive(Debug, Clone)]
+pub struct Materialised {
+    /// The image directory written (pass it to CRIU).
+    pub path: PathBuf,
+    /// Bytes written.
+    pub bytes: u64,
+    /// Wall time.
+    pub duration: Duration,
+}
+
+impl ImageStore {
+    /// Writes the checkpoint's files into `work_dir` as real files CRIU can
+    /// restore from, verifying every piece as it is read. `work_dir` is an
+    /// empty directory (as made by [`scratch_dir`]), or is created 0700 if
+    /// missing; anything else there (a file, a symlink, a non-empty
+    /// directory) is refused and left alone. Large files are written by
+    /// several threads. On error the directory is removed and
+    /// [`StoreError::Corrupt`] names the file and piece that failed.
+    ///
+    /// [`scratch_dir`]: super::scratch_dir
+    pub fn materialise(
+        &self,
+        image: &ImageInfo,
+        work_dir: &Path,
+    ) -> Result<Materialised, StoreError> {
+        let start = Instant::now();
+        match fs::symlink_metadata(work_dir) {
+            Ok(md) if md.is_dir() => {
+                let mut rd = fs::read_dir(work_dir).map_err(io_err(work_dir))?;
+                if rd.next().is_some() {
+                    return Err(StoreError::BadFile {
+                        path: work_dir.to_path_buf(),
+                        reason: format!(
+                            "restore directory {} is not empty; refusing to write into it",
+                            work_dir.display()
+                        ),
+                    });
+                }
+            }
+            Ok(_) => {
+                return Err(StoreError::BadFile {
+                    path: work_dir.to_path_buf(),
+                    reason: format!(
+                        "restore directory {} is not a directory",
+                        work_dir.display()
+                    ),
+                })
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                if let Some(parent) = work_dir.parent() {
+                    DirBuilder::new()
+                        .recursive(true)
+                        .mode(0o700)
+                        .create(parent)
+                        .map_err(io_err(parent))?;
+                }
+                DirBuilder::new()
+                    .mode(0o700)
+                    .create(work_dir)
+                    .map_err(io_err(work_dir))?;
+            }
+            Err(e) => return Err(io_err(work_dir)(e)),
+        }
+        let res = (|| {
+            let _lock = self.lock(false)?;
+            let db = self.db()?;
+            let mut checked = HashSetH::default();
+            let mut bytes = 0u64;
+            write_image(&db, image, work_dir, &mut checked, &mut bytes).map_err(|e| match e {
+                WriteError::Store(e) => e,
+                WriteError::Damage(reason) => StoreError::Corrupt {
+                    id: image.id.clone(),
+                    reason,
+                },
+            })?;
+            Ok(bytes)
+        })();
+        match res {
+            Ok(bytes) => {
+                let duration = start.elapsed();
+                debug!(checkpoint = %image.id, bytes, ms = duration.as_millis() as u64, dir = %work_dir.display(), "materialised");
+                Ok(Materialised {
+                    path: work_dir.to_path_buf(),
+                    bytes,
+                    duration,
+                })
+            }
+            Err(e) => {
+                let _ = fs::remove_dir_all(work_dir);
+                Err(e)
+            }
+        }
+    }
+}
+
+/// A failure while writing or checking an image.
+enum WriteError {
+    Store(StoreError),
+    Damage(String),
+}
+
+/// Writes all files of `image` into `dir`.
+fn write_image(
+    db: &ObjectDb,
+    image: &ImageInfo,
+    dir: &Path,
+    good: &mut HashSetH,
+    bytes: &mut u64,
+) -> Result<(), WriteError> {
+    let damage = WriteError::Damage;
+    if image.manifest.version == MANIFEST_VERSION_V1 {
+        verify_v1(image).map_err(damage)?;
+        for f in &image.manifest.files {
+            let from = image.path.join(&f.name);
+            let mut src = fsutil::open_regular(&from)
+                .map_err(|e| damage(fsutil::describe_error(&from, &e)))?;
+            let to = dir.join(&f.name);
+            OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+                .open(&to)
+                .and_then(|mut out| io::copy(&mut (&mut src).take(f.size), &mut out))
+                .map_err(|e| WriteError::Store(io_err(&to)(e)))?;
+            *bytes += f.size;
+        }
+        return Ok(());
+    }
+    let mut reader = Reader::new(db).map_err(|e| WriteError::Store(io_err(db.dir())(e)))?;
+    for f in &image.manifest.files {
+        if !valid_file_name(&f.name) {
+            return Err(damage(format!(
+                "manifest lists invalid file name {:?}",
+                f.name
+            )));
+        }
+        let path = dir.join(&f.name);
+        if let Some((sub, _)) = f.name.split_once('/') {
+            let d = dir.join(sub);
+            if fs::symlink_metadata(&d).is_err() {
+                DirBuilder::new()
+                    .mode(0o700)
+                    .create(&d)
+                    .map_err(|e| WriteError::Store(io_err(&d)(e)))?;
+            }
+        }
+        if let Some(target) = &f.link {
+            if !valid_link(target) {
+                return Err(damage(format!(
+                    "{}: invalid link target {target:?}",
+                    f.name
+                )));
+            }
+            std::os::unix::fs::symlink(target, &path)
+                .map_err(|e| WriteError::Store(io_err(&path)(e)))?;
+            continue;
+        }
+        let (leaves, chunk) = file_leaves(&mut reader, f).map_err(damage)?;
+        let file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)
+            .map_err(|e| WriteError::Store(io_err(&path)(e)))?;
+        file.set_len(f.size)
+            .map_err(|e| WriteError::Store(io_err(&path)(e)))?;
+        let threads = if leaves.len() >= PARALLEL_MIN_CHUNKS {
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1)
+                .clamp(1, 4)
+        } else {
+            1
+        };
+        let per = leaves.len().div_ceil(threads);
+        let results: Vec<Result<(), String>> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..threads)
+                .map(|t| {
+                    let lo = (t * per).min(leaves.len());
+                    let hi = ((t + 1) * per).min(leaves.len());
+                    let file = &file;
+                    let leaves = &leaves;
+                    s.spawn(move || write_range(db, f, leaves, chunk, lo, hi, file))
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| {
+                    h.join()
+                        .unwrap_or_else(|_| Err("materialise thread panicked".into()))
+                })
+                .collect()
+        });
+        for r in results {
+            r.map_err(|e| damage(format!("file {}: {e}", f.name)))?;
+        }
+        good.extend(leaves.iter().copied());
+        *bytes += f.size;
+    }
+    Ok(())
+}
+
+/// Writes chunks `lo..hi` of one file at their offsets.
+fn write_range(
+    db: &ObjectDb,
+    f: &FileEntry,
+    leaves: &[Hash],
+    chunk: u64,
+    lo: usize,
+    hi: usize,
+    file: &File,
+) -> Result<(), String> {
+    if lo >= hi {
+        return Ok(());
+    }
+    let mut reader = Reader::new(db).map_err(|e| e.to_string())?;
+    let items: Vec<(usize, Hash)> = (lo..hi).map(|i| (i, leaves[i])).collect();
+    let last = leaves.len() - 1;
+    let mut buf: Vec<u8> = Vec::with_capacity(WRITE_BATCH + chunk as usize);
+    let mut buf_start = lo as u64 * chunk;
+    let mut io_error: Option<String> = None;
+    let flush = |buf: &mut Vec<u8>, at: u64| -> Result<(), String> {
+        file.write_all_at(buf, at)
+            .map_err(|e| format!("cannot write: {e}"))?;
+        buf.clear();
+        Ok(())
+    };
+    reader
+        .read_chunks(&items, &mut |i, data| {
+            check_chunk_len(f, chunk, i, last, data.len())?;
+            buf.extend_from_slice(data);
+            if buf.len() >= WRITE_BATCH {
+                let at = buf_start;
+                buf_start += buf.len() as u64;
+                if let Err(e) = flush(&mut buf, at) {
+                    io_error = Some(e.clone());
+                    return Err(PieceError(e));
+                }
+            }
+            Ok(())
+        })
+        .map_err(|e| io_error.take().unwrap_or(e.0))?;
+    if !buf.is_empty() {
+        flush(&mut buf, buf_start)?;
+    }
+    Ok(())
+}

@@ -1,0 +1,69 @@
+//! Scratch and tmpfs staging directories.
+
+use super::*;
+use crate::store::scratch::{scratch_prefix, tmpfs_dir, tmpfs_staging_prefix};
+
+#[test]
+fn scratch_dir_prefers_tmpfs_with_room_and_is_fresh_each_time() {
+    let tmp = tempfile::tempdir().unwrap();
+    let fb = tmp.path().join("restore");
+    let prefix = scratch_prefix(&fb);
+    let d = scratch_dir(&fb, 1 << 20).unwrap();
+    let d2 = scratch_dir(&fb, 1 << 20).unwrap();
+    assert_ne!(d, d2, "a fresh name every time");
+    for p in [&d, &d2] {
+        assert_eq!(mode(p), 0o700);
+        assert!(fs::read_dir(p).unwrap().next().is_none());
+        let name = p.file_name().unwrap().to_str().unwrap();
+        assert!(name.starts_with(&prefix), "{name}");
+        assert!(name.len() >= prefix.len() + 16, "{name}");
+    }
+    if tmpfs_dir(1 << 20).is_some() {
+        assert!(d.starts_with("/dev/shm"), "{}", d.display());
+    }
+    // No room on tmpfs: next to the fallback, in the state directory.
+    let disk = scratch_dir(&fb, u64::MAX / 4).unwrap();
+    assert_eq!(disk.parent(), Some(tmp.path()));
+    // Leftovers of ours are removed; look-alikes that are not real
+    // directories of ours are left alone.
+    let link = tmp.path().join(format!("{prefix}link"));
+    std::os::unix::fs::symlink(tmp.path(), &link).unwrap();
+    fs::write(d.join("pages-1.img"), b"x").unwrap();
+    remove_scratch(&fb);
+    assert!(!d.exists() && !d2.exists() && !disk.exists());
+    assert!(fs::symlink_metadata(&link).is_ok(), "symlink left alone");
+    assert!(tmp.path().exists());
+}
+
+#[test]
+fn foreign_scratch_and_staging_names_are_left_alone() {
+    if !nix::unistd::geteuid().is_root() || tmpfs_dir(1 << 20).is_none() {
+        eprintln!("SKIPPED: needs root and tmpfs");
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let fb = tmp.path().join("restore");
+    let theirs = Path::new("/dev/shm").join(format!("{}attacker", scratch_prefix(&fb)));
+    fs::create_dir(&theirs).unwrap();
+    nix::unistd::chown(&theirs, Some(nix::unistd::Uid::from_raw(65534)), None).unwrap();
+    remove_scratch(&fb);
+    assert!(theirs.exists(), "someone else's directory is not removed");
+    let d = scratch_dir(&fb, 1 << 20).unwrap();
+    assert_ne!(d, theirs);
+    fs::remove_dir(&d).unwrap();
+    fs::remove_dir(&theirs).unwrap();
+    // The same for tmpfs staging directories.
+    let dir = tmp.path().join("s");
+    let store = ImageStore::open(&dir).unwrap().with_tmpfs_staging(true);
+    publish(&store, "a");
+    let theirs = Path::new("/dev/shm").join(format!("{}000002-x", tmpfs_staging_prefix(&dir)));
+    fs::create_dir(&theirs).unwrap();
+    nix::unistd::chown(&theirs, Some(nix::unistd::Uid::from_raw(65534)), None).unwrap();
+    let st = store.begin().unwrap();
+    assert!(st.path().starts_with("/dev/shm"));
+    assert_ne!(st.path(), theirs);
+    drop(st);
+    ImageStore::open(&dir).unwrap();
+    assert!(theirs.exists());
+    fs::remove_dir(&theirs).unwrap();
+}

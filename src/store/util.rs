@@ -1,0 +1,71 @@
+//! Small filesystem helpers shared by the parts of the store.
+
+use std::fs;
+use std::io;
+use std::path::Path;
+
+use tracing::warn;
+
+use super::{io_err, StoreError};
+use crate::fsutil;
+
+/// Crash testing: when `SUPERVISE_FAILPOINT` names this point, the process
+/// SIGKILLs itself here (points: `commit-after-pack`, `retain-after-rename`,
+/// `gc-after-repack`, `gc-between-index-and-pack`).
+pub(super) fn failpoint(name: &str) {
+    if std::env::var_os("SUPERVISE_FAILPOINT").is_some_and(|v| v == name) {
+        warn!(
+            failpoint = name,
+            "SUPERVISE_FAILPOINT reached: killing this process"
+        );
+        let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGKILL);
+    }
+}
+
+pub(super) fn remove_any(path: &Path) -> Result<(), StoreError> {
+    let md = fs::symlink_metadata(path).map_err(io_err(path))?;
+    if md.is_dir() {
+        fs::remove_dir_all(path).map_err(io_err(path))
+    } else {
+        fs::remove_file(path).map_err(io_err(path))
+    }
+}
+
+/// fsyncs a directory.
+pub(super) fn fsync_dir(dir: &Path) -> Result<(), StoreError> {
+    fsutil::fsync_dir(dir).map_err(io_err(dir))
+}
+
+/// Renames `from` to `to`, failing if `to` exists.
+pub(super) fn rename_noreplace(from: &Path, to: &Path) -> Result<(), StoreError> {
+    use nix::errno::Errno;
+    use nix::fcntl::{renameat2, RenameFlags};
+    match renameat2(None, from, None, to, RenameFlags::RENAME_NOREPLACE) {
+        Ok(()) => Ok(()),
+        // Filesystem without RENAME_NOREPLACE support: check, then plain rename.
+        Err(Errno::EINVAL) | Err(Errno::ENOSYS) => {
+            if fs::symlink_metadata(to).is_ok() {
+                return Err(io_err(to)(io::Error::from_raw_os_error(libc::EEXIST)));
+            }
+            fs::rename(from, to).map_err(io_err(to))
+        }
+        Err(e) => Err(io_err(to)(io::Error::from(e))),
+    }
+}
+
+/// Total size in bytes of all regular files below `path` (recursively, not
+/// following symlinks). Unreadable entries are ignored; a regular file yields
+/// its own size.
+pub fn dir_size(path: &Path) -> u64 {
+    let Ok(md) = fs::symlink_metadata(path) else {
+        return 0;
+    };
+    if md.is_file() {
+        return md.len();
+    }
+    if !md.is_dir() {
+        return 0;
+    }
+    let Ok(rd) = fs::read_dir(path) else { return 0 };
+    rd.filter_map(Result::ok).map(|e| dir_size(&e.path())).sum()
+}
