@@ -12,7 +12,10 @@
 //! fresh namespace's init. That is what makes a restore independent of which
 //! PIDs are taken on the host.
 
+mod options;
 pub mod rpc;
+
+pub use options::{CriuOptions, NetworkLock, DEFAULT_CRIU_LOG_LEVEL, MAX_CRIU_LOG_LEVEL};
 
 use std::io::Read;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
@@ -25,7 +28,6 @@ use std::time::{Duration, Instant};
 use nix::sys::socket::{recv, send, socketpair, AddressFamily, MsgFlags, SockFlag, SockType};
 use prost::Message;
 
-use crate::config::{CriuOptions, NetworkLock};
 use crate::reaper::{ExitStatus, Reaper, Spawned};
 use rpc::{CriuOpts, CriuReq, CriuResp, DumpStatsEntry, ReqType, StatsEntry};
 
