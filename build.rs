@@ -1,10 +1,13 @@
-//! Build script. `detect_criu` sets `cfg(criu)` for the integration tests.
+//! Build script: `compile_rpc` generates CRIU's RPC types from the
+//! vendored rpc.proto; `detect_criu` sets `cfg(criu)` for the integration
+//! tests.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 fn main() {
     println!("cargo::rerun-if-changed=build.rs");
+    compile_rpc();
     detect_criu();
 }
 
@@ -98,4 +101,22 @@ fn detect_criu() {
             );
         }
     }
+}
+
+/// Generates the prost types of CRIU's RPC protocol from the vendored
+/// `src/criu/rpc.proto` (CRIU 4.2.1) into `$OUT_DIR/criu_rpc/_.rs` (the file
+/// has no `package`), which `src/criu/rpc.rs` includes. protox compiles the
+/// proto in Rust: no `protoc` is needed.
+fn compile_rpc() {
+    const DIR: &str = "src/criu";
+    const PROTO: &str = "src/criu/rpc.proto";
+    println!("cargo:rerun-if-changed={PROTO}");
+    let out =
+        std::path::PathBuf::from(std::env::var_os("OUT_DIR").expect("OUT_DIR")).join("criu_rpc");
+    std::fs::create_dir_all(&out).expect("create $OUT_DIR/criu_rpc");
+    let fds = protox::compile([PROTO], [DIR]).unwrap_or_else(|e| panic!("{PROTO}: {e}"));
+    prost_build::Config::new()
+        .out_dir(&out)
+        .compile_fds(fds)
+        .unwrap_or_else(|e| panic!("generating the types of {PROTO}: {e}"));
 }

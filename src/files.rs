@@ -99,13 +99,13 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::config::FilesConfig;
-
 mod capture;
+mod options;
 mod resolve;
 mod rollback;
 
 pub use capture::capture;
+pub use options::FilesConfig;
 pub use rollback::{
     apply, apply_checked, plan, rollback, rollback_checked, verify_restored, Action, Expected, Step,
 };

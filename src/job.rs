@@ -13,8 +13,8 @@ use nix::sched::CloneFlags;
 use tokio::io::unix::AsyncFd;
 use tokio::sync::oneshot;
 
-use crate::config::{CriuOptions, LaunchSpec};
-use crate::criu::{self, CriuError};
+use crate::config::LaunchSpec;
+use crate::criu::{self, CriuError, CriuOptions};
 use crate::init::{self, InitMode, InitSpec, Report};
 use crate::reaper::{ExitStatus, Reaper};
 

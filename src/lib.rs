@@ -3,6 +3,7 @@
 //! image when they die.
 
 pub mod check;
+mod choice;
 pub mod config;
 pub mod control;
 pub mod criu;

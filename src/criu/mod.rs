@@ -1,7 +1,7 @@
 //! The CRIU engine adapter.
 //!
 //! supervise speaks CRIU's RPC protocol to a `criu swrk` child over a
-//! `SOCK_SEQPACKET` socketpair (messages in [`rpc`], hand-derived with prost
+//! `SOCK_SEQPACKET` socketpair (messages in [`rpc`], generated with prost
 //! from CRIU's `rpc.proto`). CRIU logs to its stderr (`log_to_stderr`), which
 //! supervise captures, so the *text* of CRIU's errors reaches the user rather
 //! than just an errno.
@@ -12,7 +12,10 @@
 //! fresh namespace's init. That is what makes a restore independent of which
 //! PIDs are taken on the host.
 
+mod options;
 pub mod rpc;
+
+pub use options::{CriuOptions, NetworkLock, DEFAULT_CRIU_LOG_LEVEL, MAX_CRIU_LOG_LEVEL};
 
 use std::io::Read;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
@@ -25,9 +28,8 @@ use std::time::{Duration, Instant};
 use nix::sys::socket::{recv, send, socketpair, AddressFamily, MsgFlags, SockFlag, SockType};
 use prost::Message;
 
-use crate::config::{CriuOptions, NetworkLock};
 use crate::reaper::{ExitStatus, Reaper, Spawned};
-use rpc::{CriuOpts, CriuReq, CriuResp, DumpStatsEntry, ReqType, StatsEntry};
+use rpc::{CriuOpts, CriuReq, CriuReqType, CriuResp, DumpStatsEntry, StatsEntry};
 
 /// Oldest CRIU that works on the kernels supervise targets: 3.17 fails on
 /// 6.x kernels (vDSO), 4.1.1 cannot dump inet sockets on kernels >= 6.16.
@@ -134,9 +136,9 @@ fn common_opts(images_dir: &Path, o: &CriuOptions) -> CriuOpts {
         // requested only for jobs that checkpoint established connections;
         // CRIU refuses to dump those without `tcp_established` anyway.
         network_lock: o.tcp_established.then_some(match o.network_lock {
-            NetworkLock::Iptables => rpc::NetworkLockMethod::Iptables,
-            NetworkLock::Nftables => rpc::NetworkLockMethod::Nftables,
-            NetworkLock::Skip => rpc::NetworkLockMethod::Skip,
+            NetworkLock::Iptables => rpc::CriuNetworkLockMethod::Iptables,
+            NetworkLock::Nftables => rpc::CriuNetworkLockMethod::Nftables,
+            NetworkLock::Skip => rpc::CriuNetworkLockMethod::Skip,
         } as i32),
         ..Default::default()
     }
@@ -157,7 +159,7 @@ pub fn dump_request(
     opts.notify_scripts = Some(notify);
     opts.timeout = timeout.map(|t| t.as_secs().clamp(1, u32::MAX as u64) as u32);
     CriuReq {
-        r#type: ReqType::Dump as i32,
+        r#type: CriuReqType::Dump as i32,
         opts: Some(opts),
         ..Default::default()
     }
@@ -176,7 +178,7 @@ pub fn pre_dump_request(
     opts.track_mem = Some(true);
     opts.parent_img = parent.map(str::to_string);
     CriuReq {
-        r#type: ReqType::PreDump as i32,
+        r#type: CriuReqType::PreDump as i32,
         opts: Some(opts),
         ..Default::default()
     }
@@ -189,7 +191,7 @@ pub fn restore_request(images_dir: &Path, o: &CriuOptions, notify: bool) -> Criu
     opts.rst_sibling = Some(true);
     opts.notify_scripts = Some(notify);
     CriuReq {
-        r#type: ReqType::Restore as i32,
+        r#type: CriuReqType::Restore as i32,
         opts: Some(opts),
         ..Default::default()
     }
@@ -269,7 +271,7 @@ pub fn feature_check(reaper: &Reaper) -> Result<DumpMode, CriuError> {
 /// A FEATURE_CHECK request for dirty-memory tracking.
 pub fn feature_check_request() -> CriuReq {
     CriuReq {
-        r#type: ReqType::FeatureCheck as i32,
+        r#type: CriuReqType::FeatureCheck as i32,
         features: Some(rpc::CriuFeatures {
             mem_track: Some(true),
             ..Default::default()
@@ -330,7 +332,7 @@ impl Conversation {
             let Some(resp) = self.recv()? else {
                 return Ok(None);
             };
-            if resp.r#type == ReqType::Notify as i32 {
+            if resp.r#type == CriuReqType::Notify as i32 {
                 let script = resp
                     .notify
                     .as_ref()
@@ -338,7 +340,7 @@ impl Conversation {
                     .unwrap_or_default();
                 let ok = on_notify(&script);
                 self.send(&CriuReq {
-                    r#type: ReqType::Notify as i32,
+                    r#type: CriuReqType::Notify as i32,
                     notify_success: Some(ok),
                     ..Default::default()
                 })?;
@@ -482,7 +484,7 @@ pub fn dump_with(
     let reqs = dump_requests(ns_pid, images_dir, o, timeout, true, mode);
     let mut resps = Vec::new();
     for req in &reqs {
-        let op = if req.r#type == ReqType::PreDump as i32 {
+        let op = if req.r#type == CriuReqType::PreDump as i32 {
             "pre-dump"
         } else {
             "dump"
@@ -587,7 +589,7 @@ mod tests {
         );
         let bytes = req.encode_to_vec();
         let back = CriuReq::decode(&bytes[..]).unwrap();
-        assert_eq!(back.r#type, ReqType::Dump as i32);
+        assert_eq!(back.r#type, CriuReqType::Dump as i32);
         let o = back.opts.unwrap();
         assert_eq!(o.images_dir_fd, -1);
         assert_eq!(o.images_dir.as_deref(), Some("/img/x"));
@@ -610,7 +612,7 @@ mod tests {
         assert_eq!(o.tcp_established, Some(true));
         assert_eq!(
             o.network_lock,
-            Some(rpc::NetworkLockMethod::Nftables as i32)
+            Some(rpc::CriuNetworkLockMethod::Nftables as i32)
         );
     }
 
@@ -628,7 +630,7 @@ mod tests {
     #[test]
     fn pre_dump_request_tracks_memory_with_parent() {
         let req = pre_dump_request(7, Path::new("/i/2"), Some("../1"), &opts());
-        assert_eq!(req.r#type, ReqType::PreDump as i32);
+        assert_eq!(req.r#type, CriuReqType::PreDump as i32);
         let o = req.opts.unwrap();
         assert_eq!(o.track_mem, Some(true));
         assert_eq!(o.parent_img.as_deref(), Some("../1"));
@@ -640,7 +642,7 @@ mod tests {
     #[test]
     fn pre_dump_is_used_only_when_criu_confirms_mem_track() {
         let resp = |success, mem_track| CriuResp {
-            r#type: ReqType::FeatureCheck as i32,
+            r#type: CriuReqType::FeatureCheck as i32,
             success,
             features: Some(rpc::CriuFeatures {
                 mem_track,
@@ -697,13 +699,13 @@ mod tests {
         let bytes: Vec<Vec<u8>> = reqs.iter().map(|r| r.encode_to_vec()).collect();
         let pre = CriuReq::decode(&bytes[0][..]).unwrap();
         let dump = CriuReq::decode(&bytes[1][..]).unwrap();
-        assert_eq!(pre.r#type, ReqType::PreDump as i32);
+        assert_eq!(pre.r#type, CriuReqType::PreDump as i32);
         let po = pre.opts.unwrap();
         assert_eq!(po.images_dir.as_deref(), Some("/s/.staging-000003/pre"));
         assert_eq!(po.pid, Some(1000));
         assert_eq!(po.track_mem, Some(true));
         assert_eq!(po.parent_img, None);
-        assert_eq!(dump.r#type, ReqType::Dump as i32);
+        assert_eq!(dump.r#type, CriuReqType::Dump as i32);
         let d = dump.opts.unwrap();
         assert_eq!(d.images_dir.as_deref(), Some("/s/.staging-000003"));
         assert_eq!(d.track_mem, Some(true));
@@ -745,7 +747,7 @@ mod tests {
     #[test]
     fn failed_response_carries_criu_text() {
         let resp = CriuResp {
-            r#type: ReqType::Dump as i32,
+            r#type: CriuReqType::Dump as i32,
             success: false,
             cr_errno: Some(3),
             cr_errmsg: Some("No process with such pid".into()),

@@ -14,9 +14,9 @@ use nix::sys::stat::{FileStat, SFlag};
 use super::resolve::{self, Walk, WalkError};
 use super::{
     classify, excluded, fingerprints, io_err, opened_for_writing, CaptureSummary, DirId,
-    FileRecord, FileState, FilesError, Mode, Opened, BLOB_PREFIX, STATE_FILE, STATE_VERSION,
+    FileRecord, FileState, FilesConfig, FilesError, Mode, Opened, BLOB_PREFIX, STATE_FILE,
+    STATE_VERSION,
 };
-use crate::config::FilesConfig;
 
 /// Why a path cannot be recorded, for `skipped`.
 fn walk_reason(e: &WalkError) -> String {

@@ -12,8 +12,9 @@ use nix::sys::stat::{FileStat, SFlag};
 use nix::unistd::{Gid, Uid, UnlinkatFlags};
 
 use super::resolve::{self, Walk, WalkError};
-use super::{excluded, fingerprints, io_err, load, FileRecord, FileState, FilesError, Mode};
-use crate::config::FilesConfig;
+use super::{
+    excluded, fingerprints, io_err, load, FileRecord, FileState, FilesConfig, FilesError, Mode,
+};
 use crate::fsutil;
 
 /// One step of a rollback, as reported (logs, tests).

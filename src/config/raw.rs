@@ -1,0 +1,458 @@
+//! The job file as written: serde types that mirror the TOML schema, and the
+//! wrapper types that validate leaf values while deserializing (so that errors
+//! carry the value's span and key path).
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::marker::PhantomData;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::de::{self, Deserializer, MapAccess, SeqAccess, Visitor};
+use serde::Deserialize;
+use toml::Spanned;
+
+use super::{
+    NetworkLock, RestoreOn, ShutdownAction, SlurmSignal, MAX_CRIU_LOG_LEVEL, MAX_NAME_LEN,
+};
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawJob {
+    pub(super) name: Option<JobName>,
+    pub(super) command: Option<Spanned<Argv>>,
+    pub(super) attach: Option<Spanned<Pid>>,
+    pub(super) cwd: Option<Spanned<PathValue>>,
+    pub(super) env: Option<EnvMap>,
+    pub(super) stdout: Option<Spanned<PathValue>>,
+    pub(super) stderr: Option<Spanned<PathValue>>,
+    pub(super) state_dir: Option<PathValue>,
+    pub(super) checkpoint: Option<Table<RawCheckpoint>>,
+    pub(super) restore: Option<Table<RawRestore>>,
+    pub(super) shutdown: Option<Table<RawShutdown>>,
+    pub(super) files: Option<Table<RawFiles>>,
+    pub(super) slurm: Option<Table<RawSlurm>>,
+}
+
+/// A sub-table. Unlike a plain derived struct it refuses arrays (serde would
+/// otherwise accept `[[checkpoint]]` as a struct written as a sequence).
+pub(super) struct Table<T>(pub(super) T);
+
+impl<'de, T: Deserialize<'de>> Deserialize<'de> for Table<T> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V<T>(PhantomData<T>);
+        impl<'de, T: Deserialize<'de>> Visitor<'de> for V<T> {
+            type Value = Table<T>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a table")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Table<T>, A::Error> {
+                T::deserialize(de::value::MapAccessDeserializer::new(map)).map(Table)
+            }
+        }
+        d.deserialize_map(V(PhantomData))
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawCheckpoint {
+    pub(super) every: Option<Spanned<Dur<1>>>,
+    pub(super) cron: Option<Spanned<CronExpr>>,
+    pub(super) timezone: Option<Spanned<TzName>>,
+    pub(super) dir: Option<PathValue>,
+    pub(super) keep: Option<Count<1, { u32::MAX as u64 }>>,
+    pub(super) shell_job: Option<bool>,
+    pub(super) tcp_established: Option<bool>,
+    pub(super) file_locks: Option<bool>,
+    pub(super) ext_unix_sk: Option<bool>,
+    pub(super) log_level: Option<Count<0, { MAX_CRIU_LOG_LEVEL as u64 }>>,
+    pub(super) network_lock: Option<NetworkLock>,
+    pub(super) timeout: Option<Dur<1>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawRestore {
+    pub(super) on: Option<RestoreOn>,
+    pub(super) max_restores: Option<Count<1, { u32::MAX as u64 }>>,
+    pub(super) window: Option<Dur<1>>,
+    pub(super) backoff: Option<Spanned<Dur<0>>>,
+    pub(super) backoff_max: Option<Spanned<Dur<0>>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawShutdown {
+    pub(super) action: Option<ShutdownAction>,
+    pub(super) checkpoint: Option<bool>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawSlurm {
+    pub(super) signal: Option<SlurmSignal>,
+    pub(super) requeue: Option<bool>,
+    pub(super) fence_wait: Option<Dur<0>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawFiles {
+    pub(super) rollback: Option<bool>,
+    pub(super) snapshot: Option<Vec<Spanned<PathValue>>>,
+    pub(super) append: Option<Vec<Spanned<PathValue>>>,
+    pub(super) exclude: Option<Vec<Spanned<PathValue>>>,
+}
+
+/// `Deserialize` for the job file's choice enums (`crate::choice`): one of
+/// the spellings in their `ALL`.
+macro_rules! choice_deserialize {
+    ($($name:ident),+) => {$(
+        impl<'de> Deserialize<'de> for $name {
+            fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                de_choice(d, $name::ALL)
+            }
+        }
+    )+};
+}
+
+choice_deserialize!(NetworkLock, SlurmSignal, RestoreOn, ShutdownAction);
+
+fn de_choice<'de, D, T>(d: D, all: &'static [(T, &'static str)]) -> Result<T, D::Error>
+where
+    D: Deserializer<'de>,
+    T: Copy,
+{
+    de_str(d, "a string", |s| {
+        all.iter()
+            .find(|(_, text)| *text == s)
+            .map(|(v, _)| *v)
+            .ok_or_else(|| {
+                let names: Vec<String> = all.iter().map(|(_, t)| format!("\"{t}\"")).collect();
+                format!(
+                    "invalid value {s:?} (expected one of: {})",
+                    names.join(", ")
+                )
+            })
+    })
+}
+
+/// Deserializes a string through `f`; `f`'s error becomes the message.
+fn de_str<'de, D, T, F>(d: D, expecting: &'static str, f: F) -> Result<T, D::Error>
+where
+    D: Deserializer<'de>,
+    F: FnOnce(&str) -> Result<T, String>,
+{
+    struct V<T, F>(&'static str, F, PhantomData<T>);
+    impl<T, F: FnOnce(&str) -> Result<T, String>> Visitor<'_> for V<T, F> {
+        type Value = T;
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str(self.0)
+        }
+        fn visit_str<E: de::Error>(self, s: &str) -> Result<T, E> {
+            (self.1)(s).map_err(E::custom)
+        }
+    }
+    d.deserialize_str(V(expecting, f, PhantomData))
+}
+
+/// Deserializes an integer through `f`; `f`'s error becomes the message.
+fn de_int<'de, D, T, F>(d: D, expecting: &'static str, f: F) -> Result<T, D::Error>
+where
+    D: Deserializer<'de>,
+    F: FnOnce(i128) -> Result<T, String>,
+{
+    struct V<T, F>(&'static str, F, PhantomData<T>);
+    impl<T, F: FnOnce(i128) -> Result<T, String>> Visitor<'_> for V<T, F> {
+        type Value = T;
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str(self.0)
+        }
+        fn visit_i64<E: de::Error>(self, v: i64) -> Result<T, E> {
+            (self.1)(i128::from(v)).map_err(E::custom)
+        }
+        fn visit_u64<E: de::Error>(self, v: u64) -> Result<T, E> {
+            (self.1)(i128::from(v)).map_err(E::custom)
+        }
+    }
+    d.deserialize_i64(V(expecting, f, PhantomData))
+}
+
+pub(super) fn is_valid_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= MAX_NAME_LEN
+        && s != "."
+        && s != ".."
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+}
+
+pub(super) const NAME_RULE: &str =
+    "only letters A-Z a-z, digits 0-9 and `.`, `_`, `-` are allowed, \
+                         at most 128 of them, and it must not be empty, `.` or `..`";
+
+pub(super) struct JobName(pub(super) String);
+
+impl<'de> Deserialize<'de> for JobName {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        de_str(d, "a job name string", |s| {
+            if is_valid_name(s) {
+                Ok(JobName(s.to_string()))
+            } else if s.is_empty() {
+                Err("must not be empty".to_string())
+            } else if s.len() > MAX_NAME_LEN {
+                Err(format!(
+                    "job name is {} bytes long; the limit is {MAX_NAME_LEN} (it becomes a \
+                     directory name)",
+                    s.len()
+                ))
+            } else {
+                Err(format!("invalid job name {s:?}: {NAME_RULE}"))
+            }
+        })
+    }
+}
+
+pub(super) struct Argv(pub(super) Vec<String>);
+
+impl<'de> Deserialize<'de> for Argv {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Argv;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("an array of strings")
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Argv, A::Error> {
+                let mut argv = Vec::new();
+                while let Some(ArgString(arg)) = seq.next_element()? {
+                    argv.push(arg);
+                }
+                match argv.first() {
+                    None => Err(de::Error::custom(
+                        "must not be empty (give at least the program to run)",
+                    )),
+                    Some(p) if p.is_empty() => Err(de::Error::custom(
+                        "the program (first element) must not be an empty string",
+                    )),
+                    Some(_) => Ok(Argv(argv)),
+                }
+            }
+        }
+        d.deserialize_seq(V)
+    }
+}
+
+pub(super) struct ArgString(pub(super) String);
+
+impl<'de> Deserialize<'de> for ArgString {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        de_str(d, "a string", |s| {
+            if s.contains('\0') {
+                Err("must not contain a NUL character".to_string())
+            } else {
+                Ok(ArgString(s.to_string()))
+            }
+        })
+    }
+}
+
+pub(super) struct Pid(pub(super) i32);
+
+impl<'de> Deserialize<'de> for Pid {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        de_int(
+            d,
+            "a process id (a positive integer)",
+            |v| match i32::try_from(v) {
+                Ok(pid) if pid > 0 => Ok(Pid(pid)),
+                _ => Err(format!(
+                    "invalid process id {v}: must be between 1 and {}",
+                    i32::MAX
+                )),
+            },
+        )
+    }
+}
+
+pub(super) struct PathValue(pub(super) PathBuf);
+
+impl<'de> Deserialize<'de> for PathValue {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        de_str(d, "a path string", |s| {
+            if s.is_empty() {
+                Err("must not be empty (use \".\" for the job file's directory)".to_string())
+            } else if s.contains('\0') {
+                Err("must not contain a NUL character".to_string())
+            } else {
+                Ok(PathValue(PathBuf::from(s)))
+            }
+        })
+    }
+}
+
+/// `env`: string keys and values; remembers the span of the first value so
+/// that "env with attach" can point somewhere even for `[env]` tables.
+pub(super) struct EnvMap {
+    pub(super) vars: BTreeMap<String, String>,
+    pub(super) first_span: Option<std::ops::Range<usize>>,
+}
+
+impl<'de> Deserialize<'de> for EnvMap {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = EnvMap;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a table of environment variables")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<EnvMap, A::Error> {
+                let mut env = EnvMap {
+                    vars: BTreeMap::new(),
+                    first_span: None,
+                };
+                while let Some(EnvName(k)) = map.next_key()? {
+                    let v: Spanned<EnvValue> = map.next_value()?;
+                    if env.first_span.is_none() {
+                        env.first_span = Some(v.span());
+                    }
+                    env.vars.insert(k, v.into_inner().0);
+                }
+                Ok(env)
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
+pub(super) struct EnvName(pub(super) String);
+
+impl<'de> Deserialize<'de> for EnvName {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        de_str(d, "an environment variable name", |s| {
+            if s.is_empty() || s.contains(['=', '\0']) {
+                Err(format!(
+                    "invalid environment variable name {s:?}: must be non-empty without `=` or NUL"
+                ))
+            } else {
+                Ok(EnvName(s.to_string()))
+            }
+        })
+    }
+}
+
+pub(super) struct EnvValue(pub(super) String);
+
+impl<'de> Deserialize<'de> for EnvValue {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        de_str(d, "a string (quote numbers, e.g. \"8080\")", |s| {
+            if s.contains('\0') {
+                Err("must not contain a NUL character".to_string())
+            } else {
+                Ok(EnvValue(s.to_string()))
+            }
+        })
+    }
+}
+
+/// A humantime duration of at least `MIN_SECS` seconds.
+pub(super) struct Dur<const MIN_SECS: u64>(pub(super) Duration);
+
+impl<'de, const MIN_SECS: u64> Deserialize<'de> for Dur<MIN_SECS> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        de_str(
+            d,
+            "a duration string such as \"30s\", \"5m\" or \"1h 30m\"",
+            |s| {
+                let v = humantime::parse_duration(s)
+                    .map_err(|e| format!("invalid duration {s:?}: {e}"))?;
+                if v < Duration::from_secs(MIN_SECS) {
+                    return Err(format!("must be at least {MIN_SECS}s (found {s:?})"));
+                }
+                Ok(Dur(v))
+            },
+        )
+    }
+}
+
+/// An integer in `MIN..=MAX`.
+pub(super) struct Count<const MIN: u64, const MAX: u64>(pub(super) u64);
+
+impl<'de, const MIN: u64, const MAX: u64> Deserialize<'de> for Count<MIN, MAX> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        de_int(d, "an integer", |v| match u64::try_from(v) {
+            Ok(n) if (MIN..=MAX).contains(&n) => Ok(Count(n)),
+            _ if MAX >= u64::from(u32::MAX) && v < i128::from(MIN) => {
+                Err(format!("must be at least {MIN} (found {v})"))
+            }
+            _ if MAX >= u64::from(u32::MAX) => Err(format!("must be at most {MAX} (found {v})")),
+            _ => Err(format!("must be between {MIN} and {MAX} (found {v})")),
+        })
+    }
+}
+
+pub(super) struct CronExpr {
+    pub(super) expr: String,
+    pub(super) schedule: cron::Schedule,
+}
+
+const CRON_FIELDS: &str = "sec min hour day-of-month month day-of-week [year]";
+
+impl<'de> Deserialize<'de> for CronExpr {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        de_str(d, "a cron expression string", |s| {
+            let fields = s.split_whitespace().count();
+            let shorthand = s.trim_start().starts_with('@');
+            match s.parse::<cron::Schedule>() {
+                Ok(schedule) => Ok(CronExpr {
+                    expr: s.to_string(),
+                    schedule,
+                }),
+                Err(_) if !shorthand && !(6..=7).contains(&fields) => Err(format!(
+                    "invalid cron expression {s:?}: expected 6 or 7 fields ({CRON_FIELDS}), \
+                     found {fields}"
+                )),
+                Err(e) => Err(format!(
+                    "invalid cron expression {s:?}: {}",
+                    cron_error_text(s, &e.to_string())
+                )),
+            }
+        })
+    }
+}
+
+/// The cron crate renders errors as "EXPR\n   ^\nreason"; keep the reason.
+fn cron_error_text(expr: &str, msg: &str) -> String {
+    let reason: Vec<&str> = msg
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && *l != expr.trim() && !l.chars().all(|c| c == '^'))
+        .collect();
+    if reason.is_empty() {
+        format!("not a valid expression (expected 6 or 7 fields: {CRON_FIELDS}, or @yearly, @monthly, @weekly, @daily, @hourly)")
+    } else {
+        reason.join("; ")
+    }
+}
+
+pub(super) struct TzName(pub(super) chrono_tz::Tz);
+
+impl<'de> Deserialize<'de> for TzName {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        de_str(d, "an IANA time zone name string", |s| {
+            if let Ok(tz) = s.parse::<chrono_tz::Tz>() {
+                return Ok(TzName(tz));
+            }
+            let mut msg =
+                format!("unknown time zone {s:?} (expected an IANA name such as \"Europe/Berlin\" or \"UTC\")");
+            if let Some(tz) = chrono_tz::TZ_VARIANTS
+                .iter()
+                .find(|tz| tz.name().eq_ignore_ascii_case(s))
+            {
+                msg.push_str(&format!("; did you mean \"{}\"?", tz.name()));
+            }
+            Err(msg)
+        })
+    }
+}

@@ -1,0 +1,449 @@
+//! From the raw job file to a [`JobConfig`]: cross-field rules, defaults,
+//! path resolution, and loading one or several job files.
+
+use std::path::{Path, PathBuf};
+
+use toml::Spanned;
+
+use super::diagnostics::{one_line, Ctx};
+use super::raw::{
+    is_valid_name, CronExpr, JobName, PathValue, RawCheckpoint, RawFiles, RawJob, RawRestore,
+    Table, NAME_RULE,
+};
+use super::*;
+
+impl JobConfig {
+    /// Reads and validates a job file. Relative paths resolve against the
+    /// job file's directory (see the module docs).
+    pub fn load(path: &Path) -> Result<JobConfig, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: absolute(path),
+            source,
+        })?;
+        JobConfig::from_str_at(&text, path)
+    }
+
+    /// Reads several job files; a directory stands for the `*.toml` files
+    /// in it (sorted by name). Two jobs may not share a name, a state
+    /// directory or an image directory.
+    pub fn load_all(paths: &[PathBuf]) -> Result<Vec<JobConfig>, ConfigError> {
+        let mut files = Vec::new();
+        for p in paths {
+            if p.is_dir() {
+                let rd = std::fs::read_dir(p).map_err(|source| ConfigError::Read {
+                    path: absolute(p),
+                    source,
+                })?;
+                let mut found: Vec<PathBuf> = rd
+                    .flatten()
+                    .map(|e| e.path())
+                    .filter(|f| f.extension().is_some_and(|x| x == "toml") && f.is_file())
+                    .collect();
+                if found.is_empty() {
+                    return Err(ConfigError::Invalid {
+                        path: absolute(p),
+                        position: None,
+                        key: None,
+                        message: "no job files (*.toml) in this directory".into(),
+                    });
+                }
+                found.sort();
+                files.extend(found);
+            } else {
+                files.push(p.clone());
+            }
+        }
+        let mut cfgs: Vec<JobConfig> = Vec::new();
+        for f in &files {
+            let c = JobConfig::load(f)?;
+            for other in &cfgs {
+                let clash = if other.name == c.name {
+                    Some(("name", format!("job name {:?}", c.name)))
+                } else if other.state_dir == c.state_dir {
+                    Some((
+                        "state_dir",
+                        format!("state directory {}", c.state_dir.display()),
+                    ))
+                } else if other.checkpoint.dir == c.checkpoint.dir {
+                    Some((
+                        "checkpoint.dir",
+                        format!("image directory {}", c.checkpoint.dir.display()),
+                    ))
+                } else {
+                    None
+                };
+                if let Some((key, what)) = clash {
+                    return Err(ConfigError::Invalid {
+                        path: c.source.clone(),
+                        position: None,
+                        key: Some(key.into()),
+                        message: format!(
+                            "{what} is also used by {}; each job needs its own",
+                            other.source.display()
+                        ),
+                    });
+                }
+            }
+            cfgs.push(c);
+        }
+        Ok(cfgs)
+    }
+
+    /// Like [`JobConfig::load`], from text. `path` is used for messages and
+    /// relative-path resolution; it need not exist.
+    pub fn from_str_at(text: &str, path: &Path) -> Result<JobConfig, ConfigError> {
+        let source = absolute(path);
+        let ctx = Ctx {
+            text,
+            path: &source,
+        };
+
+        // Syntax first, so that TOML errors are reported as such.
+        if let Err(e) = text.parse::<toml::Table>() {
+            return Err(ConfigError::Syntax {
+                path: source.clone(),
+                position: e.span().map(|s| Position::of_offset(text, s.start)),
+                message: one_line(e.message()),
+            });
+        }
+        let raw: RawJob = serde_path_to_error::deserialize(toml::Deserializer::new(text))
+            .map_err(|e| ctx.de_error(e))?;
+        build(raw, &ctx)
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Semantic checks and path resolution
+
+fn build(raw: RawJob, ctx: &Ctx<'_>) -> Result<JobConfig, ConfigError> {
+    let base_dir = ctx
+        .path
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("/"));
+
+    let name = match raw.name {
+        Some(JobName(n)) => n,
+        None => {
+            let stem = ctx
+                .path
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            if !is_valid_name(&stem) {
+                return ctx.err(
+                    None,
+                    "name",
+                    format!(
+                        "no `name` given and the file name stem {stem:?} is not a valid job name \
+                         ({NAME_RULE}); set `name` explicitly"
+                    ),
+                );
+            }
+            stem
+        }
+    };
+
+    let state_dir = match raw.state_dir {
+        Some(PathValue(p)) => resolve(&base_dir, &p),
+        None => base_dir.join(STATE_PARENT).join(&name),
+    };
+
+    let target = match (raw.command, raw.attach) {
+        (Some(cmd), Some(pid)) => {
+            let (span, key) = if cmd.span().start > pid.span().start {
+                (cmd.span(), "command")
+            } else {
+                (pid.span(), "attach")
+            };
+            return ctx.err(
+                Some(span),
+                key,
+                "`command` and `attach` are mutually exclusive".to_string(),
+            );
+        }
+        (None, None) => {
+            return ctx.err(
+                None,
+                "",
+                "one of `command` or `attach` is required".to_string(),
+            )
+        }
+        (None, Some(pid)) => {
+            let launch_only = [
+                ("cwd", raw.cwd.as_ref().map(|v| Some(v.span()))),
+                ("env", raw.env.as_ref().map(|e| e.first_span.clone())),
+                ("stdout", raw.stdout.as_ref().map(|v| Some(v.span()))),
+                ("stderr", raw.stderr.as_ref().map(|v| Some(v.span()))),
+            ];
+            for (key, present) in launch_only {
+                if let Some(span) = present {
+                    return ctx.err(
+                        span,
+                        key,
+                        format!("`{key}` can only be used with `command`, not with `attach`"),
+                    );
+                }
+            }
+            Target::Attach {
+                pid: pid.into_inner().0,
+            }
+        }
+        (Some(cmd), None) => {
+            let cwd = match raw.cwd {
+                Some(c) => resolve(&base_dir, &c.into_inner().0),
+                None => base_dir.clone(),
+            };
+            let mut command = cmd.into_inner().0;
+            if command[0].contains('/') && Path::new(&command[0]).is_relative() {
+                command[0] = resolve(&cwd, Path::new(&command[0]))
+                    .to_string_lossy()
+                    .into_owned();
+            }
+            let out = |p: Option<Spanned<PathValue>>, default: &str| match p {
+                Some(p) => resolve(&base_dir, &p.into_inner().0),
+                None => state_dir.join(default),
+            };
+            Target::Launch(LaunchSpec {
+                command,
+                cwd,
+                env: raw.env.map(|e| e.vars).unwrap_or_default(),
+                stdout: out(raw.stdout, "stdout.log"),
+                stderr: out(raw.stderr, "stderr.log"),
+            })
+        }
+    };
+
+    let checkpoint = build_checkpoint(raw.checkpoint, &base_dir, &state_dir, ctx)?;
+    let restore = build_restore(raw.restore, ctx)?;
+    let shutdown = match raw.shutdown {
+        None => ShutdownConfig::default(),
+        Some(Table(s)) => ShutdownConfig {
+            action: s.action.unwrap_or_default(),
+            checkpoint: s.checkpoint.unwrap_or(true),
+        },
+    };
+
+    let files = build_files(raw.files, &base_dir, ctx)?;
+    let slurm = match raw.slurm {
+        None => SlurmConfig::default(),
+        Some(Table(r)) => SlurmConfig {
+            signal: r.signal.unwrap_or_default(),
+            requeue: r.requeue.unwrap_or(true),
+            fence_wait: r
+                .fence_wait
+                .map_or(SlurmConfig::default().fence_wait, |d| d.0),
+        },
+    };
+
+    Ok(JobConfig {
+        name,
+        source: ctx.path.to_path_buf(),
+        base_dir,
+        target,
+        state_dir,
+        checkpoint,
+        restore,
+        shutdown,
+        files,
+        slurm,
+    })
+}
+
+fn build_files(
+    raw: Option<Table<RawFiles>>,
+    base_dir: &Path,
+    ctx: &Ctx<'_>,
+) -> Result<FilesConfig, ConfigError> {
+    let Some(Table(raw)) = raw else {
+        return Ok(FilesConfig::default());
+    };
+    type Spans = Vec<(PathBuf, std::ops::Range<usize>)>;
+    let list = |v: Option<Vec<Spanned<PathValue>>>| -> Spans {
+        v.unwrap_or_default()
+            .into_iter()
+            .map(|p| {
+                let span = p.span();
+                (resolve(base_dir, &p.into_inner().0), span)
+            })
+            .collect()
+    };
+    let snapshot = list(raw.snapshot);
+    let append = list(raw.append);
+    let exclude = list(raw.exclude);
+    // One path, one treatment: a later list naming a path an earlier one
+    // already names is an error at the later mention.
+    let named: [(&str, &Spans); 3] = [
+        ("files.snapshot", &snapshot),
+        ("files.append", &append),
+        ("files.exclude", &exclude),
+    ];
+    for (i, (key, paths)) in named.iter().enumerate() {
+        for (j, (other, others)) in named.iter().enumerate().skip(i) {
+            for (n, (p, span)) in others.iter().enumerate() {
+                let dup = if i == j {
+                    paths[..n].iter().any(|(q, _)| q == p)
+                } else {
+                    paths.iter().any(|(q, _)| q == p)
+                };
+                if dup {
+                    let msg = if i == j {
+                        format!("{} is listed twice", p.display())
+                    } else {
+                        format!("{} is already listed in `{key}`", p.display())
+                    };
+                    return ctx.err(Some(span.clone()), other, msg);
+                }
+            }
+        }
+    }
+    let strip = |v: Spans| v.into_iter().map(|(p, _)| p).collect();
+    Ok(FilesConfig {
+        rollback: raw.rollback.unwrap_or(true),
+        snapshot: strip(snapshot),
+        append: strip(append),
+        exclude: strip(exclude),
+    })
+}
+
+fn build_checkpoint(
+    raw: Option<Table<RawCheckpoint>>,
+    base_dir: &Path,
+    state_dir: &Path,
+    ctx: &Ctx<'_>,
+) -> Result<CheckpointConfig, ConfigError> {
+    let default_dir = state_dir.join("images");
+    let Some(Table(raw)) = raw else {
+        return Ok(CheckpointConfig {
+            schedule: ScheduleSpec::Every(DEFAULT_EVERY),
+            dir: default_dir,
+            keep: DEFAULT_KEEP,
+            criu: CriuOptions::default(),
+            timeout: None,
+        });
+    };
+
+    let schedule = match (raw.every, raw.cron) {
+        (Some(every), Some(cron)) => {
+            let (span, key) = if cron.span().start > every.span().start {
+                (cron.span(), "checkpoint.cron")
+            } else {
+                (every.span(), "checkpoint.every")
+            };
+            return ctx.err(
+                Some(span),
+                key,
+                "`every` and `cron` are mutually exclusive (use one of them)".to_string(),
+            );
+        }
+        (every, None) => {
+            if let Some(tz) = &raw.timezone {
+                return ctx.err(
+                    Some(tz.span()),
+                    "checkpoint.timezone",
+                    "`timezone` is only valid together with `cron`".to_string(),
+                );
+            }
+            ScheduleSpec::Every(every.map_or(DEFAULT_EVERY, |e| e.into_inner().0))
+        }
+        (None, Some(cron)) => {
+            let tz = raw
+                .timezone
+                .map_or(chrono_tz::Tz::UTC, |t| t.into_inner().0);
+            let span = cron.span();
+            let CronExpr { expr, schedule } = cron.into_inner();
+            let spec = ScheduleSpec::Cron { expr, schedule, tz };
+            if spec.next_after(chrono::Utc::now()).is_none() {
+                return ctx.err(
+                    Some(span),
+                    "checkpoint.cron",
+                    "this cron expression never fires again (all its times are in the past)"
+                        .to_string(),
+                );
+            }
+            spec
+        }
+    };
+
+    let criu = CriuOptions {
+        shell_job: raw.shell_job.unwrap_or(false),
+        tcp_established: raw.tcp_established.unwrap_or(false),
+        file_locks: raw.file_locks.unwrap_or(false),
+        ext_unix_sk: raw.ext_unix_sk.unwrap_or(false),
+        log_level: raw.log_level.map_or(DEFAULT_CRIU_LOG_LEVEL, |l| l.0 as u32),
+        network_lock: raw.network_lock.unwrap_or_default(),
+    };
+
+    Ok(CheckpointConfig {
+        schedule,
+        dir: raw
+            .dir
+            .map_or(default_dir, |PathValue(p)| resolve(base_dir, &p)),
+        keep: raw.keep.map_or(DEFAULT_KEEP, |k| k.0 as usize),
+        criu,
+        timeout: raw.timeout.map(|t| t.0),
+    })
+}
+
+fn build_restore(
+    raw: Option<Table<RawRestore>>,
+    ctx: &Ctx<'_>,
+) -> Result<RestoreConfig, ConfigError> {
+    let Some(Table(raw)) = raw else {
+        return Ok(RestoreConfig::default());
+    };
+    let backoff = raw
+        .backoff
+        .as_ref()
+        .map_or(DEFAULT_BACKOFF, |b| b.get_ref().0);
+    let backoff_max = raw
+        .backoff_max
+        .as_ref()
+        .map_or(DEFAULT_BACKOFF_MAX, |b| b.get_ref().0);
+    if backoff_max < backoff {
+        let fmt = |d| humantime::format_duration(d).to_string();
+        return match (&raw.backoff_max, &raw.backoff) {
+            (Some(m), _) => ctx.err(
+                Some(m.span()),
+                "restore.backoff_max",
+                format!(
+                    "must be at least `backoff` ({}), found {}",
+                    fmt(backoff),
+                    fmt(backoff_max)
+                ),
+            ),
+            (None, b) => ctx.err(
+                b.as_ref().map(Spanned::span),
+                "restore.backoff",
+                format!(
+                    "{} exceeds `backoff_max` ({}, the default); raise `backoff_max` too",
+                    fmt(backoff),
+                    fmt(backoff_max)
+                ),
+            ),
+        };
+    }
+    Ok(RestoreConfig {
+        on: raw.on.unwrap_or_default(),
+        max_restores: raw
+            .max_restores
+            .map_or(DEFAULT_MAX_RESTORES, |m| m.0 as u32),
+        window: raw.window.map_or(DEFAULT_RESTORE_WINDOW, |w| w.0),
+        backoff,
+        backoff_max,
+    })
+}
+
+/// Makes `path` absolute (against the current directory) without touching
+/// the file system beyond `current_dir`; falls back to `path` itself.
+fn absolute(path: &Path) -> PathBuf {
+    std::path::absolute(path)
+        .map(|p| p.components().collect())
+        .unwrap_or_else(|_| path.to_path_buf())
+}
+
+/// `p` if absolute, else `base/p`; `.` components and doubled separators are
+/// dropped (lexically; `..` is kept since symlinks may be involved).
+fn resolve(base: &Path, p: &Path) -> PathBuf {
+    base.join(p).components().collect()
+}

@@ -1,0 +1,32 @@
+//! What the files module records and rolls back for a job (the job file's
+//! `[files]` table, built by `crate::config`).
+
+use std::path::PathBuf;
+
+/// The `[files]` table: rolling the job's own files back with a restore.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FilesConfig {
+    /// Record the files the job has open for writing at each checkpoint and
+    /// put them back to that state before a restore.
+    pub rollback: bool,
+    /// Absolute paths whose full content is kept with every checkpoint
+    /// (whether or not the job has them open at that moment).
+    pub snapshot: Vec<PathBuf>,
+    /// Absolute paths the job only ever extends: their size is enough, even
+    /// when they are open read-write.
+    pub append: Vec<PathBuf>,
+    /// Absolute paths (files, or directories with everything under them)
+    /// never recorded nor touched.
+    pub exclude: Vec<PathBuf>,
+}
+
+impl Default for FilesConfig {
+    fn default() -> Self {
+        FilesConfig {
+            rollback: true,
+            snapshot: Vec::new(),
+            append: Vec::new(),
+            exclude: Vec::new(),
+        }
+    }
+}
