@@ -144,9 +144,9 @@ mod verify;
 mod tests;
 
 pub use format::{
-    CheckpointMeta, FileEntry, ImageInfo, Manifest, StoredInfo, DELETING_PREFIX, LOCK_NAME,
-    MANIFEST_NAME, MANIFEST_VERSION, MANIFEST_VERSION_V1, MARKER_NAME, MAX_MANIFEST_BYTES,
-    PACKS_DIR, STAGING_PREFIX,
+    CheckpointExtra, CheckpointMeta, FileEntry, ImageInfo, Manifest, StoredInfo, DELETING_PREFIX,
+    LOCK_NAME, MANIFEST_NAME, MANIFEST_VERSION, MANIFEST_VERSION_V1, MARKER_NAME,
+    MAX_MANIFEST_BYTES, PACKS_DIR, STAGING_PREFIX,
 };
 pub use ingest::Staging;
 pub use maintain::GcReport;

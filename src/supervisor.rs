@@ -32,7 +32,7 @@ use crate::files::{Action, CaptureSummary, FilesError};
 use crate::job::{self, InitFiles, Running};
 use crate::reaper::{ExitStatus, Reaper};
 use crate::schedule::Ticker;
-use crate::store::{CheckpointMeta, ImageInfo, ImageStore, Materialised};
+use crate::store::{CheckpointExtra, CheckpointMeta, ImageInfo, ImageStore, Materialised};
 
 mod checkpoint;
 pub mod engine;

@@ -96,7 +96,7 @@ pub fn render_status(jobs: &[super::JobStatus], now: chrono::DateTime<chrono::Ut
     );
     for j in jobs {
         let state = match &j.state {
-            crate::supervisor::JobState::Failed(_) => "failed".to_string(),
+            crate::control::JobState::Failed(_) => "failed".to_string(),
             s => s.describe(),
         };
         let (last, frozen, age) = match &j.last_checkpoint {
@@ -126,7 +126,7 @@ pub fn render_status(jobs: &[super::JobStatus], now: chrono::DateTime<chrono::Ut
                 .map(ago)
                 .unwrap_or_else(|| "-".into()),
         ));
-        if let crate::supervisor::JobState::Failed(r) = &j.state {
+        if let crate::control::JobState::Failed(r) = &j.state {
             out.push_str(&format!("  failed: {r}\n"));
         } else if let Some(e) = &j.last_error {
             out.push_str(&format!("  last error: {e}\n"));
@@ -151,8 +151,8 @@ fn short(s: i64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::control::JobState;
     use crate::control::{CheckpointSummary, JobStatus};
-    use crate::supervisor::JobState;
 
     #[test]
     fn status_table() {

@@ -58,9 +58,35 @@ pub struct CheckpointMeta {
     pub pages_written: Option<u64>,
     /// Pid of the dumped root inside its pid namespace.
     pub root_pid: i32,
-    /// Room for later features.
+    /// What the supervisor recorded besides CRIU's image (kept under the
+    /// manifest key `extra`).
     #[serde(default)]
-    pub extra: serde_json::Map<String, serde_json::Value>,
+    pub extra: CheckpointExtra,
+}
+
+/// The supervisor's own facts about a checkpoint, typed; stored as the
+/// manifest's `extra` object (keys unchanged since they were free-form).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct CheckpointExtra {
+    /// Job files recorded for rollback.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub files: Option<u64>,
+    /// Of which copied whole.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub files_copied: Option<u64>,
+    /// Bytes copied.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub files_copied_bytes: Option<u64>,
+    /// Time spent recording them (inside the freeze), microseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub files_us: Option<u64>,
+    /// An attached job's processes at the checkpoint (PID and start time),
+    /// killed before a restore if they outlived the job's root.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tree: Vec<crate::proc::ProcId>,
+    /// Keys written by later releases, kept as they are.
+    #[serde(flatten)]
+    pub other: serde_json::Map<String, serde_json::Value>,
 }
 
 /// Contents of `MANIFEST.json`.

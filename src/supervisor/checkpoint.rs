@@ -125,18 +125,14 @@ impl Supervisor {
                 return Err(CheckpointError::Failed(e));
             }
         };
-        let mut extra = serde_json::Map::new();
+        let mut extra = CheckpointExtra::default();
         if let Some(f) = &files {
-            extra.insert("files".into(), f.files.into());
-            extra.insert("files_copied".into(), f.snapshots.into());
-            extra.insert("files_copied_bytes".into(), f.bytes_copied.into());
-            extra.insert("files_us".into(), (f.elapsed.as_micros() as u64).into());
+            extra.files = Some(f.files as u64);
+            extra.files_copied = Some(f.snapshots as u64);
+            extra.files_copied_bytes = Some(f.bytes_copied);
+            extra.files_us = Some(f.elapsed.as_micros() as u64);
         }
-        if !tree.is_empty() {
-            if let Ok(v) = serde_json::to_value(&tree) {
-                extra.insert("tree".into(), v);
-            }
-        }
+        extra.tree = tree.clone();
         let meta = CheckpointMeta {
             job: self.cfg.name.clone(),
             criu_version: self.criu_version.clone(),

@@ -98,8 +98,8 @@ impl Supervisor {
         }
         let mut ids = std::mem::take(&mut self.last_tree);
         if ids.is_empty() {
-            if let Some(v) = newest.and_then(|i| i.manifest.meta.extra.get("tree")) {
-                ids = serde_json::from_value(v.clone()).unwrap_or_default();
+            if let Some(i) = newest {
+                ids = i.manifest.meta.extra.tree.clone();
             }
         }
         if ids.is_empty() {

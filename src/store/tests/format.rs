@@ -55,7 +55,22 @@ fn manifest_roundtrip() {
     let mut v: serde_json::Value = serde_json::from_str(&s).unwrap();
     v["meta"].as_object_mut().unwrap().remove("extra");
     let back: Manifest = serde_json::from_value(v).unwrap();
-    assert!(back.meta.extra.is_empty());
+    assert_eq!(back.meta.extra, CheckpointExtra::default());
+    // Keys written before `extra` was typed read back as such; unknown ones
+    // are kept.
+    let mut v: serde_json::Value = serde_json::from_str(&s).unwrap();
+    v["meta"]["extra"] = serde_json::json!({
+        "files": 3, "files_copied_bytes": 10,
+        "tree": [{"pid": 7, "start_time": 9}], "later": true
+    });
+    let back: Manifest = serde_json::from_value(v).unwrap();
+    assert_eq!(back.meta.extra.files, Some(3));
+    assert_eq!(back.meta.extra.files_copied_bytes, Some(10));
+    assert_eq!(back.meta.extra.tree[0].pid, 7);
+    assert_eq!(back.meta.extra.other["later"], serde_json::json!(true));
+    let again = serde_json::to_value(&back.meta.extra).unwrap();
+    assert_eq!(again["later"], serde_json::json!(true));
+    assert!(again.get("files_us").is_none());
 }
 
 #[test]
