@@ -10,14 +10,13 @@ pub mod criu;
 pub mod daemon;
 pub mod fence;
 pub mod files;
-// TrustError carries the whole finding (owner, mode, rule) for the message.
 pub mod fsutil;
 pub mod init;
 pub mod job;
-pub mod metrics;
+mod metrics;
 pub mod proc;
 pub mod reaper;
-pub mod schedule;
-pub mod slurm;
+mod schedule;
+mod slurm;
 pub mod store;
-pub mod supervisor;
+mod supervisor;

@@ -157,11 +157,6 @@ impl Ticker {
         }
     }
 
-    /// The schedule this ticker follows.
-    pub fn spec(&self) -> &ScheduleSpec {
-        &self.spec
-    }
-
     /// The next due time, or `None` if the schedule never fires again.
     pub fn due(&self) -> Option<DateTime<Utc>> {
         self.due

@@ -40,9 +40,9 @@ pub mod policy;
 mod record;
 mod restore;
 
-pub use checkpoint::{resume_stopped, summary};
+pub use checkpoint::summary;
 pub use engine::{Criu, Engine};
-pub use policy::{restore_delay, Decision, History, Verb};
+pub use policy::{Decision, History, Verb};
 
 /// Why a checkpoint was not published (the job keeps running either way).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -253,11 +253,6 @@ impl Supervisor {
     /// The job's name.
     pub fn name(&self) -> &str {
         &self.cfg.name
-    }
-
-    /// The job's current state.
-    pub fn state(&self) -> &JobState {
-        &self.state
     }
 
     fn files(&self) -> InitFiles {

@@ -92,6 +92,7 @@ impl History {
     }
 
     /// Automatic restores counted in the current window.
+    #[cfg(test)]
     pub fn counted(&self) -> usize {
         self.restores.len()
     }
