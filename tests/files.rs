@@ -47,7 +47,7 @@ fn lines(steps: u32) -> String {
 #[cfg_attr(not(criu), ignore = "needs root and CRIU >= 4.2 (scripts/setup.sh)")]
 fn output_is_exactly_once_across_kills() {
     let env = Env::new();
-    let steps = 60;
+    let steps = 100;
     let job = filejob(&env, "once", steps, "1s", "");
     let mut sup = env.start(&job);
     for round in 1..=2 {

@@ -3,6 +3,8 @@
 //! (tests/corpus/) plus proptest-generated and mutated inputs. Errors must
 //! name the file.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 
 use proptest::prelude::*;
@@ -424,7 +426,7 @@ fn library_ops(dir: PathBuf, work: PathBuf) -> String {
 /// `supervise ARGS job` with at most 2 GiB of address space, killed after
 /// [`BOUND`]: (exit code, output); panics if it hung or died by a signal.
 fn cli(args: &[&str], job: &Path) -> (i32, String) {
-    use std::os::unix::process::{CommandExt, ExitStatusExt};
+    use std::os::unix::process::ExitStatusExt;
     let out = tempfile::NamedTempFile::new().unwrap();
     let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_supervise"));
     cmd.args(args)
@@ -432,19 +434,7 @@ fn cli(args: &[&str], job: &Path) -> (i32, String) {
         .stdin(std::process::Stdio::null())
         .stdout(out.reopen().unwrap())
         .stderr(out.reopen().unwrap());
-    // SAFETY: setrlimit only, between fork and exec.
-    unsafe {
-        cmd.pre_exec(|| {
-            let lim = libc::rlimit {
-                rlim_cur: 2 << 30,
-                rlim_max: 2 << 30,
-            };
-            if libc::setrlimit(libc::RLIMIT_AS, &lim) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
+    common::cap_memory(&mut cmd);
     let t0 = std::time::Instant::now();
     let mut child = cmd.spawn().unwrap();
     let st = loop {

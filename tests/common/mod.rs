@@ -682,3 +682,22 @@ pub fn newest_pack(img: &serde_json::Value) -> PathBuf {
         .join("packs")
         .join(format!("{name}.pack"))
 }
+
+/// Caps the address space of `cmd`'s process at 2 GiB: a runaway
+/// allocation fails there instead of exhausting the machine.
+pub fn cap_memory(cmd: &mut Command) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: setrlimit only, between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            let lim = libc::rlimit {
+                rlim_cur: 2 << 30,
+                rlim_max: 2 << 30,
+            };
+            if libc::setrlimit(libc::RLIMIT_AS, &lim) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}

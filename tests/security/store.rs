@@ -5,7 +5,7 @@
 
 use std::fs;
 use std::os::unix::fs::MetadataExt;
-use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -66,19 +66,7 @@ fn run_bounded(env: &Env, args: &[&str], job: &Path, uid: Option<u32>) -> Ran {
         .stdin(Stdio::null())
         .stdout(out.try_clone().unwrap())
         .stderr(out);
-    // SAFETY: setrlimit only, between fork and exec.
-    unsafe {
-        cmd.pre_exec(|| {
-            let lim = libc::rlimit {
-                rlim_cur: 2 << 30,
-                rlim_max: 2 << 30,
-            };
-            if libc::setrlimit(libc::RLIMIT_AS, &lim) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
+    common::cap_memory(&mut cmd);
     let t0 = Instant::now();
     let mut child = cmd.spawn().unwrap();
     let code = loop {
@@ -99,6 +87,25 @@ fn run_bounded(env: &Env, args: &[&str], job: &Path, uid: Option<u32>) -> Ran {
     let out = fs::read_to_string(&out_path).unwrap_or_default();
     let _ = fs::remove_file(&out_path);
     Ran { code, out, took }
+}
+
+/// `images` and `verify` return (within the bound) and name `file` and
+/// what is wrong with it (`word`).
+fn images_and_verify_name(env: &Env, job: &Path, file: &Path, word: &str) {
+    for args in [&["images"][..], &["verify"][..]] {
+        let r = run_bounded(env, args, job, None);
+        assert!(
+            r.code.is_some(),
+            "{args:?} hung or crashed ({:?}):\n{}",
+            r.took,
+            r.out
+        );
+        assert!(
+            r.out.contains(&file.display().to_string()) && r.out.contains(word),
+            "{args:?} does not name the file:\n{}",
+            r.out
+        );
+    }
 }
 
 /// Sorted names in `dir`.
@@ -322,20 +329,7 @@ fn fifo_manifest_and_dev_zero_index_neither_hang_nor_block_a_restore() {
     let saved = env.path().join("saved-manifest");
     fs::rename(&manifest, &saved).unwrap();
     nix::unistd::mkfifo(&manifest, nix::sys::stat::Mode::S_IRWXU).unwrap();
-    for args in [&["images"][..], &["verify"][..]] {
-        let r = run_bounded(&env, args, &job, None);
-        assert!(
-            r.code.is_some(),
-            "{args:?} hung or crashed ({:?}):\n{}",
-            r.took,
-            r.out
-        );
-        assert!(
-            r.out.contains(&manifest.display().to_string()) && r.out.contains("FIFO"),
-            "{args:?} does not name the file:\n{}",
-            r.out
-        );
-    }
+    images_and_verify_name(&env, &job, &manifest, "FIFO");
     assert_eq!(run_bounded(&env, &["verify"], &job, None).code, Some(1));
     fs::remove_file(&manifest).unwrap();
     fs::rename(&saved, &manifest).unwrap();
@@ -346,20 +340,7 @@ fn fifo_manifest_and_dev_zero_index_neither_hang_nor_block_a_restore() {
     let saved_idx = env.path().join("saved-idx");
     fs::rename(&idx, &saved_idx).unwrap();
     std::os::unix::fs::symlink("/dev/zero", &idx).unwrap();
-    for args in [&["images"][..], &["verify"][..]] {
-        let r = run_bounded(&env, args, &job, None);
-        assert!(
-            r.code.is_some(),
-            "{args:?} hung or crashed ({:?}):\n{}",
-            r.took,
-            r.out
-        );
-        assert!(
-            r.out.contains(&idx.display().to_string()) && r.out.contains("symlink"),
-            "{args:?} does not name the file:\n{}",
-            r.out
-        );
-    }
+    images_and_verify_name(&env, &job, &idx, "symlink");
     assert_eq!(run_bounded(&env, &["verify"], &job, None).code, Some(1));
     fs::remove_file(&idx).unwrap();
     fs::rename(&saved_idx, &idx).unwrap();
