@@ -23,6 +23,7 @@ fn main() {
 /// (CRIU installed since).
 fn detect_criu() {
     println!("cargo::rustc-check-cfg=cfg(criu)");
+    println!("cargo::rustc-check-cfg=cfg(root)");
     println!("cargo::rerun-if-env-changed=CI");
     println!("cargo::rerun-if-env-changed=SUPERVISE_CRIU");
 
@@ -78,6 +79,11 @@ fn detect_criu() {
         .filter(|o| o.status.success())
         .is_some_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0");
 
+    // Unit tests that need root only (chown, /proc/PID/map_files) are
+    // ignored, not passed, in a build that does not run as root.
+    if root {
+        println!("cargo::rustc-cfg=root");
+    }
     let problem = match &version {
         None if criu.is_none() => Some("criu is not on PATH".to_string()),
         None => Some(format!("{shown} --version does not run")),

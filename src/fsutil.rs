@@ -621,10 +621,6 @@ mod tests {
         nix::unistd::chown(p, Some(nix::unistd::Uid::from_raw(uid)), None).unwrap();
     }
 
-    fn root() -> bool {
-        nix::unistd::geteuid().is_root()
-    }
-
     #[test]
     fn private_dirs_under_tmp_are_trusted() {
         let t = tempfile::tempdir().unwrap();
@@ -657,11 +653,8 @@ mod tests {
     }
 
     #[test]
+    #[cfg_attr(not(root), ignore = "needs root")]
     fn foreign_owner_and_foreign_symlink_refused() {
-        if !root() {
-            eprintln!("SKIPPED: needs root to chown");
-            return;
-        }
         let t = tempfile::tempdir().unwrap();
         let d = t.path().join("d");
         fs::create_dir(&d).unwrap();
@@ -699,13 +692,10 @@ mod tests {
     }
 
     #[test]
+    #[cfg_attr(not(root), ignore = "needs root")]
     fn sticky_root_dir_accepts_only_our_entries() {
         // /tmp: root-owned, sticky, world-writable. Our 0700 dir inside is
         // fine (the tempdir above); a foreign dir inside is refused.
-        if !root() {
-            eprintln!("SKIPPED: needs root to chown");
-            return;
-        }
         let t = tempfile::tempdir().unwrap();
         let sticky = t.path().join("sticky");
         fs::create_dir(&sticky).unwrap();

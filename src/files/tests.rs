@@ -104,6 +104,7 @@ fn modes_follow_flags_and_offsets() {
 }
 
 #[test]
+#[cfg_attr(not(root), ignore = "needs root")]
 fn shared_writable_mappings_are_found() {
     let t = tempfile::tempdir().unwrap();
     let path = t.path().join("mapped");
@@ -703,11 +704,8 @@ fn listed_paths_through_symlinks_are_skipped_at_capture() {
 
 /// A recreated or replaced file gets the recorded mode and owner back.
 #[test]
+#[cfg_attr(not(root), ignore = "needs root")]
 fn recreated_and_replaced_files_get_their_owner_and_mode() {
-    if !nix::unistd::geteuid().is_root() {
-        eprintln!("SKIPPED: needs root to chown");
-        return;
-    }
     let t = tempfile::tempdir().unwrap();
     let dir = t.path().join("job");
     fs::create_dir(&dir).unwrap();
