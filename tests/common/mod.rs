@@ -33,6 +33,20 @@ pub fn progs() -> &'static Path {
             ("dirty", "tests/progs/dirty.c", ""),
             ("exchange", "tests/progs/exchange.c", ""),
             ("appender", "tests/progs/appender.c", ""),
+            // The kernel-object matrix of tests/coverage.rs.
+            ("locks", "tests/progs/locks.c", ""),
+            ("unlinked", "tests/progs/unlinked.c", ""),
+            ("shmap", "tests/progs/shmap.c", ""),
+            ("sysvshm", "tests/progs/sysvshm.c", ""),
+            ("posixshm", "tests/progs/posixshm.c", "-lrt"),
+            ("pipes", "tests/progs/pipes.c", ""),
+            ("unixsk", "tests/progs/unixsk.c", ""),
+            ("anonfds", "tests/progs/anonfds.c", ""),
+            ("timerfd", "tests/progs/timerfd.c", ""),
+            ("timers", "tests/progs/timers.c", "-lrt"),
+            ("signals", "tests/progs/signals.c", ""),
+            ("mthread", "tests/progs/mthread.c", "-pthread"),
+            ("ptree", "tests/progs/ptree.c", ""),
         ] {
             let mut cmd = Command::new("cc");
             cmd.args(["-O2", "-o"])
