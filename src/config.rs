@@ -35,7 +35,9 @@ mod raw;
 mod tests;
 mod validate;
 
-pub use crate::criu::{CriuOptions, NetworkLock, DEFAULT_CRIU_LOG_LEVEL, MAX_CRIU_LOG_LEVEL};
+pub use crate::criu::{
+    CriuOptions, NetworkLock, OptValue, DEFAULT_CRIU_LOG_LEVEL, MAX_CRIU_LOG_LEVEL,
+};
 pub use crate::files::FilesConfig;
 pub use diagnostics::{ConfigError, Position};
 

@@ -15,6 +15,7 @@ use toml::Spanned;
 use super::{
     NetworkLock, RestoreOn, ShutdownAction, SlurmSignal, MAX_CRIU_LOG_LEVEL, MAX_NAME_LEN,
 };
+use crate::criu::{parse_size, pass_through_field, OptKind, OptValue};
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -69,6 +70,11 @@ pub(super) struct RawCheckpoint {
     pub(super) log_level: Option<Count<0, { MAX_CRIU_LOG_LEVEL as u64 }>>,
     pub(super) network_lock: Option<NetworkLock>,
     pub(super) timeout: Option<Dur<1>>,
+    pub(super) ghost_limit: Option<Size<{ u32::MAX as u64 }>>,
+    pub(super) skip_in_flight: Option<bool>,
+    pub(super) link_remap: Option<bool>,
+    pub(super) tcp_close: Option<bool>,
+    pub(super) criu_opts: Option<Table<CriuOptsTable>>,
 }
 
 #[derive(Deserialize)]
@@ -454,5 +460,103 @@ impl<'de> Deserialize<'de> for TzName {
             }
             Err(msg)
         })
+    }
+}
+
+/// A size in bytes up to `MAX`: an integer (bytes) or a string with a unit
+/// (`crate::criu::parse_size`).
+pub(super) struct Size<const MAX: u64>(pub(super) u64);
+
+impl<'de, const MAX: u64> Deserialize<'de> for Size<MAX> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V<const MAX: u64>;
+        fn check<const MAX: u64, E: de::Error>(n: u64, shown: &str) -> Result<Size<MAX>, E> {
+            if n > MAX {
+                Err(E::custom(format!(
+                    "size {shown} is too large: at most {MAX} bytes (CRIU takes a 32-bit value)"
+                )))
+            } else {
+                Ok(Size(n))
+            }
+        }
+        impl<const MAX: u64> Visitor<'_> for V<MAX> {
+            type Value = Size<MAX>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a size such as \"8MiB\" or a number of bytes")
+            }
+            fn visit_str<E: de::Error>(self, s: &str) -> Result<Size<MAX>, E> {
+                let n = parse_size(s).map_err(E::custom)?;
+                check(n, &format!("{s:?}"))
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<Size<MAX>, E> {
+                match u64::try_from(v) {
+                    Ok(n) => check(n, &v.to_string()),
+                    Err(_) => Err(E::custom(format!("must not be negative (found {v})"))),
+                }
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<Size<MAX>, E> {
+                check(v, &v.to_string())
+            }
+        }
+        d.deserialize_any(V::<MAX>)
+    }
+}
+
+/// `[checkpoint.criu_opts]`: rpc.proto `criu_opts` fields by name, each
+/// checked against `crate::criu::PASS_THROUGH` (unknown, refused and
+/// unsupported names are errors at the key) and its value against the
+/// field's type (errors at the value).
+pub(super) struct CriuOptsTable(pub(super) BTreeMap<String, OptValue>);
+
+impl<'de> Deserialize<'de> for CriuOptsTable {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = CriuOptsTable;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a table of CRIU options")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<CriuOptsTable, A::Error> {
+                let mut out = BTreeMap::new();
+                while let Some(OptName(name, kind)) = map.next_key()? {
+                    let v = map.next_value_seed(KindSeed(kind))?;
+                    out.insert(name.to_string(), v);
+                }
+                Ok(CriuOptsTable(out))
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
+struct OptName(&'static str, OptKind);
+
+impl<'de> Deserialize<'de> for OptName {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        de_str(d, "a CRIU option name", |s| {
+            pass_through_field(s).map(|f| OptName(f.name, f.kind))
+        })
+    }
+}
+
+struct KindSeed(OptKind);
+
+impl<'de> de::DeserializeSeed<'de> for KindSeed {
+    type Value = OptValue;
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<OptValue, D::Error> {
+        let kind = self.0;
+        match kind {
+            OptKind::Bool => bool::deserialize(d).map(OptValue::Bool),
+            OptKind::Int32 | OptKind::Uint32 => de_int(d, kind.expecting(), |v| {
+                let (lo, hi) = kind.range().unwrap_or((i64::MIN, i64::MAX));
+                match i64::try_from(v) {
+                    Ok(n) if (lo..=hi).contains(&n) => Ok(OptValue::Int(n)),
+                    _ => Err(format!("must be between {lo} and {hi} (found {v})")),
+                }
+            }),
+            OptKind::Str => ArgString::deserialize(d).map(|s| OptValue::Str(s.0)),
+            OptKind::StrList => Vec::<ArgString>::deserialize(d)
+                .map(|l| OptValue::List(l.into_iter().map(|s| s.0).collect())),
+        }
     }
 }

@@ -372,6 +372,11 @@ fn build_checkpoint(
         ext_unix_sk: raw.ext_unix_sk.unwrap_or(false),
         log_level: raw.log_level.map_or(DEFAULT_CRIU_LOG_LEVEL, |l| l.0 as u32),
         network_lock: raw.network_lock.unwrap_or_default(),
+        ghost_limit: raw.ghost_limit.map(|g| g.0 as u32),
+        skip_in_flight: raw.skip_in_flight.unwrap_or(false),
+        link_remap: raw.link_remap.unwrap_or(false),
+        tcp_close: raw.tcp_close.unwrap_or(false),
+        pass_through: raw.criu_opts.map(|Table(t)| t.0).unwrap_or_default(),
     };
 
     Ok(CheckpointConfig {

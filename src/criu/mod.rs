@@ -15,7 +15,11 @@
 mod options;
 pub mod rpc;
 
-pub use options::{CriuOptions, NetworkLock, DEFAULT_CRIU_LOG_LEVEL, MAX_CRIU_LOG_LEVEL};
+pub use options::{
+    parse_size, pass_through_field, CriuOptions, NetworkLock, OptKind, OptValue, PassField,
+    CRIU_DEFAULT_GHOST_LIMIT, DEFAULT_CRIU_LOG_LEVEL, MAX_CRIU_LOG_LEVEL, PASS_THROUGH, REFUSED,
+    UNSUPPORTED,
+};
 
 use std::io::Read;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
@@ -120,8 +124,11 @@ pub fn criu_bin() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("criu"))
 }
 
+/// The options of every request: the job's `[checkpoint]` options that
+/// apply to dump and restore alike, and the `[checkpoint.criu_opts]`
+/// pass-through.
 fn common_opts(images_dir: &Path, o: &CriuOptions) -> CriuOpts {
-    CriuOpts {
+    let mut opts = CriuOpts {
         images_dir_fd: -1,
         images_dir: Some(images_dir.to_string_lossy().into_owned()),
         shell_job: Some(o.shell_job),
@@ -141,11 +148,14 @@ fn common_opts(images_dir: &Path, o: &CriuOptions) -> CriuOpts {
             NetworkLock::Skip => rpc::CriuNetworkLockMethod::Skip,
         } as i32),
         ..Default::default()
-    }
+    };
+    options::apply_pass_through(&mut opts, o);
+    opts
 }
 
 /// The DUMP request for `ns_pid` (the root's PID as CRIU sees it), leaving
-/// the job running.
+/// the job running. Carries the dump-only options (`ghost_limit`,
+/// `skip_in_flight`, `link_remap`).
 pub fn dump_request(
     ns_pid: i32,
     images_dir: &Path,
@@ -158,6 +168,9 @@ pub fn dump_request(
     opts.leave_running = Some(true);
     opts.notify_scripts = Some(notify);
     opts.timeout = timeout.map(|t| t.as_secs().clamp(1, u32::MAX as u64) as u32);
+    opts.ghost_limit = o.ghost_limit;
+    opts.tcp_skip_in_flight = Some(o.skip_in_flight);
+    opts.link_remap = Some(o.link_remap);
     CriuReq {
         r#type: CriuReqType::Dump as i32,
         opts: Some(opts),
@@ -185,10 +198,12 @@ pub fn pre_dump_request(
 }
 
 /// The RESTORE request: the restored root becomes a sibling of `criu swrk`,
-/// i.e. a child of the namespace init that started CRIU.
+/// i.e. a child of the namespace init that started CRIU. Carries the
+/// restore-only option `tcp_close`.
 pub fn restore_request(images_dir: &Path, o: &CriuOptions, notify: bool) -> CriuReq {
     let mut opts = common_opts(images_dir, o);
     opts.rst_sibling = Some(true);
+    opts.tcp_close = Some(o.tcp_close);
     opts.notify_scripts = Some(notify);
     CriuReq {
         r#type: CriuReqType::Restore as i32,
@@ -575,7 +590,56 @@ mod tests {
             ext_unix_sk: false,
             log_level: 2,
             network_lock: NetworkLock::Nftables,
+            ..Default::default()
         }
+    }
+
+    /// The dump-only options go to the DUMP request (not the pre-dump), the
+    /// restore-only one to the RESTORE request, the pass-through to all.
+    #[test]
+    fn options_go_to_their_requests() {
+        let mut o = CriuOptions {
+            ghost_limit: Some(8 << 20),
+            skip_in_flight: true,
+            link_remap: true,
+            tcp_close: true,
+            ..opts()
+        };
+        o.pass_through
+            .insert("manage_cgroups".into(), OptValue::Bool(true));
+        o.pass_through
+            .insert("enable_fs".into(), OptValue::List(vec!["fuse".into()]));
+        let dir = Path::new("/i");
+        let decode = |r: CriuReq| {
+            CriuReq::decode(&r.encode_to_vec()[..])
+                .unwrap()
+                .opts
+                .unwrap()
+        };
+        let reqs = dump_requests(1, dir, &o, None, true, DumpMode::PreDump);
+        let pre = decode(reqs[0].clone());
+        let dump = decode(reqs[1].clone());
+        let restore = decode(restore_request(dir, &o, true));
+        assert_eq!(dump.ghost_limit, Some(8 << 20));
+        assert_eq!(dump.tcp_skip_in_flight, Some(true));
+        assert_eq!(dump.link_remap, Some(true));
+        assert_eq!(dump.tcp_close, None);
+        for other in [&pre, &restore] {
+            assert_eq!(other.ghost_limit, None);
+            assert_eq!(other.tcp_skip_in_flight, None);
+            assert_eq!(other.link_remap, None);
+        }
+        assert_eq!(pre.tcp_close, None);
+        assert_eq!(restore.tcp_close, Some(true));
+        for r in [&pre, &dump, &restore] {
+            assert_eq!(r.manage_cgroups, Some(true));
+            assert_eq!(r.enable_fs, ["fuse"]);
+        }
+        // Unset, ghost_limit is left to CRIU (its default, 1 MiB).
+        let d = decode(dump_request(1, dir, &opts(), None, true));
+        assert_eq!(d.ghost_limit, None);
+        assert_eq!(d.manage_cgroups, None);
+        assert!(d.enable_fs.is_empty());
     }
 
     #[test]

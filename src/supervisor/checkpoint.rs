@@ -59,7 +59,7 @@ impl Supervisor {
         let mode = self.dump_mode().await;
         let engine = self.engine.clone();
         let host_pid = job.host_pid;
-        let opts = self.cfg.checkpoint.criu;
+        let opts = self.cfg.checkpoint.criu.clone();
         let timeout = self.cfg.checkpoint.timeout;
         let files_cfg = self.cfg.files.clone();
         let attached = job.init_pid.is_none();

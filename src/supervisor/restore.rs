@@ -168,7 +168,7 @@ impl Supervisor {
         m: Materialised,
     ) -> Result<Running, String> {
         let engine = self.engine.clone();
-        let opts = self.cfg.checkpoint.criu;
+        let opts = self.cfg.checkpoint.criu.clone();
         let files = self.files();
         let files_cfg = self.cfg.files.clone();
         let materialise = m.duration;

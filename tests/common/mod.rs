@@ -47,6 +47,8 @@ pub fn progs() -> &'static Path {
             ("signals", "tests/progs/signals.c", ""),
             ("mthread", "tests/progs/mthread.c", "-pthread"),
             ("ptree", "tests/progs/ptree.c", ""),
+            ("tcpclient", "tests/progs/tcpclient.c", ""),
+            ("ghost", "tests/progs/ghost.c", ""),
         ] {
             let mut cmd = Command::new("cc");
             cmd.args(["-O2", "-o"])
@@ -83,6 +85,7 @@ pub struct JobFile {
     every: String,
     dir: Option<String>,
     keep: Option<u32>,
+    checkpoint: Vec<String>,
     backoff: String,
     extra: String,
 }
@@ -103,6 +106,7 @@ impl JobFile {
             every: "1s".into(),
             dir: None,
             keep: None,
+            checkpoint: Vec::new(),
             backoff: "0s".into(),
             extra: String::new(),
         }
@@ -150,6 +154,12 @@ impl JobFile {
         self
     }
 
+    /// A further `[checkpoint]` key, e.g. `ghost_limit = "8MiB"`.
+    pub fn checkpoint(mut self, line: &str) -> JobFile {
+        self.checkpoint.push(line.to_string());
+        self
+    }
+
     /// `[restore] backoff`.
     pub fn backoff(mut self, backoff: &str) -> JobFile {
         self.backoff = backoff.to_string();
@@ -184,6 +194,10 @@ impl JobFile {
         }
         if let Some(k) = self.keep {
             t.push_str(&format!("keep = {k}\n"));
+        }
+        for l in &self.checkpoint {
+            t.push_str(l);
+            t.push('\n');
         }
         t.push_str(&format!("[restore]\nbackoff = {}\n", q(&self.backoff)));
         t.push_str(&self.extra);
