@@ -16,8 +16,12 @@ use common::*;
 /// the restored program (not a fresh start) printed PASS and exited 0.
 /// `checkpoint_keys` are extra lines for the `[checkpoint]` table.
 fn matrix(name: &str, checkpoint_keys: &str) {
-    let env = Env::new();
-    let job = write_job(&env, name, checkpoint_keys);
+    matrix_in(&Env::new(), name, checkpoint_keys)
+}
+
+/// [`matrix`] in a prepared `env`.
+fn matrix_in(env: &Env, name: &str, checkpoint_keys: &str) {
+    let job = write_job(env, name, checkpoint_keys);
     let out_path = env.path().join(format!("{name}.out"));
     let output = || fs::read_to_string(&out_path).unwrap_or_default();
     let steps = || numbers(&out_path).len();
@@ -224,4 +228,61 @@ fn threads_and_futexes() {
 #[cfg_attr(not(criu), ignore = "needs root and CRIU >= 4.2 (scripts/setup.sh)")]
 fn process_tree_zombie_sessions() {
     matrix("ptree", "");
+}
+
+/// A TCP client of a server outside the job (this test's listener). The
+/// connection is checkpointed with `tcp_established`; the crash resets it
+/// in the kernel, so it cannot come back established: with `tcp_close` the
+/// restored job gets it back closed, its next write fails, and it
+/// reconnects once, instead of every restore failing.
+#[test]
+#[cfg_attr(not(criu), ignore = "needs root and CRIU >= 4.2 (scripts/setup.sh)")]
+fn tcp_client_reconnects_after_a_crash_with_tcp_close() {
+    use std::io::Read;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::sync::Arc;
+    let env = Env::new();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let port = listener.local_addr().unwrap().port();
+    fs::write(env.path().join("port"), port.to_string()).unwrap();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let server = {
+        let (accepted, stop) = (accepted.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut readers = Vec::new();
+            while !stop.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((mut c, _)) => {
+                        accepted.fetch_add(1, Ordering::Relaxed);
+                        c.set_nonblocking(false).unwrap();
+                        c.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+                        readers.push(std::thread::spawn(move || {
+                            let mut buf = [0u8; 4096];
+                            while matches!(c.read(&mut buf), Ok(n) if n > 0) {}
+                        }));
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(10)),
+                }
+            }
+            readers
+        })
+    };
+    matrix_in(
+        &env,
+        "tcpclient",
+        "tcp_established = true\ntcp_close = true",
+    );
+    let out = fs::read_to_string(env.path().join("tcpclient.out")).unwrap();
+    assert_eq!(out.matches("RECONNECTED").count(), 1, "{out}");
+    stop.store(true, Ordering::Relaxed);
+    for r in server.join().unwrap() {
+        let _ = r.join();
+    }
+    assert_eq!(
+        accepted.load(Ordering::Relaxed),
+        2,
+        "one connection before the crash, one after"
+    );
 }
