@@ -238,6 +238,14 @@ pub struct FileRecord {
     /// each must be the file the rollback checked ([`verify_restored`]).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub holders: Vec<(i32, String)>,
+    /// Modification time at the checkpoint (seconds, nanoseconds); a
+    /// rolled-back file gets it back. None in records written before
+    /// supervise recorded it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mtime: Option<(i64, i64)>,
+    /// Access time at the checkpoint, put back with the modification time.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub atime: Option<(i64, i64)>,
 }
 
 /// Contents of [`STATE_FILE`].

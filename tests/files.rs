@@ -196,3 +196,75 @@ exclude = ["state.tmp"]
         "39\n"
     );
 }
+
+/// A job holding a write lease (`F_SETLEASE`, `F_WRLCK`) on a file it
+/// rewrites in place, checkpointed with `file_locks = true`. Recording the
+/// job's files must not open the leased file (an open starts a lease break
+/// the frozen job cannot answer: the dump then hangs for the kernel's
+/// `lease-break-time`, 45 s, and the job gets SIGIO). So the checkpoint
+/// freezes the job well under a second and the job keeps its lease; after
+/// a SIGKILL, CRIU restores the lease with the job and the job goes on.
+#[test]
+#[cfg_attr(not(criu), ignore = "needs root and CRIU >= 4.2 (scripts/setup.sh)")]
+fn leased_file_does_not_stall_the_checkpoint() {
+    let env = Env::new();
+    let job = env.job(
+        "lease",
+        &format!(
+            r#"command = ["{}", "leased.dat", "100000", "100"]
+stdout = "stdout.txt"
+stderr = "stderr.txt"
+[checkpoint]
+every = "1h"
+file_locks = true
+[restore]
+backoff = "0s"
+"#,
+            prog("lease")
+        ),
+    );
+    let mut sup = env.start(&job);
+    let stdout = env.path().join("stdout.txt");
+    wait_numbers(&stdout, 3, T);
+    let (pid, _) = sup.job_pid("lease");
+    let t0 = std::time::Instant::now();
+    let out = env.ctl(&["checkpoint", "lease"]);
+    let took = t0.elapsed();
+    let stderr = || fs::read_to_string(env.path().join("stderr.txt")).unwrap_or_default();
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        sup.log()
+    );
+    let j = sup.job_status("lease");
+    let frozen = j["last_checkpoint"]["frozen_ms"].as_f64().unwrap();
+    eprintln!("checkpoint took {took:?}, job frozen {frozen} ms");
+    assert!(frozen < 1000.0, "frozen {frozen} ms: {j}");
+    assert!(took < Duration::from_secs(10), "{took:?}");
+    // The job lives on, with its lease (it checks F_GETLEASE every step
+    // and exits on SIGIO).
+    let n = env.numbers("stdout.txt").len();
+    wait_numbers(&stdout, n + 5, T);
+    assert_eq!(sup.job_pid("lease").0, pid, "{}", sup.log());
+    assert_eq!(sup.job_status("lease")["restores"], 0);
+    assert!(stderr().is_empty(), "{}", stderr());
+    // SIGKILL, restore: the job continues from the checkpoint, lease and all.
+    sup.kill_job("lease");
+    sup.wait_restores("lease", 1, T);
+    let n = env.numbers("stdout.txt").len();
+    wait_numbers(&stdout, n + 10, T);
+    let j = sup.job_status("lease");
+    assert_eq!((j["restores"].as_u64(), j["state"].as_str()), (Some(1), Some("running")), "{j}\n{}", sup.log());
+    assert!(stderr().is_empty(), "{}", stderr());
+    assert_exactly_once(&env.numbers("stdout.txt"));
+    let (pid, _) = sup.job_pid("lease");
+    let locks = fs::read_to_string("/proc/locks").unwrap();
+    assert!(
+        locks
+            .lines()
+            .any(|l| l.contains("LEASE") && l.contains("WRITE") && l.split_whitespace().nth(4) == Some(&pid.to_string())),
+        "restored job {pid} holds no write lease:\n{locks}"
+    );
+    sup.kill_all();
+}

@@ -33,6 +33,8 @@ pub fn progs() -> &'static Path {
             ("dirty", "tests/progs/dirty.c", ""),
             ("exchange", "tests/progs/exchange.c", ""),
             ("appender", "tests/progs/appender.c", ""),
+            ("lease", "tests/progs/lease.c", ""),
+            ("mtime", "tests/progs/mtime.c", ""),
         ] {
             let mut cmd = Command::new("cc");
             cmd.args(["-O2", "-o"])
