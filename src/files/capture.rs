@@ -167,8 +167,8 @@ fn reader(
     held: Option<&Vec<JobFd>>,
 ) -> Result<Option<Reader>, FilesError> {
     let same = |f: &File| -> Result<Option<FileStat>, FilesError> {
-        let now = nix::sys::stat::fstat(f.as_raw_fd())
-            .map_err(|e| io_err(path, "stat")(e.into()))?;
+        let now =
+            nix::sys::stat::fstat(f.as_raw_fd()).map_err(|e| io_err(path, "stat")(e.into()))?;
         Ok((now.st_dev == st.st_dev && now.st_ino == st.st_ino).then_some(now))
     };
     let held = held.map(Vec::as_slice).unwrap_or_default();
@@ -397,7 +397,8 @@ pub fn capture(
             // Only the size: a rollback truncates back to it without
             // comparing the bytes before it.
             (Mode::Extend, None) => {
-                rec.why.push_str(&format!("; {LEASED}, so not fingerprinted"));
+                rec.why
+                    .push_str(&format!("; {LEASED}, so not fingerprinted"));
             }
             (_, None) => {
                 skipped.push((o.path.clone(), format!("{LEASED}, so it cannot be copied")));
@@ -427,10 +428,7 @@ pub fn capture(
                 let (f, st) = match reader(p, &dir, &st, held.get(&(st.st_dev, st.st_ino)))? {
                     Some(Reader::Fd(f, st)) => (f, st),
                     Some(Reader::Leased) => {
-                        skipped.push((
-                            p.clone(),
-                            format!("listed in files.snapshot but {LEASED}"),
-                        ));
+                        skipped.push((p.clone(), format!("listed in files.snapshot but {LEASED}")));
                         continue;
                     }
                     None => {

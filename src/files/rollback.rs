@@ -407,7 +407,12 @@ fn copy_blob(blob: &mut File, dst: &mut File, dst_path: &Path) -> Result<u64, Fi
 fn same_content(f: &File, blob: &File, path: &Path) -> Result<bool, FilesError> {
     use std::os::unix::fs::FileExt;
     let len = f.metadata().map_err(io_err(path, "stat"))?.len();
-    if len != blob.metadata().map_err(io_err(path, "stat the copy of"))?.len() {
+    if len
+        != blob
+            .metadata()
+            .map_err(io_err(path, "stat the copy of"))?
+            .len()
+    {
         return Ok(false);
     }
     const CHUNK: usize = 1 << 16;

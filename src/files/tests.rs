@@ -845,10 +845,7 @@ fn rollback_keeps_unchanged_files_and_puts_times_back() {
         fs::write(dir.join(n), content).unwrap();
         set_old_times(&dir.join(n), 1_000_000_000);
     }
-    let h = Holder::new(
-        dir,
-        "exec 3>>a.log 5<>c.state 6<>same.dat 7<>touched.dat",
-    );
+    let h = Holder::new(dir, "exec 3>>a.log 5<>c.state 6<>same.dat 7<>touched.dat");
     let img = dir.join("img");
     fs::create_dir(&img).unwrap();
     let c = cfg();
@@ -868,7 +865,10 @@ fn rollback_keeps_unchanged_files_and_puts_times_back() {
     let before = times_of(&dir.join("same.dat"));
     std::thread::sleep(Duration::from_millis(20));
     let acts = rollback(&img, &c).unwrap();
-    assert!(acts.contains(&Action::Keep(dir.join("same.dat"))), "{acts:?}");
+    assert!(
+        acts.contains(&Action::Keep(dir.join("same.dat"))),
+        "{acts:?}"
+    );
     assert!(
         acts.contains(&Action::Retime(dir.join("touched.dat"))),
         "{acts:?}"
@@ -878,15 +878,24 @@ fn rollback_keeps_unchanged_files_and_puts_times_back() {
             .any(|a| matches!(a, Action::Rewrite(p, _) if p == &dir.join("c.state"))),
         "{acts:?}"
     );
-    assert!(acts.contains(&Action::Truncate(dir.join("a.log"), 3)), "{acts:?}");
+    assert!(
+        acts.contains(&Action::Truncate(dir.join("a.log"), 3)),
+        "{acts:?}"
+    );
     // (Times first: reading the content below moves access times.)
     assert_eq!(times_of(&dir.join("same.dat")), before);
     for n in ["c.state", "touched.dat", "a.log"] {
         let (a, m, _) = times_of(&dir.join(n));
         assert_eq!((a, m), (old, old), "{n}");
     }
-    assert_eq!(fs::read_to_string(dir.join("same.dat")).unwrap(), "unchanged");
-    assert_eq!(fs::read_to_string(dir.join("c.state")).unwrap(), "0123456789");
+    assert_eq!(
+        fs::read_to_string(dir.join("same.dat")).unwrap(),
+        "unchanged"
+    );
+    assert_eq!(
+        fs::read_to_string(dir.join("c.state")).unwrap(),
+        "0123456789"
+    );
     assert_eq!(fs::read_to_string(dir.join("a.log")).unwrap(), "abc");
     // Now everything is as at the checkpoint: a second rollback keeps all,
     // touching nothing.
@@ -896,7 +905,10 @@ fn rollback_keeps_unchanged_files_and_puts_times_back() {
         .collect();
     std::thread::sleep(Duration::from_millis(20));
     let again = rollback(&img, &c).unwrap();
-    assert!(again.iter().all(|a| matches!(a, Action::Keep(_))), "{again:?}");
+    assert!(
+        again.iter().all(|a| matches!(a, Action::Keep(_))),
+        "{again:?}"
+    );
     let now: Vec<_> = ["same.dat", "c.state", "touched.dat", "a.log"]
         .iter()
         .map(|n| times_of(&dir.join(n)))
@@ -914,7 +926,10 @@ fn records_without_times_roll_back() {
         serde_json::from_slice(&fs::read(img.join(STATE_FILE)).unwrap()).unwrap();
     for f in v["files"].as_array_mut().unwrap() {
         let f = f.as_object_mut().unwrap();
-        assert!(f.remove("mtime").is_some() || f["mode"] == "absent", "{f:?}");
+        assert!(
+            f.remove("mtime").is_some() || f["mode"] == "absent",
+            "{f:?}"
+        );
         f.remove("atime");
     }
     fs::write(img.join(STATE_FILE), serde_json::to_vec(&v).unwrap()).unwrap();
@@ -924,9 +939,15 @@ fn records_without_times_roll_back() {
             .any(|a| matches!(a, Action::Rewrite(p, _) if p == &dir.join("c.state"))),
         "{acts:?}"
     );
-    assert_eq!(fs::read_to_string(dir.join("c.state")).unwrap(), "0123456789");
+    assert_eq!(
+        fs::read_to_string(dir.join("c.state")).unwrap(),
+        "0123456789"
+    );
     let again = rollback(&img, &c).unwrap();
-    assert!(again.contains(&Action::Keep(dir.join("c.state"))), "{again:?}");
+    assert!(
+        again.contains(&Action::Keep(dir.join("c.state"))),
+        "{again:?}"
+    );
 }
 
 /// A job holding write leases (`F_SETLEASE`, `F_WRLCK`) on a file open
@@ -1014,6 +1035,9 @@ time.sleep(60)
     // Rolled back (the job gone): truncated to its size, unfingerprinted.
     append(&dir.join("l.wo"), b" more");
     let acts = rollback(&img, &cfg()).unwrap();
-    assert!(acts.contains(&Action::Truncate(dir.join("l.wo"), 8)), "{acts:?}");
+    assert!(
+        acts.contains(&Action::Truncate(dir.join("l.wo"), 8)),
+        "{acts:?}"
+    );
     assert_eq!(fs::read_to_string(dir.join("l.wo")).unwrap(), "appended");
 }
