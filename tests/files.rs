@@ -18,20 +18,39 @@ fn random_pause() -> Duration {
 }
 
 fn filejob(env: &Env, name: &str, steps: u32, every: &str, extra: &str) -> std::path::PathBuf {
+    let argv = ["out.txt", "state.txt", &steps.to_string(), "100"];
+    c_job(env, name, "filejob", &argv, every, "", extra)
+}
+
+/// Job `name` running test program `prog` with `argv`, its stdout and
+/// stderr in stdout.txt and stderr.txt, checkpointed `every`; `checkpoint`
+/// adds keys to `[checkpoint]`, `extra` tables at the end.
+fn c_job(
+    env: &Env,
+    name: &str,
+    prog_name: &str,
+    argv: &[&str],
+    every: &str,
+    checkpoint: &str,
+    extra: &str,
+) -> std::path::PathBuf {
+    let mut command = vec![format!("{:?}", prog(prog_name))];
+    command.extend(argv.iter().map(|a| format!("{a:?}")));
     env.job(
         name,
         &format!(
-            r#"command = ["{}", "out.txt", "state.txt", "{steps}", "100"]
+            r#"command = [{}]
 stdout = "stdout.txt"
 stderr = "stderr.txt"
 [checkpoint]
 every = "{every}"
 dir = "images"
+{checkpoint}
 [restore]
 backoff = "0s"
 {extra}
 "#,
-            progs().join("filejob").display()
+            command.join(", ")
         ),
     )
 }
@@ -223,21 +242,8 @@ fn leased_file_does_not_stall_the_checkpoint() {
     )
     .unwrap();
     fs::set_permissions(&criu, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
-    let job = env.job(
-        "lease",
-        &format!(
-            r#"command = ["{}", "leased.dat", "100000", "100"]
-stdout = "stdout.txt"
-stderr = "stderr.txt"
-[checkpoint]
-every = "1h"
-file_locks = true
-[restore]
-backoff = "0s"
-"#,
-            prog("lease")
-        ),
-    );
+    let argv = ["leased.dat", "100000", "100"];
+    let job = c_job(&env, "lease", "lease", &argv, "1h", "file_locks = true", "");
     let mut sup = env.start_with_env(&job, &[("SUPERVISE_CRIU", criu.to_str().unwrap())]);
     let stdout = env.path().join("stdout.txt");
     wait_numbers(&stdout, 3, T);
@@ -300,20 +306,8 @@ backoff = "0s"
 fn mapped_unchanged_file_keeps_its_mtime_across_a_restore() {
     let env = Env::new();
     let steps = 60;
-    let job = env.job(
-        "mtime",
-        &format!(
-            r#"command = ["{}", "table.dat", "{steps}", "100"]
-stdout = "stdout.txt"
-stderr = "stderr.txt"
-[checkpoint]
-every = "1s"
-[restore]
-backoff = "0s"
-"#,
-            prog("mtime")
-        ),
-    );
+    let argv = ["table.dat", &steps.to_string(), "100"];
+    let job = c_job(&env, "mtime", "mtime", &argv, "1s", "", "");
     let mut sup = env.start(&job);
     sup.wait_checkpoints("mtime", 2, T);
     let table = env.path().join("table.dat");

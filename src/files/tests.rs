@@ -13,12 +13,31 @@ struct Holder {
 
 impl Holder {
     fn new(dir: &Path, script: &str) -> Holder {
-        let mut child = Command::new("sh")
-            .arg("-c")
-            .arg(format!(
-                "cd '{}' && {script} && echo ready && exec sleep 60",
-                dir.display()
-            ))
+        let mut cmd = Command::new("sh");
+        cmd.arg("-c").arg(format!(
+            "cd '{}' && {script} && echo ready && exec sleep 60",
+            dir.display()
+        ));
+        let h = Holder::spawn(cmd);
+        // `exec sleep` keeps the pid; wait until the exec happened so the
+        // shell's own state is gone.
+        let pid = h.pid();
+        for _ in 0..500 {
+            if fs::read_to_string(format!("/proc/{pid}/comm"))
+                .unwrap_or_default()
+                .trim()
+                == "sleep"
+            {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        h
+    }
+
+    /// Starts `cmd` and returns once it printed "ready".
+    fn spawn(mut cmd: Command) -> Holder {
+        let mut child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             // Not the test's own stderr: it may be a file (CI logs), which
@@ -31,19 +50,6 @@ impl Holder {
             .read_line(&mut line)
             .unwrap();
         assert_eq!(line.trim(), "ready");
-        // `exec sleep` keeps the pid; wait until the exec happened so the
-        // shell's own state is gone.
-        let pid = child.id();
-        for _ in 0..500 {
-            if fs::read_to_string(format!("/proc/{pid}/comm"))
-                .unwrap_or_default()
-                .trim()
-                == "sleep"
-            {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(2));
-        }
         Holder { child }
     }
     fn pid(&self) -> i32 {
@@ -970,21 +976,10 @@ fcntl.fcntl(b, fcntl.F_SETLEASE, fcntl.F_WRLCK)
 print("ready", flush=True)
 time.sleep(60)
 "#;
-    let mut child = Command::new("python3")
-        .arg("-c")
-        .arg(script)
-        .current_dir(dir)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    assert_eq!(line.trim(), "ready");
-    let pid = child.id() as i32;
+    let mut cmd = Command::new("python3");
+    cmd.arg("-c").arg(script).current_dir(dir);
+    let mut h = Holder::spawn(cmd);
+    let pid = h.pid();
     let leases = || {
         fs::read_to_string("/proc/locks")
             .unwrap()
@@ -1003,7 +998,7 @@ time.sleep(60)
     fs::create_dir(&img).unwrap();
     let res = capture(&[pid], &cfg(), std::slice::from_ref(&img), &img);
     std::thread::sleep(Duration::from_millis(50));
-    let alive = child.try_wait().unwrap().is_none();
+    let alive = h.child.try_wait().unwrap().is_none();
     let held = leases();
     let fdinfo = |name: &str| {
         let fd = fs::read_dir(format!("/proc/{pid}/fd"))
@@ -1015,8 +1010,7 @@ time.sleep(60)
         fs::read_to_string(format!("/proc/{pid}/fdinfo/{fd}")).unwrap_or_default()
     };
     let (pos_rw, pos_wo) = (fdinfo("l.rw"), fdinfo("l.wo"));
-    let _ = child.kill();
-    let _ = child.wait();
+    drop(h);
     res.unwrap();
     assert!(alive, "the job died (SIGIO: its lease was broken)");
     assert_eq!(held, 2, "the job lost a lease");
