@@ -32,6 +32,25 @@
 //! * **absent** — a path listed in `[files] snapshot` that did not exist at
 //!   the checkpoint; a rollback removes it.
 //!
+//! # Leases and times
+//! The job is frozen while its files are recorded, so nothing may start a
+//! lease break it would have to answer: a file the job holds open is never
+//! opened by supervise. Its identity is checked with `fstatat` (no open),
+//! and its content is read through a duplicate of the job's own descriptor
+//! (`pidfd_getfd(2)`) with positional reads only (a duplicate shares the
+//! job's file offset, which must not move). Only a file the job holds no
+//! readable descriptor of, and no lease on, is opened for reading (a
+//! write-only *extend* file, a mapping without a descriptor, a listed
+//! file). A leased file held only write-only is recorded by size, without
+//! fingerprints (*extend*), or skipped (*snapshot*), with the reason.
+//!
+//! Each record keeps the file's modification and access times. A rollback
+//! compares a *snapshot* file with its copy first (size, then content) and
+//! leaves an unchanged one alone (times, ctime included, untouched); every
+//! file it writes, truncates, recreates or replaces gets the recorded times
+//! back (`futimens`), as does an unchanged file whose modification time
+//! moved (rewritten with the same bytes).
+//!
 //! Files opened read-only, files the job did not have open, anything under
 //! `/proc`, `/sys` and `/dev`, unlinked files (CRIU keeps those itself),
 //! supervise's image store and paths listed in `[files] exclude` are never
@@ -238,6 +257,14 @@ pub struct FileRecord {
     /// each must be the file the rollback checked ([`verify_restored`]).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub holders: Vec<(i32, String)>,
+    /// Modification time at the checkpoint (seconds, nanoseconds); a
+    /// rolled-back file gets it back. None in records written before
+    /// supervise recorded it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mtime: Option<(i64, i64)>,
+    /// Access time at the checkpoint, put back with the modification time.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub atime: Option<(i64, i64)>,
 }
 
 /// Contents of [`STATE_FILE`].
@@ -270,7 +297,8 @@ pub struct CaptureSummary {
 pub struct Opened {
     /// Path as the kernel reports it.
     pub path: PathBuf,
-    /// `/proc/PID/fd/N` or `/proc/PID/map_files/...`: opens the very inode.
+    /// `/proc/PID/fd/N` or `/proc/PID/map_files/...` (only stat'ed: an open
+    /// would break a lease the job holds).
     pub handle: PathBuf,
     /// `open(2)` flags from fdinfo (None for a mapping).
     pub flags: Option<i32>,

@@ -3,8 +3,9 @@
 
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
-use std::io::{self, Seek, SeekFrom, Write};
-use std::os::unix::fs::OpenOptionsExt;
+use std::io::{self, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -33,11 +34,12 @@ fn walk_reason(e: &WalkError) -> String {
 }
 
 /// The file at `path`, reached without following any symlink: the (dev,
-/// ino) of every directory from `/` to its parent, and the file opened for
-/// reading (`O_NOFOLLOW|O_NONBLOCK|O_NOCTTY`) with its stat. `Ok(Err(..))`
-/// says why it cannot be recorded; `Ok(Ok(None))` that it does not exist
-/// (with the identities of the directories that do).
-type Found = Result<(Vec<DirId>, Option<(File, FileStat)>), String>;
+/// ino) of every directory from `/` to its parent, the parent directory
+/// (`O_PATH`) and the file's name in it, and the file's stat (`fstatat`
+/// without following: nothing is opened, so no lease the job holds on it
+/// is broken). `Ok(Err(..))` says why it cannot be recorded; a `None` stat
+/// that it does not exist (with the identities of the directories that do).
+type Found = Result<(Vec<DirId>, Option<(OwnedFd, FileStat)>), String>;
 
 fn find(path: &Path) -> Result<Found, FilesError> {
     let (fd, dirs) = match resolve::open_parent(path, &[]) {
@@ -46,29 +48,196 @@ fn find(path: &Path) -> Result<Found, FilesError> {
         Err(WalkError::Io(at, e)) => return Err(io_err(&at, "open directory")(e)),
         Err(e) => return Ok(Err(walk_reason(&e))),
     };
-    let (_, name) = resolve::split(path).map_err(|_| FilesError::Malformed {
-        path: path.into(),
-        reason: "unsplittable path".into(),
-    })?;
-    // Look before opening: a FIFO, device or symlink is never opened.
+    let name = file_name(path)?;
+    // Look, never open: a FIFO, device or symlink is never opened, and a
+    // regular file is opened later only if the job holds no lease on it.
     match resolve::lstat_at(&fd, name) {
-        Ok(None) => return Ok(Ok((dirs, None))),
-        Ok(Some(st)) if resolve::kind(&st) == SFlag::S_IFLNK => {
-            return Ok(Err(format!(
-                "{} is a symlink; supervise does not follow symlinks (list the real path)",
-                path.display()
-            )))
-        }
+        Ok(None) => Ok(Ok((dirs, None))),
+        Ok(Some(st)) if resolve::kind(&st) == SFlag::S_IFLNK => Ok(Err(format!(
+            "{} is a symlink; supervise does not follow symlinks (list the real path)",
+            path.display()
+        ))),
         Ok(Some(st)) if resolve::kind(&st) != SFlag::S_IFREG => {
-            return Ok(Err("not a regular file".into()))
+            Ok(Err("not a regular file".into()))
         }
-        Ok(Some(_)) => {}
-        Err(e) => return Err(io_err(path, "stat")(e.into())),
+        Ok(Some(st)) => Ok(Ok((dirs, Some((fd, st))))),
+        Err(e) => Err(io_err(path, "stat")(e.into())),
     }
-    match resolve::open_file(&fd, name, false) {
-        Ok((f, st)) if resolve::kind(&st) == SFlag::S_IFREG => Ok(Ok((dirs, Some((f, st))))),
-        Ok(_) | Err(Errno::ELOOP | Errno::ENOENT) => Ok(Err("changed while being recorded".into())),
+}
+
+fn file_name(path: &Path) -> Result<&std::ffi::OsStr, FilesError> {
+    resolve::split(path)
+        .map(|(_, name)| name)
+        .map_err(|_| FilesError::Malformed {
+            path: path.into(),
+            reason: "unsplittable path".into(),
+        })
+}
+
+/// One of the job's descriptors of a regular file.
+#[derive(Debug, Clone, Copy)]
+struct JobFd {
+    /// Host PID of the process holding it.
+    pid: i32,
+    /// Descriptor number in that process.
+    fd: i32,
+    /// Open for reading (a duplicate can be read).
+    readable: bool,
+    /// The job holds a lease on the file through it (fdinfo `lock:` lines).
+    leased: bool,
+}
+
+/// Every regular file the processes `pids` hold open, by (dev, ino). Only
+/// `stat` of `/proc/PID/fd/N` and its fdinfo: nothing is opened.
+fn job_fds(pids: &[i32]) -> BTreeMap<(u64, u64), Vec<JobFd>> {
+    let mut out: BTreeMap<(u64, u64), Vec<JobFd>> = BTreeMap::new();
+    for &pid in pids {
+        let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+            continue;
+        };
+        for entry in dir.flatten() {
+            let Some(fd) = entry.file_name().to_str().and_then(|n| n.parse().ok()) else {
+                continue;
+            };
+            let Ok(md) = std::fs::metadata(entry.path()) else {
+                continue;
+            };
+            if !md.is_file() {
+                continue;
+            }
+            let Ok(info) = std::fs::read_to_string(format!("/proc/{pid}/fdinfo/{fd}")) else {
+                continue;
+            };
+            let Some((flags, _)) = super::parse_fdinfo(&info) else {
+                continue;
+            };
+            let leased = info
+                .lines()
+                .any(|l| l.starts_with("lock:") && l.contains("LEASE"));
+            out.entry((md.dev(), md.ino())).or_default().push(JobFd {
+                pid,
+                fd,
+                readable: flags & libc::O_ACCMODE != libc::O_WRONLY,
+                leased,
+            });
+        }
+    }
+    out
+}
+
+/// A duplicate of descriptor `fd` of process `pid` (`pidfd_getfd(2)`: the
+/// same open file, offset included, so it is only ever read with
+/// positional reads). Unlike an open of `/proc/PID/fd/N`, it does not break
+/// a lease on the file.
+fn dup_from(pid: i32, fd: i32) -> io::Result<File> {
+    // SAFETY: plain syscalls on integers; each returned descriptor is new
+    // and owned here alone.
+    unsafe {
+        let pidfd = libc::syscall(libc::SYS_pidfd_open, pid, 0);
+        if pidfd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let pidfd = OwnedFd::from_raw_fd(pidfd as i32);
+        let n = libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), fd, 0);
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(File::from(OwnedFd::from_raw_fd(n as i32)))
+    }
+}
+
+/// How the content of a file to be recorded is read.
+enum Reader {
+    /// This descriptor (a duplicate of the job's, or opened here), and its
+    /// stat.
+    Fd(File, FileStat),
+    /// It cannot be read without breaking the job's lease on it (the job
+    /// holds it only through write-only descriptors).
+    Leased,
+}
+
+/// A readable descriptor of the file `st` (found at `name` in `dir`): one
+/// of the job's own, duplicated, if it has a readable one; else, unless the
+/// job holds a lease on it, the file opened for reading through the checked
+/// directory (and checked to be the same inode). `Ok(None)`: it changed.
+fn reader(
+    path: &Path,
+    dir: &OwnedFd,
+    st: &FileStat,
+    held: Option<&Vec<JobFd>>,
+) -> Result<Option<Reader>, FilesError> {
+    let same = |f: &File| -> Result<Option<FileStat>, FilesError> {
+        let now =
+            nix::sys::stat::fstat(f.as_raw_fd()).map_err(|e| io_err(path, "stat")(e.into()))?;
+        Ok((now.st_dev == st.st_dev && now.st_ino == st.st_ino).then_some(now))
+    };
+    let held = held.map(Vec::as_slice).unwrap_or_default();
+    let leased = held.iter().any(|j| j.leased);
+    for j in held.iter().filter(|j| j.readable) {
+        match dup_from(j.pid, j.fd) {
+            Ok(f) => match same(&f)? {
+                Some(now) => return Ok(Some(Reader::Fd(f, now))),
+                None => continue, // closed and reused meanwhile
+            },
+            // The descriptor was closed meanwhile: try another.
+            Err(e) if e.raw_os_error() == Some(libc::EBADF) => continue,
+            Err(e) if leased => return Err(io_err(path, "duplicate the job's descriptor of")(e)),
+            Err(_) => break, // open it below instead
+        }
+    }
+    if leased {
+        return Ok(Some(Reader::Leased));
+    }
+    let name = file_name(path)?;
+    match resolve::open_file(dir, name, false) {
+        Ok((f, now))
+            if resolve::kind(&now) == SFlag::S_IFREG
+                && now.st_dev == st.st_dev
+                && now.st_ino == st.st_ino =>
+        {
+            Ok(Some(Reader::Fd(f, now)))
+        }
+        Ok(_) | Err(Errno::ELOOP | Errno::ENOENT) => Ok(None),
         Err(e) => Err(io_err(path, "open")(e.into())),
+    }
+}
+
+/// Copies all of `src` into `dst` with positional reads of `src` (its
+/// offset, which a duplicate shares with the job, is not moved):
+/// `copy_file_range` with an explicit input offset (reflinks where the file
+/// system can), else `pread` and `write`.
+fn copy_positional(src: &File, dst: &mut File) -> io::Result<u64> {
+    let mut off: i64 = 0;
+    loop {
+        // SAFETY: both descriptors are open for the duration of the call;
+        // `off` is a valid i64 the kernel updates.
+        let n = unsafe {
+            libc::copy_file_range(
+                src.as_raw_fd(),
+                &mut off,
+                dst.as_raw_fd(),
+                std::ptr::null_mut(),
+                1 << 30,
+                0,
+            )
+        };
+        match Errno::result(n) {
+            Ok(0) => return Ok(off as u64),
+            Ok(_) | Err(Errno::EINTR) => {}
+            Err(Errno::EXDEV | Errno::EINVAL | Errno::ENOSYS | Errno::EOPNOTSUPP) => break,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    let mut buf = vec![0u8; 1 << 16];
+    loop {
+        let n = match src.read_at(&mut buf, off as u64) {
+            Ok(0) => return Ok(off as u64),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        dst.write_all(&buf[..n])?;
+        off += n as i64;
     }
 }
 
@@ -77,6 +246,10 @@ fn holder_entry(handle: &Path, pid: i32) -> Option<String> {
     let rel = handle.strip_prefix(format!("/proc/{pid}")).ok()?;
     Some(rel.to_str()?.to_string())
 }
+
+/// Why a leased file is not read.
+const LEASED: &str = "the job holds a lease on it and no descriptor it can be read through \
+     (opening it would break the lease)";
 
 /// Records the files of the process tree `pids` into `out_dir` (the
 /// checkpoint's staging directory). Call while the tree is frozen.
@@ -88,6 +261,11 @@ pub fn capture(
     out_dir: &Path,
 ) -> Result<CaptureSummary, FilesError> {
     let start = Instant::now();
+    // Read through the job's own descriptors where possible: opening a
+    // file the job holds a write lease on would start a lease break that
+    // the frozen job cannot answer (the dump would hang for the kernel's
+    // lease-break-time, then the job would get SIGIO and lose its lease).
+    let held = job_fds(pids);
     // (dev, ino) -> (opened, mode, why)
     let mut found: BTreeMap<(u64, u64), (Opened, Mode, String)> = BTreeMap::new();
     // (dev, ino) -> every (pid in the job's namespace, /proc entry) holding it
@@ -148,7 +326,7 @@ pub fn capture(
     let mut records = Vec::new();
     let mut summary = CaptureSummary::default();
     let mut n_blob = 0usize;
-    let mut take_blob = |src: &mut File, src_path: &Path| -> Result<(String, u64), FilesError> {
+    let mut take_blob = |src: &File, src_path: &Path| -> Result<(String, u64), FilesError> {
         n_blob += 1;
         let name = format!("{BLOB_PREFIX}{n_blob:04}");
         let dst_path = out_dir.join(&name);
@@ -159,9 +337,7 @@ pub fn capture(
             .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
             .open(&dst_path)
             .map_err(io_err(&dst_path, "create"))?;
-        src.seek(SeekFrom::Start(0))
-            .map_err(io_err(src_path, "seek"))?;
-        let n = io::copy(src, &mut dst).map_err(io_err(src_path, "copy"))?;
+        let n = copy_positional(src, &mut dst).map_err(io_err(src_path, "copy"))?;
         Ok((name, n))
     };
     let record = |path: &Path, mode, why: String, dirs, st: Option<&FileStat>| FileRecord {
@@ -180,16 +356,21 @@ pub fn capture(
         uid: st.map(|s| s.st_uid),
         gid: st.map(|s| s.st_gid),
         holders: Vec::new(),
+        mtime: st.map(|s| (s.st_mtime, s.st_mtime_nsec)),
+        atime: st.map(|s| (s.st_atime, s.st_atime_nsec)),
     };
 
     for (_, (o, mode, why)) in found {
-        // Opened anew through the directories just checked: the content
-        // recorded is that of the file at this path, and the identities
-        // recorded are those a rollback will insist on.
-        let (dirs, mut f, st) = match find(&o.path)? {
-            Ok((dirs, Some((f, st)))) if st.st_dev == o.dev && st.st_ino == o.ino => (dirs, f, st),
+        // Found anew through the directories just checked: the identities
+        // recorded are those a rollback will insist on, and the content is
+        // read from that very inode.
+        let changed = || (o.path.clone(), "changed while being recorded".to_string());
+        let (dirs, dir, st) = match find(&o.path)? {
+            Ok((dirs, Some((dir, st)))) if st.st_dev == o.dev && st.st_ino == o.ino => {
+                (dirs, dir, st)
+            }
             Ok(_) => {
-                skipped.push((o.path.clone(), "changed while being recorded".into()));
+                skipped.push(changed());
                 continue;
             }
             Err(why) => {
@@ -197,16 +378,34 @@ pub fn capture(
                 continue;
             }
         };
+        let (f, st) = match reader(&o.path, &dir, &st, held.get(&(o.dev, o.ino)))? {
+            Some(Reader::Fd(f, st)) => (Some(f), st),
+            Some(Reader::Leased) => (None, st),
+            None => {
+                skipped.push(changed());
+                continue;
+            }
+        };
         let mut rec = record(&o.path, mode, why, dirs, Some(&st));
         rec.holders = holders.remove(&(o.dev, o.ino)).unwrap_or_default();
-        match mode {
-            Mode::Extend => {
+        match (mode, f) {
+            (Mode::Extend, Some(f)) => {
                 let (h, t) = fingerprints(&f, rec.size, &o.path)?;
                 rec.head = Some(h);
                 rec.tail = Some(t);
             }
-            _ => {
-                let (name, n) = take_blob(&mut f, &o.path)?;
+            // Only the size: a rollback truncates back to it without
+            // comparing the bytes before it.
+            (Mode::Extend, None) => {
+                rec.why
+                    .push_str(&format!("; {LEASED}, so not fingerprinted"));
+            }
+            (_, None) => {
+                skipped.push((o.path.clone(), format!("{LEASED}, so it cannot be copied")));
+                continue;
+            }
+            (_, Some(f)) => {
+                let (name, n) = take_blob(&f, &o.path)?;
                 rec.size = n;
                 rec.blob = Some(name);
                 summary.snapshots += 1;
@@ -225,8 +424,22 @@ pub fn capture(
             continue;
         }
         match find(p)? {
-            Ok((dirs, Some((mut f, st)))) => {
-                let (name, n) = take_blob(&mut f, p)?;
+            Ok((dirs, Some((dir, st)))) => {
+                let (f, st) = match reader(p, &dir, &st, held.get(&(st.st_dev, st.st_ino)))? {
+                    Some(Reader::Fd(f, st)) => (f, st),
+                    Some(Reader::Leased) => {
+                        skipped.push((p.clone(), format!("listed in files.snapshot but {LEASED}")));
+                        continue;
+                    }
+                    None => {
+                        skipped.push((
+                            p.clone(),
+                            "listed in files.snapshot but changed while being recorded".into(),
+                        ));
+                        continue;
+                    }
+                };
+                let (name, n) = take_blob(&f, p)?;
                 summary.snapshots += 1;
                 summary.bytes_copied += n;
                 let mut rec = record(

@@ -110,12 +110,27 @@ pub(crate) fn open_file(
     name: &OsStr,
     write: bool,
 ) -> Result<(File, FileStat), Errno> {
+    open_file_with(dir, name, write, OFlag::empty())
+}
+
+/// [`open_file`] with further open flags (e.g. `O_NOATIME`).
+pub(crate) fn open_file_with(
+    dir: &OwnedFd,
+    name: &OsStr,
+    write: bool,
+    extra: OFlag,
+) -> Result<(File, FileStat), Errno> {
     let acc = if write {
         OFlag::O_RDWR
     } else {
         OFlag::O_RDONLY
     };
-    let fd = open_at(dir, name, acc | OFlag::O_NONBLOCK | OFlag::O_NOCTTY, 0)?;
+    let fd = open_at(
+        dir,
+        name,
+        acc | OFlag::O_NONBLOCK | OFlag::O_NOCTTY | extra,
+        0,
+    )?;
     let st = fstat(fd.as_raw_fd())?;
     Ok((File::from(fd), st))
 }

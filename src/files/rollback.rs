@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 
 use nix::errno::Errno;
 use nix::sys::stat::{FileStat, SFlag};
+use nix::sys::time::TimeSpec;
 use nix::unistd::{Gid, Uid, UnlinkatFlags};
 
 use super::resolve::{self, Walk, WalkError};
@@ -26,6 +27,9 @@ pub enum Action {
     Truncate(PathBuf, u64),
     /// Write the blob's content into the existing file (same inode).
     Rewrite(PathBuf, PathBuf),
+    /// The content is as at the checkpoint but the modification time is
+    /// not: only the recorded times are put back.
+    Retime(PathBuf),
     /// Create the file from the blob (it was deleted).
     Recreate(PathBuf, PathBuf, u32),
     /// Replace the path by the blob's content (temp file + rename).
@@ -39,6 +43,26 @@ pub enum Action {
 struct Attrs {
     perm: u32,
     owner: Option<(u32, u32)>,
+    times: Times,
+}
+
+/// The recorded (access, modification) times, for `futimens`; None in
+/// records written before supervise recorded them.
+type Times = Option<(TimeSpec, TimeSpec)>;
+
+fn times(r: &FileRecord) -> Times {
+    let ts = |(s, ns): (i64, i64)| TimeSpec::new(s, ns);
+    r.mtime
+        .map(|m| (r.atime.map_or(TimeSpec::UTIME_OMIT, ts), ts(m)))
+}
+
+/// Puts the recorded times back on `f` (after its content was written).
+fn set_times(f: &File, t: &Times, path: &Path) -> Result<(), FilesError> {
+    if let Some((atime, mtime)) = t {
+        nix::sys::stat::futimens(f.as_raw_fd(), atime, mtime)
+            .map_err(|e| io_err(path, "set the times of")(e.into()))?;
+    }
+    Ok(())
 }
 
 /// What a step does, on descriptors opened and checked by [`plan`].
@@ -46,9 +70,11 @@ struct Attrs {
 enum Op {
     Keep,
     /// `ftruncate` the very file whose fingerprints were checked.
-    Truncate(File, u64),
+    Truncate(File, u64, Times),
     /// Write the blob into the very file that was checked.
-    Rewrite(File, File),
+    Rewrite(File, File, Times),
+    /// Only `futimens` on the very file that was checked.
+    Retime(File, Times),
     /// Create `name` in the checked directory (`O_CREAT|O_EXCL|O_NOFOLLOW`).
     Recreate(OwnedFd, OsString, File, Attrs),
     /// New temp file in the checked directory, renamed over `name` there.
@@ -186,7 +212,13 @@ fn open_same(
     verb: &str,
 ) -> Result<File, FilesError> {
     let p = &r.path;
-    match resolve::open_file(dir, name, true) {
+    // O_NOATIME: comparing the content must not change the access time of
+    // a file that is then kept as it is.
+    let opened = match resolve::open_file_with(dir, name, true, nix::fcntl::OFlag::O_NOATIME) {
+        Err(Errno::EPERM) => resolve::open_file(dir, name, true),
+        r => r,
+    };
+    match opened {
         Ok((f, st)) if same(&st, r) => Ok(f),
         Ok((_, st)) if !is(&st, SFlag::S_IFREG) => Err(not_regular(p, &st)),
         Ok(_) => Err(replaced(p, verb)),
@@ -212,6 +244,7 @@ fn attrs(r: &FileRecord) -> Attrs {
     Attrs {
         perm: r.perm,
         owner: r.uid.zip(r.gid),
+        times: times(r),
     }
 }
 
@@ -273,10 +306,26 @@ fn plan_one(r: &FileRecord, image_dir: &Path) -> Result<Step, FilesError> {
             )
         }
         (Mode::Snapshot, Some(st)) if !same(&st, r) => Err(replaced(p, "overwrite")),
-        (Mode::Snapshot, Some(_)) => {
+        (Mode::Snapshot, Some(st)) => {
             let f = open_same(&dir, &name, r, "overwrite")?;
             let (blob, bf) = open_blob(image_dir, r)?;
-            step(Action::Rewrite(p.clone(), blob), Op::Rewrite(f, bf))
+            // A file the job did not change (say, mapped shared and
+            // writable, never written) is not touched at all: rewriting it
+            // would move its modification time.
+            if same_content(&f, &bf, p)? {
+                let t = times(r);
+                let now = (st.st_mtime, st.st_mtime_nsec);
+                return match t {
+                    Some(_) if r.mtime != Some(now) => {
+                        step(Action::Retime(p.clone()), Op::Retime(f, t))
+                    }
+                    _ => step(Action::Keep(p.clone()), Op::Keep),
+                };
+            }
+            step(
+                Action::Rewrite(p.clone(), blob),
+                Op::Rewrite(f, bf, times(r)),
+            )
         }
         (Mode::Extend, None) => Err(deleted(p, r)),
         (Mode::Extend, Some(st)) if !is(&st, SFlag::S_IFREG) => Err(not_regular(p, &st)),
@@ -296,8 +345,11 @@ fn plan_one(r: &FileRecord, image_dir: &Path) -> Result<Step, FilesError> {
                     ),
                 ));
             }
+            // A file the job held under a lease through write-only
+            // descriptors only was recorded without fingerprints.
+            let unprinted = r.head.is_none() && r.tail.is_none();
             let (h, t) = fingerprints(&f, r.size, p)?;
-            if Some(&h) != r.head.as_ref() || Some(&t) != r.tail.as_ref() {
+            if !unprinted && (Some(&h) != r.head.as_ref() || Some(&t) != r.tail.as_ref()) {
                 return Err(conflict(
                     p,
                     "bytes written before the checkpoint have changed since (rewritten in \
@@ -307,7 +359,10 @@ fn plan_one(r: &FileRecord, image_dir: &Path) -> Result<Step, FilesError> {
             if len == r.size {
                 step(Action::Keep(p.clone()), Op::Keep)
             } else {
-                step(Action::Truncate(p.clone(), r.size), Op::Truncate(f, r.size))
+                step(
+                    Action::Truncate(p.clone(), r.size),
+                    Op::Truncate(f, r.size, times(r)),
+                )
             }
         }
     }
@@ -347,8 +402,39 @@ fn copy_blob(blob: &mut File, dst: &mut File, dst_path: &Path) -> Result<u64, Fi
     Ok(n)
 }
 
+/// True if `f` holds exactly the blob's bytes: same size, then the same
+/// content, compared chunk by chunk with positional reads.
+fn same_content(f: &File, blob: &File, path: &Path) -> Result<bool, FilesError> {
+    use std::os::unix::fs::FileExt;
+    let len = f.metadata().map_err(io_err(path, "stat"))?.len();
+    if len
+        != blob
+            .metadata()
+            .map_err(io_err(path, "stat the copy of"))?
+            .len()
+    {
+        return Ok(false);
+    }
+    const CHUNK: usize = 1 << 16;
+    let (mut a, mut b) = (vec![0u8; CHUNK], vec![0u8; CHUNK]);
+    let mut off = 0u64;
+    while off < len {
+        let n = CHUNK.min((len - off) as usize);
+        f.read_exact_at(&mut a[..n], off)
+            .map_err(io_err(path, "read"))?;
+        blob.read_exact_at(&mut b[..n], off)
+            .map_err(io_err(path, "read the copy of"))?;
+        if a[..n] != b[..n] {
+            return Ok(false);
+        }
+        off += n as u64;
+    }
+    Ok(true)
+}
+
 /// Gives a new file its recorded owner, then its recorded mode (in this
-/// order: a chown clears set-id bits), and syncs it.
+/// order: a chown clears set-id bits), and its recorded times, and syncs
+/// it.
 fn finish(f: &File, a: &Attrs, path: &Path) -> Result<(), FilesError> {
     if let Some((uid, gid)) = a.owner {
         nix::unistd::fchown(
@@ -363,6 +449,7 @@ fn finish(f: &File, a: &Attrs, path: &Path) -> Result<(), FilesError> {
         nix::sys::stat::Mode::from_bits_truncate(a.perm & 0o7777),
     )
     .map_err(|e| io_err(path, "chmod")(e.into()))?;
+    set_times(f, &a.times, path)?;
     f.sync_all().map_err(io_err(path, "fsync"))
 }
 
@@ -379,19 +466,27 @@ fn apply_one(action: &Action, op: Op) -> Result<Option<(u64, u64)>, FilesError> 
         Action::Keep(p)
         | Action::Truncate(p, _)
         | Action::Rewrite(p, _)
+        | Action::Retime(p)
         | Action::Recreate(p, ..)
         | Action::Replace(p, ..)
         | Action::Remove(p) => p,
     };
     match op {
         Op::Keep => Ok(None),
-        Op::Truncate(f, size) => {
+        Op::Truncate(f, size, t) => {
             f.set_len(size).map_err(io_err(p, "truncate"))?;
+            set_times(&f, &t, p)?;
             f.sync_all().map_err(io_err(p, "fsync"))?;
             Ok(None)
         }
-        Op::Rewrite(mut f, mut blob) => {
+        Op::Rewrite(mut f, mut blob, t) => {
             copy_blob(&mut blob, &mut f, p)?;
+            set_times(&f, &t, p)?;
+            f.sync_all().map_err(io_err(p, "fsync"))?;
+            Ok(None)
+        }
+        Op::Retime(f, t) => {
+            set_times(&f, &t, p)?;
             f.sync_all().map_err(io_err(p, "fsync"))?;
             Ok(None)
         }
@@ -486,6 +581,7 @@ fn action_path(a: &Action) -> Option<&PathBuf> {
         Action::Keep(p)
         | Action::Truncate(p, _)
         | Action::Rewrite(p, _)
+        | Action::Retime(p)
         | Action::Recreate(p, ..)
         | Action::Replace(p, ..) => Some(p),
     }

@@ -49,6 +49,8 @@ pub fn progs() -> &'static Path {
             ("ptree", "tests/progs/ptree.c", ""),
             ("tcpclient", "tests/progs/tcpclient.c", ""),
             ("ghost", "tests/progs/ghost.c", ""),
+            ("lease", "tests/progs/lease.c", ""),
+            ("mtime", "tests/progs/mtime.c", ""),
         ] {
             let mut cmd = Command::new("cc");
             cmd.args(["-O2", "-o"])
