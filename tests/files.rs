@@ -225,26 +225,17 @@ exclude = ["state.tmp"]
 /// freezes the job well under a second and the job keeps its lease; after
 /// a SIGKILL, CRIU restores the lease with the job and the job goes on.
 ///
-/// CRIU itself breaks the lease too: by default (`--file-validation
-/// buildid`) it opens every regular file the job holds to look for an ELF
-/// build-id, which stalls its dump the same 45 s. supervise does not ask
-/// CRIU for size-only validation yet, so this test runs CRIU through a
-/// wrapper that adds `--file-validation filesize`, and pins supervise's
-/// own part.
+/// CRIU itself would break the lease too (by default it opens every file
+/// the job holds to read its ELF build-id): with `file_locks = true`
+/// supervise asks it for size-only validation (`--file-validation
+/// filesize`), which this test pins together with supervise's own part.
 #[test]
 #[cfg_attr(not(criu), ignore = "needs root and CRIU >= 4.2 (scripts/setup.sh)")]
 fn leased_file_does_not_stall_the_checkpoint() {
     let env = Env::new();
-    let criu = env.path().join("criu-filesize");
-    fs::write(
-        &criu,
-        "#!/bin/sh\nexec criu --file-validation filesize \"$@\"\n",
-    )
-    .unwrap();
-    fs::set_permissions(&criu, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
     let argv = ["leased.dat", "100000", "100"];
     let job = c_job(&env, "lease", "lease", &argv, "1h", "file_locks = true", "");
-    let mut sup = env.start_with_env(&job, &[("SUPERVISE_CRIU", criu.to_str().unwrap())]);
+    let mut sup = env.start(&job);
     let stdout = env.path().join("stdout.txt");
     wait_numbers(&stdout, 3, T);
     let (pid, _) = sup.job_pid("lease");

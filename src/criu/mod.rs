@@ -437,6 +437,21 @@ pub fn collect(mut r: impl Read + Send + 'static) -> JoinHandle<String> {
     })
 }
 
+/// Options for a dump that CRIU's RPC cannot carry, given on the `criu
+/// swrk` command line. With `file_locks` (the job may hold file leases),
+/// CRIU must not open the job's files to read their ELF build-id (its
+/// default `--file-validation buildid`): that open breaks a lease the
+/// frozen job can never answer, stalls the dump for the kernel's
+/// lease-break-time (45 s) and the job gets SIGIO. Size-only validation
+/// opens nothing.
+pub fn dump_cli_options(o: &CriuOptions) -> Vec<&'static str> {
+    if o.file_locks {
+        vec!["--file-validation", "filesize"]
+    } else {
+        Vec::new()
+    }
+}
+
 /// Result of a dump.
 #[derive(Debug, Clone)]
 pub struct DumpOutcome {
@@ -492,6 +507,7 @@ pub fn dump_with(
     cmd.arg(format!("--target={host_pid}"))
         .args(["--pid", "--mount", "--"])
         .arg(criu_bin())
+        .args(dump_cli_options(o))
         .args(["swrk", &SWRK_FD.to_string()]);
     let start = Instant::now();
     let (spawned, stderr) = spawn_swrk(reaper, &mut cmd, theirs, "nsenter/criu swrk")?;
@@ -825,5 +841,13 @@ mod tests {
         );
         let died = check_response("restore", None, "", Some(ExitStatus::Signal(9))).unwrap_err();
         assert!(died.to_string().contains("killed by SIGKILL"));
+    }
+
+    #[test]
+    fn leases_get_size_only_file_validation() {
+        let mut o = CriuOptions::default();
+        assert!(dump_cli_options(&o).is_empty());
+        o.file_locks = true;
+        assert_eq!(dump_cli_options(&o), ["--file-validation", "filesize"]);
     }
 }
