@@ -8,27 +8,7 @@ use std::fs;
 use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, Stdio};
 
-/// A process by PID and start time (only the harness's view; independent
-/// of supervise's own type so that this test also runs against old code).
-#[derive(Clone, Copy)]
-struct ProcId {
-    pid: i32,
-    start: u64,
-}
-
-impl ProcId {
-    fn of(pid: i32) -> Option<ProcId> {
-        Some(ProcId {
-            pid,
-            start: supervise::proc::start_time(pid).ok()?,
-        })
-    }
-
-    fn alive(&self) -> bool {
-        supervise::proc::alive(self.pid)
-            && supervise::proc::start_time(self.pid).ok() == Some(self.start)
-    }
-}
+use supervise::proc::ProcId;
 
 use crate::common::{self, kill, progs, Env, T};
 

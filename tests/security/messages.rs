@@ -78,14 +78,7 @@ fn each_cause_is_said_once() {
         "once",
         "command = [\"/bin/true\"]\nstate_dir = \"/proc/self/nonexistent/state\"\n",
     );
-    let out = Command::new(BIN)
-        .arg("run")
-        .arg(&job)
-        .env("SUPERVISE_SOCKET", env.socket())
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{err}");
+    let err = run_refused(&env, &job);
     assert_eq!(err.matches("(os error").count(), 1, "{err}");
     assert!(!err.contains("control socket ready"), "{err}");
 }
@@ -100,16 +93,22 @@ fn overlong_name_is_refused_with_the_limit() {
         "long",
         &format!("name = \"{name}\"\ncommand = [\"/bin/true\"]\n"),
     );
-    let out = Command::new(BIN)
-        .arg("run")
-        .arg(&job)
-        .env("SUPERVISE_SOCKET", env.socket())
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{err}");
+    let err = run_refused(&env, &job);
     assert!(err.contains("the limit is 128"), "{err}");
     assert!(err.contains("long.toml:1"), "file and line named: {err}");
     assert!(!env.path().join(".supervise").exists());
     let _ = fs::remove_file(job);
+}
+
+/// `supervise run JOB`, which must refuse (exit 2); its stderr.
+fn run_refused(env: &Env, job: &std::path::Path) -> String {
+    let out = Command::new(BIN)
+        .arg("run")
+        .arg(job)
+        .env("SUPERVISE_SOCKET", env.socket())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    err
 }
