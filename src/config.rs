@@ -39,6 +39,7 @@ pub use crate::criu::{
     CriuOptions, NetworkLock, OptValue, DEFAULT_CRIU_LOG_LEVEL, MAX_CRIU_LOG_LEVEL,
 };
 pub use crate::files::FilesConfig;
+pub use crate::store::{StoreOptions, DEFAULT_KEY_FILE};
 pub use diagnostics::{ConfigError, Position};
 
 /// Checkpoint interval used when neither `checkpoint.every` nor
@@ -90,6 +91,8 @@ pub struct JobConfig {
     pub files: FilesConfig,
     /// The `[slurm]` table (used only inside a Slurm job).
     pub slurm: SlurmConfig,
+    /// The `[store]` table.
+    pub store: StoreOptions,
 }
 
 /// The `[slurm]` table: what supervise does inside a Slurm batch job.

@@ -303,7 +303,7 @@ pub fn ensure_trusted_dir(what: &str, path: &Path) -> Result<(), TrustError> {
 }
 
 /// Fills `buf` from the kernel's random pool.
-fn random_bytes(buf: &mut [u8]) -> io::Result<()> {
+pub fn random_bytes(buf: &mut [u8]) -> io::Result<()> {
     let mut done = 0;
     while done < buf.len() {
         // SAFETY: getrandom writes at most len bytes into the valid buffer.

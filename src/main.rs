@@ -247,7 +247,7 @@ fn open_store(cfg: &JobConfig) -> Result<Option<ImageStore>, StoreError> {
         }
         _ => {}
     }
-    ImageStore::open_read_only(dir).map(Some)
+    ImageStore::open_read_only_with(dir, &cfg.store).map(Some)
 }
 
 /// A store error of `images`/`verify`/`gc`: "permission denied" exits 1
@@ -301,6 +301,9 @@ fn images(job: &Path, json: bool, check: bool) -> Result<ExitCode> {
                 serde_json::json!({
                     "id": i.id,
                     "created": i.created.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+                    "created_precise": i.created.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true),
+                    "sealed": i.sealed,
+                    "pack": i.manifest.stored.as_ref().and_then(|s| s.pack.clone()),
                     "size_bytes": i.size_bytes,
                     "logical_bytes": i.size_bytes,
                     "new_bytes": i.new_bytes,

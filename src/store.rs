@@ -131,11 +131,14 @@
 //! * `objects.rs`: packs, indexes, chunk trees and verified reads;
 //! * `util.rs`: small filesystem helpers shared by the above.
 
+mod crypto;
 mod format;
 mod ingest;
+mod keyring;
 mod maintain;
 mod materialise;
 mod objects;
+mod options;
 mod scratch;
 mod util;
 mod verify;
@@ -145,13 +148,14 @@ mod tests;
 
 pub use format::{
     CheckpointExtra, CheckpointMeta, FileEntry, ImageInfo, Manifest, StoredInfo, DELETING_PREFIX,
-    LOCK_NAME, MANIFEST_NAME, MANIFEST_VERSION, MANIFEST_VERSION_V1, MARKER_NAME,
-    MAX_MANIFEST_BYTES, PACKS_DIR, STAGING_PREFIX,
+    LOCK_NAME, MANIFEST_NAME, MANIFEST_SEALED_NAME, MANIFEST_VERSION, MANIFEST_VERSION_V1,
+    MARKER_NAME, MAX_MANIFEST_BYTES, PACKS_DIR, STAGING_PREFIX,
 };
 pub use ingest::Staging;
 pub use maintain::GcReport;
 pub use materialise::Materialised;
 pub use objects::{Hash, PieceError, FANOUT, FILE_CHUNK, PAGE_CHUNK};
+pub use options::{StoreOptions, DEFAULT_KEY_FILE};
 pub use scratch::{remove_scratch, scratch_dir};
 pub use util::dir_size;
 pub use verify::VerifyReport;
@@ -168,10 +172,7 @@ use tracing::{info, warn};
 use format::{load_image, parse_id};
 use objects::ObjectDb;
 
-/// What the marker file holds.
-const MARKER_CONTENT: &[u8] = b"supervise image store\n";
-/// Largest marker file read (it holds [`MARKER_CONTENT`]).
-const MAX_MARKER_BYTES: u64 = 4096;
+use keyring::{read_marker, MARKER_CONTENT};
 
 /// Errors of the image store. Every variant names the path or id it concerns.
 #[derive(Debug, thiserror::Error)]
@@ -249,6 +250,9 @@ pub enum StoreError {
         /// Why it is rejected.
         reason: String,
     },
+    /// The store key is missing, wrong, unsafe or unreadable (names the key file).
+    #[error(transparent)]
+    Key(Box<crypto::KeyError>),
     /// `retain` was asked to keep fewer than one checkpoint.
     #[error("invalid retention count {keep} for store {}: must keep at least 1", dir.display())]
     InvalidKeep {
@@ -324,6 +328,12 @@ pub struct ImageStore {
     read_only: bool,
     db: Arc<Mutex<ObjectDb>>,
     tmpfs_staging: bool,
+    /// The store key (sealed checkpoints are read with it).
+    key: Option<Arc<crypto::StoreKey>>,
+    /// New checkpoints are sealed with `key`.
+    seal: bool,
+    /// Checkpoints from this sequence number on must be sealed.
+    sealed_from: Option<u64>,
 }
 
 /// Why a directory entry was not listed (internal; surfaced as warnings).
@@ -354,18 +364,36 @@ impl ImageStore {
     /// directory, or one holding only what earlier releases put into a
     /// store, gets the marker.
     pub fn open(dir: &Path) -> Result<ImageStore, StoreError> {
+        let mut opts = StoreOptions::new(dir.join(".no-key"));
+        opts.encryption = false;
+        opts.parity = false;
+        ImageStore::open_with(dir, &opts)
+    }
+
+    /// [`open`](Self::open) as a job's `[store]` table says: with
+    /// encryption, the key file is loaded and checked against the store's
+    /// marker (a missing or wrong key is [`StoreError::Key`], naming the
+    /// key file; nothing is changed then), or generated if the store has
+    /// no key yet; new checkpoints are sealed.
+    pub fn open_with(dir: &Path, opts: &StoreOptions) -> Result<ImageStore, StoreError> {
         fsutil::ensure_trusted_dir("image directory", dir)?;
         check_marker(dir, true)?;
+        let marker = read_marker(dir)?.unwrap_or_default();
         let packs = dir.join(PACKS_DIR);
         match DirBuilder::new().mode(0o700).create(&packs) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => check_packs_dir(&packs)?,
             Err(e) => return Err(io_err(&packs)(e)),
         }
-        let store = ImageStore::new(dir, false);
+        let mut store = ImageStore::new(dir, false);
         {
             let _lock = store.lock(true)?;
             store.remove_leftovers(true)?;
+            let next = store.next_seq()?;
+            let key = keyring::key_for_writer(dir, marker, opts, next)?;
+            store.seal = opts.encryption && key.is_some();
+            store.set_key(key);
+            store.sealed_from = read_marker(dir)?.and_then(|m| m.sealed_from);
         }
         Ok(store)
     }
@@ -381,9 +409,21 @@ impl ImageStore {
     /// marker is accepted, not marked); one the caller cannot read is
     /// [`StoreError::PermissionDenied`].
     pub fn open_read_only(dir: &Path) -> Result<ImageStore, StoreError> {
+        ImageStore::open_read_only_with(dir, &StoreOptions::new(dir.join(".no-key")))
+    }
+
+    /// [`open_read_only`](Self::open_read_only) with the job's `[store]`
+    /// table: a store whose marker names a key needs that key
+    /// ([`StoreError::Key`] otherwise).
+    pub fn open_read_only_with(dir: &Path, opts: &StoreOptions) -> Result<ImageStore, StoreError> {
         fsutil::check_trusted("image directory", dir)?;
         check_marker(dir, false)?;
-        Ok(ImageStore::new(dir, true))
+        let marker = read_marker(dir)?.unwrap_or_default();
+        let key = keyring::key_for_reader(dir, &marker, opts)?;
+        let mut store = ImageStore::new(dir, true);
+        store.set_key(key);
+        store.sealed_from = marker.sealed_from;
+        Ok(store)
     }
 
     fn new(dir: &Path, read_only: bool) -> ImageStore {
@@ -392,7 +432,30 @@ impl ImageStore {
             read_only,
             db: Arc::new(Mutex::new(ObjectDb::new(&dir.join(PACKS_DIR)))),
             tmpfs_staging: false,
+            key: None,
+            seal: false,
+            sealed_from: None,
         }
+    }
+
+    fn set_key(&mut self, key: Option<Arc<crypto::StoreKey>>) {
+        self.db
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .set_key(key.clone());
+        self.key = key;
+    }
+
+    /// True if new checkpoints are sealed with the store key.
+    pub fn seals(&self) -> bool {
+        self.seal
+    }
+
+    /// The store key's file and id, if a key is loaded.
+    pub fn key_info(&self) -> Option<(PathBuf, String)> {
+        self.key
+            .as_ref()
+            .map(|k| (k.path().to_path_buf(), k.key_id().to_string()))
     }
 
     /// Let CRIU dump into tmpfs (`/dev/shm`, when it has room) instead of
@@ -478,10 +541,33 @@ impl ImageStore {
             }
             Err(e) => return Err(io_err(&path)(e)),
         }
-        load_image(id, seq, path)?.map_err(|reason| StoreError::Corrupt {
-            id: id.to_string(),
-            reason,
-        })
+        self.load(id, seq, path)?
+            .map_err(|reason| StoreError::Corrupt {
+                id: id.to_string(),
+                reason,
+            })
+    }
+
+    /// Loads one checkpoint's manifest; an unsealed checkpoint numbered
+    /// from the marker's `sealed-from` on is damage (it was not written by
+    /// supervise with this store's key).
+    fn load(
+        &self,
+        id: &str,
+        seq: u64,
+        path: PathBuf,
+    ) -> Result<Result<ImageInfo, String>, StoreError> {
+        Ok(
+            load_image(id, seq, path, self.key.as_deref())?.and_then(|info| {
+                match self.sealed_from {
+                    Some(from) if !info.sealed && info.seq >= from => Err(format!(
+                        "not sealed, but this store seals every checkpoint from number {from} on: \
+                     it was not written by supervise with this store's key"
+                    )),
+                    _ => Ok(info),
+                }
+            }),
+        )
     }
 
     /// Reads all published entries: valid ones (newest first) and skipped ones.
@@ -525,7 +611,7 @@ impl ImageStore {
                     continue;
                 }
             }
-            match load_image(name, seq, entry.path())? {
+            match self.load(name, seq, entry.path())? {
                 Ok(info) => infos.push(info),
                 Err(reason) => skipped.push(Skipped {
                     name: name.to_string(),
@@ -564,10 +650,8 @@ fn known_store_entry(name: &str) -> bool {
 /// Anything else is [`StoreError::NotAStore`], and nothing is written.
 fn check_marker(dir: &Path, adopt: bool) -> Result<(), StoreError> {
     let marker = dir.join(MARKER_NAME);
-    match fsutil::read_limited(&marker, MAX_MARKER_BYTES) {
-        Ok(_) => return Ok(()),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-        Err(e) => return Err(file_err(&marker)(e)),
+    if read_marker(dir)?.is_some() {
+        return Ok(());
     }
     let mut names = Vec::new();
     for entry in fs::read_dir(dir).map_err(io_err(dir))? {

@@ -195,11 +195,12 @@ impl Supervisor {
             crate::proc::alive(rec.host_pid)
                 && crate::proc::start_time(rec.host_pid).ok() == Some(rec.start_time)
         });
-        let store =
-            ImageStore::open(&cfg.checkpoint.dir).map_err(|source| SupervisorError::Store {
+        let store = ImageStore::open_with(&cfg.checkpoint.dir, &cfg.store).map_err(|source| {
+            SupervisorError::Store {
                 job: job.clone(),
                 source,
-            })?;
+            }
+        })?;
         // Image files a crashed restore left behind (possibly GiBs of tmpfs).
         crate::store::remove_scratch(&run_dir.join("restore"));
         Ok(Supervisor {

@@ -160,11 +160,9 @@ fn schedule_never_overlaps_a_slow_checkpoint() {
     let mut prev: Option<(chrono::DateTime<chrono::FixedOffset>, i64)> = None;
     let mut late = 0;
     for i in &imgs {
-        let dir = std::path::PathBuf::from(i["path"].as_str().unwrap());
-        let m: serde_json::Value =
-            serde_json::from_slice(&fs::read(dir.join("MANIFEST.json")).unwrap()).unwrap();
-        let start = chrono::DateTime::parse_from_rfc3339(m["created"].as_str().unwrap()).unwrap();
-        let dur = m["meta"]["duration_ms"].as_i64().unwrap();
+        let start =
+            chrono::DateTime::parse_from_rfc3339(i["created_precise"].as_str().unwrap()).unwrap();
+        let dur = i["duration_ms"].as_i64().unwrap();
         if let Some((p, pdur)) = prev {
             let gap = (start - p).num_milliseconds();
             assert!(

@@ -33,6 +33,7 @@ pub(super) struct RawJob {
     pub(super) shutdown: Option<Table<RawShutdown>>,
     pub(super) files: Option<Table<RawFiles>>,
     pub(super) slurm: Option<Table<RawSlurm>>,
+    pub(super) store: Option<Table<RawStore>>,
 }
 
 /// A sub-table. Unlike a plain derived struct it refuses arrays (serde would
@@ -100,6 +101,17 @@ pub(super) struct RawSlurm {
     pub(super) signal: Option<SlurmSignal>,
     pub(super) requeue: Option<bool>,
     pub(super) fence_wait: Option<Dur<0>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawStore {
+    pub(super) encryption: Option<bool>,
+    pub(super) key_file: Option<PathValue>,
+    pub(super) parity: Option<bool>,
+    pub(super) copies: Option<Spanned<Count<1, 2>>>,
+    pub(super) copy_dir: Option<Spanned<PathValue>>,
+    pub(super) scrub: Option<Dur<60>>,
 }
 
 #[derive(Deserialize)]

@@ -8,7 +8,7 @@ use toml::Spanned;
 use super::diagnostics::{one_line, Ctx};
 use super::raw::{
     is_valid_name, CronExpr, JobName, PathValue, RawCheckpoint, RawFiles, RawJob, RawRestore,
-    Table, NAME_RULE,
+    RawStore, Table, NAME_RULE,
 };
 use super::*;
 
@@ -236,6 +236,8 @@ fn build(raw: RawJob, ctx: &Ctx<'_>) -> Result<JobConfig, ConfigError> {
         },
     };
 
+    let store = build_store(raw.store, &base_dir, &state_dir, &checkpoint.dir, ctx)?;
+
     Ok(JobConfig {
         name,
         source: ctx.path.to_path_buf(),
@@ -247,6 +249,67 @@ fn build(raw: RawJob, ctx: &Ctx<'_>) -> Result<JobConfig, ConfigError> {
         shutdown,
         files,
         slurm,
+        store,
+    })
+}
+
+fn build_store(
+    raw: Option<Table<RawStore>>,
+    base_dir: &Path,
+    state_dir: &Path,
+    image_dir: &Path,
+    ctx: &Ctx<'_>,
+) -> Result<StoreOptions, ConfigError> {
+    let default_key = state_dir.join(DEFAULT_KEY_FILE);
+    let Some(Table(raw)) = raw else {
+        return Ok(StoreOptions::new(default_key));
+    };
+    let copies = raw.copies.as_ref().map_or(1, |c| c.get_ref().0);
+    let copy_dir = match (copies, raw.copy_dir) {
+        (2, None) => {
+            let span = raw.copies.as_ref().map(|c| c.span());
+            return ctx.err(
+                span,
+                "store.copies",
+                "`copies = 2` needs `copy_dir`, the directory (ideally on another disk) \
+                 that holds the second copy"
+                    .to_string(),
+            );
+        }
+        (1, Some(d)) if raw.copies.is_some() => {
+            return ctx.err(
+                Some(d.span()),
+                "store.copy_dir",
+                "`copy_dir` is only used with `copies = 2`".to_string(),
+            )
+        }
+        (_, Some(d)) => {
+            let span = d.span();
+            let dir = resolve(base_dir, &d.into_inner().0);
+            if dir.starts_with(image_dir) || image_dir.starts_with(&dir) {
+                return ctx.err(
+                    Some(span),
+                    "store.copy_dir",
+                    format!(
+                        "{} overlaps the image directory {}: the second copy must be a \
+                         separate directory (ideally on another disk)",
+                        dir.display(),
+                        image_dir.display()
+                    ),
+                );
+            }
+            Some(dir)
+        }
+        (_, None) => None,
+    };
+    Ok(StoreOptions {
+        encryption: raw.encryption.unwrap_or(true),
+        key_file: raw
+            .key_file
+            .map_or(default_key, |PathValue(p)| resolve(base_dir, &p)),
+        parity: raw.parity.unwrap_or(true),
+        copy_dir,
+        scrub: raw.scrub.map(|d| d.0),
     })
 }
 

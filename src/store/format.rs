@@ -9,12 +9,20 @@ use std::path::PathBuf;
 use chrono::{DateTime, NaiveDateTime, Utc};
 use serde::{Deserialize, Serialize};
 
+use super::crypto::StoreKey;
 use super::objects::{self, Hash};
 use super::{io_err, StoreError};
 use crate::fsutil;
 
 /// Name of the manifest file inside a checkpoint directory.
 pub const MANIFEST_NAME: &str = "MANIFEST.json";
+/// Name of a sealed manifest (an encrypted checkpoint): the manifest's
+/// JSON, zstd-compressed, sealed with the store key under
+/// [`MANIFEST_MAGIC_SEALED`] and the checkpoint id. A checkpoint has one
+/// of the two.
+pub const MANIFEST_SEALED_NAME: &str = "MANIFEST.sealed";
+/// Magic of a sealed manifest.
+pub const MANIFEST_MAGIC_SEALED: &[u8; 8] = b"SVMAN003";
 /// The marker file that makes a directory a supervise image store: written
 /// (0600) when [`ImageStore::open`] creates or adopts a directory; a
 /// non-empty directory without it is refused.
@@ -179,6 +187,9 @@ pub struct ImageInfo {
     pub new_bytes: u64,
     /// The parsed manifest.
     pub manifest: Manifest,
+    /// The checkpoint is sealed with the store key (its manifest is
+    /// [`MANIFEST_SEALED_NAME`]; its objects must all be sealed).
+    pub sealed: bool,
 }
 
 /// (De)serializes a `DateTime<Utc>` as RFC 3339 (chrono's `serde` feature is not enabled).
@@ -210,6 +221,7 @@ pub(super) fn image_info(
     path: PathBuf,
     manifest: Manifest,
     manifest_len: u64,
+    sealed: bool,
 ) -> ImageInfo {
     let size_bytes = manifest.files.iter().map(|f| f.size).sum::<u64>();
     let new_bytes = match &manifest.stored {
@@ -224,6 +236,7 @@ pub(super) fn image_info(
         size_bytes,
         new_bytes,
         manifest,
+        sealed,
     }
 }
 
@@ -237,7 +250,44 @@ pub(super) fn load_image(
     id: &str,
     seq: u64,
     path: PathBuf,
+    key: Option<&StoreKey>,
 ) -> Result<Result<ImageInfo, String>, StoreError> {
+    let sealed_path = path.join(MANIFEST_SEALED_NAME);
+    match fsutil::read_limited(&sealed_path, MAX_MANIFEST_BYTES) {
+        Ok(bytes) => {
+            let Some(key) = key else {
+                return Ok(Err(format!(
+                    "{MANIFEST_SEALED_NAME} is sealed and no store key is loaded"
+                )));
+            };
+            let Ok(zjson) = key.open_blob(MANIFEST_MAGIC_SEALED, id, &bytes) else {
+                return Ok(Err(format!(
+                    "{} does not authenticate under the store key {} (damaged, or sealed with \
+                     another key)",
+                    sealed_path.display(),
+                    key.path().display()
+                )));
+            };
+            let json = match zstd::bulk::decompress(&zjson, MAX_MANIFEST_BYTES as usize) {
+                Ok(j) => j,
+                Err(e) => {
+                    return Ok(Err(format!(
+                        "{MANIFEST_SEALED_NAME}: cannot decompress: {e}"
+                    )))
+                }
+            };
+            let len = bytes.len() as u64;
+            return Ok(parse_manifest(id, seq, path, &json, len, true));
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) if fsutil::is_permission_denied(&e) => return Err(io_err(&sealed_path)(e)),
+        Err(e) => {
+            return Ok(Err(format!(
+                "cannot read {}",
+                fsutil::describe_error(&sealed_path, &e)
+            )))
+        }
+    }
     let manifest_path = path.join(MANIFEST_NAME);
     let bytes = match fsutil::read_limited(&manifest_path, MAX_MANIFEST_BYTES) {
         Ok(b) => b,
@@ -252,11 +302,25 @@ pub(super) fn load_image(
             )))
         }
     };
-    Ok(parse_manifest(id, seq, path, &bytes))
+    let len = bytes.len() as u64;
+    Ok(parse_manifest(id, seq, path, &bytes, len, false))
 }
 
-/// Parses and checks a manifest read from `<path>/MANIFEST.json`.
-fn parse_manifest(id: &str, seq: u64, path: PathBuf, bytes: &[u8]) -> Result<ImageInfo, String> {
+/// Seals a manifest's JSON for [`MANIFEST_SEALED_NAME`].
+pub(super) fn seal_manifest(key: &StoreKey, id: &str, json: &[u8]) -> io::Result<Vec<u8>> {
+    let z = zstd::bulk::compress(json, 3)?;
+    key.seal_blob(MANIFEST_MAGIC_SEALED, id, &z)
+}
+
+/// Parses and checks a manifest's JSON (`file_len`: bytes of its file).
+fn parse_manifest(
+    id: &str,
+    seq: u64,
+    path: PathBuf,
+    bytes: &[u8],
+    file_len: u64,
+    sealed: bool,
+) -> Result<ImageInfo, String> {
     #[derive(Deserialize)]
     struct VersionProbe {
         version: u32,
@@ -278,7 +342,7 @@ fn parse_manifest(id: &str, seq: u64, path: PathBuf, bytes: &[u8]) -> Result<Ima
             manifest.id
         ));
     }
-    Ok(image_info(id, seq, path, manifest, bytes.len() as u64))
+    Ok(image_info(id, seq, path, manifest, file_len, sealed))
 }
 
 /// Parses a checkpoint id `<seq (>= 6 digits)>-<%Y%m%dT%H%M%SZ>`, returning the sequence number.

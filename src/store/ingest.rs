@@ -13,8 +13,9 @@ use chrono::{DateTime, Utc};
 use tracing::{debug, warn};
 
 use super::format::{
-    image_info, leading_seq, valid_link, CheckpointMeta, FileEntry, ImageInfo, Manifest,
-    StoredInfo, DELETING_PREFIX, ID_TIME_FORMAT, MANIFEST_NAME, MANIFEST_VERSION, STAGING_PREFIX,
+    image_info, leading_seq, seal_manifest, valid_link, CheckpointMeta, FileEntry, ImageInfo,
+    Manifest, StoredInfo, DELETING_PREFIX, ID_TIME_FORMAT, MANIFEST_NAME, MANIFEST_SEALED_NAME,
+    MANIFEST_VERSION, STAGING_PREFIX,
 };
 use super::objects::{self, PackWriter, TreeBuilder, FILE_CHUNK, PAGE_CHUNK};
 use super::scratch::{tmpfs_dir, tmpfs_staging_prefix};
@@ -95,7 +96,7 @@ impl ImageStore {
     }
 
     /// 1 + the maximum sequence number among published, staging and deleting entries.
-    fn next_seq(&self) -> Result<u64, StoreError> {
+    pub(super) fn next_seq(&self) -> Result<u64, StoreError> {
         let mut max = 0u64;
         for entry in fs::read_dir(&self.dir).map_err(io_err(&self.dir))? {
             let entry = entry.map_err(io_err(&self.dir))?;
@@ -150,8 +151,8 @@ impl Staging {
                     return Err(unexpected("file name is not UTF-8"));
                 };
                 let rel = format!("{prefix}{name}");
-                if rel == MANIFEST_NAME {
-                    return Err(unexpected("MANIFEST.json is reserved for the store"));
+                if rel == MANIFEST_NAME || rel == MANIFEST_SEALED_NAME {
+                    return Err(unexpected("MANIFEST.* names are reserved for the store"));
                 }
                 if ft.is_dir() {
                     if !prefix.is_empty() {
@@ -190,7 +191,12 @@ impl Staging {
         let _lock = self.store.lock(true)?;
         let db = self.store.db()?;
         let packs_dir = db.dir().to_path_buf();
-        let mut w = PackWriter::new(&packs_dir).map_err(io_err(&packs_dir))?;
+        let key = if self.store.seal {
+            self.store.key.clone()
+        } else {
+            None
+        };
+        let mut w = PackWriter::new(&packs_dir, key.clone()).map_err(io_err(&packs_dir))?;
         let mut files = Vec::with_capacity(entries.len());
         let mut chunks = 0u64;
         for e in &entries {
@@ -283,7 +289,13 @@ impl Staging {
                 source,
             })?;
         json.push(b'\n');
-        let manifest_path = self.publish_dir.join(MANIFEST_NAME);
+        let (manifest_path, bytes) = match &key {
+            Some(k) => (
+                self.publish_dir.join(MANIFEST_SEALED_NAME),
+                seal_manifest(k, &self.id, &json).map_err(io_err(&self.publish_dir))?,
+            ),
+            None => (self.publish_dir.join(MANIFEST_NAME), json),
+        };
         {
             let mut f = OpenOptions::new()
                 .write(true)
@@ -293,7 +305,7 @@ impl Staging {
                 .map_err(io_err(&manifest_path))?;
             f.set_permissions(fs::Permissions::from_mode(0o600))
                 .map_err(io_err(&manifest_path))?;
-            f.write_all(&json).map_err(io_err(&manifest_path))?;
+            f.write_all(&bytes).map_err(io_err(&manifest_path))?;
             f.sync_all().map_err(io_err(&manifest_path))?;
         }
         fsync_dir(&self.publish_dir)?;
@@ -303,7 +315,14 @@ impl Staging {
         self.done = true;
         fsync_dir(&self.store.dir)?;
 
-        let info = image_info(&self.id, self.seq, final_path, manifest, json.len() as u64);
+        let info = image_info(
+            &self.id,
+            self.seq,
+            final_path,
+            manifest,
+            bytes.len() as u64,
+            key.is_some(),
+        );
         debug!(checkpoint = %self.id, size_bytes = info.size_bytes, new_bytes = info.new_bytes, "published checkpoint");
         Ok(info)
     }

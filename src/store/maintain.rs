@@ -268,7 +268,7 @@ fn repack(
     objs: &[(u64, Hash)],
 ) -> Result<Option<objects::Published>, String> {
     let mut reader = Reader::new(db).map_err(|e| e.to_string())?;
-    let mut w = PackWriter::new(dir).map_err(|e| e.to_string())?;
+    let mut w = PackWriter::new(dir, db.key().cloned()).map_err(|e| e.to_string())?;
     let mut buf = Vec::new();
     for (_, h) in objs {
         let loc = reader.read_stored(h, &mut buf).map_err(|e| e.0)?;

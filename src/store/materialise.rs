@@ -151,7 +151,9 @@ fn write_image(
         }
         return Ok(());
     }
-    let mut reader = Reader::new(db).map_err(|e| WriteError::Store(io_err(db.dir())(e)))?;
+    let mut reader = Reader::new(db)
+        .map_err(|e| WriteError::Store(io_err(db.dir())(e)))?
+        .sealed_only(image.sealed);
     for f in &image.manifest.files {
         if !valid_file_name(&f.name) {
             return Err(damage(format!(
@@ -205,7 +207,8 @@ fn write_image(
                     let hi = ((t + 1) * per).min(leaves.len());
                     let file = &file;
                     let leaves = &leaves;
-                    s.spawn(move || write_range(db, f, leaves, chunk, lo, hi, file))
+                    let sealed = image.sealed;
+                    s.spawn(move || write_range(db, sealed, f, leaves, chunk, lo, hi, file))
                 })
                 .collect();
             handles
@@ -226,8 +229,10 @@ fn write_image(
 }
 
 /// Writes chunks `lo..hi` of one file at their offsets.
+#[allow(clippy::too_many_arguments)]
 fn write_range(
     db: &ObjectDb,
+    sealed: bool,
     f: &FileEntry,
     leaves: &[Hash],
     chunk: u64,
@@ -238,7 +243,9 @@ fn write_range(
     if lo >= hi {
         return Ok(());
     }
-    let mut reader = Reader::new(db).map_err(|e| e.to_string())?;
+    let mut reader = Reader::new(db)
+        .map_err(|e| e.to_string())?
+        .sealed_only(sealed);
     let items: Vec<(usize, Hash)> = (lo..hi).map(|i| (i, leaves[i])).collect();
     let last = leaves.len() - 1;
     let mut buf: Vec<u8> = Vec::with_capacity(WRITE_BATCH + chunk as usize);

@@ -29,6 +29,9 @@ use std::io::{self, BufWriter, Read, Write};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
+use std::sync::Arc;
+
+use super::crypto::StoreKey;
 use super::{io_err, StoreError};
 use crate::fsutil;
 
@@ -45,9 +48,16 @@ pub const FILE_CHUNK: u32 = 64 * 1024;
 pub const ZSTD_LEVEL: i32 = 1;
 /// Stored form is a zstd frame.
 pub const FLAG_ZSTD: u32 = 1;
+/// Stored form is sealed with the store key (see `crypto.rs`); the id is
+/// a keyed hash.
+pub const FLAG_SEALED: u32 = 2;
 
 const PACK_MAGIC: &[u8; 8] = b"SVPACK01";
 const IDX_MAGIC: &[u8; 8] = b"SVIDX001";
+/// A sealed index: `IDX_MAGIC_SEALED`, then the index body (count and
+/// entries, as in a plain index, without the trailing hash) sealed with
+/// the store key, the pack's name as associated data.
+const IDX_MAGIC_SEALED: &[u8; 8] = b"SVIDX003";
 const IDX_ENTRY: usize = 32 + 8 + 4 + 4 + 4;
 /// Prefix of pack and index files being written.
 pub const TMP_PREFIX: &str = ".tmp-";
@@ -175,6 +185,7 @@ pub struct ObjectDb {
     pub packs: Vec<Pack>,
     index: HashMapH<Loc>,
     loaded: HashMap<String, u32>,
+    key: Option<Arc<StoreKey>>,
     /// Index files that failed their checksum or format check: (name, why).
     pub bad_indexes: Vec<(String, String)>,
 }
@@ -187,6 +198,19 @@ impl ObjectDb {
             dir: dir.to_path_buf(),
             ..Default::default()
         }
+    }
+
+    /// Sets the store key that opens sealed indexes and objects (and
+    /// forgets what was loaded without it).
+    pub fn set_key(&mut self, key: Option<Arc<StoreKey>>) {
+        let dir = std::mem::take(&mut self.dir);
+        *self = ObjectDb::new(&dir);
+        self.key = key;
+    }
+
+    /// The store key, if one is loaded.
+    pub fn key(&self) -> Option<&Arc<StoreKey>> {
+        self.key.as_ref()
     }
 
     /// The `packs/` directory.
@@ -236,15 +260,15 @@ impl ObjectDb {
         names.sort();
         let present: HashSet<&String> = names.iter().collect();
         if self.loaded.keys().any(|k| !present.contains(k)) {
-            let dir = std::mem::take(&mut self.dir);
-            *self = ObjectDb::new(&dir);
+            let key = self.key.take();
+            self.set_key(key);
         }
         self.bad_indexes.clear();
         for name in names {
             if self.loaded.contains_key(&name) {
                 continue;
             }
-            match read_index(&self.dir, &name)? {
+            match read_index(&self.dir, &name, self.key.as_deref())? {
                 Ok(entries) => {
                     let id = self.packs.len() as u32;
                     let stored_bytes = entries.iter().map(|e| e.1.stored_len as u64).sum();
@@ -313,7 +337,11 @@ fn file_len(p: &Path) -> u64 {
 /// no larger than [`index_limit`] of its pack. Only "permission denied" is
 /// an error of the whole read.
 #[allow(clippy::type_complexity)]
-fn read_index(dir: &Path, name: &str) -> Result<Result<Vec<(Hash, Loc)>, String>, StoreError> {
+fn read_index(
+    dir: &Path,
+    name: &str,
+    key: Option<&StoreKey>,
+) -> Result<Result<Vec<(Hash, Loc)>, String>, StoreError> {
     let path = dir.join(format!("{name}.idx"));
     let pack = dir.join(format!("{name}.pack"));
     let pack_len = match fs::symlink_metadata(&pack) {
@@ -338,7 +366,7 @@ fn read_index(dir: &Path, name: &str) -> Result<Result<Vec<(Hash, Loc)>, String>
         }
         Err(e) => return Ok(Err(fsutil::describe_error(&path, &e))),
     };
-    Ok(parse_index(name, &bytes, pack_len))
+    Ok(parse_index(name, &bytes, pack_len, key))
 }
 
 /// Reads the regular file `path` if it is at most `max` bytes (else
@@ -356,21 +384,45 @@ fn read_capped(path: &Path, max: u64) -> io::Result<Option<Vec<u8>>> {
 
 /// Checks an index's format and checksum and that its objects lie within
 /// the pack.
-fn parse_index(name: &str, bytes: &[u8], pack_len: u64) -> Result<Vec<(Hash, Loc)>, String> {
-    if bytes.len() < 16 + 32 || &bytes[..8] != IDX_MAGIC {
-        return Err("not an index file (bad magic or too short)".into());
-    }
-    let (body, sum) = bytes.split_at(bytes.len() - 32);
-    if hash(body) != sum {
-        return Err("index checksum mismatch".into());
-    }
-    let count = u64::from_le_bytes(body[8..16].try_into().unwrap());
-    if (body.len() as u64 - 16) / IDX_ENTRY as u64 != count || (body.len() - 16) % IDX_ENTRY != 0 {
+fn parse_index(
+    name: &str,
+    bytes: &[u8],
+    pack_len: u64,
+    key: Option<&StoreKey>,
+) -> Result<Vec<(Hash, Loc)>, String> {
+    let opened;
+    let entries: &[u8] = if bytes.len() >= 8 && &bytes[..8] == IDX_MAGIC_SEALED {
+        let Some(key) = key else {
+            return Err("the index is sealed and no store key is loaded".into());
+        };
+        opened = key.open_blob(IDX_MAGIC_SEALED, name, bytes).map_err(|_| {
+            "the index does not authenticate under the store key (damaged, or sealed \
+                 with another key)"
+                .to_string()
+        })?;
+        if opened.len() < 8 {
+            return Err("sealed index is too short".into());
+        }
+        &opened
+    } else {
+        if bytes.len() < 16 + 32 || &bytes[..8] != IDX_MAGIC {
+            return Err("not an index file (bad magic or too short)".into());
+        }
+        let (body, sum) = bytes.split_at(bytes.len() - 32);
+        if hash(body) != sum {
+            return Err("index checksum mismatch".into());
+        }
+        &body[8..]
+    };
+    let count = u64::from_le_bytes(entries[..8].try_into().unwrap());
+    if (entries.len() as u64 - 8) / IDX_ENTRY as u64 != count
+        || (entries.len() - 8) % IDX_ENTRY != 0
+    {
         return Err(format!("index length does not match its {count} entries"));
     }
     let count = count as usize;
     let mut out = Vec::with_capacity(count);
-    for e in body[16..].chunks_exact(IDX_ENTRY) {
+    for e in entries[8..].chunks_exact(IDX_ENTRY) {
         let h: Hash = e[..32].try_into().unwrap();
         let loc = Loc {
             pack: 0,
@@ -400,6 +452,7 @@ pub struct PackWriter {
     seen: HashSetH,
     cctx: zstd::bulk::Compressor<'static>,
     cbuf: Vec<u8>,
+    key: Option<Arc<StoreKey>>,
     /// Raw bytes of the objects added.
     pub raw_bytes: u64,
     /// Raw bytes of the tree nodes among them.
@@ -419,7 +472,9 @@ pub struct Published {
 
 impl PackWriter {
     /// Starts a pack in `dir` (a temporary file until [`finish`](Self::finish)).
-    pub fn new(dir: &Path) -> io::Result<PackWriter> {
+    /// With a `key`, objects get keyed ids ([`id`](Self::id)) and are
+    /// sealed, and so is the index.
+    pub fn new(dir: &Path, key: Option<Arc<StoreKey>>) -> io::Result<PackWriter> {
         static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let tmp = dir.join(format!("{TMP_PREFIX}{}-{n}.pack", std::process::id()));
@@ -439,9 +494,19 @@ impl PackWriter {
             seen: HashSetH::default(),
             cctx: zstd::bulk::Compressor::new(ZSTD_LEVEL)?,
             cbuf: Vec::new(),
+            key,
             raw_bytes: 0,
             node_bytes: 0,
         })
+    }
+
+    /// The id of an object with contents `data`: its keyed hash with a
+    /// key, else its BLAKE3 hash.
+    pub fn id(&self, data: &[u8]) -> Hash {
+        match &self.key {
+            Some(k) => k.id(data),
+            None => hash(data),
+        }
     }
 
     /// True if `h` was added to this pack already.
@@ -455,8 +520,9 @@ impl PackWriter {
         self.entries.len()
     }
 
-    /// Adds `data` (whose hash is `h`), compressing it when that helps.
-    /// Does nothing if `h` was added before.
+    /// Adds `data` (whose id is `h`, see [`id`](Self::id)), compressing
+    /// it when that helps, sealing it with a key. Does nothing if `h` was
+    /// added before.
     pub fn add(&mut self, h: Hash, data: &[u8]) -> io::Result<()> {
         if !self.seen.insert(h) {
             return Ok(());
@@ -465,11 +531,19 @@ impl PackWriter {
         self.cbuf.resize(bound, 0);
         let n = self.cctx.compress_to_buffer(data, &mut self.cbuf[..])?;
         let mut cbuf = std::mem::take(&mut self.cbuf);
-        let r = if n < data.len() {
-            self.add_stored(h, &cbuf[..n], data.len() as u32, FLAG_ZSTD)
+        let mut flags = 0;
+        if n < data.len() {
+            cbuf.truncate(n);
+            flags |= FLAG_ZSTD;
         } else {
-            self.add_stored(h, data, data.len() as u32, 0)
-        };
+            cbuf.clear();
+            cbuf.extend_from_slice(data);
+        }
+        if let Some(key) = &self.key {
+            key.seal_object(&h, &mut cbuf);
+            flags |= FLAG_SEALED;
+        }
+        let r = self.add_stored(h, &cbuf, data.len() as u32, flags);
         cbuf.clear();
         self.cbuf = cbuf;
         r
@@ -503,19 +577,34 @@ impl PackWriter {
         self.out.flush()?;
         let f = self.out.get_ref();
         f.sync_all()?;
-        let mut idx = Vec::with_capacity(16 + self.entries.len() * IDX_ENTRY + 32);
-        idx.extend_from_slice(IDX_MAGIC);
-        idx.extend_from_slice(&(self.entries.len() as u64).to_le_bytes());
+        let mut body = Vec::with_capacity(8 + self.entries.len() * IDX_ENTRY);
+        body.extend_from_slice(&(self.entries.len() as u64).to_le_bytes());
         for (h, off, stored, raw, flags) in &self.entries {
-            idx.extend_from_slice(h);
-            idx.extend_from_slice(&off.to_le_bytes());
-            idx.extend_from_slice(&stored.to_le_bytes());
-            idx.extend_from_slice(&raw.to_le_bytes());
-            idx.extend_from_slice(&flags.to_le_bytes());
+            body.extend_from_slice(h);
+            body.extend_from_slice(&off.to_le_bytes());
+            body.extend_from_slice(&stored.to_le_bytes());
+            body.extend_from_slice(&raw.to_le_bytes());
+            body.extend_from_slice(&flags.to_le_bytes());
         }
-        let sum = hash(&idx);
-        idx.extend_from_slice(&sum);
-        let name = hex(&sum)[..32].to_string();
+        let (name, idx) = match &self.key {
+            Some(key) => {
+                // A random name: the index's hash would have to be known
+                // before sealing it under that name.
+                let mut n = [0u8; 16];
+                fsutil::random_bytes(&mut n)?;
+                let name = hex::encode(n);
+                let idx = key.seal_blob(IDX_MAGIC_SEALED, &name, &body)?;
+                (name, idx)
+            }
+            None => {
+                let mut idx = Vec::with_capacity(8 + body.len() + 32);
+                idx.extend_from_slice(IDX_MAGIC);
+                idx.extend_from_slice(&body);
+                let sum = hash(&idx);
+                idx.extend_from_slice(&sum);
+                (hex(&sum)[..32].to_string(), idx)
+            }
+        };
         let pack_path = self.dir.join(format!("{name}.pack"));
         fs::rename(&self.tmp, &pack_path)?;
         let idx_tmp = self.dir.join(format!("{TMP_PREFIX}{name}.idx"));
@@ -561,7 +650,7 @@ impl TreeBuilder {
 
     /// Adds one chunk of the file (in order).
     pub fn push(&mut self, db: &ObjectDb, w: &mut PackWriter, chunk: &[u8]) -> io::Result<()> {
-        let h = hash(chunk);
+        let h = w.id(chunk);
         if !db.contains(&h) && !w.contains(&h) {
             w.add(h, chunk)?;
         }
@@ -572,7 +661,7 @@ impl TreeBuilder {
     /// Builds the nodes above the chunks; returns (root, depth).
     pub fn finish(mut self, db: &ObjectDb, w: &mut PackWriter) -> io::Result<(Hash, u8)> {
         if self.leaves.is_empty() {
-            let h = hash(&[]);
+            let h = w.id(&[]);
             if !db.contains(&h) && !w.contains(&h) {
                 w.add(h, &[])?;
             }
@@ -583,7 +672,7 @@ impl TreeBuilder {
             let mut next = Vec::with_capacity(self.leaves.len().div_ceil(FANOUT));
             for group in self.leaves.chunks(FANOUT) {
                 let node: Vec<u8> = group.iter().flatten().copied().collect();
-                let h = hash(&node);
+                let h = w.id(&node);
                 if !db.contains(&h) && !w.contains(&h) {
                     w.add(h, &node)?;
                     w.node_bytes += node.len() as u64;
@@ -612,6 +701,15 @@ pub struct Reader<'a> {
     files: HashMap<u32, File>,
     dctx: zstd::bulk::Decompressor<'static>,
     run: Vec<u8>,
+    opened: Vec<u8>,
+    sealed_only: bool,
+}
+
+/// How [`Reader::decode`] checks an object.
+struct Decode<'b> {
+    dctx: &'b mut zstd::bulk::Decompressor<'static>,
+    opened: &'b mut Vec<u8>,
+    sealed_only: bool,
 }
 
 impl<'a> Reader<'a> {
@@ -622,7 +720,25 @@ impl<'a> Reader<'a> {
             files: HashMap::new(),
             dctx: zstd::bulk::Decompressor::new()?,
             run: Vec::new(),
+            opened: Vec::new(),
+            sealed_only: false,
         })
+    }
+
+    /// Accept only sealed objects (reading a sealed checkpoint: an
+    /// unsealed object under one of its ids was not written by supervise
+    /// with this key).
+    pub fn sealed_only(mut self, on: bool) -> Reader<'a> {
+        self.sealed_only = on;
+        self
+    }
+
+    fn ctx(&mut self) -> Decode<'_> {
+        Decode {
+            dctx: &mut self.dctx,
+            opened: &mut self.opened,
+            sealed_only: self.sealed_only,
+        }
     }
 
     /// True if `h` is stored.
@@ -641,17 +757,47 @@ impl<'a> Reader<'a> {
         Ok(&self.files[&pack])
     }
 
-    /// Decodes one stored object into `out` (cleared first) and checks its hash.
+    /// Decodes one stored object into `out` (appended) and checks it: a
+    /// sealed object must open under the store key with its id (which
+    /// authenticates it), a plain one must match its hash.
     fn decode(
-        dctx: &mut zstd::bulk::Decompressor<'static>,
+        cx: Decode<'_>,
         db: &ObjectDb,
         h: &Hash,
         loc: &Loc,
         stored: &[u8],
         out: &mut Vec<u8>,
     ) -> Result<(), PieceError> {
+        let dctx = cx.dctx;
         let pack = &db.packs[loc.pack as usize].name;
         let what = || format!("object {} in pack {pack}", &hex(h)[..16]);
+        let sealed = loc.flags & FLAG_SEALED != 0;
+        let stored = if sealed {
+            let Some(key) = db.key() else {
+                return Err(PieceError(format!(
+                    "{}: sealed, and no store key is loaded",
+                    what()
+                )));
+            };
+            cx.opened.clear();
+            cx.opened.extend_from_slice(stored);
+            key.open_object(h, cx.opened).map_err(|_| {
+                PieceError(format!(
+                    "{}: does not authenticate under the store key (damaged, or not sealed by \
+                     this store)",
+                    what()
+                ))
+            })?;
+            &cx.opened[..]
+        } else if cx.sealed_only {
+            return Err(PieceError(format!(
+                "{}: not sealed, but the checkpoint is (the object was not written with this \
+                 store's key)",
+                what()
+            )));
+        } else {
+            stored
+        };
         let start = out.len();
         if loc.flags & FLAG_ZSTD != 0 {
             out.resize(start + loc.raw_len as usize, 0);
@@ -671,7 +817,7 @@ impl<'a> Reader<'a> {
             }
             out.extend_from_slice(stored);
         }
-        if hash(&out[start..]) != *h {
+        if !sealed && hash(&out[start..]) != *h {
             return Err(PieceError(format!(
                 "{}: contents do not match their hash",
                 what()
@@ -701,7 +847,8 @@ impl<'a> Reader<'a> {
                 ))
             });
         out.clear();
-        let res = r.and_then(|()| Self::decode(&mut self.dctx, self.db, h, &loc, &stored, out));
+        let db = self.db;
+        let res = r.and_then(|()| Self::decode(self.ctx(), db, h, &loc, &stored, out));
         self.run = stored;
         res
     }
@@ -719,7 +866,8 @@ impl<'a> Reader<'a> {
             .read_exact_at(stored, loc.offset)
             .map_err(|e| PieceError(format!("cannot read pack: {e}")))?;
         let mut out = Vec::new();
-        Self::decode(&mut self.dctx, self.db, h, &loc, stored, &mut out)?;
+        let db = self.db;
+        Self::decode(self.ctx(), db, h, &loc, stored, &mut out)?;
         Ok(loc)
     }
 
@@ -792,9 +940,10 @@ impl<'a> Reader<'a> {
                     let loc = self.db.get(h).unwrap();
                     let s = (loc.offset - first.offset) as usize;
                     out.clear();
+                    let db = self.db;
                     Self::decode(
-                        &mut self.dctx,
-                        self.db,
+                        self.ctx(),
+                        db,
                         h,
                         &loc,
                         &run[s..s + loc.stored_len as usize],
@@ -857,7 +1006,7 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let mut db = ObjectDb::new(tmp.path());
         db.refresh().unwrap();
-        let mut w = PackWriter::new(tmp.path()).unwrap();
+        let mut w = PackWriter::new(tmp.path(), None).unwrap();
         let mut t = TreeBuilder::new();
         let mut data = Vec::new();
         for i in 0..300u32 {
@@ -891,7 +1040,7 @@ mod tests {
         assert_eq!(back, data);
 
         // A second pack with the same data adds nothing.
-        let mut w = PackWriter::new(tmp.path()).unwrap();
+        let mut w = PackWriter::new(tmp.path(), None).unwrap();
         let mut t = TreeBuilder::new();
         for c in data.chunks(4096) {
             t.push(&db, &mut w, c).unwrap();
@@ -910,7 +1059,7 @@ mod tests {
     fn damaged_index_and_object_are_reported() {
         let tmp = tempfile::tempdir().unwrap();
         let mut db = ObjectDb::new(tmp.path());
-        let mut w = PackWriter::new(tmp.path()).unwrap();
+        let mut w = PackWriter::new(tmp.path(), None).unwrap();
         let a = vec![1u8; 5000];
         let ha = hash(&a);
         w.add(ha, &a).unwrap();

@@ -101,7 +101,9 @@ fn check_image(
     if image.manifest.version == MANIFEST_VERSION_V1 {
         return verify_v1(image);
     }
-    let mut reader = Reader::new(db).map_err(|e| e.to_string())?;
+    let mut reader = Reader::new(db)
+        .map_err(|e| e.to_string())?
+        .sealed_only(image.sealed);
     for (fi, f) in image.manifest.files.iter().enumerate() {
         if !valid_file_name(&f.name) {
             return Err(format!("manifest lists invalid file name {:?}", f.name));

@@ -702,11 +702,7 @@ pub const T: Duration = Duration::from_secs(30);
 /// stored anew.
 pub fn newest_pack(img: &serde_json::Value) -> PathBuf {
     let dir = PathBuf::from(img["path"].as_str().unwrap());
-    let m: serde_json::Value =
-        serde_json::from_slice(&fs::read(dir.join("MANIFEST.json")).unwrap()).unwrap();
-    let name = m["stored"]["pack"]
-        .as_str()
-        .expect("the image stored new data");
+    let name = img["pack"].as_str().expect("the image stored new data");
     dir.parent()
         .unwrap()
         .join("packs")

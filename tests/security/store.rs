@@ -324,8 +324,9 @@ fn fifo_manifest_and_dev_zero_index_neither_hang_nor_block_a_restore() {
     let (newest, older) = (&paths[0], &paths[1]);
     let older_id = older.file_name().unwrap().to_string_lossy().into_owned();
 
-    // A FIFO as MANIFEST.json.
-    let manifest = newest.join("MANIFEST.json");
+    // A FIFO as the manifest (MANIFEST.sealed: the store is encrypted).
+    let manifest = newest.join("MANIFEST.sealed");
+    assert!(manifest.exists());
     let saved = env.path().join("saved-manifest");
     fs::rename(&manifest, &saved).unwrap();
     nix::unistd::mkfifo(&manifest, nix::sys::stat::Mode::S_IRWXU).unwrap();

@@ -76,7 +76,7 @@ fn gc_removes_crash_leftovers_and_orphan_packs() {
     // A pack published by a commit that crashed before its manifest.
     {
         let db = ObjectDb::new(&dir.join(PACKS_DIR));
-        let mut w = PackWriter::new(&dir.join(PACKS_DIR)).unwrap();
+        let mut w = PackWriter::new(&dir.join(PACKS_DIR), None).unwrap();
         let mut t = TreeBuilder::new();
         t.push(&db, &mut w, &noise(77, 4096)).unwrap();
         w.finish().unwrap().unwrap();

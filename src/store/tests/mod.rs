@@ -6,6 +6,7 @@ mod ingest;
 mod maintain;
 mod open;
 mod scratch;
+mod sealed;
 mod verify;
 
 use std::fs;
