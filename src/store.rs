@@ -136,6 +136,7 @@ mod ingest;
 mod maintain;
 mod materialise;
 mod objects;
+mod parity;
 mod scratch;
 mod util;
 mod verify;
