@@ -139,6 +139,7 @@ mod maintain;
 mod materialise;
 mod objects;
 mod options;
+mod parity;
 mod scratch;
 mod util;
 mod verify;
