@@ -133,6 +133,7 @@
 
 mod crypto;
 mod format;
+mod heal;
 mod ingest;
 mod keyring;
 mod maintain;

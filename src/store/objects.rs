@@ -32,6 +32,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use super::crypto::StoreKey;
+use super::heal::{self, Mirror};
 use super::{io_err, StoreError};
 use crate::fsutil;
 
@@ -186,6 +187,10 @@ pub struct ObjectDb {
     index: HashMapH<Loc>,
     loaded: HashMap<String, u32>,
     key: Option<Arc<StoreKey>>,
+    /// Further locations of objects stored more than once (an object
+    /// stored afresh after its first copy was found damaged).
+    dups: HashMapH<Vec<Loc>>,
+    mirror: Mirror,
     /// Index files that failed their checksum or format check: (name, why).
     pub bad_indexes: Vec<(String, String)>,
 }
@@ -204,8 +209,20 @@ impl ObjectDb {
     /// forgets what was loaded without it).
     pub fn set_key(&mut self, key: Option<Arc<StoreKey>>) {
         let dir = std::mem::take(&mut self.dir);
+        let mirror = std::mem::take(&mut self.mirror);
         *self = ObjectDb::new(&dir);
         self.key = key;
+        self.mirror = mirror;
+    }
+
+    /// Sets where the second copy of the store is (reads fall back to it).
+    pub fn set_mirror(&mut self, mirror: Mirror) {
+        self.mirror = mirror;
+    }
+
+    /// The second copy, if any.
+    pub fn mirror(&self) -> &Mirror {
+        &self.mirror
     }
 
     /// The store key, if one is loaded.
@@ -257,6 +274,20 @@ impl ObjectDb {
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             Err(e) => return Err(io_err(&dir)(e)),
         }
+        if let Some(alt) = self.mirror.alt(&dir) {
+            // Packs whose index survives only in the second copy.
+            if let Ok(rd) = fs::read_dir(&alt) {
+                for e in rd.flatten() {
+                    let n = e.file_name();
+                    let Some(n) = n.to_str() else { continue };
+                    if let Some(stem) = n.strip_suffix(".idx") {
+                        if !n.starts_with('.') && !names.iter().any(|x| x == stem) {
+                            names.push(stem.to_string());
+                        }
+                    }
+                }
+            }
+        }
         names.sort();
         let present: HashSet<&String> = names.iter().collect();
         if self.loaded.keys().any(|k| !present.contains(k)) {
@@ -268,7 +299,7 @@ impl ObjectDb {
             if self.loaded.contains_key(&name) {
                 continue;
             }
-            match read_index(&self.dir, &name, self.key.as_deref())? {
+            match read_index(&self.dir, &name, self.key.as_deref(), &self.mirror)? {
                 Ok(entries) => {
                     let id = self.packs.len() as u32;
                     let stored_bytes = entries.iter().map(|e| e.1.stored_len as u64).sum();
@@ -282,7 +313,14 @@ impl ObjectDb {
                     });
                     for (h, mut loc) in entries {
                         loc.pack = id;
-                        self.index.entry(h).or_insert(loc);
+                        match self.index.entry(h) {
+                            std::collections::hash_map::Entry::Vacant(v) => {
+                                v.insert(loc);
+                            }
+                            std::collections::hash_map::Entry::Occupied(_) => {
+                                self.dups.entry(h).or_default().push(loc)
+                            }
+                        }
                     }
                     self.loaded.insert(name, id);
                 }
@@ -303,6 +341,24 @@ impl ObjectDb {
     /// True if `h` is stored.
     pub fn contains(&self, h: &Hash) -> bool {
         self.index.contains_key(h)
+    }
+
+    /// Other locations of `h`, if it is stored more than once.
+    pub fn dups(&self, h: &Hash) -> &[Loc] {
+        self.dups.get(h).map(Vec::as_slice).unwrap_or(&[])
+    }
+
+    /// Forgets `h` (found damaged beyond repair): the next checkpoint that
+    /// holds it stores it afresh, and reads use its other copies.
+    pub fn forget(&mut self, h: &Hash) {
+        self.index.remove(h);
+        if let Some(mut more) = self.dups.remove(h) {
+            let first = more.remove(0);
+            self.index.insert(*h, first);
+            if !more.is_empty() {
+                self.dups.insert(*h, more);
+            }
+        }
     }
 
     /// Every stored object with its location.
@@ -341,10 +397,11 @@ fn read_index(
     dir: &Path,
     name: &str,
     key: Option<&StoreKey>,
+    mirror: &Mirror,
 ) -> Result<Result<Vec<(Hash, Loc)>, String>, StoreError> {
     let path = dir.join(format!("{name}.idx"));
     let pack = dir.join(format!("{name}.pack"));
-    let pack_len = match fs::symlink_metadata(&pack) {
+    let mut pack_len = match fs::symlink_metadata(&pack) {
         Ok(md) if md.is_file() => md.len(),
         Ok(_) => {
             let e = io::Error::new(io::ErrorKind::InvalidData, "not a regular file");
@@ -353,10 +410,38 @@ fn read_index(
         Err(e) if e.kind() == io::ErrorKind::NotFound => 0,
         Err(e) => return Err(io_err(&pack)(e)),
     };
+    // A pack that lost its tail (or is lost) is still readable through
+    // its parity or second copy: bound the index by the pack's real size.
+    pack_len = pack_len.max(heal::recorded_len(&pack).unwrap_or(0));
+    if let Some(alt) = mirror.alt(&pack) {
+        if let Ok(md) = fs::symlink_metadata(&alt) {
+            if md.is_file() {
+                pack_len = pack_len.max(md.len());
+            }
+        }
+    }
+    let direct = read_index_direct(&path, name, key, pack_len)?;
+    let Err(why) = direct else {
+        return Ok(direct);
+    };
     let max = index_limit(pack_len);
-    let bytes = match read_capped(&path, max) {
+    match heal::read_all(mirror, &path, max, &mut |b| parse_index(name, b, pack_len, key)) {
+        Ok(entries) => Ok(Ok(entries)),
+        Err(more) if more.is_empty() => Ok(Err(why)),
+        Err(more) => Ok(Err(format!("{why}; cannot repair it: {more}"))),
+    }
+}
+
+fn read_index_direct(
+    path: &Path,
+    name: &str,
+    key: Option<&StoreKey>,
+    pack_len: u64,
+) -> Result<Result<Vec<(Hash, Loc)>, String>, StoreError> {
+    let max = index_limit(pack_len);
+    let bytes = match read_capped(path, max) {
         Ok(Some(b)) => b,
-        Err(e) if fsutil::is_permission_denied(&e) => return Err(io_err(&path)(e)),
+        Err(e) if fsutil::is_permission_denied(&e) => return Err(io_err(path)(e)),
         Ok(None) => {
             return Ok(Err(format!(
                 "{} is larger than {max} bytes, more than its pack {name}.pack ({pack_len} bytes) \
@@ -364,7 +449,7 @@ fn read_index(
                 path.display()
             )))
         }
-        Err(e) => return Ok(Err(fsutil::describe_error(&path, &e))),
+        Err(e) => return Ok(Err(fsutil::describe_error(path, &e))),
     };
     Ok(parse_index(name, &bytes, pack_len, key))
 }
