@@ -1,4 +1,5 @@
-//! Benchmark: supervise's image store against plain CRIU, on one job.
+//! Benchmark: supervise's image store against plain CRIU, and the store's
+//! modes against each other, on one job.
 //!
 //! ```sh
 //! cargo run --release --example bench_store -- [--mb 1024] [--pages 1] \
@@ -8,28 +9,63 @@
 //! Starts `tests/progs/dirty.c` (compiled with `cc`) holding `--mb` MiB of
 //! incompressible memory and rewriting `--pages` random pages every
 //! `--interval-ms`, under a namespace init as `supervise run` would. Then,
-//! alternating on the same job, takes `--checkpoints` checkpoints through
-//! supervise's engine (CRIU RPC dump into the store's staging directory +
-//! commit into the deduplicating store) and as many with plain
-//! `criu dump --leave-running` (run inside the job's namespaces with
-//! `nsenter`, as any CRIU user must for a job in its own PID namespace),
-//! `--gap-s` seconds apart. Then it kills the job and restores it both ways,
-//! timing kill-to-running (the page cache is synced before every dump and
-//! restore, so earlier writes' writeback does not decide the comparison):
+//! for `--checkpoints` rounds, `--gap-s` seconds per round, it takes one
+//! checkpoint of the same job into each of three stores, one per store
+//! mode, plus one with plain `criu dump --leave-running` (run inside the
+//! job's namespaces with `nsenter`, as any CRIU user must for a job in its
+//! own PID namespace):
 //!
-//! * supervise: materialise the newest checkpoint (verifying every piece)
-//!   into its scratch directory, then restore through the engine;
+//! * `plain`: encryption off, parity off ([`ImageStore::open`], what the
+//!   store did before sealing); this is the store called "supervise" in the
+//!   comparison with raw CRIU below;
+//! * `sealed`: encryption on, parity off;
+//! * `sealed+parity`: encryption on, parity on (the default of a job's
+//!   `[store]` table).
+//!
+//! A store checkpoint is supervise's engine: CRIU RPC dump into the store's
+//! staging directory, then commit (ingest) into the deduplicating store,
+//! timed separately. The four dumps of a round are spaced evenly over the
+//! round, in an order that changes every round (the store modes rotate and
+//! the raw dump moves one place further each round), so no mode always
+//! comes first or always follows the raw dump (which frees the previous raw
+//! dump right after it). Before every dump the page cache is synced and
+//! `--warm-gib` GiB of memory is touched (see [`warm_memory`]).
+//!
+//! Then it kills the job and restores it both ways, timing kill-to-running
+//! (the page cache is synced before every restore):
+//!
+//! * supervise: materialise the newest `plain` checkpoint (verifying every
+//!   piece) into its scratch directory, then restore through the engine;
 //! * raw: `criu restore` from the newest raw dump directory (CLI, in a fresh
 //!   PID + mount namespace via `unshare`, done when its `--pidfile` appears);
 //!   the engine's restore from the same raw directory is shown as well.
 //!
-//! "Pages that actually changed" between two consecutive supervise
+//! "Pages that actually changed" between two consecutive `plain`
 //! checkpoints is counted from the images themselves: both are
 //! materialised, and every page present in the later one (by process and
 //! virtual address, from `pagemap-*.img`) whose contents differ from, or are
 //! absent in, the earlier one counts.
 //!
-//! Not a test: it prints a table and three ratios with their targets.
+//! Per store mode, with the median over rounds (first checkpoint and later
+//! ones apart where it matters), it reports:
+//!
+//! * frozen time: CRIU's `frozen_time` from `stats-dump`;
+//! * ingest throughput: logical image bytes / commit time;
+//! * bytes written per later checkpoint: growth of the store directory
+//!   (apparent file sizes, [`supervise::store::dir_size`], measured before
+//!   `begin` and after `commit`): new pack, index, manifest and, with
+//!   parity, their `.par` files. Because the order rotates, one store's
+//!   consecutive checkpoints are not equally far apart and different
+//!   amounts of the job changed in between, so the overhead over `plain`
+//!   is judged on bytes written per raw (uncompressed) byte of the new
+//!   objects the store recorded (`stored.new_raw_bytes`, summed over the
+//!   later checkpoints); the plain median per checkpoint is shown too;
+//! * materialise throughput: bytes / time to materialise the newest
+//!   checkpoint into a fresh [`scratch_dir`], after the job is gone, once
+//!   per mode per round (`--checkpoints` rounds, order rotating; sync and
+//!   warm memory before each).
+//!
+//! Not a test: it prints tables and ratios with their targets.
 
 use std::collections::HashMap;
 use std::fs;
@@ -42,7 +78,7 @@ use supervise::config::{CriuOptions, LaunchSpec};
 use supervise::criu;
 use supervise::job::{self, InitFiles};
 use supervise::reaper::Reaper;
-use supervise::store::{scratch_dir, CheckpointMeta, ImageStore};
+use supervise::store::{scratch_dir, CheckpointMeta, ImageStore, StoreOptions};
 
 struct Args {
     mb: u64,
@@ -52,6 +88,9 @@ struct Args {
     gap: Duration,
     dir: PathBuf,
     warm_gib: u64,
+    /// `criu --version`, asked before the reaper is installed (its
+    /// `waitpid(-1)` would race `Command::output` for the exit).
+    criu_version: String,
 }
 
 fn parse_args() -> Args {
@@ -63,6 +102,7 @@ fn parse_args() -> Args {
         gap: Duration::from_secs(5),
         dir: PathBuf::from("/var/tmp"),
         warm_gib: 2,
+        criu_version: String::new(),
     };
     let args: Vec<String> = std::env::args().skip(1).collect();
     let mut i = 0;
@@ -88,7 +128,8 @@ fn main() {
     if std::env::args().nth(1).as_deref() == Some("__init") {
         supervise::init::main();
     }
-    let args = parse_args();
+    let mut args = parse_args();
+    args.criu_version = criu_version();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -108,6 +149,106 @@ struct Cp {
     bytes: u64,
     new_bytes: u64,
     node_bytes: u64,
+    /// Growth of the store directory from before `begin` to after `commit`.
+    grown: u64,
+    /// Raw (uncompressed) bytes of the objects this checkpoint added.
+    new_raw: u64,
+}
+
+/// A store mode compared by the benchmark.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Mode {
+    Plain,
+    Sealed,
+    SealedParity,
+}
+
+const MODES: [Mode; 3] = [Mode::Plain, Mode::Sealed, Mode::SealedParity];
+
+impl Mode {
+    fn name(self) -> &'static str {
+        match self {
+            Mode::Plain => "plain",
+            Mode::Sealed => "sealed",
+            Mode::SealedParity => "sealed+parity",
+        }
+    }
+
+    /// Opens this mode's store below `work`. `plain` is the store the
+    /// benchmark always had (`<work>/store`, [`ImageStore::open`]: no
+    /// encryption, no parity); the sealed ones get their own key file in
+    /// `<work>/keys` (a trusted directory, mode 0700).
+    fn open(self, work: &Path) -> (PathBuf, ImageStore) {
+        let (dir, parity) = match self {
+            Mode::Plain => {
+                let dir = work.join("store");
+                return (dir.clone(), ImageStore::open(&dir).unwrap());
+            }
+            Mode::Sealed => (work.join("store-sealed"), false),
+            Mode::SealedParity => (work.join("store-sealed-parity"), true),
+        };
+        let keys = work.join("keys");
+        {
+            use std::os::unix::fs::DirBuilderExt;
+            fs::DirBuilder::new()
+                .mode(0o700)
+                .recursive(true)
+                .create(&keys)
+                .unwrap();
+        }
+        let name = dir.file_name().unwrap().to_string_lossy().to_string();
+        let mut o = StoreOptions::new(keys.join(format!("{name}.key")));
+        o.encryption = true;
+        o.parity = parity;
+        let store = ImageStore::open_with(&dir, &o).unwrap();
+        (dir, store)
+    }
+}
+
+/// One store mode's store and checkpoints.
+struct ModeRun {
+    mode: Mode,
+    dir: PathBuf,
+    store: ImageStore,
+    cps: Vec<Cp>,
+    ids: Vec<String>,
+}
+
+/// One dump of a round.
+#[derive(Clone, Copy)]
+enum Step {
+    Store(usize),
+    Raw,
+}
+
+/// The order of round `i`: the store modes rotated by `i`, the raw dump
+/// inserted at position `i % 4`, so the mode that follows the raw dump
+/// (and its free of the previous raw dump) changes every round.
+fn round_order(i: usize, modes: usize) -> Vec<Step> {
+    let mut v: Vec<Step> = (0..modes).map(|k| Step::Store((k + i) % modes)).collect();
+    v.insert(i % (modes + 1), Step::Raw);
+    v
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(|a, b| a.total_cmp(b));
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+fn pass(ok: bool) -> &'static str {
+    if ok {
+        "PASS"
+    } else {
+        "MISS"
+    }
 }
 
 /// Touches `gib` GiB of memory (a tmpfs file, then deleted) right before a
@@ -176,23 +317,39 @@ fn bench(reaper: &Reaper, a: &Args) {
         std::thread::sleep(Duration::from_millis(50));
     }
     let opts = CriuOptions::default();
-    let store = ImageStore::open(&work.join("store")).unwrap();
-    let mut ours = Vec::new();
+    let mut runs: Vec<ModeRun> = MODES
+        .iter()
+        .map(|&mode| {
+            let (dir, store) = mode.open(&work);
+            ModeRun {
+                mode,
+                dir,
+                store,
+                cps: Vec::new(),
+                ids: Vec::new(),
+            }
+        })
+        .collect();
     let mut raws = Vec::new();
-    let mut ids = Vec::new();
     let raw_dir = |i: usize| work.join(format!("raw-{i}"));
     eprintln!(
-        "job: {} MiB, {} page(s) rewritten every {} ms; {} checkpoints each way, {:?} apart",
-        a.mb, a.pages, a.interval_ms, a.checkpoints, a.gap
+        "job: {} MiB, {} page(s) rewritten every {} ms; {} rounds of checkpoints ({}, raw criu), {:?} per round",
+        a.mb,
+        a.pages,
+        a.interval_ms,
+        a.checkpoints,
+        MODES.map(Mode::name).join(", "),
+        a.gap
     );
-    let mut engine_cp = |i: usize| {
+    let engine_cp = |run: &mut ModeRun, i: usize| {
         // supervise's engine. Each dump starts with no dirty page cache
         // (sync first): CRIU writes the image while the job is frozen, and
         // writeback of earlier gigabytes would otherwise throttle whichever
         // dump comes next and decide the comparison.
         nix::unistd::sync();
         warm_memory(a.warm_gib);
-        let staging = store.begin().unwrap();
+        let before = supervise::store::dir_size(&run.dir);
+        let staging = run.store.begin().unwrap();
         let o = criu::dump(reaper, job_pid.0, staging.path(), &opts, None, &mut |_| {
             true
         })
@@ -212,17 +369,21 @@ fn bench(reaper: &Reaper, a: &Args) {
                 extra: Default::default(),
             })
             .unwrap();
+        let ingest_ms = t.elapsed().as_secs_f64() * 1e3;
+        let grown = supervise::store::dir_size(&run.dir).saturating_sub(before);
         let stored = info.manifest.stored.clone().unwrap_or_default();
-        ours.push(Cp {
+        run.cps.push(Cp {
             frozen_ms: o.stats.as_ref().and_then(|s| s.frozen_time).unwrap_or(0) as f64 / 1e3,
             dump_ms: o.duration.as_secs_f64() * 1e3,
-            ingest_ms: t.elapsed().as_secs_f64() * 1e3,
+            ingest_ms,
             bytes: info.size_bytes,
             new_bytes: info.new_bytes,
             node_bytes: stored.node_bytes,
+            grown,
+            new_raw: stored.new_raw_bytes,
         });
-        ids.push(info.id.clone());
-        eprintln!("supervise checkpoint {} done", i + 1);
+        run.ids.push(info.id.clone());
+        eprintln!("{} checkpoint {} done", run.mode.name(), i + 1);
     };
     let mut raw_cp = |i: usize| {
         // Plain CRIU.
@@ -272,24 +433,30 @@ fn bench(reaper: &Reaper, a: &Args) {
             bytes,
             new_bytes: bytes,
             node_bytes: 0,
+            grown: bytes,
+            new_raw: bytes,
         });
         eprintln!("raw criu checkpoint {} done", i + 1);
     };
-    // Alternate which goes first, so neither always follows the other's I/O.
+    // Change the order every round, so no side always follows another's
+    // I/O (or the raw dump's free of the previous one); the dumps of a
+    // round are spread evenly over `gap`.
+    let per_round = MODES.len() as u32 + 1;
     for i in 0..a.checkpoints {
-        if i % 2 == 0 {
-            engine_cp(i);
-            std::thread::sleep(a.gap / 2);
-            raw_cp(i);
-        } else {
-            raw_cp(i);
-            std::thread::sleep(a.gap / 2);
-            engine_cp(i);
+        for (k, step) in round_order(i, runs.len()).into_iter().enumerate() {
+            if k > 0 {
+                std::thread::sleep(a.gap / per_round);
+            }
+            match step {
+                Step::Store(m) => engine_cp(&mut runs[m], i),
+                Step::Raw => raw_cp(i),
+            }
         }
         if i + 1 < a.checkpoints {
-            std::thread::sleep(a.gap / 2);
+            std::thread::sleep(a.gap / per_round);
         }
     }
+    let (store, ours, ids) = (&runs[0].store, &runs[0].cps, &runs[0].ids);
 
     // Pages that changed between consecutive supervise checkpoints.
     let imgs = store.list().unwrap();
@@ -336,6 +503,29 @@ fn bench(reaper: &Reaper, a: &Args) {
     nix::unistd::sync();
     let cli_raw = raw_cli_restore(reaper, &raw_newest, &work);
 
+    // Materialise throughput per store mode: the newest checkpoint of each
+    // store, once per mode per round, the order rotating every round.
+    let mut mats: Vec<Vec<(u64, f64)>> = vec![Vec::new(); runs.len()];
+    for rep in 0..a.checkpoints {
+        for k in 0..runs.len() {
+            let m = (k + rep) % runs.len();
+            let run = &runs[m];
+            let newest = run
+                .store
+                .list()
+                .unwrap()
+                .into_iter()
+                .find(|i| Some(&i.id) == run.ids.last())
+                .expect("newest checkpoint listed");
+            nix::unistd::sync();
+            warm_memory(a.warm_gib);
+            let d = scratch_dir(&work.join("m"), newest.size_bytes).expect("scratch dir");
+            let mt = run.store.materialise(&newest, &d).expect("materialise");
+            mats[m].push((mt.bytes, mt.duration.as_secs_f64()));
+            fs::remove_dir_all(&mt.path).unwrap();
+        }
+    }
+
     // Report.
     println!();
     println!(
@@ -346,7 +536,7 @@ fn bench(reaper: &Reaper, a: &Args) {
         fs::read_to_string("/proc/sys/kernel/osrelease")
             .unwrap_or_default()
             .trim(),
-        criu_version()
+        a.criu_version
     );
     println!(
         "job: {} MiB resident, {} page(s) rewritten every {} ms, checkpoints {:?} apart",
@@ -435,7 +625,187 @@ fn bench(reaper: &Reaper, a: &Args) {
         ids.len(),
         mib(raws.iter().map(|r| r.bytes).sum())
     );
+    report_modes(&runs, &mats, &raws);
     let _ = fs::remove_dir_all(&work);
+}
+
+/// The store modes' table and their ratios to `plain`, with targets.
+fn report_modes(runs: &[ModeRun], mats: &[Vec<(u64, f64)>], raws: &[Cp]) {
+    let mib = |b: u64| b as f64 / (1 << 20) as f64;
+    let n = runs[0].cps.len();
+    println!();
+    println!(
+        "store modes, per checkpoint (same job, same rounds, order rotating; written = growth of the store directory; new raw = uncompressed bytes of the objects it added):"
+    );
+    println!(
+        "{:<4} {:<14} {:>10} {:>10} {:>10} {:>12} {:>12} {:>12} {:>12} {:>9}",
+        "#",
+        "mode",
+        "frozen ms",
+        "dump ms",
+        "ingest ms",
+        "ingest MiB/s",
+        "logical MiB",
+        "written KiB",
+        "new raw KiB",
+        "wr/new"
+    );
+    for i in 0..n {
+        for run in runs {
+            let c = &run.cps[i];
+            println!(
+                "{:<4} {:<14} {:>10.1} {:>10.0} {:>10.0} {:>12.0} {:>12.1} {:>12.1} {:>12.1} {:>9.3}",
+                i + 1,
+                run.mode.name(),
+                c.frozen_ms,
+                c.dump_ms,
+                c.ingest_ms,
+                mib(c.bytes) / (c.ingest_ms / 1e3),
+                mib(c.bytes),
+                c.grown as f64 / 1024.0,
+                c.new_raw as f64 / 1024.0,
+                c.grown as f64 / c.new_raw.max(1) as f64
+            );
+        }
+    }
+
+    // Medians per mode.
+    struct Med {
+        frozen: f64,
+        ingest_first: f64,
+        ingest_later: f64,
+        written_later: f64,
+        /// Later checkpoints: bytes written / raw bytes of new objects (sums).
+        written_per_new: f64,
+        mat: f64,
+        store: u64,
+    }
+    let meds: Vec<Med> = runs
+        .iter()
+        .zip(mats)
+        .map(|(run, mat)| {
+            let tput = |c: &Cp| mib(c.bytes) / (c.ingest_ms / 1e3);
+            Med {
+                frozen: median(run.cps.iter().map(|c| c.frozen_ms).collect()),
+                ingest_first: tput(&run.cps[0]),
+                ingest_later: median(run.cps[1..].iter().map(tput).collect()),
+                written_later: median(run.cps[1..].iter().map(|c| c.grown as f64).collect()),
+                written_per_new: run.cps[1..].iter().map(|c| c.grown).sum::<u64>() as f64
+                    / run.cps[1..].iter().map(|c| c.new_raw).sum::<u64>().max(1) as f64,
+                mat: median(mat.iter().map(|&(b, s)| mib(b) / s).collect()),
+                store: supervise::store::dir_size(&run.dir),
+            }
+        })
+        .collect();
+    let p = &meds[0];
+    println!();
+    println!(
+        "store modes, medians over {n} rounds (ingest = logical bytes / commit time; later = checkpoints 2..{n}; materialise = newest checkpoint, {} runs each):",
+        mats[0].len()
+    );
+    println!(
+        "{:<14} {:>9} {:>7} | {:>10} {:>7} {:>11} {:>7} | {:>11} {:>8} {:>7} {:>8} | {:>10} {:>7} | {:>9}",
+        "mode",
+        "frozen ms",
+        "x plain",
+        "ingest 1st",
+        "x plain",
+        "later MiB/s",
+        "x plain",
+        "written KiB",
+        "vs plain",
+        "wr/new",
+        "vs plain",
+        "mat MiB/s",
+        "x plain",
+        "store MiB"
+    );
+    for (run, m) in runs.iter().zip(&meds) {
+        println!(
+            "{:<14} {:>9.1} {:>7.3} | {:>10.0} {:>7.3} {:>11.0} {:>7.3} | {:>11.1} {:>+7.1}% {:>7.3} {:>+7.1}% | {:>10.0} {:>7.3} | {:>9.1}",
+            run.mode.name(),
+            m.frozen,
+            m.frozen / p.frozen,
+            m.ingest_first,
+            m.ingest_first / p.ingest_first,
+            m.ingest_later,
+            m.ingest_later / p.ingest_later,
+            m.written_later / 1024.0,
+            (m.written_later / p.written_later - 1.0) * 100.0,
+            m.written_per_new,
+            (m.written_per_new / p.written_per_new - 1.0) * 100.0,
+            m.mat,
+            m.mat / p.mat,
+            mib(m.store)
+        );
+    }
+    println!(
+        "{:<14} {:>9.1}  (raw criu dump, for reference)",
+        "raw criu",
+        median(raws.iter().map(|c| c.frozen_ms).collect())
+    );
+    let Some(sp) = runs.iter().position(|r| r.mode == Mode::SealedParity) else {
+        return;
+    };
+    let sealed = runs.iter().position(|r| r.mode == Mode::Sealed);
+    let (q, s) = (&meds[sp], sealed.map(|k| &meds[k]));
+    let also = |f: &dyn Fn(&Med) -> f64| {
+        s.map(|s| format!("; sealed: {:.3}", f(s)))
+            .unwrap_or_default()
+    };
+    println!();
+    let r = q.frozen / p.frozen;
+    println!(
+        "freeze time, sealed+parity / plain:                      {r:.3}  (target <= 1.02: {}; {:.1} ms / {:.1} ms{})",
+        pass(r <= 1.02),
+        q.frozen,
+        p.frozen,
+        also(&|s| s.frozen / p.frozen)
+    );
+    let r = q.ingest_first / p.ingest_first;
+    println!(
+        "ingest throughput, 1st checkpoint, sealed+parity / plain: {r:.3}  (target >= 0.80: {}; {:.0} / {:.0} MiB/s{})",
+        pass(r >= 0.80),
+        q.ingest_first,
+        p.ingest_first,
+        also(&|s| s.ingest_first / p.ingest_first)
+    );
+    let r = q.ingest_later / p.ingest_later;
+    println!(
+        "ingest throughput, later ones, sealed+parity / plain:     {r:.3}  (target >= 0.80: {}; {:.0} / {:.0} MiB/s{})",
+        pass(r >= 0.80),
+        q.ingest_later,
+        p.ingest_later,
+        also(&|s| s.ingest_later / p.ingest_later)
+    );
+    // Consecutive checkpoints of one store are not equally far apart (the
+    // order rotates), so how much changed differs between the stores; the
+    // target is judged on bytes written per raw byte of new objects.
+    let r = (q.written_per_new / p.written_per_new - 1.0) * 100.0;
+    println!(
+        "bytes written per later checkpoint, sealed+parity vs plain: {r:+.1} %  (target <= +15 %: {}; per raw byte of new objects {:.3} / {:.3}; median per checkpoint {:.1} / {:.1} KiB, {:+.1} %{})",
+        pass(r <= 15.0),
+        q.written_per_new,
+        p.written_per_new,
+        q.written_later / 1024.0,
+        p.written_later / 1024.0,
+        (q.written_later / p.written_later - 1.0) * 100.0,
+        s.map(|s| format!(
+            "; sealed: {:+.1} %, {:.3} per new byte, {:.1} KiB",
+            (s.written_per_new / p.written_per_new - 1.0) * 100.0,
+            s.written_per_new,
+            s.written_later / 1024.0
+        ))
+        .unwrap_or_default()
+    );
+    let r = q.mat / p.mat;
+    println!(
+        "materialise throughput, sealed+parity / plain:           {r:.3}  (target >= 0.80: {}; {:.0} / {:.0} MiB/s{})",
+        pass(r >= 0.80),
+        q.mat,
+        p.mat,
+        also(&|s| s.mat / p.mat)
+    );
 }
 
 /// Kills and reaps the job when dropped (also when the benchmark panics).
