@@ -336,6 +336,10 @@ pub struct ImageStore {
     seal: bool,
     /// Checkpoints from this sequence number on must be sealed.
     sealed_from: Option<u64>,
+    /// New store files get Reed-Solomon sidecars.
+    parity: bool,
+    /// The second copy (`[store] copies = 2`).
+    mirror: heal::Mirror,
 }
 
 /// Why a directory entry was not listed (internal; surfaced as warnings).
@@ -397,6 +401,22 @@ impl ImageStore {
             store.set_key(key);
             store.sealed_from = read_marker(dir)?.and_then(|m| m.sealed_from);
         }
+        store.parity = opts.parity;
+        if let Some(copy) = &opts.copy_dir {
+            fsutil::ensure_trusted_dir("second copy directory", copy)?;
+            check_marker(copy, true)?;
+            let packs = copy.join(PACKS_DIR);
+            match DirBuilder::new().mode(0o700).create(&packs) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => check_packs_dir(&packs)?,
+                Err(e) => return Err(io_err(&packs)(e)),
+            }
+            // The copy's marker says the same as the store's.
+            if let Some(m) = read_marker(dir)? {
+                keyring::write_marker(copy, &m)?;
+            }
+            store.set_mirror(heal::Mirror::new(dir, Some(copy)));
+        }
         Ok(store)
     }
 
@@ -425,6 +445,10 @@ impl ImageStore {
         let mut store = ImageStore::new(dir, true);
         store.set_key(key);
         store.sealed_from = marker.sealed_from;
+        if let Some(copy) = opts.copy_dir.as_deref().filter(|c| c.is_dir()) {
+            fsutil::check_trusted("second copy directory", copy)?;
+            store.set_mirror(heal::Mirror::new(dir, Some(copy)));
+        }
         Ok(store)
     }
 
@@ -437,7 +461,17 @@ impl ImageStore {
             key: None,
             seal: false,
             sealed_from: None,
+            parity: false,
+            mirror: heal::Mirror::default(),
         }
+    }
+
+    fn set_mirror(&mut self, mirror: heal::Mirror) {
+        self.db
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .set_mirror(mirror.clone());
+        self.mirror = mirror;
     }
 
     fn set_key(&mut self, key: Option<Arc<crypto::StoreKey>>) {
@@ -560,7 +594,7 @@ impl ImageStore {
         path: PathBuf,
     ) -> Result<Result<ImageInfo, String>, StoreError> {
         Ok(
-            load_image(id, seq, path, self.key.as_deref())?.and_then(|info| {
+            load_image(id, seq, path, self.key.as_deref(), &self.mirror)?.and_then(|info| {
                 match self.sealed_from {
                     Some(from) if !info.sealed && info.seq >= from => Err(format!(
                         "not sealed, but this store seals every checkpoint from number {from} on: \

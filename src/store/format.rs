@@ -4,12 +4,14 @@
 //! [`crate::store`]; packs, indexes and trees are in `objects.rs`.
 
 use std::io;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use chrono::{DateTime, NaiveDateTime, Utc};
 use serde::{Deserialize, Serialize};
 
 use super::crypto::StoreKey;
+use super::heal::{self, Mirror};
+use super::parity;
 use super::objects::{self, Hash};
 use super::{io_err, StoreError};
 use crate::fsutil;
@@ -241,69 +243,98 @@ pub(super) fn image_info(
 }
 
 /// Loads and validates the manifest of the checkpoint directory `path`
-/// (a real directory: the caller checked it with lstat). The manifest must
-/// be a regular file of at most [`MAX_MANIFEST_BYTES`], read without
-/// following a symlink or blocking on a FIFO. Returns a human-readable
-/// reason if the checkpoint is damaged; only a manifest the caller may not
-/// read is an error ([`StoreError::PermissionDenied`]).
+/// (a real directory: the caller checked it with lstat): the sealed
+/// manifest if there is one (opened with `key`), else `MANIFEST.json`.
+/// The manifest must be a regular file of at most [`MAX_MANIFEST_BYTES`],
+/// read without following a symlink or blocking on a FIFO. A manifest that
+/// does not read, authenticate or parse is rebuilt from its parity or read
+/// from the store's second copy when it can be (logged); else the reason
+/// it is damaged is returned. Only a manifest the caller may not read is
+/// an error ([`StoreError::PermissionDenied`]).
 pub(super) fn load_image(
     id: &str,
     seq: u64,
     path: PathBuf,
     key: Option<&StoreKey>,
+    mirror: &Mirror,
 ) -> Result<Result<ImageInfo, String>, StoreError> {
-    let sealed_path = path.join(MANIFEST_SEALED_NAME);
-    match fsutil::read_limited(&sealed_path, MAX_MANIFEST_BYTES) {
-        Ok(bytes) => {
-            let Some(key) = key else {
-                return Ok(Err(format!(
-                    "{MANIFEST_SEALED_NAME} is sealed and no store key is loaded"
-                )));
-            };
-            let Ok(zjson) = key.open_blob(MANIFEST_MAGIC_SEALED, id, &bytes) else {
-                return Ok(Err(format!(
-                    "{} does not authenticate under the store key {} (damaged, or sealed with \
-                     another key)",
-                    sealed_path.display(),
-                    key.path().display()
-                )));
-            };
-            let json = match zstd::bulk::decompress(&zjson, MAX_MANIFEST_BYTES as usize) {
-                Ok(j) => j,
-                Err(e) => {
-                    return Ok(Err(format!(
-                        "{MANIFEST_SEALED_NAME}: cannot decompress: {e}"
-                    )))
-                }
-            };
-            let len = bytes.len() as u64;
-            return Ok(parse_manifest(id, seq, path, &json, len, true));
+    let direct = load_direct(id, seq, &path, key)?;
+    let Err(why) = direct else {
+        return Ok(direct);
+    };
+    for (name, sealed) in [(MANIFEST_SEALED_NAME, true), (MANIFEST_NAME, false)] {
+        let p = path.join(name);
+        let present = p.symlink_metadata().is_ok()
+            || parity::par_path(&p).exists()
+            || mirror.alt(&p).is_some_and(|a| a.exists());
+        if !present {
+            continue;
         }
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-        Err(e) if fsutil::is_permission_denied(&e) => return Err(io_err(&sealed_path)(e)),
-        Err(e) => {
-            return Ok(Err(format!(
-                "cannot read {}",
-                fsutil::describe_error(&sealed_path, &e)
-            )))
+        let mut parse = |b: &[u8]| parse_bytes(id, seq, &path, key, b, sealed);
+        return Ok(match heal::read_all(mirror, &p, MAX_MANIFEST_BYTES, &mut parse) {
+            Ok(info) => Ok(info),
+            Err(more) if more.is_empty() => Err(why),
+            Err(more) => Err(format!("{why}; cannot repair it: {more}")),
+        });
+    }
+    Ok(Err(why))
+}
+
+/// The manifest as it is on disk, without repair.
+fn load_direct(
+    id: &str,
+    seq: u64,
+    path: &Path,
+    key: Option<&StoreKey>,
+) -> Result<Result<ImageInfo, String>, StoreError> {
+    for (name, sealed) in [(MANIFEST_SEALED_NAME, true), (MANIFEST_NAME, false)] {
+        let p = path.join(name);
+        match fsutil::read_limited(&p, MAX_MANIFEST_BYTES) {
+            Ok(bytes) => return Ok(parse_bytes(id, seq, path, key, &bytes, sealed)),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            Err(e) if fsutil::is_permission_denied(&e) => return Err(io_err(&p)(e)),
+            Err(e) => {
+                return Ok(Err(format!(
+                    "cannot read {}",
+                    fsutil::describe_error(&p, &e)
+                )))
+            }
         }
     }
-    let manifest_path = path.join(MANIFEST_NAME);
-    let bytes = match fsutil::read_limited(&manifest_path, MAX_MANIFEST_BYTES) {
-        Ok(b) => b,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {
-            return Ok(Err(format!("{MANIFEST_NAME} is missing")))
-        }
-        Err(e) if fsutil::is_permission_denied(&e) => return Err(io_err(&manifest_path)(e)),
-        Err(e) => {
-            return Ok(Err(format!(
-                "cannot read {}",
-                fsutil::describe_error(&manifest_path, &e)
-            )))
-        }
-    };
+    Ok(Err(format!("{MANIFEST_NAME} is missing")))
+}
+
+/// Parses a manifest file's bytes (a sealed one is opened with `key` first).
+fn parse_bytes(
+    id: &str,
+    seq: u64,
+    path: &Path,
+    key: Option<&StoreKey>,
+    bytes: &[u8],
+    sealed: bool,
+) -> Result<ImageInfo, String> {
     let len = bytes.len() as u64;
-    Ok(parse_manifest(id, seq, path, &bytes, len, false))
+    if !sealed {
+        return parse_manifest(id, seq, path.to_path_buf(), bytes, len, false);
+    }
+    let Some(key) = key else {
+        return Err(format!(
+            "{MANIFEST_SEALED_NAME} is sealed and no store key is loaded"
+        ));
+    };
+    let zjson = key
+        .open_blob(MANIFEST_MAGIC_SEALED, id, bytes)
+        .map_err(|_| {
+            format!(
+                "{} does not authenticate under the store key {} (damaged, or sealed with \
+                 another key)",
+                path.join(MANIFEST_SEALED_NAME).display(),
+                key.path().display()
+            )
+        })?;
+    let json = zstd::bulk::decompress(&zjson, MAX_MANIFEST_BYTES as usize)
+        .map_err(|e| format!("{MANIFEST_SEALED_NAME}: cannot decompress: {e}"))?;
+    parse_manifest(id, seq, path.to_path_buf(), &json, len, true)
 }
 
 /// Seals a manifest's JSON for [`MANIFEST_SEALED_NAME`].

@@ -18,6 +18,7 @@ use super::format::{
     MANIFEST_VERSION, STAGING_PREFIX,
 };
 use super::objects::{self, PackWriter, TreeBuilder, FILE_CHUNK, PAGE_CHUNK};
+use super::parity;
 use super::scratch::{tmpfs_dir, tmpfs_staging_prefix};
 use super::util::{failpoint, fsync_dir, rename_noreplace};
 use super::{io_err, ImageStore, StoreError};
@@ -196,7 +197,10 @@ impl Staging {
         } else {
             None
         };
-        let mut w = PackWriter::new(&packs_dir, key.clone()).map_err(io_err(&packs_dir))?;
+        let mut w = PackWriter::new(&packs_dir, key.clone())
+            .map_err(io_err(&packs_dir))?
+            .with_parity(self.store.parity)
+            .with_copy(self.store.mirror.alt(&packs_dir));
         let mut files = Vec::with_capacity(entries.len());
         let mut chunks = 0u64;
         for e in &entries {
@@ -308,19 +312,30 @@ impl Staging {
             f.write_all(&bytes).map_err(io_err(&manifest_path))?;
             f.sync_all().map_err(io_err(&manifest_path))?;
         }
+        let mut manifest_len = bytes.len() as u64;
+        if self.store.parity {
+            manifest_len += parity::write_for_bytes(&manifest_path, &bytes)
+                .map_err(io_err(&manifest_path))?;
+        }
         fsync_dir(&self.publish_dir)?;
 
         let final_path = self.store.dir.join(&self.id);
         rename_noreplace(&self.publish_dir, &final_path)?;
         self.done = true;
         fsync_dir(&self.store.dir)?;
+        if let Some(copy) = self.store.mirror.copy_root() {
+            if let Err(e) = copy_checkpoint(&final_path, copy, &self.id, self.seq) {
+                warn!(checkpoint = %self.id, copy = %copy.display(), error = %e,
+                    "cannot write the checkpoint's second copy; it is kept in the image directory only");
+            }
+        }
 
         let info = image_info(
             &self.id,
             self.seq,
             final_path,
             manifest,
-            bytes.len() as u64,
+            manifest_len,
             key.is_some(),
         );
         debug!(checkpoint = %self.id, size_bytes = info.size_bytes, new_bytes = info.new_bytes, "published checkpoint");
@@ -359,6 +374,27 @@ fn entry_name(e: &StagedEntry) -> &str {
     match e {
         StagedEntry::File(n) | StagedEntry::Link(n, _) => n,
     }
+}
+
+/// Copies the published checkpoint directory `from` into the second copy
+/// `copy` as `<copy>/<id>` (a staging directory renamed into place).
+fn copy_checkpoint(from: &Path, copy: &Path, id: &str, seq: u64) -> Result<(), StoreError> {
+    let staging = copy.join(format!("{STAGING_PREFIX}{seq:06}"));
+    let _ = fs::remove_dir_all(&staging);
+    DirBuilder::new()
+        .mode(0o700)
+        .create(&staging)
+        .map_err(io_err(&staging))?;
+    for e in fs::read_dir(from).map_err(io_err(from))? {
+        let e = e.map_err(io_err(from))?;
+        if e.file_type().map(|t| t.is_file()).unwrap_or(false) {
+            let to = staging.join(e.file_name());
+            objects::copy_file(&e.path(), &to).map_err(io_err(&to))?;
+        }
+    }
+    fsync_dir(&staging)?;
+    rename_noreplace(&staging, &copy.join(id))?;
+    fsync_dir(copy)
 }
 
 /// Page images are cut into pages, everything else into 64 KiB pieces.

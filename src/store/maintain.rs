@@ -12,6 +12,7 @@ use super::format::{
     parse_id, tree_of, DELETING_PREFIX, MANIFEST_VERSION, PACKS_DIR, STAGING_PREFIX,
 };
 use super::objects::{self, Hash, HashSetH, ObjectDb, PackWriter, PieceError, Reader};
+use super::parity;
 use super::scratch::{remove_ours_with_prefix, tmpfs_staging_prefix};
 use super::util::{failpoint, fsync_dir, remove_any};
 use super::{check_packs_dir, io_err, ImageStore, StoreError};
@@ -78,6 +79,14 @@ impl ImageStore {
                     "failed to remove deleted checkpoint; will retry at next open");
             }
             debug!(checkpoint = %id, "retention removed checkpoint");
+            if let Some(copy) = self.mirror.copy_root() {
+                let p = copy.join(&id);
+                if p.is_dir() {
+                    if let Err(e) = fs::remove_dir_all(&p) {
+                        warn!(path = %p.display(), error = %e, "failed to remove the second copy of a deleted checkpoint");
+                    }
+                }
+            }
             removed.push(id);
         }
         result.map(|()| removed)
@@ -150,7 +159,7 @@ impl ImageStore {
         for (i, pack) in db.packs.clone().iter().enumerate() {
             let dead = pack.stored_bytes - live_bytes[i];
             if live_bytes[i] == 0 {
-                remove_pack(&packs_dir, &pack.name)?;
+                self.remove_pack_everywhere(&packs_dir, &pack.name)?;
                 report.removed_packs += 1;
                 report.freed_bytes += pack.file_bytes;
                 changed = true;
@@ -158,10 +167,10 @@ impl ImageStore {
             } else if dead > live_bytes[i] && dead >= (1 << 20) {
                 let objs = &mut live_objs[i];
                 objs.sort_unstable();
-                match repack(&db, &packs_dir, objs) {
+                match repack(&db, &packs_dir, objs, self.parity) {
                     Ok(Some(new)) => {
                         failpoint("gc-after-repack");
-                        remove_pack(&packs_dir, &pack.name)?;
+                        self.remove_pack_everywhere(&packs_dir, &pack.name)?;
                         report.rewritten_packs += 1;
                         report.freed_bytes += pack.file_bytes.saturating_sub(new.file_bytes);
                         changed = true;
@@ -180,6 +189,19 @@ impl ImageStore {
         }
         report.pack_bytes = db.file_bytes();
         Ok(report)
+    }
+
+    /// Removes a pack (and its sidecars) here and in the second copy.
+    fn remove_pack_everywhere(&self, packs_dir: &Path, name: &str) -> Result<(), StoreError> {
+        remove_pack(packs_dir, name)?;
+        if let Some(alt) = self.mirror.alt(packs_dir) {
+            if alt.is_dir() {
+                if let Err(e) = remove_pack(&alt, name) {
+                    warn!(pack = %name, error = %e, "cannot remove the pack's second copy");
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Bytes of all pack files and the number of packs.
@@ -230,6 +252,15 @@ impl ImageStore {
                 let Some(name) = name.to_str() else { continue };
                 let orphan = name.strip_suffix(".pack").is_some_and(|stem| {
                     fs::symlink_metadata(packs.join(format!("{stem}.idx"))).is_err()
+                        && self.mirror.alt(&packs.join(format!("{stem}.idx"))).is_none_or(|a| a.symlink_metadata().is_err())
+                }) || name.strip_suffix(parity::PAR_SUFFIX).is_some_and(|base| {
+                    // A sidecar whose pack is gone (an index's sidecar is
+                    // written before the index: it goes with its pack).
+                    let stem = base.strip_suffix(".pack").or_else(|| base.strip_suffix(".idx"));
+                    stem.is_some_and(|stem| {
+                        fs::symlink_metadata(packs.join(format!("{stem}.pack"))).is_err()
+                            && fs::symlink_metadata(packs.join(format!("{stem}.idx"))).is_err()
+                    })
                 });
                 if name.starts_with(objects::TMP_PREFIX) || orphan {
                     let path = entry.path();
@@ -250,14 +281,25 @@ impl ImageStore {
 /// it), then the data.
 fn remove_pack(dir: &Path, name: &str) -> Result<(), StoreError> {
     let idx = dir.join(format!("{name}.idx"));
-    fs::remove_file(&idx).map_err(io_err(&idx))?;
+    match fs::remove_file(&idx) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io_err(&idx)(e)),
+    }
     failpoint("gc-between-index-and-pack");
     let pack = dir.join(format!("{name}.pack"));
-    match fs::remove_file(&pack) {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(io_err(&pack)(e)),
+    for p in [
+        pack.clone(),
+        parity::par_path(&pack),
+        parity::par_path(&idx),
+    ] {
+        match fs::remove_file(&p) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io_err(&p)(e)),
+        }
     }
+    Ok(())
 }
 
 /// Copies the live objects `objs` (sorted by offset) of one pack into a new
@@ -266,9 +308,13 @@ fn repack(
     db: &ObjectDb,
     dir: &Path,
     objs: &[(u64, Hash)],
+    parity: bool,
 ) -> Result<Option<objects::Published>, String> {
     let mut reader = Reader::new(db).map_err(|e| e.to_string())?;
-    let mut w = PackWriter::new(dir, db.key().cloned()).map_err(|e| e.to_string())?;
+    let mut w = PackWriter::new(dir, db.key().cloned())
+        .map_err(|e| e.to_string())?
+        .with_parity(parity)
+        .with_copy(db.mirror().alt(dir));
     let mut buf = Vec::new();
     for (_, h) in objs {
         let loc = reader.read_stored(h, &mut buf).map_err(|e| e.0)?;

@@ -29,10 +29,11 @@ use std::io::{self, BufWriter, Read, Write};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use super::crypto::StoreKey;
 use super::heal::{self, Mirror};
+use super::parity;
 use super::{io_err, StoreError};
 use crate::fsutil;
 
@@ -191,6 +192,8 @@ pub struct ObjectDb {
     /// stored afresh after its first copy was found damaged).
     dups: HashMapH<Vec<Loc>>,
     mirror: Mirror,
+    /// Objects found damaged beyond repair (kept across reloads).
+    bad: Arc<Mutex<HashSetH>>,
     /// Index files that failed their checksum or format check: (name, why).
     pub bad_indexes: Vec<(String, String)>,
 }
@@ -210,9 +213,11 @@ impl ObjectDb {
     pub fn set_key(&mut self, key: Option<Arc<StoreKey>>) {
         let dir = std::mem::take(&mut self.dir);
         let mirror = std::mem::take(&mut self.mirror);
+        let bad = std::mem::take(&mut self.bad);
         *self = ObjectDb::new(&dir);
         self.key = key;
         self.mirror = mirror;
+        self.bad = bad;
     }
 
     /// Sets where the second copy of the store is (reads fall back to it).
@@ -341,6 +346,23 @@ impl ObjectDb {
     /// True if `h` is stored.
     pub fn contains(&self, h: &Hash) -> bool {
         self.index.contains_key(h)
+    }
+
+    /// True if `h` is stored and not known to be damaged: what
+    /// deduplication asks (a damaged object is stored afresh, and reads
+    /// then find the new copy among its [`dups`](Self::dups)).
+    pub fn contains_good(&self, h: &Hash) -> bool {
+        self.index.contains_key(h) && !self.bad.lock().unwrap_or_else(|e| e.into_inner()).contains(h)
+    }
+
+    /// Records that `h` could not be read or repaired.
+    pub fn mark_bad(&self, h: &Hash) {
+        self.bad.lock().unwrap_or_else(|e| e.into_inner()).insert(*h);
+    }
+
+    /// Objects found damaged beyond repair so far.
+    pub fn bad_objects(&self) -> Vec<Hash> {
+        self.bad.lock().unwrap_or_else(|e| e.into_inner()).iter().copied().collect()
     }
 
     /// Other locations of `h`, if it is stored more than once.
@@ -538,6 +560,8 @@ pub struct PackWriter {
     cctx: zstd::bulk::Compressor<'static>,
     cbuf: Vec<u8>,
     key: Option<Arc<StoreKey>>,
+    parity: bool,
+    copy_to: Option<PathBuf>,
     /// Raw bytes of the objects added.
     pub raw_bytes: u64,
     /// Raw bytes of the tree nodes among them.
@@ -580,9 +604,24 @@ impl PackWriter {
             cctx: zstd::bulk::Compressor::new(ZSTD_LEVEL)?,
             cbuf: Vec::new(),
             key,
+            parity: false,
+            copy_to: None,
             raw_bytes: 0,
             node_bytes: 0,
         })
+    }
+
+    /// Writes Reed-Solomon sidecars for the pack and its index.
+    pub fn with_parity(mut self, on: bool) -> PackWriter {
+        self.parity = on;
+        self
+    }
+
+    /// Also publishes the pack (and sidecars) into `dir`, the `packs/`
+    /// directory of the store's second copy.
+    pub fn with_copy(mut self, dir: Option<PathBuf>) -> PackWriter {
+        self.copy_to = dir;
+        self
     }
 
     /// The id of an object with contents `data`: its keyed hash with a
@@ -692,6 +731,13 @@ impl PackWriter {
         };
         let pack_path = self.dir.join(format!("{name}.pack"));
         fs::rename(&self.tmp, &pack_path)?;
+        let idx_path = self.dir.join(format!("{name}.idx"));
+        let mut par_bytes = 0;
+        if self.parity {
+            // Both sidecars exist before the index names the pack.
+            par_bytes += parity::write_for_file(&pack_path)?;
+            par_bytes += parity::write_for_bytes(&idx_path, &idx)?;
+        }
         let idx_tmp = self.dir.join(format!("{TMP_PREFIX}{name}.idx"));
         {
             let mut f = OpenOptions::new()
@@ -704,12 +750,29 @@ impl PackWriter {
             f.write_all(&idx)?;
             f.sync_all()?;
         }
-        fs::rename(&idx_tmp, self.dir.join(format!("{name}.idx")))?;
+        fs::rename(&idx_tmp, &idx_path)?;
         fsutil::fsync_dir(&self.dir)?;
+        if let Some(copy) = &self.copy_to {
+            // The second copy: data and sidecars first, the index last.
+            let mut files = vec![pack_path.clone()];
+            if self.parity {
+                files.push(parity::par_path(&pack_path));
+                files.push(parity::par_path(&idx_path));
+            }
+            files.push(idx_path.clone());
+            let r = files
+                .iter()
+                .try_for_each(|f| copy_file(f, &copy.join(f.file_name().unwrap())))
+                .and_then(|()| fsutil::fsync_dir(copy));
+            if let Err(e) = r {
+                tracing::warn!(pack = %name, copy = %copy.display(), error = %e,
+                    "cannot write the pack's second copy; it is kept in the image directory only");
+            }
+        }
         Ok(Some(Published {
             name,
             objects: self.entries.len() as u64,
-            file_bytes: self.offset + idx.len() as u64,
+            file_bytes: self.offset + idx.len() as u64 + par_bytes,
         }))
     }
 }
@@ -736,7 +799,7 @@ impl TreeBuilder {
     /// Adds one chunk of the file (in order).
     pub fn push(&mut self, db: &ObjectDb, w: &mut PackWriter, chunk: &[u8]) -> io::Result<()> {
         let h = w.id(chunk);
-        if !db.contains(&h) && !w.contains(&h) {
+        if !db.contains_good(&h) && !w.contains(&h) {
             w.add(h, chunk)?;
         }
         self.leaves.push(h);
@@ -747,7 +810,7 @@ impl TreeBuilder {
     pub fn finish(mut self, db: &ObjectDb, w: &mut PackWriter) -> io::Result<(Hash, u8)> {
         if self.leaves.is_empty() {
             let h = w.id(&[]);
-            if !db.contains(&h) && !w.contains(&h) {
+            if !db.contains_good(&h) && !w.contains(&h) {
                 w.add(h, &[])?;
             }
             return Ok((h, 0));
@@ -758,7 +821,7 @@ impl TreeBuilder {
             for group in self.leaves.chunks(FANOUT) {
                 let node: Vec<u8> = group.iter().flatten().copied().collect();
                 let h = w.id(&node);
-                if !db.contains(&h) && !w.contains(&h) {
+                if !db.contains_good(&h) && !w.contains(&h) {
                     w.add(h, &node)?;
                     w.node_bytes += node.len() as u64;
                 }
@@ -829,6 +892,61 @@ impl<'a> Reader<'a> {
     /// True if `h` is stored.
     pub fn contains(&self, h: &Hash) -> bool {
         self.db.contains(h)
+    }
+
+    /// Reads object `h` after its direct read at `loc` failed with
+    /// `first`: from another copy in the store, else rebuilt from its
+    /// pack's parity, else from the store's second copy. An object none
+    /// of these gives back is marked bad in the database (the next
+    /// checkpoint that holds it stores it afresh).
+    fn read_repaired(
+        &mut self,
+        h: &Hash,
+        loc: &Loc,
+        out: &mut Vec<u8>,
+        first: PieceError,
+    ) -> Result<(), PieceError> {
+        let db = self.db;
+        for alt in db.dups(h) {
+            let mut stored = vec![0u8; alt.stored_len as usize];
+            let read = match self.file(alt.pack) {
+                Ok(f) => f.read_exact_at(&mut stored, alt.offset).is_ok(),
+                Err(_) => false,
+            };
+            out.clear();
+            if read && Self::decode(self.ctx(), db, h, alt, &stored, out).is_ok() {
+                return Ok(());
+            }
+        }
+        let path = db.pack_path(loc.pack);
+        let (dctx, opened, sealed_only) = (&mut self.dctx, &mut self.opened, self.sealed_only);
+        let mut tmp = Vec::new();
+        let r = heal::read_range(
+            db.mirror(),
+            &path,
+            loc.offset,
+            loc.stored_len as usize,
+            &mut |b| {
+                tmp.clear();
+                let cx = Decode {
+                    dctx: &mut *dctx,
+                    opened: &mut *opened,
+                    sealed_only,
+                };
+                Self::decode(cx, db, h, loc, b, &mut tmp).is_ok()
+            },
+        );
+        match r {
+            Ok(_) => {
+                out.clear();
+                out.extend_from_slice(&tmp);
+                Ok(())
+            }
+            Err(why) => {
+                db.mark_bad(h);
+                Err(PieceError(format!("{first}; not repairable: {why}")))
+            }
+        }
     }
 
     fn file(&mut self, pack: u32) -> Result<&File, PieceError> {
@@ -935,7 +1053,10 @@ impl<'a> Reader<'a> {
         let db = self.db;
         let res = r.and_then(|()| Self::decode(self.ctx(), db, h, &loc, &stored, out));
         self.run = stored;
-        res
+        res.or_else(|e| {
+            out.clear();
+            self.read_repaired(h, &loc, out, e)
+        })
     }
 
     /// Reads a verified object in its stored form (for repacking).
@@ -1010,41 +1131,67 @@ impl<'a> Reader<'a> {
             }
             let mut run = std::mem::take(&mut self.run);
             run.resize((end - first.offset) as usize, 0);
-            let pack_name = self.db.packs[first.pack as usize].name.clone();
-            let res = self
-                .file(first.pack)?
-                .read_exact_at(&mut run, first.offset)
-                .map_err(|e| {
+            // A run that cannot be read (a lost tail, a missing pack) is
+            // read object by object through the repair path.
+            let run_err = match self.file(first.pack) {
+                Ok(f) => f.read_exact_at(&mut run, first.offset).err().map(|e| {
                     PieceError(format!(
-                        "chunk {}: cannot read pack {pack_name}: {e}",
-                        hashes[i].0
+                        "cannot read pack {}: {e}",
+                        self.db.packs[first.pack as usize].name
                     ))
-                });
-            let res = res.and_then(|()| {
-                for (idx, h) in &hashes[i..j] {
-                    let loc = self.db.get(h).unwrap();
-                    let s = (loc.offset - first.offset) as usize;
-                    out.clear();
-                    let db = self.db;
-                    Self::decode(
+                }),
+                Err(e) => Some(e),
+            };
+            let mut res = Ok(());
+            for (idx, h) in &hashes[i..j] {
+                let loc = self.db.get(h).unwrap();
+                let s = (loc.offset - first.offset) as usize;
+                out.clear();
+                let db = self.db;
+                let r = match &run_err {
+                    Some(e) => Err(e.clone()),
+                    None => Self::decode(
                         self.ctx(),
                         db,
                         h,
                         &loc,
                         &run[s..s + loc.stored_len as usize],
                         &mut out,
-                    )
-                    .map_err(|e| PieceError(format!("chunk {idx}: {e}")))?;
-                    sink(*idx, &out)?;
+                    ),
+                };
+                let r = r
+                    .or_else(|e| {
+                        out.clear();
+                        self.read_repaired(h, &loc, &mut out, e)
+                    })
+                    .map_err(|e| PieceError(format!("chunk {idx}: {e}")))
+                    .and_then(|()| sink(*idx, &out));
+                if let Err(e) = r {
+                    res = Err(e);
+                    break;
                 }
-                Ok(())
-            });
+            }
             self.run = run;
             res?;
             i = j;
         }
         Ok(())
     }
+}
+
+/// Copies the store file `from` to `to` (a fresh temporary name in its
+/// directory, fsync, rename).
+pub fn copy_file(from: &Path, to: &Path) -> io::Result<()> {
+    let dir = to.parent().unwrap_or(Path::new("."));
+    let mut src = fsutil::open_regular(from)?;
+    let (mut f, tmp) = fsutil::create_temp_file(dir, TMP_PREFIX.trim_start_matches('.'), 0o600)?;
+    let r = io::copy(&mut src, &mut f)
+        .and_then(|_| f.sync_all())
+        .and_then(|()| fs::rename(&tmp, to));
+    if r.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    r
 }
 
 /// Reads a whole regular file in `chunk`-sized pieces, calling `f` for each.
