@@ -6,17 +6,19 @@
 //!
 //! For a file of `L` bytes:
 //!
-//! * `k` data shards, `k = clamp(floor(L / 4096), 1, 16)`; shard size
+//! * `k` data shards, `k = clamp(floor(L / 4096), 1, 32)`; shard size
 //!   `s = ceil(L / k)` rounded up to a multiple of 64 (at least 64). Data
 //!   shard `i` is bytes `[i*s, (i+1)*s)` of `F`, zero-padded past `L`.
 //!   Whenever `k > 1`, `s >= 4096` (`k <= L / 4096`), so a 4 KiB region
 //!   touches at most two shards.
-//! * `m = 2` parity shards of `s` bytes each.
+//! * `m` parity shards of `s` bytes each: `m = 1` when `k = 1` (any damage
+//!   to `F` is then damage to its one data shard, which one parity shard,
+//!   a copy, repairs), `m = 2` when `k >= 2`.
 //! * Every shard is cut into rows of `w = min(s, 65536)` bytes (the last row
 //!   of a shard may be shorter; all lengths are multiples of 64); row `r` of
 //!   the `k` data shards is encoded on its own with `reed_solomon_simd`
 //!   (`k` originals, `m` recovery shards). Memory is `(k+m)*w` (at most
-//!   1.1 MiB) whatever the file size, and a read rebuilds only the rows it
+//!   2.1 MiB) whatever the file size, and a read rebuilds only the rows it
 //!   needs.
 //! * A check hash for every row of every shard (data and parity): the first
 //!   16 bytes of BLAKE3 of the row. Reed-Solomon here is an erasure code;
@@ -29,20 +31,19 @@
 //!                           table   rows*(k+m) hashes of 16 bytes, row-major
 //!                                   (row 0: shard 0..k data, then k..k+m parity; row 1: ...)
 //!                           BLAKE3(header || table)                          (32 bytes)
-//! c                 gap of 4096 zero bytes (not needed to read; check() flags non-zeros)
-//! c + 4096          copy B: the same header, table and checksum again
-//! 2c + 4096         parity shard 0 (s bytes), then parity shard 1 (s bytes)
+//! c                 parity shard 0 (s bytes), ..., parity shard m-1 (s bytes)
+//! c + m*s           copy B: the same header, table and checksum again
+//! 2c + m*s          end of file
 //! ```
 //!
-//! where `c = 36 + 16*rows*(k+m) + 32`. The only deviation from "two copies
-//! back to back" is the gap: without it a zeroed 4 KiB block could hit both
-//! copies of a small table (a manifest's is about 100 bytes). The header
-//! must describe exactly the layout computed from its `L`, so nothing is
-//! allocated from an unchecked length: the table size follows from `L` and
-//! must also fit in the `.par` as it is on disk. If copy A does not check,
-//! copy B is found by scanning for its magic at the offset its own header
-//! implies. A `.par` of the wrong size is reported as damaged (and
-//! rewritten by [`repair`]).
+//! where `c = 36 + 16*rows*(k+m) + 32`. The two copies sit at the two ends
+//! of the `.par`, with no padding. The header must describe exactly the
+//! layout computed from its `L` (`k`, `m`, `s`, `w` all as `L` implies), so
+//! nothing is allocated from an unchecked length: the table size follows
+//! from `L` and must also fit in the `.par` as it is on disk. If copy A does
+//! not check, copy B is found by scanning backwards from the end of the
+//! `.par` for its magic at the offset its own header implies. A `.par` of
+//! the wrong size is reported as damaged (and rewritten by [`repair`]).
 //!
 //! `F` is "the first `L` bytes" of whatever is on disk: a shorter `F` (lost
 //! tail) reads as zeros past its end, which the hashes then flag; bytes past
@@ -52,29 +53,41 @@
 //!
 //! # Guarantees
 //!
-//! A row is rebuilt when at most `m = 2` of its `k + m` shard rows are
-//! damaged (the hashes find them). With **one** damaged region, in `F` or
-//! in `F.par` (not both), reads return the original bytes and [`repair`]
-//! restores both files byte for byte, for:
+//! The damage model is **one** damaged region in **one** file. A row is
+//! rebuilt when at most `m` of its `k + m` shard rows are damaged (the
+//! hashes find them). With one damaged region in `F` (and `F.par` intact),
+//! reads return the original bytes and [`repair`] restores `F` byte for
+//! byte, for:
 //!
 //! * any damage inside one region of at most `s + 1` bytes of `F` (it
-//!   touches at most two shards), in particular any number of flipped bytes
-//!   or a zeroed block of up to 4096 bytes at any offset, for every `L`
-//!   (`s >= 4096` once `k > 1`; with `k = 1` everything is one shard);
-//!   `s + 1 > L/16`. When `k <= 2` (`L < 12 KiB`) any damage to `F`
-//!   at all, even its loss, is repaired;
+//!   touches at most two shards; with `k = 1` everything is one shard and
+//!   `m = 1` suffices), in particular any number of flipped bytes or a
+//!   zeroed block of up to 4096 bytes at any offset, for every `L`
+//!   (`s >= 4096` once `k > 1`); `s + 1 > L/32`. When `k <= 2`
+//!   (`L < 12 KiB`) any damage to `F` at all, even its loss, is repaired;
 //! * a lost tail of `t` bytes (truncation, or zeros or garbage in place of
-//!   the last `t` bytes) with `t <= L - (k-2)*s`, which is all of `F` when
-//!   `k <= 2` (`L < 12 KiB`). From the layout this is at least:
-//!   all of `F` below 12 KiB; 7 KiB for 12 KiB <= `L` < 175 KiB;
-//!   12 % of `L` from 175 KiB on (`L/8 - 896` once `k = 16`). Checked by the
-//!   unit tests `tail_tolerance_bound` (the formula against these numbers)
-//!   and `lost_tail_up_to_the_layout_limit` (exactly `L - (k-2)*s` repairs,
-//!   one byte more does not);
-//! * bytes appended to `F` (ignored by reads, cut by [`repair`]);
-//! * in `F.par`: any one region of at most 4096 bytes, anywhere (one table
-//!   copy survives thanks to the gap; damaged parity rows fail their hashes
-//!   and are not used), and a lost tail that leaves copy A whole.
+//!   the last `t` bytes) with `t <= L - (k-m)*s`, which is all of `F` when
+//!   `k <= m` (`L < 12 KiB`). From the layout this is at least:
+//!   all of `F` below 12 KiB; 6 KiB for 12 KiB <= `L` < 750 KiB;
+//!   6 % of `L` from 750 KiB on (`L/16 - 1920` once `k = 32`). Checked by
+//!   the unit tests `tail_tolerance_bound` (the formula against these
+//!   numbers) and `lost_tail_up_to_the_layout_limit` (exactly
+//!   `L - (k-m)*s` repairs, one byte more does not);
+//! * bytes appended to `F` (ignored by reads, cut by [`repair`]).
+//!
+//! With the one damaged region in `F.par` instead, `F` itself is intact, so
+//! the guarantee for `F` never needs the `.par` to survive its own damage:
+//!
+//! * when one table copy still checks (any damage that spares a whole copy:
+//!   a region smaller than the `.par`'s parity shards, a lost tail that
+//!   leaves copy A whole, flipped bytes anywhere), reads of `F` succeed
+//!   (its rows verify against the table; damaged parity rows fail their
+//!   hashes and are not used) and [`repair`] rewrites the `.par`;
+//! * when both copies are gone (possible for small files, whose `.par` is a
+//!   few KiB: one 4 KiB region can cover it), `F` cannot be verified by its
+//!   `.par`: reads, [`check`] and [`repair`] fail with
+//!   [`ParityError::TablesDamaged`] rather than guess. The store, having
+//!   verified `F` by its own means (its AEAD), then calls [`rewrite_par`].
 //!
 //! Damage beyond that is detected and reported as an error
 //! ([`ParityError::Unrecoverable`], [`ParityError::TablesDamaged`]), never
@@ -85,21 +98,27 @@
 //!
 //! `.par` size / `L` (unit test `overhead_numbers`, `--nocapture`):
 //!
-//! | `L`    | k  | s       | `.par` bytes | ratio  |
-//! |--------|----|---------|--------------|--------|
-//! | 4 KiB  | 1  | 4096    | 12,520       | 3.06   |
-//! | 16 KiB | 4  | 4096    | 12,616       | 0.770  |
-//! | 1 MiB  | 16 | 65,536  | 135,880      | 0.1296 |
-//! | 64 MiB | 16 | 4 MiB   | 8,429,704    | 0.1256 |
+//! | `L`     | k  | m | s         | `.par` bytes | ratio  |
+//! |---------|----|---|-----------|--------------|--------|
+//! | 1.5 KiB | 1  | 1 | 1536      | 1,736        | 1.130  |
+//! | 4 KiB   | 1  | 1 | 4096      | 4,296        | 1.049  |
+//! | 16 KiB  | 4  | 2 | 4096      | 8,520        | 0.520  |
+//! | 256 KiB | 32 | 2 | 8192      | 17,608       | 0.0672 |
+//! | 1 MiB   | 32 | 2 | 32,768    | 66,760       | 0.0637 |
+//! | 64 MiB  | 32 | 2 | 2 MiB     | 4,229,256    | 0.0630 |
 //!
-//! Small files pay two whole parity shards plus the 4 KiB gap (logical
-//! size; the gap is a hole); large ones approach `m/k = 12.5 %`.
+//! Files below 8 KiB pay one whole parity shard (a copy); larger ones two,
+//! approaching `m/k = 6.25 %`, plus two tables (`2*16*rows*(k+m)` bytes).
+//! A later checkpoint (a pack of 250 KiB, an index of 5-20 KiB, a manifest
+//! of 1-2 KiB) thus writes about 9-10 % more for parity.
 //!
 //! Throughput (ignored unit test `encode_throughput`, `cargo test --release
 //! --lib -- --ignored parity --nocapture`, 256 MiB file in the page cache,
 //! 2-vCPU VM, ext4): [`write_for_file`] 0.7-1.1 GB/s (read, hash, encode,
 //! write, fsync of the 32 MiB `.par`; one run at 0.29 GB/s while the disk
 //! was still writing back the test file); a full [`check`] 1.0-2.2 GB/s.
+//! Measured with the earlier layout (`k <= 16`: a 32 MiB `.par`, now
+//! about 16 MiB); not yet re-measured with `k <= 32`.
 
 // The store calls this module once the sidecars are integrated.
 #![allow(dead_code)]
@@ -122,13 +141,11 @@ const MAGIC: &[u8; 8] = b"SVPAR001";
 const HEADER_LEN: u64 = 36;
 const SUM_LEN: u64 = 32;
 const HASH_LEN: usize = 16;
-/// Parity shards per row.
+/// Parity shards per row when `k >= 2` (`k = 1` has one: a copy).
 const M: usize = 2;
-const MAX_K: u64 = 16;
+const MAX_K: u64 = 32;
 const MIN_SHARD: u64 = 4096;
 const MAX_WINDOW: u64 = 65536;
-/// Zero bytes between the two table copies (see the module docs).
-const GAP: u64 = 4096;
 /// Largest `L` a header may claim (keeps all offset arithmetic far from
 /// overflow): 2^48 bytes.
 const MAX_LEN: u64 = 1 << 48;
@@ -320,8 +337,6 @@ pub(crate) struct CheckReport {
     pub bad_table_copies: u8,
     /// The `.par` is not the size its layout implies.
     pub par_size_wrong: bool,
-    /// The gap between the table copies is not all zeros.
-    pub gap_dirty: bool,
     /// Every row has at most `m` damaged shards.
     pub recoverable: bool,
 }
@@ -334,10 +349,7 @@ impl CheckReport {
 
     /// The `.par` itself is damaged (a table copy, parity rows, its size).
     pub(crate) fn par_damaged(&self) -> bool {
-        self.bad_table_copies > 0
-            || !self.parity_damaged.is_empty()
-            || self.par_size_wrong
-            || self.gap_dirty
+        self.bad_table_copies > 0 || !self.parity_damaged.is_empty() || self.par_size_wrong
     }
 
     /// Nothing is damaged.
@@ -364,6 +376,8 @@ pub(crate) struct RepairReport {
 struct Layout {
     len: u64,
     k: usize,
+    /// Parity shards: 1 when `k = 1`, else [`M`].
+    m: usize,
     s: u64,
     w: u64,
     rows: u64,
@@ -377,6 +391,7 @@ impl Layout {
         Layout {
             len,
             k: k as usize,
+            m: if k == 1 { 1 } else { M },
             s,
             w,
             rows: s.div_ceil(w),
@@ -384,7 +399,7 @@ impl Layout {
     }
 
     fn shards(&self) -> usize {
-        self.k + M
+        self.k + self.m
     }
 
     fn row_len(&self, r: u64) -> usize {
@@ -399,25 +414,26 @@ impl Layout {
         HEADER_LEN + self.table_len() + SUM_LEN
     }
 
+    /// Copy B follows the parity shards, at the end of the `.par`.
     fn copy_b_off(&self) -> u64 {
-        self.copy_len() + GAP
+        self.parity_off(self.m)
     }
 
     fn parity_off(&self, p: usize) -> u64 {
-        2 * self.copy_len() + GAP + p as u64 * self.s
+        self.copy_len() + p as u64 * self.s
     }
 
     fn par_len(&self) -> u64 {
-        self.parity_off(M)
+        self.copy_b_off() + self.copy_len()
     }
 
     /// Largest tail of `F` that may be lost (see the module docs).
     #[cfg(test)]
     fn tail_tolerance(&self) -> u64 {
-        if self.k <= M {
+        if self.k <= self.m {
             self.len
         } else {
-            self.len - (self.k - M) as u64 * self.s
+            self.len - (self.k - self.m) as u64 * self.s
         }
     }
 
@@ -426,7 +442,7 @@ impl Layout {
         h[0..8].copy_from_slice(MAGIC);
         h[8..16].copy_from_slice(&self.len.to_le_bytes());
         h[16..18].copy_from_slice(&(self.k as u16).to_le_bytes());
-        h[18..20].copy_from_slice(&(M as u16).to_le_bytes());
+        h[18..20].copy_from_slice(&(self.m as u16).to_le_bytes());
         h[20..28].copy_from_slice(&self.s.to_le_bytes());
         h[28..36].copy_from_slice(&self.w.to_le_bytes());
         h
@@ -445,7 +461,7 @@ impl Layout {
         let l = Layout::for_len(len);
         let k = u16::from_le_bytes([h[16], h[17]]) as usize;
         let m = u16::from_le_bytes([h[18], h[19]]) as usize;
-        (k == l.k && m == M && u64_at(20) == l.s && u64_at(28) == l.w).then_some(l)
+        (k == l.k && m == l.m && u64_at(20) == l.s && u64_at(28) == l.w).then_some(l)
     }
 }
 
@@ -503,7 +519,7 @@ impl Source<'_> {
 }
 
 /// Writes `F.par` for the file at `path`, reading it a row at a time
-/// (memory `(k+m)*w`, about 1.1 MiB at most), atomically (`.tmp-<random>`
+/// (memory `(k+m)*w`, about 2.1 MiB at most), atomically (`.tmp-<random>`
 /// in the same directory, mode 0600, fsync, rename, fsync the directory).
 /// `F` must be known good (just written). Returns the `.par`'s size.
 pub(crate) fn write_for_file(path: &Path) -> io::Result<u64> {
@@ -511,6 +527,15 @@ pub(crate) fn write_for_file(path: &Path) -> io::Result<u64> {
         .map_err(|e| io::Error::new(e.kind(), fsutil::describe_error(path, &e)))?;
     let len = f.metadata()?.len();
     write_par(path, len, &Source::File(&f, path))
+}
+
+/// Regenerates `F.par` from `F` as it is on disk (= [`write_for_file`]).
+/// For the store to call after it has verified `F` by its own means (its
+/// AEAD), when [`repair`] cannot: a `.par` whose two table copies are both
+/// damaged ([`ParityError::TablesDamaged`]) cannot tell a good `F` from a
+/// bad one. Returns the `.par`'s size.
+pub(crate) fn rewrite_par(path: &Path) -> io::Result<u64> {
+    write_for_file(path)
 }
 
 /// Writes `F.par` for `data`, the contents of the file at `path` (which is
@@ -583,11 +608,11 @@ fn write_par(path: &Path, len: u64, src: &Source<'_>) -> io::Result<u64> {
     replace_atomically(&par, |out| {
         let mut table = Vec::with_capacity(l.table_len() as usize);
         let mut bufs = vec![vec![0u8; l.w as usize]; l.k];
-        let mut enc = ReedSolomonEncoder::new(l.k, M, l.w as usize).map_err(codec_io)?;
+        let mut enc = ReedSolomonEncoder::new(l.k, l.m, l.w as usize).map_err(codec_io)?;
         for r in 0..l.rows {
             let n = l.row_len(r);
             if n != l.w as usize {
-                enc.reset(l.k, M, n).map_err(codec_io)?;
+                enc.reset(l.k, l.m, n).map_err(codec_io)?;
             }
             for (i, buf) in bufs.iter_mut().enumerate() {
                 let buf = &mut buf[..n];
@@ -598,7 +623,7 @@ fn write_par(path: &Path, len: u64, src: &Source<'_>) -> io::Result<u64> {
                 enc.add_original_shard(&*buf).map_err(codec_io)?;
             }
             let res = enc.encode().map_err(codec_io)?;
-            for p in 0..M {
+            for p in 0..l.m {
                 let rec = res.recovery(p).expect("recovery shard");
                 table.extend_from_slice(&row_hash(rec));
                 out.write_all_at(rec, l.parity_off(p) + r * l.w)?;
@@ -611,7 +636,7 @@ fn write_par(path: &Path, len: u64, src: &Source<'_>) -> io::Result<u64> {
         copy.extend_from_slice(sum.as_bytes());
         out.write_all_at(&copy, 0)?;
         out.write_all_at(&copy, l.copy_b_off())?;
-        // The gap stays a hole (reads as zeros); make sure the size is exact.
+        debug_assert_eq!(l.copy_b_off() + copy.len() as u64, l.par_len());
         out.set_len(l.par_len())
     })?;
     Ok(l.par_len())
@@ -686,31 +711,35 @@ fn try_copy(par: &File, par_size: u64, off: u64) -> io::Result<Option<(Layout, V
 }
 
 /// Looks for copy B when copy A is unusable: a magic at offset `o` whose
-/// header puts copy B at `o` and whose checksum holds.
+/// header puts copy B at `o` and whose checksum holds. Copy B ends the
+/// `.par`, so the scan runs backwards from the end (an intact copy B is
+/// found within its own length).
 fn find_copy_b(par: &File, par_size: u64) -> io::Result<Option<(Layout, Vec<u8>)>> {
-    const CHUNK: usize = 1 << 20;
-    let mut buf = vec![0u8; CHUNK + MAGIC.len()];
-    let mut base = HEADER_LEN + SUM_LEN + GAP;
-    while base < par_size {
-        let n = read_at_most(par, base, &mut buf)?;
-        if n < MAGIC.len() {
-            break;
-        }
-        for (i, win) in buf[..n].windows(MAGIC.len()).enumerate() {
-            if win != MAGIC {
-                continue;
-            }
-            let o = base + i as u64;
-            if let Some((l, t)) = try_copy(par, par_size, o)? {
-                if l.copy_b_off() == o {
-                    return Ok(Some((l, t)));
+    const CHUNK: u64 = 1 << 20;
+    let overlap = MAGIC.len() as u64 - 1;
+    let mut buf = vec![0u8; (CHUNK + overlap) as usize];
+    // Copy B never starts before the end of the smallest copy A.
+    let lowest = HEADER_LEN + SUM_LEN;
+    let mut end = par_size;
+    while end > lowest {
+        let start = end.saturating_sub(CHUNK).max(lowest);
+        // Magics starting in [start, end); read past `end` to see them whole.
+        let want = ((end - start) + overlap).min(par_size - start) as usize;
+        let n = read_at_most(par, start, &mut buf[..want])?;
+        if n >= MAGIC.len() {
+            for i in (0..=n - MAGIC.len()).rev() {
+                let o = start + i as u64;
+                if o >= end || buf[i..i + MAGIC.len()] != MAGIC[..] {
+                    continue;
+                }
+                if let Some((l, t)) = try_copy(par, par_size, o)? {
+                    if l.copy_b_off() == o {
+                        return Ok(Some((l, t)));
+                    }
                 }
             }
         }
-        base += (n - (MAGIC.len() - 1)) as u64;
-        if n < buf.len() {
-            break;
-        }
+        end = start;
     }
     Ok(None)
 }
@@ -818,7 +847,7 @@ impl Opened {
             }
         }
         bad.sort_unstable();
-        for p in 0..M {
+        for p in 0..self.l.m {
             if !self.load_parity(r, p, &mut bufs[k + p][..n])? {
                 bad.push(k + p);
             }
@@ -826,13 +855,13 @@ impl Opened {
         if bad.iter().all(|&j| j >= k) {
             return Ok(bad);
         }
-        if bad.len() > M {
+        if bad.len() > self.l.m {
             return Err(ParityError::Unrecoverable {
                 path: self.path.clone(),
                 damaged: bad.len(),
                 total: self.l.shards(),
                 row: r,
-                m: M,
+                m: self.l.m,
             });
         }
         let codec = |e: reed_solomon_simd::Error| ParityError::Codec {
@@ -842,10 +871,10 @@ impl Opened {
         };
         let d = match dec {
             Some(d) => {
-                d.reset(k, M, n).map_err(codec)?;
+                d.reset(k, self.l.m, n).map_err(codec)?;
                 d
             }
-            None => dec.insert(ReedSolomonDecoder::new(k, M, n).map_err(codec)?),
+            None => dec.insert(ReedSolomonDecoder::new(k, self.l.m, n).map_err(codec)?),
         };
         for (j, buf) in bufs.iter().enumerate() {
             if bad.contains(&j) {
@@ -958,12 +987,6 @@ impl Opened {
             parity_damaged: Vec::new(),
             bad_table_copies: self.bad_table_copies,
             par_size_wrong: self.par_size != l.par_len(),
-            gap_dirty: {
-                let mut gap = vec![0u8; GAP as usize];
-                let got = read_at_most(&self.par, l.copy_len(), &mut gap)
-                    .map_err(|e| io_error(&par_path(&self.path), &e))?;
-                got < gap.len() || gap.iter().any(|&b| b != 0)
-            },
             recoverable: true,
         };
         let mut bufs = self.bufs();
@@ -1036,7 +1059,10 @@ pub(crate) fn check(path: &Path) -> Result<CheckReport, ParityError> {
 /// Rewrites `F` from repaired contents when it is damaged (temporary
 /// `.tmp-<random>` in its directory, mode 0600, fsync, rename, fsync the
 /// directory), then rewrites `F.par` when that is damaged. When something
-/// cannot be rebuilt, nothing is changed and the error says why.
+/// cannot be rebuilt, nothing is changed and the error says why; in
+/// particular, when both table copies of `F.par` are damaged it returns
+/// [`ParityError::TablesDamaged`] without guessing whether `F` is good (the
+/// store verifies `F` itself, then calls [`rewrite_par`]).
 pub(crate) fn repair(path: &Path) -> Result<RepairReport, ParityError> {
     let o = Opened::open(path)?;
     let rep = o.check()?;
@@ -1053,14 +1079,14 @@ pub(crate) fn repair(path: &Path) -> Result<RepairReport, ParityError> {
         }
         let (row, damaged) = per_row
             .into_iter()
-            .find(|&(_, n)| n > M)
-            .unwrap_or((0, M + 1));
+            .find(|&(_, n)| n > o.l.m)
+            .unwrap_or((0, o.l.m + 1));
         return Err(ParityError::Unrecoverable {
             path: path.to_path_buf(),
             damaged,
             total: o.l.shards(),
             row,
-            m: M,
+            m: o.l.m,
         });
     }
     if rep.file_damaged() {
@@ -1137,10 +1163,10 @@ mod tests {
     fn guaranteed_tail(len: u64) -> u64 {
         if len < 12 * 1024 {
             len
-        } else if len >= 175 * 1024 {
-            len * 12 / 100
+        } else if len >= 750 * 1024 {
+            len * 6 / 100
         } else {
-            7 * 1024
+            6 * 1024
         }
     }
 
@@ -1173,12 +1199,23 @@ mod tests {
             assert!(l.s % 64 == 0 && l.s >= 64 && l.w % 64 == 0, "{l:?}");
             assert!(l.k as u64 * l.s >= len, "{l:?}");
             assert!(l.k == 1 || l.s >= 4096, "{l:?}");
+            assert_eq!(l.m, if l.k == 1 { 1 } else { 2 }, "{l:?}");
             assert!((l.rows - 1) * l.w < l.s && l.rows * l.w >= l.s);
-            assert_eq!(Layout::parse_header(&l.header()), Some(l));
+            assert_eq!(l.par_len(), 2 * l.copy_len() + l.m as u64 * l.s);
+            let h = l.header();
+            assert_eq!(Layout::parse_header(&h), Some(l));
+            // An m other than the one L implies is refused.
+            for m in [0u16, 1, 2, 3] {
+                let mut h = h;
+                h[18..20].copy_from_slice(&m.to_le_bytes());
+                assert_eq!(Layout::parse_header(&h).is_some(), m as usize == l.m);
+            }
         }
         assert_eq!(Layout::for_len(0).k, 1);
-        assert_eq!(Layout::for_len(1 << 30).k, 16);
-        assert_eq!(Layout::for_len(1 << 30).rows, 1024);
+        assert_eq!(Layout::for_len(8191).k, 1);
+        assert_eq!(Layout::for_len(8192).m, 2);
+        assert_eq!(Layout::for_len(1 << 30).k, 32);
+        assert_eq!(Layout::for_len(1 << 30).rows, 512);
     }
 
     #[test]
@@ -1234,11 +1271,11 @@ mod tests {
             match read_all(&p, u64::MAX) {
                 Ok((got, _)) => assert_eq!(got, data),
                 Err(e) => {
-                    assert!(l.k > M, "{e}");
+                    assert!(l.k > l.m, "{e}");
                     assert!(e.to_string().contains("unrecoverable"), "{e}");
                 }
             }
-            if l.k <= M {
+            if l.k <= l.m {
                 repair(&p).unwrap();
                 assert_clean(&p, &data);
             }
@@ -1310,6 +1347,58 @@ mod tests {
         }
     }
 
+    /// One damage of `d` to a file of `len` bytes and its `.par`.
+    fn one_damage(len: usize, seed: u64, d: Damage, ra: u64, rb: u64) -> Result<(), TestCaseError> {
+        let data = bytes(seed, len);
+        let (_t, p) = setup(&data);
+        write_for_file(&p).unwrap();
+        let par_orig = fs::read(par_path(&p)).unwrap();
+        apply(&p, len as u64, &d);
+        let par_hit = matches!(
+            d,
+            Damage::ParFlip(_) | Damage::ParZero4k(_) | Damage::ParTruncate(_)
+        );
+        match read_all(&p, len as u64) {
+            Ok((got, _)) => prop_assert!(got == data),
+            Err(ParityError::TablesDamaged { .. }) if par_hit => {
+                // Both table copies of a small .par under one region:
+                // F is intact, parity cannot vouch for it; the store
+                // verifies F itself and regenerates the .par.
+                prop_assert!(fs::read(&p).unwrap() == data);
+                let tables_gone = |r: Result<(), ParityError>| {
+                    matches!(r, Err(ParityError::TablesDamaged { .. }))
+                };
+                prop_assert!(tables_gone(read_range(&p, 0, 1).map(drop)), "read_range");
+                prop_assert!(tables_gone(repair(&p).map(drop)), "repair");
+                prop_assert!(fs::read(&p).unwrap() == data);
+                rewrite_par(&p).unwrap();
+                prop_assert!(fs::read(par_path(&p)).unwrap() == par_orig);
+                prop_assert!(check(&p).unwrap().is_clean());
+                return Ok(());
+            }
+            Err(e) => prop_assert!(false, "{:?}: {}", d, e),
+        }
+        let a = (ra % len as u64) as usize;
+        let n = (rb % (len - a + 1) as u64) as usize;
+        let (got, _) = read_range(&p, a as u64, n).unwrap();
+        prop_assert!(got[..] == data[a..a + n]);
+        let rep = check(&p).unwrap();
+        prop_assert!(rep.recoverable);
+        let done = repair(&p).unwrap();
+        prop_assert_eq!(done.file_rewritten, rep.file_damaged());
+        prop_assert_eq!(done.par_rewritten, rep.par_damaged());
+        prop_assert!(fs::read(&p).unwrap() == data);
+        prop_assert!(check(&p).unwrap().is_clean());
+        prop_assert!(fs::read(par_path(&p)).unwrap() == par_orig);
+        if done.file_rewritten {
+            prop_assert_eq!(
+                fs::metadata(&p).unwrap().permissions().mode() & 0o777,
+                0o600
+            );
+        }
+        Ok(())
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig { cases: 64, .. ProptestConfig::default() })]
         #[test]
@@ -1320,34 +1409,26 @@ mod tests {
             ra in any::<u64>(),
             rb in any::<u64>(),
         ) {
-            let data = bytes(seed, len);
-            let (_t, p) = setup(&data);
-            write_for_file(&p).unwrap();
-            let par_orig = fs::read(par_path(&p)).unwrap();
-            apply(&p, len as u64, &d);
-            let (got, _) = read_all(&p, len as u64).unwrap();
-            prop_assert!(got == data);
-            let a = (ra % len as u64) as usize;
-            let n = (rb % (len - a + 1) as u64) as usize;
-            let (got, _) = read_range(&p, a as u64, n).unwrap();
-            prop_assert!(got[..] == data[a..a + n]);
-            let rep = check(&p).unwrap();
-            prop_assert!(rep.recoverable);
-            let done = repair(&p).unwrap();
-            prop_assert_eq!(done.file_rewritten, rep.file_damaged());
-            prop_assert_eq!(done.par_rewritten, rep.par_damaged());
-            prop_assert!(fs::read(&p).unwrap() == data);
-            prop_assert!(check(&p).unwrap().is_clean());
-            prop_assert!(fs::read(par_path(&p)).unwrap() == par_orig);
-            if done.file_rewritten {
-                prop_assert_eq!(fs::metadata(&p).unwrap().permissions().mode() & 0o777, 0o600);
-            }
+            one_damage(len, seed, d, ra, rb)?;
+        }
+
+        /// Small files: k = 1..4, `.par`s of a few KiB that one 4 KiB
+        /// region can cover entirely.
+        #[test]
+        fn one_damage_to_a_small_file(
+            len in 1usize..20_000,
+            seed in any::<u64>(),
+            d in damage_strategy(),
+            ra in any::<u64>(),
+            rb in any::<u64>(),
+        ) {
+            one_damage(len, seed, d, ra, rb)?;
         }
     }
 
     #[test]
     fn repaired_says_what_was_rebuilt() {
-        let data = bytes(7, 1 << 20); // k = 16, s = w = 64 KiB
+        let data = bytes(7, 2 << 20); // k = 32, s = w = 64 KiB
         let (_t, p) = setup(&data);
         write_for_file(&p).unwrap();
         zero_at(&p, 3 * 65536 + 100, 10);
@@ -1371,15 +1452,16 @@ mod tests {
         let data = bytes(9, 1 << 20);
         let (_t, p) = setup(&data);
         write_for_file(&p).unwrap();
+        // k = 32, s = w = 32 KiB: one row.
         for i in [2u64, 5, 9] {
-            zero_at(&p, i * 65536 + 7, 1);
-            flip_at(&p, i * 65536 + 8);
+            zero_at(&p, i * 32768 + 7, 1);
+            flip_at(&p, i * 32768 + 8);
         }
         let damaged = fs::read(&p).unwrap();
         let e = read_all(&p, u64::MAX).unwrap_err().to_string();
         assert!(
             e.contains(
-                "abcd.pack: 3 of 18 shards damaged in row 0, parity repairs 2: unrecoverable"
+                "abcd.pack: 3 of 34 shards damaged in row 0, parity repairs 2: unrecoverable"
             ),
             "{e}"
         );
@@ -1491,26 +1573,64 @@ mod tests {
     }
 
     #[test]
-    fn copy_b_is_found_when_copy_a_is_zeroed() {
-        for len in [1usize, 5000, 100_000, 3 << 20] {
+    fn either_table_copy_suffices() {
+        for len in [0usize, 1, 1536, 5000, 100_000, 3 << 20] {
             let data = bytes(len as u64, len);
             let (_t, p) = setup(&data);
             write_for_file(&p).unwrap();
             let par = par_path(&p);
             let orig = fs::read(&par).unwrap();
             let l = Layout::for_len(len as u64);
-            // The worst 4 KiB regions: all of the start, and from the last
-            // byte of copy A up to just before copy B.
-            for off in [0, l.copy_len() - 1] {
-                zero_at(&par, off, 4096);
-                assert_eq!(read_all(&p, u64::MAX).unwrap().0, data);
+            assert_eq!(orig.len() as u64, l.par_len());
+            // All of copy A zeroed, then all of copy B (at the end).
+            for off in [0, l.copy_b_off()] {
+                zero_at(&par, off, l.copy_len());
+                assert_eq!(read_all(&p, u64::MAX).unwrap().0, data, "{len} {off}");
                 let rep = check(&p).unwrap();
                 assert_eq!(rep.bad_table_copies, 1, "{len} {off}");
                 let done = repair(&p).unwrap();
                 assert!(done.par_rewritten && !done.file_rewritten);
                 assert_eq!(fs::read(&par).unwrap(), orig);
             }
+            // Only copy A left (copy B and all parity lost): F still reads.
+            fs::OpenOptions::new()
+                .write(true)
+                .open(&par)
+                .unwrap()
+                .set_len(l.copy_len())
+                .unwrap();
+            assert_eq!(read_all(&p, u64::MAX).unwrap().0, data, "{len}");
+            let rep = check(&p).unwrap();
+            assert!(rep.par_size_wrong && rep.bad_table_copies == 1, "{rep:?}");
+            assert!(repair(&p).unwrap().par_rewritten);
+            assert_eq!(fs::read(&par).unwrap(), orig);
+            // Both copies gone: an error, not a guess; F is left alone and
+            // rewrite_par (after the store verified F) restores the .par.
+            flip_at(&par, 40);
+            flip_at(&par, l.copy_b_off() + 40);
+            for e in [
+                read_all(&p, u64::MAX).unwrap_err(),
+                read_range(&p, 0, 0).unwrap_err(),
+                check(&p).unwrap_err(),
+                repair(&p).unwrap_err(),
+            ] {
+                assert!(matches!(e, ParityError::TablesDamaged { .. }), "{e}");
+                assert!(e.to_string().contains("abcd.pack.par: both copies"), "{e}");
+            }
+            assert_eq!(fs::read(&p).unwrap(), data);
+            assert_eq!(rewrite_par(&p).unwrap(), l.par_len());
+            assert_eq!(fs::read(&par).unwrap(), orig);
         }
+        // A small .par is covered by one 4 KiB region.
+        let data = bytes(2, 1536);
+        let (_t, p) = setup(&data);
+        write_for_file(&p).unwrap();
+        assert!(Layout::for_len(1536).par_len() < 4096);
+        zero_at(&par_path(&p), 0, 4096);
+        assert!(matches!(
+            read_all(&p, u64::MAX),
+            Err(ParityError::TablesDamaged { .. })
+        ));
     }
 
     #[test]
@@ -1521,7 +1641,9 @@ mod tests {
             65_535,
             65_536,
             100_000,
+            131_073,
             179_200,
+            768_000,
             1 << 20,
             3_333_333,
         ] {
@@ -1559,11 +1681,12 @@ mod tests {
 
     #[test]
     fn overhead_numbers() {
-        for len in [4096u64, 16384, 1 << 20, 64 << 20] {
+        for len in [1536u64, 4096, 16384, 256 << 10, 1 << 20, 64 << 20] {
             let l = Layout::for_len(len);
             println!(
-                "L = {len}: k = {}, s = {}, rows = {}, .par = {} bytes, overhead {:.4}",
+                "L = {len}: k = {}, m = {}, s = {}, rows = {}, .par = {} bytes, overhead {:.4}",
                 l.k,
+                l.m,
                 l.s,
                 l.rows,
                 l.par_len(),
@@ -1571,13 +1694,16 @@ mod tests {
             );
         }
         // The actual file agrees with the computed size.
-        let data = bytes(1, 1 << 20);
-        let (_t, p) = setup(&data);
-        assert_eq!(
-            write_for_file(&p).unwrap(),
-            Layout::for_len(1 << 20).par_len()
-        );
-        assert!(Layout::for_len(64 << 20).par_len() * 1000 / (64 << 20) <= 126);
+        for len in [1536usize, 4096, 16384, 256 << 10, 1 << 20] {
+            let data = bytes(1, len);
+            let (_t, p) = setup(&data);
+            let size = write_for_file(&p).unwrap();
+            assert_eq!(size, Layout::for_len(len as u64).par_len());
+            assert_eq!(fs::metadata(par_path(&p)).unwrap().len(), size);
+        }
+        assert_eq!(Layout::for_len(4096).par_len(), 4296);
+        assert!(Layout::for_len(256 << 10).par_len() * 1000 / (256 << 10) <= 68);
+        assert!(Layout::for_len(64 << 20).par_len() * 1000 / (64 << 20) <= 64);
     }
 
     /// `cargo test --release --lib -- --ignored parity --nocapture`
