@@ -594,15 +594,15 @@ impl ImageStore {
         path: PathBuf,
     ) -> Result<Result<ImageInfo, String>, StoreError> {
         Ok(
-            load_image(id, seq, path, self.key.as_deref(), &self.mirror)?.and_then(|info| {
-                match self.sealed_from {
+            load_image(id, seq, path, self.key.as_deref(), &self.mirror)?.and_then(
+                |info| match self.sealed_from {
                     Some(from) if !info.sealed && info.seq >= from => Err(format!(
                         "not sealed, but this store seals every checkpoint from number {from} on: \
                      it was not written by supervise with this store's key"
                     )),
                     _ => Ok(info),
-                }
-            }),
+                },
+            ),
         )
     }
 

@@ -11,8 +11,8 @@ use serde::{Deserialize, Serialize};
 
 use super::crypto::StoreKey;
 use super::heal::{self, Mirror};
-use super::parity;
 use super::objects::{self, Hash};
+use super::parity;
 use super::{io_err, StoreError};
 use crate::fsutil;
 
@@ -271,11 +271,13 @@ pub(super) fn load_image(
             continue;
         }
         let mut parse = |b: &[u8]| parse_bytes(id, seq, &path, key, b, sealed);
-        return Ok(match heal::read_all(mirror, &p, MAX_MANIFEST_BYTES, &mut parse) {
-            Ok(info) => Ok(info),
-            Err(more) if more.is_empty() => Err(why),
-            Err(more) => Err(format!("{why}; cannot repair it: {more}")),
-        });
+        return Ok(
+            match heal::read_all(mirror, &p, MAX_MANIFEST_BYTES, &mut parse) {
+                Ok(info) => Ok(info),
+                Err(more) if more.is_empty() => Err(why),
+                Err(more) => Err(format!("{why}; cannot repair it: {more}")),
+            },
+        );
     }
     Ok(Err(why))
 }

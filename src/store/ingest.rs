@@ -314,8 +314,8 @@ impl Staging {
         }
         let mut manifest_len = bytes.len() as u64;
         if self.store.parity {
-            manifest_len += parity::write_for_bytes(&manifest_path, &bytes)
-                .map_err(io_err(&manifest_path))?;
+            manifest_len +=
+                parity::write_for_bytes(&manifest_path, &bytes).map_err(io_err(&manifest_path))?;
         }
         fsync_dir(&self.publish_dir)?;
 

@@ -252,11 +252,16 @@ impl ImageStore {
                 let Some(name) = name.to_str() else { continue };
                 let orphan = name.strip_suffix(".pack").is_some_and(|stem| {
                     fs::symlink_metadata(packs.join(format!("{stem}.idx"))).is_err()
-                        && self.mirror.alt(&packs.join(format!("{stem}.idx"))).is_none_or(|a| a.symlink_metadata().is_err())
+                        && self
+                            .mirror
+                            .alt(&packs.join(format!("{stem}.idx")))
+                            .is_none_or(|a| a.symlink_metadata().is_err())
                 }) || name.strip_suffix(parity::PAR_SUFFIX).is_some_and(|base| {
                     // A sidecar whose pack is gone (an index's sidecar is
                     // written before the index: it goes with its pack).
-                    let stem = base.strip_suffix(".pack").or_else(|| base.strip_suffix(".idx"));
+                    let stem = base
+                        .strip_suffix(".pack")
+                        .or_else(|| base.strip_suffix(".idx"));
                     stem.is_some_and(|stem| {
                         fs::symlink_metadata(packs.join(format!("{stem}.pack"))).is_err()
                             && fs::symlink_metadata(packs.join(format!("{stem}.idx"))).is_err()

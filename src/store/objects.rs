@@ -352,17 +352,30 @@ impl ObjectDb {
     /// deduplication asks (a damaged object is stored afresh, and reads
     /// then find the new copy among its [`dups`](Self::dups)).
     pub fn contains_good(&self, h: &Hash) -> bool {
-        self.index.contains_key(h) && !self.bad.lock().unwrap_or_else(|e| e.into_inner()).contains(h)
+        self.index.contains_key(h)
+            && !self
+                .bad
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .contains(h)
     }
 
     /// Records that `h` could not be read or repaired.
     pub fn mark_bad(&self, h: &Hash) {
-        self.bad.lock().unwrap_or_else(|e| e.into_inner()).insert(*h);
+        self.bad
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(*h);
     }
 
     /// Objects found damaged beyond repair so far.
     pub fn bad_objects(&self) -> Vec<Hash> {
-        self.bad.lock().unwrap_or_else(|e| e.into_inner()).iter().copied().collect()
+        self.bad
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .copied()
+            .collect()
     }
 
     /// Other locations of `h`, if it is stored more than once.
@@ -447,7 +460,9 @@ fn read_index(
         return Ok(direct);
     };
     let max = index_limit(pack_len);
-    match heal::read_all(mirror, &path, max, &mut |b| parse_index(name, b, pack_len, key)) {
+    match heal::read_all(mirror, &path, max, &mut |b| {
+        parse_index(name, b, pack_len, key)
+    }) {
         Ok(entries) => Ok(Ok(entries)),
         Err(more) if more.is_empty() => Ok(Err(why)),
         Err(more) => Ok(Err(format!("{why}; cannot repair it: {more}"))),
@@ -1039,16 +1054,15 @@ impl<'a> Reader<'a> {
         })?;
         let mut stored = std::mem::take(&mut self.run);
         stored.resize(loc.stored_len as usize, 0);
-        let r = self
-            .file(loc.pack)?
-            .read_exact_at(&mut stored, loc.offset)
-            .map_err(|e| {
+        let pack_name = &self.db.packs[loc.pack as usize].name;
+        let r = self.file(loc.pack).and_then(|f| {
+            f.read_exact_at(&mut stored, loc.offset).map_err(|e| {
                 PieceError(format!(
-                    "object {}: cannot read pack {}: {e}",
+                    "object {}: cannot read pack {pack_name}: {e}",
                     &hex(h)[..16],
-                    self.db.packs[loc.pack as usize].name
                 ))
-            });
+            })
+        });
         out.clear();
         let db = self.db;
         let res = r.and_then(|()| Self::decode(self.ctx(), db, h, &loc, &stored, out));
@@ -1068,12 +1082,36 @@ impl<'a> Reader<'a> {
             ))
         })?;
         stored.resize(loc.stored_len as usize, 0);
-        self.file(loc.pack)?
-            .read_exact_at(stored, loc.offset)
-            .map_err(|e| PieceError(format!("cannot read pack: {e}")))?;
+        let read = self.file(loc.pack).and_then(|f| {
+            f.read_exact_at(stored, loc.offset)
+                .map_err(|e| PieceError(format!("cannot read pack: {e}")))
+        });
         let mut out = Vec::new();
         let db = self.db;
-        Self::decode(self.ctx(), db, h, &loc, stored, &mut out)?;
+        let first =
+            match read.and_then(|()| Self::decode(self.ctx(), db, h, &loc, stored, &mut out)) {
+                Ok(()) => return Ok(loc),
+                Err(e) => e,
+            };
+        // Repaired bytes of the stored form (gc copies them as they are).
+        let path = db.pack_path(loc.pack);
+        let (dctx, opened, sealed_only) = (&mut self.dctx, &mut self.opened, self.sealed_only);
+        let bytes = heal::read_range(
+            db.mirror(),
+            &path,
+            loc.offset,
+            loc.stored_len as usize,
+            &mut |b| {
+                let cx = Decode {
+                    dctx: &mut *dctx,
+                    opened: &mut *opened,
+                    sealed_only,
+                };
+                Self::decode(cx, db, h, &loc, b, &mut Vec::new()).is_ok()
+            },
+        )
+        .map_err(|why| PieceError(format!("{first}; not repairable: {why}")))?;
+        *stored = bytes;
         Ok(loc)
     }
 

@@ -2,6 +2,7 @@
 //! they share are here.
 
 mod format;
+mod heal;
 mod ingest;
 mod maintain;
 mod open;
