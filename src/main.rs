@@ -56,6 +56,11 @@ enum Cmd {
     Verify {
         /// Job file.
         job: PathBuf,
+        /// Rewrite what can be repaired (from parity or the second copy)
+        /// and drop objects that cannot, so the next checkpoint stores
+        /// them afresh.
+        #[arg(long)]
+        repair: bool,
     },
     /// Reclaim stored data no image references (also run after retention).
     Gc {
@@ -174,7 +179,7 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
             json,
             no_verify,
         } => images(&job, json, !no_verify),
-        Cmd::Verify { job } => verify(&job),
+        Cmd::Verify { job, repair } => verify(&job, repair),
         Cmd::Gc { job } => gc(&job),
         Cmd::Run { jobs, metrics } => run(&jobs, socket, metrics),
         Cmd::Status { json } => control(&socket, Request::Status, json),
@@ -352,12 +357,36 @@ fn images(job: &Path, json: bool, check: bool) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn verify(job: &Path) -> Result<ExitCode> {
+fn verify(job: &Path, repair: bool) -> Result<ExitCode> {
     let cfg = JobConfig::load(job)?;
     let Some(store) = store_try!(&cfg, open_store(&cfg)) else {
         return Ok(no_store(&cfg));
     };
-    let r = store_try!(&cfg, store.verify_all());
+    let r = if repair {
+        let s = store_try!(&cfg, store.repair());
+        for f in &s.rebuilt {
+            println!("repaired {f} (from parity)");
+        }
+        for f in &s.copied {
+            println!("repaired {f} (from the second copy)");
+        }
+        for f in &s.sidecars {
+            println!("rewrote  {f}");
+        }
+        for (f, why) in &s.unrepaired {
+            println!("CANNOT   repair {f}: {why}");
+        }
+        if s.dropped_objects > 0 {
+            println!(
+                "dropped  {} damaged object(s) from the indexes: the next checkpoint of the \
+                 running job stores them afresh",
+                s.dropped_objects
+            );
+        }
+        s.verify
+    } else {
+        store_try!(&cfg, store.verify_all())
+    };
     for (id, res) in &r.checkpoints {
         match res {
             Ok(()) => println!("ok       {id}"),

@@ -141,6 +141,7 @@ mod materialise;
 mod objects;
 mod options;
 mod parity;
+mod repair;
 mod scratch;
 mod util;
 mod verify;
@@ -158,6 +159,7 @@ pub use maintain::GcReport;
 pub use materialise::Materialised;
 pub use objects::{Hash, PieceError, FANOUT, FILE_CHUNK, PAGE_CHUNK};
 pub use options::{StoreOptions, DEFAULT_KEY_FILE};
+pub use repair::RepairSummary;
 pub use scratch::{remove_scratch, scratch_dir};
 pub use util::dir_size;
 pub use verify::VerifyReport;
@@ -445,6 +447,8 @@ impl ImageStore {
         let mut store = ImageStore::new(dir, true);
         store.set_key(key);
         store.sealed_from = marker.sealed_from;
+        // (Only `repair` writes through a read-only store.)
+        store.parity = opts.parity;
         if let Some(copy) = opts.copy_dir.as_deref().filter(|c| c.is_dir()) {
             fsutil::check_trusted("second copy directory", copy)?;
             store.set_mirror(heal::Mirror::new(dir, Some(copy)));

@@ -396,6 +396,59 @@ impl ObjectDb {
         }
     }
 
+    /// Rewrites the index of pack `name` without the objects in `bad`
+    /// (sealed again if it was sealed; sidecar and second copy updated).
+    /// Returns how many entries were dropped.
+    pub fn rewrite_index_without(&mut self, name: &str, bad: &HashSetH) -> io::Result<u64> {
+        let invalid = |e: String| io::Error::new(io::ErrorKind::InvalidData, e);
+        let entries = match read_index(&self.dir, name, self.key.as_deref(), &self.mirror) {
+            Ok(Ok(e)) => e,
+            Ok(Err(why)) => return Err(invalid(why)),
+            Err(e) => return Err(invalid(e.to_string())),
+        };
+        let kept: Vec<&(Hash, Loc)> = entries.iter().filter(|(h, _)| !bad.contains(h)).collect();
+        let dropped = (entries.len() - kept.len()) as u64;
+        if dropped == 0 {
+            return Ok(0);
+        }
+        let path = self.dir.join(format!("{name}.idx"));
+        let sealed = fs::read(&path)
+            .map(|b| b.starts_with(IDX_MAGIC_SEALED))
+            .unwrap_or(self.key.is_some());
+        let mut body = Vec::with_capacity(8 + kept.len() * IDX_ENTRY);
+        body.extend_from_slice(&(kept.len() as u64).to_le_bytes());
+        for (h, l) in kept {
+            body.extend_from_slice(h);
+            body.extend_from_slice(&l.offset.to_le_bytes());
+            body.extend_from_slice(&l.stored_len.to_le_bytes());
+            body.extend_from_slice(&l.raw_len.to_le_bytes());
+            body.extend_from_slice(&l.flags.to_le_bytes());
+        }
+        let idx = match (&self.key, sealed) {
+            (Some(key), true) => key.seal_blob(IDX_MAGIC_SEALED, name, &body)?,
+            _ => {
+                let mut idx = IDX_MAGIC.to_vec();
+                idx.extend_from_slice(&body);
+                let sum = hash(&idx);
+                idx.extend_from_slice(&sum);
+                idx
+            }
+        };
+        fsutil::write_atomic(&path, &idx, 0o600)?;
+        if parity::par_path(&path).exists() {
+            parity::write_for_bytes(&path, &idx)?;
+        }
+        if let Some(alt) = self.mirror.alt(&path) {
+            if alt.exists() {
+                copy_file(&path, &alt)?;
+                if parity::par_path(&path).exists() {
+                    copy_file(&parity::par_path(&path), &parity::par_path(&alt))?;
+                }
+            }
+        }
+        Ok(dropped)
+    }
+
     /// Every stored object with its location.
     pub fn iter(&self) -> impl Iterator<Item = (&Hash, &Loc)> {
         self.index.iter()

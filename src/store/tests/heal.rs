@@ -180,3 +180,53 @@ fn parity_overhead_per_later_checkpoint() {
     // new_bytes counts pack, index, manifest and their sidecars.
     assert!(img.new_bytes > st.pack_bytes, "{img:?}");
 }
+
+#[test]
+fn repair_rewrites_damaged_files_and_drops_what_it_cannot_repair() {
+    let tmp = private_dir();
+    let (s, o) = store(tmp.path(), true);
+    let (img, pages) = two_images(&s);
+    let [pack, idx, man] = files_of(&s, &img);
+    let pristine: Vec<Vec<u8>> = [&pack, &idx, &man]
+        .iter()
+        .map(|p| fs::read(p).unwrap())
+        .collect();
+    damage(&pack, Damage::Zero(100));
+    damage(&idx, Damage::Flip(7));
+    fs::remove_file(&man).unwrap();
+    // The second copy of the index is lost too: rewritten from the good one.
+    let alt_idx = tmp
+        .path()
+        .join("copy")
+        .join(idx.strip_prefix(s.dir()).unwrap());
+    fs::remove_file(&alt_idx).unwrap();
+    let sum = s.repair().unwrap();
+    assert!(!sum.verify.damaged(), "{sum:?}");
+    assert!(sum.unrepaired.is_empty(), "{sum:?}");
+    for (p, want) in [&pack, &idx, &man].iter().zip(&pristine) {
+        assert_eq!(&fs::read(p).unwrap(), want, "{}", p.display());
+    }
+    assert_eq!(fs::read(&alt_idx).unwrap(), pristine[1]);
+    let again = s.repair().unwrap();
+    assert!(!again.changed(), "{again:?}");
+    let ro = ImageStore::open_read_only_with(s.dir(), &o).unwrap();
+    assert_eq!(contents(&ro, &img, &tmp.path().join("w"))[1].1, pages);
+
+    // No parity, no copy: the damaged object is dropped from its index and
+    // the next checkpoint stores it again.
+    let tmp = private_dir();
+    let mut o = StoreOptions::new(tmp.path().join("keys").join("store.key"));
+    o.parity = false;
+    let s = ImageStore::open_with(&tmp.path().join("images"), &o).unwrap();
+    let data = job_pages(8, 40);
+    let img = publish_files(&s, &[("pages-1.img", &data)]);
+    let [pack, _, _] = files_of(&s, &img);
+    damage(&pack, Damage::Flip(9000));
+    let s2 = ImageStore::open_with(s.dir(), &o).unwrap();
+    let sum = s2.repair().unwrap();
+    assert!(sum.dropped_objects >= 1, "{sum:?}");
+    assert!(sum.verify.damaged());
+    let img2 = publish_files(&s2, &[("pages-1.img", &data)]);
+    assert!(img2.manifest.stored.as_ref().unwrap().new_objects >= 1);
+    assert_eq!(contents(&s2, &img2, &tmp.path().join("w"))[0].1, data);
+}
