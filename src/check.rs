@@ -73,6 +73,70 @@ impl Report {
         s
     }
 
+    /// Adds each job's store key: where it is and that without it the
+    /// job's images cannot be read; a missing or wrong key fails.
+    pub fn store_keys(&mut self, jobs: &[crate::config::JobConfig]) {
+        use crate::store::{ImageStore, StoreError};
+        const BACKUP: &str = "keep a copy of the key file somewhere safe (not in the image \
+            directory): losing it means losing the images";
+        for cfg in jobs {
+            let o = &cfg.store;
+            let store = if cfg.checkpoint.dir.join(crate::store::MARKER_NAME).exists() {
+                Some(ImageStore::open_read_only_with(&cfg.checkpoint.dir, o))
+            } else {
+                None
+            };
+            match store {
+                Some(Err(e @ StoreError::Key(_))) => self.push(
+                    "store key",
+                    Level::Fail,
+                    format!("job {}: {e}", cfg.name),
+                    None,
+                ),
+                Some(Err(e)) => self.push(
+                    "image store",
+                    Level::Warn,
+                    format!("job {}: {e}", cfg.name),
+                    None,
+                ),
+                Some(Ok(s)) if s.key_info().is_some() => {
+                    let (path, id) = s.key_info().unwrap();
+                    self.push(
+                        "store key",
+                        Level::Ok,
+                        format!(
+                            "job {}: {} (key id {id}) opens its images; without it they \
+                             cannot be read",
+                            cfg.name,
+                            path.display()
+                        ),
+                        Some(BACKUP),
+                    )
+                }
+                _ if !o.encryption => self.push(
+                    "store key",
+                    Level::Warn,
+                    format!(
+                        "job {}: encryption is off: the images hold the job's memory in plaintext",
+                        cfg.name
+                    ),
+                    Some("remove `encryption = false` from the job's [store] table"),
+                ),
+                _ => self.push(
+                    "store key",
+                    Level::Ok,
+                    format!(
+                        "job {}: {} will be generated at the first checkpoint; without it the \
+                         images cannot be read",
+                        cfg.name,
+                        o.key_file.display()
+                    ),
+                    Some(BACKUP),
+                ),
+            }
+        }
+    }
+
     fn push(&mut self, what: &'static str, level: Level, detail: String, fix: Option<&str>) {
         self.findings.push(Finding {
             what,

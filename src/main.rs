@@ -37,8 +37,13 @@ enum Cmd {
         #[arg(long, value_name = "ADDR")]
         metrics: Option<std::net::SocketAddr>,
     },
-    /// Preflight: can checkpointing work on this machine?
-    Check,
+    /// Preflight: can checkpointing work on this machine? With job files,
+    /// also where each job's store key is (without it its images cannot
+    /// be read).
+    Check {
+        /// Job files (or directories of them).
+        jobs: Vec<PathBuf>,
+    },
     /// List a job's images, newest first, with their logical size, the
     /// bytes each newly stored, CRIU's frozen time and whether it verifies.
     Images {
@@ -165,8 +170,11 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
         .clone()
         .unwrap_or_else(supervise::control::default_socket);
     match cli.cmd {
-        Cmd::Check => {
-            let report = supervise::check::preflight();
+        Cmd::Check { jobs } => {
+            let mut report = supervise::check::preflight();
+            if !jobs.is_empty() {
+                report.store_keys(&JobConfig::load_all(&jobs)?);
+            }
             print!("{}", report.render());
             Ok(if report.fatal() {
                 ExitCode::FAILURE

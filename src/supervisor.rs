@@ -39,6 +39,7 @@ pub mod engine;
 pub mod policy;
 mod record;
 mod restore;
+mod scrub;
 
 pub use checkpoint::summary;
 pub use engine::{Criu, Engine};
@@ -272,7 +273,15 @@ impl Supervisor {
         if let Err(reason) = self.take_lease().await {
             return self.fail(reason);
         }
+        let scrub = self
+            .cfg
+            .store
+            .scrub
+            .map(|every| scrub::start(self.store.clone(), every));
         let outcome = self.run_inner(shutdown).await;
+        if let Some(s) = scrub {
+            s.abort();
+        }
         // Whatever the end, this copy no longer runs the job.
         if let Some(f) = &self.fence {
             if let Err(e) = f.release() {

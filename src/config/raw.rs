@@ -111,7 +111,7 @@ pub(super) struct RawStore {
     pub(super) parity: Option<bool>,
     pub(super) copies: Option<Spanned<Count<1, 2>>>,
     pub(super) copy_dir: Option<Spanned<PathValue>>,
-    pub(super) scrub: Option<Dur<60>>,
+    pub(super) scrub: Option<Dur<1>>,
 }
 
 #[derive(Deserialize)]

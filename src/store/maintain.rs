@@ -255,7 +255,7 @@ impl ImageStore {
                         && self
                             .mirror
                             .alt(&packs.join(format!("{stem}.idx")))
-                            .is_none_or(|a| a.symlink_metadata().is_err())
+                            .map_or(true, |a| a.symlink_metadata().is_err())
                 }) || name.strip_suffix(parity::PAR_SUFFIX).is_some_and(|base| {
                     // A sidecar whose pack is gone (an index's sidecar is
                     // written before the index: it goes with its pack).
