@@ -51,6 +51,7 @@ pub fn progs() -> &'static Path {
             ("ghost", "tests/progs/ghost.c", ""),
             ("lease", "tests/progs/lease.c", ""),
             ("mtime", "tests/progs/mtime.c", ""),
+            ("secret", "tests/progs/secret.c", ""),
         ] {
             let mut cmd = Command::new("cc");
             cmd.args(["-O2", "-o"])
