@@ -309,6 +309,31 @@ impl StoreKey {
             .map_err(|_| Unauthentic)
     }
 
+    /// Opens the sealed object `id` from `sealed` straight into the end of
+    /// `out` (one copy fewer than [`open_object`](Self::open_object));
+    /// `out` is unchanged on failure.
+    pub fn open_object_append(
+        &self,
+        id: &Hash,
+        sealed: &[u8],
+        out: &mut Vec<u8>,
+    ) -> Result<(), Unauthentic> {
+        if sealed.len() < TAG_LEN {
+            return Err(Unauthentic);
+        }
+        let (body, tag) = sealed.split_at(sealed.len() - TAG_LEN);
+        let start = out.len();
+        out.extend_from_slice(body);
+        let nonce = XNonce::from_slice(&id[..NONCE_LEN]);
+        let tag: [u8; TAG_LEN] = tag.try_into().unwrap();
+        self.cipher
+            .decrypt_in_place_detached(nonce, id, &mut out[start..], (&tag).into())
+            .map_err(|_| {
+                out.truncate(start);
+                Unauthentic
+            })
+    }
+
     /// Seals a metadata blob: `magic || nonce || ciphertext || tag`, with
     /// `magic` and `name` as associated data.
     pub fn seal_blob(&self, magic: &[u8; 8], name: &str, plain: &[u8]) -> io::Result<Vec<u8>> {

@@ -1043,6 +1043,26 @@ impl<'a> Reader<'a> {
         let pack = &db.packs[loc.pack as usize].name;
         let what = || format!("object {} in pack {pack}", &hex(h)[..16]);
         let sealed = loc.flags & FLAG_SEALED != 0;
+        if sealed && loc.flags & FLAG_ZSTD == 0 {
+            // Stored raw (incompressible, the common case for pages):
+            // decrypt straight into the output.
+            let Some(key) = db.key() else {
+                return Err(PieceError(format!(
+                    "{}: sealed, and no store key is loaded",
+                    what()
+                )));
+            };
+            if stored.len() != loc.raw_len as usize + super::crypto::TAG_LEN {
+                return Err(PieceError(format!("{}: bad stored length", what())));
+            }
+            return key.open_object_append(h, stored, out).map_err(|_| {
+                PieceError(format!(
+                    "{}: does not authenticate under the store key (damaged, or not sealed by \
+                     this store)",
+                    what()
+                ))
+            });
+        }
         let stored = if sealed {
             let Some(key) = db.key() else {
                 return Err(PieceError(format!(
