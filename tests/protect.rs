@@ -474,3 +474,30 @@ fn wrong_key_is_one_clear_error_and_leaves_the_job_alone() {
     assert_eq!(sup.job_pid("key").0, pid, "{}", sup.log());
     stop(sup);
 }
+
+/// `[store] scrub`: damage the newest pack of a running job; the scrub
+/// finds and rewrites it (byte for byte) without anyone restoring.
+#[test]
+#[cfg_attr(not(criu), ignore = "needs root and CRIU >= 4.2 (scripts/setup.sh)")]
+fn scrub_repairs_damage_in_the_background() {
+    let env = Env::new();
+    let (job, sup) = counter_with_checkpoints(&env, "scrub", "[store]\nscrub = \"1s\"\n", 2);
+    let pack = newest_pack(&images(&job)[0]);
+    let pristine = fs::read(&pack).unwrap();
+    let mut b = pristine.clone();
+    let at = b.len() / 2;
+    b[at] ^= 0x55;
+    fs::write(&pack, &b).unwrap();
+    sup.wait_for("store scrub repaired damage", 1, LONG);
+    assert_eq!(fs::read(&pack).unwrap(), pristine);
+    let log = sup.log();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("repaired a damaged store file")
+                && l.contains(&pack.file_name().unwrap().to_string_lossy().to_string())),
+        "{log}"
+    );
+    let (code, out) = run_cli(&["verify"], &job);
+    assert_eq!(code, 0, "{out}");
+    stop(sup);
+}

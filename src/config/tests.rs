@@ -1228,6 +1228,52 @@ fn reference_commented_examples_are_valid() {
 }
 
 #[test]
+fn store_table_defaults_and_errors() {
+    let base = "command = [\"x\"]\n";
+    let j = JobConfig::from_str_at(base, Path::new("/j/a.toml")).unwrap();
+    assert_eq!(
+        j.store,
+        StoreOptions::new(PathBuf::from("/j/.supervise/a/store.key"))
+    );
+    assert!(j.store.encryption && j.store.parity);
+    let j = JobConfig::from_str_at(
+        &format!(
+            "{base}[store]\nencryption = false\nkey_file = \"k/key\"\ncopies = 2\n\
+             copy_dir = \"/disk2/a\"\nscrub = \"1d\"\nparity = false\n"
+        ),
+        Path::new("/j/a.toml"),
+    )
+    .unwrap();
+    assert!(!j.store.encryption && !j.store.parity);
+    assert_eq!(j.store.key_file, PathBuf::from("/j/k/key"));
+    assert_eq!(j.store.copy_dir, Some(PathBuf::from("/disk2/a")));
+    assert_eq!(j.store.scrub, Some(Duration::from_secs(86400)));
+    let err = |t: &str| {
+        JobConfig::from_str_at(&format!("{base}[store]\n{t}"), Path::new("/j/a.toml"))
+            .unwrap_err()
+            .to_string()
+    };
+    let e = err("copies = 2\n");
+    assert!(
+        e.contains("a.toml:3") && e.contains("store.copies") && e.contains("copy_dir"),
+        "{e}"
+    );
+    let e = err("copies = 1\ncopy_dir = \"/x\"\n");
+    assert!(
+        e.contains("store.copy_dir") && e.contains("only used with"),
+        "{e}"
+    );
+    let e = err("copies = 3\n");
+    assert!(e.contains("store.copies"), "{e}");
+    let e = err("copies = 2\ncopy_dir = \".supervise/a/images/c\"\n");
+    assert!(e.contains("overlaps the image directory"), "{e}");
+    let e = err("scrub = \"soon\"\n");
+    assert!(e.contains("store.scrub"), "{e}");
+    let e = err("encrypt = true\n");
+    assert!(e.contains("encrypt"), "{e}");
+}
+
+#[test]
 fn reference_documents_every_key() {
     let keys = [
         "name",
@@ -1274,6 +1320,13 @@ fn reference_documents_every_key() {
         "signal",
         "requeue",
         "fence_wait",
+        "[store]",
+        "encryption",
+        "key_file",
+        "parity",
+        "copies",
+        "copy_dir",
+        "scrub",
     ];
     for k in keys {
         let documented = REFERENCE.lines().any(|l| {

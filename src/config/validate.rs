@@ -25,7 +25,7 @@ impl JobConfig {
 
     /// Reads several job files; a directory stands for the `*.toml` files
     /// in it (sorted by name). Two jobs may not share a name, a state
-    /// directory or an image directory.
+    /// directory, an image directory or a second copy directory.
     pub fn load_all(paths: &[PathBuf]) -> Result<Vec<JobConfig>, ConfigError> {
         let mut files = Vec::new();
         for p in paths {
@@ -68,6 +68,13 @@ impl JobConfig {
                     Some((
                         "checkpoint.dir",
                         format!("image directory {}", c.checkpoint.dir.display()),
+                    ))
+                } else if let Some(d) = c.store.copy_dir.as_ref().filter(|d| {
+                    other.store.copy_dir.as_ref() == Some(*d) || other.checkpoint.dir == **d
+                }) {
+                    Some((
+                        "store.copy_dir",
+                        format!("second copy directory {}", d.display()),
                     ))
                 } else {
                     None

@@ -116,7 +116,15 @@ pub(super) fn key_for_writer(
         (None, Some(k)) if opts.encryption => Some(k),
         (None, Some(_)) | (None, None) if !opts.encryption => None,
         (None, _) => {
-            let k = StoreKey::generate(path).map_err(key_err)?;
+            let k = match StoreKey::generate(path) {
+                // Another copy of this job (Slurm) generated it just now.
+                Err(KeyError::Io { source, .. })
+                    if source.kind() == io::ErrorKind::AlreadyExists =>
+                {
+                    StoreKey::load(path).map_err(key_err)?
+                }
+                r => r.map_err(key_err)?,
+            };
             info!(store = %dir.display(), key_file = %path.display(), key_id = %k.key_id(),
                 "generated the store key: keep a copy of it, without it the images cannot be read");
             Some(k)
