@@ -292,6 +292,9 @@ fn corrupted_newest_image_falls_back_to_previous() {
     let at = bytes.len() / 2;
     bytes[at] ^= 0xff;
     fs::write(&pack, bytes).unwrap();
+    // Beyond repair: without its parity sidecar (with it, the flipped byte
+    // is rebuilt: tests/protect.rs).
+    fs::remove_file(pack.with_extension("pack.par")).unwrap();
 
     let sup = env.start(&job);
     sup.wait_restores("corrupt", 1, T);
