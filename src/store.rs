@@ -141,6 +141,7 @@ mod materialise;
 mod objects;
 mod options;
 mod parity;
+mod reader;
 mod repair;
 mod scratch;
 mod util;

@@ -217,9 +217,9 @@ impl Staging {
                     // Tell a failure to store (e.g. ENOSPC in the pack) from
                     // a failure to read the dump.
                     let mut store_failed = false;
-                    let size = objects::for_each_chunk(&path, chunk as usize, &mut |c| {
-                        chunks += 1;
-                        tree.push(&db, &mut w, c)
+                    let size = objects::for_each_batch(&path, chunk as usize, &mut |b| {
+                        chunks += b.len().div_ceil(chunk as usize) as u64;
+                        tree.push_batch(&db, &mut w, b, chunk as usize)
                             .inspect_err(|_| store_failed = true)
                     })
                     .map_err(|e| {

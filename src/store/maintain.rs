@@ -11,8 +11,9 @@ use tracing::{debug, info, warn};
 use super::format::{
     parse_id, tree_of, DELETING_PREFIX, MANIFEST_VERSION, PACKS_DIR, STAGING_PREFIX,
 };
-use super::objects::{self, Hash, HashSetH, ObjectDb, PackWriter, PieceError, Reader};
+use super::objects::{self, Hash, HashSetH, ObjectDb, PackWriter, PieceError};
 use super::parity;
+use super::reader::Reader;
 use super::scratch::{remove_ours_with_prefix, tmpfs_staging_prefix};
 use super::util::{failpoint, fsync_dir, remove_any};
 use super::{check_packs_dir, io_err, ImageStore, StoreError};

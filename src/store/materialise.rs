@@ -11,7 +11,8 @@ use std::time::{Duration, Instant};
 use tracing::debug;
 
 use super::format::{valid_file_name, valid_link, FileEntry, ImageInfo, MANIFEST_VERSION_V1};
-use super::objects::{Hash, HashSetH, ObjectDb, PieceError, Reader};
+use super::objects::{Hash, HashSetH, ObjectDb, PieceError};
+use super::reader::Reader;
 use super::verify::{check_chunk_len, file_leaves, verify_v1};
 use super::{io_err, ImageStore, StoreError};
 use crate::fsutil;

@@ -1,5 +1,5 @@
-//! Content-addressed objects of the image store: pack files, their indexes,
-//! chunk trees, and verified reads. See the documentation of
+//! Content-addressed objects of the image store: pack files, their indexes
+//! and chunk trees (verified reads are in `reader.rs`). See the documentation of
 //! [`crate::store`] for the design; this module is its mechanics.
 //!
 //! # Formats
@@ -26,7 +26,7 @@ use std::collections::{HashMap, HashSet};
 use std::fs::{self, File, OpenOptions};
 use std::hash::{BuildHasherDefault, Hasher};
 use std::io::{self, BufWriter, Read, Write};
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use std::sync::{Arc, Mutex};
@@ -64,7 +64,7 @@ const IDX_ENTRY: usize = 32 + 8 + 4 + 4 + 4;
 /// Prefix of pack and index files being written.
 pub const TMP_PREFIX: &str = ".tmp-";
 /// Largest read of contiguous objects at once.
-const RUN_MAX: u64 = 8 << 20;
+pub(super) const RUN_MAX: u64 = 8 << 20;
 /// Absolute cap on a pack index file (it is read whole into memory). An
 /// index costs 52 bytes per object, so 8 GiB is ~165 million objects, at
 /// least 630 GiB of distinct 4 KiB pages stored by one checkpoint: beyond
@@ -719,22 +719,8 @@ impl PackWriter {
         if !self.seen.insert(h) {
             return Ok(());
         }
-        let bound = zstd::zstd_safe::compress_bound(data.len());
-        self.cbuf.resize(bound, 0);
-        let n = self.cctx.compress_to_buffer(data, &mut self.cbuf[..])?;
         let mut cbuf = std::mem::take(&mut self.cbuf);
-        let mut flags = 0;
-        if n < data.len() {
-            cbuf.truncate(n);
-            flags |= FLAG_ZSTD;
-        } else {
-            cbuf.clear();
-            cbuf.extend_from_slice(data);
-        }
-        if let Some(key) = &self.key {
-            key.seal_object(&h, &mut cbuf);
-            flags |= FLAG_SEALED;
-        }
+        let flags = encode(self.key.as_deref(), &mut self.cctx, &h, data, &mut cbuf)?;
         let r = self.add_stored(h, &cbuf, data.len() as u32, flags);
         cbuf.clear();
         self.cbuf = cbuf;
@@ -852,6 +838,76 @@ impl Drop for PackWriter {
     }
 }
 
+/// The stored form of object `h` (contents `data`) into `out` (cleared):
+/// zstd-compressed when that is smaller, sealed with `key`. Returns its
+/// flags.
+fn encode(
+    key: Option<&StoreKey>,
+    cctx: &mut zstd::bulk::Compressor<'static>,
+    h: &Hash,
+    data: &[u8],
+    out: &mut Vec<u8>,
+) -> io::Result<u32> {
+    out.resize(zstd::zstd_safe::compress_bound(data.len()), 0);
+    let n = cctx.compress_to_buffer(data, &mut out[..])?;
+    let mut flags = 0;
+    if n < data.len() {
+        out.truncate(n);
+        flags |= FLAG_ZSTD;
+    } else {
+        out.clear();
+        out.extend_from_slice(data);
+    }
+    if let Some(key) = key {
+        key.seal_object(h, out);
+        flags |= FLAG_SEALED;
+    }
+    Ok(flags)
+}
+
+/// Threads for a batch of `n` chunks: one for small batches, else up to
+/// the machine's parallelism (at most 4).
+fn workers(n: usize) -> usize {
+    if n < 64 {
+        return 1;
+    }
+    std::thread::available_parallelism()
+        .map(|p| p.get())
+        .unwrap_or(1)
+        .clamp(1, 4)
+}
+
+/// `f` over `items` on `threads` scoped threads (contiguous ranges, one
+/// `init()` state per thread), results in order.
+fn par_map<T: Sync, S, R: Send>(
+    items: &[T],
+    threads: usize,
+    init: impl Fn() -> io::Result<S> + Sync,
+    f: impl Fn(&mut S, &T) -> io::Result<R> + Sync,
+) -> io::Result<Vec<R>> {
+    let per = items.len().div_ceil(threads.max(1)).max(1);
+    std::thread::scope(|s| {
+        let handles: Vec<_> = items
+            .chunks(per)
+            .map(|part| {
+                let (init, f) = (&init, &f);
+                s.spawn(move || -> io::Result<Vec<R>> {
+                    let mut st = init()?;
+                    part.iter().map(|t| f(&mut st, t)).collect()
+                })
+            })
+            .collect();
+        let mut out = Vec::with_capacity(items.len());
+        for h in handles {
+            out.extend(
+                h.join()
+                    .map_err(|_| io::Error::other("ingest thread panicked"))??,
+            );
+        }
+        Ok(out)
+    })
+}
+
 /// Splits `data` into `chunk`-sized pieces, stores the new ones in `w`, and
 /// returns the root of the file's tree and its depth.
 pub struct TreeBuilder {
@@ -871,6 +927,58 @@ impl TreeBuilder {
             w.add(h, chunk)?;
         }
         self.leaves.push(h);
+        Ok(())
+    }
+
+    /// Adds a batch of consecutive chunks of the file (`batch` cut every
+    /// `chunk` bytes; only its last chunk may be short): ids are computed,
+    /// and the new objects compressed and sealed, by several threads; they
+    /// are appended to the pack in order, as [`push`](Self::push) would.
+    pub fn push_batch(
+        &mut self,
+        db: &ObjectDb,
+        w: &mut PackWriter,
+        batch: &[u8],
+        chunk: usize,
+    ) -> io::Result<()> {
+        let chunks: Vec<&[u8]> = batch.chunks(chunk.max(1)).collect();
+        let threads = workers(chunks.len());
+        if threads == 1 {
+            return chunks.iter().try_for_each(|c| self.push(db, w, c));
+        }
+        let key = w.key.clone();
+        let ids = par_map(
+            &chunks,
+            threads,
+            || Ok(()),
+            |_, c| {
+                Ok(match &key {
+                    Some(k) => k.id(c),
+                    None => hash(c),
+                })
+            },
+        )?;
+        let mut fresh = HashSetH::default();
+        let new: Vec<usize> = (0..ids.len())
+            .filter(|&i| {
+                let h = &ids[i];
+                !db.contains_good(h) && !w.contains(h) && fresh.insert(*h)
+            })
+            .collect();
+        let encoded = par_map(
+            &new,
+            threads,
+            || zstd::bulk::Compressor::new(ZSTD_LEVEL),
+            |cctx, &i| {
+                let mut out = Vec::new();
+                let flags = encode(key.as_deref(), cctx, &ids[i], chunks[i], &mut out)?;
+                Ok((out, flags))
+            },
+        )?;
+        for (&i, (stored, flags)) in new.iter().zip(encoded) {
+            w.add_stored(ids[i], &stored, chunks[i].len() as u32, flags)?;
+        }
+        self.leaves.extend(ids);
         Ok(())
     }
 
@@ -908,388 +1016,6 @@ impl Default for TreeBuilder {
     }
 }
 
-/// Receives each verified chunk: (chunk index, contents).
-pub type ChunkSink<'a> = dyn FnMut(usize, &[u8]) -> Result<(), PieceError> + 'a;
-
-/// Reads objects, verifying each against its hash.
-pub struct Reader<'a> {
-    db: &'a ObjectDb,
-    files: HashMap<u32, File>,
-    dctx: zstd::bulk::Decompressor<'static>,
-    run: Vec<u8>,
-    opened: Vec<u8>,
-    sealed_only: bool,
-}
-
-/// How [`Reader::decode`] checks an object.
-struct Decode<'b> {
-    dctx: &'b mut zstd::bulk::Decompressor<'static>,
-    opened: &'b mut Vec<u8>,
-    sealed_only: bool,
-}
-
-impl<'a> Reader<'a> {
-    /// A reader over `db`.
-    pub fn new(db: &'a ObjectDb) -> io::Result<Reader<'a>> {
-        Ok(Reader {
-            db,
-            files: HashMap::new(),
-            dctx: zstd::bulk::Decompressor::new()?,
-            run: Vec::new(),
-            opened: Vec::new(),
-            sealed_only: false,
-        })
-    }
-
-    /// Accept only sealed objects (reading a sealed checkpoint: an
-    /// unsealed object under one of its ids was not written by supervise
-    /// with this key).
-    pub fn sealed_only(mut self, on: bool) -> Reader<'a> {
-        self.sealed_only = on;
-        self
-    }
-
-    fn ctx(&mut self) -> Decode<'_> {
-        Decode {
-            dctx: &mut self.dctx,
-            opened: &mut self.opened,
-            sealed_only: self.sealed_only,
-        }
-    }
-
-    /// True if `h` is stored.
-    pub fn contains(&self, h: &Hash) -> bool {
-        self.db.contains(h)
-    }
-
-    /// Reads object `h` after its direct read at `loc` failed with
-    /// `first`: from another copy in the store, else rebuilt from its
-    /// pack's parity, else from the store's second copy. An object none
-    /// of these gives back is marked bad in the database (the next
-    /// checkpoint that holds it stores it afresh).
-    fn read_repaired(
-        &mut self,
-        h: &Hash,
-        loc: &Loc,
-        out: &mut Vec<u8>,
-        first: PieceError,
-    ) -> Result<(), PieceError> {
-        let db = self.db;
-        for alt in db.dups(h) {
-            let mut stored = vec![0u8; alt.stored_len as usize];
-            let read = match self.file(alt.pack) {
-                Ok(f) => f.read_exact_at(&mut stored, alt.offset).is_ok(),
-                Err(_) => false,
-            };
-            out.clear();
-            if read && Self::decode(self.ctx(), db, h, alt, &stored, out).is_ok() {
-                return Ok(());
-            }
-        }
-        let path = db.pack_path(loc.pack);
-        let (dctx, opened, sealed_only) = (&mut self.dctx, &mut self.opened, self.sealed_only);
-        let mut tmp = Vec::new();
-        let r = heal::read_range(
-            db.mirror(),
-            &path,
-            loc.offset,
-            loc.stored_len as usize,
-            &mut |b| {
-                tmp.clear();
-                let cx = Decode {
-                    dctx: &mut *dctx,
-                    opened: &mut *opened,
-                    sealed_only,
-                };
-                Self::decode(cx, db, h, loc, b, &mut tmp).is_ok()
-            },
-        );
-        match r {
-            Ok(_) => {
-                out.clear();
-                out.extend_from_slice(&tmp);
-                Ok(())
-            }
-            Err(why) => {
-                db.mark_bad(h);
-                Err(PieceError(format!("{first}; not repairable: {why}")))
-            }
-        }
-    }
-
-    fn file(&mut self, pack: u32) -> Result<&File, PieceError> {
-        if !self.files.contains_key(&pack) {
-            let p = self.db.pack_path(pack);
-            let f = fsutil::open_regular(&p).map_err(|e| {
-                PieceError(format!("cannot open {}", fsutil::describe_error(&p, &e)))
-            })?;
-            self.files.insert(pack, f);
-        }
-        Ok(&self.files[&pack])
-    }
-
-    /// Decodes one stored object into `out` (appended) and checks it: a
-    /// sealed object must open under the store key with its id (which
-    /// authenticates it), a plain one must match its hash.
-    fn decode(
-        cx: Decode<'_>,
-        db: &ObjectDb,
-        h: &Hash,
-        loc: &Loc,
-        stored: &[u8],
-        out: &mut Vec<u8>,
-    ) -> Result<(), PieceError> {
-        let dctx = cx.dctx;
-        let pack = &db.packs[loc.pack as usize].name;
-        let what = || format!("object {} in pack {pack}", &hex(h)[..16]);
-        let sealed = loc.flags & FLAG_SEALED != 0;
-        if sealed && loc.flags & FLAG_ZSTD == 0 {
-            // Stored raw (incompressible, the common case for pages):
-            // decrypt straight into the output.
-            let Some(key) = db.key() else {
-                return Err(PieceError(format!(
-                    "{}: sealed, and no store key is loaded",
-                    what()
-                )));
-            };
-            if stored.len() != loc.raw_len as usize + super::crypto::TAG_LEN {
-                return Err(PieceError(format!("{}: bad stored length", what())));
-            }
-            return key.open_object_append(h, stored, out).map_err(|_| {
-                PieceError(format!(
-                    "{}: does not authenticate under the store key (damaged, or not sealed by \
-                     this store)",
-                    what()
-                ))
-            });
-        }
-        let stored = if sealed {
-            let Some(key) = db.key() else {
-                return Err(PieceError(format!(
-                    "{}: sealed, and no store key is loaded",
-                    what()
-                )));
-            };
-            cx.opened.clear();
-            cx.opened.extend_from_slice(stored);
-            key.open_object(h, cx.opened).map_err(|_| {
-                PieceError(format!(
-                    "{}: does not authenticate under the store key (damaged, or not sealed by \
-                     this store)",
-                    what()
-                ))
-            })?;
-            &cx.opened[..]
-        } else if cx.sealed_only {
-            return Err(PieceError(format!(
-                "{}: not sealed, but the checkpoint is (the object was not written with this \
-                 store's key)",
-                what()
-            )));
-        } else {
-            stored
-        };
-        let start = out.len();
-        if loc.flags & FLAG_ZSTD != 0 {
-            out.resize(start + loc.raw_len as usize, 0);
-            let n = dctx
-                .decompress_to_buffer(stored, &mut out[start..])
-                .map_err(|e| PieceError(format!("{}: cannot decompress: {e}", what())))?;
-            if n != loc.raw_len as usize {
-                return Err(PieceError(format!(
-                    "{}: decompressed to {n} bytes, index says {}",
-                    what(),
-                    loc.raw_len
-                )));
-            }
-        } else {
-            if stored.len() != loc.raw_len as usize {
-                return Err(PieceError(format!("{}: bad stored length", what())));
-            }
-            out.extend_from_slice(stored);
-        }
-        if !sealed && hash(&out[start..]) != *h {
-            return Err(PieceError(format!(
-                "{}: contents do not match their hash",
-                what()
-            )));
-        }
-        Ok(())
-    }
-
-    /// Reads and verifies one object into `out` (cleared first).
-    pub fn read(&mut self, h: &Hash, out: &mut Vec<u8>) -> Result<(), PieceError> {
-        let loc = self.db.get(h).ok_or_else(|| {
-            PieceError(format!(
-                "object {} is missing from the store",
-                &hex(h)[..16]
-            ))
-        })?;
-        let mut stored = std::mem::take(&mut self.run);
-        stored.resize(loc.stored_len as usize, 0);
-        let pack_name = &self.db.packs[loc.pack as usize].name;
-        let r = self.file(loc.pack).and_then(|f| {
-            f.read_exact_at(&mut stored, loc.offset).map_err(|e| {
-                PieceError(format!(
-                    "object {}: cannot read pack {pack_name}: {e}",
-                    &hex(h)[..16],
-                ))
-            })
-        });
-        out.clear();
-        let db = self.db;
-        let res = r.and_then(|()| Self::decode(self.ctx(), db, h, &loc, &stored, out));
-        self.run = stored;
-        res.or_else(|e| {
-            out.clear();
-            self.read_repaired(h, &loc, out, e)
-        })
-    }
-
-    /// Reads a verified object in its stored form (for repacking).
-    pub fn read_stored(&mut self, h: &Hash, stored: &mut Vec<u8>) -> Result<Loc, PieceError> {
-        let loc = self.db.get(h).ok_or_else(|| {
-            PieceError(format!(
-                "object {} is missing from the store",
-                &hex(h)[..16]
-            ))
-        })?;
-        stored.resize(loc.stored_len as usize, 0);
-        let read = self.file(loc.pack).and_then(|f| {
-            f.read_exact_at(stored, loc.offset)
-                .map_err(|e| PieceError(format!("cannot read pack: {e}")))
-        });
-        let mut out = Vec::new();
-        let db = self.db;
-        let first =
-            match read.and_then(|()| Self::decode(self.ctx(), db, h, &loc, stored, &mut out)) {
-                Ok(()) => return Ok(loc),
-                Err(e) => e,
-            };
-        // Repaired bytes of the stored form (gc copies them as they are).
-        let path = db.pack_path(loc.pack);
-        let (dctx, opened, sealed_only) = (&mut self.dctx, &mut self.opened, self.sealed_only);
-        let bytes = heal::read_range(
-            db.mirror(),
-            &path,
-            loc.offset,
-            loc.stored_len as usize,
-            &mut |b| {
-                let cx = Decode {
-                    dctx: &mut *dctx,
-                    opened: &mut *opened,
-                    sealed_only,
-                };
-                Self::decode(cx, db, h, &loc, b, &mut Vec::new()).is_ok()
-            },
-        )
-        .map_err(|why| PieceError(format!("{first}; not repairable: {why}")))?;
-        *stored = bytes;
-        Ok(loc)
-    }
-
-    /// The chunk hashes of a file's tree (nodes are read and verified).
-    pub fn leaves(&mut self, root: &Hash, depth: u8) -> Result<Vec<Hash>, PieceError> {
-        let mut level = vec![*root];
-        let mut buf = Vec::new();
-        for d in (1..=depth).rev() {
-            let mut next = Vec::with_capacity(level.len() * FANOUT);
-            for h in &level {
-                self.read(h, &mut buf)?;
-                if buf.is_empty() || buf.len() % 32 != 0 || buf.len() > FANOUT * 32 {
-                    return Err(PieceError(format!(
-                        "tree node {} (level {d}) has a bad length {}",
-                        &hex(h)[..16],
-                        buf.len()
-                    )));
-                }
-                next.extend(buf.chunks_exact(32).map(|c| Hash::try_from(c).unwrap()));
-            }
-            level = next;
-        }
-        Ok(level)
-    }
-
-    /// Reads and verifies `hashes` (chunks of one file, in order), calling
-    /// `sink` with each chunk's contents. Objects that lie back to back in
-    /// a pack are read with one call.
-    pub fn read_chunks(
-        &mut self,
-        hashes: &[(usize, Hash)],
-        sink: &mut ChunkSink<'_>,
-    ) -> Result<(), PieceError> {
-        let mut i = 0;
-        let mut out = Vec::new();
-        while i < hashes.len() {
-            let first = self.db.get(&hashes[i].1).ok_or_else(|| {
-                PieceError(format!(
-                    "chunk {} (object {}) is missing from the store",
-                    hashes[i].0,
-                    &hex(&hashes[i].1)[..16]
-                ))
-            })?;
-            // Extend the run while the next object follows in the same pack.
-            let mut j = i + 1;
-            let mut end = first.offset + first.stored_len as u64;
-            while j < hashes.len() && end - first.offset < RUN_MAX {
-                match self.db.get(&hashes[j].1) {
-                    Some(l) if l.pack == first.pack && l.offset == end => {
-                        end += l.stored_len as u64;
-                        j += 1;
-                    }
-                    _ => break,
-                }
-            }
-            let mut run = std::mem::take(&mut self.run);
-            run.resize((end - first.offset) as usize, 0);
-            // A run that cannot be read (a lost tail, a missing pack) is
-            // read object by object through the repair path.
-            let run_err = match self.file(first.pack) {
-                Ok(f) => f.read_exact_at(&mut run, first.offset).err().map(|e| {
-                    PieceError(format!(
-                        "cannot read pack {}: {e}",
-                        self.db.packs[first.pack as usize].name
-                    ))
-                }),
-                Err(e) => Some(e),
-            };
-            let mut res = Ok(());
-            for (idx, h) in &hashes[i..j] {
-                let loc = self.db.get(h).unwrap();
-                let s = (loc.offset - first.offset) as usize;
-                out.clear();
-                let db = self.db;
-                let r = match &run_err {
-                    Some(e) => Err(e.clone()),
-                    None => Self::decode(
-                        self.ctx(),
-                        db,
-                        h,
-                        &loc,
-                        &run[s..s + loc.stored_len as usize],
-                        &mut out,
-                    ),
-                };
-                let r = r
-                    .or_else(|e| {
-                        out.clear();
-                        self.read_repaired(h, &loc, &mut out, e)
-                    })
-                    .map_err(|e| PieceError(format!("chunk {idx}: {e}")))
-                    .and_then(|()| sink(*idx, &out));
-                if let Err(e) = r {
-                    res = Err(e);
-                    break;
-                }
-            }
-            self.run = run;
-            res?;
-            i = j;
-        }
-        Ok(())
-    }
-}
-
 /// Copies the store file `from` to `to` (a fresh temporary name in its
 /// directory, fsync, rename).
 pub fn copy_file(from: &Path, to: &Path) -> io::Result<()> {
@@ -1305,8 +1031,9 @@ pub fn copy_file(from: &Path, to: &Path) -> io::Result<()> {
     r
 }
 
-/// Reads a whole regular file in `chunk`-sized pieces, calling `f` for each.
-pub fn for_each_chunk(
+/// Reads a whole regular file in batches of up to 4 MiB, each a whole
+/// number of `chunk`-sized pieces (except at the end of the file).
+pub fn for_each_batch(
     path: &Path,
     chunk: usize,
     f: &mut dyn FnMut(&[u8]) -> io::Result<()>,
@@ -1329,9 +1056,7 @@ pub fn for_each_chunk(
         if n == 0 {
             break;
         }
-        for c in buf[..n].chunks(chunk) {
-            f(c)?;
-        }
+        f(&buf[..n])?;
         total += n as u64;
         if n < buf.len() {
             break;
@@ -1341,92 +1066,5 @@ pub fn for_each_chunk(
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn pack_roundtrip_dedup_and_runs() {
-        let tmp = tempfile::tempdir().unwrap();
-        let mut db = ObjectDb::new(tmp.path());
-        db.refresh().unwrap();
-        let mut w = PackWriter::new(tmp.path(), None).unwrap();
-        let mut t = TreeBuilder::new();
-        let mut data = Vec::new();
-        for i in 0..300u32 {
-            // Compressible and incompressible pages, with repeats.
-            let page: Vec<u8> = if i % 3 == 0 {
-                vec![(i % 7) as u8; 4096]
-            } else {
-                (0..4096u32)
-                    .map(|k| (k.wrapping_mul(2654435761).wrapping_add(i * 97) >> 13) as u8)
-                    .collect()
-            };
-            t.push(&db, &mut w, &page).unwrap();
-            data.extend_from_slice(&page);
-        }
-        let (root, depth) = t.finish(&db, &mut w).unwrap();
-        assert_eq!(depth, 2); // 300 leaves -> 5 nodes -> 1 root
-        let p = w.finish().unwrap().unwrap();
-        db.refresh().unwrap();
-        assert_eq!(db.packs.len(), 1);
-        assert_eq!(db.packs[0].objects, p.objects);
-        let mut r = Reader::new(&db).unwrap();
-        let leaves = r.leaves(&root, depth).unwrap();
-        assert_eq!(leaves.len(), 300);
-        let mut back = Vec::new();
-        let items: Vec<(usize, Hash)> = leaves.into_iter().enumerate().collect();
-        r.read_chunks(&items, &mut |_, c| {
-            back.extend_from_slice(c);
-            Ok(())
-        })
-        .unwrap();
-        assert_eq!(back, data);
-
-        // A second pack with the same data adds nothing.
-        let mut w = PackWriter::new(tmp.path(), None).unwrap();
-        let mut t = TreeBuilder::new();
-        for c in data.chunks(4096) {
-            t.push(&db, &mut w, c).unwrap();
-        }
-        assert_eq!(t.finish(&db, &mut w).unwrap(), (root, depth));
-        assert!(w.finish().unwrap().is_none());
-        let leftovers: Vec<_> = fs::read_dir(tmp.path())
-            .unwrap()
-            .map(|e| e.unwrap().file_name().into_string().unwrap())
-            .filter(|n| n.starts_with(TMP_PREFIX))
-            .collect();
-        assert!(leftovers.is_empty(), "{leftovers:?}");
-    }
-
-    #[test]
-    fn damaged_index_and_object_are_reported() {
-        let tmp = tempfile::tempdir().unwrap();
-        let mut db = ObjectDb::new(tmp.path());
-        let mut w = PackWriter::new(tmp.path(), None).unwrap();
-        let a = vec![1u8; 5000];
-        let ha = hash(&a);
-        w.add(ha, &a).unwrap();
-        let name = w.finish().unwrap().unwrap().name;
-        db.refresh().unwrap();
-        // Flip a byte of the stored object.
-        let pp = tmp.path().join(format!("{name}.pack"));
-        let mut bytes = fs::read(&pp).unwrap();
-        let last = bytes.len() - 1;
-        bytes[last] ^= 0x40;
-        fs::write(&pp, &bytes).unwrap();
-        let mut r = Reader::new(&db).unwrap();
-        let mut out = Vec::new();
-        let e = r.read(&ha, &mut out).unwrap_err();
-        assert!(e.0.contains(&name), "{e}");
-        // Damage the index: its objects disappear and it is reported.
-        let ip = tmp.path().join(format!("{name}.idx"));
-        let mut bytes = fs::read(&ip).unwrap();
-        bytes[20] ^= 1;
-        fs::write(&ip, &bytes).unwrap();
-        let mut db = ObjectDb::new(tmp.path());
-        db.refresh().unwrap();
-        assert!(!db.contains(&ha));
-        assert_eq!(db.bad_indexes.len(), 1);
-        assert!(db.bad_indexes[0].1.contains("checksum"));
-    }
-}
+#[path = "objects_tests.rs"]
+mod tests;

@@ -11,7 +11,8 @@ use tracing::warn;
 use super::format::{
     parse_id, tree_of, valid_file_name, FileEntry, ImageInfo, MANIFEST_VERSION_V1,
 };
-use super::objects::{Hash, HashSetH, ObjectDb, PieceError, Reader};
+use super::objects::{Hash, HashSetH, ObjectDb, PieceError};
+use super::reader::Reader;
 use super::{ImageStore, StoreError};
 use crate::fsutil;
 
