@@ -119,8 +119,8 @@
 //!
 //! * this file: [`ImageStore`] itself (open, lock, marker, listing) and
 //!   [`StoreError`];
-//! * `format.rs`: names, limits, ids and `MANIFEST.json` (its types, how it
-//!   is read and checked);
+//! * `format.rs`: names, limits, ids and the manifest (`MANIFEST.json`, or
+//!   `MANIFEST.sealed`: its types, how it is read, opened and checked);
 //! * `ingest.rs`: [`ImageStore::begin`], [`Staging`], [`Staging::commit`];
 //! * `materialise.rs`: [`ImageStore::materialise`];
 //! * `verify.rs`: [`ImageStore::verify`], [`ImageStore::verify_all`] and
@@ -128,8 +128,28 @@
 //! * `maintain.rs`: retention, gc, repacking, crash leftovers;
 //! * `scratch.rs`: [`scratch_dir`], [`remove_scratch`] and tmpfs staging
 //!   directories;
-//! * `objects.rs`: packs, indexes, chunk trees and verified reads;
+//! * `objects.rs`: packs, indexes, chunk trees, parallel batch ingest;
+//! * `reader.rs`: verified reads of objects, with the repair fallback;
+//! * `crypto.rs`: the store key, sealing and keyed ids;
+//! * `keyring.rs`: which key a store needs (its marker), loading or
+//!   generating it;
+//! * `parity.rs`: Reed-Solomon sidecars (`<file>.par`);
+//! * `heal.rs`: reading a damaged file through its parity or the second
+//!   copy;
+//! * `repair.rs`: [`ImageStore::repair`] (`verify --repair`, scrub);
+//! * `options.rs`: the `[store]` table ([`StoreOptions`]);
 //! * `util.rs`: small filesystem helpers shared by the above.
+//!
+//! # Encryption and redundancy
+//!
+//! With a store key (`crypto.rs`), objects are named by keyed BLAKE3 and
+//! stored sealed (XChaCha20-Poly1305, nonce from the id, id as associated
+//! data); indexes are sealed under their pack's name and manifests under
+//! their checkpoint id (`MANIFEST.sealed`). Every new pack, index and
+//! manifest gets a parity sidecar (`parity.rs`); with `copies = 2` every
+//! file is also written under the second copy's root (same layout). Reads
+//! take the file as it is and turn to `heal.rs` only when it fails to
+//! authenticate, parse or read.
 
 mod crypto;
 mod format;
