@@ -26,7 +26,7 @@ use std::collections::{HashMap, HashSet};
 use std::fs::{self, File, OpenOptions};
 use std::hash::{BuildHasherDefault, Hasher};
 use std::io::{self, BufWriter, Read, Write};
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use std::sync::{Arc, Mutex};
@@ -194,6 +194,8 @@ pub struct ObjectDb {
     mirror: Mirror,
     /// Objects found damaged beyond repair (kept across reloads).
     bad: Arc<Mutex<HashSetH>>,
+    /// (inode, mtime) of each index when it was read.
+    stamps: HashMap<String, (u64, i64, i64)>,
     /// Index files that failed their checksum or format check: (name, why).
     pub bad_indexes: Vec<(String, String)>,
 }
@@ -295,10 +297,25 @@ impl ObjectDb {
         }
         names.sort();
         let present: HashSet<&String> = names.iter().collect();
-        if self.loaded.keys().any(|k| !present.contains(k)) {
+        // An index rewritten in place (`verify --repair` dropped damaged
+        // objects from it) is re-read: its stamp changed.
+        let stamps: HashMap<String, (u64, i64, i64)> = names
+            .iter()
+            .filter_map(|n| {
+                let md = fs::symlink_metadata(dir.join(format!("{n}.idx"))).ok()?;
+                Some((n.clone(), (md.ino(), md.mtime(), md.mtime_nsec())))
+            })
+            .collect();
+        if self.loaded.keys().any(|k| !present.contains(k))
+            || self
+                .stamps
+                .iter()
+                .any(|(n, s)| stamps.get(n).is_some_and(|now| now != s))
+        {
             let key = self.key.take();
             self.set_key(key);
         }
+        self.stamps = stamps;
         self.bad_indexes.clear();
         for name in names {
             if self.loaded.contains_key(&name) {
