@@ -69,6 +69,13 @@ PIN
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq -t forky criu python3-pycriu libcriu-dev >/dev/null
 fi
 
+# `man` for tests/package.rs (man -P cat supervise on the installed package).
+if ! command -v man >/dev/null 2>&1; then
+  apt_update
+  log "installing man-db"
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq man-db >/dev/null
+fi
+
 v="$(criu_version_num)"
 if [ "$v" -lt "$MIN_CRIU" ]; then
   log "criu $(criu --version 2>/dev/null | awk '/^Version:/ {print $2}') is older than 4.2; supervise cannot work on this kernel"

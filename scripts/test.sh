@@ -4,7 +4,9 @@
 #   1. scripts/setup.sh --no-build   installs CRIU >= 4.2 if missing (idempotent)
 #   2. cargo fmt --all -- --check
 #   3. cargo clippy --all-targets -- -D warnings
-#   4. cargo test --all-targets -- --test-threads=2
+#   4. scripts/build-deb.sh          the Debian package (release build), once;
+#                                    tests/package.rs installs it ($SUPERVISE_DEB)
+#   5. cargo test --all-targets -- --test-threads=2
 #
 # The integration tests drive real CRIU against real processes: run this as
 # root on Linux. Usage: scripts/test.sh
@@ -24,22 +26,28 @@ command -v cargo >/dev/null 2>&1 || {
   exit 1
 }
 
-section "1/4 setup (scripts/setup.sh --no-build)"
+section "1/5 setup (scripts/setup.sh --no-build)"
 t=$SECONDS
 bash scripts/setup.sh --no-build
 step_ok setup "$t"
 
-section "2/4 format (cargo fmt --all -- --check)"
+section "2/5 format (cargo fmt --all -- --check)"
 t=$SECONDS
 cargo fmt --all -- --check
 step_ok fmt "$t"
 
-section "3/4 lint (cargo clippy --all-targets -- -D warnings)"
+section "3/5 lint (cargo clippy --all-targets -- -D warnings)"
 t=$SECONDS
 cargo clippy --all-targets -- -D warnings
 step_ok clippy "$t"
 
-section "4/4 tests (cargo test --all-targets -- --test-threads=2)"
+section "4/5 package (scripts/build-deb.sh)"
+t=$SECONDS
+SUPERVISE_DEB="$(bash scripts/build-deb.sh | tail -n1)"
+export SUPERVISE_DEB
+step_ok "package $SUPERVISE_DEB" "$t"
+
+section "5/5 tests (cargo test --all-targets -- --test-threads=2)"
 t=$SECONDS
 cargo test --all-targets -- --test-threads=2
 step_ok tests "$t"

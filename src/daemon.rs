@@ -9,7 +9,9 @@ use tracing::Instrument;
 
 use crate::config::JobConfig;
 use crate::control::server::{Server, ServerError};
-use crate::control::{dispatch, job_channel, JobHandle, Request, Response};
+use crate::control::{
+    dispatch, job_channel, request_shutdown, JobHandle, Request, Response, Shutdown,
+};
 use crate::metrics::{Metrics, MetricsError};
 use crate::reaper::Reaper;
 use crate::slurm::SlurmContext;
@@ -64,7 +66,8 @@ impl Summary {
     }
 }
 
-/// Runs the jobs until each completes, fails, or SIGTERM/SIGINT stops them.
+/// Runs the jobs until each completes, fails, SIGTERM/SIGINT stops them, or
+/// `supervise detach-all` leaves them running.
 /// Must be called inside a tokio runtime.
 pub async fn run(cfgs: Vec<JobConfig>, opts: RunOptions) -> Result<Summary, DaemonError> {
     let reaper = Reaper::install().map_err(|source| DaemonError::Os {
@@ -105,7 +108,8 @@ pub async fn run(cfgs: Vec<JobConfig>, opts: RunOptions) -> Result<Summary, Daem
         handles.push(handle);
         sups.push(s);
     }
-    let (tx, rx) = tokio::sync::watch::channel(false);
+    let (tx, rx) = tokio::sync::watch::channel(Shutdown::No);
+    let tx = Arc::new(tx);
     {
         use tokio::signal::unix::{signal, SignalKind};
         let os = |source| DaemonError::Os {
@@ -114,12 +118,19 @@ pub async fn run(cfgs: Vec<JobConfig>, opts: RunOptions) -> Result<Summary, Daem
         };
         let mut term = signal(SignalKind::terminate()).map_err(os)?;
         let mut int = signal(SignalKind::interrupt()).map_err(os)?;
+        let tx = tx.clone();
         tokio::spawn(async move {
-            tokio::select! {
-                _ = term.recv() => tracing::info!("SIGTERM received"),
-                _ = int.recv() => tracing::info!("SIGINT received"),
+            loop {
+                tokio::select! {
+                    _ = term.recv() => tracing::info!("SIGTERM received"),
+                    _ = int.recv() => tracing::info!("SIGINT received"),
+                }
+                // After `detach-all` (systemd's ExecStop= on a restart),
+                // systemd's SIGTERM changes nothing: the jobs stay running.
+                if request_shutdown(&tx, Shutdown::Configured) == Shutdown::DetachAll {
+                    tracing::info!("detach-all is under way; the jobs are left running");
+                }
             }
-            let _ = tx.send(true);
         });
     }
     let handles = Arc::new(handles);
@@ -128,7 +139,7 @@ pub async fn run(cfgs: Vec<JobConfig>, opts: RunOptions) -> Result<Summary, Daem
     }
     // Only now, with every job prepared, is supervise ready for clients.
     tracing::info!(socket = %server.path().display(), "control socket ready");
-    let control = tokio::spawn(server.serve(handles));
+    let control = tokio::spawn(server.serve(handles, tx));
     let metrics_task = metrics_listener.map(|l| tokio::spawn(crate::metrics::serve(l, metrics)));
     let mut set = tokio::task::JoinSet::new();
     for s in sups {

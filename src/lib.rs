@@ -20,3 +20,4 @@ mod schedule;
 mod slurm;
 pub mod store;
 mod supervisor;
+pub mod systemd;

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::Result;
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use supervise::config::JobConfig;
 use supervise::control::{Request, Response};
 use supervise::daemon::RunOptions;
@@ -103,6 +103,25 @@ enum Cmd {
     Start {
         /// Job name.
         name: String,
+    },
+    /// Leave every job running as it is (no checkpoint) and make supervise
+    /// exit 0; a later `supervise run` re-adopts the jobs.
+    DetachAll,
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    Completions {
+        /// Shell.
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff).
+    #[command(hide = true)]
+    Man,
+    /// Internal: the systemd unit's ExecStop=. On `systemctl restart` of
+    /// UNIT, detach-all; otherwise nothing (systemd's SIGTERM then takes
+    /// the final checkpoints).
+    #[command(name = "__systemd-stop", hide = true)]
+    SystemdStop {
+        /// The unit's name (`%n`).
+        unit: String,
     },
     /// Internal: PID 1 of a job's namespace.
     #[command(name = "__init", hide = true)]
@@ -204,6 +223,37 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
             false,
         ),
         Cmd::Start { name } => control(&socket, Request::Start { job: name }, false),
+        Cmd::DetachAll => control(&socket, Request::DetachAll, false),
+        Cmd::Completions { shell } => {
+            clap_complete::generate(
+                shell,
+                &mut Cli::command(),
+                "supervise",
+                &mut std::io::stdout(),
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Man => {
+            clap_mangen::Man::new(Cli::command()).render(&mut std::io::stdout())?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::SystemdStop { unit } => match supervise::systemd::restarting(&unit) {
+            Ok(true) => {
+                eprintln!("supervise: {unit} is restarting: the jobs are left running");
+                control(&socket, Request::DetachAll, false)
+            }
+            Ok(false) => {
+                eprintln!("supervise: {unit} is stopping: SIGTERM takes the final checkpoints");
+                Ok(ExitCode::SUCCESS)
+            }
+            Err(e) => {
+                eprintln!(
+                    "supervise: cannot tell a restart from a stop ({e}); SIGTERM takes the \
+                     final checkpoints"
+                );
+                Ok(ExitCode::SUCCESS)
+            }
+        },
         Cmd::Init => unreachable!("handled before parsing"),
     }
 }

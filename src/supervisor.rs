@@ -98,6 +98,8 @@ pub enum SupervisorError {
 
 pub use crate::control::protocol::JobState;
 
+pub use crate::control::Shutdown;
+
 /// How supervision of a job ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
@@ -264,7 +266,7 @@ impl Supervisor {
     }
 
     /// Runs the job until it completes, fails for good, or `shutdown` fires.
-    pub async fn run(mut self, shutdown: watch::Receiver<bool>) -> Outcome {
+    pub async fn run(mut self, shutdown: watch::Receiver<Shutdown>) -> Outcome {
         info!(
             schedule = %self.cfg.checkpoint.schedule.describe(),
             images = %self.cfg.checkpoint.dir.display(),
@@ -361,7 +363,7 @@ impl Supervisor {
         Outcome::Superseded(reason)
     }
 
-    async fn run_inner(&mut self, mut shutdown: watch::Receiver<bool>) -> Outcome {
+    async fn run_inner(&mut self, mut shutdown: watch::Receiver<Shutdown>) -> Outcome {
         let mut commands = self.commands.take();
         let mut job = match self.start().await {
             Ok(j) => Some(j),
@@ -418,7 +420,9 @@ impl Supervisor {
                     self.command(cmd, &mut job, &mut ticker).await;
                 }
                 _ = shutdown.changed() => {
+                    let how = *shutdown.borrow_and_update();
                     return match job {
+                        Some(j) if how == Shutdown::DetachAll => self.detach(j),
                         Some(j) => self.shut_down(j).await,
                         None => {
                             info!("shutdown requested; the job is stopped");
@@ -639,6 +643,17 @@ impl Supervisor {
                 Vec::new()
             }
         }
+    }
+
+    /// `supervise detach-all`: no checkpoint, the job keeps running and
+    /// its `job.json` stays, so the next `supervise run` re-adopts it.
+    fn detach(&mut self, job: Running) -> Outcome {
+        info!(
+            pid = job.host_pid,
+            "leaving the job running (detach-all); a new supervise re-adopts it"
+        );
+        self.set_state(JobState::Stopped);
+        Outcome::Detached
     }
 
     async fn shut_down(&mut self, job: Running) -> Outcome {

@@ -48,6 +48,38 @@ pub fn default_socket() -> PathBuf {
     PathBuf::from(format!("/tmp/supervise-{uid}/supervise.sock"))
 }
 
+/// What supervise's own shutdown asks of every job, on a watch channel
+/// shared by the job tasks. It is latched ([`request_shutdown`]): the first
+/// request wins, so the SIGTERM that systemd sends after an `ExecStop=`
+/// that ran `supervise detach-all` does not turn the detach into a stop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Shutdown {
+    /// Keep supervising.
+    #[default]
+    No,
+    /// SIGTERM/SIGINT: final checkpoint, then stop or detach, as each job's
+    /// `[shutdown]` says.
+    Configured,
+    /// `supervise detach-all`: leave every job running as it is, without a
+    /// checkpoint (its `job.json` stays, so a later `supervise run`
+    /// re-adopts it), and exit 0.
+    DetachAll,
+}
+
+/// Latches `how` unless a shutdown is already under way; returns the
+/// shutdown in effect.
+pub fn request_shutdown(tx: &watch::Sender<Shutdown>, how: Shutdown) -> Shutdown {
+    tx.send_if_modified(|cur| {
+        if *cur == Shutdown::No {
+            *cur = how;
+            true
+        } else {
+            false
+        }
+    });
+    *tx.borrow()
+}
+
 /// A command for one job's supervisor task; the answer comes back on the
 /// oneshot.
 #[derive(Debug)]
@@ -133,6 +165,9 @@ pub async fn dispatch(jobs: &[JobHandle], req: Request) -> Response {
             (job, Box::new(move |tx| Command::Stop(c, tx)))
         }
         Request::Start { job } => (job, Box::new(Command::Start)),
+        Request::DetachAll => {
+            return err("detach-all is answered by the control socket's server only".into())
+        }
     };
     let Some(h) = find(name) else {
         let names: Vec<&str> = jobs.iter().map(|j| j.name.as_str()).collect();
@@ -281,5 +316,28 @@ mod tests {
             panic!()
         };
         assert_eq!(s[0].uptime_s, None);
+    }
+
+    #[test]
+    fn the_first_shutdown_request_wins() {
+        let (tx, rx) = watch::channel(Shutdown::No);
+        assert_eq!(
+            request_shutdown(&tx, Shutdown::DetachAll),
+            Shutdown::DetachAll
+        );
+        assert_eq!(
+            request_shutdown(&tx, Shutdown::Configured),
+            Shutdown::DetachAll
+        );
+        assert_eq!(*rx.borrow(), Shutdown::DetachAll);
+        let (tx, _rx) = watch::channel(Shutdown::No);
+        assert_eq!(
+            request_shutdown(&tx, Shutdown::Configured),
+            Shutdown::Configured
+        );
+        assert_eq!(
+            request_shutdown(&tx, Shutdown::DetachAll),
+            Shutdown::Configured
+        );
     }
 }

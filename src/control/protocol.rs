@@ -41,6 +41,10 @@ pub enum Request {
         /// Job name.
         job: String,
     },
+    /// Leave every job running as it is (no checkpoint) and exit 0; a
+    /// later `supervise run` re-adopts the jobs. What `systemctl restart`
+    /// uses (`ExecStop=`).
+    DetachAll,
 }
 
 /// The supervisor's answer.

@@ -9,7 +9,9 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tracing::{info, warn};
 
-use super::{dispatch, JobHandle, Request, Response};
+use tokio::sync::watch;
+
+use super::{dispatch, request_shutdown, JobHandle, Request, Response, Shutdown};
 
 /// Errors setting up the control socket.
 #[derive(Debug, thiserror::Error)]
@@ -87,7 +89,7 @@ impl Server {
     }
 
     /// Serves requests until the task is dropped.
-    pub async fn serve(self, jobs: Arc<Vec<JobHandle>>) {
+    pub async fn serve(self, jobs: Arc<Vec<JobHandle>>, shutdown: Arc<watch::Sender<Shutdown>>) {
         let owner = nix::unistd::geteuid().as_raw();
         loop {
             let (stream, _) = match self.listener.accept().await {
@@ -99,8 +101,9 @@ impl Server {
                 }
             };
             let jobs = jobs.clone();
+            let shutdown = shutdown.clone();
             tokio::spawn(async move {
-                if let Err(e) = handle(stream, &jobs, owner).await {
+                if let Err(e) = handle(stream, &jobs, &shutdown, owner).await {
                     warn!(error = %e, "control connection failed");
                 }
             });
@@ -108,7 +111,12 @@ impl Server {
     }
 }
 
-async fn handle(stream: UnixStream, jobs: &[JobHandle], owner: u32) -> io::Result<()> {
+async fn handle(
+    stream: UnixStream,
+    jobs: &[JobHandle],
+    shutdown: &watch::Sender<Shutdown>,
+    owner: u32,
+) -> io::Result<()> {
     let uid = stream.peer_cred()?.uid();
     let (r, mut w) = stream.into_split();
     let reply = |resp: &Response| {
@@ -143,6 +151,23 @@ async fn handle(stream: UnixStream, jobs: &[JobHandle], owner: u32) -> io::Resul
         return Ok(());
     }
     let resp = match serde_json::from_str::<Request>(&line) {
+        Ok(Request::DetachAll) => {
+            info!("control request: detach-all");
+            match request_shutdown(shutdown, Shutdown::DetachAll) {
+                Shutdown::DetachAll => Response::Done {
+                    message: format!(
+                        "detaching {} job(s): each is left running, without a checkpoint, once \
+                         its current step ends; supervise then exits",
+                        jobs.len()
+                    ),
+                },
+                _ => Response::Error {
+                    message: "supervise is already shutting down (SIGTERM): final \
+                              checkpoints as configured"
+                        .into(),
+                },
+            }
+        }
         Ok(req) => {
             info!(?req, "control request");
             dispatch(jobs, req).await
@@ -191,11 +216,18 @@ mod tests {
         std::fs::write(&path, "").unwrap();
         let s = Server::bind(&path).await.unwrap();
         let jobs = Arc::new(Vec::new());
-        let task = tokio::spawn(s.serve(jobs));
+        let (tx, rx) = tokio::sync::watch::channel(Shutdown::No);
+        let task = tokio::spawn(s.serve(jobs, Arc::new(tx)));
         let resp = super::super::client::call(&path, &Request::Status)
             .await
             .unwrap();
         assert_eq!(resp, Response::Status { jobs: vec![] });
+        // detach-all latches the shutdown for every job task.
+        let resp = super::super::client::call(&path, &Request::DetachAll)
+            .await
+            .unwrap();
+        assert!(matches!(resp, Response::Done { .. }), "{resp:?}");
+        assert_eq!(*rx.borrow(), Shutdown::DetachAll);
         task.abort();
     }
 }

@@ -249,7 +249,7 @@ impl Supervisor {
         &mut self,
         status: ExitStatus,
         since: Instant,
-        shutdown: &mut watch::Receiver<bool>,
+        shutdown: &mut watch::Receiver<super::Shutdown>,
     ) -> Result<Running, Outcome> {
         self.set_state(JobState::Dead);
         let ran = since.elapsed();

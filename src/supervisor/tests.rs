@@ -117,7 +117,7 @@ struct Harness {
     _dir: tempfile::TempDir,
     fake: Arc<Fake>,
     handle: JobHandle,
-    shutdown: watch::Sender<bool>,
+    shutdown: watch::Sender<Shutdown>,
     task: tokio::task::JoinHandle<Outcome>,
 }
 
@@ -137,7 +137,7 @@ async fn start(restore: &str) -> Harness {
     let mut sup = Supervisor::new(cfg, reaper(), None).unwrap();
     sup.engine = fake.clone();
     sup.connect(port, Metrics::new());
-    let (shutdown, rx) = watch::channel(false);
+    let (shutdown, rx) = watch::channel(Shutdown::No);
     let task = tokio::spawn(sup.run(rx));
     let h = Harness {
         _dir: dir,
@@ -228,8 +228,17 @@ async fn clean_exit_completes_and_shutdown_checkpoints_then_stops() {
     h.fake.die(ExitStatus::Code(0));
     assert!(matches!(h.task.await.unwrap(), Outcome::Completed(_)));
     let h = start("").await;
-    h.shutdown.send(true).unwrap();
+    h.shutdown.send(Shutdown::Configured).unwrap();
     assert_eq!(h.task.await.unwrap(), Outcome::Stopped);
     // The final checkpoint was taken, and the job killed.
     assert_eq!(h.fake.counts(), (1, 1, 0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn detach_all_leaves_the_job_running_without_a_checkpoint() {
+    let h = start("").await;
+    h.shutdown.send(Shutdown::DetachAll).unwrap();
+    assert_eq!(h.task.await.unwrap(), Outcome::Detached);
+    // No checkpoint, no kill: one launch and nothing else.
+    assert_eq!(h.fake.counts(), (1, 0, 0));
 }
