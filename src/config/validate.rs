@@ -69,15 +69,19 @@ impl JobConfig {
                         "checkpoint.dir",
                         format!("image directory {}", c.checkpoint.dir.display()),
                     ))
-                } else if let Some(d) = c.store.copy_dir.as_ref().filter(|d| {
-                    other.store.copy_dir.as_ref() == Some(*d) || other.checkpoint.dir == **d
-                }) {
-                    Some((
-                        "store.copy_dir",
-                        format!("second copy directory {}", d.display()),
-                    ))
                 } else {
-                    None
+                    c.store
+                        .copy_dir
+                        .as_ref()
+                        .filter(|d| {
+                            other.store.copy_dir.as_ref() == Some(*d) || other.checkpoint.dir == **d
+                        })
+                        .map(|d| {
+                            (
+                                "store.copy_dir",
+                                format!("second copy directory {}", d.display()),
+                            )
+                        })
                 };
                 if let Some((key, what)) = clash {
                     return Err(ConfigError::Invalid {
