@@ -11,6 +11,9 @@ use supervise::control::{Request, Response};
 use supervise::daemon::RunOptions;
 use supervise::store::{ImageStore, StoreError};
 
+#[path = "cli/progress.rs"]
+mod progress;
+
 #[derive(Parser)]
 #[command(
     name = "supervise",
@@ -263,7 +266,18 @@ fn control(socket: &std::path::Path, req: Request, json: bool) -> Result<ExitCod
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let resp = match rt.block_on(supervise::control::client::call(socket, &req)) {
+    // The supervisor answers only when done: show that we wait.
+    let waiting = match &req {
+        Request::Status | Request::DetachAll => None,
+        Request::Checkpoint { job } => Some(format!("checkpointing {job}")),
+        Request::Restore { job, .. } => Some(format!("restoring {job}")),
+        Request::Stop { job, .. } => Some(format!("stopping {job}")),
+        Request::Start { job } => Some(format!("starting {job}")),
+    };
+    let spinner = waiting.and_then(progress::Spinner::start);
+    let resp = rt.block_on(supervise::control::client::call(socket, &req));
+    drop(spinner);
+    let resp = match resp {
         Ok(r) => r,
         Err(e @ supervise::control::client::ClientError::PermissionDenied { .. }) => {
             eprintln!("supervise: {e}");
@@ -300,8 +314,9 @@ fn control(socket: &std::path::Path, req: Request, json: bool) -> Result<ExitCod
 
 /// The job's store for `images`/`verify`/`gc`, `None` if it does not
 /// exist. A store the caller may not read is an error
-/// ([`StoreError::PermissionDenied`]), never "no store".
-fn open_store(cfg: &JobConfig) -> Result<Option<ImageStore>, StoreError> {
+/// ([`StoreError::PermissionDenied`]), never "no store". On a terminal
+/// (and not `--json`) it draws progress on stderr.
+fn open_store(cfg: &JobConfig, json: bool) -> Result<Option<ImageStore>, StoreError> {
     let dir = &cfg.checkpoint.dir;
     match std::fs::symlink_metadata(dir) {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
@@ -310,7 +325,11 @@ fn open_store(cfg: &JobConfig) -> Result<Option<ImageStore>, StoreError> {
         }
         _ => {}
     }
-    ImageStore::open_read_only_with(dir, &cfg.store).map(Some)
+    let store = ImageStore::open_read_only_with(dir, &cfg.store)?;
+    Ok(Some(match progress::Bar::for_terminal(json) {
+        Some(bar) => store.with_progress(bar),
+        None => store,
+    }))
 }
 
 /// A store error of `images`/`verify`/`gc`: "permission denied" exits 1
@@ -345,7 +364,7 @@ fn no_store(cfg: &JobConfig) -> ExitCode {
 
 fn images(job: &Path, json: bool, check: bool) -> Result<ExitCode> {
     let cfg = JobConfig::load(job)?;
-    let store = store_try!(&cfg, open_store(&cfg));
+    let store = store_try!(&cfg, open_store(&cfg, json));
     let list = match &store {
         Some(s) => store_try!(&cfg, s.list()),
         None => Vec::new(),
@@ -417,7 +436,7 @@ fn images(job: &Path, json: bool, check: bool) -> Result<ExitCode> {
 
 fn verify(job: &Path, repair: bool) -> Result<ExitCode> {
     let cfg = JobConfig::load(job)?;
-    let Some(store) = store_try!(&cfg, open_store(&cfg)) else {
+    let Some(store) = store_try!(&cfg, open_store(&cfg, false)) else {
         return Ok(no_store(&cfg));
     };
     let r = if repair {
@@ -474,7 +493,7 @@ fn verify(job: &Path, repair: bool) -> Result<ExitCode> {
 
 fn gc(job: &Path) -> Result<ExitCode> {
     let cfg = JobConfig::load(job)?;
-    let Some(store) = store_try!(&cfg, open_store(&cfg)) else {
+    let Some(store) = store_try!(&cfg, open_store(&cfg, false)) else {
         return Ok(no_store(&cfg));
     };
     let r = store_try!(&cfg, store.gc());

@@ -161,6 +161,7 @@ mod materialise;
 mod objects;
 mod options;
 mod parity;
+mod progress;
 mod reader;
 mod repair;
 mod scratch;
@@ -180,6 +181,7 @@ pub use maintain::GcReport;
 pub use materialise::Materialised;
 pub use objects::{Hash, PieceError, FANOUT, FILE_CHUNK, PAGE_CHUNK};
 pub use options::{StoreOptions, DEFAULT_KEY_FILE};
+pub use progress::{NoProgress, Progress};
 pub use repair::RepairSummary;
 pub use scratch::{remove_scratch, scratch_dir};
 pub use util::dir_size;
@@ -363,6 +365,8 @@ pub struct ImageStore {
     parity: bool,
     /// The second copy (`[store] copies = 2`).
     mirror: heal::Mirror,
+    /// Told how far long operations are ([`ImageStore::with_progress`]).
+    progress: progress::ProgressHandle,
 }
 
 /// Why a directory entry was not listed (internal; surfaced as warnings).
@@ -488,6 +492,7 @@ impl ImageStore {
             sealed_from: None,
             parity: false,
             mirror: heal::Mirror::default(),
+            progress: progress::ProgressHandle::default(),
         }
     }
 
@@ -527,6 +532,35 @@ impl ImageStore {
     pub fn with_tmpfs_staging(mut self, on: bool) -> ImageStore {
         self.tmpfs_staging = on;
         self
+    }
+
+    /// Report the progress of long operations to `progress` (default:
+    /// [`NoProgress`]). Bytes and totals per operation:
+    ///
+    /// * [`verify_all`](ImageStore::verify_all) (and so `images`): one
+    ///   phase "verifying"; total = the logical size of every listed
+    ///   checkpoint (the sum of its regular files' sizes). A piece shared
+    ///   with an image verified before counts as done without being read
+    ///   again, so the bar may jump.
+    /// * [`materialise`](ImageStore::materialise): "restoring"; total = the
+    ///   image's logical size, advanced as pieces are written out.
+    /// * [`repair`](ImageStore::repair): "checking store files" (total =
+    ///   the size of the packs, indexes and manifests it checks against
+    ///   their parity and second copy), then the verify phase(s) above.
+    /// * [`gc`](ImageStore::gc): "marking" (total = the logical size of
+    ///   every checkpoint; only tree nodes are read, so it is quick), then
+    ///   "repacking" (total = the stored bytes of the live objects it
+    ///   copies), when a pack is rewritten.
+    ///
+    /// Advances are batched (about one call per MiB).
+    pub fn with_progress(mut self, progress: Arc<dyn Progress>) -> ImageStore {
+        self.progress = progress::ProgressHandle(progress);
+        self
+    }
+
+    /// The progress receiver ([`ImageStore::with_progress`]).
+    fn progress(&self) -> &dyn Progress {
+        &*self.progress.0
     }
 
     /// The store directory.

@@ -13,9 +13,11 @@ use super::format::{
 };
 use super::objects::{self, Hash, HashSetH, ObjectDb, PackWriter, PieceError};
 use super::parity;
+use super::progress::{Batch, Phase};
 use super::reader::Reader;
 use super::scratch::{remove_ours_with_prefix, tmpfs_staging_prefix};
 use super::util::{failpoint, fsync_dir, remove_any};
+use super::verify::logical_bytes;
 use super::{check_packs_dir, io_err, ImageStore, StoreError};
 use crate::fsutil;
 
@@ -117,8 +119,14 @@ impl ImageStore {
         let mut live = HashSetH::default();
         if report.refused.is_none() {
             let mut reader = Reader::new(&db).map_err(io_err(db.dir()))?;
+            let total = infos.iter().map(logical_bytes).sum();
+            let _phase = Phase::start(self.progress(), "marking", total);
+            let mut batch = Batch::new(self.progress());
             'images: for img in &infos {
                 for f in &img.manifest.files {
+                    if f.link.is_none() {
+                        batch.add(f.size);
+                    }
                     let Some((root, depth)) = tree_of(f) else {
                         if img.manifest.version >= MANIFEST_VERSION && f.link.is_none() {
                             report.refused = Some(format!(
@@ -157,18 +165,27 @@ impl ImageStore {
         }
         let packs_dir = db.dir().to_path_buf();
         let mut changed = false;
+        let rewrite = |i: usize, stored_bytes: u64| {
+            let dead = stored_bytes - live_bytes[i];
+            live_bytes[i] != 0 && dead > live_bytes[i] && dead >= (1 << 20)
+        };
+        let to_copy: u64 = (db.packs.iter().enumerate())
+            .filter(|(i, p)| rewrite(*i, p.stored_bytes))
+            .map(|(i, _)| live_bytes[i])
+            .sum();
+        let _phase = (to_copy > 0).then(|| Phase::start(self.progress(), "repacking", to_copy));
         for (i, pack) in db.packs.clone().iter().enumerate() {
-            let dead = pack.stored_bytes - live_bytes[i];
             if live_bytes[i] == 0 {
                 self.remove_pack_everywhere(&packs_dir, &pack.name)?;
                 report.removed_packs += 1;
                 report.freed_bytes += pack.file_bytes;
                 changed = true;
                 info!(pack = %pack.name, bytes = pack.file_bytes, "gc removed an unreferenced pack");
-            } else if dead > live_bytes[i] && dead >= (1 << 20) {
+            } else if rewrite(i, pack.stored_bytes) {
                 let objs = &mut live_objs[i];
                 objs.sort_unstable();
-                match repack(&db, &packs_dir, objs, self.parity) {
+                let mut batch = Batch::new(self.progress());
+                match repack(&db, &packs_dir, objs, self.parity, &mut batch) {
                     Ok(Some(new)) => {
                         failpoint("gc-after-repack");
                         self.remove_pack_everywhere(&packs_dir, &pack.name)?;
@@ -315,6 +332,7 @@ fn repack(
     dir: &Path,
     objs: &[(u64, Hash)],
     parity: bool,
+    batch: &mut Batch<'_>,
 ) -> Result<Option<objects::Published>, String> {
     let mut reader = Reader::new(db).map_err(|e| e.to_string())?;
     let mut w = PackWriter::new(dir, db.key().cloned())
@@ -324,6 +342,7 @@ fn repack(
     let mut buf = Vec::new();
     for (_, h) in objs {
         let loc = reader.read_stored(h, &mut buf).map_err(|e| e.0)?;
+        batch.add(loc.stored_len as u64);
         w.add_stored(*h, &buf, loc.raw_len, loc.flags)
             .map_err(|e| e.to_string())?;
     }

@@ -12,8 +12,9 @@ use tracing::debug;
 
 use super::format::{valid_file_name, valid_link, FileEntry, ImageInfo, MANIFEST_VERSION_V1};
 use super::objects::{Hash, HashSetH, ObjectDb, PieceError};
+use super::progress::{Batch, Phase, Progress};
 use super::reader::Reader;
-use super::verify::{check_chunk_len, file_leaves, verify_v1};
+use super::verify::{check_chunk_len, file_leaves, logical_bytes, verify_v1};
 use super::{io_err, ImageStore, StoreError};
 use crate::fsutil;
 
@@ -91,12 +92,16 @@ impl ImageStore {
             let db = self.db()?;
             let mut checked = HashSetH::default();
             let mut bytes = 0u64;
-            write_image(&db, image, work_dir, &mut checked, &mut bytes).map_err(|e| match e {
-                WriteError::Store(e) => e,
-                WriteError::Damage(reason) => StoreError::Corrupt {
-                    id: image.id.clone(),
-                    reason,
-                },
+            let progress = self.progress();
+            let _phase = Phase::start(progress, "restoring", logical_bytes(image));
+            write_image(&db, image, work_dir, &mut checked, &mut bytes, progress).map_err(|e| {
+                match e {
+                    WriteError::Store(e) => e,
+                    WriteError::Damage(reason) => StoreError::Corrupt {
+                        id: image.id.clone(),
+                        reason,
+                    },
+                }
             })?;
             Ok(bytes)
         })();
@@ -131,6 +136,7 @@ fn write_image(
     dir: &Path,
     good: &mut HashSetH,
     bytes: &mut u64,
+    progress: &dyn Progress,
 ) -> Result<(), WriteError> {
     let damage = WriteError::Damage;
     if image.manifest.version == MANIFEST_VERSION_V1 {
@@ -149,6 +155,7 @@ fn write_image(
                 .and_then(|mut out| io::copy(&mut (&mut src).take(f.size), &mut out))
                 .map_err(|e| WriteError::Store(io_err(&to)(e)))?;
             *bytes += f.size;
+            progress.advance(f.size);
         }
         return Ok(());
     }
@@ -209,7 +216,9 @@ fn write_image(
                     let file = &file;
                     let leaves = &leaves;
                     let sealed = image.sealed;
-                    s.spawn(move || write_range(db, sealed, f, leaves, chunk, lo, hi, file))
+                    s.spawn(move || {
+                        write_range(db, sealed, f, leaves, chunk, lo, hi, file, progress)
+                    })
                 })
                 .collect();
             handles
@@ -240,6 +249,7 @@ fn write_range(
     lo: usize,
     hi: usize,
     file: &File,
+    progress: &dyn Progress,
 ) -> Result<(), String> {
     if lo >= hi {
         return Ok(());
@@ -252,6 +262,7 @@ fn write_range(
     let mut buf: Vec<u8> = Vec::with_capacity(WRITE_BATCH + chunk as usize);
     let mut buf_start = lo as u64 * chunk;
     let mut io_error: Option<String> = None;
+    let mut batch = Batch::new(progress);
     let flush = |buf: &mut Vec<u8>, at: u64| -> Result<(), String> {
         file.write_all_at(buf, at)
             .map_err(|e| format!("cannot write: {e}"))?;
@@ -262,6 +273,7 @@ fn write_range(
         .read_chunks(&items, &mut |i, data| {
             check_chunk_len(f, chunk, i, last, data.len())?;
             buf.extend_from_slice(data);
+            batch.add(data.len() as u64);
             if buf.len() >= WRITE_BATCH {
                 let at = buf_start;
                 buf_start += buf.len() as u64;

@@ -21,6 +21,7 @@ use tracing::{info, warn};
 use super::format::{MANIFEST_NAME, MANIFEST_SEALED_NAME, PACKS_DIR};
 use super::objects::{self, copy_file, HashSetH};
 use super::parity;
+use super::progress::{Batch, Phase};
 use super::{ImageStore, StoreError};
 
 /// What [`ImageStore::repair`] found and did.
@@ -58,8 +59,13 @@ impl ImageStore {
         {
             let _lock = self.lock(true)?;
             let files = self.store_files()?;
-            for f in &files {
+            let size = |f: &PathBuf| fs::symlink_metadata(f).map_or(0, |m| m.len());
+            let sizes: Vec<u64> = files.iter().map(size).collect();
+            let _phase = Phase::start(self.progress(), "checking store files", sizes.iter().sum());
+            let mut batch = Batch::new(self.progress());
+            for (f, n) in files.iter().zip(sizes) {
                 self.repair_file(f, &mut sum);
+                batch.add(n);
             }
         }
         // Verify everything (takes the shared lock itself).

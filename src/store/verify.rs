@@ -12,6 +12,7 @@ use super::format::{
     parse_id, tree_of, valid_file_name, FileEntry, ImageInfo, MANIFEST_VERSION_V1,
 };
 use super::objects::{Hash, HashSetH, ObjectDb, PieceError};
+use super::progress::{Batch, NoProgress, Phase};
 use super::reader::Reader;
 use super::{ImageStore, StoreError};
 use crate::fsutil;
@@ -51,7 +52,8 @@ impl ImageStore {
         let _lock = self.lock(false)?;
         let db = self.db()?;
         let mut checked = HashSetH::default();
-        check_image(&db, image, &mut checked, &mut |_, _, _| Ok(())).map_err(|reason| {
+        let mut batch = Batch::new(&NoProgress);
+        check_image(&db, image, &mut checked, &mut batch, &mut |_, _, _| Ok(())).map_err(|reason| {
             StoreError::Corrupt {
                 id: image.id.clone(),
                 reason,
@@ -76,8 +78,15 @@ impl ImageStore {
         };
         let mut good = HashSetH::default();
         let before = good.len();
+        let total = infos.iter().map(logical_bytes).sum();
+        let _phase = Phase::start(self.progress(), "verifying", total);
+        let mut batch = Batch::new(self.progress());
         for img in &infos {
-            let r = check_image(&db, img, &mut good, &mut |_, _, _| Ok(()));
+            let done = batch.added();
+            let r = check_image(&db, img, &mut good, &mut batch, &mut |_, _, _| Ok(()));
+            // A damaged image counts as done (the bar sums to its total).
+            let rest = logical_bytes(img).saturating_sub(batch.added() - done);
+            batch.add(rest);
             if let Err(e) = &r {
                 warn!(checkpoint = %img.id, error = %e, "checkpoint failed verification");
             }
@@ -91,12 +100,26 @@ impl ImageStore {
 /// Receives each verified chunk: (file index, chunk index, contents).
 type FileChunkSink<'a> = dyn FnMut(usize, usize, &[u8]) -> Result<(), PieceError> + 'a;
 
+/// What progress counts for an image: the sizes of its regular files.
+pub(super) fn logical_bytes(image: &ImageInfo) -> u64 {
+    image
+        .manifest
+        .files
+        .iter()
+        .filter(|f| f.link.is_none())
+        .map(|f| f.size)
+        .sum()
+}
+
 /// Checks every piece of `image` (skipping objects in `good`, adding the
 /// ones found intact). `sink(file index, chunk index, data)` sees each chunk.
+/// `batch` is advanced by each chunk's length, read or skipped (version 1:
+/// by nothing; the caller accounts for it).
 fn check_image(
     db: &ObjectDb,
     image: &ImageInfo,
     good: &mut HashSetH,
+    batch: &mut Batch<'_>,
     sink: &mut FileChunkSink<'_>,
 ) -> Result<(), String> {
     if image.manifest.version == MANIFEST_VERSION_V1 {
@@ -121,9 +144,20 @@ fn check_image(
             .collect();
         let mut ok = Vec::with_capacity(todo.len());
         let last = leaves.len() - 1;
+        // Pieces already verified count as done.
+        let skipped = leaves.len() - todo.len();
+        if skipped > 0 {
+            let last_len = f.size - chunk * last as u64;
+            let last_skipped = good.contains(&leaves[last]);
+            batch.add(
+                (skipped - usize::from(last_skipped)) as u64 * chunk
+                    + if last_skipped { last_len } else { 0 },
+            );
+        }
         let r = reader.read_chunks(&todo, &mut |i, data| {
             check_chunk_len(f, chunk, i, last, data.len())?;
             ok.push(leaves[i]);
+            batch.add(data.len() as u64);
             sink(fi, i, data)
         });
         good.extend(ok);

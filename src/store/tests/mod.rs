@@ -6,6 +6,7 @@ mod heal;
 mod ingest;
 mod maintain;
 mod open;
+mod progress;
 mod scratch;
 mod sealed;
 mod verify;
