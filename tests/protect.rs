@@ -18,18 +18,6 @@ use proptest::test_runner::{Config, RngAlgorithm, TestRng, TestRunner};
 
 const LONG: Duration = Duration::from_secs(90);
 
-fn run_cli(args: &[&str], job: &Path) -> (i32, String) {
-    let out = Command::new(BIN).args(args).arg(job).output().unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    )
-}
-
 /// The job's state dir (the default one, `<env>/.supervise/<name>`).
 fn state(env: &Env, name: &str) -> PathBuf {
     env.path().join(".supervise").join(name)

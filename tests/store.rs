@@ -37,18 +37,6 @@ fn new_bytes(log: &str) -> Vec<u64> {
         .collect()
 }
 
-fn run_cli(args: &[&str], job: &Path) -> (i32, String) {
-    let out = Command::new(BIN).args(args).arg(job).output().unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    )
-}
-
 /// A 24 MiB job checkpointed several times: later checkpoints store a small
 /// fraction of the first; once retention removed the older ones (and gc
 /// their data), the newest still restores and the job continues.

@@ -682,6 +682,19 @@ pub fn wait_numbers(path: &Path, n: usize, timeout: Duration) {
     }
 }
 
+/// `supervise ARGS JOB`: its exit code and stdout + stderr.
+pub fn run_cli(args: &[&str], job: &Path) -> (i32, String) {
+    let out = Command::new(BIN).args(args).arg(job).output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
 /// `supervise images --json`.
 pub fn images(job: &Path) -> Vec<serde_json::Value> {
     let out = Command::new(BIN)
