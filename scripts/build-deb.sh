@@ -4,7 +4,8 @@
 #
 #   1. installs cargo-deb from crates.io if missing (`cargo install cargo-deb
 #      --locked`: built from source, nothing prebuilt is downloaded);
-#   2. builds the release binary and copies it to target/assets/supervise;
+#   2. builds the binary (release; SUPERVISE_DEB_PROFILE=dev: the debug
+#      build, stripped) and copies it to target/assets/supervise;
 #   3. generates the man page (`supervise man`, gzipped) and the bash, zsh
 #      and fish completions (`supervise completions SHELL`) into
 #      target/assets/ from that binary;
@@ -27,14 +28,26 @@ command -v dpkg-deb >/dev/null 2>&1 || log "note: dpkg-deb not found; cargo-deb 
 
 target="${CARGO_TARGET_DIR:-$here/target}"
 assets="$here/target/assets"
-log "building the release binary"
-cargo build --release --locked --bin supervise
+# SUPERVISE_DEB_PROFILE=dev packages the debug build (same code; what the
+# test suite builds anyway): scripts/test.sh uses it so CI does not compile
+# everything a second time in release mode. The default is release.
+profile="${SUPERVISE_DEB_PROFILE:-release}"
+case "$profile" in
+  release) outdir=release ;;
+  dev) outdir=debug ;;
+  *) log "SUPERVISE_DEB_PROFILE must be release or dev"; exit 1 ;;
+esac
+log "building the binary ($profile profile)"
+cargo build --profile "$profile" --locked --bin supervise
 rm -rf "$assets"
 mkdir -p "$assets"
 # Copied at once: the packaged files all come from this one binary, even if
-# something else rebuilds $target/release/supervise meanwhile.
-cp "$target/release/supervise" "$assets/supervise"
+# something else rebuilds $target/$outdir/supervise meanwhile.
+cp "$target/$outdir/supervise" "$assets/supervise"
 bin="$assets/supervise"
+if [ "$profile" != release ] && command -v strip >/dev/null 2>&1; then
+  strip "$bin"
+fi
 
 log "generating the man page and completions"
 "$bin" man | gzip -9n >"$assets/supervise.1.gz"

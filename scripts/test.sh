@@ -4,7 +4,7 @@
 #   1. scripts/setup.sh --no-build   installs CRIU >= 4.2 if missing (idempotent)
 #   2. cargo fmt --all -- --check
 #   3. cargo clippy --all-targets -- -D warnings
-#   4. scripts/build-deb.sh          the Debian package (release build), once;
+#   4. scripts/build-deb.sh          the Debian package (of the test build), once;
 #                                    tests/package.rs installs it ($SUPERVISE_DEB)
 #   5. cargo test --all-targets -- --test-threads=2
 #
@@ -41,9 +41,13 @@ t=$SECONDS
 cargo clippy --all-targets -- -D warnings
 step_ok clippy "$t"
 
-section "4/5 package (scripts/build-deb.sh)"
+section "4/5 package (scripts/build-deb.sh, from the test build)"
 t=$SECONDS
-SUPERVISE_DEB="$(bash scripts/build-deb.sh | tail -n1)"
+# The tests' debug build is packaged (SUPERVISE_DEB_PROFILE=dev: same code,
+# no second, release-mode compile of everything); scripts/build-deb.sh
+# alone builds the release package.
+cargo test --all-targets --no-run
+SUPERVISE_DEB="$(SUPERVISE_DEB_PROFILE=dev bash scripts/build-deb.sh | tail -n1)"
 export SUPERVISE_DEB
 step_ok "package $SUPERVISE_DEB" "$t"
 
