@@ -128,7 +128,9 @@
 //! * `maintain.rs`: retention, gc, repacking, crash leftovers;
 //! * `scratch.rs`: [`scratch_dir`], [`remove_scratch`] and tmpfs staging
 //!   directories;
-//! * `objects.rs`: packs, indexes, chunk trees, parallel batch ingest;
+//! * `objects.rs`: object, pack and index formats, the in-memory index
+//!   ([`objects::ObjectDb`]) and its loading;
+//! * `pack.rs`: writing packs and chunk trees, parallel batch ingest;
 //! * `reader.rs`: verified reads of objects, with the repair fallback;
 //! * `crypto.rs`: the store key, sealing and keyed ids;
 //! * `keyring.rs`: which key a store needs (its marker), loading or
@@ -160,6 +162,7 @@ mod maintain;
 mod materialise;
 mod objects;
 mod options;
+mod pack;
 mod parity;
 mod progress;
 mod reader;

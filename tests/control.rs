@@ -6,7 +6,6 @@ mod common;
 
 use std::ffi::OsStr;
 use std::fs;
-use std::io::{Read, Write};
 use std::os::unix::process::CommandExt;
 
 use common::*;
@@ -337,16 +336,6 @@ fn socket_refuses_other_users() {
     let err = String::from_utf8_lossy(&refused.stderr);
     assert!(err.contains("uid 65534 is not the owner"), "{err}");
     ok(&env.ctl(&["status"]));
-}
-
-fn scrape(port: u16) -> String {
-    let mut c = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-    c.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\n\r\n")
-        .unwrap();
-    let mut s = String::new();
-    c.read_to_string(&mut s).unwrap();
-    assert!(s.starts_with("HTTP/1.1 200"), "{s}");
-    s
 }
 
 fn metric(text: &str, name: &str) -> f64 {

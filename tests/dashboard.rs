@@ -6,7 +6,6 @@ mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::OsStr;
-use std::io::{Read, Write};
 use std::path::Path;
 use std::time::Instant;
 
@@ -17,16 +16,6 @@ fn dashboard() -> Value {
     let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("contrib/grafana/supervise.json");
     serde_json::from_slice(&std::fs::read(&p).unwrap())
         .unwrap_or_else(|e| panic!("{}: {e}", p.display()))
-}
-
-fn scrape(port: u16) -> String {
-    let mut c = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-    c.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\n\r\n")
-        .unwrap();
-    let mut s = String::new();
-    c.read_to_string(&mut s).unwrap();
-    assert!(s.starts_with("HTTP/1.1 200"), "{s}");
-    s.split_once("\r\n\r\n").unwrap().1.to_string()
 }
 
 /// Sample lines of an OpenMetrics text: series name -> the label names seen

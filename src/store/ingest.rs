@@ -17,7 +17,8 @@ use super::format::{
     Manifest, StoredInfo, DELETING_PREFIX, ID_TIME_FORMAT, MANIFEST_NAME, MANIFEST_SEALED_NAME,
     MANIFEST_VERSION, STAGING_PREFIX,
 };
-use super::objects::{self, PackWriter, TreeBuilder, FILE_CHUNK, PAGE_CHUNK};
+use super::objects::{self, FILE_CHUNK, PAGE_CHUNK};
+use super::pack::{self, PackWriter, TreeBuilder};
 use super::parity;
 use super::scratch::{tmpfs_dir, tmpfs_staging_prefix};
 use super::util::{failpoint, fsync_dir, rename_noreplace};
@@ -217,7 +218,7 @@ impl Staging {
                     // Tell a failure to store (e.g. ENOSPC in the pack) from
                     // a failure to read the dump.
                     let mut store_failed = false;
-                    let size = objects::for_each_batch(&path, chunk as usize, &mut |b| {
+                    let size = pack::for_each_batch(&path, chunk as usize, &mut |b| {
                         chunks += b.len().div_ceil(chunk as usize) as u64;
                         tree.push_batch(&db, &mut w, b, chunk as usize)
                             .inspect_err(|_| store_failed = true)
@@ -389,7 +390,7 @@ fn copy_checkpoint(from: &Path, copy: &Path, id: &str, seq: u64) -> Result<(), S
         let e = e.map_err(io_err(from))?;
         if e.file_type().map(|t| t.is_file()).unwrap_or(false) {
             let to = staging.join(e.file_name());
-            objects::copy_file(&e.path(), &to).map_err(io_err(&to))?;
+            pack::copy_file(&e.path(), &to).map_err(io_err(&to))?;
         }
     }
     fsync_dir(&staging)?;

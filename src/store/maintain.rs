@@ -11,7 +11,8 @@ use tracing::{debug, info, warn};
 use super::format::{
     parse_id, tree_of, DELETING_PREFIX, MANIFEST_VERSION, PACKS_DIR, STAGING_PREFIX,
 };
-use super::objects::{self, Hash, HashSetH, ObjectDb, PackWriter, PieceError};
+use super::objects::{self, Hash, HashSetH, ObjectDb, PieceError};
+use super::pack::{PackWriter, Published};
 use super::parity;
 use super::progress::{Batch, Phase};
 use super::reader::Reader;
@@ -333,7 +334,7 @@ fn repack(
     objs: &[(u64, Hash)],
     parity: bool,
     batch: &mut Batch<'_>,
-) -> Result<Option<objects::Published>, String> {
+) -> Result<Option<Published>, String> {
     let mut reader = Reader::new(db).map_err(|e| e.to_string())?;
     let mut w = PackWriter::new(dir, db.key().cloned())
         .map_err(|e| e.to_string())?

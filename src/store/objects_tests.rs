@@ -1,5 +1,6 @@
 //! Unit tests of `objects.rs`.
 use super::*;
+use crate::store::pack::{PackWriter, TreeBuilder};
 use crate::store::reader::Reader;
 
 #[test]

@@ -19,7 +19,8 @@ use std::path::{Path, PathBuf};
 use tracing::{info, warn};
 
 use super::format::{MANIFEST_NAME, MANIFEST_SEALED_NAME, PACKS_DIR};
-use super::objects::{self, copy_file, HashSetH};
+use super::objects::{self, HashSetH};
+use super::pack::copy_file;
 use super::parity;
 use super::progress::{Batch, Phase};
 use super::{ImageStore, StoreError};

@@ -682,6 +682,19 @@ pub fn wait_numbers(path: &Path, n: usize, timeout: Duration) {
     }
 }
 
+/// GET /metrics from a supervise's `--metrics` listener on `port`: the
+/// body (the response must be 200).
+pub fn scrape(port: u16) -> String {
+    use std::io::{Read, Write};
+    let mut c = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    c.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .unwrap();
+    let mut s = String::new();
+    c.read_to_string(&mut s).unwrap();
+    assert!(s.starts_with("HTTP/1.1 200"), "{s}");
+    s.split_once("\r\n\r\n").unwrap().1.to_string()
+}
+
 /// `supervise ARGS JOB`: its exit code and stdout + stderr.
 pub fn run_cli(args: &[&str], job: &Path) -> (i32, String) {
     let out = Command::new(BIN).args(args).arg(job).output().unwrap();

@@ -1,7 +1,8 @@
 //! Retention, gc and crash leftovers.
 
 use super::*;
-use crate::store::objects::{ObjectDb, PackWriter, TreeBuilder};
+use crate::store::objects::ObjectDb;
+use crate::store::pack::{PackWriter, TreeBuilder};
 
 #[test]
 fn staging_leftovers_removed_at_open_and_never_listed() {
