@@ -484,7 +484,7 @@ fn bench(reaper: &Reaper, a: &Args) {
     let t0 = Instant::now();
     let d = scratch_dir(&work.join("restore"), newest.size_bytes).expect("scratch dir");
     let m = store.materialise(newest, &d).expect("materialise");
-    let r = job::restore(reaper, &m.path, &opts, &files, &mut |_, _| true).expect("restore");
+    let r = job::restore(reaper, &m.path, &opts, &files, &mut |_, _| true, None).expect("restore");
     let ours_restore = t0.elapsed();
     let mat = m.duration;
     let on_tmpfs = m.path.starts_with("/dev/shm");
@@ -495,8 +495,8 @@ fn bench(reaper: &Reaper, a: &Args) {
     let _ = fs::remove_file(raw_newest.join("stats-restore"));
     nix::unistd::sync();
     let t0 = Instant::now();
-    let r =
-        job::restore(reaper, &raw_newest, &opts, &files, &mut |_, _| true).expect("restore raw");
+    let r = job::restore(reaper, &raw_newest, &opts, &files, &mut |_, _| true, None)
+        .expect("restore raw");
     let engine_raw = t0.elapsed();
     drop(KillOnDrop(Some(r.running)));
 

@@ -158,6 +158,9 @@ pub struct CheckpointConfig {
     pub criu: CriuOptions,
     /// Maximum time one checkpoint may take; `None` means no limit.
     pub timeout: Option<Duration>,
+    /// CRIU sends the job's pages to supervise's page server, which stores
+    /// only new chunks, instead of writing the whole memory to disk first.
+    pub stream: bool,
 }
 
 /// The `[restore]` table.
@@ -174,6 +177,9 @@ pub struct RestoreConfig {
     pub backoff: Duration,
     /// Cap of the restore delay (>= `backoff`).
     pub backoff_max: Duration,
+    /// Restore lazily (memory served from the store on demand, then in the
+    /// background) where userfaultfd works.
+    pub lazy: bool,
 }
 
 impl Default for RestoreConfig {
@@ -184,6 +190,7 @@ impl Default for RestoreConfig {
             window: DEFAULT_RESTORE_WINDOW,
             backoff: DEFAULT_BACKOFF,
             backoff_max: DEFAULT_BACKOFF_MAX,
+            lazy: true,
         }
     }
 }

@@ -14,6 +14,8 @@ use tokio::io::unix::AsyncFd;
 use tokio::sync::oneshot;
 
 use crate::config::LaunchSpec;
+use crate::criu::lazy::{Guard, LazyDaemon, LazySession};
+use crate::criu::page_server::PageSource;
 use crate::criu::{self, CriuError, CriuOptions};
 use crate::init::{self, InitMode, InitSpec, Report};
 use crate::reaper::{ExitStatus, Reaper};
@@ -30,6 +32,10 @@ pub enum JobError {
     /// CRIU failed.
     #[error(transparent)]
     Criu(#[from] CriuError),
+    /// A lazy restore could not be set up or CRIU failed it; the job does
+    /// not run (an eager restore may be tried).
+    #[error("lazy restore failed: {0}")]
+    Lazy(String),
     /// Anything else from the OS.
     #[error("{what}: {source}")]
     Io {
@@ -417,6 +423,8 @@ pub struct Restored {
     pub duration: Duration,
     /// CRIU's restore time in microseconds, if it reported it.
     pub criu_restore_us: Option<u32>,
+    /// A lazy restore's page serving, still going on while the job runs.
+    pub lazy: Option<LazySession>,
 }
 
 /// Restores the job from `images_dir` (a directory CRIU may write its
@@ -427,8 +435,18 @@ pub fn restore(
     opts: &CriuOptions,
     files: &InitFiles,
     on_notify: &mut dyn FnMut(&str, i32) -> bool,
+    lazy: Option<Box<dyn PageSource + Send>>,
 ) -> Result<Restored, JobError> {
     let start = Instant::now();
+    // The daemon listens in the image directory before CRIU restores.
+    let daemon = match lazy {
+        Some(src) => Some((
+            LazyDaemon::start(reaper, images_dir, opts.log_level)
+                .map_err(|e| JobError::Lazy(e.to_string()))?,
+            src,
+        )),
+        None => None,
+    };
     let report = pipe().map_err(JobError::Init)?;
     let control = pipe().map_err(JobError::Init)?;
     let errp = pipe().map_err(JobError::Init)?;
@@ -446,8 +464,35 @@ pub fn restore(
     drop(theirs);
     drop(errp.w);
     let log = criu::collect(File::from(errp.r));
+    let lazy_failed = |e: String, control: &OwnedFd| {
+        let _ = nix::unistd::write(control, b"fail\n");
+        JobError::Lazy(e)
+    };
+    let session = match daemon {
+        Some((daemon, src)) => {
+            let started = crate::proc::pidfd_open(init_pid).and_then(|job| {
+                let guard = Guard::spawn(reaper, &job, daemon.socket())?;
+                Ok(LazySession::serve(daemon, job, guard, src))
+            });
+            match started {
+                Ok(s) => Some(s),
+                Err(e) => {
+                    return Err(lazy_failed(
+                        format!("cannot guard the lazy restore: {e}"),
+                        &control.w,
+                    ))
+                }
+            }
+        }
+        None => None,
+    };
     let conv = criu::Conversation::new(ours);
-    let req = criu::restore_request(images_dir, opts, true);
+    let mut req = criu::restore_request(images_dir, opts, true);
+    if session.is_some() {
+        if let Some(o) = req.opts.as_mut() {
+            o.lazy_pages = Some(true);
+        }
+    }
     // The callback also learns the init's PID, under which the restored
     // tree lives (to inspect it before it resumes).
     let resp = conv.call(&req, &mut |script: &str| on_notify(script, init_pid));
@@ -457,7 +502,7 @@ pub fn restore(
         Ok(r) => r,
         Err(e) => {
             let _ = control_w.write_all(b"fail\n");
-            return Err(e.into());
+            return Err(failed(e.into(), session));
         }
     };
     // criu exits after answering: its log is complete once the pipe closes.
@@ -466,7 +511,7 @@ pub fn restore(
         Ok(r) => r,
         Err(e) => {
             let _ = control_w.write_all(b"fail\n");
-            return Err(e.into());
+            return Err(failed(e.into(), session));
         }
     };
     let ns_pid = resp.restore.map(|r| r.pid).unwrap_or(0);
@@ -480,7 +525,21 @@ pub fn restore(
         running,
         duration: start.elapsed(),
         criu_restore_us: criu::read_restore_stats(images_dir).and_then(|s| s.restore_time),
+        lazy: session,
     })
+}
+
+/// A restore failed: a lazy session is torn down (its daemon killed) and
+/// the failure reported as a lazy one, so that the caller may restore the
+/// image eagerly instead.
+fn failed(e: JobError, session: Option<LazySession>) -> JobError {
+    match session {
+        Some(s) => {
+            let _ = s.abort();
+            JobError::Lazy(e.to_string())
+        }
+        None => e,
+    }
 }
 
 /// Attaches to a process supervise did not start.

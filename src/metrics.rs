@@ -32,6 +32,15 @@ pub struct OutcomeLabel {
     pub outcome: String,
 }
 
+/// Label set `{job, mode}` (restore mode: "lazy" or "eager").
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ModeLabel {
+    /// Job name.
+    pub job: String,
+    /// "lazy" or "eager".
+    pub mode: String,
+}
+
 fn seconds_histogram() -> Histogram {
     // 1 ms .. ~33 min.
     Histogram::new(exponential_buckets(0.001, 2.0, 22))
@@ -48,6 +57,8 @@ pub struct Metrics {
     bytes_stored: Family<JobLabel, Counter>,
     restores: Family<OutcomeLabel, Counter>,
     restore_seconds: Family<JobLabel, Histogram, fn() -> Histogram>,
+    restore_modes: Family<ModeLabel, Counter>,
+    resident_seconds: Family<ModeLabel, Histogram, fn() -> Histogram>,
     up: Family<JobLabel, Gauge>,
 }
 
@@ -75,6 +86,8 @@ impl Metrics {
             bytes_stored: Family::default(),
             restores: Family::default(),
             restore_seconds: Family::new_with_constructor(seconds_histogram),
+            restore_modes: Family::default(),
+            resident_seconds: Family::new_with_constructor(seconds_histogram),
             up: Family::default(),
         };
         r.register(
@@ -111,6 +124,16 @@ impl Metrics {
             "restore_duration_seconds",
             "Wall time of successful restores",
             m.restore_seconds.clone(),
+        );
+        r.register(
+            "restores_by_mode",
+            "Successful restores, by mode (lazy: memory served while the job runs; eager)",
+            m.restore_modes.clone(),
+        );
+        r.register(
+            "restore_resident_seconds",
+            "From the start of a restore until all of the job's memory was resident, by mode",
+            m.resident_seconds.clone(),
         );
         r.register("job_up", "1 while the job runs, else 0", m.up.clone());
         *m.registry.lock().unwrap_or_else(|e| e.into_inner()) = r;
@@ -177,6 +200,26 @@ impl Metrics {
                 .get_or_create(&Self::job(job))
                 .observe(d.as_secs_f64());
         }
+    }
+
+    /// A restore succeeded in `mode` ("lazy"/"eager").
+    pub fn restore_mode(&self, job: &str, mode: &str) {
+        self.restore_modes
+            .get_or_create(&ModeLabel {
+                job: job.to_string(),
+                mode: mode.to_string(),
+            })
+            .inc();
+    }
+
+    /// All of the job's memory is resident, `d` after the restore began.
+    pub fn restore_resident(&self, job: &str, mode: &str, d: Duration) {
+        self.resident_seconds
+            .get_or_create(&ModeLabel {
+                job: job.to_string(),
+                mode: mode.to_string(),
+            })
+            .observe(d.as_secs_f64());
     }
 
     /// The job is up (1) or down (0).

@@ -158,6 +158,7 @@ mod format;
 mod heal;
 mod ingest;
 mod keyring;
+mod lazy;
 mod maintain;
 mod materialise;
 mod objects;
@@ -168,6 +169,7 @@ mod progress;
 mod reader;
 mod repair;
 mod scratch;
+mod stream;
 mod util;
 mod verify;
 
@@ -180,13 +182,15 @@ pub use format::{
     MARKER_NAME, MAX_MANIFEST_BYTES, PACKS_DIR, STAGING_PREFIX,
 };
 pub use ingest::Staging;
+pub use lazy::FileReader;
 pub use maintain::GcReport;
-pub use materialise::Materialised;
+pub use materialise::{Materialised, Select};
 pub use objects::{Hash, PieceError, FANOUT, FILE_CHUNK, PAGE_CHUNK};
 pub use options::{StoreOptions, DEFAULT_KEY_FILE};
 pub use progress::{NoProgress, Progress};
 pub use repair::RepairSummary;
 pub use scratch::{remove_scratch, scratch_dir};
+pub use stream::PageStream;
 pub use util::dir_size;
 pub use verify::VerifyReport;
 

@@ -36,6 +36,7 @@ use crate::store::{CheckpointExtra, CheckpointMeta, ImageInfo, ImageStore, Mater
 
 mod checkpoint;
 pub mod engine;
+pub mod pages;
 pub mod policy;
 mod record;
 mod restore;
@@ -150,7 +151,21 @@ pub struct Supervisor {
     /// take its whole tree down: its processes at the last checkpoint, so
     /// that survivors of its root's death are killed before a restore.
     last_tree: Vec<ProcId>,
+    /// Whether lazy restores work here (asked of CRIU at the first restore).
+    lazy_ok: Option<bool>,
+    /// Images whose lazy restore could not serve a page.
+    lazy_failures: pages::LazyFailures,
+    /// A lazy restore still pushing the job's memory.
+    lazy: Option<PendingLazy>,
     _lock: File,
+}
+
+/// A lazy restore whose pages are still being served.
+struct PendingLazy {
+    image: String,
+    /// When the restore began (materialising included).
+    began: Instant,
+    end: tokio::task::JoinHandle<crate::criu::lazy::LazyOutcome>,
 }
 
 impl Supervisor {
@@ -222,6 +237,9 @@ impl Supervisor {
             fence: None,
             dump_mode: None,
             last_tree: Vec::new(),
+            lazy_ok: None,
+            lazy_failures: Default::default(),
+            lazy: None,
             _lock: lock,
         })
     }
@@ -403,6 +421,9 @@ impl Supervisor {
                         warn!(skipped, "checkpoint ticks fell during a running step and were skipped");
                     }
                 }
+                outcome = wait_lazy(&mut self.lazy) => {
+                    self.lazy_done(outcome);
+                }
                 (status, since) = wait_job(&mut job) => {
                     self.job_down();
                     match self.on_death(status, since, &mut shutdown).await {
@@ -422,7 +443,12 @@ impl Supervisor {
                 _ = shutdown.changed() => {
                     let how = *shutdown.borrow_and_update();
                     return match job {
-                        Some(j) if how == Shutdown::DetachAll => self.detach(j),
+                        Some(j) if how == Shutdown::DetachAll => {
+                            // A lazily restored job must hold all its
+                            // memory before supervise may go away.
+                            self.settle_lazy().await;
+                            self.detach(j)
+                        }
                         Some(j) => self.shut_down(j).await,
                         None => {
                             info!("shutdown requested; the job is stopped");
@@ -688,6 +714,26 @@ async fn wait_job(job: &mut Option<Running>) -> (ExitStatus, Instant) {
         Some(j) => {
             let status = j.wait().await;
             (status, j.since)
+        }
+        None => std::future::pending().await,
+    }
+}
+
+/// The end of a lazy restore's serving; never resolves without one.
+async fn wait_lazy(
+    lazy: &mut Option<PendingLazy>,
+) -> (PendingLazy, crate::criu::lazy::LazyOutcome) {
+    match lazy.as_mut() {
+        Some(p) => {
+            let o = (&mut p.end)
+                .await
+                .unwrap_or_else(|e| crate::criu::lazy::LazyOutcome {
+                    result: Err(format!("the lazy restore task failed: {e}")),
+                    bytes: 0,
+                    elapsed: Duration::ZERO,
+                    ended: Instant::now(),
+                });
+            (lazy.take().expect("pending"), o)
         }
         None => std::future::pending().await,
     }

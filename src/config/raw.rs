@@ -76,6 +76,7 @@ pub(super) struct RawCheckpoint {
     pub(super) link_remap: Option<bool>,
     pub(super) tcp_close: Option<bool>,
     pub(super) criu_opts: Option<Table<CriuOptsTable>>,
+    pub(super) stream: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -86,6 +87,7 @@ pub(super) struct RawRestore {
     pub(super) window: Option<Dur<1>>,
     pub(super) backoff: Option<Spanned<Dur<0>>>,
     pub(super) backoff_max: Option<Spanned<Dur<0>>>,
+    pub(super) lazy: Option<bool>,
 }
 
 #[derive(Deserialize)]

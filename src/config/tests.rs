@@ -897,6 +897,7 @@ fn defaults() {
                 pass_through: BTreeMap::new(),
             },
             timeout: None,
+            stream: true,
         }
     );
     assert_eq!(
@@ -907,6 +908,7 @@ fn defaults() {
             window: Duration::from_secs(3600),
             backoff: Duration::from_secs(1),
             backoff_max: Duration::from_secs(300),
+            lazy: true,
         }
     );
     assert_eq!(
@@ -1015,6 +1017,7 @@ checkpoint = false
             window: Duration::from_secs(1800),
             backoff: Duration::from_secs(2),
             backoff_max: Duration::from_secs(60),
+            lazy: true,
         }
     );
     assert_eq!(

@@ -394,6 +394,7 @@ fn build_checkpoint(
             keep: DEFAULT_KEEP,
             criu: CriuOptions::default(),
             timeout: None,
+            stream: true,
         });
     };
 
@@ -461,6 +462,7 @@ fn build_checkpoint(
         keep: raw.keep.map_or(DEFAULT_KEEP, |k| k.0 as usize),
         criu,
         timeout: raw.timeout.map(|t| t.0),
+        stream: raw.stream.unwrap_or(true),
     })
 }
 
@@ -510,6 +512,7 @@ fn build_restore(
         window: raw.window.map_or(DEFAULT_RESTORE_WINDOW, |w| w.0),
         backoff,
         backoff_max,
+        lazy: raw.lazy.unwrap_or(true),
     })
 }
 

@@ -126,6 +126,17 @@ pub fn render_status(jobs: &[super::JobStatus], now: chrono::DateTime<chrono::Ut
                 .map(ago)
                 .unwrap_or_else(|| "-".into()),
         ));
+        if let Some(r) = &j.last_restore {
+            out.push_str(&format!(
+                "  last restore: {} from {}, running after {:.0} ms, all memory resident {}\n",
+                r.mode,
+                r.checkpoint,
+                r.running_ms,
+                r.resident_ms
+                    .map(|m| format!("after {m:.0} ms"))
+                    .unwrap_or_else(|| "(pending)".into())
+            ));
+        }
         if let crate::control::JobState::Failed(r) = &j.state {
             out.push_str(&format!("  failed: {r}\n"));
         } else if let Some(e) = &j.last_error {

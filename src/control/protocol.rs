@@ -88,6 +88,21 @@ pub struct CheckpointSummary {
     pub bytes: u64,
 }
 
+/// The newest restore, as status shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RestoreSummary {
+    /// The image restored.
+    pub checkpoint: String,
+    /// `lazy` (memory served while the job runs) or `eager`.
+    pub mode: String,
+    /// From the start of the restore to the job running, ms.
+    pub running_ms: f64,
+    /// From the start of the restore until all of the job's memory was
+    /// resident, ms (a lazy restore: when the background push ended;
+    /// `None` while it is still going on, or if it failed).
+    pub resident_ms: Option<f64>,
+}
+
 /// Where one job stands, as `supervise status` shows it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct JobStatus {
@@ -112,6 +127,9 @@ pub struct JobStatus {
     pub last_checkpoint: Option<CheckpointSummary>,
     /// When the next scheduled checkpoint is due.
     pub next_checkpoint: Option<DateTime<Utc>>,
+    /// The newest restore by this supervise.
+    #[serde(default)]
+    pub last_restore: Option<RestoreSummary>,
     /// The last failure (checkpoint or restore), if any.
     pub last_error: Option<String>,
     /// The image directory.
@@ -135,6 +153,7 @@ impl JobStatus {
             checkpoints: 0,
             last_checkpoint: None,
             next_checkpoint: None,
+            last_restore: None,
             last_error: None,
             images,
             extra: BTreeMap::new(),

@@ -12,7 +12,10 @@
 //! fresh namespace's init. That is what makes a restore independent of which
 //! PIDs are taken on the host.
 
+pub mod lazy;
 mod options;
+pub mod page_server;
+pub mod pagemap;
 pub mod rpc;
 
 pub use options::{
@@ -41,6 +44,8 @@ pub const MIN_VERSION: (u32, u32, u32) = (4, 2, 0);
 
 /// The fd number `criu swrk` is told to use for its RPC socket.
 pub const SWRK_FD: RawFd = 3;
+/// The fd number of the page-server socket in a streamed dump.
+pub const PS_FD: RawFd = 4;
 
 /// Errors of the CRIU adapter.
 #[derive(Debug, thiserror::Error)]
@@ -283,6 +288,30 @@ pub fn feature_check(reaper: &Reaper) -> Result<DumpMode, CriuError> {
     Ok(DumpMode::from_feature_check(resp?.as_ref()))
 }
 
+/// Asks CRIU (over RPC, FEATURE_CHECK `lazy_pages`) whether lazy restores
+/// work here (userfaultfd with the non-cooperative events CRIU needs).
+pub fn lazy_pages_check(reaper: &Reaper) -> Result<bool, CriuError> {
+    let (ours, theirs) = rpc_socketpair()?;
+    let mut cmd = Command::new(criu_bin());
+    cmd.args(["swrk", &SWRK_FD.to_string()]);
+    let (spawned, stderr) = spawn_swrk(reaper, &mut cmd, theirs, "criu swrk")?;
+    let conv = Conversation::new(ours);
+    let req = CriuReq {
+        r#type: CriuReqType::FeatureCheck as i32,
+        features: Some(rpc::CriuFeatures {
+            lazy_pages: Some(true),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let resp = conv.call(&req, &mut |_| true);
+    drop(conv);
+    let _ = spawned.exit.blocking_recv();
+    let _ = stderr.and_then(|h| h.join().ok());
+    Ok(matches!(resp?, Some(r) if r.success
+        && r.features.as_ref().and_then(|f| f.lazy_pages) == Some(true)))
+}
+
 /// A FEATURE_CHECK request for dirty-memory tracking.
 pub fn feature_check_request() -> CriuReq {
     CriuReq {
@@ -481,11 +510,16 @@ pub fn dump(
         timeout,
         DumpMode::Full,
         on_notify,
+        None,
     )
 }
 
 /// [`dump`] in the given [`DumpMode`]. With [`DumpMode::PreDump`] the
-/// reported frozen time is the sum of both freezes.
+/// reported frozen time is the sum of both freezes. With `pages` (full
+/// dumps only), CRIU sends the page maps and pages to supervise's page
+/// server, which hands them to `pages`, instead of writing them into
+/// `images_dir`.
+#[allow(clippy::too_many_arguments)]
 pub fn dump_with(
     reaper: &Reaper,
     host_pid: i32,
@@ -494,7 +528,9 @@ pub fn dump_with(
     timeout: Option<Duration>,
     mode: DumpMode,
     on_notify: &mut dyn FnMut(&str) -> bool,
+    pages: Option<&mut (dyn page_server::DumpSink + Send)>,
 ) -> Result<DumpOutcome, CriuError> {
+    let pages = pages.filter(|_| mode == DumpMode::Full);
     if mode == DumpMode::PreDump {
         use std::os::unix::fs::DirBuilderExt;
         std::fs::DirBuilder::new()
@@ -510,28 +546,85 @@ pub fn dump_with(
         .args(dump_cli_options(o))
         .args(["swrk", &SWRK_FD.to_string()]);
     let start = Instant::now();
-    let (spawned, stderr) = spawn_swrk(reaper, &mut cmd, theirs, "nsenter/criu swrk")?;
+    let ps = match pages {
+        Some(_) => Some(
+            socketpair(
+                AddressFamily::Unix,
+                SockType::Stream,
+                None,
+                SockFlag::SOCK_CLOEXEC,
+            )
+            .map_err(std::io::Error::from)?,
+        ),
+        None => None,
+    };
+    let mut extra = Vec::new();
+    let mut ps_ours = None;
+    if let Some((ours, theirs)) = ps {
+        extra.push((theirs, PS_FD));
+        ps_ours = Some(ours);
+    }
+    let (spawned, stderr) = spawn_swrk_with(reaper, &mut cmd, theirs, extra, "nsenter/criu swrk")?;
     let conv = Conversation::new(ours);
-    let reqs = dump_requests(ns_pid, images_dir, o, timeout, true, mode);
-    let mut resps = Vec::new();
-    for req in &reqs {
-        let op = if req.r#type == CriuReqType::PreDump as i32 {
-            "pre-dump"
-        } else {
-            "dump"
-        };
-        let resp = conv.call(req, on_notify);
-        let failed = !matches!(&resp, Ok(Some(r)) if r.success);
-        resps.push((op, resp));
-        if failed {
-            break;
+    let mut reqs = dump_requests(ns_pid, images_dir, o, timeout, true, mode);
+    if ps_ours.is_some() {
+        for r in reqs.iter_mut() {
+            if let Some(opts) = r.opts.as_mut() {
+                opts.ps = Some(rpc::CriuPageServerInfo {
+                    fd: Some(PS_FD),
+                    ..Default::default()
+                });
+            }
         }
     }
-    drop(conv);
+    let mut resps = Vec::new();
+    let served = std::thread::scope(|s| {
+        let server = match (ps_ours, pages) {
+            (Some(sock), Some(sink)) => Some(s.spawn(move || {
+                let mut stream = std::os::unix::net::UnixStream::from(sock);
+                page_server::serve_dump(&mut stream, sink)
+            })),
+            _ => None,
+        };
+        for req in &reqs {
+            let op = if req.r#type == CriuReqType::PreDump as i32 {
+                "pre-dump"
+            } else {
+                "dump"
+            };
+            let resp = conv.call(req, on_notify);
+            let failed = !matches!(&resp, Ok(Some(r)) if r.success);
+            resps.push((op, resp));
+            if failed {
+                break;
+            }
+        }
+        drop(conv);
+        // CRIU is done with the socket (it has answered, or it is gone):
+        // the server sees the end of the conversation or of the socket.
+        server.map(|h| h.join())
+    });
     let status = spawned.exit.blocking_recv().ok();
     let log = stderr.and_then(|h| h.join().ok()).unwrap_or_default();
     for (op, resp) in resps {
         check_response(op, resp?, &log, status)?;
+    }
+    match served {
+        None | Some(Ok(Ok(_))) => {}
+        Some(Ok(Err(e))) => {
+            return Err(CriuError::Failed {
+                op: "dump",
+                message: e.to_string(),
+                errno: None,
+            })
+        }
+        Some(Err(_)) => {
+            return Err(CriuError::Failed {
+                op: "dump",
+                message: "the page server thread panicked".into(),
+                errno: None,
+            })
+        }
     }
     let mut stats = read_dump_stats(images_dir);
     if mode == DumpMode::PreDump {
@@ -556,19 +649,42 @@ fn spawn_swrk(
     theirs: OwnedFd,
     what: &str,
 ) -> Result<(Spawned, Option<JoinHandle<String>>), CriuError> {
-    let theirs_raw = theirs.as_raw_fd();
+    spawn_swrk_with(reaper, cmd, theirs, Vec::new(), what)
+}
+
+/// [`spawn_swrk`], also giving CRIU each `(fd, number)` of `extra`.
+fn spawn_swrk_with(
+    reaper: &Reaper,
+    cmd: &mut Command,
+    theirs: OwnedFd,
+    extra: Vec<(OwnedFd, RawFd)>,
+    what: &str,
+) -> Result<(Spawned, Option<JoinHandle<String>>), CriuError> {
+    // Moved above any target number first, so that no dup2 clobbers a
+    // descriptor still to be placed.
+    let mut high = Vec::new();
+    for (fd, target) in std::iter::once((theirs, SWRK_FD)).chain(extra) {
+        let h = nix::fcntl::fcntl(fd.as_raw_fd(), nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(100))
+            .map_err(std::io::Error::from)?;
+        // SAFETY: a fresh descriptor we own.
+        high.push((
+            unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(h) },
+            target,
+        ));
+    }
+    let raw: Vec<(RawFd, RawFd)> = high.iter().map(|(f, t)| (f.as_raw_fd(), *t)).collect();
     cmd.stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped());
     // SAFETY: only async-signal-safe calls (dup2/fcntl) between fork and exec.
     unsafe {
-        cmd.pre_exec(move || inherit_as(theirs_raw, SWRK_FD));
+        cmd.pre_exec(move || raw.iter().try_for_each(|(fd, t)| inherit_as(*fd, *t)));
     }
     let mut spawned = reaper.spawn(cmd).map_err(|e| CriuError::Spawn {
         what: what.into(),
         source: e,
     })?;
-    drop(theirs);
+    drop(high);
     let stderr = spawned
         .child
         .as_mut()

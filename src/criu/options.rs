@@ -233,7 +233,7 @@ pub static REFUSED: &[(&str, &str)] = &[
     ("ghost_limit", "use `checkpoint.ghost_limit` (a size with units)"),
     ("timeout", "use `checkpoint.timeout`"),
     ("tcp_skip_in_flight", "use `checkpoint.skip_in_flight`"),
-    ("lazy_pages", "lazy restores need a page server, which supervise does not run"),
+    ("lazy_pages", "supervise runs lazy restores itself: set `[restore] lazy` instead"),
     ("status_fd", "supervise passes no descriptors to CRIU besides its RPC socket"),
     ("orphan_pts_master", "supervise passes no descriptors to CRIU besides its RPC socket"),
     ("config_file", "a CRIU configuration file could override the options supervise sets; use `[checkpoint.criu_opts]`"),

@@ -21,6 +21,7 @@ use super::objects::{self, FILE_CHUNK, PAGE_CHUNK};
 use super::pack::{self, PackWriter, TreeBuilder};
 use super::parity;
 use super::scratch::{tmpfs_dir, tmpfs_staging_prefix};
+use super::stream::PageStream;
 use super::util::{failpoint, fsync_dir, rename_noreplace};
 use super::{io_err, ImageStore, StoreError};
 use crate::fsutil;
@@ -128,6 +129,11 @@ impl Staging {
         &self.id
     }
 
+    /// The store this checkpoint goes to.
+    pub(super) fn store(&self) -> &ImageStore {
+        &self.store
+    }
+
     /// The directory to dump into (pass this to `criu dump -D`): on tmpfs
     /// when it has room, else the store's `.staging-<seq>` directory.
     pub fn path(&self) -> &Path {
@@ -187,23 +193,49 @@ impl Staging {
     /// and renames the staging directory to `<dir>/<id>`. On error the
     /// staging directory is removed (new objects already in a published
     /// pack are reclaimed by gc).
-    pub fn commit(mut self, meta: CheckpointMeta) -> Result<ImageInfo, StoreError> {
+    pub fn commit(self, meta: CheckpointMeta) -> Result<ImageInfo, StoreError> {
+        self.commit_with(meta, None)
+    }
+
+    /// [`commit`](Self::commit), with the files of `stream` (already
+    /// stored in its pack, which this commit completes) added to the
+    /// staged ones.
+    pub fn commit_with(
+        mut self,
+        meta: CheckpointMeta,
+        stream: Option<PageStream>,
+    ) -> Result<ImageInfo, StoreError> {
         let start = Instant::now();
         let entries = self.entries()?;
-        let _lock = self.store.lock(true)?;
-        let db = self.store.db()?;
-        let packs_dir = db.dir().to_path_buf();
         let key = if self.store.seal {
             self.store.key.clone()
         } else {
             None
         };
-        let mut w = PackWriter::new(&packs_dir, key.clone())
-            .map_err(io_err(&packs_dir))?
-            .with_parity(self.store.parity)
-            .with_copy(self.store.mirror.alt(&packs_dir));
-        let mut files = Vec::with_capacity(entries.len());
-        let mut chunks = 0u64;
+        let packs_dir = self.store.dir.join(super::format::PACKS_DIR);
+        let (_lock, mut w, mut files, mut chunks) = match stream {
+            Some(s) => {
+                let s = s.finish()?;
+                (s.lock, s.writer, s.files, s.chunks)
+            }
+            None => {
+                let lock = self.store.lock(true)?;
+                let w = PackWriter::new(&packs_dir, key.clone())
+                    .map_err(io_err(&packs_dir))?
+                    .with_parity(self.store.parity)
+                    .with_copy(self.store.mirror.alt(&packs_dir));
+                (lock, w, Vec::new(), 0u64)
+            }
+        };
+        for e in &entries {
+            if files.iter().any(|f| f.name == entry_name(e)) {
+                return Err(StoreError::UnexpectedEntry {
+                    path: self.dump.join(entry_name(e)),
+                    reason: "this file was also streamed into the checkpoint".into(),
+                });
+            }
+        }
+        let db = self.store.db()?;
         for e in &entries {
             match e {
                 StagedEntry::Link(name, target) => files.push(FileEntry {
@@ -242,6 +274,7 @@ impl Staging {
                 }
             }
         }
+        files.sort_by(|a, b| a.name.cmp(&b.name));
         let new_objects = w.len() as u64;
         let new_raw_bytes = w.raw_bytes;
         let node_bytes = w.node_bytes;

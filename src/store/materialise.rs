@@ -49,6 +49,18 @@ impl ImageStore {
         image: &ImageInfo,
         work_dir: &Path,
     ) -> Result<Materialised, StoreError> {
+        self.materialise_select(image, work_dir, &mut |_, _| Select::Whole)
+    }
+
+    /// [`materialise`](Self::materialise), writing of each file only what
+    /// `select(name, work_dir)` asks for. Files are written in the order of
+    /// the manifest (by name), so `select` may read files written before.
+    pub fn materialise_select(
+        &self,
+        image: &ImageInfo,
+        work_dir: &Path,
+        select: &mut dyn FnMut(&str, &Path) -> Select,
+    ) -> Result<Materialised, StoreError> {
         let start = Instant::now();
         match fs::symlink_metadata(work_dir) {
             Ok(md) if md.is_dir() => {
@@ -94,14 +106,21 @@ impl ImageStore {
             let mut bytes = 0u64;
             let progress = self.progress();
             let _phase = Phase::start(progress, "restoring", logical_bytes(image));
-            write_image(&db, image, work_dir, &mut checked, &mut bytes, progress).map_err(|e| {
-                match e {
-                    WriteError::Store(e) => e,
-                    WriteError::Damage(reason) => StoreError::Corrupt {
-                        id: image.id.clone(),
-                        reason,
-                    },
-                }
+            write_image(
+                &db,
+                image,
+                work_dir,
+                &mut checked,
+                &mut bytes,
+                progress,
+                select,
+            )
+            .map_err(|e| match e {
+                WriteError::Store(e) => e,
+                WriteError::Damage(reason) => StoreError::Corrupt {
+                    id: image.id.clone(),
+                    reason,
+                },
             })?;
             Ok(bytes)
         })();
@@ -123,6 +142,17 @@ impl ImageStore {
     }
 }
 
+/// What of a file [`ImageStore::materialise_select`] writes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Select {
+    /// All of it.
+    Whole,
+    /// A file of the right size holding only these byte ranges (start,
+    /// end), aligned to the file's chunks; the rest is a hole that reads
+    /// as zeros and takes no space.
+    Ranges(Vec<(u64, u64)>),
+}
+
 /// A failure while writing or checking an image.
 enum WriteError {
     Store(StoreError),
@@ -137,6 +167,7 @@ fn write_image(
     good: &mut HashSetH,
     bytes: &mut u64,
     progress: &dyn Progress,
+    select: &mut dyn FnMut(&str, &Path) -> Select,
 ) -> Result<(), WriteError> {
     let damage = WriteError::Damage;
     if image.manifest.version == MANIFEST_VERSION_V1 {
@@ -191,6 +222,18 @@ fn write_image(
             continue;
         }
         let (leaves, chunk) = file_leaves(&mut reader, f).map_err(damage)?;
+        let ranges: Vec<(usize, usize)> = match select(&f.name, dir) {
+            Select::Whole => vec![(0, leaves.len())],
+            Select::Ranges(r) => r
+                .iter()
+                .map(|&(s, e)| {
+                    let lo = (s / chunk) as usize;
+                    let hi = (e.div_ceil(chunk) as usize).min(leaves.len());
+                    (lo.min(hi), hi)
+                })
+                .collect(),
+        };
+        let wanted: usize = ranges.iter().map(|(lo, hi)| hi - lo).sum();
         let file = OpenOptions::new()
             .write(true)
             .create_new(true)
@@ -199,7 +242,7 @@ fn write_image(
             .map_err(|e| WriteError::Store(io_err(&path)(e)))?;
         file.set_len(f.size)
             .map_err(|e| WriteError::Store(io_err(&path)(e)))?;
-        let threads = if leaves.len() >= PARALLEL_MIN_CHUNKS {
+        let threads = if wanted >= PARALLEL_MIN_CHUNKS {
             std::thread::available_parallelism()
                 .map(|n| n.get())
                 .unwrap_or(1)
@@ -207,17 +250,33 @@ fn write_image(
         } else {
             1
         };
-        let per = leaves.len().div_ceil(threads);
+        // Each thread takes an equal share of the wanted chunks.
+        let per = wanted.div_ceil(threads).max(1);
+        let mut shares: Vec<Vec<(usize, usize)>> = vec![Vec::new(); threads];
+        let (mut t, mut taken) = (0, 0);
+        for &(mut lo, hi) in &ranges {
+            while lo < hi {
+                let n = (hi - lo).min(per - taken);
+                shares[t].push((lo, lo + n));
+                lo += n;
+                taken += n;
+                if taken == per && t + 1 < threads {
+                    t += 1;
+                    taken = 0;
+                }
+            }
+        }
         let results: Vec<Result<(), String>> = std::thread::scope(|s| {
-            let handles: Vec<_> = (0..threads)
-                .map(|t| {
-                    let lo = (t * per).min(leaves.len());
-                    let hi = ((t + 1) * per).min(leaves.len());
+            let handles: Vec<_> = shares
+                .iter()
+                .map(|share| {
                     let file = &file;
                     let leaves = &leaves;
                     let sealed = image.sealed;
                     s.spawn(move || {
-                        write_range(db, sealed, f, leaves, chunk, lo, hi, file, progress)
+                        share.iter().try_for_each(|&(lo, hi)| {
+                            write_range(db, sealed, f, leaves, chunk, lo, hi, file, progress)
+                        })
                     })
                 })
                 .collect();
@@ -232,8 +291,10 @@ fn write_image(
         for r in results {
             r.map_err(|e| damage(format!("file {}: {e}", f.name)))?;
         }
-        good.extend(leaves.iter().copied());
-        *bytes += f.size;
+        for &(lo, hi) in &ranges {
+            good.extend(leaves[lo..hi].iter().copied());
+            *bytes += (hi as u64 * chunk).min(f.size) - lo as u64 * chunk;
+        }
     }
     Ok(())
 }

@@ -5,6 +5,7 @@
 //! atomically, and retention and gc follow.
 
 use super::*;
+use crate::criu::page_server::DumpSink;
 
 impl Supervisor {
     /// Takes one checkpoint of the running job and publishes it atomically.
@@ -43,6 +44,8 @@ impl Supervisor {
         &mut self,
         job: &Running,
     ) -> Result<ImageInfo, CheckpointError> {
+        // A lazily restored job is dumped only once it holds all its memory.
+        self.settle_lazy().await;
         // Directory scans and creation: off the async threads.
         let store = self.store.clone();
         let begun = tokio::task::spawn_blocking(move || store.begin())
@@ -57,6 +60,7 @@ impl Supervisor {
         };
         let id = staging.id().to_string();
         let mode = self.dump_mode().await;
+        let stream = self.cfg.checkpoint.stream && mode == DumpMode::Full;
         let engine = self.engine.clone();
         let host_pid = job.host_pid;
         let opts = self.cfg.checkpoint.criu.clone();
@@ -90,11 +94,28 @@ impl Supervisor {
                 files = Some(r);
                 ok
             };
-            let r = engine.dump(host_pid, &dir, &opts, timeout, mode, &mut on_notify);
-            (staging, r, files, tree)
+            // Streamed: the pages go straight from CRIU into the store.
+            let mut sink = match stream.then(|| staging.stream()) {
+                Some(Ok(s)) => Some(pages::StreamSink::new(&dir, s)),
+                Some(Err(e)) => {
+                    warn!(error = %e, "cannot stream this checkpoint into the store; CRIU writes it out first");
+                    None
+                }
+                None => None,
+            };
+            let r = engine.dump(
+                host_pid,
+                &dir,
+                &opts,
+                timeout,
+                mode,
+                &mut on_notify,
+                sink.as_mut().map(|s| s as &mut (dyn DumpSink + Send)),
+            );
+            (staging, r, files, tree, sink)
         })
         .await;
-        let (staging, outcome, files, tree) = match res {
+        let (staging, outcome, files, tree, sink) = match res {
             Ok(x) => x,
             Err(e) => {
                 return Err(CheckpointError::Failed(format!(
@@ -161,7 +182,7 @@ impl Supervisor {
                 },
                 None => None,
             };
-            let r = staging.commit(meta);
+            let r = staging.commit_with(meta, sink.map(pages::StreamSink::into_stream));
             drop(guard);
             Ok(r)
         })

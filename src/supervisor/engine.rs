@@ -8,6 +8,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use crate::config::{CriuOptions, LaunchSpec};
+use crate::criu::page_server::{DumpSink, PageSource};
 use crate::criu::{CriuError, DumpMode, DumpOutcome};
 use crate::job::{InitFiles, JobError, Restored, Running};
 use crate::reaper::Reaper;
@@ -20,7 +21,9 @@ pub trait Engine: Send + Sync {
 
     /// Dumps the tree rooted at `host_pid` into `dir`, leaving it running.
     /// `on_notify` receives CRIU's notifications (`post-dump` comes while the
-    /// tree is still frozen); returning false fails the dump.
+    /// tree is still frozen); returning false fails the dump. With `pages`
+    /// (full dumps), page maps and pages go to `pages` instead of `dir`.
+    #[allow(clippy::too_many_arguments)]
     fn dump(
         &self,
         host_pid: i32,
@@ -29,23 +32,32 @@ pub trait Engine: Send + Sync {
         timeout: Option<Duration>,
         mode: DumpMode,
         on_notify: &mut dyn FnMut(&str) -> bool,
+        pages: Option<&mut (dyn DumpSink + Send)>,
     ) -> Result<DumpOutcome, CriuError>;
 
     /// Restores the image in `images` (under a fresh namespace init).
     /// `on_notify` receives CRIU's notifications and the init's PID
     /// (`post-restore` comes before the restored tree runs); returning
-    /// false aborts the restore.
+    /// false aborts the restore. With `lazy`, the restore is lazy: the
+    /// pages marked lazy are missing from `images` and served from
+    /// `lazy` while the job runs (see [`crate::criu::lazy`]).
     fn restore(
         &self,
         images: &Path,
         opts: &CriuOptions,
         files: &InitFiles,
         on_notify: &mut dyn FnMut(&str, i32) -> bool,
+        lazy: Option<Box<dyn PageSource + Send>>,
     ) -> Result<Restored, JobError>;
 
     /// Whether CRIU can track dirty memory here (pre-dump + dump) or must
     /// take full dumps.
     fn feature_check(&self) -> Result<DumpMode, CriuError>;
+
+    /// Whether lazy restores work here (engines without them: no).
+    fn lazy_pages(&self) -> Result<bool, CriuError> {
+        Ok(false)
+    }
 }
 
 /// The real engine: CRIU over RPC, processes through supervise's reaper.
@@ -74,8 +86,18 @@ impl Engine for Criu {
         timeout: Option<Duration>,
         mode: DumpMode,
         on_notify: &mut dyn FnMut(&str) -> bool,
+        pages: Option<&mut (dyn DumpSink + Send)>,
     ) -> Result<DumpOutcome, CriuError> {
-        crate::criu::dump_with(&self.reaper, host_pid, dir, opts, timeout, mode, on_notify)
+        crate::criu::dump_with(
+            &self.reaper,
+            host_pid,
+            dir,
+            opts,
+            timeout,
+            mode,
+            on_notify,
+            pages,
+        )
     }
 
     fn restore(
@@ -84,11 +106,16 @@ impl Engine for Criu {
         opts: &CriuOptions,
         files: &InitFiles,
         on_notify: &mut dyn FnMut(&str, i32) -> bool,
+        lazy: Option<Box<dyn PageSource + Send>>,
     ) -> Result<Restored, JobError> {
-        crate::job::restore(&self.reaper, images, opts, files, on_notify)
+        crate::job::restore(&self.reaper, images, opts, files, on_notify, lazy)
     }
 
     fn feature_check(&self) -> Result<DumpMode, CriuError> {
         crate::criu::feature_check(&self.reaper)
+    }
+
+    fn lazy_pages(&self) -> Result<bool, CriuError> {
+        crate::criu::lazy_pages_check(&self.reaper)
     }
 }

@@ -134,6 +134,7 @@ mod tests {
             window: Duration::from_secs(600),
             backoff: Duration::from_millis(200),
             backoff_max: Duration::from_secs(5),
+            lazy: true,
         }
     }
 

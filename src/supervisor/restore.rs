@@ -5,6 +5,9 @@
 //! policy's decision, carried out) and `supervise restore`.
 
 use super::*;
+use crate::control::RestoreSummary;
+use crate::criu::page_server::PageSource;
+use crate::job::JobError;
 
 impl Supervisor {
     /// `supervise restore`: the chosen image is materialised (and so
@@ -38,7 +41,11 @@ impl Supervisor {
             self.stop_job(j).await;
         }
         self.set_state(JobState::Restoring);
-        let resp = match self.restore_materialised(&img, m).await {
+        let resp = match self
+            .restore_materialised(&img, m, None)
+            .await
+            .map_err(Failed::into_message)
+        {
             Ok(r) => {
                 let m = format!(
                     "job {} restored from {} as pid {}",
@@ -122,14 +129,148 @@ impl Supervisor {
     }
 
     /// Restores one image: materialise it, then roll files back and let
-    /// CRIU restore it.
+    /// CRIU restore it. Lazily where that works (only the non-page files
+    /// and the pages CRIU restores eagerly are written out; the rest is
+    /// served from the store while the job runs); if a lazy restore fails
+    /// before the job runs, the same image is restored eagerly.
     pub(super) async fn restore_image(&mut self, img: &ImageInfo) -> Result<Running, String> {
+        if self.lazy_wanted(img).await {
+            match self.materialise_lazy(img).await {
+                Ok((m, src)) => match self.restore_materialised(img, m, Some(src)).await {
+                    Ok(r) => return Ok(r),
+                    Err(Failed::Lazy(e)) => warn!(
+                        checkpoint = %img.id,
+                        error = %e,
+                        "lazy restore failed before the job ran; restoring this image eagerly"
+                    ),
+                    Err(Failed::Other(e)) => return Err(e),
+                },
+                Err(e) => {
+                    self.restore_failed(img, &e);
+                    return Err(e);
+                }
+            }
+        }
         match self.materialise_image(img).await {
-            Ok(m) => self.restore_materialised(img, m).await,
+            Ok(m) => self
+                .restore_materialised(img, m, None)
+                .await
+                .map_err(Failed::into_message),
             Err(e) => {
                 self.restore_failed(img, &e);
                 Err(e)
             }
+        }
+    }
+
+    /// Whether to restore `img` lazily: wanted (`[restore] lazy`), working
+    /// here (asked of CRIU once; the answer logged once), and the image
+    /// has not failed a lazy restore before.
+    async fn lazy_wanted(&mut self, img: &ImageInfo) -> bool {
+        if !self.cfg.restore.lazy {
+            return false;
+        }
+        if self
+            .lazy_failures
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(&img.id)
+        {
+            info!(checkpoint = %img.id, "this image failed a lazy restore before; restoring it eagerly (every piece verified first)");
+            return false;
+        }
+        if self.lazy_ok.is_none() {
+            let engine = self.engine.clone();
+            let ok = match tokio::task::spawn_blocking(move || engine.lazy_pages()).await {
+                Ok(Ok(ok)) => ok,
+                Ok(Err(e)) => {
+                    warn!(error = %e, "cannot ask CRIU whether lazy restores work; restoring eagerly");
+                    false
+                }
+                Err(_) => false,
+            };
+            if !ok {
+                warn!("CRIU cannot restore lazily here (no userfaultfd with non-cooperative events); restores write the whole image out first");
+            }
+            self.lazy_ok = Some(ok);
+        }
+        self.lazy_ok == Some(true)
+    }
+
+    /// Writes out what a lazy restore needs (every file but the lazy
+    /// pages) and opens the store for serving the rest.
+    async fn materialise_lazy(
+        &self,
+        img: &ImageInfo,
+    ) -> Result<(Materialised, Box<dyn PageSource + Send>), String> {
+        let store = self.store.clone();
+        let fallback = self.run_dir.join("restore");
+        let need = img.size_bytes;
+        let img2 = img.clone();
+        let failures = self.lazy_failures.clone();
+        tokio::task::spawn_blocking(move || {
+            let work = crate::store::scratch_dir(&fallback, need)
+                .map_err(|e| format!("cannot create a directory to restore into: {e}"))?;
+            let m = store
+                .materialise_select(&img2, &work, &mut pages::lazy_select())
+                .map_err(|e| match e {
+                    crate::store::StoreError::Corrupt { .. } => {
+                        format!("image failed verification: {e}")
+                    }
+                    e => format!("cannot prepare {} for CRIU: {e}", work.display()),
+                })?;
+            match pages::StoreSource::open(&store, &img2, &m.path, failures) {
+                Ok(src) => Ok((m, Box::new(src) as Box<dyn PageSource + Send>)),
+                Err(e) => {
+                    let _ = std::fs::remove_dir_all(&m.path);
+                    Err(format!("image failed verification: {e}"))
+                }
+            }
+        })
+        .await
+        .map_err(|e| format!("restore task failed: {e}"))
+        .and_then(|r| r)
+    }
+
+    /// The lazy restore's serving ended: every page resident, or the job
+    /// was killed because one could not be served (its death follows).
+    pub(super) fn lazy_done(&mut self, (p, o): (PendingLazy, crate::criu::lazy::LazyOutcome)) {
+        match &o.result {
+            Ok(()) => {
+                let resident = o.ended.saturating_duration_since(p.began);
+                info!(
+                    checkpoint = %p.image,
+                    resident_ms = resident.as_millis() as u64,
+                    served_bytes = o.bytes,
+                    "all of the job's memory is resident; it no longer depends on supervise"
+                );
+                self.metrics
+                    .restore_resident(&self.cfg.name, "lazy", resident);
+                self.publish(|s| {
+                    if let Some(r) = s.last_restore.as_mut() {
+                        r.resident_ms = Some(resident.as_secs_f64() * 1e3);
+                    }
+                });
+            }
+            Err(e) => {
+                error!(
+                    checkpoint = %p.image,
+                    error = %e,
+                    "lazy restore could not give the job all its memory; the job was killed before it could run on with missing memory"
+                );
+                self.publish(|s| {
+                    s.last_error = Some(format!("lazy restore from {}: {e}", p.image))
+                });
+            }
+        }
+    }
+
+    /// Waits until a lazy restore's serving has ended (before a checkpoint
+    /// or before supervise leaves the job).
+    pub(super) async fn settle_lazy(&mut self) {
+        if self.lazy.is_some() {
+            let o = wait_lazy(&mut self.lazy).await;
+            self.lazy_done(o);
         }
     }
 
@@ -166,18 +307,20 @@ impl Supervisor {
         &mut self,
         img: &ImageInfo,
         m: Materialised,
-    ) -> Result<Running, String> {
+        lazy: Option<Box<dyn PageSource + Send>>,
+    ) -> Result<Running, Failed> {
+        let mode = if lazy.is_some() { "lazy" } else { "eager" };
         let engine = self.engine.clone();
         let opts = self.cfg.checkpoint.criu.clone();
         let files = self.files();
         let files_cfg = self.cfg.files.clone();
         let materialise = m.duration;
         let res =
-            tokio::task::spawn_blocking(move || -> Result<(job::Restored, Vec<Action>), String> {
+            tokio::task::spawn_blocking(move || -> Result<(job::Restored, Vec<Action>), Failed> {
                 // The job's files go back to the checkpoint's instant
                 // before CRIU reopens them.
                 let r = crate::files::rollback_checked(&m.path, &files_cfg)
-                    .map_err(|e| e.to_string())
+                    .map_err(|e| Failed::Other(e.to_string()))
                     .and_then(|(actions, expect)| {
                         pause_point("after-rollback");
                         // CRIU reopens the job's files by path: before the
@@ -198,11 +341,12 @@ impl Supervisor {
                                 }
                             }
                         };
-                        let res = engine.restore(&m.path, &opts, &files, &mut on_notify);
+                        let res = engine.restore(&m.path, &opts, &files, &mut on_notify, lazy);
                         match (res, refusal) {
                             (Ok(r), _) => Ok((r, actions)),
-                            (Err(_), Some(why)) => Err(why),
-                            (Err(e), None) => Err(e.to_string()),
+                            (Err(_), Some(why)) => Err(Failed::Other(why)),
+                            (Err(JobError::Lazy(e)), None) => Err(Failed::Lazy(e)),
+                            (Err(e), None) => Err(Failed::Other(e.to_string())),
                         }
                     });
                 // The restored job does not use the image files: free the
@@ -211,13 +355,14 @@ impl Supervisor {
                 r
             })
             .await
-            .map_err(|e| format!("restore task failed: {e}"))
+            .map_err(|e| Failed::Other(format!("restore task failed: {e}")))
             .and_then(|r| r);
-        let (r, actions) = match res {
+        let (mut r, actions) = match res {
             Ok(x) => x,
-            Err(e) => {
+            Err(Failed::Lazy(e)) => return Err(Failed::Lazy(e)),
+            Err(Failed::Other(e)) => {
                 self.restore_failed(img, &e);
-                return Err(e);
+                return Err(Failed::Other(e));
             }
         };
         if !actions.is_empty() {
@@ -229,9 +374,11 @@ impl Supervisor {
         }
         // job.json first: whoever reads the log line finds the new pid.
         self.remember(&r.running).await;
+        let running_after = r.duration + materialise;
         info!(
             checkpoint = %img.id,
-            duration_ms = (r.duration + materialise).as_millis() as u64,
+            mode,
+            duration_ms = running_after.as_millis() as u64,
             materialise_ms = materialise.as_millis() as u64,
             criu_restore_ms = r.criu_restore_us.map(|u| u as f64 / 1000.0).unwrap_or(f64::NAN),
             pid = r.running.host_pid,
@@ -239,8 +386,33 @@ impl Supervisor {
             "restored"
         );
         self.metrics
-            .restore(&self.cfg.name, true, Some(r.duration + materialise));
-        self.publish(|s| s.restores += 1);
+            .restore(&self.cfg.name, true, Some(running_after));
+        self.metrics.restore_mode(&self.cfg.name, mode);
+        let resident = match r.lazy.take() {
+            Some(session) => {
+                self.lazy = Some(PendingLazy {
+                    image: img.id.clone(),
+                    began: Instant::now() - running_after,
+                    end: tokio::task::spawn_blocking(move || session.wait()),
+                });
+                None
+            }
+            None => {
+                self.metrics
+                    .restore_resident(&self.cfg.name, mode, running_after);
+                Some(running_after.as_secs_f64() * 1e3)
+            }
+        };
+        let summary = RestoreSummary {
+            checkpoint: img.id.clone(),
+            mode: mode.to_string(),
+            running_ms: running_after.as_secs_f64() * 1e3,
+            resident_ms: resident,
+        };
+        self.publish(|s| {
+            s.restores += 1;
+            s.last_restore = Some(summary);
+        });
         Ok(r.running)
     }
 
@@ -292,6 +464,22 @@ impl Supervisor {
                 self.launch().await.map_err(|e| self.fail(e))
             }
             Target::Attach { .. } => Err(self.fail("no image could be restored".into())),
+        }
+    }
+}
+
+/// How a restore failed.
+pub(super) enum Failed {
+    /// The lazy restore failed before the job ran (an eager one may work).
+    Lazy(String),
+    /// Anything else.
+    Other(String),
+}
+
+impl Failed {
+    fn into_message(self) -> String {
+        match self {
+            Failed::Lazy(e) | Failed::Other(e) => e,
         }
     }
 }

@@ -10,6 +10,8 @@ use tokio::sync::oneshot;
 use super::*;
 use crate::config::{CriuOptions, LaunchSpec};
 use crate::control::{job_channel, JobHandle, Response};
+use crate::criu::page_server::{DumpSink, MapKind, PageSource};
+use crate::criu::pagemap::{Pagemap, PE_LAZY, PE_PRESENT};
 use crate::criu::{CriuError, DumpMode, DumpOutcome};
 use crate::job::{JobError, Restored};
 
@@ -28,6 +30,23 @@ struct Fake {
     current: Mutex<Option<Slot>>,
     counts: Mutex<Counts>,
     next_pid: Mutex<i32>,
+    /// Restores lazily (the fake checks every lazy page through the source).
+    lazy: bool,
+    /// Restores that were lazy, and the page bytes they read from the source.
+    lazy_reads: Mutex<Vec<u64>>,
+}
+
+/// The fake job's memory in dump `n`: three lazy pages and one eager page
+/// at fixed addresses, each filled with a byte of its own.
+const FAKE_MAP: [(u64, u32); 4] = [
+    (0x10000, PE_PRESENT | PE_LAZY),
+    (0x11000, PE_PRESENT | PE_LAZY),
+    (0x12000, PE_PRESENT),
+    (0x20000, PE_PRESENT | PE_LAZY),
+];
+
+fn fake_page(n: u32, i: usize) -> Vec<u8> {
+    vec![(n as u8).wrapping_mul(16) + i as u8; 4096]
 }
 
 impl Fake {
@@ -76,6 +95,7 @@ impl Engine for Fake {
         _: Option<Duration>,
         _: DumpMode,
         on_notify: &mut dyn FnMut(&str) -> bool,
+        pages: Option<&mut (dyn DumpSink + Send)>,
     ) -> Result<DumpOutcome, CriuError> {
         let n = {
             let mut c = self.counts.lock().unwrap();
@@ -83,6 +103,14 @@ impl Engine for Fake {
             c.dumps
         };
         std::fs::write(dir.join("core-1000.img"), format!("dump {n}")).unwrap();
+        // As CRIU's page-server dump does: one map, its entries, the pages.
+        let sink = pages.expect("checkpoints are streamed by default");
+        sink.open(MapKind::Pid, 1000).unwrap();
+        for (i, (vaddr, flags)) in FAKE_MAP.iter().enumerate() {
+            sink.entry(*vaddr, 1, *flags).unwrap();
+            sink.pages(&mut &fake_page(n, i)[..], 4096).unwrap();
+        }
+        sink.finish().unwrap();
         assert!(on_notify("post-dump"));
         Ok(DumpOutcome {
             duration: Duration::from_millis(1),
@@ -97,19 +125,45 @@ impl Engine for Fake {
         _: &CriuOptions,
         _: &InitFiles,
         on_notify: &mut dyn FnMut(&str, i32) -> bool,
+        lazy: Option<Box<dyn PageSource + Send>>,
     ) -> Result<Restored, JobError> {
         assert!(images.join("core-1000.img").exists(), "materialised first");
+        let core = std::fs::read_to_string(images.join("core-1000.img")).unwrap();
+        let n: u32 = core.trim_start_matches("dump ").parse().unwrap();
+        let map = Pagemap::parse(&std::fs::read(images.join("pagemap-1000.img")).unwrap()).unwrap();
+        let file = std::fs::read(images.join(format!("pages-{}.img", map.pages_id))).unwrap();
+        assert_eq!(file.len(), 4 * 4096);
+        let mut src = lazy;
+        for (i, (vaddr, flags)) in FAKE_MAP.iter().enumerate() {
+            let in_file = &file[i * 4096..(i + 1) * 4096];
+            match src.as_mut().filter(|_| flags & PE_LAZY != 0) {
+                Some(src) => {
+                    // Lazy: a hole in the file, the contents from the store.
+                    assert!(in_file.iter().all(|&b| b == 0), "lazy page written out");
+                    let mut out = Vec::new();
+                    assert_eq!(src.read(1000, *vaddr, 1, &mut out), Ok(1));
+                    assert_eq!(out, fake_page(n, i));
+                    self.lazy_reads.lock().unwrap().push(*vaddr);
+                }
+                None => assert_eq!(in_file, &fake_page(n, i)[..]),
+            }
+        }
         assert!(on_notify("post-restore", 0));
         self.counts.lock().unwrap().restores += 1;
         Ok(Restored {
             running: self.job(),
             duration: Duration::from_millis(1),
             criu_restore_us: None,
+            lazy: None,
         })
     }
 
     fn feature_check(&self) -> Result<DumpMode, CriuError> {
         Ok(DumpMode::Full)
+    }
+
+    fn lazy_pages(&self) -> Result<bool, CriuError> {
+        Ok(self.lazy)
     }
 }
 
@@ -127,12 +181,16 @@ fn reaper() -> Reaper {
 }
 
 async fn start(restore: &str) -> Harness {
+    start_with(restore, Fake::default()).await
+}
+
+async fn start_with(restore: &str, fake: Fake) -> Harness {
     let dir = tempfile::tempdir().unwrap();
     let text = format!(
         "command = [\"/bin/true\"]\n[checkpoint]\nevery = \"1h\"\n[files]\nrollback = false\n[restore]\n{restore}\n"
     );
     let cfg = JobConfig::from_str_at(&text, &dir.path().join("job.toml")).unwrap();
-    let fake = Arc::new(Fake::default());
+    let fake = Arc::new(fake);
     let (handle, port) = job_channel(&cfg.name, cfg.checkpoint.dir.clone());
     let mut sup = Supervisor::new(cfg, reaper(), None).unwrap();
     sup.engine = fake.clone();
@@ -241,4 +299,50 @@ async fn detach_all_leaves_the_job_running_without_a_checkpoint() {
     assert_eq!(h.task.await.unwrap(), Outcome::Detached);
     // No checkpoint, no kill: one launch and nothing else.
     assert_eq!(h.fake.counts(), (1, 0, 0));
+}
+
+/// Streamed checkpoints and lazy restores through the real store: each
+/// dump's pages reach the store through the page sink; a lazy restore
+/// writes out only the eager page and reads every lazy page, verified,
+/// from the store, of the newest checkpoint; `lazy = false` restores
+/// eagerly (every page written out).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streamed_checkpoints_restore_lazily_from_the_store() {
+    let fake = Fake {
+        lazy: true,
+        ..Default::default()
+    };
+    let h = start_with("backoff = \"0s\"\n", fake).await;
+    h.checkpoint().await;
+    h.checkpoint().await;
+    h.fake.die(ExitStatus::Signal(libc::SIGKILL));
+    let s = h
+        .wait(|s| s.restores == 1 && s.state == JobState::Running)
+        .await;
+    let r = s.last_restore.expect("restore shown");
+    assert_eq!(r.mode, "lazy");
+    assert_eq!(
+        *h.fake.lazy_reads.lock().unwrap(),
+        vec![0x10000, 0x11000, 0x20000]
+    );
+    h.shutdown.send(Shutdown::Configured).unwrap();
+    assert_eq!(h.task.await.unwrap(), Outcome::Stopped);
+
+    let h = start_with(
+        "lazy = false\nbackoff = \"0s\"\n",
+        Fake {
+            lazy: true,
+            ..Default::default()
+        },
+    )
+    .await;
+    h.checkpoint().await;
+    h.fake.die(ExitStatus::Signal(libc::SIGKILL));
+    let s = h
+        .wait(|s| s.restores == 1 && s.state == JobState::Running)
+        .await;
+    assert_eq!(s.last_restore.unwrap().mode, "eager");
+    assert!(h.fake.lazy_reads.lock().unwrap().is_empty());
+    h.shutdown.send(Shutdown::Configured).unwrap();
+    assert_eq!(h.task.await.unwrap(), Outcome::Stopped);
 }

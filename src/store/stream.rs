@@ -1,0 +1,268 @@
+//! Streamed ingest: files of a checkpoint that never touch the staging
+//! directory. CRIU's page server (supervise's own, `criu::page_server`)
+//! hands over each `pages-<n>.img` as a byte stream while the job is
+//! frozen; [`PageStream`] cuts it into the same page chunks a staged file
+//! would get, hashes them and stores only the new ones, in the pack that
+//! [`Staging::commit_with`] then completes with the staged files. Nothing
+//! of the page contents is written except new chunks, so a checkpoint in
+//! which little changed writes little.
+//!
+//! Receiving and storing are two threads: the caller's thread copies the
+//! stream into 4 MiB batches, a worker hashes and stores them in order
+//! (itself using several threads per batch, as the staged ingest does).
+//! At most [`IN_FLIGHT`] batches wait between them, which bounds memory
+//! and, when storing is slower than CRIU sends, holds CRIU back.
+
+use std::io::{self, Read};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
+use std::thread::JoinHandle;
+
+use super::format::FileEntry;
+use super::ingest::Staging;
+use super::objects::{self, PAGE_CHUNK};
+use super::pack::{PackWriter, TreeBuilder};
+use super::{io_err, ImageStore, StoreError, StoreLock};
+
+/// Size of one batch handed to the worker.
+const BATCH: usize = 4 << 20;
+/// Batches queued between the receiving thread and the worker.
+pub const IN_FLIGHT: usize = 4;
+
+enum Msg {
+    Begin(String),
+    Data(Vec<u8>),
+    End,
+}
+
+/// What the worker hands back at the end.
+pub(super) struct Streamed {
+    pub(super) lock: StoreLock,
+    pub(super) writer: PackWriter,
+    pub(super) files: Vec<FileEntry>,
+    pub(super) chunks: u64,
+}
+
+/// Files streamed into a checkpoint being written; from
+/// [`Staging::stream`]. Dropping it without [`Staging::commit_with`]
+/// discards what it stored (the unpublished pack is removed).
+pub struct PageStream {
+    tx: Option<SyncSender<Msg>>,
+    recycle: Receiver<Vec<u8>>,
+    worker: Option<JoinHandle<Result<Streamed, StoreError>>>,
+    buf: Vec<u8>,
+    names: Vec<String>,
+    open: bool,
+    /// Bytes received.
+    pub bytes: u64,
+}
+
+impl Staging {
+    /// Starts streaming files into this checkpoint. Takes the store's
+    /// exclusive lock until the commit (or until the stream is dropped).
+    pub fn stream(&self) -> Result<PageStream, StoreError> {
+        let store = self.store().clone();
+        let lock = store.lock(true)?;
+        let packs_dir = store.dir.join(super::format::PACKS_DIR);
+        let key = if store.seal { store.key.clone() } else { None };
+        let writer = PackWriter::new(&packs_dir, key)
+            .map_err(io_err(&packs_dir))?
+            .with_parity(store.parity)
+            .with_copy(store.mirror.alt(&packs_dir));
+        let (tx, rx) = sync_channel::<Msg>(IN_FLIGHT);
+        let (back, recycle) = sync_channel::<Vec<u8>>(IN_FLIGHT + 2);
+        let worker = std::thread::Builder::new()
+            .name("page-ingest".into())
+            .spawn(move || ingest(store, lock, writer, rx, back))
+            .map_err(|e| StoreError::Io {
+                path: packs_dir.clone(),
+                source: e,
+            })?;
+        Ok(PageStream {
+            tx: Some(tx),
+            recycle,
+            worker: Some(worker),
+            buf: Vec::with_capacity(BATCH),
+            names: Vec::new(),
+            open: false,
+            bytes: 0,
+        })
+    }
+}
+
+fn ingest(
+    store: ImageStore,
+    lock: StoreLock,
+    mut writer: PackWriter,
+    rx: Receiver<Msg>,
+    back: SyncSender<Vec<u8>>,
+) -> Result<Streamed, StoreError> {
+    let packs_dir = store.dir.join(super::format::PACKS_DIR);
+    let err = |e: io::Error| io_err(&packs_dir)(e);
+    let mut files = Vec::new();
+    let mut chunks = 0u64;
+    let mut cur: Option<(String, TreeBuilder, u64)> = None;
+    for msg in rx {
+        match msg {
+            Msg::Begin(name) => cur = Some((name, TreeBuilder::new(), 0)),
+            Msg::Data(data) => {
+                let (_, tree, size) = cur.as_mut().expect("data follows Begin");
+                let db = store.db()?;
+                tree.push_batch(&db, &mut writer, &data, PAGE_CHUNK as usize)
+                    .map_err(err)?;
+                drop(db);
+                chunks += data.len().div_ceil(PAGE_CHUNK as usize) as u64;
+                *size += data.len() as u64;
+                let _ = back.try_send(data);
+            }
+            Msg::End => {
+                let (name, tree, size) = cur.take().expect("End follows Begin");
+                let db = store.db()?;
+                let (root, depth) = tree.finish(&db, &mut writer).map_err(err)?;
+                files.push(FileEntry {
+                    name,
+                    size,
+                    chunk: Some(PAGE_CHUNK),
+                    depth: Some(depth),
+                    root: Some(objects::hex(&root)),
+                    ..Default::default()
+                });
+            }
+        }
+    }
+    Ok(Streamed {
+        lock,
+        writer,
+        files,
+        chunks,
+    })
+}
+
+impl PageStream {
+    fn send(&mut self, m: Msg) -> io::Result<()> {
+        let failed = match &self.tx {
+            Some(tx) => tx.send(m).is_err(),
+            None => true,
+        };
+        if failed {
+            // The worker stopped: its error is the one to report.
+            return Err(match self.join() {
+                Err(e) => io::Error::other(e.to_string()),
+                Ok(_) => io::Error::other("the page ingest thread stopped"),
+            });
+        }
+        Ok(())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        let next = self
+            .recycle
+            .try_recv()
+            .map(|mut v| {
+                v.clear();
+                v
+            })
+            .unwrap_or_else(|_| Vec::with_capacity(BATCH));
+        let full = std::mem::replace(&mut self.buf, next);
+        self.send(Msg::Data(full))
+    }
+
+    /// Starts the file `name` (a plain file name of the image; the
+    /// previous file, if any, ends).
+    pub fn begin_file(&mut self, name: &str) -> io::Result<()> {
+        if !super::format::valid_file_name(name) || name.contains('/') {
+            return Err(io::Error::other(format!(
+                "invalid streamed file name {name:?}"
+            )));
+        }
+        if self.names.iter().any(|n| n == name) {
+            return Err(io::Error::other(format!("{name} streamed twice")));
+        }
+        self.end_file()?;
+        self.names.push(name.to_string());
+        self.open = true;
+        self.send(Msg::Begin(name.to_string()))
+    }
+
+    /// Appends exactly `len` bytes read from `r` to the current file.
+    pub fn write_from(&mut self, r: &mut dyn Read, len: u64) -> io::Result<()> {
+        if !self.open {
+            return Err(io::Error::other("no streamed file is open"));
+        }
+        let mut left = len;
+        while left > 0 {
+            let room = BATCH - self.buf.len();
+            let want = (room as u64).min(left) as usize;
+            let at = self.buf.len();
+            self.buf.resize(at + want, 0);
+            if let Err(e) = r.read_exact(&mut self.buf[at..]) {
+                self.buf.truncate(at);
+                return Err(e);
+            }
+            left -= want as u64;
+            self.bytes += want as u64;
+            if self.buf.len() == BATCH {
+                self.flush()?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Appends `data` to the current file.
+    pub fn write(&mut self, mut data: &[u8]) -> io::Result<()> {
+        let len = data.len() as u64;
+        self.write_from(&mut data, len)
+    }
+
+    /// Ends the current file (if one is open).
+    pub fn end_file(&mut self) -> io::Result<()> {
+        if !self.open {
+            return Ok(());
+        }
+        self.flush()?;
+        self.open = false;
+        self.send(Msg::End)
+    }
+
+    /// Names of the files streamed so far.
+    pub fn names(&self) -> &[String] {
+        &self.names
+    }
+
+    fn join(&mut self) -> Result<Streamed, StoreError> {
+        self.tx = None;
+        match self.worker.take() {
+            Some(h) => h.join().unwrap_or_else(|_| {
+                Err(StoreError::Io {
+                    path: std::path::PathBuf::from("page-ingest"),
+                    source: io::Error::other("page ingest thread panicked"),
+                })
+            }),
+            None => Err(StoreError::Io {
+                path: std::path::PathBuf::from("page-ingest"),
+                source: io::Error::other("page ingest already ended"),
+            }),
+        }
+    }
+
+    /// Ends the stream: everything received is stored (not yet published).
+    pub(super) fn finish(mut self) -> Result<Streamed, StoreError> {
+        self.end_file().map_err(|e| StoreError::Io {
+            path: std::path::PathBuf::from("page-ingest"),
+            source: e,
+        })?;
+        self.join()
+    }
+}
+
+impl Drop for PageStream {
+    fn drop(&mut self) {
+        self.tx = None;
+        if let Some(h) = self.worker.take() {
+            // The writer's drop removes the unpublished pack.
+            let _ = h.join();
+        }
+    }
+}

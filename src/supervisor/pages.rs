@@ -1,0 +1,212 @@
+//! The job's memory between CRIU's page server and the image store:
+//!
+//! * [`StreamSink`]: a streamed dump's page maps become `pagemap-*.img`
+//!   files in the staging directory (small), its pages a streamed
+//!   `pages-<n>.img` in the store (only new chunks are written);
+//! * [`StoreSource`]: a lazy restore's page requests are answered from the
+//!   stored `pages-<n>.img`, located through the materialised page maps;
+//! * [`lazy_select`]: what of each file a lazy restore materialises (page
+//!   files only where CRIU restores eagerly).
+
+use std::collections::{HashMap, HashSet};
+use std::fs::OpenOptions;
+use std::io::{self, Read, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use crate::criu::page_server::{DumpSink, MapKind, PageSource};
+use crate::criu::pagemap::{self, PageIndex, Pagemap, PagemapEntry, PAGE_SIZE};
+use crate::store::{FileReader, ImageInfo, ImageStore, PageStream, Select};
+
+/// Writes a streamed dump: page maps into `dir`, pages into `stream`.
+pub struct StreamSink {
+    dir: PathBuf,
+    stream: PageStream,
+    next_id: u32,
+    map: Option<(String, Vec<u8>)>,
+}
+
+impl StreamSink {
+    /// A sink writing page maps into the staging directory `dir`.
+    pub fn new(dir: &Path, stream: PageStream) -> StreamSink {
+        StreamSink {
+            dir: dir.to_path_buf(),
+            stream,
+            next_id: 1,
+            map: None,
+        }
+    }
+
+    /// The stream, to commit with the checkpoint.
+    pub fn into_stream(self) -> PageStream {
+        self.stream
+    }
+
+    fn write_map(&mut self) -> io::Result<()> {
+        let Some((name, bytes)) = self.map.take() else {
+            return Ok(());
+        };
+        let path = self.dir.join(&name);
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(&path)?;
+        f.write_all(&bytes)
+    }
+}
+
+impl DumpSink for StreamSink {
+    fn open(&mut self, kind: MapKind, id: u64) -> io::Result<()> {
+        self.write_map()?;
+        let pages_id = self.next_id;
+        self.next_id += 1;
+        let mut bytes = pagemap::magic().to_vec();
+        pagemap::encode_head(pages_id, &mut bytes);
+        self.map = Some((kind.pagemap_name(id), bytes));
+        self.stream.begin_file(&format!("pages-{pages_id}.img"))
+    }
+
+    fn entry(&mut self, vaddr: u64, nr_pages: u64, flags: u32) -> io::Result<()> {
+        let (_, bytes) = self
+            .map
+            .as_mut()
+            .ok_or_else(|| io::Error::other("page map entry before a page map"))?;
+        pagemap::encode_entry(&PagemapEntry::new(vaddr, nr_pages, flags), bytes);
+        Ok(())
+    }
+
+    fn pages(&mut self, from: &mut dyn Read, len: u64) -> io::Result<()> {
+        self.stream.write_from(from, len)
+    }
+
+    fn finish(&mut self) -> io::Result<()> {
+        self.write_map()?;
+        self.stream.end_file()
+    }
+}
+
+/// The process page maps (`pagemap-<pid>.img`, not shared memory) in a
+/// materialised image directory: pid -> map.
+fn process_maps(dir: &Path) -> Result<HashMap<u64, Pagemap>, String> {
+    let mut out = HashMap::new();
+    let rd = std::fs::read_dir(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    for e in rd.flatten() {
+        let name = e.file_name();
+        let Some(name) = name.to_str() else { continue };
+        let Some(pid) = name
+            .strip_prefix("pagemap-")
+            .and_then(|r| r.strip_suffix(".img"))
+            .and_then(|p| p.parse::<u64>().ok())
+        else {
+            continue;
+        };
+        let bytes = std::fs::read(e.path()).map_err(|e| format!("{name}: {e}"))?;
+        let map = Pagemap::parse(&bytes).map_err(|e| format!("{name}: {e}"))?;
+        out.insert(pid, map);
+    }
+    Ok(out)
+}
+
+/// For [`ImageStore::materialise_select`] in a lazy restore: a page file of
+/// a process is written only where its pages are not lazy (the rest stays
+/// a hole); every other file whole.
+pub fn lazy_select() -> impl FnMut(&str, &Path) -> Select {
+    let mut eager: Option<HashMap<u32, Vec<(u64, u64)>>> = None;
+    move |name, dir| {
+        let Some(id) = name
+            .strip_prefix("pages-")
+            .and_then(|r| r.strip_suffix(".img"))
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            return Select::Whole;
+        };
+        let ranges = eager.get_or_insert_with(|| {
+            process_maps(dir)
+                .unwrap_or_default()
+                .values()
+                .map(|m| (m.pages_id, m.eager_ranges()))
+                .collect()
+        });
+        match ranges.get(&id) {
+            Some(r) => Select::Ranges(r.clone()),
+            None => Select::Whole,
+        }
+    }
+}
+
+/// Images whose lazy restore found a page that could not be served: they
+/// are restored eagerly from then on (which verifies everything first).
+pub type LazyFailures = Arc<Mutex<HashSet<String>>>;
+
+/// Serves a lazy restore's page requests from the store.
+pub struct StoreSource {
+    image: String,
+    procs: HashMap<u64, (PageIndex, Arc<FileReader>)>,
+    failures: LazyFailures,
+}
+
+impl StoreSource {
+    /// Reads the page maps materialised in `dir` and opens each process's
+    /// page file in the store.
+    pub fn open(
+        store: &ImageStore,
+        image: &ImageInfo,
+        dir: &Path,
+        failures: LazyFailures,
+    ) -> Result<StoreSource, String> {
+        let mut procs = HashMap::new();
+        let mut readers: HashMap<u32, Arc<FileReader>> = HashMap::new();
+        for (pid, map) in process_maps(dir)? {
+            let reader = match readers.get(&map.pages_id) {
+                Some(r) => r.clone(),
+                None => {
+                    let name = format!("pages-{}.img", map.pages_id);
+                    let r = Arc::new(store.file_reader(image, &name).map_err(|e| e.to_string())?);
+                    if r.size() < map.pages_bytes() {
+                        return Err(format!(
+                            "{name} holds {} bytes, its page map needs {}",
+                            r.size(),
+                            map.pages_bytes()
+                        ));
+                    }
+                    readers.insert(map.pages_id, r.clone());
+                    r
+                }
+            };
+            procs.insert(pid, (map.index(), reader));
+        }
+        Ok(StoreSource {
+            image: image.id.clone(),
+            procs,
+            failures,
+        })
+    }
+
+    fn fail(&self, why: String) -> String {
+        self.failures
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(self.image.clone());
+        why
+    }
+}
+
+impl PageSource for StoreSource {
+    fn read(&mut self, pid: u64, vaddr: u64, nr: u64, out: &mut Vec<u8>) -> Result<u64, String> {
+        let Some((index, reader)) = self.procs.get(&pid) else {
+            return Err(self.fail(format!("the image has no page map for process {pid}")));
+        };
+        let Some((offset, n)) = index.locate(vaddr, nr) else {
+            return Err(self.fail(format!(
+                "the page map of process {pid} does not hold {vaddr:#x}"
+            )));
+        };
+        match reader.read_at(offset, n * PAGE_SIZE, out) {
+            Ok(()) => Ok(n),
+            Err(e) => Err(self.fail(e.to_string())),
+        }
+    }
+}
