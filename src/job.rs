@@ -447,6 +447,7 @@ pub fn restore(
         )),
         None => None,
     };
+    let daemon_ready = start.elapsed();
     let report = pipe().map_err(JobError::Init)?;
     let control = pipe().map_err(JobError::Init)?;
     let errp = pipe().map_err(JobError::Init)?;
@@ -469,7 +470,11 @@ pub fn restore(
         JobError::Lazy(e)
     };
     let session = match daemon {
-        Some((daemon, src)) => {
+        Some((mut daemon, src)) => {
+            // The daemon started up while the namespace did.
+            if let Err(e) = daemon.wait_ready() {
+                return Err(lazy_failed(e.to_string(), &control.w));
+            }
             let started = crate::proc::pidfd_open(init_pid).and_then(|job| {
                 let guard = Guard::spawn(reaper, &job, daemon.socket())?;
                 Ok(LazySession::serve(daemon, job, guard, src))
@@ -486,6 +491,7 @@ pub fn restore(
         }
         None => None,
     };
+    let serving = start.elapsed();
     let conv = criu::Conversation::new(ours);
     let mut req = criu::restore_request(images_dir, opts, true);
     if session.is_some() {
@@ -518,9 +524,17 @@ pub fn restore(
     control_w
         .write_all(format!("go {ns_pid}\n").as_bytes())
         .map_err(io("telling the init the restored pid"))?;
+    let answered = start.elapsed();
     let mut rd = BufReader::new(File::from(report.r));
     let got = read_started(&mut rd)?;
     let running = running(init_pid, got, exit, rd)?;
+    tracing::debug!(
+        daemon_ready_ms = daemon_ready.as_secs_f64() * 1e3,
+        serving_ms = serving.as_secs_f64() * 1e3,
+        criu_answered_ms = answered.as_secs_f64() * 1e3,
+        running_ms = start.elapsed().as_secs_f64() * 1e3,
+        "restore steps"
+    );
     Ok(Restored {
         running,
         duration: start.elapsed(),

@@ -14,6 +14,7 @@ pub mod fsutil;
 pub mod init;
 pub mod job;
 mod metrics;
+pub mod pages;
 pub mod proc;
 pub mod reaper;
 mod schedule;

@@ -36,7 +36,6 @@ use crate::store::{CheckpointExtra, CheckpointMeta, ImageInfo, ImageStore, Mater
 
 mod checkpoint;
 pub mod engine;
-pub mod pages;
 pub mod policy;
 mod record;
 mod restore;
@@ -154,7 +153,7 @@ pub struct Supervisor {
     /// Whether lazy restores work here (asked of CRIU at the first restore).
     lazy_ok: Option<bool>,
     /// Images whose lazy restore could not serve a page.
-    lazy_failures: pages::LazyFailures,
+    lazy_failures: crate::pages::LazyFailures,
     /// A lazy restore still pushing the job's memory.
     lazy: Option<PendingLazy>,
     _lock: File,
@@ -730,6 +729,7 @@ async fn wait_lazy(
                 .unwrap_or_else(|e| crate::criu::lazy::LazyOutcome {
                     result: Err(format!("the lazy restore task failed: {e}")),
                     bytes: 0,
+                    stats: Default::default(),
                     elapsed: Duration::ZERO,
                     ended: Instant::now(),
                 });

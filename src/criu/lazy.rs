@@ -36,7 +36,7 @@ use std::time::{Duration, Instant};
 
 use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
 
-use super::page_server::{serve_lazy, LazyEnd, PageServerError, PageSource};
+use super::page_server::{serve_lazy, LazyEnd, PageServerError, PageSource, ServeStats};
 use super::{collect, criu_bin, error_lines, CriuError};
 use crate::reaper::{Reaper, Spawned};
 
@@ -51,12 +51,14 @@ pub struct LazyDaemon {
     spawned: Spawned,
     log: Option<JoinHandle<String>>,
     sock: OwnedFd,
+    ready: Option<OwnedFd>,
 }
 
 impl LazyDaemon {
     /// Starts the daemon for the image in `dir` (also its work directory,
-    /// where it listens on `lazy-pages.socket`) and waits until it is
-    /// ready.
+    /// where it listens on `lazy-pages.socket`); see [`wait_ready`].
+    ///
+    /// [`wait_ready`]: LazyDaemon::wait_ready
     pub fn start(reaper: &Reaper, dir: &Path, log_level: u32) -> Result<LazyDaemon, CriuError> {
         let (ours, theirs) = socketpair(
             AddressFamily::Unix,
@@ -65,6 +67,9 @@ impl LazyDaemon {
             SockFlag::SOCK_CLOEXEC,
         )
         .map_err(std::io::Error::from)?;
+        // Answers of up to 4 MiB go out in one piece rather than in
+        // socket-buffer-sized slices, each a wakeup of the daemon.
+        set_sndbuf(&ours, 8 << 20);
         let (ready_r, ready_w) =
             nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(std::io::Error::from)?;
         let mut cmd = Command::new(criu_bin());
@@ -94,26 +99,35 @@ impl LazyDaemon {
             .as_mut()
             .and_then(|c| c.stdout.take())
             .map(collect);
-        let mut d = LazyDaemon {
+        Ok(LazyDaemon {
             spawned,
             log,
             sock: ours,
+            ready: Some(ready_r),
+        })
+    }
+
+    /// Waits until the daemon listens (it says so on its status pipe); a
+    /// daemon that does not is killed.
+    pub fn wait_ready(&mut self) -> Result<(), CriuError> {
+        let Some(ready_r) = self.ready.take() else {
+            return Ok(());
         };
         match wait_readable(&ready_r, READY_TIMEOUT) {
             Ok(true) => {
                 let mut b = [1u8; 1];
                 if matches!(std::fs::File::from(ready_r).read(&mut b), Ok(1)) {
-                    return Ok(d);
+                    return Ok(());
                 }
             }
             Ok(false) => {}
             Err(e) => {
-                d.kill();
+                self.kill();
                 return Err(e.into());
             }
         }
-        d.kill();
-        let log = d.take_log();
+        self.kill();
+        let log = self.take_log();
         Err(CriuError::Failed {
             op: "lazy-pages",
             message: format!(
@@ -157,6 +171,8 @@ pub struct LazyOutcome {
     pub result: Result<(), String>,
     /// Page bytes served.
     pub bytes: u64,
+    /// Requests, and the time spent reading pages and sending them.
+    pub stats: ServeStats,
     /// From the start of serving to the end.
     pub elapsed: Duration,
     /// When it ended.
@@ -171,8 +187,8 @@ pub struct LazySession {
 }
 
 impl LazySession {
-    /// Serves `source` to `daemon` on a thread until every page is
-    /// resident or serving fails. `job` is a pidfd of the restored tree's
+    /// Serves `source` to `daemon` (ready: [`LazyDaemon::wait_ready`]) on a
+    /// thread until every page is resident or serving fails. `job` is a pidfd of the restored tree's
     /// namespace init (killing it kills the tree); `guard` the guard of
     /// the socket (see the module documentation).
     pub fn serve(
@@ -187,11 +203,11 @@ impl LazySession {
             .name("lazy-pages".into())
             .spawn(move || {
                 let sock = daemon.sock.try_clone();
-                let mut bytes = 0u64;
+                let mut stats = ServeStats::default();
                 let r = match sock {
                     Ok(s) => {
                         let mut stream = UnixStream::from(s);
-                        let r = serve_lazy(&mut stream, &mut *source, &mut |n| bytes += n);
+                        let r = serve_lazy(&mut stream, &mut *source, &mut stats);
                         (r, Some(stream))
                     }
                     Err(e) => (Err(PageServerError::Io(e)), None),
@@ -235,7 +251,8 @@ impl LazySession {
                 guard.release();
                 LazyOutcome {
                     result,
-                    bytes,
+                    bytes: stats.bytes,
+                    stats,
                     elapsed: started.elapsed(),
                     ended: Instant::now(),
                 }
@@ -271,6 +288,7 @@ impl LazySession {
             _ => LazyOutcome {
                 result: Err("the lazy-pages thread panicked".into()),
                 bytes: 0,
+                stats: ServeStats::default(),
                 elapsed: self.started.elapsed(),
                 ended: Instant::now(),
             },
@@ -296,6 +314,25 @@ pub fn kill_and_wait(pidfd: &OwnedFd) {
         );
     }
     let _ = wait_readable(pidfd, KILL_WAIT);
+}
+
+/// Best effort: a larger send buffer (as root: past `wmem_max`).
+fn set_sndbuf(fd: &OwnedFd, bytes: i32) {
+    for opt in [libc::SO_SNDBUFFORCE, libc::SO_SNDBUF] {
+        // SAFETY: setsockopt with an int option on a valid socket.
+        let r = unsafe {
+            libc::setsockopt(
+                fd.as_raw_fd(),
+                libc::SOL_SOCKET,
+                opt,
+                (&bytes as *const i32).cast(),
+                std::mem::size_of::<i32>() as libc::socklen_t,
+            )
+        };
+        if r == 0 {
+            return;
+        }
+    }
 }
 
 fn wait_readable(fd: &OwnedFd, timeout: Duration) -> std::io::Result<bool> {

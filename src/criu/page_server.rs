@@ -263,8 +263,21 @@ pub enum LazyEnd {
     HungUp,
 }
 
-/// Serves a lazy restore until the daemon closes the conversation.
-/// `on_served` is told the bytes of every answer. On `Err` the socket is
+/// What a lazy-restore conversation did, and where its time went.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct ServeStats {
+    /// Requests answered.
+    pub requests: u64,
+    /// Page bytes sent.
+    pub bytes: u64,
+    /// Time spent reading pages from the source.
+    pub source: std::time::Duration,
+    /// Time spent sending answers.
+    pub send: std::time::Duration,
+}
+
+/// Serves a lazy restore until the daemon closes the conversation,
+/// counting into `stats`. On `Err` the socket is
 /// left open: the caller must make sure the restored job cannot run on
 /// with missing memory (kill it) *before* closing it — once the daemon
 /// sees the socket close it exits, and the kernel then fills the job's
@@ -272,7 +285,7 @@ pub enum LazyEnd {
 pub fn serve_lazy<S: Read + Write>(
     sock: &mut S,
     src: &mut dyn PageSource,
-    on_served: &mut dyn FnMut(u64),
+    stats: &mut ServeStats,
 ) -> Result<LazyEnd, PageServerError> {
     let mut buf = Vec::new();
     loop {
@@ -289,9 +302,11 @@ pub fn serve_lazy<S: Read + Write>(
                     return Err(PageServerError::Protocol("request for 0 pages".into()));
                 }
                 buf.clear();
+                let t = std::time::Instant::now();
                 let n = src
                     .read(iov.dst_id, iov.vaddr, iov.nr_pages, &mut buf)
                     .map_err(PageServerError::Source)?;
+                stats.source += t.elapsed();
                 if n == 0 || n > iov.nr_pages || buf.len() as u64 != n * PAGE_SIZE {
                     return Err(PageServerError::Source(format!(
                         "pages at {:#x} of process {}: the source gave {} bytes for {n} pages",
@@ -307,9 +322,12 @@ pub fn serve_lazy<S: Read + Write>(
                     vaddr: iov.vaddr,
                     dst_id: iov.dst_id,
                 };
+                let t = std::time::Instant::now();
                 sock.write_all(&reply.encode())?;
                 sock.write_all(&buf)?;
-                on_served(buf.len() as u64);
+                stats.send += t.elapsed();
+                stats.requests += 1;
+                stats.bytes += buf.len() as u64;
             }
             PS_IOV_CLOSE | PS_IOV_FORCE_CLOSE => {
                 sock.write_all(&0i32.to_le_bytes())?;
@@ -502,14 +520,11 @@ mod tests {
             daemon.read_exact(&mut st).unwrap();
             assert_eq!(st, [0; 4]);
         });
-        let mut total = 0;
-        let end = serve_lazy(&mut ours, &mut Pattern { fail_at: None }, &mut |n| {
-            total += n
-        })
-        .unwrap();
+        let mut stats = ServeStats::default();
+        let end = serve_lazy(&mut ours, &mut Pattern { fail_at: None }, &mut stats).unwrap();
         t.join().unwrap();
         assert_eq!(end, LazyEnd::Done);
-        assert_eq!(total, 8192);
+        assert_eq!((stats.requests, stats.bytes), (1, 8192));
     }
 
     #[test]
@@ -521,7 +536,7 @@ mod tests {
             &mut Pattern {
                 fail_at: Some(0x5000),
             },
-            &mut |_| {},
+            &mut ServeStats::default(),
         )
         .unwrap_err();
         assert!(matches!(err, PageServerError::Source(_)), "{err}");
@@ -535,7 +550,12 @@ mod tests {
         );
         // A daemon that hangs up is reported as such.
         drop(daemon);
-        let end = serve_lazy(&mut ours, &mut Pattern { fail_at: None }, &mut |_| {}).unwrap();
+        let end = serve_lazy(
+            &mut ours,
+            &mut Pattern { fail_at: None },
+            &mut ServeStats::default(),
+        )
+        .unwrap();
         assert_eq!(end, LazyEnd::HungUp);
     }
 }

@@ -22,7 +22,7 @@ pub const PE_LAZY: u32 = 1 << 1;
 /// The pages are present in the pages image.
 pub const PE_PRESENT: u32 = 1 << 2;
 
-const IMG_COMMON_MAGIC: u32 = 0x5476_4319;
+const IMG_COMMON_MAGIC: u32 = 0x5456_4319;
 const PAGEMAP_MAGIC: u32 = 0x5608_4025;
 /// Largest record accepted (a pagemap entry is ~20 bytes).
 const MAX_RECORD: usize = 1 << 16;
@@ -181,15 +181,21 @@ impl Pagemap {
 
     /// An index for locating pages by address.
     pub fn index(&self) -> PageIndex {
-        let mut spans = Vec::with_capacity(self.entries.len());
+        let mut spans: Vec<Span> = Vec::with_capacity(self.entries.len());
         let mut off = 0u64;
         for e in self.entries.iter().filter(|e| e.in_pages_file()) {
-            spans.push(Span {
-                vaddr: e.vaddr,
-                end: e.vaddr + e.pages() * PAGE_SIZE,
-                offset: off,
-            });
-            off += e.pages() * PAGE_SIZE;
+            let len = e.pages() * PAGE_SIZE;
+            // CRIU cuts long runs into entries of at most 1 MiB: entries
+            // that follow each other in memory and in the file are one span.
+            match spans.last_mut() {
+                Some(s) if s.end == e.vaddr && s.offset + (s.end - s.vaddr) == off => s.end += len,
+                _ => spans.push(Span {
+                    vaddr: e.vaddr,
+                    end: e.vaddr + len,
+                    offset: off,
+                }),
+            }
+            off += len;
         }
         spans.sort_by_key(|s| s.vaddr);
         PageIndex { spans }
@@ -277,9 +283,24 @@ mod tests {
         assert_eq!(ix.locate(0x10000, 10), Some((2 * PAGE_SIZE, 3)));
         assert_eq!(ix.locate(0x11000, 1), Some((3 * PAGE_SIZE, 1)));
         assert_eq!(ix.locate(0x31000, 4), Some((6 * PAGE_SIZE, 2)));
+        // Entries back to back in memory and in the file are one span.
+        assert_eq!(ix.locate(0x30000, 4), Some((5 * PAGE_SIZE, 3)));
         assert_eq!(ix.locate(0x20000, 1), None, "pages in the parent");
         assert_eq!(ix.locate(0x5000, 1), None);
         assert_eq!(ix.locate(0x10001, 1), None, "unaligned");
+    }
+
+    /// The head of a pagemap image as CRIU 4.2.1 wrote it (`criu dump` of a
+    /// test process: magic words, then `pagemap_head { pages_id: 1 }`).
+    #[test]
+    fn parses_criu_bytes() {
+        let criu: [u8; 16] = [
+            0x19, 0x43, 0x56, 0x54, 0x25, 0x40, 0x08, 0x56, 0x02, 0x00, 0x00, 0x00, 0x08, 0x01,
+            0x0e, 0x00,
+        ];
+        assert_eq!(&criu[..8], &magic());
+        let m = Pagemap::parse(&criu[..14]).unwrap();
+        assert_eq!((m.pages_id, m.entries.len()), (1, 0));
     }
 
     #[test]

@@ -96,7 +96,7 @@ impl Supervisor {
             };
             // Streamed: the pages go straight from CRIU into the store.
             let mut sink = match stream.then(|| staging.stream()) {
-                Some(Ok(s)) => Some(pages::StreamSink::new(&dir, s)),
+                Some(Ok(s)) => Some(crate::pages::StreamSink::new(&dir, s)),
                 Some(Err(e)) => {
                     warn!(error = %e, "cannot stream this checkpoint into the store; CRIU writes it out first");
                     None
@@ -182,7 +182,7 @@ impl Supervisor {
                 },
                 None => None,
             };
-            let r = staging.commit_with(meta, sink.map(pages::StreamSink::into_stream));
+            let r = staging.commit_with(meta, sink.map(crate::pages::StreamSink::into_stream));
             drop(guard);
             Ok(r)
         })

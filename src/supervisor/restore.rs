@@ -212,14 +212,14 @@ impl Supervisor {
             let work = crate::store::scratch_dir(&fallback, need)
                 .map_err(|e| format!("cannot create a directory to restore into: {e}"))?;
             let m = store
-                .materialise_select(&img2, &work, &mut pages::lazy_select())
+                .materialise_select(&img2, &work, &mut crate::pages::lazy_select())
                 .map_err(|e| match e {
                     crate::store::StoreError::Corrupt { .. } => {
                         format!("image failed verification: {e}")
                     }
                     e => format!("cannot prepare {} for CRIU: {e}", work.display()),
                 })?;
-            match pages::StoreSource::open(&store, &img2, &m.path, failures) {
+            match crate::pages::StoreSource::open(&store, &img2, &m.path, failures) {
                 Ok(src) => Ok((m, Box::new(src) as Box<dyn PageSource + Send>)),
                 Err(e) => {
                     let _ = std::fs::remove_dir_all(&m.path);
@@ -242,6 +242,9 @@ impl Supervisor {
                     checkpoint = %p.image,
                     resident_ms = resident.as_millis() as u64,
                     served_bytes = o.bytes,
+                    requests = o.stats.requests,
+                    store_read_ms = o.stats.source.as_millis() as u64,
+                    send_ms = o.stats.send.as_millis() as u64,
                     "all of the job's memory is resident; it no longer depends on supervise"
                 );
                 self.metrics
@@ -322,7 +325,7 @@ impl Supervisor {
                 let r = crate::files::rollback_checked(&m.path, &files_cfg)
                     .map_err(|e| Failed::Other(e.to_string()))
                     .and_then(|(actions, expect)| {
-                        pause_point("after-rollback");
+                        crate::fsutil::pause_point("after-rollback");
                         // CRIU reopens the job's files by path: before the
                         // restored tree runs, each descriptor that held a
                         // rolled-back file must hold that very file.
@@ -481,32 +484,5 @@ impl Failed {
         match self {
             Failed::Lazy(e) | Failed::Other(e) => e,
         }
-    }
-}
-
-/// Testing aid: with `SUPERVISE_PAUSE=<name>` and `SUPERVISE_PAUSE_FILE=F`
-/// set, the step named `name` creates `F.reached` and waits (at most 60 s)
-/// while `F` exists, so that a test can act in a precise window (e.g. an
-/// attacker swapping a file between the rollback and CRIU's reopen).
-fn pause_point(name: &str) {
-    if !matches!(std::env::var("SUPERVISE_PAUSE").as_deref(), Ok(n) if n == name) {
-        return;
-    }
-    let Some(file) = std::env::var_os("SUPERVISE_PAUSE_FILE").map(PathBuf::from) else {
-        return;
-    };
-    if !file.exists() {
-        return;
-    }
-    let mut reached = file.clone().into_os_string();
-    reached.push(".reached");
-    let _ = std::fs::write(&reached, name);
-    warn!(
-        pause = name,
-        "SUPERVISE_PAUSE reached: waiting for the test"
-    );
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while file.exists() && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(10));
     }
 }

@@ -133,6 +133,8 @@ impl Engine for Fake {
         let map = Pagemap::parse(&std::fs::read(images.join("pagemap-1000.img")).unwrap()).unwrap();
         let file = std::fs::read(images.join(format!("pages-{}.img", map.pages_id))).unwrap();
         assert_eq!(file.len(), 4 * 4096);
+        // The two contiguous lazy runs were written as one entry.
+        assert_eq!(map.entries.len(), 3, "{map:?}");
         let mut src = lazy;
         for (i, (vaddr, flags)) in FAKE_MAP.iter().enumerate() {
             let in_file = &file[i * 4096..(i + 1) * 4096];

@@ -52,6 +52,7 @@ pub fn progs() -> &'static Path {
             ("lease", "tests/progs/lease.c", ""),
             ("mtime", "tests/progs/mtime.c", ""),
             ("secret", "tests/progs/secret.c", ""),
+            ("lazymem", "tests/progs/lazymem.c", "-pthread"),
         ] {
             let mut cmd = Command::new("cc");
             cmd.args(["-O2", "-o"])

@@ -67,16 +67,20 @@
 //!
 //! Not a test: it prints tables and ratios with their targets.
 
+mod lazy;
+mod report;
+
 use std::collections::HashMap;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use prost::Message;
 use supervise::config::{CriuOptions, LaunchSpec};
 use supervise::criu;
+use supervise::criu::pagemap::Pagemap;
 use supervise::job::{self, InitFiles};
+use supervise::pages::StreamSink;
 use supervise::reaper::Reaper;
 use supervise::store::{scratch_dir, CheckpointMeta, ImageStore, StoreOptions};
 
@@ -142,7 +146,7 @@ fn main() {
     });
 }
 
-struct Cp {
+pub(crate) struct Cp {
     frozen_ms: f64,
     dump_ms: f64,
     ingest_ms: f64,
@@ -153,17 +157,28 @@ struct Cp {
     grown: u64,
     /// Raw (uncompressed) bytes of the objects this checkpoint added.
     new_raw: u64,
+    /// Bytes CRIU wrote into the staging directory (the whole dump, or
+    /// everything but the pages when streamed).
+    staged: u64,
 }
 
 /// A store mode compared by the benchmark.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Mode {
+pub(crate) enum Mode {
     Plain,
     Sealed,
     SealedParity,
+    /// sealed+parity, the pages streamed from CRIU into the store (what
+    /// `supervise run` does by default).
+    Streamed,
 }
 
-const MODES: [Mode; 3] = [Mode::Plain, Mode::Sealed, Mode::SealedParity];
+const MODES: [Mode; 4] = [
+    Mode::Plain,
+    Mode::Sealed,
+    Mode::SealedParity,
+    Mode::Streamed,
+];
 
 impl Mode {
     fn name(self) -> &'static str {
@@ -171,6 +186,7 @@ impl Mode {
             Mode::Plain => "plain",
             Mode::Sealed => "sealed",
             Mode::SealedParity => "sealed+parity",
+            Mode::Streamed => "streamed",
         }
     }
 
@@ -186,6 +202,7 @@ impl Mode {
             }
             Mode::Sealed => (work.join("store-sealed"), false),
             Mode::SealedParity => (work.join("store-sealed-parity"), true),
+            Mode::Streamed => (work.join("store-streamed"), true),
         };
         let keys = work.join("keys");
         {
@@ -206,7 +223,7 @@ impl Mode {
 }
 
 /// One store mode's store and checkpoints.
-struct ModeRun {
+pub(crate) struct ModeRun {
     mode: Mode,
     dir: PathBuf,
     store: ImageStore,
@@ -230,7 +247,7 @@ fn round_order(i: usize, modes: usize) -> Vec<Step> {
     v
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
+pub(crate) fn median(mut v: Vec<f64>) -> f64 {
     if v.is_empty() {
         return f64::NAN;
     }
@@ -243,7 +260,7 @@ fn median(mut v: Vec<f64>) -> f64 {
     }
 }
 
-fn pass(ok: bool) -> &'static str {
+pub(crate) fn pass(ok: bool) -> &'static str {
     if ok {
         "PASS"
     } else {
@@ -350,24 +367,38 @@ fn bench(reaper: &Reaper, a: &Args) {
         warm_memory(a.warm_gib);
         let before = supervise::store::dir_size(&run.dir);
         let staging = run.store.begin().unwrap();
-        let o = criu::dump(reaper, job_pid.0, staging.path(), &opts, None, &mut |_| {
-            true
-        })
+        let mut sink = (run.mode == Mode::Streamed)
+            .then(|| StreamSink::new(staging.path(), staging.stream().unwrap()));
+        let o = criu::dump_with(
+            reaper,
+            job_pid.0,
+            staging.path(),
+            &opts,
+            None,
+            criu::DumpMode::Full,
+            &mut |_| true,
+            sink.as_mut()
+                .map(|s| s as &mut (dyn criu::page_server::DumpSink + Send)),
+        )
         .expect("engine dump");
+        let staged = supervise::store::dir_size(staging.path());
         if std::env::var_os("BENCH_VERBOSE").is_some() {
             eprintln!("engine stats: {:?}", o.stats);
         }
         let t = Instant::now();
         let info = staging
-            .commit(CheckpointMeta {
-                job: "bench".into(),
-                criu_version: String::new(),
-                duration_ms: o.duration.as_millis() as u64,
-                frozen_us: o.stats.as_ref().and_then(|s| s.frozen_time).map(u64::from),
-                pages_written: o.stats.as_ref().and_then(|s| s.pages_written),
-                root_pid: job_pid.1,
-                extra: Default::default(),
-            })
+            .commit_with(
+                CheckpointMeta {
+                    job: "bench".into(),
+                    criu_version: String::new(),
+                    duration_ms: o.duration.as_millis() as u64,
+                    frozen_us: o.stats.as_ref().and_then(|s| s.frozen_time).map(u64::from),
+                    pages_written: o.stats.as_ref().and_then(|s| s.pages_written),
+                    root_pid: job_pid.1,
+                    extra: Default::default(),
+                },
+                sink.map(StreamSink::into_stream),
+            )
             .unwrap();
         let ingest_ms = t.elapsed().as_secs_f64() * 1e3;
         let grown = supervise::store::dir_size(&run.dir).saturating_sub(before);
@@ -381,6 +412,7 @@ fn bench(reaper: &Reaper, a: &Args) {
             node_bytes: stored.node_bytes,
             grown,
             new_raw: stored.new_raw_bytes,
+            staged,
         });
         run.ids.push(info.id.clone());
         eprintln!("{} checkpoint {} done", run.mode.name(), i + 1);
@@ -435,6 +467,7 @@ fn bench(reaper: &Reaper, a: &Args) {
             node_bytes: 0,
             grown: bytes,
             new_raw: bytes,
+            staged: bytes,
         });
         eprintln!("raw criu checkpoint {} done", i + 1);
     };
@@ -502,6 +535,15 @@ fn bench(reaper: &Reaper, a: &Args) {
 
     nix::unistd::sync();
     let cli_raw = raw_cli_restore(reaper, &raw_newest, &work);
+
+    // Lazy restore from the streamed store (what `supervise run` does).
+    let streamed = runs
+        .iter()
+        .find(|r| r.mode == Mode::Streamed)
+        .expect("streamed mode");
+    nix::unistd::sync();
+    let lazy = lazy::restore(reaper, streamed, &opts, &files, &work);
+    let streamed_changed = lazy::changed_pages(streamed, &work);
 
     // Materialise throughput per store mode: the newest checkpoint of each
     // store, once per mode per round, the order rotating every round.
@@ -625,191 +667,13 @@ fn bench(reaper: &Reaper, a: &Args) {
         ids.len(),
         mib(raws.iter().map(|r| r.bytes).sum())
     );
-    report_modes(&runs, &mats, &raws);
+    report::report_modes(&runs, &mats, &raws);
+    lazy::report(streamed, &streamed_changed, &raws, &lazy, cli_raw);
     let _ = fs::remove_dir_all(&work);
 }
 
-/// The store modes' table and their ratios to `plain`, with targets.
-fn report_modes(runs: &[ModeRun], mats: &[Vec<(u64, f64)>], raws: &[Cp]) {
-    let mib = |b: u64| b as f64 / (1 << 20) as f64;
-    let n = runs[0].cps.len();
-    println!();
-    println!(
-        "store modes, per checkpoint (same job, same rounds, order rotating; written = growth of the store directory; new raw = uncompressed bytes of the objects it added):"
-    );
-    println!(
-        "{:<4} {:<14} {:>10} {:>10} {:>10} {:>12} {:>12} {:>12} {:>12} {:>9}",
-        "#",
-        "mode",
-        "frozen ms",
-        "dump ms",
-        "ingest ms",
-        "ingest MiB/s",
-        "logical MiB",
-        "written KiB",
-        "new raw KiB",
-        "wr/new"
-    );
-    for i in 0..n {
-        for run in runs {
-            let c = &run.cps[i];
-            println!(
-                "{:<4} {:<14} {:>10.1} {:>10.0} {:>10.0} {:>12.0} {:>12.1} {:>12.1} {:>12.1} {:>9.3}",
-                i + 1,
-                run.mode.name(),
-                c.frozen_ms,
-                c.dump_ms,
-                c.ingest_ms,
-                mib(c.bytes) / (c.ingest_ms / 1e3),
-                mib(c.bytes),
-                c.grown as f64 / 1024.0,
-                c.new_raw as f64 / 1024.0,
-                c.grown as f64 / c.new_raw.max(1) as f64
-            );
-        }
-    }
-
-    // Medians per mode.
-    struct Med {
-        frozen: f64,
-        ingest_first: f64,
-        ingest_later: f64,
-        written_later: f64,
-        /// Later checkpoints: bytes written / raw bytes of new objects (sums).
-        written_per_new: f64,
-        mat: f64,
-        store: u64,
-    }
-    let meds: Vec<Med> = runs
-        .iter()
-        .zip(mats)
-        .map(|(run, mat)| {
-            let tput = |c: &Cp| mib(c.bytes) / (c.ingest_ms / 1e3);
-            Med {
-                frozen: median(run.cps.iter().map(|c| c.frozen_ms).collect()),
-                ingest_first: tput(&run.cps[0]),
-                ingest_later: median(run.cps[1..].iter().map(tput).collect()),
-                written_later: median(run.cps[1..].iter().map(|c| c.grown as f64).collect()),
-                written_per_new: run.cps[1..].iter().map(|c| c.grown).sum::<u64>() as f64
-                    / run.cps[1..].iter().map(|c| c.new_raw).sum::<u64>().max(1) as f64,
-                mat: median(mat.iter().map(|&(b, s)| mib(b) / s).collect()),
-                store: supervise::store::dir_size(&run.dir),
-            }
-        })
-        .collect();
-    let p = &meds[0];
-    println!();
-    println!(
-        "store modes, medians over {n} rounds (ingest = logical bytes / commit time; later = checkpoints 2..{n}; materialise = newest checkpoint, {} runs each):",
-        mats[0].len()
-    );
-    println!(
-        "{:<14} {:>9} {:>7} | {:>10} {:>7} {:>11} {:>7} | {:>11} {:>8} {:>7} {:>8} | {:>10} {:>7} | {:>9}",
-        "mode",
-        "frozen ms",
-        "x plain",
-        "ingest 1st",
-        "x plain",
-        "later MiB/s",
-        "x plain",
-        "written KiB",
-        "vs plain",
-        "wr/new",
-        "vs plain",
-        "mat MiB/s",
-        "x plain",
-        "store MiB"
-    );
-    for (run, m) in runs.iter().zip(&meds) {
-        println!(
-            "{:<14} {:>9.1} {:>7.3} | {:>10.0} {:>7.3} {:>11.0} {:>7.3} | {:>11.1} {:>+7.1}% {:>7.3} {:>+7.1}% | {:>10.0} {:>7.3} | {:>9.1}",
-            run.mode.name(),
-            m.frozen,
-            m.frozen / p.frozen,
-            m.ingest_first,
-            m.ingest_first / p.ingest_first,
-            m.ingest_later,
-            m.ingest_later / p.ingest_later,
-            m.written_later / 1024.0,
-            (m.written_later / p.written_later - 1.0) * 100.0,
-            m.written_per_new,
-            (m.written_per_new / p.written_per_new - 1.0) * 100.0,
-            m.mat,
-            m.mat / p.mat,
-            mib(m.store)
-        );
-    }
-    println!(
-        "{:<14} {:>9.1}  (raw criu dump, for reference)",
-        "raw criu",
-        median(raws.iter().map(|c| c.frozen_ms).collect())
-    );
-    let Some(sp) = runs.iter().position(|r| r.mode == Mode::SealedParity) else {
-        return;
-    };
-    let sealed = runs.iter().position(|r| r.mode == Mode::Sealed);
-    let (q, s) = (&meds[sp], sealed.map(|k| &meds[k]));
-    let also = |f: &dyn Fn(&Med) -> f64| {
-        s.map(|s| format!("; sealed: {:.3}", f(s)))
-            .unwrap_or_default()
-    };
-    println!();
-    let r = q.frozen / p.frozen;
-    println!(
-        "freeze time, sealed+parity / plain:                      {r:.3}  (target <= 1.02: {}; {:.1} ms / {:.1} ms{})",
-        pass(r <= 1.02),
-        q.frozen,
-        p.frozen,
-        also(&|s| s.frozen / p.frozen)
-    );
-    let r = q.ingest_first / p.ingest_first;
-    println!(
-        "ingest throughput, 1st checkpoint, sealed+parity / plain: {r:.3}  (target >= 0.80: {}; {:.0} / {:.0} MiB/s{})",
-        pass(r >= 0.80),
-        q.ingest_first,
-        p.ingest_first,
-        also(&|s| s.ingest_first / p.ingest_first)
-    );
-    let r = q.ingest_later / p.ingest_later;
-    println!(
-        "ingest throughput, later ones, sealed+parity / plain:     {r:.3}  (target >= 0.80: {}; {:.0} / {:.0} MiB/s{})",
-        pass(r >= 0.80),
-        q.ingest_later,
-        p.ingest_later,
-        also(&|s| s.ingest_later / p.ingest_later)
-    );
-    // Consecutive checkpoints of one store are not equally far apart (the
-    // order rotates), so how much changed differs between the stores; the
-    // target is judged on bytes written per raw byte of new objects.
-    let r = (q.written_per_new / p.written_per_new - 1.0) * 100.0;
-    println!(
-        "bytes written per later checkpoint, sealed+parity vs plain: {r:+.1} %  (target <= +15 %: {}; per raw byte of new objects {:.3} / {:.3}; median per checkpoint {:.1} / {:.1} KiB, {:+.1} %{})",
-        pass(r <= 15.0),
-        q.written_per_new,
-        p.written_per_new,
-        q.written_later / 1024.0,
-        p.written_later / 1024.0,
-        (q.written_later / p.written_later - 1.0) * 100.0,
-        s.map(|s| format!(
-            "; sealed: {:+.1} %, {:.3} per new byte, {:.1} KiB",
-            (s.written_per_new / p.written_per_new - 1.0) * 100.0,
-            s.written_per_new,
-            s.written_later / 1024.0
-        ))
-        .unwrap_or_default()
-    );
-    let r = q.mat / p.mat;
-    println!(
-        "materialise throughput, sealed+parity / plain:           {r:.3}  (target >= 0.80: {}; {:.0} / {:.0} MiB/s{})",
-        pass(r >= 0.80),
-        q.mat,
-        p.mat,
-        also(&|s| s.mat / p.mat)
-    );
-}
-
 /// Kills and reaps the job when dropped (also when the benchmark panics).
-struct KillOnDrop(Option<job::Running>);
+pub(crate) struct KillOnDrop(Option<job::Running>);
 
 impl Drop for KillOnDrop {
     fn drop(&mut self) {
@@ -820,7 +684,7 @@ impl Drop for KillOnDrop {
     }
 }
 
-fn job_wait(job: &mut job::Running) -> Option<supervise::reaper::ExitStatus> {
+pub(crate) fn job_wait(job: &mut job::Running) -> Option<supervise::reaper::ExitStatus> {
     if !job.is_waitable() {
         return None;
     }
@@ -893,60 +757,20 @@ fn raw_cli_restore(reaper: &Reaper, dir: &Path, work: &Path) -> Option<Duration>
     done
 }
 
-/// `pagemap_head` / `pagemap_entry` from CRIU's pagemap.proto.
-#[derive(Clone, PartialEq, prost::Message)]
-struct PagemapHead {
-    #[prost(uint32, required, tag = "1")]
-    pages_id: u32,
-}
-
-#[derive(Clone, PartialEq, prost::Message)]
-struct PagemapEntry {
-    #[prost(uint64, required, tag = "1")]
-    vaddr: u64,
-    #[prost(uint32, required, tag = "2")]
-    compat_nr_pages: u32,
-    #[prost(bool, optional, tag = "3")]
-    in_parent: Option<bool>,
-    #[prost(uint32, optional, tag = "4")]
-    flags: Option<u32>,
-    #[prost(uint64, optional, tag = "5")]
-    nr_pages: Option<u64>,
-}
-
-const PE_PRESENT: u32 = 1 << 2;
-
 /// (pagemap file, virtual address) -> BLAKE3 of the page, for every page
 /// stored in the image directory.
-fn page_map(dir: &Path) -> HashMap<(String, u64), [u8; 32]> {
+pub(crate) fn page_map(dir: &Path) -> HashMap<(String, u64), [u8; 32]> {
     let mut out = HashMap::new();
     for e in fs::read_dir(dir).unwrap().flatten() {
         let name = e.file_name().to_string_lossy().to_string();
         if !(name.starts_with("pagemap-") && name.ends_with(".img")) {
             continue;
         }
-        let bytes = fs::read(e.path()).unwrap();
-        // Two magic words, then length-prefixed entries.
-        let mut off = 8;
-        let mut next = || -> Option<&[u8]> {
-            let len = u32::from_le_bytes(bytes.get(off..off + 4)?.try_into().ok()?) as usize;
-            let m = bytes.get(off + 4..off + 4 + len)?;
-            off += 4 + len;
-            Some(m)
-        };
-        let head = PagemapHead::decode(next().unwrap()).unwrap();
-        let pages = fs::read(dir.join(format!("pages-{}.img", head.pages_id))).unwrap();
+        let map = Pagemap::parse(&fs::read(e.path()).unwrap()).unwrap();
+        let pages = fs::read(dir.join(format!("pages-{}.img", map.pages_id))).unwrap();
         let mut at = 0usize;
-        while let Some(m) = next() {
-            let pe = PagemapEntry::decode(m).unwrap();
-            let present = match pe.flags {
-                Some(f) => f & PE_PRESENT != 0,
-                None => !pe.in_parent.unwrap_or(false),
-            };
-            if !present {
-                continue;
-            }
-            for k in 0..pe.nr_pages.unwrap_or(pe.compat_nr_pages as u64) {
+        for pe in map.entries.iter().filter(|e| e.in_pages_file()) {
+            for k in 0..pe.pages() {
                 let page = &pages[at..at + 4096];
                 out.insert(
                     (name.clone(), pe.vaddr + k * 4096),

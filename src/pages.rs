@@ -25,6 +25,10 @@ pub struct StreamSink {
     stream: PageStream,
     next_id: u32,
     map: Option<(String, Vec<u8>)>,
+    /// The entry being extended: CRIU sends runs of at most 1 MiB, and a
+    /// lazy restore's daemon asks for at most one entry per request, so
+    /// consecutive runs (same flags) are written as one entry.
+    last: Option<PagemapEntry>,
 }
 
 impl StreamSink {
@@ -35,6 +39,7 @@ impl StreamSink {
             stream,
             next_id: 1,
             map: None,
+            last: None,
         }
     }
 
@@ -43,7 +48,14 @@ impl StreamSink {
         self.stream
     }
 
+    fn end_entry(&mut self) {
+        if let (Some(e), Some((_, bytes))) = (self.last.take(), self.map.as_mut()) {
+            pagemap::encode_entry(&e, bytes);
+        }
+    }
+
     fn write_map(&mut self) -> io::Result<()> {
+        self.end_entry();
         let Some((name, bytes)) = self.map.take() else {
             return Ok(());
         };
@@ -70,11 +82,17 @@ impl DumpSink for StreamSink {
     }
 
     fn entry(&mut self, vaddr: u64, nr_pages: u64, flags: u32) -> io::Result<()> {
-        let (_, bytes) = self
-            .map
-            .as_mut()
-            .ok_or_else(|| io::Error::other("page map entry before a page map"))?;
-        pagemap::encode_entry(&PagemapEntry::new(vaddr, nr_pages, flags), bytes);
+        if self.map.is_none() {
+            return Err(io::Error::other("page map entry before a page map"));
+        }
+        if let Some(e) = self.last.as_mut() {
+            if e.pe_flags() == flags && e.vaddr + e.pages() * PAGE_SIZE == vaddr {
+                e.nr_pages = Some(e.pages() + nr_pages);
+                return Ok(());
+            }
+        }
+        self.end_entry();
+        self.last = Some(PagemapEntry::new(vaddr, nr_pages, flags));
         Ok(())
     }
 
@@ -144,6 +162,10 @@ pub type LazyFailures = Arc<Mutex<HashSet<String>>>;
 /// Serves a lazy restore's page requests from the store.
 pub struct StoreSource {
     image: String,
+    reads: u64,
+    /// The range after the last one served, being read ahead (the
+    /// daemon's background push asks for consecutive ranges).
+    ahead: Option<Ahead>,
     procs: HashMap<u64, (PageIndex, Arc<FileReader>)>,
     failures: LazyFailures,
 }
@@ -180,6 +202,8 @@ impl StoreSource {
         }
         Ok(StoreSource {
             image: image.id.clone(),
+            reads: 0,
+            ahead: None,
             procs,
             failures,
         })
@@ -204,9 +228,55 @@ impl PageSource for StoreSource {
                 "the page map of process {pid} does not hold {vaddr:#x}"
             )));
         };
-        match reader.read_at(offset, n * PAGE_SIZE, out) {
-            Ok(()) => Ok(n),
-            Err(e) => Err(self.fail(e.to_string())),
+        self.reads += 1;
+        if self.reads == 8 {
+            // Tests: stop serving in the middle of the background push.
+            crate::fsutil::pause_point("lazy-push");
         }
+        let reader = reader.clone();
+        let served = match self.ahead.take() {
+            Some(a) if a.pid == pid && a.vaddr == vaddr => match a.data.join() {
+                Ok(Ok((got, data))) => {
+                    let take = got.min(nr);
+                    out.extend_from_slice(&data[..(take * PAGE_SIZE) as usize]);
+                    Ok(take)
+                }
+                Ok(Err(e)) => Err(e),
+                Err(_) => Err("the read-ahead thread panicked".to_string()),
+            },
+            _ => reader
+                .read_at(offset, n * PAGE_SIZE, out)
+                .map(|()| n)
+                .map_err(|e| e.to_string()),
+        };
+        let n = served.map_err(|e| self.fail(e))?;
+        // Read the next range while this one is sent and copied in.
+        let next = vaddr + n * PAGE_SIZE;
+        // The daemon's next request is usually 16 pages longer.
+        if let Some((off, m)) = index.locate(next, (nr + 16).clamp(16, AHEAD_MAX_PAGES)) {
+            let r = reader.clone();
+            let data = std::thread::spawn(move || {
+                let mut buf = Vec::with_capacity((m * PAGE_SIZE) as usize);
+                r.read_at(off, m * PAGE_SIZE, &mut buf)
+                    .map(|()| (m, buf))
+                    .map_err(|e| e.to_string())
+            });
+            self.ahead = Some(Ahead {
+                pid,
+                vaddr: next,
+                data,
+            });
+        }
+        Ok(n)
     }
+}
+
+/// Largest read-ahead (the daemon's largest request: 4 MiB).
+const AHEAD_MAX_PAGES: u64 = 1024;
+
+/// A range being read ahead.
+struct Ahead {
+    pid: u64,
+    vaddr: u64,
+    data: std::thread::JoinHandle<Result<(u64, Vec<u8>), String>>,
 }
