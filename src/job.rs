@@ -548,10 +548,11 @@ pub fn restore(
 /// image eagerly instead.
 fn failed(e: JobError, session: Option<LazySession>) -> JobError {
     match session {
-        Some(s) => {
-            let _ = s.abort();
-            JobError::Lazy(e.to_string())
-        }
+        Some(s) => match s.abort().result {
+            // The page server's reason (a damaged page) is the real one.
+            Err(why) => JobError::Lazy(format!("{e}; serving its pages: {why}")),
+            Ok(()) => JobError::Lazy(e.to_string()),
+        },
         None => e,
     }
 }

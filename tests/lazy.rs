@@ -211,18 +211,25 @@ fn a_damaged_page_kills_the_lazily_restored_job_and_the_previous_image_is_used()
     bytes[at + 100] ^= 0xff;
     fs::write(&pack, &bytes).unwrap();
     sup.kill_job("dmg");
-    // The lazily restored job faults on the damaged page: it is killed
-    // before it runs on, and the older image is restored.
-    sup.wait_for(
-        "lazy restore could not give the job all its memory",
-        1,
-        LONG,
-    );
+    // The lazily restored job faults on the damaged page (during CRIU's
+    // restore or after it): it is killed before it runs on, the image is
+    // then tried eagerly (which verifies it first and finds the damage),
+    // and the older image is restored.
     sup.wait_for(&format!("restored checkpoint={older}"), 1, LONG);
     continues(&sup, &out, 1);
     let log = sup.log();
     assert!(
-        log.contains("this image failed a lazy restore before"),
+        log.contains("contents do not match their hash"),
+        "damage not reported: {log}"
+    );
+    assert!(
+        log.contains("serving its pages: cannot serve pages")
+            || log.contains("lazy restore could not give the job all its memory"),
+        "the lazy restore did not stop at the damaged page: {log}"
+    );
+    let newest_id = newest["id"].as_str().unwrap();
+    assert!(
+        !log.contains(&format!("restored checkpoint={newest_id}")),
         "{log}"
     );
 }
