@@ -88,7 +88,10 @@ pub fn choose(c: f64, m: f64, p: &AutoParams) -> Duration {
     if let Some(ppm) = p.max_overhead_ppm.filter(|v| *v > 0) {
         tau = tau.max(c / (f64::from(ppm) / 1e6));
     }
-    let tau = tau.clamp(p.min.as_secs_f64(), p.max.as_secs_f64().max(p.min.as_secs_f64()));
+    let tau = tau.clamp(
+        p.min.as_secs_f64(),
+        p.max.as_secs_f64().max(p.min.as_secs_f64()),
+    );
     Duration::try_from_secs_f64(tau).unwrap_or(p.max)
 }
 
@@ -243,7 +246,11 @@ mod tests {
     fn cost_is_the_median_of_the_last_five() {
         let mut a = AutoInterval::new(params(86400));
         assert_eq!(a.cost(), None);
-        assert_eq!(a.interval(), Duration::from_secs(1), "min before C is known");
+        assert_eq!(
+            a.interval(),
+            Duration::from_secs(1),
+            "min before C is known"
+        );
         for ms in [100, 100, 3000, 100, 100] {
             a.checkpoint(Duration::from_millis(ms));
         }

@@ -49,6 +49,8 @@ pub struct Metrics {
     restores: Family<OutcomeLabel, Counter>,
     restore_seconds: Family<JobLabel, Histogram, fn() -> Histogram>,
     up: Family<JobLabel, Gauge>,
+    interval: Family<JobLabel, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    skipped: Family<JobLabel, Counter>,
 }
 
 impl Default for Metrics {
@@ -76,6 +78,8 @@ impl Metrics {
             restores: Family::default(),
             restore_seconds: Family::new_with_constructor(seconds_histogram),
             up: Family::default(),
+            interval: Family::default(),
+            skipped: Family::default(),
         };
         r.register(
             "checkpoints",
@@ -113,6 +117,16 @@ impl Metrics {
             m.restore_seconds.clone(),
         );
         r.register("job_up", "1 while the job runs, else 0", m.up.clone());
+        r.register(
+            "checkpoint_interval_seconds",
+            "The current checkpoint interval (fixed, or chosen by every = \"auto\")",
+            m.interval.clone(),
+        );
+        r.register(
+            "skipped_ticks",
+            "Checkpoint schedule ticks skipped",
+            m.skipped.clone(),
+        );
         *m.registry.lock().unwrap_or_else(|e| e.into_inner()) = r;
         m
     }
@@ -182,6 +196,18 @@ impl Metrics {
     /// The job is up (1) or down (0).
     pub fn up(&self, job: &str, up: bool) {
         self.up.get_or_create(&Self::job(job)).set(i64::from(up));
+    }
+
+    /// The job's checkpoint interval is now `d`.
+    pub fn interval(&self, job: &str, d: Duration) {
+        self.interval
+            .get_or_create(&Self::job(job))
+            .set(d.as_secs_f64());
+    }
+
+    /// `n` more schedule ticks were skipped.
+    pub fn skipped(&self, job: &str, n: u64) {
+        self.skipped.get_or_create(&Self::job(job)).inc_by(n);
     }
 
     /// The metrics in OpenMetrics text format.

@@ -40,6 +40,7 @@ pub mod policy;
 mod record;
 mod restore;
 mod scrub;
+mod tuning;
 
 pub use checkpoint::summary;
 pub use engine::{Criu, Engine};
@@ -150,6 +151,8 @@ pub struct Supervisor {
     /// take its whole tree down: its processes at the last checkpoint, so
     /// that survivors of its root's death are killed before a restore.
     last_tree: Vec<ProcId>,
+    /// Interval, skipped ticks, dump slots.
+    tuning: tuning::Tuning,
     _lock: File,
 }
 
@@ -207,6 +210,7 @@ impl Supervisor {
         // Image files a crashed restore left behind (possibly GiBs of tmpfs).
         crate::store::remove_scratch(&run_dir.join("restore"));
         Ok(Supervisor {
+            tuning: tuning::Tuning::new(&cfg),
             cfg,
             store,
             engine: std::sync::Arc::new(Criu::new(reaper)),
@@ -369,7 +373,13 @@ impl Supervisor {
             Ok(j) => Some(j),
             Err(reason) => return self.fail(reason),
         };
-        let mut ticker = Ticker::new(self.cfg.checkpoint.schedule.clone(), Utc::now());
+        self.job_running();
+        let mut ticker = Ticker::with_phase(
+            self.cfg.checkpoint.schedule.clone(),
+            Utc::now(),
+            crate::interval::phase(&self.cfg.name),
+        );
+        self.retune(&mut ticker);
         loop {
             let due = job.as_ref().and_then(|_| ticker.due());
             self.set_state(if job.is_some() {
@@ -394,30 +404,32 @@ impl Supervisor {
                 }
                 _ = sleep, if job.is_some() => {
                     if let Some(j) = &job {
+                        self.tuning.due = due;
                         if let Err(CheckpointError::Superseded(reason)) = self.checkpoint(j).await {
                             return self.give_way(job, reason).await;
                         }
                     }
-                    let skipped = ticker.advance(Utc::now());
-                    if skipped > 0 {
-                        warn!(skipped, "checkpoint ticks fell during a running step and were skipped");
-                    }
+                    self.tick_served(&mut ticker, due);
+                    self.retune(&mut ticker);
                 }
                 (status, since) = wait_job(&mut job) => {
                     self.job_down();
                     match self.on_death(status, since, &mut shutdown).await {
                         Ok(j) => {
                             job = Some(j);
+                            self.job_running();
                             let skipped = ticker.reset(Utc::now());
-                            if skipped > 0 {
-                                warn!(skipped, "checkpoint ticks fell during the restore and were skipped");
-                            }
+                            self.ticks_skipped(skipped, "fell during the restore");
+                            self.retune(&mut ticker);
                         }
                         Err(outcome) => return outcome,
                     }
                 }
                 Some(cmd) = next_command(&mut commands) => {
                     self.command(cmd, &mut job, &mut ticker).await;
+                    if job.is_some() && self.tuning.run_mark.is_none() {
+                        self.job_running();
+                    }
                 }
                 _ = shutdown.changed() => {
                     let how = *shutdown.borrow_and_update();
@@ -520,6 +532,7 @@ impl Supervisor {
 
     /// The job's process is gone: forget it.
     fn job_down(&mut self) {
+        self.job_not_running();
         self.forget_record();
         self.metrics.up(&self.cfg.name, false);
         self.publish(|s| {

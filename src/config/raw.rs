@@ -438,7 +438,9 @@ impl<'de> Deserialize<'de> for Percent {
             let num = s.trim().strip_suffix('%').ok_or_else(bad)?;
             let v: f64 = num.trim().parse().map_err(|_| bad())?;
             if !(v > 0.0 && v <= 100.0) {
-                return Err(format!("must be more than 0% and at most 100% (found {s:?})"));
+                return Err(format!(
+                    "must be more than 0% and at most 100% (found {s:?})"
+                ));
             }
             Ok(Percent(((v * 10_000.0).round() as u32).max(1)))
         })

@@ -570,13 +570,18 @@ fn every_auto() {
             max: DEFAULT_AUTO_MAX,
         })
     );
-    let c = ok("command = [\"a\"]\n[checkpoint]\nevery = \"auto\"\nmtbf = \"6h\"\n\
-                max_overhead = \"0.5%\"\nmin = \"2s\"\nmax = \"1h\"\n");
+    let c = ok(
+        "command = [\"a\"]\n[checkpoint]\nevery = \"auto\"\nmtbf = \"6h\"\n\
+                max_overhead = \"0.5%\"\nmin = \"2s\"\nmax = \"1h\"\n",
+    );
     let ScheduleSpec::Auto(p) = c.checkpoint.schedule else {
         panic!("not auto")
     };
     assert_eq!(p.max_overhead_ppm, Some(5_000));
-    assert_eq!((p.min, p.max), (Duration::from_secs(2), Duration::from_secs(3600)));
+    assert_eq!(
+        (p.min, p.max),
+        (Duration::from_secs(2), Duration::from_secs(3600))
+    );
     invalid(
         "command = [\"a\"]\n[checkpoint]\nevery = \"auto\"\n",
         3,

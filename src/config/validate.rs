@@ -7,8 +7,8 @@ use toml::Spanned;
 
 use super::diagnostics::{one_line, Ctx};
 use super::raw::{
-    is_valid_name, CronExpr, Dur, Every, JobName, PathValue, RawCheckpoint, RawFiles, RawJob, RawRestore,
-    RawStore, Table, NAME_RULE,
+    is_valid_name, CronExpr, Dur, Every, JobName, PathValue, RawCheckpoint, RawFiles, RawJob,
+    RawRestore, RawStore, Table, NAME_RULE,
 };
 use super::*;
 
@@ -399,7 +399,10 @@ fn build_checkpoint(
 
     let auto_only = [
         ("checkpoint.mtbf", raw.mtbf.as_ref().map(|v| v.span())),
-        ("checkpoint.max_overhead", raw.max_overhead.as_ref().map(|v| v.span())),
+        (
+            "checkpoint.max_overhead",
+            raw.max_overhead.as_ref().map(|v| v.span()),
+        ),
         ("checkpoint.min", raw.min.as_ref().map(|v| v.span())),
         ("checkpoint.max", raw.max.as_ref().map(|v| v.span())),
     ];

@@ -15,7 +15,7 @@ pub mod client;
 pub mod protocol;
 pub mod server;
 
-pub use protocol::{CheckpointSummary, JobState, JobStatus, Request, Response};
+pub use protocol::{AutoStatus, CheckpointSummary, JobState, JobStatus, Request, Response};
 
 use std::path::PathBuf;
 
