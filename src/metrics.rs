@@ -203,6 +203,8 @@ impl Metrics {
         self.interval
             .get_or_create(&Self::job(job))
             .set(d.as_secs_f64());
+        // The skipped-ticks series exists (at 0) from the start.
+        let _ = self.skipped.get_or_create(&Self::job(job));
     }
 
     /// `n` more schedule ticks were skipped.
