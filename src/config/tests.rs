@@ -1290,6 +1290,20 @@ fn reference_commented_examples_are_valid() {
         ["external", "irmap_scan_paths", "manage_cgroups"]
     );
 
+    // every = "auto" with its keys.
+    let text = edit_reference(&["mtbf", "max_overhead", "min", "max"], &[])
+        .replace("\nevery = \"5m\"\n", "\nevery = \"auto\"\n");
+    let j = JobConfig::from_str_at(&text, Path::new("/x/reference.toml")).unwrap();
+    assert_eq!(
+        j.checkpoint.schedule,
+        ScheduleSpec::Auto(crate::interval::AutoParams {
+            mtbf: Duration::from_secs(86400),
+            max_overhead_ppm: Some(10_000),
+            min: DEFAULT_AUTO_MIN,
+            max: DEFAULT_AUTO_MAX,
+        })
+    );
+
     let text = edit_reference(&["attach"], &["command", "cwd", "env", "stdout", "stderr"]);
     let j = JobConfig::from_str_at(&text, Path::new("/x/reference.toml")).unwrap();
     assert_eq!(j.target, Target::Attach { pid: 12345 });
@@ -1354,6 +1368,10 @@ fn reference_documents_every_key() {
         "state_dir",
         "[checkpoint]",
         "every",
+        "mtbf",
+        "max_overhead",
+        "min",
+        "max",
         "cron",
         "timezone",
         "dir",
