@@ -19,9 +19,12 @@
 //!
 //! [`Ticker`] avoids both by construction: the caller asks for the next tick
 //! only when it is idle (after a checkpoint or restore has finished), so runs
-//! never overlap; ticks that fell while it was busy are skipped and counted,
-//! never queued; and the tick it hands out is always strictly in the future,
-//! so the schedule keeps firing for as long as the job lives.
+//! never overlap; the tick it hands out is always strictly after the `now`
+//! it is given, so the schedule keeps firing for as long as the job lives.
+//! The supervisor gives it the instant the checkpoint *started* (after any
+//! wait for a dump slot): ticks that came due before that are skipped and
+//! counted, never queued; the next tick may then already be due when the
+//! checkpoint ends, and is served at once.
 
 use std::fmt;
 use std::str::FromStr;
@@ -188,7 +191,10 @@ impl Ticker {
     /// Like [`new`](Ticker::new), but an interval grid is fixed on the wall
     /// clock at `phase` (a fraction of the interval, see
     /// [`crate::interval::phase`]): jobs with different phases tick at
-    /// different instants. Cron schedules ignore the phase.
+    /// different instants. The first tick is the first grid point at least
+    /// one interval after `now` (also after [`reset`](Ticker::reset) and
+    /// [`set_interval`](Ticker::set_interval)). Cron schedules ignore the
+    /// phase.
     pub fn with_phase(spec: ScheduleSpec, now: DateTime<Utc>, phase: f64) -> Self {
         let mut t = Ticker::new(spec, now);
         t.phase = Some(phase.clamp(0.0, 1.0 - f64::EPSILON));
@@ -235,7 +241,11 @@ impl Ticker {
                     .unwrap_or(now)
             }
         };
-        self.due = grid_point(self.anchor, step, 1);
+        // The first tick at least one interval after `now` (as without a
+        // phase): a job that just started, was restored or changed its
+        // interval is not checkpointed again at once.
+        self.index = if self.anchor == now { 1 } else { 2 };
+        self.due = grid_point(self.anchor, step, self.index);
     }
 
     /// The next due time, or `None` if the schedule never fires again.
@@ -581,18 +591,24 @@ mod tests {
     #[test]
     fn phase_fixes_the_grid_on_the_wall_clock() {
         let spec = ScheduleSpec::Every(secs(10));
-        // Phase 0.25 of 10 s: ticks at :02.5, :12.5, ... whenever started.
+        // Phase 0.25 of 10 s: ticks at :02.5, :12.5, ... whenever started;
+        // the first at least one interval after the start.
         let mut a = Ticker::with_phase(spec.clone(), utc("2024-05-01T10:00:03Z"), 0.25);
-        assert_eq!(a.due(), Some(utc("2024-05-01T10:00:12.5Z")));
+        assert_eq!(a.due(), Some(utc("2024-05-01T10:00:22.5Z")));
         let b = Ticker::with_phase(spec.clone(), utc("2024-05-01T10:00:01Z"), 0.25);
-        assert_eq!(b.due(), Some(utc("2024-05-01T10:00:02.5Z")));
-        let c = Ticker::with_phase(spec, utc("2024-05-01T10:00:01Z"), 0.75);
-        assert_eq!(c.due(), Some(utc("2024-05-01T10:00:07.5Z")));
+        assert_eq!(b.due(), Some(utc("2024-05-01T10:00:12.5Z")));
+        let c = Ticker::with_phase(spec.clone(), utc("2024-05-01T10:00:01Z"), 0.75);
+        assert_eq!(c.due(), Some(utc("2024-05-01T10:00:17.5Z")));
+        // Exactly on a grid point: the next one.
+        let d = Ticker::with_phase(spec, utc("2024-05-01T10:00:02.5Z"), 0.25);
+        assert_eq!(d.due(), Some(utc("2024-05-01T10:00:12.5Z")));
         // The grid holds across advance and reset.
-        assert_eq!(a.advance(utc("2024-05-01T10:00:33Z")), 2);
+        assert_eq!(a.advance(utc("2024-05-01T10:00:33Z")), 1); // :32.5
         assert_eq!(a.due(), Some(utc("2024-05-01T10:00:42.5Z")));
         assert_eq!(a.reset(utc("2024-05-01T10:00:50Z")), 1); // :42.5 never served
-        assert_eq!(a.due(), Some(utc("2024-05-01T10:00:52.5Z")));
+        assert_eq!(a.due(), Some(utc("2024-05-01T10:01:02.5Z")));
+        assert_eq!(a.advance(utc("2024-05-01T10:01:03Z")), 0);
+        assert_eq!(a.due(), Some(utc("2024-05-01T10:01:12.5Z")));
     }
 
     #[test]
@@ -609,10 +625,10 @@ mod tests {
         assert_eq!(tk.due(), Some(utc("2024-05-01T10:00:05Z")));
         tk.set_interval(secs(60), utc("2024-05-01T10:00:06Z"));
         assert_eq!(tk.interval(), Some(secs(60)));
-        assert_eq!(tk.due(), Some(utc("2024-05-01T10:01:00Z")));
+        assert_eq!(tk.due(), Some(utc("2024-05-01T10:02:00Z")));
         // Unchanged: nothing moves.
         tk.set_interval(secs(60), utc("2024-05-01T10:00:30Z"));
-        assert_eq!(tk.due(), Some(utc("2024-05-01T10:01:00Z")));
+        assert_eq!(tk.due(), Some(utc("2024-05-01T10:02:00Z")));
         // Cron ignores it.
         let mut c = Ticker::new(cron("0 * * * * *", Tz::UTC), t0);
         c.set_interval(secs(5), t0);

@@ -4,9 +4,11 @@
 //! supervise's own shutdown.
 //!
 //! Everything one job does happens on one task, one step at a time, so a job
-//! never has two checkpoints at once, nor a checkpoint during a restore; a
-//! schedule tick that falls while a step runs is skipped and logged
-//! ([`crate::schedule::Ticker`]).
+//! never has two checkpoints at once, nor a checkpoint during a restore.
+//! A tick that came due before the checkpoint for the previous one started
+//! (or during a restore) is skipped, counted and logged; the newest tick
+//! missed while a checkpoint ran is served at once
+//! ([`crate::schedule::Ticker`], `tuning.rs`).
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
