@@ -199,7 +199,8 @@ fn main() {
     let thr_last = samples.last().map_or(0, |s| s.2);
     println!("ran {secs:.0} s; supervise exit {code}");
     println!(
-        "scheduled checkpoints published {} (incl. {} final), failed {failed}; ~{ticks:.0} ticks",
+        "checkpoints published {} ({} of them the final ones at SIGTERM), failed {failed}; \
+         ~{ticks:.0} ticks in the run",
         published.len(),
         a.jobs
     );

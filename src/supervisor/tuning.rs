@@ -124,6 +124,7 @@ impl Supervisor {
     /// are skipped (the wait for a dump slot counts only if it outlasted a
     /// whole interval); the next tick is the first after its start.
     pub(super) fn tick_served(&mut self, ticker: &mut Ticker, due: Option<DateTime<Utc>>) {
+        self.tuning.due = None;
         let started = self.tuning.started.take().unwrap_or_else(Utc::now);
         let at = match due {
             Some(d) if d > started => d,
