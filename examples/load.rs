@@ -15,8 +15,8 @@
 //! environment is passed on, so `MALLOC_ARENA_MAX=16` reproduces glibc's
 //! default arena count on 2 CPUs.
 
+mod common;
 use std::fs;
-use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -53,15 +53,6 @@ fn num<T: std::str::FromStr>(flag: &str, x: &str) -> T {
         .unwrap_or_else(|_| panic!("{flag} needs a number, found {x:?}"))
 }
 
-fn status_kb(pid: i32, key: &str) -> u64 {
-    fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix(key))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0)
-}
-
 /// The number after `key=` on a log line.
 fn field(line: &str, key: &str) -> Option<f64> {
     line.split(&format!(" {key}="))
@@ -82,27 +73,9 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 
 fn main() {
     let a = args();
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let bin = std::env::var_os("SUPERVISE_BIN")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| root.join("target/release/supervise"));
-    assert!(
-        bin.exists(),
-        "{} missing: cargo build --release (or set SUPERVISE_BIN)",
-        bin.display()
-    );
-    let tmp = tempfile::Builder::new()
-        .prefix("supervise-load-")
-        .tempdir()
-        .unwrap();
+    let bin = common::supervise_bin();
+    let tmp = common::workdir_with_counter("supervise-load-");
     let dir = tmp.path();
-    let st = Command::new("cc")
-        .args(["-O2", "-o"])
-        .arg(dir.join("counter"))
-        .arg(root.join("examples/counter.c"))
-        .status()
-        .unwrap();
-    assert!(st.success());
     let jobs = dir.join("jobs");
     fs::create_dir(&jobs).unwrap();
     for i in 0..a.jobs {
@@ -150,8 +123,8 @@ fn main() {
         std::thread::sleep(Duration::from_secs(5).min(end - Instant::now()));
         samples.push((
             t0.elapsed().as_secs_f64(),
-            status_kb(pid, "VmRSS:"),
-            status_kb(pid, "Threads:"),
+            common::proc_status(pid, "VmRSS:"),
+            common::proc_status(pid, "Threads:"),
         ));
     }
     let secs = t0.elapsed().as_secs_f64();
@@ -164,7 +137,10 @@ fn main() {
         .lines()
         .filter(|l| l.contains("checkpoint published"))
         .collect();
-    let mut late: Vec<f64> = published.iter().filter_map(|l| field(l, "late_ms")).collect();
+    let mut late: Vec<f64> = published
+        .iter()
+        .filter_map(|l| field(l, "late_ms"))
+        .collect();
     late.sort_by(f64::total_cmp);
     // Scheduled ones only (the final checkpoints at SIGTERM all queue).
     let mut wait: Vec<f64> = published

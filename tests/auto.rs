@@ -44,7 +44,10 @@ fn auto_interval_follows_the_checkpoint_cost() {
     assert_eq!(st["skipped_ticks"].as_u64(), Some(0), "{st}");
     let out = env.ctl(&["status"]);
     let human = String::from_utf8_lossy(&out.stdout);
-    assert!(human.contains(" auto") && human.contains("  auto: C "), "{human}");
+    assert!(
+        human.contains(" auto") && human.contains("  auto: C "),
+        "{human}"
+    );
 
     // The job grows: three larger dumps move C's median.
     std::fs::write(&trigger, b"").unwrap();
@@ -61,7 +64,11 @@ fn auto_interval_follows_the_checkpoint_cost() {
         i2 > 2.0 * i1,
         "C grew {c1} -> {c2} s, so the interval must follow: {i1} -> {i2} s; {st}"
     );
-    assert!(sup.log().contains("checkpoint interval set"), "{}", sup.log());
+    assert!(
+        sup.log().contains("checkpoint interval set"),
+        "{}",
+        sup.log()
+    );
 
     // A failure: M drops (here to about half), the interval with it.
     sup.kill_job("g");
@@ -73,5 +80,8 @@ fn auto_interval_follows_the_checkpoint_cost() {
         "small: C {c1:.4} s, interval {i1:.2} s; grown: C {c2:.4} s, interval {i2:.2} s, \
          M {m2:.0} s; after a failure: M {m3:.0} s, interval {i3:.2} s"
     );
-    assert!(m3 < 0.75 * m2, "M must drop at a failure: {m2} -> {m3}; {st}");
+    assert!(
+        m3 < 0.75 * m2,
+        "M must drop at a failure: {m2} -> {m3}; {st}"
+    );
 }

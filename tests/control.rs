@@ -383,7 +383,11 @@ fn metrics_endpoint_counts() {
         3600.0,
         "{t}"
     );
-    assert_eq!(metric(&t, r#"supervise_skipped_ticks_total{job="x"}"#), 0.0, "{t}");
+    assert_eq!(
+        metric(&t, r#"supervise_skipped_ticks_total{job="x"}"#),
+        0.0,
+        "{t}"
+    );
     let st = sup.job_status("x");
     assert_eq!(st["interval_s"].as_f64(), Some(3600.0), "{st}");
     assert_eq!(st["skipped_ticks"].as_u64(), Some(0), "{st}");
