@@ -37,6 +37,13 @@ fn seconds_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.001, 2.0, 22))
 }
 
+/// Registers each `"name", "help" => metric;` (a clone of it) in a registry.
+macro_rules! register {
+    ($r:expr, $($name:literal, $help:literal => $metric:expr;)+) => {
+        $($r.register($name, $help, $metric.clone());)+
+    };
+}
+
 /// All of supervise's metrics. Cheap to clone (shared).
 #[derive(Clone)]
 pub struct Metrics {
@@ -81,51 +88,17 @@ impl Metrics {
             interval: Family::default(),
             skipped: Family::default(),
         };
-        r.register(
-            "checkpoints",
-            "Checkpoints attempted, by outcome",
-            m.checkpoints.clone(),
-        );
-        r.register(
-            "checkpoint_duration_seconds",
-            "Wall time of the CRIU dump of successful checkpoints",
-            m.checkpoint_seconds.clone(),
-        );
-        r.register(
-            "checkpoint_frozen_seconds",
-            "Time CRIU kept the job frozen per checkpoint",
-            m.frozen_seconds.clone(),
-        );
-        r.register(
-            "checkpoint_written_bytes",
-            "Bytes of checkpoint images written (logical size)",
-            m.bytes_written.clone(),
-        );
-        r.register(
-            "checkpoint_stored_bytes",
-            "Bytes newly stored by checkpoints",
-            m.bytes_stored.clone(),
-        );
-        r.register(
-            "restores",
-            "Restores attempted, by outcome",
-            m.restores.clone(),
-        );
-        r.register(
-            "restore_duration_seconds",
-            "Wall time of successful restores",
-            m.restore_seconds.clone(),
-        );
-        r.register("job_up", "1 while the job runs, else 0", m.up.clone());
-        r.register(
-            "checkpoint_interval_seconds",
-            "The current checkpoint interval (fixed, or chosen by every = \"auto\")",
-            m.interval.clone(),
-        );
-        r.register(
-            "skipped_ticks",
-            "Checkpoint schedule ticks skipped",
-            m.skipped.clone(),
+        register!(r,
+            "checkpoints", "Checkpoints attempted, by outcome" => m.checkpoints;
+            "checkpoint_duration_seconds", "Wall time of the CRIU dump of successful checkpoints" => m.checkpoint_seconds;
+            "checkpoint_frozen_seconds", "Time CRIU kept the job frozen per checkpoint" => m.frozen_seconds;
+            "checkpoint_written_bytes", "Bytes of checkpoint images written (logical size)" => m.bytes_written;
+            "checkpoint_stored_bytes", "Bytes newly stored by checkpoints" => m.bytes_stored;
+            "restores", "Restores attempted, by outcome" => m.restores;
+            "restore_duration_seconds", "Wall time of successful restores" => m.restore_seconds;
+            "job_up", "1 while the job runs, else 0" => m.up;
+            "checkpoint_interval_seconds", "The current checkpoint interval (fixed, or chosen by every = \"auto\")" => m.interval;
+            "skipped_ticks", "Checkpoint schedule ticks skipped" => m.skipped;
         );
         *m.registry.lock().unwrap_or_else(|e| e.into_inner()) = r;
         m
