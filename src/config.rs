@@ -48,6 +48,10 @@ pub const DEFAULT_EVERY: Duration = Duration::from_secs(5 * 60);
 /// Smallest allowed `checkpoint.every` (and `checkpoint.timeout`,
 /// `restore.window`).
 pub const MIN_INTERVAL: Duration = Duration::from_secs(1);
+/// Default `checkpoint.min` (with `every = "auto"`).
+pub const DEFAULT_AUTO_MIN: Duration = Duration::from_secs(10);
+/// Default `checkpoint.max` (with `every = "auto"`).
+pub const DEFAULT_AUTO_MAX: Duration = Duration::from_secs(86400);
 /// Default `checkpoint.keep`.
 pub const DEFAULT_KEEP: usize = 3;
 /// Default `restore.max_restores`.

@@ -48,6 +48,9 @@ pub struct RunOptions {
     pub metrics: Option<SocketAddr>,
     /// CRIU's version, recorded in each manifest.
     pub criu_version: Option<String>,
+    /// At most this many checkpoints at once across the jobs (0: no
+    /// limit); the others wait in the order their ticks came due.
+    pub max_concurrent_dumps: usize,
 }
 
 /// How the jobs ended.
@@ -90,6 +93,19 @@ pub async fn run(cfgs: Vec<JobConfig>, opts: RunOptions) -> Result<Summary, Daem
             "running inside a Slurm job"
         );
     }
+    // tokio's semaphore is fair: jobs get slots in the order they asked,
+    // which is the order their ticks came due.
+    let slots = Arc::new(tokio::sync::Semaphore::new(
+        match opts.max_concurrent_dumps {
+            0 => tokio::sync::Semaphore::MAX_PERMITS,
+            n => n,
+        },
+    ));
+    tracing::info!(
+        jobs = cfgs.len(),
+        max_concurrent_dumps = opts.max_concurrent_dumps,
+        "starting"
+    );
     let mut sups = Vec::new();
     let mut handles: Vec<JobHandle> = Vec::new();
     let mut pre_term: Vec<(i32, String, bool)> = Vec::new();
@@ -105,6 +121,7 @@ pub async fn run(cfgs: Vec<JobConfig>, opts: RunOptions) -> Result<Summary, Daem
             s.set_criu_version(v.clone());
         }
         s.connect(port, metrics.clone());
+        s.set_dump_slots(slots.clone());
         handles.push(handle);
         sups.push(s);
     }

@@ -12,6 +12,7 @@ pub mod fence;
 pub mod files;
 pub mod fsutil;
 pub mod init;
+pub mod interval;
 pub mod job;
 mod metrics;
 pub mod pages;

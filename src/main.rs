@@ -39,6 +39,11 @@ enum Cmd {
         /// Serve Prometheus metrics on this loopback address (e.g. 127.0.0.1:9464).
         #[arg(long, value_name = "ADDR")]
         metrics: Option<std::net::SocketAddr>,
+        /// At most this many checkpoints (dump, commit, retention) at once
+        /// across all jobs; the others wait their turn, first due first.
+        /// 0: no limit. [default: the number of CPUs]
+        #[arg(long, value_name = "N")]
+        max_concurrent_dumps: Option<usize>,
     },
     /// Preflight: can checkpointing work on this machine? With job files,
     /// also where each job's store key is (without it its images cannot
@@ -211,7 +216,11 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
         } => images(&job, json, !no_verify),
         Cmd::Verify { job, repair } => verify(&job, repair),
         Cmd::Gc { job } => gc(&job),
-        Cmd::Run { jobs, metrics } => run(&jobs, socket, metrics),
+        Cmd::Run {
+            jobs,
+            metrics,
+            max_concurrent_dumps,
+        } => run(&jobs, socket, metrics, max_concurrent_dumps),
         Cmd::Status { json } => control(&socket, Request::Status, json),
         Cmd::Checkpoint { name } => control(&socket, Request::Checkpoint { job: name }, false),
         Cmd::Restore { name, image } => {
@@ -258,6 +267,22 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
             }
         },
         Cmd::Init => unreachable!("handled before parsing"),
+    }
+}
+
+/// glibc gives every thread that allocates under contention an arena of
+/// its own (up to 8 per CPU), each keeping its freed memory: with many
+/// jobs checkpointing at once that is most of supervise's RSS. Two arenas
+/// are plenty for supervise's work; `MALLOC_ARENA_MAX` in the environment,
+/// if set, wins. Called before the runtime starts any thread.
+fn limit_malloc_arenas() {
+    #[cfg(target_env = "gnu")]
+    if std::env::var_os("MALLOC_ARENA_MAX").is_none() {
+        // SAFETY: mallopt only sets an allocator parameter; no other thread
+        // exists yet.
+        unsafe {
+            libc::mallopt(libc::M_ARENA_MAX, 2);
+        }
     }
 }
 
@@ -512,7 +537,9 @@ fn run(
     jobs: &[PathBuf],
     socket: PathBuf,
     metrics: Option<std::net::SocketAddr>,
+    max_concurrent_dumps: Option<usize>,
 ) -> Result<ExitCode> {
+    limit_malloc_arenas();
     // Parse everything first: bad input starts nothing.
     let cfgs = JobConfig::load_all(jobs)?;
     let report = supervise::check::preflight();
@@ -520,12 +547,21 @@ fn run(
         eprint!("{}", report.render());
         anyhow::bail!("refusing to run: checkpointing cannot work on this machine (see above)");
     }
+    let slots = max_concurrent_dumps.unwrap_or_else(|| {
+        std::thread::available_parallelism().map_or(2, std::num::NonZeroUsize::get)
+    });
+    // Blocking work (dumps, commits, restores, directory scans) is bounded
+    // by the dump slots; a small pool keeps threads (and their stacks and
+    // allocator state) flat in the number of jobs.
+    let blocking = if slots == 0 { 512 } else { (4 * slots).max(16) };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
+        .max_blocking_threads(blocking)
         .build()?;
     let opts = RunOptions {
         socket,
         metrics,
+        max_concurrent_dumps: slots,
         criu_version: report.criu_version.map(|(a, b, c)| format!("{a}.{b}.{c}")),
     };
     let summary = rt.block_on(supervise::daemon::run(cfgs, opts))?;

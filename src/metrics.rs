@@ -46,6 +46,13 @@ fn seconds_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.001, 2.0, 22))
 }
 
+/// Registers each `"name", "help" => metric;` (a clone of it) in a registry.
+macro_rules! register {
+    ($r:expr, $($name:literal, $help:literal => $metric:expr;)+) => {
+        $($r.register($name, $help, $metric.clone());)+
+    };
+}
+
 /// All of supervise's metrics. Cheap to clone (shared).
 #[derive(Clone)]
 pub struct Metrics {
@@ -60,6 +67,8 @@ pub struct Metrics {
     restore_modes: Family<ModeLabel, Counter>,
     resident_seconds: Family<ModeLabel, Histogram, fn() -> Histogram>,
     up: Family<JobLabel, Gauge>,
+    interval: Family<JobLabel, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    skipped: Family<JobLabel, Counter>,
 }
 
 impl Default for Metrics {
@@ -89,53 +98,23 @@ impl Metrics {
             restore_modes: Family::default(),
             resident_seconds: Family::new_with_constructor(seconds_histogram),
             up: Family::default(),
+            interval: Family::default(),
+            skipped: Family::default(),
         };
-        r.register(
-            "checkpoints",
-            "Checkpoints attempted, by outcome",
-            m.checkpoints.clone(),
+        register!(r,
+            "checkpoints", "Checkpoints attempted, by outcome" => m.checkpoints;
+            "checkpoint_duration_seconds", "Wall time of the CRIU dump of successful checkpoints" => m.checkpoint_seconds;
+            "checkpoint_frozen_seconds", "Time CRIU kept the job frozen per checkpoint" => m.frozen_seconds;
+            "checkpoint_written_bytes", "Bytes of checkpoint images written (logical size)" => m.bytes_written;
+            "checkpoint_stored_bytes", "Bytes newly stored by checkpoints" => m.bytes_stored;
+            "restores", "Restores attempted, by outcome" => m.restores;
+            "restore_duration_seconds", "Wall time of successful restores" => m.restore_seconds;
+            "job_up", "1 while the job runs, else 0" => m.up;
+            "checkpoint_interval_seconds", "The current checkpoint interval (fixed, or chosen by every = \"auto\")" => m.interval;
+            "skipped_ticks", "Checkpoint schedule ticks skipped" => m.skipped;
+            "restores_by_mode", "Successful restores, by mode (lazy: memory served while the job runs; eager)" => m.restore_modes;
+            "restore_resident_seconds", "From the start of a restore until all of the job's memory was resident, by mode" => m.resident_seconds;
         );
-        r.register(
-            "checkpoint_duration_seconds",
-            "Wall time of the CRIU dump of successful checkpoints",
-            m.checkpoint_seconds.clone(),
-        );
-        r.register(
-            "checkpoint_frozen_seconds",
-            "Time CRIU kept the job frozen per checkpoint",
-            m.frozen_seconds.clone(),
-        );
-        r.register(
-            "checkpoint_written_bytes",
-            "Bytes of checkpoint images written (logical size)",
-            m.bytes_written.clone(),
-        );
-        r.register(
-            "checkpoint_stored_bytes",
-            "Bytes newly stored by checkpoints",
-            m.bytes_stored.clone(),
-        );
-        r.register(
-            "restores",
-            "Restores attempted, by outcome",
-            m.restores.clone(),
-        );
-        r.register(
-            "restore_duration_seconds",
-            "Wall time of successful restores",
-            m.restore_seconds.clone(),
-        );
-        r.register(
-            "restores_by_mode",
-            "Successful restores, by mode (lazy: memory served while the job runs; eager)",
-            m.restore_modes.clone(),
-        );
-        r.register(
-            "restore_resident_seconds",
-            "From the start of a restore until all of the job's memory was resident, by mode",
-            m.resident_seconds.clone(),
-        );
-        r.register("job_up", "1 while the job runs, else 0", m.up.clone());
         *m.registry.lock().unwrap_or_else(|e| e.into_inner()) = r;
         m
     }
@@ -225,6 +204,20 @@ impl Metrics {
     /// The job is up (1) or down (0).
     pub fn up(&self, job: &str, up: bool) {
         self.up.get_or_create(&Self::job(job)).set(i64::from(up));
+    }
+
+    /// The job's checkpoint interval is now `d`.
+    pub fn interval(&self, job: &str, d: Duration) {
+        self.interval
+            .get_or_create(&Self::job(job))
+            .set(d.as_secs_f64());
+        // The skipped-ticks series exists (at 0) from the start.
+        let _ = self.skipped.get_or_create(&Self::job(job));
+    }
+
+    /// `n` more schedule ticks were skipped.
+    pub fn skipped(&self, job: &str, n: u64) {
+        self.skipped.get_or_create(&Self::job(job)).inc_by(n);
     }
 
     /// The metrics in OpenMetrics text format.

@@ -19,9 +19,12 @@
 //!
 //! [`Ticker`] avoids both by construction: the caller asks for the next tick
 //! only when it is idle (after a checkpoint or restore has finished), so runs
-//! never overlap; ticks that fell while it was busy are skipped and counted,
-//! never queued; and the tick it hands out is always strictly in the future,
-//! so the schedule keeps firing for as long as the job lives.
+//! never overlap; the tick it hands out is always strictly after the `now`
+//! it is given, so the schedule keeps firing for as long as the job lives.
+//! The supervisor gives it the instant the checkpoint *started* (after any
+//! wait for a dump slot): ticks that came due before that are skipped and
+//! counted, never queued; the next tick may then already be due when the
+//! checkpoint ends, and is served at once.
 
 use std::fmt;
 use std::str::FromStr;
@@ -49,6 +52,10 @@ pub enum ScheduleSpec {
     Every(Duration),
     /// A cron expression (with a seconds field, 6 or 7 fields as the `cron`
     /// crate parses them) evaluated in time zone `tz`.
+    /// `every = "auto"`: the interval is chosen by
+    /// [`crate::interval::AutoInterval`] and set on the [`Ticker`] with
+    /// [`Ticker::set_interval`]; until then it is `min`.
+    Auto(crate::interval::AutoParams),
     Cron {
         /// The expression as written in the job file.
         expr: String,
@@ -77,8 +84,8 @@ impl ScheduleSpec {
     /// result would not be representable).
     pub fn next_after(&self, after: DateTime<Utc>) -> Option<DateTime<Utc>> {
         match self {
-            ScheduleSpec::Every(d) => {
-                let d = TimeDelta::from_std(nonzero(*d)).ok()?;
+            ScheduleSpec::Every(_) | ScheduleSpec::Auto(_) => {
+                let d = TimeDelta::from_std(nonzero(self.interval()?)).ok()?;
                 after.checked_add_signed(d)
             }
             ScheduleSpec::Cron { schedule, tz, .. } => {
@@ -94,11 +101,26 @@ impl ScheduleSpec {
         }
     }
 
+    /// The fixed interval, or `min` for `auto`; `None` for cron.
+    pub fn interval(&self) -> Option<Duration> {
+        match self {
+            ScheduleSpec::Every(d) => Some(*d),
+            ScheduleSpec::Auto(p) => Some(p.min),
+            ScheduleSpec::Cron { .. } => None,
+        }
+    }
+
     /// A short human-readable description, e.g. `every 30s` or
     /// `cron '0 */15 * * * *' (UTC)`.
     pub fn describe(&self) -> String {
         match self {
             ScheduleSpec::Every(d) => format!("every {}", humantime::format_duration(*d)),
+            ScheduleSpec::Auto(p) => format!(
+                "every auto (mtbf {}, between {} and {})",
+                humantime::format_duration(p.mtbf),
+                humantime::format_duration(p.min),
+                humantime::format_duration(p.max)
+            ),
             ScheduleSpec::Cron { expr, tz, .. } => format!("cron '{expr}' ({})", tz.name()),
         }
     }
@@ -138,9 +160,15 @@ fn delta_nanos(d: TimeDelta) -> i128 {
 #[derive(Debug, Clone)]
 pub struct Ticker {
     spec: ScheduleSpec,
-    /// Grid origin for [`ScheduleSpec::Every`].
+    /// The grid's step for [`ScheduleSpec::Every`] and [`ScheduleSpec::Auto`].
+    interval: Option<Duration>,
+    /// With a phase `f` in [0, 1), the grid is fixed on the wall clock:
+    /// `UNIX epoch + f * interval + k * interval`; without one it starts at
+    /// the `now` the ticker was (re)started at.
+    phase: Option<f64>,
+    /// Grid origin.
     anchor: DateTime<Utc>,
-    /// For [`ScheduleSpec::Every`]: `due == anchor + index * interval`.
+    /// For grids: `due == anchor + index * interval`.
     index: u64,
     due: Option<DateTime<Utc>>,
 }
@@ -148,13 +176,76 @@ pub struct Ticker {
 impl Ticker {
     /// Starts a ticker at `now`: the first due time is `spec.next_after(now)`.
     pub fn new(spec: ScheduleSpec, now: DateTime<Utc>) -> Self {
-        let due = spec.next_after(now);
-        Ticker {
+        let mut t = Ticker {
+            interval: spec.interval(),
             spec,
+            phase: None,
             anchor: now,
             index: 1,
-            due,
+            due: None,
+        };
+        t.restart(now);
+        t
+    }
+
+    /// Like [`new`](Ticker::new), but an interval grid is fixed on the wall
+    /// clock at `phase` (a fraction of the interval, see
+    /// [`crate::interval::phase`]): jobs with different phases tick at
+    /// different instants. The first tick is the first grid point at least
+    /// one interval after `now` (also after [`reset`](Ticker::reset) and
+    /// [`set_interval`](Ticker::set_interval)). Cron schedules ignore the
+    /// phase.
+    pub fn with_phase(spec: ScheduleSpec, now: DateTime<Utc>, phase: f64) -> Self {
+        let mut t = Ticker::new(spec, now);
+        t.phase = Some(phase.clamp(0.0, 1.0 - f64::EPSILON));
+        t.restart(now);
+        t
+    }
+
+    /// The current interval of a grid schedule (`None` for cron).
+    pub fn interval(&self) -> Option<Duration> {
+        self.interval
+    }
+
+    /// Changes the interval of a grid schedule: a new grid (with the same
+    /// phase) starts at `now`, and the next tick is its first after `now`.
+    /// Does nothing for cron or when the interval is unchanged.
+    pub fn set_interval(&mut self, d: Duration, now: DateTime<Utc>) {
+        if self.interval.is_none() || self.interval == Some(d) {
+            return;
         }
+        self.interval = Some(d);
+        self.restart(now);
+    }
+
+    /// A fresh grid (or cron sequence) from `now`.
+    fn restart(&mut self, now: DateTime<Utc>) {
+        self.index = 1;
+        let Some(d) = self.interval else {
+            self.anchor = now;
+            self.due = self.spec.next_after(now);
+            return;
+        };
+        let step = i128::try_from(nonzero(d).as_nanos()).unwrap_or(i128::MAX);
+        self.anchor = match self.phase {
+            None => now,
+            Some(f) => {
+                let off = (f * step as f64) as i128;
+                let since = delta_nanos(now - DateTime::<Utc>::UNIX_EPOCH) - off;
+                let k = since.div_euclid(step);
+                let back = since - k * step; // in [0, step)
+                let secs = i64::try_from(back / NANOS_PER_SEC).unwrap_or(0);
+                let nanos = u32::try_from(back % NANOS_PER_SEC).unwrap_or(0);
+                TimeDelta::new(secs, nanos)
+                    .and_then(|b| now.checked_sub_signed(b))
+                    .unwrap_or(now)
+            }
+        };
+        // The first tick at least one interval after `now` (as without a
+        // phase): a job that just started, was restored or changed its
+        // interval is not checkpointed again at once.
+        self.index = if self.anchor == now { 1 } else { 2 };
+        self.due = grid_point(self.anchor, step, self.index);
     }
 
     /// The next due time, or `None` if the schedule never fires again.
@@ -191,18 +282,16 @@ impl Ticker {
             Some(due) if due <= now => self.skip_past(now).saturating_add(1),
             _ => 0,
         };
-        self.anchor = now;
-        self.index = 1;
-        self.due = self.spec.next_after(now);
+        self.restart(now);
         skipped
     }
 
     /// Moves `due` (which is `<= now`) to the first tick after `now`;
     /// returns the number of ticks strictly between the old due and the new.
     fn skip_past(&mut self, now: DateTime<Utc>) -> u64 {
-        match &self.spec {
-            ScheduleSpec::Every(d) => {
-                let step = i128::try_from(nonzero(*d).as_nanos()).unwrap_or(i128::MAX);
+        match self.interval {
+            Some(d) => {
+                let step = i128::try_from(nonzero(d).as_nanos()).unwrap_or(i128::MAX);
                 let elapsed = delta_nanos(now - self.anchor).max(0);
                 let next = u64::try_from(elapsed / step + 1).unwrap_or(u64::MAX);
                 let skipped = next.saturating_sub(self.index).saturating_sub(1);
@@ -210,7 +299,7 @@ impl Ticker {
                 self.due = grid_point(self.anchor, step, next);
                 skipped
             }
-            ScheduleSpec::Cron { .. } => {
+            None => {
                 let Some(mut t) = self.due else { return 0 };
                 let mut skipped = 0;
                 loop {
@@ -497,6 +586,54 @@ mod tests {
             cron("0 0 9 * * *", chrono_tz::Europe::Berlin).to_string(),
             "cron '0 0 9 * * *' (Europe/Berlin)"
         );
+    }
+
+    #[test]
+    fn phase_fixes_the_grid_on_the_wall_clock() {
+        let spec = ScheduleSpec::Every(secs(10));
+        // Phase 0.25 of 10 s: ticks at :02.5, :12.5, ... whenever started;
+        // the first at least one interval after the start.
+        let mut a = Ticker::with_phase(spec.clone(), utc("2024-05-01T10:00:03Z"), 0.25);
+        assert_eq!(a.due(), Some(utc("2024-05-01T10:00:22.5Z")));
+        let b = Ticker::with_phase(spec.clone(), utc("2024-05-01T10:00:01Z"), 0.25);
+        assert_eq!(b.due(), Some(utc("2024-05-01T10:00:12.5Z")));
+        let c = Ticker::with_phase(spec.clone(), utc("2024-05-01T10:00:01Z"), 0.75);
+        assert_eq!(c.due(), Some(utc("2024-05-01T10:00:17.5Z")));
+        // Exactly on a grid point: the next one.
+        let d = Ticker::with_phase(spec, utc("2024-05-01T10:00:02.5Z"), 0.25);
+        assert_eq!(d.due(), Some(utc("2024-05-01T10:00:12.5Z")));
+        // The grid holds across advance and reset.
+        assert_eq!(a.advance(utc("2024-05-01T10:00:33Z")), 1); // :32.5
+        assert_eq!(a.due(), Some(utc("2024-05-01T10:00:42.5Z")));
+        assert_eq!(a.reset(utc("2024-05-01T10:00:50Z")), 1); // :42.5 never served
+        assert_eq!(a.due(), Some(utc("2024-05-01T10:01:02.5Z")));
+        assert_eq!(a.advance(utc("2024-05-01T10:01:03Z")), 0);
+        assert_eq!(a.due(), Some(utc("2024-05-01T10:01:12.5Z")));
+    }
+
+    #[test]
+    fn auto_interval_changes_the_grid() {
+        let p = crate::interval::AutoParams {
+            mtbf: secs(3600),
+            max_overhead_ppm: None,
+            min: secs(5),
+            max: secs(600),
+        };
+        let t0 = utc("2024-05-01T10:00:00Z");
+        let mut tk = Ticker::with_phase(ScheduleSpec::Auto(p), t0, 0.0);
+        assert_eq!(tk.interval(), Some(secs(5)));
+        assert_eq!(tk.due(), Some(utc("2024-05-01T10:00:05Z")));
+        tk.set_interval(secs(60), utc("2024-05-01T10:00:06Z"));
+        assert_eq!(tk.interval(), Some(secs(60)));
+        assert_eq!(tk.due(), Some(utc("2024-05-01T10:02:00Z")));
+        // Unchanged: nothing moves.
+        tk.set_interval(secs(60), utc("2024-05-01T10:00:30Z"));
+        assert_eq!(tk.due(), Some(utc("2024-05-01T10:02:00Z")));
+        // Cron ignores it.
+        let mut c = Ticker::new(cron("0 * * * * *", Tz::UTC), t0);
+        c.set_interval(secs(5), t0);
+        assert_eq!(c.interval(), None);
+        assert_eq!(c.due(), Some(utc("2024-05-01T10:01:00Z")));
     }
 
     #[test]

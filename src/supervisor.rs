@@ -4,9 +4,11 @@
 //! supervise's own shutdown.
 //!
 //! Everything one job does happens on one task, one step at a time, so a job
-//! never has two checkpoints at once, nor a checkpoint during a restore; a
-//! schedule tick that falls while a step runs is skipped and logged
-//! ([`crate::schedule::Ticker`]).
+//! never has two checkpoints at once, nor a checkpoint during a restore.
+//! A tick that came due before the checkpoint for the previous one started
+//! (or during a restore) is skipped, counted and logged; the newest tick
+//! missed while a checkpoint ran is served at once
+//! ([`crate::schedule::Ticker`], `tuning.rs`).
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -40,6 +42,7 @@ pub mod policy;
 mod record;
 mod restore;
 mod scrub;
+mod tuning;
 
 pub use checkpoint::summary;
 pub use engine::{Criu, Engine};
@@ -156,6 +159,8 @@ pub struct Supervisor {
     lazy_failures: crate::pages::LazyFailures,
     /// A lazy restore still pushing the job's memory.
     lazy: Option<PendingLazy>,
+    /// Interval, skipped ticks, dump slots.
+    tuning: tuning::Tuning,
     _lock: File,
 }
 
@@ -221,6 +226,7 @@ impl Supervisor {
         // Image files a crashed restore left behind (possibly GiBs of tmpfs).
         crate::store::remove_scratch(&run_dir.join("restore"));
         Ok(Supervisor {
+            tuning: tuning::Tuning::new(&cfg),
             cfg,
             store,
             engine: std::sync::Arc::new(Criu::new(reaper)),
@@ -386,7 +392,13 @@ impl Supervisor {
             Ok(j) => Some(j),
             Err(reason) => return self.fail(reason),
         };
-        let mut ticker = Ticker::new(self.cfg.checkpoint.schedule.clone(), Utc::now());
+        self.job_running();
+        let mut ticker = Ticker::with_phase(
+            self.cfg.checkpoint.schedule.clone(),
+            Utc::now(),
+            crate::interval::phase(&self.cfg.name),
+        );
+        self.retune(&mut ticker);
         loop {
             let due = job.as_ref().and_then(|_| ticker.due());
             self.set_state(if job.is_some() {
@@ -411,14 +423,13 @@ impl Supervisor {
                 }
                 _ = sleep, if job.is_some() => {
                     if let Some(j) = &job {
+                        self.tuning.due = due;
                         if let Err(CheckpointError::Superseded(reason)) = self.checkpoint(j).await {
                             return self.give_way(job, reason).await;
                         }
                     }
-                    let skipped = ticker.advance(Utc::now());
-                    if skipped > 0 {
-                        warn!(skipped, "checkpoint ticks fell during a running step and were skipped");
-                    }
+                    self.tick_served(&mut ticker, due);
+                    self.retune(&mut ticker);
                 }
                 outcome = wait_lazy(&mut self.lazy) => {
                     self.lazy_done(outcome);
@@ -428,16 +439,19 @@ impl Supervisor {
                     match self.on_death(status, since, &mut shutdown).await {
                         Ok(j) => {
                             job = Some(j);
+                            self.job_running();
                             let skipped = ticker.reset(Utc::now());
-                            if skipped > 0 {
-                                warn!(skipped, "checkpoint ticks fell during the restore and were skipped");
-                            }
+                            self.ticks_skipped(skipped, "fell during the restore");
+                            self.retune(&mut ticker);
                         }
                         Err(outcome) => return outcome,
                     }
                 }
                 Some(cmd) = next_command(&mut commands) => {
                     self.command(cmd, &mut job, &mut ticker).await;
+                    if job.is_some() && self.tuning.run_mark.is_none() {
+                        self.job_running();
+                    }
                 }
                 _ = shutdown.changed() => {
                     let how = *shutdown.borrow_and_update();
@@ -545,6 +559,7 @@ impl Supervisor {
 
     /// The job's process is gone: forget it.
     fn job_down(&mut self) {
+        self.job_not_running();
         self.forget_record();
         self.metrics.up(&self.cfg.name, false);
         self.publish(|s| {

@@ -138,9 +138,10 @@ fn images_lists_newest_first_with_sizes() {
     assert_eq!(text.lines().count(), 3, "{text}");
 }
 
-/// A checkpoint slower than the interval: no overlap, ticks that fell
-/// during a step are skipped and logged (not queued), and the schedule keeps
-/// firing.
+/// A checkpoint slower than the interval: no overlap, ticks that came due
+/// before the checkpoint for an earlier one started are skipped and logged
+/// (the newest missed tick is served at once, older ones are never queued),
+/// and the schedule keeps firing.
 #[test]
 #[cfg_attr(not(criu), ignore = "needs root and CRIU >= 4.2 (scripts/setup.sh)")]
 fn schedule_never_overlaps_a_slow_checkpoint() {
@@ -168,7 +169,9 @@ fn schedule_never_overlaps_a_slow_checkpoint() {
                 gap >= pdur,
                 "checkpoint began {gap} ms after the previous one, which took {pdur} ms"
             );
-            if gap > 1500 {
+            // More than two intervals between starts: at least one tick
+            // came and went while the next checkpoint waited.
+            if gap > 2200 {
                 late += 1;
             }
         }

@@ -377,6 +377,21 @@ fn metrics_endpoint_counts() {
         2.0
     );
     assert!(metric(&t, r#"supervise_checkpoint_written_bytes_total{job="x"}"#) > 0.0);
+    // The schedule: the interval (fixed here) and skipped ticks.
+    assert_eq!(
+        metric(&t, r#"supervise_checkpoint_interval_seconds{job="x"}"#),
+        3600.0,
+        "{t}"
+    );
+    assert_eq!(
+        metric(&t, r#"supervise_skipped_ticks_total{job="x"}"#),
+        0.0,
+        "{t}"
+    );
+    let st = sup.job_status("x");
+    assert_eq!(st["interval_s"].as_f64(), Some(3600.0), "{st}");
+    assert_eq!(st["skipped_ticks"].as_u64(), Some(0), "{st}");
+    assert!(st["auto"].is_null(), "{st}");
     sup.kill_job("x");
     sup.wait_restores("x", 1, T);
     let t = scrape(port);

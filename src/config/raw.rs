@@ -59,7 +59,11 @@ impl<'de, T: Deserialize<'de>> Deserialize<'de> for Table<T> {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawCheckpoint {
-    pub(super) every: Option<Spanned<Dur<1>>>,
+    pub(super) every: Option<Spanned<Every>>,
+    pub(super) mtbf: Option<Spanned<Dur<1>>>,
+    pub(super) max_overhead: Option<Spanned<Percent>>,
+    pub(super) min: Option<Spanned<Dur<1>>>,
+    pub(super) max: Option<Spanned<Dur<1>>>,
     pub(super) cron: Option<Spanned<CronExpr>>,
     pub(super) timezone: Option<Spanned<TzName>>,
     pub(super) dir: Option<PathValue>,
@@ -393,6 +397,55 @@ impl<'de, const MIN_SECS: u64> Deserialize<'de> for Dur<MIN_SECS> {
                 Ok(Dur(v))
             },
         )
+    }
+}
+
+/// `checkpoint.every`: a duration of at least 1 s, or `"auto"`.
+pub(super) enum Every {
+    /// A fixed interval.
+    Fixed(Duration),
+    /// supervise picks the interval (`crate::interval`).
+    Auto,
+}
+
+impl<'de> Deserialize<'de> for Every {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        de_str(
+            d,
+            "a duration string such as \"30s\", \"5m\" or \"1h 30m\", or \"auto\"",
+            |s| {
+                if s == "auto" {
+                    return Ok(Every::Auto);
+                }
+                let v = humantime::parse_duration(s).map_err(|e| {
+                    format!("invalid duration {s:?}: {e} (or \"auto\" to let supervise choose)")
+                })?;
+                if v < Duration::from_secs(1) {
+                    return Err(format!("must be at least 1s (found {s:?})"));
+                }
+                Ok(Every::Fixed(v))
+            },
+        )
+    }
+}
+
+/// A percentage in (0, 100], written `"5%"` or `"0.5%"`; kept in parts per
+/// million.
+pub(super) struct Percent(pub(super) u32);
+
+impl<'de> Deserialize<'de> for Percent {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        de_str(d, "a percentage string such as \"5%\"", |s| {
+            let bad = || format!("invalid percentage {s:?}: expected e.g. \"5%\" or \"0.5%\"");
+            let num = s.trim().strip_suffix('%').ok_or_else(bad)?;
+            let v: f64 = num.trim().parse().map_err(|_| bad())?;
+            if !(v > 0.0 && v <= 100.0) {
+                return Err(format!(
+                    "must be more than 0% and at most 100% (found {s:?})"
+                ));
+            }
+            Ok(Percent(((v * 10_000.0).round() as u32).max(1)))
+        })
     }
 }
 

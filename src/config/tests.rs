@@ -174,10 +174,10 @@ fn unknown_key_in_checkpoint() {
     let shown = invalid(text, 7, 1, "checkpoint.evry", "unknown key");
     assert_eq!(
         shown,
-        "/x/job.toml:7:1: checkpoint.evry: unknown key (expected one of: every, cron, \
+        "/x/job.toml:7:1: checkpoint.evry: unknown key (expected one of: every, mtbf, max_overhead, min, max, cron, \
          timezone, dir, keep, shell_job, tcp_established, file_locks, ext_unix_sk, \
          log_level, network_lock, timeout, ghost_limit, skip_in_flight, link_remap, \
-         tcp_close, criu_opts); did you mean `every`?"
+         tcp_close, criu_opts, stream); did you mean `every`?"
     );
 }
 
@@ -382,7 +382,7 @@ fn wrong_types() {
         3,
         9,
         "checkpoint.every",
-        "expected a duration string such as \"30s\", \"5m\" or \"1h 30m\", found an integer",
+        "expected a duration string such as \"30s\", \"5m\" or \"1h 30m\", or \"auto\", found an integer",
     );
     invalid(
         "command = [\"a\"]\n[checkpoint]\nshell_job = \"yes\"\n",
@@ -555,6 +555,74 @@ fn numeric_ranges() {
         10,
         "attach",
         "must be between 1 and 2147483647",
+    );
+}
+
+#[test]
+fn every_auto() {
+    let c = ok("command = [\"a\"]\n[checkpoint]\nevery = \"auto\"\nmtbf = \"24h\"\n");
+    assert_eq!(
+        c.checkpoint.schedule,
+        ScheduleSpec::Auto(crate::interval::AutoParams {
+            mtbf: Duration::from_secs(86400),
+            max_overhead_ppm: None,
+            min: DEFAULT_AUTO_MIN,
+            max: DEFAULT_AUTO_MAX,
+        })
+    );
+    let c = ok(
+        "command = [\"a\"]\n[checkpoint]\nevery = \"auto\"\nmtbf = \"6h\"\n\
+                max_overhead = \"0.5%\"\nmin = \"2s\"\nmax = \"1h\"\n",
+    );
+    let ScheduleSpec::Auto(p) = c.checkpoint.schedule else {
+        panic!("not auto")
+    };
+    assert_eq!(p.max_overhead_ppm, Some(5_000));
+    assert_eq!(
+        (p.min, p.max),
+        (Duration::from_secs(2), Duration::from_secs(3600))
+    );
+    invalid(
+        "command = [\"a\"]\n[checkpoint]\nevery = \"auto\"\n",
+        3,
+        9,
+        "checkpoint.every",
+        "needs `mtbf`",
+    );
+    invalid(
+        "command = [\"a\"]\n[checkpoint]\nevery = \"5m\"\nmtbf = \"1h\"\n",
+        4,
+        8,
+        "checkpoint.mtbf",
+        "only valid together with `every = \"auto\"`",
+    );
+    invalid(
+        "command = [\"a\"]\n[checkpoint]\nevery = \"auto\"\nmtbf = \"1h\"\nmax_overhead = \"5\"\n",
+        5,
+        16,
+        "checkpoint.max_overhead",
+        "invalid percentage",
+    );
+    invalid(
+        "command = [\"a\"]\n[checkpoint]\nevery = \"auto\"\nmtbf = \"1h\"\nmax_overhead = \"0%\"\n",
+        5,
+        16,
+        "checkpoint.max_overhead",
+        "more than 0%",
+    );
+    invalid(
+        "command = [\"a\"]\n[checkpoint]\nevery = \"auto\"\nmtbf = \"1h\"\nmin = \"1h\"\nmax = \"1m\"\n",
+        6,
+        7,
+        "checkpoint.max",
+        "must be at least `min` (1h)",
+    );
+    invalid(
+        "command = [\"a\"]\n[checkpoint]\nevery = \"often\"\n",
+        3,
+        9,
+        "checkpoint.every",
+        "or \"auto\" to let supervise choose",
     );
 }
 
@@ -1225,6 +1293,20 @@ fn reference_commented_examples_are_valid() {
         ["external", "irmap_scan_paths", "manage_cgroups"]
     );
 
+    // every = "auto" with its keys.
+    let text = edit_reference(&["mtbf", "max_overhead", "min", "max"], &[])
+        .replace("\nevery = \"5m\"\n", "\nevery = \"auto\"\n");
+    let j = JobConfig::from_str_at(&text, Path::new("/x/reference.toml")).unwrap();
+    assert_eq!(
+        j.checkpoint.schedule,
+        ScheduleSpec::Auto(crate::interval::AutoParams {
+            mtbf: Duration::from_secs(86400),
+            max_overhead_ppm: Some(10_000),
+            min: DEFAULT_AUTO_MIN,
+            max: DEFAULT_AUTO_MAX,
+        })
+    );
+
     let text = edit_reference(&["attach"], &["command", "cwd", "env", "stdout", "stderr"]);
     let j = JobConfig::from_str_at(&text, Path::new("/x/reference.toml")).unwrap();
     assert_eq!(j.target, Target::Attach { pid: 12345 });
@@ -1289,6 +1371,10 @@ fn reference_documents_every_key() {
         "state_dir",
         "[checkpoint]",
         "every",
+        "mtbf",
+        "max_overhead",
+        "min",
+        "max",
         "cron",
         "timezone",
         "dir",

@@ -7,8 +7,8 @@ use toml::Spanned;
 
 use super::diagnostics::{one_line, Ctx};
 use super::raw::{
-    is_valid_name, CronExpr, JobName, PathValue, RawCheckpoint, RawFiles, RawJob, RawRestore,
-    RawStore, Table, NAME_RULE,
+    is_valid_name, CronExpr, Dur, Every, JobName, PathValue, RawCheckpoint, RawFiles, RawJob,
+    RawRestore, RawStore, Table, NAME_RULE,
 };
 use super::*;
 
@@ -398,6 +398,28 @@ fn build_checkpoint(
         });
     };
 
+    let auto_only = [
+        ("checkpoint.mtbf", raw.mtbf.as_ref().map(|v| v.span())),
+        (
+            "checkpoint.max_overhead",
+            raw.max_overhead.as_ref().map(|v| v.span()),
+        ),
+        ("checkpoint.min", raw.min.as_ref().map(|v| v.span())),
+        ("checkpoint.max", raw.max.as_ref().map(|v| v.span())),
+    ];
+    let is_auto = matches!(raw.every.as_ref().map(|e| e.get_ref()), Some(Every::Auto));
+    if !is_auto {
+        if let Some((key, span)) = auto_only.iter().find(|(_, s)| s.is_some()) {
+            return ctx.err(
+                span.clone(),
+                key,
+                format!(
+                    "`{}` is only valid together with `every = \"auto\"`",
+                    key.trim_start_matches("checkpoint.")
+                ),
+            );
+        }
+    }
     let schedule = match (raw.every, raw.cron) {
         (Some(every), Some(cron)) => {
             let (span, key) = if cron.span().start > every.span().start {
@@ -419,7 +441,23 @@ fn build_checkpoint(
                     "`timezone` is only valid together with `cron`".to_string(),
                 );
             }
-            ScheduleSpec::Every(every.map_or(DEFAULT_EVERY, |e| e.into_inner().0))
+            match every {
+                None => ScheduleSpec::Every(DEFAULT_EVERY),
+                Some(e) => {
+                    let span = e.span();
+                    match e.into_inner() {
+                        Every::Fixed(d) => ScheduleSpec::Every(d),
+                        Every::Auto => auto_params(
+                            span,
+                            raw.mtbf,
+                            raw.max_overhead.map(|p| p.into_inner().0),
+                            raw.min,
+                            raw.max,
+                            ctx,
+                        )?,
+                    }
+                }
+            }
         }
         (None, Some(cron)) => {
             let tz = raw
@@ -464,6 +502,45 @@ fn build_checkpoint(
         timeout: raw.timeout.map(|t| t.0),
         stream: raw.stream.unwrap_or(true),
     })
+}
+
+/// `every = "auto"`: `mtbf` is required; `min <= max`.
+fn auto_params(
+    every_span: std::ops::Range<usize>,
+    mtbf: Option<Spanned<Dur<1>>>,
+    max_overhead_ppm: Option<u32>,
+    min: Option<Spanned<Dur<1>>>,
+    max: Option<Spanned<Dur<1>>>,
+    ctx: &Ctx<'_>,
+) -> Result<ScheduleSpec, ConfigError> {
+    let Some(mtbf) = mtbf else {
+        return ctx.err(
+            Some(every_span),
+            "checkpoint.every",
+            "`every = \"auto\"` needs `mtbf`, your estimate of the job's mean time between \
+             failures (e.g. mtbf = \"24h\")"
+                .to_string(),
+        );
+    };
+    let max_span = max.as_ref().map(|m| m.span());
+    let min = min.map_or(DEFAULT_AUTO_MIN, |m| m.into_inner().0);
+    let max = max.map_or(DEFAULT_AUTO_MAX.max(min), |m| m.into_inner().0);
+    if min > max {
+        return ctx.err(
+            max_span,
+            "checkpoint.max",
+            format!(
+                "must be at least `min` ({})",
+                humantime::format_duration(min)
+            ),
+        );
+    }
+    Ok(ScheduleSpec::Auto(crate::interval::AutoParams {
+        mtbf: mtbf.into_inner().0,
+        max_overhead_ppm,
+        min,
+        max,
+    }))
 }
 
 fn build_restore(

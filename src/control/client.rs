@@ -91,8 +91,18 @@ pub fn render_status(jobs: &[super::JobStatus], now: chrono::DateTime<chrono::Ut
         }
     };
     let mut out = format!(
-        "{:<16} {:<14} {:>8} {:>8} {:>8}  {:<24} {:>8} {:>9}  {}\n",
-        "JOB", "STATE", "PID", "UPTIME", "RESTORES", "LAST CHECKPOINT", "FROZEN", "AGE", "NEXT"
+        "{:<16} {:<14} {:>8} {:>8} {:>8}  {:<24} {:>8} {:>9}  {:<8} {:>8}  {}\n",
+        "JOB",
+        "STATE",
+        "PID",
+        "UPTIME",
+        "RESTORES",
+        "LAST CHECKPOINT",
+        "FROZEN",
+        "AGE",
+        "NEXT",
+        "INTERVAL",
+        "SKIPPED"
     );
     for j in jobs {
         let state = match &j.state {
@@ -110,7 +120,7 @@ pub fn render_status(jobs: &[super::JobStatus], now: chrono::DateTime<chrono::Ut
             None => ("-".into(), "-".into(), "-".into()),
         };
         out.push_str(&format!(
-            "{:<16} {:<14} {:>8} {:>8} {:>8}  {:<24} {:>8} {:>9}  {}\n",
+            "{:<16} {:<14} {:>8} {:>8} {:>8}  {:<24} {:>8} {:>9}  {:<8} {:>8}  {}\n",
             j.name,
             state,
             j.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
@@ -125,6 +135,14 @@ pub fn render_status(jobs: &[super::JobStatus], now: chrono::DateTime<chrono::Ut
                 .filter(|_| j.pid.is_some())
                 .map(ago)
                 .unwrap_or_else(|| "-".into()),
+            j.interval_s
+                .map(|i| format!(
+                    "{}{}",
+                    short(i.round() as i64),
+                    if j.auto.is_some() { " auto" } else { "" }
+                ))
+                .unwrap_or_else(|| "-".into()),
+            j.skipped_ticks,
         ));
         if let Some(r) = &j.last_restore {
             out.push_str(&format!(
@@ -135,6 +153,17 @@ pub fn render_status(jobs: &[super::JobStatus], now: chrono::DateTime<chrono::Ut
                 r.resident_ms
                     .map(|m| format!("after {m:.0} ms"))
                     .unwrap_or_else(|| "(pending)".into())
+            ));
+        }
+        if let Some(a) = &j.auto {
+            out.push_str(&format!(
+                "  auto: C {} (median frozen time of the last checkpoints), M {} ({} failure{} seen)\n",
+                a.cost_s
+                    .map(|c| format!("{:.1}ms", c * 1000.0))
+                    .unwrap_or_else(|| "not measured yet".into()),
+                short(a.mtbf_s.round() as i64),
+                a.failures,
+                if a.failures == 1 { "" } else { "s" }
             ));
         }
         if let crate::control::JobState::Failed(r) = &j.state {
@@ -181,6 +210,13 @@ mod tests {
             bytes: 1000,
         });
         a.next_checkpoint = Some(now + chrono::Duration::seconds(45));
+        a.interval_s = Some(117.0 * 60.0);
+        a.skipped_ticks = 3;
+        a.auto = Some(crate::control::AutoStatus {
+            cost_s: Some(0.0171),
+            mtbf_s: 86400.0 + 3600.0,
+            failures: 1,
+        });
         let mut b = JobStatus::new("loop", "/img2".into());
         b.state = JobState::Failed("job died 3 times within 1h; giving up".into());
         let t = render_status(&[a, b], now);
@@ -194,13 +230,19 @@ mod tests {
                 && lines[1].contains("000007-20261128T140000Z")
                 && lines[1].contains("17.0ms")
                 && lines[1].contains("1m15s ago")
-                && lines[1].contains("in 45s"),
+                && lines[1].contains("in 45s")
+                && lines[1].contains("1h57m auto")
+                && lines[1].ends_with(" 3"),
             "{t}"
+        );
+        assert_eq!(
+            lines[2],
+            "  auto: C 17.1ms (median frozen time of the last checkpoints), M 1d01h (1 failure seen)"
         );
         assert!(
-            lines[2].contains("loop") && lines[2].contains("failed"),
+            lines[3].contains("loop") && lines[3].contains("failed"),
             "{t}"
         );
-        assert_eq!(lines[3], "  failed: job died 3 times within 1h; giving up");
+        assert_eq!(lines[4], "  failed: job died 3 times within 1h; giving up");
     }
 }

@@ -15,7 +15,9 @@ pub mod client;
 pub mod protocol;
 pub mod server;
 
-pub use protocol::{CheckpointSummary, JobState, JobStatus, Request, Response, RestoreSummary};
+pub use protocol::{
+    AutoStatus, CheckpointSummary, JobState, JobStatus, Request, Response, RestoreSummary,
+};
 
 use std::path::PathBuf;
 

@@ -130,6 +130,17 @@ pub struct JobStatus {
     /// The newest restore by this supervise.
     #[serde(default)]
     pub last_restore: Option<RestoreSummary>,
+    /// The current checkpoint interval in seconds (fixed or chosen by
+    /// `every = "auto"`); `None` for cron schedules.
+    #[serde(default)]
+    pub interval_s: Option<f64>,
+    /// For `every = "auto"`: what the interval was computed from.
+    #[serde(default)]
+    pub auto: Option<AutoStatus>,
+    /// Schedule ticks skipped so far (a newer tick came due before the
+    /// checkpoint for an older one started, or ticks fell during a restore).
+    #[serde(default)]
+    pub skipped_ticks: u64,
     /// The last failure (checkpoint or restore), if any.
     pub last_error: Option<String>,
     /// The image directory.
@@ -154,11 +165,26 @@ impl JobStatus {
             last_checkpoint: None,
             next_checkpoint: None,
             last_restore: None,
+            interval_s: None,
+            auto: None,
+            skipped_ticks: 0,
             last_error: None,
             images,
             extra: BTreeMap::new(),
         }
     }
+}
+
+/// The inputs of an `every = "auto"` interval ([`crate::interval`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AutoStatus {
+    /// C: the median frozen time of the recent checkpoints, seconds
+    /// (`None` before the first checkpoint).
+    pub cost_s: Option<f64>,
+    /// M: the estimated mean time between failures, seconds.
+    pub mtbf_s: f64,
+    /// Failures observed (deaths that led to a restore).
+    pub failures: u64,
 }
 
 /// Where a job stands.

@@ -297,7 +297,7 @@ impl LazySession {
 
     /// True once serving has ended.
     pub fn is_finished(&self) -> bool {
-        self.handle.as_ref().is_none_or(|h| h.is_finished())
+        self.handle.as_ref().map_or(true, |h| h.is_finished())
     }
 }
 

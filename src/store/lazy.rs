@@ -70,7 +70,7 @@ impl FileReader {
             id: self.id.clone(),
             reason: format!("file {}: {reason}", self.name),
         };
-        if offset % self.chunk != 0 || offset.checked_add(len).is_none_or(|e| e > self.size) {
+        if offset % self.chunk != 0 || offset.checked_add(len).map_or(true, |e| e > self.size) {
             return Err(corrupt(format!(
                 "read of {len} bytes at {offset} is outside the file ({} bytes)",
                 self.size

@@ -13,11 +13,24 @@ impl Supervisor {
         if job.host_pid <= 0 {
             return Err(CheckpointError::Ended);
         }
+        // A lazily restored job is dumped only once it holds all its
+        // memory (waited for before taking a dump slot).
+        self.settle_lazy().await;
+        // Bounded across jobs; held for the dump, the commit and retention.
+        let (slot, waited, late_ms) = self.dump_slot().await;
         self.set_state(JobState::Checkpointing);
-        let r = self.checkpoint_inner(job).await;
+        let r = self.checkpoint_inner(job, waited, late_ms).await;
+        drop(slot);
         match &r {
             Ok(info) => {
                 let m = &info.manifest.meta;
+                // C: what the checkpoint cost the job (CRIU's frozen time,
+                // else the dump's wall time).
+                let cost = m
+                    .frozen_us
+                    .map(Duration::from_micros)
+                    .unwrap_or(Duration::from_millis(m.duration_ms));
+                self.checkpoint_cost(cost);
                 self.metrics.checkpoint_ok(
                     &self.cfg.name,
                     Duration::from_millis(m.duration_ms),
@@ -43,9 +56,9 @@ impl Supervisor {
     pub(super) async fn checkpoint_inner(
         &mut self,
         job: &Running,
+        waited: Duration,
+        late_ms: Option<i64>,
     ) -> Result<ImageInfo, CheckpointError> {
-        // A lazily restored job is dumped only once it holds all its memory.
-        self.settle_lazy().await;
         // Directory scans and creation: off the async threads.
         let store = self.store.clone();
         let begun = tokio::task::spawn_blocking(move || store.begin())
@@ -206,6 +219,8 @@ impl Supervisor {
             files = files.as_ref().map_or(0, |f| f.files),
             files_copied_bytes = files.as_ref().map_or(0, |f| f.bytes_copied),
             files_ms = files.as_ref().map_or(0.0, |f| f.elapsed.as_micros() as f64 / 1000.0),
+            slot_wait_ms = waited.as_millis() as u64,
+            late_ms,
             "checkpoint published"
         );
         if attached && !tree.is_empty() {
@@ -227,7 +242,10 @@ impl Supervisor {
                 },
                 None => None,
             };
-            retain_and_gc(&store, keep)
+            retain_and_gc(&store, keep);
+            // What the ingest freed goes back to the system now, not when
+            // the arena happens to shrink: RSS stays flat across jobs.
+            super::tuning::release_free_memory();
         })
         .await;
         Ok(info)

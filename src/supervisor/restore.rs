@@ -445,6 +445,7 @@ impl Supervisor {
             Decision::GiveUp(reason) => return Err(self.fail(reason)),
             Decision::Restore { delay } => delay,
         };
+        self.job_failed();
         if !delay.is_zero() {
             info!(
                 delay_ms = delay.as_millis() as u64,

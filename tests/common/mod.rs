@@ -29,6 +29,7 @@ pub fn progs() -> &'static Path {
             ("counter", "examples/counter.c", ""),
             ("threads", "tests/progs/threads.c", "-pthread"),
             ("bigmem", "tests/progs/bigmem.c", ""),
+            ("grow", "tests/progs/grow.c", ""),
             ("filejob", "tests/progs/filejob.c", ""),
             ("dirty", "tests/progs/dirty.c", ""),
             ("exchange", "tests/progs/exchange.c", ""),
