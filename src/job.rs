@@ -521,13 +521,21 @@ pub fn restore(
         }
     };
     let ns_pid = resp.restore.map(|r| r.pid).unwrap_or(0);
-    control_w
+    // From here on too, a lazy restore can still fail (a page the
+    // restored tree needs cannot be served, and the tree is killed).
+    let mut session = session;
+    let go = control_w
         .write_all(format!("go {ns_pid}\n").as_bytes())
-        .map_err(io("telling the init the restored pid"))?;
+        .map_err(io("telling the init the restored pid"));
+    if let Err(e) = go {
+        return Err(failed(e, session.take()));
+    }
     let answered = start.elapsed();
     let mut rd = BufReader::new(File::from(report.r));
-    let got = read_started(&mut rd)?;
-    let running = running(init_pid, got, exit, rd)?;
+    let running = match read_started(&mut rd).and_then(|got| running(init_pid, got, exit, rd)) {
+        Ok(r) => r,
+        Err(e) => return Err(failed(e, session.take())),
+    };
     tracing::debug!(
         daemon_ready_ms = daemon_ready.as_secs_f64() * 1e3,
         serving_ms = serving.as_secs_f64() * 1e3,

@@ -16,17 +16,6 @@ use common::*;
 
 const LONG: Duration = Duration::from_secs(90);
 
-/// `supervise checkpoint NAME`, which must succeed.
-fn checkpoint(env: &Env, name: &str) {
-    let out = env.ctl(&["checkpoint", name]);
-    assert!(
-        out.status.success(),
-        "checkpoint: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 fn lazymem(name: &str, args: &[&str]) -> JobFile {
     let mut argv = vec![prog("lazymem")];
     argv.extend(args.iter().map(|s| s.to_string()));

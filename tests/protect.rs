@@ -34,17 +34,6 @@ fn stop(mut sup: Sup) {
     assert_eq!(sup.wait_exit(LONG), 0, "{}", sup.log());
 }
 
-/// `supervise checkpoint NAME`, which must succeed.
-fn checkpoint(env: &Env, name: &str) {
-    let out = env.ctl(&["checkpoint", name]);
-    assert!(
-        out.status.success(),
-        "checkpoint: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 /// A counter job checkpointed only on demand, with `n` checkpoints taken.
 fn counter_with_checkpoints(env: &Env, name: &str, store_toml: &str, n: u64) -> (PathBuf, Sup) {
     let job = JobFile::counter(name).every("1h").extra(store_toml);

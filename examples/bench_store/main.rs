@@ -494,21 +494,7 @@ fn bench(reaper: &Reaper, a: &Args) {
     // Pages that changed between consecutive supervise checkpoints.
     let imgs = store.list().unwrap();
     let by_id: HashMap<_, _> = imgs.iter().map(|i| (i.id.clone(), i.clone())).collect();
-    let mut changed = vec![0u64; ids.len()];
-    let mut prev_pages: Option<HashMap<(String, u64), [u8; 32]>> = None;
-    for (k, id) in ids.iter().enumerate() {
-        let d = scratch_dir(&work.join("m"), by_id[id].size_bytes).expect("scratch dir");
-        let m = store.materialise(&by_id[id], &d).unwrap();
-        let pages = page_map(&m.path);
-        fs::remove_dir_all(&m.path).unwrap();
-        if let Some(prev) = &prev_pages {
-            changed[k] = pages
-                .iter()
-                .filter(|(key, h)| prev.get(*key) != Some(*h))
-                .count() as u64;
-        }
-        prev_pages = Some(pages);
-    }
+    let changed = lazy::changed_pages(&runs[0], &work);
 
     // Kill and restore, both ways.
     let newest = &by_id[ids.last().unwrap()];

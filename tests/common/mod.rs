@@ -756,3 +756,14 @@ pub fn cap_memory(cmd: &mut Command) {
         });
     }
 }
+
+/// `supervise checkpoint NAME` against `env`'s supervise, which must succeed.
+pub fn checkpoint(env: &Env, name: &str) {
+    let out = env.ctl(&["checkpoint", name]);
+    assert!(
+        out.status.success(),
+        "checkpoint: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
