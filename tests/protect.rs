@@ -283,10 +283,20 @@ fn damage_anywhere_in_the_newest_image_is_repaired() {
         sup.wait_restores("dmg", 1, LONG);
         let log = sup.log();
         prop_assert_eq!(restored_id(&log), newest.clone(), "{}: {}", what, log);
+        // A damaged page may be read only once the job runs (a lazy
+        // restore serves pages from the store then).
+        let repaired = |log: &str| {
+            log.lines().any(|l| {
+                l.contains("WARN") && l.contains("read a damaged store file") && l.contains(&short)
+            })
+        };
+        let deadline = std::time::Instant::now() + LONG;
+        while !repaired(&sup.log()) && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let log = sup.log();
         prop_assert!(
-            log.lines().any(|l| l.contains("WARN")
-                && l.contains("read a damaged store file")
-                && l.contains(&short)),
+            repaired(&log),
             "{}: {}: no repair logged: {}",
             short,
             what,
