@@ -52,6 +52,25 @@ pub struct LazyDaemon {
     log: Option<JoinHandle<String>>,
     sock: OwnedFd,
     ready: Option<OwnedFd>,
+    /// Kills the daemon if it is dropped before a session takes it over
+    /// (it would wait for a restore that never connects).
+    killer: Killer,
+}
+
+struct Killer {
+    pid: i32,
+    armed: bool,
+}
+
+impl Drop for Killer {
+    fn drop(&mut self) {
+        if self.armed {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(self.pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
 }
 
 impl LazyDaemon {
@@ -99,11 +118,13 @@ impl LazyDaemon {
             .as_mut()
             .and_then(|c| c.stdout.take())
             .map(collect);
+        let pid = spawned.pid;
         Ok(LazyDaemon {
             spawned,
             log,
             sock: ours,
             ready: Some(ready_r),
+            killer: Killer { pid, armed: true },
         })
     }
 
@@ -199,6 +220,8 @@ impl LazySession {
     ) -> LazySession {
         let started = Instant::now();
         let pid = daemon.pid();
+        // From now on the serving thread ends the daemon's life.
+        daemon.killer.armed = false;
         let handle = std::thread::Builder::new()
             .name("lazy-pages".into())
             .spawn(move || {

@@ -10,11 +10,21 @@
 //! Receiving and storing are two threads: the caller's thread copies the
 //! stream into 4 MiB batches, a worker hashes and stores them in order
 //! (itself using several threads per batch, as the staged ingest does).
-//! At most [`IN_FLIGHT`] batches wait between them, which bounds memory
-//! and, when storing is slower than CRIU sends, holds CRIU back.
+//! The receiving side never waits for the worker, so CRIU (and the frozen
+//! job) never waits for sealing and compression: up to [`MAX_IN_FLIGHT`]
+//! bytes wait in memory; beyond that (a first checkpoint, where every page
+//! is new) batches are appended to a spill file in the packs directory,
+//! as CRIU would have written them, and stored from there after the job
+//! has resumed. A later checkpoint, whose pages are mostly known, keeps
+//! up in memory and writes only what is new.
 
+use std::fs::File;
 use std::io::{self, Read};
-use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc::{channel, sync_channel, Receiver, Sender, SyncSender};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use super::format::FileEntry;
@@ -25,12 +35,17 @@ use super::{io_err, ImageStore, StoreError, StoreLock};
 
 /// Size of one batch handed to the worker.
 const BATCH: usize = 4 << 20;
-/// Batches queued between the receiving thread and the worker.
-pub const IN_FLIGHT: usize = 4;
+/// Bytes of batches queued in memory for the worker before further ones
+/// are spilled to disk.
+pub const MAX_IN_FLIGHT: usize = 64 << 20;
+/// Spare batch buffers kept for reuse.
+const RECYCLED: usize = 4;
 
 enum Msg {
     Begin(String),
     Data(Vec<u8>),
+    /// A batch in the spill file.
+    Spilled(Arc<PathBuf>, u64, usize),
     End,
 }
 
@@ -46,8 +61,15 @@ pub(super) struct Streamed {
 /// [`Staging::stream`]. Dropping it without [`Staging::commit_with`]
 /// discards what it stored (the unpublished pack is removed).
 pub struct PageStream {
-    tx: Option<SyncSender<Msg>>,
+    tx: Option<Sender<Msg>>,
     recycle: Receiver<Vec<u8>>,
+    in_flight: Arc<AtomicUsize>,
+    /// The spill file (created when first needed), its path and length.
+    spill: Option<(File, Arc<PathBuf>, u64)>,
+    packs_dir: PathBuf,
+    /// Bytes that went through the spill file.
+    pub spilled: u64,
+    max_in_flight: usize,
     worker: Option<JoinHandle<Result<Streamed, StoreError>>>,
     buf: Vec<u8>,
     names: Vec<String>,
@@ -68,11 +90,13 @@ impl Staging {
             .map_err(io_err(&packs_dir))?
             .with_parity(store.parity)
             .with_copy(store.mirror.alt(&packs_dir));
-        let (tx, rx) = sync_channel::<Msg>(IN_FLIGHT);
-        let (back, recycle) = sync_channel::<Vec<u8>>(IN_FLIGHT + 2);
+        let (tx, rx) = channel::<Msg>();
+        let (back, recycle) = sync_channel::<Vec<u8>>(RECYCLED);
+        let in_flight = Arc::new(AtomicUsize::new(0));
+        let counted = in_flight.clone();
         let worker = std::thread::Builder::new()
             .name("page-ingest".into())
-            .spawn(move || ingest(store, lock, writer, rx, back))
+            .spawn(move || ingest(store, lock, writer, rx, back, counted))
             .map_err(|e| StoreError::Io {
                 path: packs_dir.clone(),
                 source: e,
@@ -80,6 +104,11 @@ impl Staging {
         Ok(PageStream {
             tx: Some(tx),
             recycle,
+            in_flight,
+            spill: None,
+            packs_dir,
+            spilled: 0,
+            max_in_flight: MAX_IN_FLIGHT,
             worker: Some(worker),
             buf: Vec::with_capacity(BATCH),
             names: Vec::new(),
@@ -95,24 +124,33 @@ fn ingest(
     mut writer: PackWriter,
     rx: Receiver<Msg>,
     back: SyncSender<Vec<u8>>,
+    in_flight: Arc<AtomicUsize>,
 ) -> Result<Streamed, StoreError> {
     let packs_dir = store.dir.join(super::format::PACKS_DIR);
     let err = |e: io::Error| io_err(&packs_dir)(e);
     let mut files = Vec::new();
     let mut chunks = 0u64;
     let mut cur: Option<(String, TreeBuilder, u64)> = None;
+    let mut spill: Option<File> = None;
+    let mut spilled = Vec::new();
     for msg in rx {
-        match msg {
-            Msg::Begin(name) => cur = Some((name, TreeBuilder::new(), 0)),
-            Msg::Data(data) => {
-                let (_, tree, size) = cur.as_mut().expect("data follows Begin");
-                let db = store.db()?;
-                tree.push_batch(&db, &mut writer, &data, PAGE_CHUNK as usize)
-                    .map_err(err)?;
-                drop(db);
-                chunks += data.len().div_ceil(PAGE_CHUNK as usize) as u64;
-                *size += data.len() as u64;
-                let _ = back.try_send(data);
+        let (data, from_memory) = match msg {
+            Msg::Begin(name) => {
+                cur = Some((name, TreeBuilder::new(), 0));
+                continue;
+            }
+            Msg::Data(data) => (data, true),
+            Msg::Spilled(path, off, len) => {
+                if spill.is_none() {
+                    spill = Some(crate::fsutil::open_regular(&path).map_err(io_err(&path))?);
+                }
+                spilled.resize(len, 0);
+                spill
+                    .as_ref()
+                    .expect("opened")
+                    .read_exact_at(&mut spilled, off)
+                    .map_err(io_err(&path))?;
+                (std::mem::take(&mut spilled), false)
             }
             Msg::End => {
                 let (name, tree, size) = cur.take().expect("End follows Begin");
@@ -126,7 +164,21 @@ fn ingest(
                     root: Some(objects::hex(&root)),
                     ..Default::default()
                 });
+                continue;
             }
+        };
+        let (_, tree, size) = cur.as_mut().expect("data follows Begin");
+        let db = store.db()?;
+        tree.push_batch(&db, &mut writer, &data, PAGE_CHUNK as usize)
+            .map_err(err)?;
+        drop(db);
+        chunks += data.len().div_ceil(PAGE_CHUNK as usize) as u64;
+        *size += data.len() as u64;
+        if from_memory {
+            in_flight.fetch_sub(data.len(), Ordering::Relaxed);
+            let _ = back.try_send(data);
+        } else {
+            spilled = data;
         }
     }
     Ok(Streamed {
@@ -157,6 +209,23 @@ impl PageStream {
         if self.buf.is_empty() {
             return Ok(());
         }
+        let len = self.buf.len();
+        if self.in_flight.load(Ordering::Relaxed) + len > self.max_in_flight {
+            // The worker is behind: to disk, not back-pressure on CRIU.
+            if self.spill.is_none() {
+                let (f, path) =
+                    crate::fsutil::create_temp_file(&self.packs_dir, "tmp-spill", 0o600)?;
+                self.spill = Some((f, Arc::new(path), 0));
+            }
+            let (f, path, at) = self.spill.as_mut().expect("created");
+            f.write_all_at(&self.buf, *at)?;
+            let m = Msg::Spilled(path.clone(), *at, len);
+            *at += len as u64;
+            self.spilled += len as u64;
+            self.buf.clear();
+            return self.send(m);
+        }
+        self.in_flight.fetch_add(len, Ordering::Relaxed);
         let next = self
             .recycle
             .try_recv()
@@ -226,6 +295,12 @@ impl PageStream {
         self.send(Msg::End)
     }
 
+    /// Bytes queued in memory before batches are spilled (tests).
+    pub fn with_max_in_flight(mut self, bytes: usize) -> PageStream {
+        self.max_in_flight = bytes;
+        self
+    }
+
     /// Names of the files streamed so far.
     pub fn names(&self) -> &[String] {
         &self.names
@@ -253,7 +328,15 @@ impl PageStream {
             path: std::path::PathBuf::from("page-ingest"),
             source: e,
         })?;
-        self.join()
+        let r = self.join();
+        self.remove_spill();
+        r
+    }
+
+    fn remove_spill(&mut self) {
+        if let Some((_, path, _)) = self.spill.take() {
+            let _ = std::fs::remove_file(&*path);
+        }
     }
 }
 
@@ -264,5 +347,6 @@ impl Drop for PageStream {
             // The writer's drop removes the unpublished pack.
             let _ = h.join();
         }
+        self.remove_spill();
     }
 }

@@ -9,6 +9,7 @@ mod open;
 mod progress;
 mod scratch;
 mod sealed;
+mod stream;
 mod verify;
 
 use std::fs;
