@@ -11,7 +11,7 @@ use super::*;
 use crate::config::{CriuOptions, LaunchSpec};
 use crate::control::{job_channel, JobHandle, Response};
 use crate::criu::page_server::{DumpSink, MapKind, PageSource};
-use crate::criu::pagemap::{Pagemap, PE_LAZY, PE_PRESENT};
+use crate::criu::pagemap::{Pagemap, PagemapEntry, PE_LAZY, PE_PRESENT};
 use crate::criu::{CriuError, DumpMode, DumpOutcome};
 use crate::job::{JobError, Restored};
 
@@ -34,6 +34,8 @@ struct Fake {
     lazy: bool,
     /// Restores that were lazy, and the page bytes they read from the source.
     lazy_reads: Mutex<Vec<u64>>,
+    /// Whether each dump was streamed.
+    streamed: Mutex<Vec<bool>>,
 }
 
 /// The fake job's memory in dump `n`: three lazy pages and one eager page
@@ -97,20 +99,38 @@ impl Engine for Fake {
         on_notify: &mut dyn FnMut(&str) -> bool,
         pages: Option<&mut (dyn DumpSink + Send)>,
     ) -> Result<DumpOutcome, CriuError> {
+        let streamed = pages.is_some();
         let n = {
             let mut c = self.counts.lock().unwrap();
             c.dumps += 1;
             c.dumps
         };
         std::fs::write(dir.join("core-1000.img"), format!("dump {n}")).unwrap();
-        // As CRIU's page-server dump does: one map, its entries, the pages.
-        let sink = pages.expect("checkpoints are streamed by default");
-        sink.open(MapKind::Pid, 1000).unwrap();
-        for (i, (vaddr, flags)) in FAKE_MAP.iter().enumerate() {
-            sink.entry(*vaddr, 1, *flags).unwrap();
-            sink.pages(&mut &fake_page(n, i)[..], 4096).unwrap();
+        match pages {
+            // As CRIU's page-server dump does: one map, its entries, the pages.
+            Some(sink) => {
+                sink.open(MapKind::Pid, 1000).unwrap();
+                for (i, (vaddr, flags)) in FAKE_MAP.iter().enumerate() {
+                    sink.entry(*vaddr, 1, *flags).unwrap();
+                    sink.pages(&mut &fake_page(n, i)[..], 4096).unwrap();
+                }
+                sink.finish().unwrap();
+            }
+            // As CRIU's dump to disk does (the store's first checkpoint).
+            None => {
+                let map = Pagemap {
+                    pages_id: 1,
+                    entries: FAKE_MAP
+                        .iter()
+                        .map(|(v, f)| PagemapEntry::new(*v, 1, *f))
+                        .collect(),
+                };
+                std::fs::write(dir.join("pagemap-1000.img"), map.encode()).unwrap();
+                let pages: Vec<u8> = (0..FAKE_MAP.len()).flat_map(|i| fake_page(n, i)).collect();
+                std::fs::write(dir.join("pages-1.img"), pages).unwrap();
+            }
         }
-        sink.finish().unwrap();
+        self.streamed.lock().unwrap().push(streamed);
         assert!(on_notify("post-dump"));
         Ok(DumpOutcome {
             duration: Duration::from_millis(1),
@@ -133,8 +153,8 @@ impl Engine for Fake {
         let map = Pagemap::parse(&std::fs::read(images.join("pagemap-1000.img")).unwrap()).unwrap();
         let file = std::fs::read(images.join(format!("pages-{}.img", map.pages_id))).unwrap();
         assert_eq!(file.len(), 4 * 4096);
-        // The two contiguous lazy runs were written as one entry.
-        assert_eq!(map.entries.len(), 3, "{map:?}");
+        // Streamed: the two contiguous lazy runs were written as one entry.
+        assert_eq!(map.entries.len(), if n > 1 { 3 } else { 4 }, "{map:?}");
         let mut src = lazy;
         for (i, (vaddr, flags)) in FAKE_MAP.iter().enumerate() {
             let in_file = &file[i * 4096..(i + 1) * 4096];
@@ -323,6 +343,9 @@ async fn streamed_checkpoints_restore_lazily_from_the_store() {
         .await;
     let r = s.last_restore.expect("restore shown");
     assert_eq!(r.mode, "lazy");
+    // The store's first checkpoint is written out by CRIU, later ones are
+    // streamed.
+    assert_eq!(*h.fake.streamed.lock().unwrap(), vec![false, true]);
     assert_eq!(
         *h.fake.lazy_reads.lock().unwrap(),
         vec![0x10000, 0x11000, 0x20000]
