@@ -276,26 +276,13 @@ pub fn dump_requests(
 /// Asks CRIU (over RPC, FEATURE_CHECK) whether it can track dirty memory
 /// on this kernel. Blocking; spawns `criu swrk` through the reaper.
 pub fn feature_check(reaper: &Reaper) -> Result<DumpMode, CriuError> {
-    let (ours, theirs) = rpc_socketpair()?;
-    let mut cmd = Command::new(criu_bin());
-    cmd.args(["swrk", &SWRK_FD.to_string()]);
-    let (spawned, stderr) = spawn_swrk(reaper, &mut cmd, theirs, "criu swrk")?;
-    let conv = Conversation::new(ours);
-    let resp = conv.call(&feature_check_request(), &mut |_| true);
-    drop(conv);
-    let _ = spawned.exit.blocking_recv();
-    let _ = stderr.and_then(|h| h.join().ok());
-    Ok(DumpMode::from_feature_check(resp?.as_ref()))
+    let resp = one_request(reaper, &feature_check_request())?;
+    Ok(DumpMode::from_feature_check(resp.as_ref()))
 }
 
 /// Asks CRIU (over RPC, FEATURE_CHECK `lazy_pages`) whether lazy restores
 /// work here (userfaultfd with the non-cooperative events CRIU needs).
 pub fn lazy_pages_check(reaper: &Reaper) -> Result<bool, CriuError> {
-    let (ours, theirs) = rpc_socketpair()?;
-    let mut cmd = Command::new(criu_bin());
-    cmd.args(["swrk", &SWRK_FD.to_string()]);
-    let (spawned, stderr) = spawn_swrk(reaper, &mut cmd, theirs, "criu swrk")?;
-    let conv = Conversation::new(ours);
     let req = CriuReq {
         r#type: CriuReqType::FeatureCheck as i32,
         features: Some(rpc::CriuFeatures {
@@ -304,12 +291,22 @@ pub fn lazy_pages_check(reaper: &Reaper) -> Result<bool, CriuError> {
         }),
         ..Default::default()
     };
-    let resp = conv.call(&req, &mut |_| true);
+    Ok(matches!(one_request(reaper, &req)?, Some(r) if r.success
+        && r.features.as_ref().and_then(|f| f.lazy_pages) == Some(true)))
+}
+
+/// Sends one request to a fresh `criu swrk` and returns its answer.
+fn one_request(reaper: &Reaper, req: &CriuReq) -> Result<Option<CriuResp>, CriuError> {
+    let (ours, theirs) = rpc_socketpair()?;
+    let mut cmd = Command::new(criu_bin());
+    cmd.args(["swrk", &SWRK_FD.to_string()]);
+    let (spawned, stderr) = spawn_swrk(reaper, &mut cmd, theirs, "criu swrk")?;
+    let conv = Conversation::new(ours);
+    let resp = conv.call(req, &mut |_| true);
     drop(conv);
     let _ = spawned.exit.blocking_recv();
     let _ = stderr.and_then(|h| h.join().ok());
-    Ok(matches!(resp?, Some(r) if r.success
-        && r.features.as_ref().and_then(|f| f.lazy_pages) == Some(true)))
+    resp
 }
 
 /// A FEATURE_CHECK request for dirty-memory tracking.
