@@ -603,6 +603,26 @@ pub fn dump_with(
     });
     let status = spawned.exit.blocking_recv().ok();
     let log = stderr.and_then(|h| h.join().ok()).unwrap_or_default();
+    // Storing the pages failing (e.g. a full disk) is the cause when CRIU
+    // then fails to send them: said first.
+    if let Some(Ok(Err(e @ page_server::PageServerError::Sink(_)))) = &served {
+        let criu = resps
+            .iter()
+            .find_map(|(_, r)| match r {
+                Ok(Some(r)) if !r.success => Some(error_lines(&log)),
+                _ => None,
+            })
+            .unwrap_or_default();
+        return Err(CriuError::Failed {
+            op: "dump",
+            message: if criu.is_empty() {
+                e.to_string()
+            } else {
+                format!("{e}; so CRIU failed: {criu}")
+            },
+            errno: None,
+        });
+    }
     for (op, resp) in resps {
         check_response(op, resp?, &log, status)?;
     }
