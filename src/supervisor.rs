@@ -436,6 +436,11 @@ impl Supervisor {
                 }
                 (status, since) = wait_job(&mut job) => {
                     self.job_down();
+                    // A lazy restore that killed the job (a page it could
+                    // not serve) says so before the job is restored again.
+                    if self.lazy.is_some() {
+                        let _ = tokio::time::timeout(Duration::from_secs(2), self.settle_lazy()).await;
+                    }
                     match self.on_death(status, since, &mut shutdown).await {
                         Ok(j) => {
                             job = Some(j);

@@ -219,13 +219,11 @@ fn a_damaged_page_kills_the_lazily_restored_job_and_the_previous_image_is_used()
             && l.contains("image failed verification")),
         "damage not reported: {log}"
     );
+    // Killed at the damaged page: during CRIU's restore (the restore
+    // fails) or once the tree runs (the serving fails and kills it).
     assert!(
         log.contains("serving its pages: cannot serve pages")
             || log.contains("lazy restore could not give the job all its memory"),
         "the lazy restore did not stop at the damaged page: {log}"
-    );
-    assert!(
-        !log.contains(&format!("restored checkpoint={newest_id}")),
-        "{log}"
     );
 }
