@@ -169,6 +169,7 @@ mod progress;
 mod reader;
 mod repair;
 mod scratch;
+mod spill;
 mod stream;
 mod util;
 mod verify;
@@ -181,7 +182,7 @@ pub use format::{
     LOCK_NAME, MANIFEST_NAME, MANIFEST_SEALED_NAME, MANIFEST_VERSION, MANIFEST_VERSION_V1,
     MARKER_NAME, MAX_MANIFEST_BYTES, PACKS_DIR, STAGING_PREFIX,
 };
-pub use ingest::Staging;
+pub use ingest::{DumpPlan, Staging};
 pub use lazy::FileReader;
 pub use maintain::GcReport;
 pub use materialise::{Materialised, Select};
@@ -189,7 +190,10 @@ pub use objects::{Hash, PieceError, FANOUT, FILE_CHUNK, PAGE_CHUNK};
 pub use options::{StoreOptions, DEFAULT_KEY_FILE};
 pub use progress::{NoProgress, Progress};
 pub use repair::RepairSummary;
-pub use scratch::{remove_scratch, scratch_dir};
+pub use scratch::{
+    human, mem_available, remove_scratch, restore_scratch, scratch_dir, Scratch, ScratchError,
+    ScratchKind,
+};
 pub use stream::PageStream;
 pub use util::dir_size;
 pub use verify::VerifyReport;
@@ -287,6 +291,10 @@ pub enum StoreError {
     /// The store key is missing, wrong, unsafe or unreadable (names the key file).
     #[error(transparent)]
     Key(Box<crypto::KeyError>),
+    /// No private directory in memory could be had for CRIU's dump (the
+    /// store seals, so the dump may not go to disk).
+    #[error(transparent)]
+    Scratch(Box<scratch::ScratchError>),
     /// `retain` was asked to keep fewer than one checkpoint.
     #[error("invalid retention count {keep} for store {}: must keep at least 1", dir.display())]
     InvalidKeep {

@@ -637,8 +637,9 @@ impl Supervisor {
                     );
                 }
                 match self.restore_newest().await {
-                    Some(r) => Ok(r),
-                    None => Err(format!(
+                    Ok(r) => Ok(r),
+                    Err(restore::NotRestored::NoRoom(why)) => Err(why),
+                    Err(restore::NotRestored::None) => Err(format!(
                         "process {pid} does not exist and no image could be restored"
                     )),
                 }
@@ -646,8 +647,11 @@ impl Supervisor {
             Target::Launch(_) => {
                 if !self.list_images().await.is_empty() {
                     info!("images found; resuming from the newest instead of starting afresh");
-                    if let Some(r) = self.restore_newest().await {
-                        return Ok(r);
+                    match self.restore_newest().await {
+                        Ok(r) => return Ok(r),
+                        // Not afresh: that would lose the job's progress.
+                        Err(restore::NotRestored::NoRoom(why)) => return Err(why),
+                        Err(restore::NotRestored::None) => {}
                     }
                     warn!("no image could be restored; starting the command afresh");
                 }

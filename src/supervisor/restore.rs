@@ -34,7 +34,7 @@ impl Supervisor {
         // damaged image is refused with the job left as it is.
         let m = match self.materialise_image(&img).await {
             Ok(m) => m,
-            Err(e) => return err(format!("{e}; the job was left as it is")),
+            Err(e) => return err(format!("{}; the job was left as it is", e.into_message())),
         };
         if let Some(j) = job.take() {
             info!(checkpoint = %img.id, "replacing the running job by an image on request");
@@ -57,8 +57,9 @@ impl Supervisor {
             Err(e) => {
                 warn!(checkpoint = %img.id, error = %e, "requested restore failed; recovering the job");
                 let recovered = match self.restore_newest().await {
-                    Some(r) => Some(r),
-                    None => match self.cfg.target {
+                    Ok(r) => Some(r),
+                    Err(NotRestored::NoRoom(_)) => None,
+                    Err(NotRestored::None) => match self.cfg.target {
                         Target::Launch(_) => self.launch().await.ok(),
                         Target::Attach { .. } => None,
                     },
@@ -75,8 +76,11 @@ impl Supervisor {
         resp
     }
 
-    /// Tries images newest first: verify, then CRIU restore.
-    pub(super) async fn restore_newest(&mut self) -> Option<Running> {
+    /// Tries images newest first: verify, then CRIU restore. Not enough
+    /// memory to restore without writing the job's memory to disk (the
+    /// store seals) ends the search: older images need as much, and
+    /// starting the job afresh instead would throw its progress away.
+    pub(super) async fn restore_newest(&mut self) -> Result<Running, NotRestored> {
         self.set_state(JobState::Restoring);
         let images = self.list_images().await;
         self.kill_survivors(images.first()).await;
@@ -85,13 +89,20 @@ impl Supervisor {
         }
         for img in images {
             match self.restore_image(&img).await {
-                Ok(r) => return Some(r),
+                Ok(r) => return Ok(r),
+                Err(Failed::NoRoom(e)) => {
+                    error!(checkpoint = %img.id, error = %e, "cannot restore the job: not enough memory; its images are kept");
+                    return Err(NotRestored::NoRoom(format!(
+                        "cannot restore {}: {e}",
+                        img.id
+                    )));
+                }
                 Err(e) => {
-                    warn!(checkpoint = %img.id, error = %e, "cannot restore this image; trying the next older one")
+                    warn!(checkpoint = %img.id, error = %e.into_message(), "cannot restore this image; trying the next older one")
                 }
             }
         }
-        None
+        Err(NotRestored::None)
     }
 
     /// Before an attached job is restored: every process of its tree at the
@@ -133,8 +144,14 @@ impl Supervisor {
     /// and the pages CRIU restores eagerly are written out; the rest is
     /// served from the store while the job runs); if a lazy restore fails
     /// before the job runs, the same image is restored eagerly.
-    pub(super) async fn restore_image(&mut self, img: &ImageInfo) -> Result<Running, String> {
-        if self.lazy_wanted(img).await {
+    ///
+    /// When the store seals and there is not enough memory to write the
+    /// whole image out (it may not go to disk), a lazy restore is tried
+    /// even if not wanted, where it works; else the restore fails with
+    /// [`Failed::NoRoom`].
+    pub(super) async fn restore_image(&mut self, img: &ImageInfo) -> Result<Running, Failed> {
+        let lazy = self.lazy_wanted(img).await;
+        if lazy {
             match self.materialise_lazy(img).await {
                 Ok((m, src)) => match self.restore_materialised(img, m, Some(src)).await {
                     Ok(r) => return Ok(r),
@@ -143,21 +160,40 @@ impl Supervisor {
                         error = %e,
                         "lazy restore failed before the job ran; restoring this image eagerly"
                     ),
-                    Err(Failed::Other(e)) => return Err(e),
+                    Err(e) => return Err(e),
                 },
                 Err(e) => {
-                    self.restore_failed(img, &e);
+                    self.restore_failed(img, e.message());
                     return Err(e);
                 }
             }
         }
         match self.materialise_image(img).await {
-            Ok(m) => self
-                .restore_materialised(img, m, None)
-                .await
-                .map_err(Failed::into_message),
+            Ok(m) => self.restore_materialised(img, m, None).await,
+            Err(Failed::NoRoom(e)) if !lazy && self.lazy_works(img).await => {
+                info!(
+                    checkpoint = %img.id,
+                    reason = %e,
+                    "not enough memory to write the whole image out; restoring it lazily (its pages are served from the store)"
+                );
+                match self.materialise_lazy(img).await {
+                    Ok((m, src)) => match self.restore_materialised(img, m, Some(src)).await {
+                        // (Eagerly: no memory for it.)
+                        Err(Failed::Lazy(why)) => {
+                            let msg = format!("{e}; a lazy restore failed too: {why}");
+                            self.restore_failed(img, &msg);
+                            Err(Failed::NoRoom(msg))
+                        }
+                        r => r,
+                    },
+                    Err(e2) => {
+                        self.restore_failed(img, e2.message());
+                        Err(e2)
+                    }
+                }
+            }
             Err(e) => {
-                self.restore_failed(img, &e);
+                self.restore_failed(img, e.message());
                 Err(e)
             }
         }
@@ -170,6 +206,13 @@ impl Supervisor {
         if !self.cfg.restore.lazy {
             return false;
         }
+        self.lazy_works(img).await
+    }
+
+    /// Whether `img` can be restored lazily: CRIU can here (asked once;
+    /// the answer logged once) and the image has not failed a lazy
+    /// restore before.
+    async fn lazy_works(&mut self, img: &ImageInfo) -> bool {
         if self
             .lazy_failures
             .lock()
@@ -202,33 +245,29 @@ impl Supervisor {
     async fn materialise_lazy(
         &self,
         img: &ImageInfo,
-    ) -> Result<(Materialised, Box<dyn PageSource + Send>), String> {
+    ) -> Result<(Materialised, Box<dyn PageSource + Send>), Failed> {
         let store = self.store.clone();
         let fallback = self.run_dir.join("restore");
-        let need = img.size_bytes;
+        let need = crate::pages::lazy_bytes(img);
+        let sealed = self.store.seals();
         let img2 = img.clone();
         let failures = self.lazy_failures.clone();
         tokio::task::spawn_blocking(move || {
-            let work = crate::store::scratch_dir(&fallback, need)
-                .map_err(|e| format!("cannot create a directory to restore into: {e}"))?;
+            let work = crate::store::restore_scratch(&fallback, need, sealed).map_err(no_dir)?;
             let m = store
-                .materialise_select(&img2, &work, &mut crate::pages::lazy_select())
-                .map_err(|e| match e {
-                    crate::store::StoreError::Corrupt { .. } => {
-                        format!("image failed verification: {e}")
-                    }
-                    e => format!("cannot prepare {} for CRIU: {e}", work.display()),
-                })?;
+                .materialise_select(&img2, work.path(), &mut crate::pages::lazy_select())
+                .map_err(|e| Failed::Other(prepare_failed(e, work.path())))?
+                .in_scratch(work);
             match crate::pages::StoreSource::open(&store, &img2, &m.path, failures) {
                 Ok(src) => Ok((m, Box::new(src) as Box<dyn PageSource + Send>)),
                 Err(e) => {
-                    let _ = std::fs::remove_dir_all(&m.path);
-                    Err(format!("image failed verification: {e}"))
+                    m.remove();
+                    Err(Failed::Other(format!("image failed verification: {e}")))
                 }
             }
         })
         .await
-        .map_err(|e| format!("restore task failed: {e}"))
+        .map_err(|e| Failed::Other(format!("restore task failed: {e}")))
         .and_then(|r| r)
     }
 
@@ -279,23 +318,24 @@ impl Supervisor {
 
     /// Writes the image out for CRIU, every piece verified as it is read.
     /// Touches neither the job nor its files.
-    pub(super) async fn materialise_image(&self, img: &ImageInfo) -> Result<Materialised, String> {
+    /// When the store seals, the image is written only into memory
+    /// (`/dev/shm` or a private tmpfs); without the memory for it, this
+    /// fails with [`Failed::NoRoom`].
+    pub(super) async fn materialise_image(&self, img: &ImageInfo) -> Result<Materialised, Failed> {
         let store = self.store.clone();
         let fallback = self.run_dir.join("restore");
         let need = img.size_bytes;
+        let sealed = self.store.seals();
         let img2 = img.clone();
         tokio::task::spawn_blocking(move || {
-            let work = crate::store::scratch_dir(&fallback, need)
-                .map_err(|e| format!("cannot create a directory to restore into: {e}"))?;
-            store.materialise(&img2, &work).map_err(|e| match e {
-                crate::store::StoreError::Corrupt { .. } => {
-                    format!("image failed verification: {e}")
-                }
-                e => format!("cannot prepare {} for CRIU: {e}", work.display()),
-            })
+            let work = crate::store::restore_scratch(&fallback, need, sealed).map_err(no_dir)?;
+            match store.materialise(&img2, work.path()) {
+                Ok(m) => Ok(m.in_scratch(work)),
+                Err(e) => Err(Failed::Other(prepare_failed(e, work.path()))),
+            }
         })
         .await
-        .map_err(|e| format!("restore task failed: {e}"))
+        .map_err(|e| Failed::Other(format!("restore task failed: {e}")))
         .and_then(|r| r)
     }
 
@@ -354,7 +394,7 @@ impl Supervisor {
                     });
                 // The restored job does not use the image files: free the
                 // (tmpfs) space.
-                let _ = std::fs::remove_dir_all(&m.path);
+                m.remove();
                 r
             })
             .await
@@ -363,9 +403,9 @@ impl Supervisor {
         let (mut r, actions) = match res {
             Ok(x) => x,
             Err(Failed::Lazy(e)) => return Err(Failed::Lazy(e)),
-            Err(Failed::Other(e)) => {
-                self.restore_failed(img, &e);
-                return Err(Failed::Other(e));
+            Err(e) => {
+                self.restore_failed(img, e.message());
+                return Err(e);
             }
         };
         if !actions.is_empty() {
@@ -459,8 +499,10 @@ impl Supervisor {
                 }
             }
         }
-        if let Some(r) = self.restore_newest().await {
-            return Ok(r);
+        match self.restore_newest().await {
+            Ok(r) => return Ok(r),
+            Err(NotRestored::NoRoom(why)) => return Err(self.fail(why)),
+            Err(NotRestored::None) => {}
         }
         match self.cfg.target {
             Target::Launch(_) => {
@@ -476,14 +518,49 @@ impl Supervisor {
 pub(super) enum Failed {
     /// The lazy restore failed before the job ran (an eager one may work).
     Lazy(String),
+    /// Not enough memory to write the image out without it touching the
+    /// disk (the store seals).
+    NoRoom(String),
     /// Anything else.
     Other(String),
 }
 
 impl Failed {
+    fn message(&self) -> &str {
+        match self {
+            Failed::Lazy(e) | Failed::NoRoom(e) | Failed::Other(e) => e,
+        }
+    }
+
     fn into_message(self) -> String {
         match self {
-            Failed::Lazy(e) | Failed::Other(e) => e,
+            Failed::Lazy(e) | Failed::NoRoom(e) | Failed::Other(e) => e,
         }
+    }
+}
+
+/// Why no image was restored.
+pub(super) enum NotRestored {
+    /// There was none, or none could be restored: the job may start afresh.
+    None,
+    /// Not enough memory to restore without writing the job's memory to
+    /// disk: the job must not start afresh (its images are kept).
+    NoRoom(String),
+}
+
+/// No scratch directory for a restore.
+fn no_dir(e: crate::store::ScratchError) -> Failed {
+    if e.is_no_room() {
+        Failed::NoRoom(e.to_string())
+    } else {
+        Failed::Other(format!("cannot create a directory to restore into: {e}"))
+    }
+}
+
+/// Materialising into `dir` failed.
+fn prepare_failed(e: crate::store::StoreError, dir: &std::path::Path) -> String {
+    match e {
+        crate::store::StoreError::Corrupt { .. } => format!("image failed verification: {e}"),
+        e => format!("cannot prepare {} for CRIU: {e}", dir.display()),
     }
 }
