@@ -53,6 +53,9 @@ pub struct DumpPlan {
     /// The pages are streamed into the store; only CRIU's other images go
     /// into the dump directory.
     pub stream: bool,
+    /// The pages are streamed because there is not enough memory to dump
+    /// them into (not because the caller asked for it).
+    pub forced: bool,
     /// Where the dump directory is.
     pub place: ScratchKind,
     /// Why, for the log.
@@ -93,6 +96,7 @@ impl ImageStore {
         let available = scratch::mem_available().unwrap_or(0);
         let small = streamed_dump_cap(available);
         let to_err = |e| StoreError::Scratch(Box::new(e));
+        let asked = stream;
         let (mem, stream, reason) = if stream {
             let m = scratch::dump_dir(root, 0, small).map_err(to_err)?;
             (m, true, "the pages are streamed into the store".to_string())
@@ -116,6 +120,7 @@ impl ImageStore {
             }
         };
         let plan = DumpPlan {
+            forced: stream && !asked,
             stream,
             place: mem.kind(),
             reason,

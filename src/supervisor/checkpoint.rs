@@ -97,7 +97,7 @@ impl Supervisor {
         };
         let id = staging.id().to_string();
         if let Some(p) = &plan {
-            if p.stream && !want_stream {
+            if p.forced {
                 info!(checkpoint = %id, dump_dir = p.place.name(), reason = %p.reason, "streaming this checkpoint's pages into the store");
             } else {
                 tracing::debug!(checkpoint = %id, dump_dir = p.place.name(), streamed = p.stream, reason = %p.reason, "checkpoint dump in memory");

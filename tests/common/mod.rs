@@ -92,6 +92,7 @@ pub struct JobFile {
     keep: Option<u32>,
     checkpoint: Vec<String>,
     backoff: String,
+    restore: Vec<String>,
     extra: String,
 }
 
@@ -113,6 +114,7 @@ impl JobFile {
             keep: None,
             checkpoint: Vec::new(),
             backoff: "0s".into(),
+            restore: Vec::new(),
             extra: String::new(),
         }
     }
@@ -171,6 +173,12 @@ impl JobFile {
         self
     }
 
+    /// A further `[restore]` key, e.g. `lazy = false`.
+    pub fn restore(mut self, line: &str) -> JobFile {
+        self.restore.push(line.to_string());
+        self
+    }
+
     /// TOML appended at the end: further tables (`[files]`, `[shutdown]`,
     /// `[slurm]`).
     pub fn extra(mut self, toml: &str) -> JobFile {
@@ -205,6 +213,10 @@ impl JobFile {
             t.push('\n');
         }
         t.push_str(&format!("[restore]\nbackoff = {}\n", q(&self.backoff)));
+        for l in &self.restore {
+            t.push_str(l);
+            t.push('\n');
+        }
         t.push_str(&self.extra);
         t
     }
