@@ -217,8 +217,10 @@ impl Staging {
         &self.store
     }
 
-    /// The directory to dump into (pass this to `criu dump -D`): on tmpfs
-    /// when it has room, else the store's `.staging-<seq>` directory.
+    /// The directory to dump into (pass this to `criu dump -D`): the
+    /// private directory in memory of [`ImageStore::begin_private`], or
+    /// with [`ImageStore::with_tmpfs_staging`] one on tmpfs when it has
+    /// room, else the store's `.staging-<seq>` directory.
     pub fn path(&self) -> &Path {
         &self.dump
     }
