@@ -36,9 +36,10 @@ enum Cmd {
         /// Job files (TOML), or directories of them.
         #[arg(required = true)]
         jobs: Vec<PathBuf>,
-        /// Serve Prometheus metrics on this loopback address (e.g. 127.0.0.1:9464).
+        /// Serve Prometheus metrics on this loopback address (e.g. 127.0.0.1:9464),
+        /// or on a Unix socket (unix:/PATH; gets its directory's group, mode 0660).
         #[arg(long, value_name = "ADDR")]
-        metrics: Option<std::net::SocketAddr>,
+        metrics: Option<supervise::metrics::MetricsAddr>,
         /// At most this many checkpoints (dump, commit, retention) at once
         /// across all jobs; the others wait their turn, first due first.
         /// 0: no limit. [default: the number of CPUs]
@@ -536,7 +537,7 @@ fn gc(job: &Path) -> Result<ExitCode> {
 fn run(
     jobs: &[PathBuf],
     socket: PathBuf,
-    metrics: Option<std::net::SocketAddr>,
+    metrics: Option<supervise::metrics::MetricsAddr>,
     max_concurrent_dumps: Option<usize>,
 ) -> Result<ExitCode> {
     limit_malloc_arenas();

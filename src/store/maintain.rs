@@ -342,7 +342,7 @@ fn repack(
         .with_copy(db.mirror().alt(dir));
     let mut buf = Vec::new();
     for (_, h) in objs {
-        let loc = reader.read_stored(h, &mut buf).map_err(|e| e.0)?;
+        let loc = reader.read_stored(h, &mut buf).map_err(|e| e.to_string())?;
         batch.add(loc.stored_len as u64);
         w.add_stored(*h, &buf, loc.raw_len, loc.flags)
             .map_err(|e| e.to_string())?;
@@ -368,14 +368,14 @@ fn mark(
             if d > 0 {
                 reader.read(&h, &mut buf)?;
                 if buf.len() % 32 != 0 {
-                    return Err(PieceError(format!(
+                    return Err(PieceError::new(format!(
                         "tree node {} has a bad length",
                         objects::hex(&h)
                     )));
                 }
                 next.extend(buf.chunks_exact(32).map(|c| Hash::try_from(c).unwrap()));
             } else if reader_missing(reader, &h) {
-                return Err(PieceError(format!(
+                return Err(PieceError::new(format!(
                     "object {} is missing from the store",
                     &objects::hex(&h)[..16]
                 )));

@@ -34,7 +34,7 @@ impl Supervisor {
         // damaged image is refused with the job left as it is.
         let m = match self.materialise_image(&img).await {
             Ok(m) => m,
-            Err(e) => return err(format!("{e}; the job was left as it is")),
+            Err(e) => return err(format!("{}; the job was left as it is", e.message())),
         };
         if let Some(j) = job.take() {
             info!(checkpoint = %img.id, "replacing the running job by an image on request");
@@ -57,8 +57,14 @@ impl Supervisor {
             Err(e) => {
                 warn!(checkpoint = %img.id, error = %e, "requested restore failed; recovering the job");
                 let recovered = match self.restore_newest().await {
-                    Some(r) => Some(r),
-                    None => match self.cfg.target {
+                    Ok(r) => Some(r),
+                    // Nothing is wrong with the images: do not start
+                    // afresh; the job is down, and `start` tries again.
+                    Err(Failed::Resource(why)) => {
+                        warn!(error = %why, "cannot recover the job now; `supervise start` tries again");
+                        None
+                    }
+                    Err(_) => match self.cfg.target {
                         Target::Launch(_) => self.launch().await.ok(),
                         Target::Attach { .. } => None,
                     },
@@ -75,23 +81,68 @@ impl Supervisor {
         resp
     }
 
-    /// Tries images newest first: verify, then CRIU restore.
-    pub(super) async fn restore_newest(&mut self) -> Option<Running> {
+    /// Tries images newest first: verify, then CRIU restore. An image that
+    /// fails for a reason of its own (damage, CRIU refusing it) is skipped
+    /// for the next older one; when a resource of supervise's ran short
+    /// (descriptors, memory, space) nothing is concluded about any image
+    /// and [`Failed::Resource`] says to try again later (never an older
+    /// image, never a fresh start: they would cost the job its work).
+    /// [`Failed::Other`]: there is no image, or none could be restored.
+    pub(super) async fn restore_newest(&mut self) -> Result<Running, Failed> {
         self.set_state(JobState::Restoring);
-        let images = self.list_images().await;
+        let images = match self.try_list_images().await {
+            Ok(v) => v,
+            Err(e) if e.is_resource() => {
+                return Err(Failed::Resource(format!("cannot list the images: {e}")))
+            }
+            Err(e) => {
+                warn!(error = %e, "cannot list images");
+                Vec::new()
+            }
+        };
         self.kill_survivors(images.first()).await;
         if images.is_empty() {
             info!("no images to restore from");
         }
         for img in images {
             match self.restore_image(&img).await {
-                Ok(r) => return Some(r),
+                Ok(r) => return Ok(r),
+                Err(Failed::Resource(e)) => return Err(Failed::Resource(e)),
                 Err(e) => {
-                    warn!(checkpoint = %img.id, error = %e, "cannot restore this image; trying the next older one")
+                    warn!(checkpoint = %img.id, error = %e.message(), "cannot restore this image; trying the next older one")
                 }
             }
         }
-        None
+        Err(Failed::Other("no image could be restored".into()))
+    }
+
+    /// After a resource shortage ([`Failed::Resource`]): logs it and waits
+    /// `pause` (doubled for the next time, up to a minute) before the step
+    /// is tried again. False when there is no waiting (no shutdown
+    /// receiver: a control command answers at once) or supervise is asked
+    /// to shut down meanwhile.
+    pub(super) async fn resource_wait(
+        &mut self,
+        what: &str,
+        error: &str,
+        pause: &mut Duration,
+        shutdown: Option<&mut watch::Receiver<super::Shutdown>>,
+    ) -> bool {
+        let Some(shutdown) = shutdown else {
+            return false;
+        };
+        warn!(
+            error = %error,
+            retry_ms = pause.as_millis() as u64,
+            "cannot {what} now: a resource of supervise's ran short (not the job's or the image's fault); trying again"
+        );
+        self.publish(|s| s.last_error = Some(format!("{what}: {error} (retrying)")));
+        let slept = tokio::select! {
+            _ = tokio::time::sleep(*pause) => true,
+            _ = shutdown.changed() => false,
+        };
+        *pause = (*pause * 2).min(RESOURCE_PAUSE_MAX);
+        slept
     }
 
     /// Before an attached job is restored: every process of its tree at the
@@ -133,7 +184,7 @@ impl Supervisor {
     /// and the pages CRIU restores eagerly are written out; the rest is
     /// served from the store while the job runs); if a lazy restore fails
     /// before the job runs, the same image is restored eagerly.
-    pub(super) async fn restore_image(&mut self, img: &ImageInfo) -> Result<Running, String> {
+    pub(super) async fn restore_image(&mut self, img: &ImageInfo) -> Result<Running, Failed> {
         if self.lazy_wanted(img).await {
             match self.materialise_lazy(img).await {
                 Ok((m, src)) => match self.restore_materialised(img, m, Some(src)).await {
@@ -143,10 +194,10 @@ impl Supervisor {
                         error = %e,
                         "lazy restore failed before the job ran; restoring this image eagerly"
                     ),
-                    Err(Failed::Other(e)) => return Err(e),
+                    Err(e) => return Err(e),
                 },
                 Err(e) => {
-                    self.restore_failed(img, &e);
+                    self.restore_failed(img, e.message());
                     return Err(e);
                 }
             }
@@ -155,9 +206,9 @@ impl Supervisor {
             Ok(m) => self
                 .restore_materialised(img, m, None)
                 .await
-                .map_err(Failed::into_message),
+                .map_err(Failed::not_lazy),
             Err(e) => {
-                self.restore_failed(img, &e);
+                self.restore_failed(img, e.message());
                 Err(e)
             }
         }
@@ -202,33 +253,32 @@ impl Supervisor {
     async fn materialise_lazy(
         &self,
         img: &ImageInfo,
-    ) -> Result<(Materialised, Box<dyn PageSource + Send>), String> {
+    ) -> Result<(Materialised, Box<dyn PageSource + Send>), Failed> {
         let store = self.store.clone();
         let fallback = self.run_dir.join("restore");
         let need = img.size_bytes;
         let img2 = img.clone();
         let failures = self.lazy_failures.clone();
         tokio::task::spawn_blocking(move || {
-            let work = crate::store::scratch_dir(&fallback, need)
-                .map_err(|e| format!("cannot create a directory to restore into: {e}"))?;
+            let work = crate::store::scratch_dir(&fallback, need).map_err(|e| {
+                Failed::io(
+                    format!("cannot create a directory to restore into: {e}"),
+                    &e,
+                )
+            })?;
             let m = store
                 .materialise_select(&img2, &work, &mut crate::pages::lazy_select())
-                .map_err(|e| match e {
-                    crate::store::StoreError::Corrupt { .. } => {
-                        format!("image failed verification: {e}")
-                    }
-                    e => format!("cannot prepare {} for CRIU: {e}", work.display()),
-                })?;
+                .map_err(|e| materialise_failed(&work, e))?;
             match crate::pages::StoreSource::open(&store, &img2, &m.path, failures) {
                 Ok(src) => Ok((m, Box::new(src) as Box<dyn PageSource + Send>)),
                 Err(e) => {
                     let _ = std::fs::remove_dir_all(&m.path);
-                    Err(format!("image failed verification: {e}"))
+                    Err(materialise_failed(&m.path, e))
                 }
             }
         })
         .await
-        .map_err(|e| format!("restore task failed: {e}"))
+        .map_err(|e| Failed::Other(format!("restore task failed: {e}")))
         .and_then(|r| r)
     }
 
@@ -279,23 +329,24 @@ impl Supervisor {
 
     /// Writes the image out for CRIU, every piece verified as it is read.
     /// Touches neither the job nor its files.
-    pub(super) async fn materialise_image(&self, img: &ImageInfo) -> Result<Materialised, String> {
+    pub(super) async fn materialise_image(&self, img: &ImageInfo) -> Result<Materialised, Failed> {
         let store = self.store.clone();
         let fallback = self.run_dir.join("restore");
         let need = img.size_bytes;
         let img2 = img.clone();
         tokio::task::spawn_blocking(move || {
-            let work = crate::store::scratch_dir(&fallback, need)
-                .map_err(|e| format!("cannot create a directory to restore into: {e}"))?;
-            store.materialise(&img2, &work).map_err(|e| match e {
-                crate::store::StoreError::Corrupt { .. } => {
-                    format!("image failed verification: {e}")
-                }
-                e => format!("cannot prepare {} for CRIU: {e}", work.display()),
-            })
+            let work = crate::store::scratch_dir(&fallback, need).map_err(|e| {
+                Failed::io(
+                    format!("cannot create a directory to restore into: {e}"),
+                    &e,
+                )
+            })?;
+            store
+                .materialise(&img2, &work)
+                .map_err(|e| materialise_failed(&work, e))
         })
         .await
-        .map_err(|e| format!("restore task failed: {e}"))
+        .map_err(|e| Failed::Other(format!("restore task failed: {e}")))
         .and_then(|r| r)
     }
 
@@ -323,7 +374,13 @@ impl Supervisor {
                 // The job's files go back to the checkpoint's instant
                 // before CRIU reopens them.
                 let r = crate::files::rollback_checked(&m.path, &files_cfg)
-                    .map_err(|e| Failed::Other(e.to_string()))
+                    .map_err(|e| {
+                        if e.is_resource() {
+                            Failed::Resource(e.to_string())
+                        } else {
+                            Failed::Other(e.to_string())
+                        }
+                    })
                     .and_then(|(actions, expect)| {
                         crate::fsutil::pause_point("after-rollback");
                         // CRIU reopens the job's files by path: before the
@@ -349,6 +406,9 @@ impl Supervisor {
                             (Ok(r), _) => Ok((r, actions)),
                             (Err(_), Some(why)) => Err(Failed::Other(why)),
                             (Err(JobError::Lazy(e)), None) => Err(Failed::Lazy(e)),
+                            (Err(e), None) if e.is_resource() => {
+                                Err(Failed::Resource(e.to_string()))
+                            }
                             (Err(e), None) => Err(Failed::Other(e.to_string())),
                         }
                     });
@@ -363,9 +423,9 @@ impl Supervisor {
         let (mut r, actions) = match res {
             Ok(x) => x,
             Err(Failed::Lazy(e)) => return Err(Failed::Lazy(e)),
-            Err(Failed::Other(e)) => {
-                self.restore_failed(img, &e);
-                return Err(Failed::Other(e));
+            Err(e) => {
+                self.restore_failed(img, e.message());
+                return Err(e);
             }
         };
         if !actions.is_empty() {
@@ -459,31 +519,94 @@ impl Supervisor {
                 }
             }
         }
-        if let Some(r) = self.restore_newest().await {
-            return Ok(r);
+        let mut pause = RESOURCE_PAUSE_MIN;
+        loop {
+            match self.restore_newest().await {
+                Ok(r) => return Ok(r),
+                Err(Failed::Resource(e)) => {
+                    if !self
+                        .resource_wait("restore the job", &e, &mut pause, Some(shutdown))
+                        .await
+                    {
+                        self.set_state(JobState::Stopped);
+                        return Err(Outcome::Stopped);
+                    }
+                }
+                Err(_) => break,
+            }
         }
         match self.cfg.target {
             Target::Launch(_) => {
                 warn!("no image could be restored; starting the command afresh");
-                self.launch().await.map_err(|e| self.fail(e))
+                match self.launch_retrying(Some(shutdown)).await {
+                    Ok(r) => Ok(r),
+                    Err(e) => Err(self.fail(e)),
+                }
             }
             Target::Attach { .. } => Err(self.fail("no image could be restored".into())),
         }
     }
 }
 
-/// How a restore failed.
+/// First pause after a resource shortage.
+pub(super) const RESOURCE_PAUSE_MIN: Duration = Duration::from_secs(1);
+/// Longest pause between tries after resource shortages.
+const RESOURCE_PAUSE_MAX: Duration = Duration::from_secs(60);
+
+/// A failed materialise of an image into `work`: damage is the image's,
+/// a resource shortage nobody's, anything else the destination's.
+fn materialise_failed(work: &Path, e: crate::store::StoreError) -> Failed {
+    match e {
+        crate::store::StoreError::Corrupt { .. } => {
+            Failed::Other(format!("image failed verification: {e}"))
+        }
+        e if e.is_resource() => {
+            Failed::Resource(format!("cannot prepare {} for CRIU: {e}", work.display()))
+        }
+        e => Failed::Other(format!("cannot prepare {} for CRIU: {e}", work.display())),
+    }
+}
+
+/// How a restore (or a launch) failed.
+#[derive(Debug)]
 pub(super) enum Failed {
     /// The lazy restore failed before the job ran (an eager one may work).
     Lazy(String),
+    /// A resource of supervise's ran short (descriptors, memory, space):
+    /// nothing is known to be wrong with the image; try it again later.
+    Resource(String),
     /// Anything else.
     Other(String),
 }
 
 impl Failed {
-    fn into_message(self) -> String {
+    /// The message.
+    pub(super) fn message(&self) -> &str {
         match self {
-            Failed::Lazy(e) | Failed::Other(e) => e,
+            Failed::Lazy(e) | Failed::Resource(e) | Failed::Other(e) => e,
+        }
+    }
+
+    pub(super) fn into_message(self) -> String {
+        match self {
+            Failed::Lazy(e) | Failed::Resource(e) | Failed::Other(e) => e,
+        }
+    }
+
+    /// An eager restore's failure (a lazy one is just another failure).
+    fn not_lazy(self) -> Failed {
+        match self {
+            Failed::Lazy(e) => Failed::Other(e),
+            e => e,
+        }
+    }
+
+    /// `msg`, from the OS error `e`.
+    fn io(msg: String, e: &std::io::Error) -> Failed {
+        if crate::fdlimit::is_resource_error(e) {
+            Failed::Resource(msg)
+        } else {
+            Failed::Other(msg)
         }
     }
 }
