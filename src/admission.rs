@@ -285,6 +285,26 @@ impl Admission {
     }
 }
 
+/// Failed `accept`s of one listener (out of descriptors, most likely):
+/// logged once per power of two so a shortage does not flood the log, and
+/// each followed by a short pause (the connection waits in the backlog)
+/// rather than a spin.
+#[derive(Debug, Default)]
+pub struct AcceptErrors {
+    count: u64,
+}
+
+impl AcceptErrors {
+    /// Notes one failed accept on `listener`, then pauses briefly.
+    pub async fn note(&mut self, listener: &'static str, e: &std::io::Error) {
+        self.count += 1;
+        if self.count.is_power_of_two() {
+            tracing::warn!(listener, error = %e, failures = self.count, "accept failed; retrying");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// The uid owning the loopback TCP socket at `peer` connected to `local`
 /// (the client's end of one of our connections), asked of the kernel with
 /// an exact `sock_diag` lookup. `None` if it cannot be learnt.

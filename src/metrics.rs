@@ -413,6 +413,7 @@ pub async fn serve_retrying(addr: MetricsAddr, metrics: Metrics, retry: Duration
 /// per peer uid, slow clients dropped first, one deadline per request).
 pub async fn serve(listener: Listener, metrics: Metrics) {
     let adm = Admission::new("metrics", Limits::metrics(crate::fdlimit::budget()));
+    let mut errors = crate::admission::AcceptErrors::default();
     loop {
         match &listener {
             Listener::Tcp(l) => match l.accept().await {
@@ -425,7 +426,7 @@ pub async fn serve(listener: Listener, metrics: Metrics) {
                     let (m, lim) = (metrics.clone(), adm.limits());
                     adm.spawn(conn, uid, move |c, t| answer(c, m, lim, t));
                 }
-                Err(e) => accept_failed(&e).await,
+                Err(e) => errors.note("metrics", &e).await,
             },
             Listener::Unix(l, _) => match l.accept().await {
                 Ok((conn, _)) => {
@@ -436,17 +437,10 @@ pub async fn serve(listener: Listener, metrics: Metrics) {
                     let (m, lim) = (metrics.clone(), adm.limits());
                     adm.spawn(conn, uid, move |c, t| answer(c, m, lim, t));
                 }
-                Err(e) => accept_failed(&e).await,
+                Err(e) => errors.note("metrics", &e).await,
             },
         }
     }
-}
-
-/// An accept that failed (out of descriptors, most likely): pause briefly
-/// rather than spin; the connection waits in the backlog.
-async fn accept_failed(e: &std::io::Error) {
-    warn!(error = %e, "metrics accept failed");
-    tokio::time::sleep(Duration::from_millis(100)).await;
 }
 
 /// Reads one request head (bounded size, one deadline for all of it) and

@@ -96,12 +96,12 @@ impl Server {
     pub async fn serve(self, jobs: Arc<Vec<JobHandle>>, shutdown: Arc<watch::Sender<Shutdown>>) {
         let owner = nix::unistd::geteuid().as_raw();
         let adm = Admission::new("control socket", Limits::control(crate::fdlimit::budget()));
+        let mut errors = crate::admission::AcceptErrors::default();
         loop {
             let (stream, _) = match self.listener.accept().await {
                 Ok(s) => s,
                 Err(e) => {
-                    warn!(error = %e, "control socket accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    errors.note("control socket", &e).await;
                     continue;
                 }
             };

@@ -262,7 +262,23 @@ impl Env {
         self.start_full(args, &[])
     }
 
+    /// Like [`start_with`](Self::start_with), with supervise's
+    /// RLIMIT_NOFILE (soft and hard) set to `nofile`, as a service whose
+    /// unit allows only that many descriptors.
+    pub fn start_with_nofile(&self, args: &[&std::ffi::OsStr], nofile: u64) -> Sup {
+        self.start_inner(args, &[], Some(nofile))
+    }
+
     fn start_full(&self, args: &[&std::ffi::OsStr], env: &[(&str, &str)]) -> Sup {
+        self.start_inner(args, env, None)
+    }
+
+    fn start_inner(
+        &self,
+        args: &[&std::ffi::OsStr],
+        env: &[(&str, &str)],
+        nofile: Option<u64>,
+    ) -> Sup {
         // Job files come last; the log is named after the last one.
         let job = Path::new(args.last().expect("a job file"));
         let log = self.path().join(format!(
@@ -287,17 +303,32 @@ impl Env {
                     .map(|(_, v)| PathBuf::from(v))
             })
             .unwrap_or_else(|| self.socket());
-        let child = Command::new(BIN)
-            .arg("run")
+        let mut cmd = Command::new(BIN);
+        cmd.arg("run")
             .args(args)
             .env("SUPERVISE_LOG", "info")
             .env("SUPERVISE_SOCKET", self.socket())
             .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(f.try_clone().unwrap())
-            .stderr(f)
-            .spawn()
-            .unwrap();
+            .stderr(f);
+        if let Some(n) = nofile {
+            use std::os::unix::process::CommandExt;
+            // SAFETY: setrlimit only, in the child before exec.
+            unsafe {
+                cmd.pre_exec(move || {
+                    let l = libc::rlimit {
+                        rlim_cur: n,
+                        rlim_max: n,
+                    };
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &l) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
+        let child = cmd.spawn().unwrap();
         Sup {
             child: Some(child),
             log,

@@ -14,6 +14,7 @@
 mod common;
 
 mod attach;
+mod exhaustion;
 mod files;
 mod locations;
 mod messages;
