@@ -128,6 +128,38 @@ impl Metrics {
         }
     }
 
+    /// Creates every labelled series of job `job` at zero (both outcomes,
+    /// both restore modes), so a fresh supervise exports every series the
+    /// dashboard queries before anything has happened (Prometheus'
+    /// guidance: export 0 for series known in advance).
+    pub fn declare_job(&self, job: &str) {
+        let l = Self::job(job);
+        for ok in [true, false] {
+            let o = OutcomeLabel {
+                job: job.to_string(),
+                outcome: outcome(ok),
+            };
+            let _ = self.checkpoints.get_or_create(&o);
+            let _ = self.restores.get_or_create(&o);
+        }
+        for mode in ["lazy", "eager"] {
+            let m = ModeLabel {
+                job: job.to_string(),
+                mode: mode.to_string(),
+            };
+            let _ = self.restore_modes.get_or_create(&m);
+            let _ = self.resident_seconds.get_or_create(&m);
+        }
+        let _ = self.checkpoint_seconds.get_or_create(&l);
+        let _ = self.frozen_seconds.get_or_create(&l);
+        let _ = self.bytes_written.get_or_create(&l);
+        let _ = self.bytes_stored.get_or_create(&l);
+        let _ = self.restore_seconds.get_or_create(&l);
+        let _ = self.up.get_or_create(&l);
+        let _ = self.interval.get_or_create(&l);
+        let _ = self.skipped.get_or_create(&l);
+    }
+
     /// A checkpoint succeeded.
     pub fn checkpoint_ok(
         &self,
@@ -539,6 +571,31 @@ mod tests {
         );
         assert!(t.contains(r#"supervise_job_up{job="a"} 1"#), "{t}");
         assert!(t.ends_with("# EOF\n"));
+    }
+
+    #[test]
+    fn a_declared_job_has_every_series_at_zero() {
+        let m = Metrics::new();
+        m.declare_job("j");
+        let t = m.encode();
+        for series in [
+            r#"supervise_checkpoints_total{job="j",outcome="ok"} 0"#,
+            r#"supervise_checkpoints_total{job="j",outcome="failed"} 0"#,
+            r#"supervise_restores_total{job="j",outcome="ok"} 0"#,
+            r#"supervise_restores_total{job="j",outcome="failed"} 0"#,
+            r#"supervise_restores_by_mode_total{job="j",mode="lazy"} 0"#,
+            r#"supervise_restores_by_mode_total{job="j",mode="eager"} 0"#,
+            r#"supervise_restore_duration_seconds_count{job="j"} 0"#,
+            r#"supervise_restore_resident_seconds_count{job="j",mode="lazy"} 0"#,
+            r#"supervise_checkpoint_frozen_seconds_count{job="j"} 0"#,
+            r#"supervise_checkpoint_duration_seconds_count{job="j"} 0"#,
+            r#"supervise_checkpoint_written_bytes_total{job="j"} 0"#,
+            r#"supervise_checkpoint_stored_bytes_total{job="j"} 0"#,
+            r#"supervise_skipped_ticks_total{job="j"} 0"#,
+            r#"supervise_job_up{job="j"} 0"#,
+        ] {
+            assert!(t.contains(series), "{series} missing:\n{t}");
+        }
     }
 
     #[tokio::test]

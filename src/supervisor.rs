@@ -257,7 +257,7 @@ impl Supervisor {
         self.status = Some(port.status);
         self.commands = Some(port.commands);
         self.metrics = metrics;
-        self.metrics.up(&self.cfg.name, false);
+        self.metrics.declare_job(&self.cfg.name);
         if let Some(ctx) = &self.slurm {
             let facts = ctx.facts();
             self.publish(|s| s.extra = facts);
