@@ -672,33 +672,6 @@ pub fn is_permission_denied(e: &io::Error) -> bool {
     e.kind() == io::ErrorKind::PermissionDenied
 }
 
-/// Testing aid: with `SUPERVISE_PAUSE=<name>` and `SUPERVISE_PAUSE_FILE=F`
-/// set, the step named `name` creates `F.reached` and waits (at most 60 s)
-/// while `F` exists, so that a test can act in a precise window (e.g. an
-/// attacker swapping a file between the rollback and CRIU's reopen).
-pub fn pause_point(name: &str) {
-    if !matches!(std::env::var("SUPERVISE_PAUSE").as_deref(), Ok(n) if n == name) {
-        return;
-    }
-    let Some(file) = std::env::var_os("SUPERVISE_PAUSE_FILE").map(PathBuf::from) else {
-        return;
-    };
-    if !file.exists() {
-        return;
-    }
-    let mut reached = file.clone().into_os_string();
-    reached.push(".reached");
-    let _ = std::fs::write(&reached, name);
-    tracing::warn!(
-        pause = name,
-        "SUPERVISE_PAUSE reached: waiting for the test"
-    );
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    while file.exists() && std::time::Instant::now() < deadline {
-        std::thread::sleep(std::time::Duration::from_millis(10));
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -235,7 +235,7 @@ impl PageSource for StoreSource {
         self.reads += 1;
         if self.reads == 8 {
             // Tests: stop serving in the middle of the background push.
-            crate::fsutil::pause_point("lazy-push");
+            crate::failpoint::point("lazy-push");
         }
         let reader = reader.clone();
         let ahead = match self.ahead.take() {

@@ -382,7 +382,7 @@ impl Supervisor {
                         }
                     })
                     .and_then(|(actions, expect)| {
-                        crate::fsutil::pause_point("after-rollback");
+                        crate::failpoint::point("after-rollback");
                         // CRIU reopens the job's files by path: before the
                         // restored tree runs, each descriptor that held a
                         // rolled-back file must hold that very file.
