@@ -99,7 +99,7 @@ fn main() {
     fs::write(
         dir.join("soak.toml"),
         format!(
-            "command = [\"{}\", \"50\"]\nstdout = \"counter.out\"\n[checkpoint]\nevery = \"1s\"\nkeep = 3\n[restore]\nbackoff = \"0s\"\nmax_restores = 1000000\n",
+            "command = [\"{}\", \"50\"]\nstdout = \"counter.out\"\n[checkpoint]\nevery = \"1s\"\nkeep = 3\n[restore]\nbackoff = \"0s\"\nmax_restores = 10000\n",
             dir.join("counter").display()
         ),
     )

@@ -81,12 +81,25 @@ impl Report {
             directory): losing it means losing the images";
         for cfg in jobs {
             let o = &cfg.store;
-            let store = if cfg.checkpoint.dir.join(crate::store::MARKER_NAME).exists() {
-                Some(ImageStore::open_read_only_with(&cfg.checkpoint.dir, o))
-            } else {
-                None
+            // A user who cannot see into the state directory (root's, 0700)
+            // is told so, never that the store or its key is missing.
+            let store = match cfg
+                .checkpoint
+                .dir
+                .join(crate::store::MARKER_NAME)
+                .try_exists()
+            {
+                Ok(true) => Some(ImageStore::open_read_only_with(&cfg.checkpoint.dir, o)),
+                Err(e) if crate::fsutil::is_permission_denied(&e) => {
+                    self.cannot_see(cfg, "image store", &cfg.checkpoint.dir);
+                    None
+                }
+                _ => None,
             };
             match store {
+                Some(Err(e @ StoreError::Key(_))) if denied(&e) => {
+                    self.cannot_see(cfg, "store key", &o.key_file);
+                }
                 Some(Err(e @ StoreError::Key(_))) => self.push(
                     "store key",
                     Level::Fail,
@@ -122,19 +135,60 @@ impl Report {
                     ),
                     Some("remove `encryption = false` from the job's [store] table"),
                 ),
-                _ => self.push(
-                    "store key",
-                    Level::Ok,
-                    format!(
-                        "job {}: {} will be generated at the first checkpoint; without it the \
-                         images cannot be read",
-                        cfg.name,
-                        o.key_file.display()
+                _ => match o.key_file.try_exists() {
+                    Err(e) if crate::fsutil::is_permission_denied(&e) => {
+                        self.cannot_see(cfg, "store key", &o.key_file)
+                    }
+                    Ok(true) => self.push(
+                        "store key",
+                        Level::Ok,
+                        format!(
+                            "job {}: {} will seal its images from the first checkpoint; \
+                             without it they cannot be read",
+                            cfg.name,
+                            o.key_file.display()
+                        ),
+                        Some(BACKUP),
                     ),
-                    Some(BACKUP),
-                ),
+                    _ => self.push(
+                        "store key",
+                        Level::Ok,
+                        format!(
+                            "job {}: {} will be generated at the first checkpoint; without it \
+                             the images cannot be read",
+                            cfg.name,
+                            o.key_file.display()
+                        ),
+                        Some(BACKUP),
+                    ),
+                },
             }
         }
+    }
+
+    /// "job NAME: cannot see its store key PATH: permission denied on DIR"
+    /// (a warning: the key or store may well be there, for root). `what`
+    /// is "store key" or "image store".
+    fn cannot_see(
+        &mut self,
+        cfg: &crate::config::JobConfig,
+        what: &'static str,
+        path: &std::path::Path,
+    ) {
+        let on = crate::fsutil::unsearchable_dir(path).unwrap_or_else(|| path.to_path_buf());
+        self.push(
+            what,
+            Level::Warn,
+            format!(
+                "job {}: cannot see its {what} {}: permission denied on {} (uid {} may not \
+                 look there; whether it exists is unknown)",
+                cfg.name,
+                path.display(),
+                on.display(),
+                crate::fsutil::own_uid()
+            ),
+            Some("run `supervise check` as root (or as the user supervise runs as)"),
+        );
     }
 
     fn push(&mut self, what: &'static str, level: Level, detail: String, fix: Option<&str>) {
@@ -145,6 +199,20 @@ impl Report {
             fix: fix.map(str::to_string),
         });
     }
+}
+
+/// True if `e` comes down to a "permission denied" from the OS.
+fn denied(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur = Some(e);
+    while let Some(e) = cur {
+        if let Some(io) = e.downcast_ref::<std::io::Error>() {
+            if crate::fsutil::is_permission_denied(io) {
+                return true;
+            }
+        }
+        cur = e.source();
+    }
+    false
 }
 
 const SETUP_FIX: &str = "run scripts/setup.sh (installs CRIU >= 4.2 from Debian testing \"forky\" at low pin priority)\n\
@@ -327,5 +395,47 @@ mod tests {
         assert!(r.fatal());
         assert!(r.render().contains("[FAIL] c: w"));
         assert!(r.render().contains("cannot work"));
+    }
+
+    #[test]
+    fn denied_looks_through_the_error_chain() {
+        #[derive(Debug)]
+        struct Outer(std::io::Error);
+        impl std::fmt::Display for Outer {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("outer")
+            }
+        }
+        impl std::error::Error for Outer {
+            fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+                Some(&self.0)
+            }
+        }
+        let no = std::io::Error::from(std::io::ErrorKind::PermissionDenied);
+        assert!(denied(&Outer(no)));
+        let gone = std::io::Error::from(std::io::ErrorKind::NotFound);
+        assert!(!denied(&Outer(gone)));
+    }
+
+    #[test]
+    fn an_existing_key_is_not_said_to_be_generated() {
+        let t = tempfile::tempdir().unwrap();
+        let job = t.path().join("j.toml");
+        let text = format!(
+            "command = [\"a\"]\nstate_dir = \"{}\"\n",
+            t.path().join("state").display()
+        );
+        let cfg = crate::config::JobConfig::from_str_at(&text, &job).unwrap();
+        let mut r = Report::default();
+        r.store_keys(std::slice::from_ref(&cfg));
+        assert!(r.findings[0].detail.contains("will be generated"), "{r:?}");
+        std::fs::create_dir(t.path().join("state")).unwrap();
+        std::fs::write(&cfg.store.key_file, "key").unwrap();
+        let mut r = Report::default();
+        r.store_keys(std::slice::from_ref(&cfg));
+        assert!(
+            r.findings[0].detail.contains("will seal its images"),
+            "{r:?}"
+        );
     }
 }

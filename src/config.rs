@@ -29,6 +29,8 @@ use std::time::Duration;
 use crate::choice::choice_enum;
 use crate::schedule::ScheduleSpec;
 
+#[cfg(test)]
+mod bounds_tests;
 mod diagnostics;
 mod raw;
 #[cfg(test)]
@@ -62,6 +64,46 @@ pub const DEFAULT_RESTORE_WINDOW: Duration = Duration::from_secs(60 * 60);
 pub const DEFAULT_BACKOFF: Duration = Duration::from_secs(1);
 /// Default `restore.backoff_max`.
 pub const DEFAULT_BACKOFF_MAX: Duration = Duration::from_secs(5 * 60);
+/// Largest job file read: anything longer is refused (a job file is a few
+/// hundred bytes; this bounds the memory and time spent on a bad one).
+pub const MAX_JOB_FILE_SIZE: u64 = 1 << 20;
+
+/// One year as humantime counts it (`"1y"` = 365.25 days): the upper bound
+/// of most durations in a job file.
+pub const YEAR: Duration = Duration::from_secs(31_557_600);
+/// One day.
+pub const DAY: Duration = Duration::from_secs(86_400);
+/// One hour.
+pub const HOUR: Duration = Duration::from_secs(3_600);
+
+/// Upper bounds of the job file's durations, by key (larger values are
+/// refused naming the key and the bound; `config/reference.toml` shows
+/// each next to its key). They keep every deadline and sleep computed from
+/// them far from overflowing, and a typo such as `backoff = "500000000y"`
+/// from leaving a job (and `supervise stop`) waiting for ever.
+pub mod bounds {
+    use super::{DAY, HOUR, YEAR};
+    use std::time::Duration;
+
+    /// `checkpoint.every`, `mtbf`, `min`, `max`.
+    pub const INTERVAL: Duration = YEAR;
+    /// `checkpoint.timeout`: one checkpoint of even a huge job.
+    pub const CHECKPOINT_TIMEOUT: Duration = DAY;
+    /// `restore.window`.
+    pub const RESTORE_WINDOW: Duration = YEAR;
+    /// `restore.backoff` and `restore.backoff_max`.
+    pub const BACKOFF: Duration = DAY;
+    /// `slurm.fence_wait`: a new copy waits this long at most before it
+    /// restores.
+    pub const FENCE_WAIT: Duration = HOUR;
+    /// `store.scrub`.
+    pub const SCRUB: Duration = YEAR;
+    /// `checkpoint.keep`: images retained.
+    pub const KEEP: u64 = 10_000;
+    /// `restore.max_restores`: restores counted within the window.
+    pub const MAX_RESTORES: u64 = 10_000;
+}
+
 /// Directory (relative to the job file's directory) under which the default
 /// per-job state directory `<STATE_PARENT>/<name>` lives.
 pub const STATE_PARENT: &str = ".supervise";

@@ -1,7 +1,6 @@
 //! The `supervise run` process: one supervisor task per job, the control
 //! socket, the optional metrics listener, and SIGTERM/SIGINT handling.
 
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -12,7 +11,7 @@ use crate::control::server::{Server, ServerError};
 use crate::control::{
     dispatch, job_channel, request_shutdown, JobHandle, Request, Response, Shutdown,
 };
-use crate::metrics::{Metrics, MetricsError};
+use crate::metrics::{Metrics, MetricsAddr, MetricsError};
 use crate::reaper::Reaper;
 use crate::slurm::SlurmContext;
 use crate::supervisor::{Supervisor, SupervisorError};
@@ -44,8 +43,8 @@ pub enum DaemonError {
 pub struct RunOptions {
     /// Control socket path.
     pub socket: PathBuf,
-    /// Loopback address for Prometheus metrics, if wanted.
-    pub metrics: Option<SocketAddr>,
+    /// Loopback address (or Unix socket) for Prometheus metrics, if wanted.
+    pub metrics: Option<MetricsAddr>,
     /// CRIU's version, recorded in each manifest.
     pub criu_version: Option<String>,
     /// At most this many checkpoints at once across the jobs (0: no
@@ -77,13 +76,25 @@ pub async fn run(cfgs: Vec<JobConfig>, opts: RunOptions) -> Result<Summary, Daem
         what: "cannot become a child subreaper",
         source,
     })?;
+    // The descriptor budget: the hard limit, not the historical 1024
+    // (the listeners' caps and the reserve for checkpoints come from it).
+    match crate::fdlimit::raise() {
+        Ok(r) if r.now < 4096 => tracing::warn!(
+            nofile = r.now,
+            "few file descriptors allowed (RLIMIT_NOFILE hard limit); raise it (LimitNOFILE= in the unit) for many jobs"
+        ),
+        Ok(r) => tracing::debug!(before = r.before, nofile = r.now, "raised RLIMIT_NOFILE"),
+        Err(e) => tracing::warn!(error = %e, "cannot raise RLIMIT_NOFILE"),
+    }
     let metrics = Metrics::new();
-    // Everything that can fail is set up before any job starts.
+    // Everything that can fail is set up before any job starts. The
+    // metrics address is checked now (loopback, trusted directory), but
+    // bound later and retried: a port someone else holds must not keep
+    // the jobs from being supervised.
     let server = Server::bind(&opts.socket).await?;
-    let metrics_listener = match opts.metrics {
-        Some(addr) => Some(crate::metrics::bind(addr).await?),
-        None => None,
-    };
+    if let Some(addr) = &opts.metrics {
+        crate::metrics::check_addr(addr)?;
+    }
     let slurm = SlurmContext::from_env();
     if let Some(ctx) = &slurm {
         tracing::info!(
@@ -157,7 +168,13 @@ pub async fn run(cfgs: Vec<JobConfig>, opts: RunOptions) -> Result<Summary, Daem
     // Only now, with every job prepared, is supervise ready for clients.
     tracing::info!(socket = %server.path().display(), "control socket ready");
     let control = tokio::spawn(server.serve(handles, tx));
-    let metrics_task = metrics_listener.map(|l| tokio::spawn(crate::metrics::serve(l, metrics)));
+    let metrics_task = opts.metrics.clone().map(|addr| {
+        tokio::spawn(crate::metrics::serve_retrying(
+            addr,
+            metrics.clone(),
+            std::time::Duration::from_secs(5),
+        ))
+    });
     let mut set = tokio::task::JoinSet::new();
     for s in sups {
         let span = match &slurm {

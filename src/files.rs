@@ -169,6 +169,14 @@ pub enum FilesError {
     },
 }
 
+impl FilesError {
+    /// True when a resource ran short (descriptors, memory, space): the
+    /// same rollback may work later.
+    pub fn is_resource(&self) -> bool {
+        matches!(self, FilesError::Io { source, .. } if crate::fdlimit::is_resource_error(source))
+    }
+}
+
 fn io_err(path: &Path, what: &'static str) -> impl FnOnce(io::Error) -> FilesError {
     let path = path.to_path_buf();
     move |source| FilesError::Io { path, what, source }

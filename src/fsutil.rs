@@ -540,32 +540,90 @@ pub fn flock(f: &File, exclusive: bool, nonblock: bool) -> io::Result<()> {
     }
 }
 
+/// "a FIFO", "a character device", ... for anything but a regular file
+/// (and a symlink, which the caller sees only with `symlink_metadata`);
+/// `None` for a regular file.
+pub fn non_regular_kind(ft: &fs::FileType) -> Option<&'static str> {
+    use std::os::unix::fs::FileTypeExt;
+    if ft.is_file() {
+        None
+    } else if ft.is_fifo() {
+        Some("a FIFO")
+    } else if ft.is_char_device() {
+        Some("a character device")
+    } else if ft.is_block_device() {
+        Some("a block device")
+    } else if ft.is_socket() {
+        Some("a socket")
+    } else if ft.is_dir() {
+        Some("a directory")
+    } else if ft.is_symlink() {
+        Some("a symlink")
+    } else {
+        Some("an unknown kind of file")
+    }
+}
+
+/// Why [`read_regular_following`] refused a file.
+#[derive(Debug, thiserror::Error)]
+pub enum RegularReadError {
+    /// Not a regular file: "a FIFO", "a character device", ...
+    #[error("{0}, not a regular file")]
+    NotRegular(&'static str),
+    /// Larger than the limit (bytes).
+    #[error("larger than {0} bytes")]
+    TooLarge(u64),
+    /// The OS said no (missing, permission denied, ...).
+    #[error(transparent)]
+    Io(#[from] io::Error),
+}
+
+/// Reads a regular file of at most `max` bytes named by a path that may
+/// go through symlinks (job files are often symlinked): the target is
+/// examined first and anything but a regular file is refused without being
+/// opened (a FIFO would block the reader, a device could feed endless
+/// bytes or act on being opened); then it is opened
+/// `O_NONBLOCK|O_CLOEXEC|O_NOCTTY`, checked again on the descriptor (in
+/// case it was swapped meanwhile) and read from that very descriptor, no
+/// further than `max + 1` bytes. Errors carry no path (the caller names
+/// it).
+pub fn read_regular_following(path: &Path, max: u64) -> Result<Vec<u8>, RegularReadError> {
+    if let Some(kind) = non_regular_kind(&fs::metadata(path)?.file_type()) {
+        return Err(RegularReadError::NotRegular(kind));
+    }
+    let f = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC | libc::O_NOCTTY)
+        .open(path)?;
+    let md = f.metadata()?;
+    if let Some(kind) = non_regular_kind(&md.file_type()) {
+        return Err(RegularReadError::NotRegular(kind));
+    }
+    if md.len() > max {
+        return Err(RegularReadError::TooLarge(max));
+    }
+    clear_nonblock(&f)?;
+    let mut buf = Vec::with_capacity(md.len() as usize);
+    f.take(max + 1).read_to_end(&mut buf)?;
+    if buf.len() as u64 > max {
+        return Err(RegularReadError::TooLarge(max));
+    }
+    Ok(buf)
+}
+
 /// Says, naming `path` once, why `path` could not be used as one of
 /// supervise's own files after `e` from [`open_regular`], [`read_limited`]
 /// or [`open_rw_nofollow`]: "PATH is a symlink (not followed)", "PATH is a
 /// FIFO, not a regular file", "PATH is larger than N bytes", "PATH: (the
 /// OS error)".
 pub fn describe_error(path: &Path, e: &io::Error) -> String {
-    use std::os::unix::fs::FileTypeExt;
     if e.kind() != io::ErrorKind::NotFound && e.kind() != io::ErrorKind::PermissionDenied {
         if let Ok(md) = fs::symlink_metadata(path) {
             let ft = md.file_type();
-            let kind = if ft.is_symlink() {
+            if ft.is_symlink() {
                 return format!("{} is a symlink (not followed)", path.display());
-            } else if ft.is_fifo() {
-                Some("a FIFO")
-            } else if ft.is_char_device() {
-                Some("a character device")
-            } else if ft.is_block_device() {
-                Some("a block device")
-            } else if ft.is_socket() {
-                Some("a socket")
-            } else if ft.is_dir() {
-                Some("a directory")
-            } else {
-                None
-            };
-            if let Some(kind) = kind {
+            }
+            if let Some(kind) = non_regular_kind(&ft) {
                 return format!("{} is {kind}, not a regular file", path.display());
             }
         }
@@ -576,6 +634,26 @@ pub fn describe_error(path: &Path, e: &io::Error) -> String {
     } else {
         format!("{}: {msg}", path.display())
     }
+}
+
+/// The nearest directory on `path` (from `/` down) that the caller may not
+/// search, so that a "permission denied" can say where: for
+/// `/var/lib/supervise/alice/sim/store.key` below a root-only
+/// `/var/lib/supervise/alice`, that directory. `None` if every directory
+/// above `path` can be searched.
+pub fn unsearchable_dir(path: &Path) -> Option<PathBuf> {
+    let abs = absolute(path).ok()?;
+    let mut cur = PathBuf::new();
+    for comp in abs.components() {
+        let next = cur.join(comp);
+        if !cur.as_os_str().is_empty() {
+            if let Err(e) = fs::symlink_metadata(&next) {
+                return is_permission_denied(&e).then_some(cur);
+            }
+        }
+        cur = next;
+    }
+    None
 }
 
 /// fsyncs the directory `path` (opened `O_DIRECTORY|O_NOFOLLOW`, so
@@ -592,33 +670,6 @@ pub fn fsync_dir(path: &Path) -> io::Result<()> {
 /// so instead of "not found" or "damaged".
 pub fn is_permission_denied(e: &io::Error) -> bool {
     e.kind() == io::ErrorKind::PermissionDenied
-}
-
-/// Testing aid: with `SUPERVISE_PAUSE=<name>` and `SUPERVISE_PAUSE_FILE=F`
-/// set, the step named `name` creates `F.reached` and waits (at most 60 s)
-/// while `F` exists, so that a test can act in a precise window (e.g. an
-/// attacker swapping a file between the rollback and CRIU's reopen).
-pub fn pause_point(name: &str) {
-    if !matches!(std::env::var("SUPERVISE_PAUSE").as_deref(), Ok(n) if n == name) {
-        return;
-    }
-    let Some(file) = std::env::var_os("SUPERVISE_PAUSE_FILE").map(PathBuf::from) else {
-        return;
-    };
-    if !file.exists() {
-        return;
-    }
-    let mut reached = file.clone().into_os_string();
-    reached.push(".reached");
-    let _ = std::fs::write(&reached, name);
-    tracing::warn!(
-        pause = name,
-        "SUPERVISE_PAUSE reached: waiting for the test"
-    );
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    while file.exists() && std::time::Instant::now() < deadline {
-        std::thread::sleep(std::time::Duration::from_millis(10));
-    }
 }
 
 #[cfg(test)]
@@ -762,6 +813,47 @@ mod tests {
         fs::write(&big, vec![7u8; 100]).unwrap();
         assert_eq!(read_limited(&big, 100).unwrap().len(), 100);
         assert!(open_regular(Path::new("/dev/null")).is_err());
+    }
+
+    #[test]
+    fn job_style_reads_follow_symlinks_to_regular_files_only() {
+        let t = tempfile::tempdir().unwrap();
+        let real = t.path().join("real.toml");
+        fs::write(&real, b"x = 1\n").unwrap();
+        let link = t.path().join("link.toml");
+        std::os::unix::fs::symlink(&real, &link).unwrap();
+        assert_eq!(read_regular_following(&link, 100).unwrap(), b"x = 1\n");
+        // A FIFO: refused at once, never opened (no writer would ever come).
+        let fifo = t.path().join("fifo.toml");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        let started = std::time::Instant::now();
+        let e = read_regular_following(&fifo, 100).unwrap_err();
+        assert_eq!(e.to_string(), "a FIFO, not a regular file");
+        assert!(started.elapsed() < std::time::Duration::from_secs(5));
+        // A symlink to /dev/zero: the target is what counts.
+        let zero = t.path().join("zero.toml");
+        std::os::unix::fs::symlink("/dev/zero", &zero).unwrap();
+        let e = read_regular_following(&zero, 100).unwrap_err();
+        assert_eq!(e.to_string(), "a character device, not a regular file");
+        let e = read_regular_following(t.path(), 100).unwrap_err();
+        assert_eq!(e.to_string(), "a directory, not a regular file");
+        // Size cap, on the descriptor's size.
+        fs::write(&real, vec![b'#'; 101]).unwrap();
+        let e = read_regular_following(&link, 100).unwrap_err();
+        assert_eq!(e.to_string(), "larger than 100 bytes");
+        assert_eq!(read_regular_following(&link, 101).unwrap().len(), 101);
+        let dangling = t.path().join("dangling.toml");
+        std::os::unix::fs::symlink(t.path().join("nowhere"), &dangling).unwrap();
+        assert!(matches!(
+            read_regular_following(&dangling, 100),
+            Err(RegularReadError::Io(e)) if e.kind() == io::ErrorKind::NotFound
+        ));
+    }
+
+    #[test]
+    fn unsearchable_dir_is_none_when_everything_can_be_searched() {
+        let t = tempfile::tempdir().unwrap();
+        assert_eq!(unsearchable_dir(&t.path().join("a/b/c")), None);
     }
 
     #[test]

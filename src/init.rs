@@ -54,6 +54,10 @@ pub struct InitSpec {
     pub mode: InitMode,
     /// Where to record the job's end (`exited N` / `signaled N`).
     pub status_file: Option<PathBuf>,
+    /// The soft `RLIMIT_NOFILE` a launched job gets (supervise's own was
+    /// raised to the hard limit: [`crate::fdlimit`]).
+    #[serde(default)]
+    pub nofile_soft: Option<u64>,
 }
 
 /// See [`InitSpec`].
@@ -167,7 +171,13 @@ fn run(report: &mut File) -> Result<ExitStatus, String> {
             env,
             stdout,
             stderr,
-        } => launch(argv, cwd, env, stdout, stderr)?,
+        } => {
+            if let Some(soft) = spec.nofile_soft {
+                crate::fdlimit::set_soft(soft)
+                    .map_err(|e| format!("cannot set the job's RLIMIT_NOFILE to {soft}: {e}"))?;
+            }
+            launch(argv, cwd, env, stdout, stderr)?
+        }
         InitMode::Restore { criu } => restore(criu)?,
     };
     report

@@ -46,6 +46,22 @@ pub enum JobError {
     },
 }
 
+impl JobError {
+    /// True when the job could not be started or restored because a
+    /// resource of supervise's ran short (descriptors, memory, processes):
+    /// nothing is wrong with the job or its image, and the same step may
+    /// work later.
+    pub fn is_resource(&self) -> bool {
+        use crate::fdlimit::is_resource_error;
+        match self {
+            JobError::Init(e) | JobError::Io { source: e, .. } => is_resource_error(e),
+            JobError::Criu(CriuError::Spawn { source, .. })
+            | JobError::Criu(CriuError::Io(source)) => is_resource_error(source),
+            _ => false,
+        }
+    }
+}
+
 fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> JobError {
     let what = what.into();
     move |source| JobError::Io { what, source }
@@ -405,6 +421,7 @@ pub fn launch(reaper: &Reaper, spec: &LaunchSpec, files: &InitFiles) -> Result<R
             stderr: spec.stderr.clone(),
         },
         status_file: Some(files.status_file.clone()),
+        nofile_soft: crate::fdlimit::job_soft_limit(),
     };
     let (init_pid, exit) = clone_init(reaper, &ispec, &[&report.w, &control.r])?;
     drop(report.w);
@@ -458,6 +475,7 @@ pub fn restore(
             criu: criu::criu_bin(),
         },
         status_file: Some(files.status_file.clone()),
+        nofile_soft: None,
     };
     let (init_pid, exit) = clone_init(reaper, &ispec, &[&report.w, &control.r, &theirs, &errp.w])?;
     drop(report.w);

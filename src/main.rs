@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use anyhow::Result;
 use clap::{CommandFactory, Parser, Subcommand};
 use supervise::config::JobConfig;
-use supervise::control::{Request, Response};
+use supervise::control::Request;
 use supervise::daemon::RunOptions;
 use supervise::store::{ImageStore, StoreError};
 
@@ -22,7 +22,11 @@ mod progress;
 )]
 struct Cli {
     /// Control socket of the running supervise [default: $SUPERVISE_SOCKET,
-    /// else /run/supervise/supervise.sock for root].
+    /// else /run/supervise/supervise.sock for root,
+    /// $XDG_RUNTIME_DIR/supervise/supervise.sock or
+    /// /tmp/supervise-<uid>/supervise.sock for others]. Clients refuse a
+    /// socket whose directory another user controls or that another
+    /// user's process answers.
     #[arg(long, global = true, value_name = "PATH")]
     socket: Option<PathBuf>,
     #[command(subcommand)]
@@ -36,9 +40,10 @@ enum Cmd {
         /// Job files (TOML), or directories of them.
         #[arg(required = true)]
         jobs: Vec<PathBuf>,
-        /// Serve Prometheus metrics on this loopback address (e.g. 127.0.0.1:9464).
+        /// Serve Prometheus metrics on this loopback address (e.g. 127.0.0.1:9464),
+        /// or on a Unix socket (unix:/PATH; gets its directory's group, mode 0660).
         #[arg(long, value_name = "ADDR")]
-        metrics: Option<std::net::SocketAddr>,
+        metrics: Option<supervise::metrics::MetricsAddr>,
         /// At most this many checkpoints (dump, commit, retention) at once
         /// across all jobs; the others wait their turn, first due first.
         /// 0: no limit. [default: the number of CPUs]
@@ -286,8 +291,13 @@ fn limit_malloc_arenas() {
     }
 }
 
-/// Exit 0: done; 1: refused or failed; 2: no supervise to talk to.
+/// Exit 0: done; 1: refused or failed (permission denied included); 2: no
+/// supervise to talk to, or none that can be trusted (the socket's
+/// directory fails the trust rule, or the process answering runs as
+/// neither root nor the caller). Everything the server sent is printed
+/// with its control characters escaped.
 fn control(socket: &std::path::Path, req: Request, json: bool) -> Result<ExitCode> {
+    use supervise::control::client::{self, ClientError, Printed};
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -300,11 +310,11 @@ fn control(socket: &std::path::Path, req: Request, json: bool) -> Result<ExitCod
         Request::Start { job } => Some(format!("starting {job}")),
     };
     let spinner = waiting.and_then(progress::Spinner::start);
-    let resp = rt.block_on(supervise::control::client::call(socket, &req));
+    let resp = rt.block_on(client::call(socket, &req));
     drop(spinner);
     let resp = match resp {
         Ok(r) => r,
-        Err(e @ supervise::control::client::ClientError::PermissionDenied { .. }) => {
+        Err(e @ ClientError::PermissionDenied { .. }) => {
             eprintln!("supervise: {e}");
             return Ok(ExitCode::FAILURE);
         }
@@ -313,24 +323,10 @@ fn control(socket: &std::path::Path, req: Request, json: bool) -> Result<ExitCod
             return Ok(ExitCode::from(2));
         }
     };
-    match resp {
-        Response::Status { jobs } if json => println!("{}", serde_json::to_string_pretty(&jobs)?),
-        Response::Status { jobs } => print!(
-            "{}",
-            supervise::control::client::render_status(&jobs, chrono::Utc::now())
-        ),
-        Response::Checkpoint { checkpoint: c } => println!(
-            "checkpoint {} published: {} bytes, {} ms, frozen {}",
-            c.id,
-            c.bytes,
-            c.duration_ms,
-            c.frozen_ms
-                .map(|f| format!("{f:.1} ms"))
-                .unwrap_or_else(|| "unknown".into())
-        ),
-        Response::Done { message } => println!("{message}"),
-        Response::Error { message } => {
-            eprintln!("supervise: {message}");
+    match client::render_response(&resp, json, chrono::Utc::now()) {
+        Printed::Out(text) => print!("{text}"),
+        Printed::Refused(text) => {
+            eprint!("{text}");
             return Ok(ExitCode::FAILURE);
         }
     }
@@ -536,7 +532,7 @@ fn gc(job: &Path) -> Result<ExitCode> {
 fn run(
     jobs: &[PathBuf],
     socket: PathBuf,
-    metrics: Option<std::net::SocketAddr>,
+    metrics: Option<supervise::metrics::MetricsAddr>,
     max_concurrent_dumps: Option<usize>,
 ) -> Result<ExitCode> {
     limit_malloc_arenas();

@@ -3,6 +3,7 @@
 //! `prometheus-client` crate (OpenMetrics text, which Prometheus scrapes).
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -13,8 +14,10 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, UnixListener};
 use tracing::{info, warn};
+
+use crate::admission::{Admission, Limits, Ticket};
 
 /// Label set `{job}`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -125,6 +128,38 @@ impl Metrics {
         }
     }
 
+    /// Creates every labelled series of job `job` at zero (both outcomes,
+    /// both restore modes), so a fresh supervise exports every series the
+    /// dashboard queries before anything has happened (Prometheus'
+    /// guidance: export 0 for series known in advance).
+    pub fn declare_job(&self, job: &str) {
+        let l = Self::job(job);
+        for ok in [true, false] {
+            let o = OutcomeLabel {
+                job: job.to_string(),
+                outcome: outcome(ok),
+            };
+            let _ = self.checkpoints.get_or_create(&o);
+            let _ = self.restores.get_or_create(&o);
+        }
+        for mode in ["lazy", "eager"] {
+            let m = ModeLabel {
+                job: job.to_string(),
+                mode: mode.to_string(),
+            };
+            let _ = self.restore_modes.get_or_create(&m);
+            let _ = self.resident_seconds.get_or_create(&m);
+        }
+        let _ = self.checkpoint_seconds.get_or_create(&l);
+        let _ = self.frozen_seconds.get_or_create(&l);
+        let _ = self.bytes_written.get_or_create(&l);
+        let _ = self.bytes_stored.get_or_create(&l);
+        let _ = self.restore_seconds.get_or_create(&l);
+        let _ = self.up.get_or_create(&l);
+        let _ = self.interval.get_or_create(&l);
+        let _ = self.skipped.get_or_create(&l);
+    }
+
     /// A checkpoint succeeded.
     pub fn checkpoint_ok(
         &self,
@@ -229,82 +264,263 @@ impl Metrics {
     }
 }
 
+/// Where the metrics are served: a loopback TCP address, or a Unix
+/// socket (`unix:PATH`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MetricsAddr {
+    /// A loopback address and port.
+    Tcp(SocketAddr),
+    /// A Unix socket; its directory must be a trusted location, and the
+    /// socket gets the directory's group and mode 0660 (so the directory
+    /// decides who may scrape).
+    Unix(PathBuf),
+}
+
+impl std::fmt::Display for MetricsAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            MetricsAddr::Tcp(a) => write!(f, "{a}"),
+            MetricsAddr::Unix(p) => write!(f, "unix:{}", p.display()),
+        }
+    }
+}
+
+impl std::str::FromStr for MetricsAddr {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        if let Some(p) = s.strip_prefix("unix:") {
+            let p = PathBuf::from(p);
+            if !p.is_absolute() {
+                return Err(format!(
+                    "unix:{}: the socket path must be absolute",
+                    p.display()
+                ));
+            }
+            return Ok(MetricsAddr::Unix(p));
+        }
+        s.parse::<SocketAddr>().map(MetricsAddr::Tcp).map_err(|e| {
+            format!(
+                "{s}: {e} (expected a loopback ADDRESS:PORT such as 127.0.0.1:9464, or unix:/PATH)"
+            )
+        })
+    }
+}
+
 /// Errors starting the metrics listener.
 #[derive(Debug, thiserror::Error)]
 pub enum MetricsError {
     /// Only loopback addresses are allowed.
     #[error("--metrics {0}: only a loopback address (127.0.0.1, ::1) is allowed; metrics are not for the network")]
     NotLoopback(SocketAddr),
+    /// The Unix socket's directory is not a trusted location.
+    #[error(transparent)]
+    Untrusted(#[from] crate::fsutil::TrustError),
     /// Binding failed.
     #[error("--metrics {addr}: {source}")]
     Bind {
         /// The address.
-        addr: SocketAddr,
+        addr: MetricsAddr,
         /// Cause.
         source: std::io::Error,
     },
 }
 
-/// Binds the metrics listener (loopback only).
-pub async fn bind(addr: SocketAddr) -> Result<TcpListener, MetricsError> {
-    if !addr.ip().is_loopback() {
-        return Err(MetricsError::NotLoopback(addr));
+/// Checks what can be checked before binding: a TCP address must be
+/// loopback; a Unix socket's directory must be trusted.
+pub fn check_addr(addr: &MetricsAddr) -> Result<(), MetricsError> {
+    match addr {
+        MetricsAddr::Tcp(a) if !a.ip().is_loopback() => Err(MetricsError::NotLoopback(*a)),
+        MetricsAddr::Tcp(_) => Ok(()),
+        MetricsAddr::Unix(p) => {
+            if let Some(dir) = p.parent().filter(|d| !d.as_os_str().is_empty()) {
+                crate::fsutil::check_trusted("metrics socket directory", dir)?;
+            }
+            Ok(())
+        }
     }
-    let l = TcpListener::bind(addr)
-        .await
-        .map_err(|source| MetricsError::Bind { addr, source })?;
-    if let Ok(a) = l.local_addr() {
-        info!(address = %a, "metrics listener ready (GET /metrics)");
+}
+
+/// A bound metrics listener.
+pub enum Listener {
+    /// Loopback TCP.
+    Tcp(TcpListener),
+    /// A Unix socket (removed when dropped).
+    Unix(UnixListener, PathBuf),
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        if let Listener::Unix(_, p) = self {
+            let _ = std::fs::remove_file(p);
+        }
     }
+}
+
+impl Listener {
+    /// The TCP address bound (tests use port 0).
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        match self {
+            Listener::Tcp(l) => l.local_addr().ok(),
+            Listener::Unix(..) => None,
+        }
+    }
+}
+
+/// Binds the metrics listener (loopback only, or a Unix socket).
+pub async fn bind(addr: &MetricsAddr) -> Result<Listener, MetricsError> {
+    check_addr(addr)?;
+    let bind_err = |source| MetricsError::Bind {
+        addr: addr.clone(),
+        source,
+    };
+    let l = match addr {
+        MetricsAddr::Tcp(a) => Listener::Tcp(TcpListener::bind(a).await.map_err(bind_err)?),
+        MetricsAddr::Unix(p) => {
+            use std::os::unix::fs::{MetadataExt, PermissionsExt};
+            // A stale socket of ours is replaced; a live one is somebody's.
+            if let Ok(md) = std::fs::symlink_metadata(p) {
+                use std::os::unix::fs::FileTypeExt;
+                if !md.file_type().is_socket() || tokio::net::UnixStream::connect(p).await.is_ok() {
+                    return Err(bind_err(std::io::Error::from_raw_os_error(
+                        libc::EADDRINUSE,
+                    )));
+                }
+                std::fs::remove_file(p).map_err(bind_err)?;
+            }
+            let old = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o177));
+            let l = UnixListener::bind(p);
+            nix::sys::stat::umask(old);
+            let l = l.map_err(bind_err)?;
+            let gid = p
+                .parent()
+                .and_then(|d| std::fs::metadata(d).ok())
+                .map(|m| m.gid());
+            if let Some(gid) = gid {
+                nix::unistd::fchownat(
+                    None,
+                    p,
+                    None,
+                    Some(nix::unistd::Gid::from_raw(gid)),
+                    nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
+                )
+                .map_err(|e| bind_err(e.into()))?;
+            }
+            std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o660))
+                .map_err(bind_err)?;
+            Listener::Unix(l, p.clone())
+        }
+    };
+    info!(address = %addr, "metrics listener ready (GET /metrics)");
     Ok(l)
 }
 
-/// Answers `GET /metrics` (and 404 for anything else) until dropped.
-pub async fn serve(listener: TcpListener, metrics: Metrics) {
-    loop {
-        let (mut conn, _) = match listener.accept().await {
-            Ok(c) => c,
-            Err(e) => {
-                warn!(error = %e, "metrics accept failed");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
-        };
-        let metrics = metrics.clone();
-        tokio::spawn(async move {
-            let mut buf = Vec::with_capacity(1024);
-            let mut chunk = [0u8; 1024];
-            // Read the request head (bounded), whatever its body.
-            while !buf.windows(4).any(|w| w == b"\r\n\r\n") && buf.len() < 16 * 1024 {
-                match tokio::time::timeout(Duration::from_secs(5), conn.read(&mut chunk)).await {
-                    Ok(Ok(n)) if n > 0 => buf.extend_from_slice(&chunk[..n]),
-                    _ => break,
+/// Binds `addr` and serves it, forever. A failed bind (another process
+/// holds the port) is a warning, not the end: supervise goes on with its
+/// jobs and retries every `retry`, warning again every tenth failure,
+/// until the address is free.
+pub async fn serve_retrying(addr: MetricsAddr, metrics: Metrics, retry: Duration) {
+    let mut failures = 0u64;
+    let listener = loop {
+        match bind(&addr).await {
+            Ok(l) => {
+                if failures > 0 {
+                    info!(address = %addr, failures, "metrics address is free again; serving");
                 }
+                break l;
             }
-            let head = String::from_utf8_lossy(&buf);
-            let first = head.lines().next().unwrap_or("");
-            let mut parts = first.split_whitespace();
-            let (method, target) = (parts.next(), parts.next());
-            let (status, ctype, body) = match (method, target) {
-                (Some("GET"), Some("/metrics")) => (
-                    "200 OK",
-                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                    metrics.encode(),
-                ),
-                _ => (
-                    "404 Not Found",
-                    "text/plain; charset=utf-8",
-                    "only GET /metrics is served here\n".to_string(),
-                ),
-            };
-            let resp = format!(
-                "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                body.len()
-            );
-            let _ = conn.write_all(resp.as_bytes()).await;
-            let _ = conn.shutdown().await;
-        });
+            Err(e) => {
+                if failures % 10 == 0 {
+                    warn!(error = %e, retry_s = retry.as_secs_f64(), "cannot serve metrics; the jobs are supervised regardless; retrying");
+                }
+                failures += 1;
+                tokio::time::sleep(retry).await;
+            }
+        }
+    };
+    serve(listener, metrics).await
+}
+
+/// Answers `GET /metrics` (and 404 for anything else) until dropped.
+/// Connections are admitted through [`Admission`] (caps per listener and
+/// per peer uid, slow clients dropped first, one deadline per request).
+pub async fn serve(listener: Listener, metrics: Metrics) {
+    let adm = Admission::new("metrics", Limits::metrics(crate::fdlimit::budget()));
+    let mut errors = crate::admission::AcceptErrors::default();
+    loop {
+        match &listener {
+            Listener::Tcp(l) => match l.accept().await {
+                Ok((conn, peer)) => {
+                    let uid = conn
+                        .local_addr()
+                        .ok()
+                        .and_then(|local| crate::admission::tcp_peer_uid(local, peer))
+                        .unwrap_or(crate::admission::UNKNOWN_UID);
+                    let (m, lim) = (metrics.clone(), adm.limits());
+                    adm.spawn(conn, uid, move |c, t| answer(c, m, lim, t));
+                }
+                Err(e) => errors.note("metrics", &e).await,
+            },
+            Listener::Unix(l, _) => match l.accept().await {
+                Ok((conn, _)) => {
+                    let uid = conn
+                        .peer_cred()
+                        .map(|c| c.uid())
+                        .unwrap_or(crate::admission::UNKNOWN_UID);
+                    let (m, lim) = (metrics.clone(), adm.limits());
+                    adm.spawn(conn, uid, move |c, t| answer(c, m, lim, t));
+                }
+                Err(e) => errors.note("metrics", &e).await,
+            },
+        }
     }
+}
+
+/// Reads one request head (bounded size, one deadline for all of it) and
+/// answers it.
+async fn answer<C>(mut conn: C, metrics: Metrics, limits: Limits, ticket: Ticket)
+where
+    C: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let mut buf = Vec::with_capacity(1024);
+    let mut chunk = [0u8; 1024];
+    let read = async {
+        while !buf.windows(4).any(|w| w == b"\r\n\r\n") && buf.len() < 16 * 1024 {
+            match conn.read(&mut chunk).await {
+                Ok(n) if n > 0 => buf.extend_from_slice(&chunk[..n]),
+                _ => break,
+            }
+        }
+    };
+    if tokio::time::timeout(limits.request, read).await.is_err() {
+        return;
+    }
+    ticket.request_read();
+    let head = String::from_utf8_lossy(&buf);
+    let first = head.lines().next().unwrap_or("");
+    let mut parts = first.split_whitespace();
+    let (method, target) = (parts.next(), parts.next());
+    let (status, ctype, body) = match (method, target) {
+        (Some("GET"), Some("/metrics")) => (
+            "200 OK",
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            metrics.encode(),
+        ),
+        _ => (
+            "404 Not Found",
+            "text/plain; charset=utf-8",
+            "only GET /metrics is served here\n".to_string(),
+        ),
+    };
+    let resp = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let write = async {
+        let _ = conn.write_all(resp.as_bytes()).await;
+        let _ = conn.shutdown().await;
+    };
+    let _ = tokio::time::timeout(limits.reply, write).await;
+    drop(ticket);
 }
 
 #[cfg(test)]
@@ -357,11 +573,39 @@ mod tests {
         assert!(t.ends_with("# EOF\n"));
     }
 
+    #[test]
+    fn a_declared_job_has_every_series_at_zero() {
+        let m = Metrics::new();
+        m.declare_job("j");
+        let t = m.encode();
+        for series in [
+            r#"supervise_checkpoints_total{job="j",outcome="ok"} 0"#,
+            r#"supervise_checkpoints_total{job="j",outcome="failed"} 0"#,
+            r#"supervise_restores_total{job="j",outcome="ok"} 0"#,
+            r#"supervise_restores_total{job="j",outcome="failed"} 0"#,
+            r#"supervise_restores_by_mode_total{job="j",mode="lazy"} 0"#,
+            r#"supervise_restores_by_mode_total{job="j",mode="eager"} 0"#,
+            r#"supervise_restore_duration_seconds_count{job="j"} 0"#,
+            r#"supervise_restore_resident_seconds_count{job="j",mode="lazy"} 0"#,
+            r#"supervise_checkpoint_frozen_seconds_count{job="j"} 0"#,
+            r#"supervise_checkpoint_duration_seconds_count{job="j"} 0"#,
+            r#"supervise_checkpoint_written_bytes_total{job="j"} 0"#,
+            r#"supervise_checkpoint_stored_bytes_total{job="j"} 0"#,
+            r#"supervise_skipped_ticks_total{job="j"} 0"#,
+            r#"supervise_job_up{job="j"} 0"#,
+        ] {
+            assert!(t.contains(series), "{series} missing:\n{t}");
+        }
+    }
+
     #[tokio::test]
     async fn listener_is_loopback_only_and_serves_metrics() {
-        let bad: SocketAddr = "0.0.0.0:0".parse().unwrap();
-        assert!(matches!(bind(bad).await, Err(MetricsError::NotLoopback(_))));
-        let l = bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
+        let bad: MetricsAddr = "0.0.0.0:0".parse().unwrap();
+        assert!(matches!(
+            bind(&bad).await,
+            Err(MetricsError::NotLoopback(_))
+        ));
+        let l = bind(&"127.0.0.1:0".parse().unwrap()).await.unwrap();
         let addr = l.local_addr().unwrap();
         let m = Metrics::new();
         m.up("j", true);

@@ -197,21 +197,25 @@ impl StoreSource {
         image: &ImageInfo,
         dir: &Path,
         failures: LazyFailures,
-    ) -> Result<StoreSource, String> {
+    ) -> Result<StoreSource, crate::store::StoreError> {
+        let corrupt = |reason: String| crate::store::StoreError::Corrupt {
+            id: image.id.clone(),
+            reason,
+        };
         let mut procs = HashMap::new();
         let mut readers: HashMap<u32, Arc<FileReader>> = HashMap::new();
-        for (pid, map) in process_maps(dir)? {
+        for (pid, map) in process_maps(dir).map_err(corrupt)? {
             let reader = match readers.get(&map.pages_id) {
                 Some(r) => r.clone(),
                 None => {
                     let name = format!("pages-{}.img", map.pages_id);
-                    let r = Arc::new(store.file_reader(image, &name).map_err(|e| e.to_string())?);
+                    let r = Arc::new(store.file_reader(image, &name)?);
                     if r.size() < map.pages_bytes() {
-                        return Err(format!(
+                        return Err(corrupt(format!(
                             "{name} holds {} bytes, its page map needs {}",
                             r.size(),
                             map.pages_bytes()
-                        ));
+                        )));
                     }
                     readers.insert(map.pages_id, r.clone());
                     r
@@ -250,25 +254,31 @@ impl PageSource for StoreSource {
         self.reads += 1;
         if self.reads == 8 {
             // Tests: stop serving in the middle of the background push.
-            crate::fsutil::pause_point("lazy-push");
+            crate::failpoint::point("lazy-push");
         }
         let reader = reader.clone();
-        let served = match self.ahead.take() {
+        let ahead = match self.ahead.take() {
             Some(a) if a.pid == pid && a.vaddr == vaddr => match a.data.join() {
                 Ok(Ok((got, data))) => {
                     let take = got.min(nr);
                     out.extend_from_slice(&data[..(take * PAGE_SIZE) as usize]);
-                    Ok(take)
+                    Some(take)
                 }
-                Ok(Err(e)) => Err(e),
-                Err(_) => Err("the read-ahead thread panicked".to_string()),
+                // The read-ahead failed (perhaps for want of a resource):
+                // read it directly.
+                _ => None,
             },
-            _ => reader
-                .read_at(offset, n * PAGE_SIZE, out)
-                .map(|()| n)
-                .map_err(|e| e.to_string()),
+            _ => None,
         };
-        let n = served.map_err(|e| self.fail(e))?;
+        let n = match ahead {
+            Some(n) => n,
+            None => match read_resilient(&reader, offset, n * PAGE_SIZE, out) {
+                Ok(()) => n,
+                // Nothing is known to be wrong with the image.
+                Err(e) if e.is_resource() => return Err(e.to_string()),
+                Err(e) => return Err(self.fail(e.to_string())),
+            },
+        };
         // Read the next range while this one is sent and copied in.
         let next = vaddr + n * PAGE_SIZE;
         // The daemon's next request is usually 16 pages longer.
@@ -289,6 +299,32 @@ impl PageSource for StoreSource {
         Ok(n)
     }
 }
+
+/// A read that fails for want of a resource (descriptors, memory) is
+/// tried again, with growing pauses, for up to [`RESOURCE_PATIENCE`]: the
+/// restored job waits for its page meanwhile instead of being killed.
+fn read_resilient(
+    reader: &FileReader,
+    offset: u64,
+    len: u64,
+    out: &mut Vec<u8>,
+) -> Result<(), crate::store::StoreError> {
+    let start = std::time::Instant::now();
+    let mut pause = std::time::Duration::from_millis(20);
+    loop {
+        match reader.read_at(offset, len, out) {
+            Err(e) if e.is_resource() && start.elapsed() < RESOURCE_PATIENCE => {
+                tracing::warn!(error = %e, "cannot read a page for the restored job now (a resource ran short); trying again");
+                std::thread::sleep(pause);
+                pause = (pause * 2).min(std::time::Duration::from_secs(2));
+            }
+            r => return r,
+        }
+    }
+}
+
+/// How long a page read is retried after resource shortages.
+const RESOURCE_PATIENCE: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Largest read-ahead (the daemon's largest request: 4 MiB).
 const AHEAD_MAX_PAGES: u64 = 1024;

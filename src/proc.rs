@@ -2,7 +2,7 @@
 
 use std::fs;
 use std::io;
-use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::fd::OwnedFd;
 
 use crate::reaper::ExitStatus;
 
@@ -149,24 +149,13 @@ pub fn tree_ids(root: i32) -> Vec<ProcId> {
 /// signalled. Waits up to `wait` for it to die. Returns true if it was
 /// killed.
 pub fn kill_exact(id: ProcId, wait: std::time::Duration) -> bool {
-    let Ok(fd) = pidfd_open(id.pid) else {
+    let Ok(fd) = crate::pidfd::open(id.pid) else {
         return false;
     };
     if !id.alive() {
         return false;
     }
-    use std::os::fd::AsRawFd;
-    // SAFETY: pidfd_send_signal on a pidfd we own, no siginfo.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_pidfd_send_signal,
-            fd.as_raw_fd(),
-            libc::SIGKILL,
-            std::ptr::null::<libc::siginfo_t>(),
-            0,
-        )
-    };
-    if rc != 0 {
+    if crate::pidfd::send_signal(&fd, libc::SIGKILL).is_err() {
         return false;
     }
     // A pidfd polls readable once the process has exited.
@@ -190,15 +179,9 @@ pub fn ns_pid_map(root: i32) -> std::collections::HashMap<i32, i32> {
         .collect()
 }
 
-/// `pidfd_open(2)`.
+/// `pidfd_open(2)` (see [`crate::pidfd`]).
 pub fn pidfd_open(pid: i32) -> io::Result<OwnedFd> {
-    // SAFETY: raw syscall with integer arguments; the fd is owned on success.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: fd is a fresh descriptor we own.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+    crate::pidfd::open(pid)
 }
 
 /// The inode of `/proc/PID/ns/NAME`, to compare namespaces.

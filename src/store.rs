@@ -340,6 +340,24 @@ pub enum StoreError {
         #[source]
         source: serde_json::Error,
     },
+    /// A resource ran short while reading or writing the store (file
+    /// descriptors, memory, disk space): the stored data is not known to
+    /// be damaged; the operation may work when tried again.
+    #[error("{0} (a resource ran short; the stored data is not known to be damaged)")]
+    Resource(String),
+}
+
+impl StoreError {
+    /// True when the error says a resource ran short (descriptors,
+    /// memory, disk space) and not that anything stored is damaged: the
+    /// same operation may work later.
+    pub fn is_resource(&self) -> bool {
+        match self {
+            StoreError::Resource(_) => true,
+            StoreError::Io { source, .. } => crate::fdlimit::is_resource_error(source),
+            _ => false,
+        }
+    }
 }
 
 /// Builds a closure mapping an `io::Error` to [`StoreError::Io`] for `path`

@@ -25,6 +25,9 @@ use crate::metrics::Metrics;
 use crate::proc::ProcId;
 use crate::slurm::SlurmContext;
 
+/// How a start that gave up after a resource shortage begins its reason.
+const RESOURCE_PREFIX: &str = "a resource of supervise's ran short: ";
+
 /// How often a copy inside Slurm checks that it still holds the store.
 const FENCE_CHECK: Duration = Duration::from_secs(1);
 
@@ -254,7 +257,7 @@ impl Supervisor {
         self.status = Some(port.status);
         self.commands = Some(port.commands);
         self.metrics = metrics;
-        self.metrics.up(&self.cfg.name, false);
+        self.metrics.declare_job(&self.cfg.name);
         if let Some(ctx) = &self.slurm {
             let facts = ctx.facts();
             self.publish(|s| s.extra = facts);
@@ -388,7 +391,7 @@ impl Supervisor {
 
     async fn run_inner(&mut self, mut shutdown: watch::Receiver<Shutdown>) -> Outcome {
         let mut commands = self.commands.take();
-        let mut job = match self.start().await {
+        let mut job = match self.start(Some(&mut shutdown)).await {
             Ok(j) => Some(j),
             Err(reason) => return self.fail(reason),
         };
@@ -532,7 +535,7 @@ impl Supervisor {
             }
             Command::Start(tx) => {
                 self.history.reset();
-                let resp = match self.start().await {
+                let resp = match self.start(None).await {
                     Ok(j) => {
                         let m = format!("job {} running as pid {}", self.cfg.name, j.host_pid);
                         *job = Some(j);
@@ -580,8 +583,14 @@ impl Supervisor {
     }
 
     /// First start: resume from the newest image if there is one, else
-    /// launch (or attach).
-    async fn start(&mut self) -> Result<Running, String> {
+    /// launch (or attach). With `shutdown`, a step that fails for want of
+    /// a resource of supervise's (descriptors, memory) is tried again
+    /// until it works or supervise shuts down; without (a control
+    /// command), that failure is the answer.
+    async fn start(
+        &mut self,
+        mut shutdown: Option<&mut watch::Receiver<Shutdown>>,
+    ) -> Result<Running, String> {
         self.set_state(JobState::Starting);
         if let Some(rec) = self.adopt.take() {
             let r = job::adopt(
@@ -636,62 +645,144 @@ impl Supervisor {
                         "process to attach to is gone; resuming from the newest image"
                     );
                 }
-                match self.restore_newest().await {
+                match self.restore_newest_retrying(shutdown).await {
                     Ok(r) => Ok(r),
-                    Err(restore::NotRestored::NoRoom(why)) => Err(why),
-                    Err(restore::NotRestored::None) => Err(format!(
-                        "process {pid} does not exist and no image could be restored"
-                    )),
+                    Err(e) => Err(format!("process {pid} does not exist and {e}")),
                 }
             }
             Target::Launch(_) => {
-                if !self.list_images().await.is_empty() {
-                    info!("images found; resuming from the newest instead of starting afresh");
-                    match self.restore_newest().await {
-                        Ok(r) => return Ok(r),
-                        // Not afresh: that would lose the job's progress.
-                        Err(restore::NotRestored::NoRoom(why)) => return Err(why),
-                        Err(restore::NotRestored::None) => {}
+                let mut pause = restore::RESOURCE_PAUSE_MIN;
+                let any = loop {
+                    match self.try_list_images().await {
+                        Ok(v) => break !v.is_empty(),
+                        Err(e) if e.is_resource() => {
+                            let e = format!("cannot list the images: {e}");
+                            if !self
+                                .resource_wait(
+                                    "start the job",
+                                    &e,
+                                    &mut pause,
+                                    shutdown.as_deref_mut(),
+                                )
+                                .await
+                            {
+                                return Err(e);
+                            }
+                        }
+                        Err(e) => {
+                            warn!(error = %e, "cannot list images");
+                            break false;
+                        }
                     }
-                    warn!("no image could be restored; starting the command afresh");
+                };
+                if any {
+                    info!("images found; resuming from the newest instead of starting afresh");
+                    match self.restore_newest_retrying(shutdown.as_deref_mut()).await {
+                        Ok(r) => return Ok(r),
+                        Err(e) if e.starts_with(RESOURCE_PREFIX) => return Err(e),
+                        Err(_) => warn!("no image could be restored; starting the command afresh"),
+                    }
                 }
-                self.launch().await
+                self.launch_retrying(shutdown).await
+            }
+        }
+    }
+
+    /// [`restore_newest`](Self::restore_newest), tried again after each
+    /// resource shortage while `shutdown` allows.
+    async fn restore_newest_retrying(
+        &mut self,
+        mut shutdown: Option<&mut watch::Receiver<Shutdown>>,
+    ) -> Result<Running, String> {
+        let mut pause = restore::RESOURCE_PAUSE_MIN;
+        loop {
+            match self.restore_newest().await {
+                Ok(r) => return Ok(r),
+                Err(restore::Failed::Resource(e)) => {
+                    if !self
+                        .resource_wait("restore the job", &e, &mut pause, shutdown.as_deref_mut())
+                        .await
+                    {
+                        return Err(format!("{RESOURCE_PREFIX}{e}"));
+                    }
+                }
+                Err(_) => return Err("no image could be restored".into()),
+            }
+        }
+    }
+
+    /// Launches the job's command, tried again after each resource
+    /// shortage while `shutdown` allows.
+    async fn launch_retrying(
+        &mut self,
+        mut shutdown: Option<&mut watch::Receiver<Shutdown>>,
+    ) -> Result<Running, String> {
+        let mut pause = restore::RESOURCE_PAUSE_MIN;
+        loop {
+            match self.launch_once().await {
+                Ok(r) => return Ok(r),
+                Err(restore::Failed::Resource(e)) => {
+                    if !self
+                        .resource_wait("start the command", &e, &mut pause, shutdown.as_deref_mut())
+                        .await
+                    {
+                        return Err(e);
+                    }
+                }
+                Err(e) => return Err(e.into_message()),
             }
         }
     }
 
     async fn launch(&mut self) -> Result<Running, String> {
+        self.launch_once()
+            .await
+            .map_err(restore::Failed::into_message)
+    }
+
+    async fn launch_once(&mut self) -> Result<Running, restore::Failed> {
+        use restore::Failed;
         let Target::Launch(spec) = self.cfg.target.clone() else {
-            return Err("attached jobs cannot be launched".into());
+            return Err(Failed::Other("attached jobs cannot be launched".into()));
         };
         let engine = self.engine.clone();
         let files = self.files();
         let r = tokio::task::spawn_blocking(move || engine.launch(&spec, &files))
             .await
-            .map_err(|e| e.to_string())?
-            .map_err(|e| format!("cannot start the command: {e}"))?;
+            .map_err(|e| Failed::Other(e.to_string()))?
+            .map_err(|e| {
+                let msg = format!("cannot start the command: {e}");
+                if e.is_resource() {
+                    Failed::Resource(msg)
+                } else {
+                    Failed::Other(msg)
+                }
+            })?;
         self.remember(&r).await;
         info!(pid = r.host_pid, ns_pid = r.ns_pid, "started");
         Ok(r)
     }
 
-    /// The published images, newest first (read on a blocking thread).
+    /// The published images, newest first (read on a blocking thread);
+    /// empty when they cannot be listed (logged).
     async fn list_images(&self) -> Vec<ImageInfo> {
+        self.try_list_images().await.unwrap_or_else(|e| {
+            warn!(error = %e, "cannot list images");
+            Vec::new()
+        })
+    }
+
+    /// The published images, newest first, or why they cannot be listed.
+    async fn try_list_images(&self) -> Result<Vec<ImageInfo>, crate::store::StoreError> {
         let store = self.store.clone();
-        let listed = match tokio::task::spawn_blocking(move || store.list()).await {
-            Ok(r) => r,
-            Err(e) => {
-                warn!(error = %e, "cannot list images");
-                return Vec::new();
-            }
-        };
-        match listed {
-            Ok(v) => v,
-            Err(e) => {
-                warn!(error = %e, "cannot list images");
-                Vec::new()
-            }
-        }
+        tokio::task::spawn_blocking(move || store.list())
+            .await
+            .unwrap_or_else(|e| {
+                Err(crate::store::StoreError::Io {
+                    path: PathBuf::from("list"),
+                    source: std::io::Error::other(e.to_string()),
+                })
+            })
     }
 
     /// `supervise detach-all`: no checkpoint, the job keeps running and

@@ -239,6 +239,36 @@ fn dashboard_is_importable() {
     );
 }
 
+/// A fresh supervise, before its job's first checkpoint or restore,
+/// already exports every series the dashboard queries (at zero), so no
+/// panel shows "No data" until a job has died once.
+#[test]
+#[cfg_attr(not(criu), ignore = "needs root and CRIU >= 4.2 (scripts/setup.sh)")]
+fn a_fresh_supervise_exports_every_series_the_dashboard_queries() {
+    let env = Env::new();
+    let job = JobFile::counter("fresh").every("1h").write(&env);
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    let sup = env.start_with(&[OsStr::new("--metrics"), OsStr::new(&addr), job.as_os_str()]);
+    sup.wait_state("fresh", "running", T);
+    sup.wait_for("metrics listener ready", 1, T);
+    let s = sup.job_status("fresh");
+    assert_eq!(s["checkpoints"], 0);
+    assert_eq!(s["restores"], 0);
+    let text = scrape(port);
+    let bad = problems(&dashboard(), &series(&text));
+    assert!(
+        bad.is_empty(),
+        "a fresh supervise lacks series the dashboard queries:\n{}\n/metrics:\n{text}",
+        bad.join("\n")
+    );
+    assert!(text.contains(r#"supervise_restores_total{job="fresh",outcome="failed"} 0"#));
+}
+
 /// Every series and label the dashboard queries is on a real supervise's
 /// /metrics once the job has been checkpointed and restored; a misspelt
 /// series or label is caught.

@@ -12,6 +12,7 @@ use serde::de::{self, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde::Deserialize;
 use toml::Spanned;
 
+use super::bounds;
 use super::{
     NetworkLock, RestoreOn, ShutdownAction, SlurmSignal, MAX_CRIU_LOG_LEVEL, MAX_NAME_LEN,
 };
@@ -60,21 +61,21 @@ impl<'de, T: Deserialize<'de>> Deserialize<'de> for Table<T> {
 #[serde(deny_unknown_fields)]
 pub(super) struct RawCheckpoint {
     pub(super) every: Option<Spanned<Every>>,
-    pub(super) mtbf: Option<Spanned<Dur<1>>>,
+    pub(super) mtbf: Option<Spanned<IntervalDur>>,
     pub(super) max_overhead: Option<Spanned<Percent>>,
-    pub(super) min: Option<Spanned<Dur<1>>>,
-    pub(super) max: Option<Spanned<Dur<1>>>,
+    pub(super) min: Option<Spanned<IntervalDur>>,
+    pub(super) max: Option<Spanned<IntervalDur>>,
     pub(super) cron: Option<Spanned<CronExpr>>,
     pub(super) timezone: Option<Spanned<TzName>>,
     pub(super) dir: Option<PathValue>,
-    pub(super) keep: Option<Count<1, { u32::MAX as u64 }>>,
+    pub(super) keep: Option<Count<1, { bounds::KEEP }>>,
     pub(super) shell_job: Option<bool>,
     pub(super) tcp_established: Option<bool>,
     pub(super) file_locks: Option<bool>,
     pub(super) ext_unix_sk: Option<bool>,
     pub(super) log_level: Option<Count<0, { MAX_CRIU_LOG_LEVEL as u64 }>>,
     pub(super) network_lock: Option<NetworkLock>,
-    pub(super) timeout: Option<Dur<1>>,
+    pub(super) timeout: Option<Dur<1, { bounds::CHECKPOINT_TIMEOUT.as_secs() }>>,
     pub(super) ghost_limit: Option<Size<{ u32::MAX as u64 }>>,
     pub(super) skip_in_flight: Option<bool>,
     pub(super) link_remap: Option<bool>,
@@ -87,10 +88,10 @@ pub(super) struct RawCheckpoint {
 #[serde(deny_unknown_fields)]
 pub(super) struct RawRestore {
     pub(super) on: Option<RestoreOn>,
-    pub(super) max_restores: Option<Count<1, { u32::MAX as u64 }>>,
-    pub(super) window: Option<Dur<1>>,
-    pub(super) backoff: Option<Spanned<Dur<0>>>,
-    pub(super) backoff_max: Option<Spanned<Dur<0>>>,
+    pub(super) max_restores: Option<Count<1, { bounds::MAX_RESTORES }>>,
+    pub(super) window: Option<Dur<1, { bounds::RESTORE_WINDOW.as_secs() }>>,
+    pub(super) backoff: Option<Spanned<BackoffDur>>,
+    pub(super) backoff_max: Option<Spanned<BackoffDur>>,
     pub(super) lazy: Option<bool>,
 }
 
@@ -106,7 +107,7 @@ pub(super) struct RawShutdown {
 pub(super) struct RawSlurm {
     pub(super) signal: Option<SlurmSignal>,
     pub(super) requeue: Option<bool>,
-    pub(super) fence_wait: Option<Dur<0>>,
+    pub(super) fence_wait: Option<Dur<0, { bounds::FENCE_WAIT.as_secs() }>>,
 }
 
 #[derive(Deserialize)]
@@ -117,7 +118,7 @@ pub(super) struct RawStore {
     pub(super) parity: Option<bool>,
     pub(super) copies: Option<Spanned<Count<1, 2>>>,
     pub(super) copy_dir: Option<Spanned<PathValue>>,
-    pub(super) scrub: Option<Dur<1>>,
+    pub(super) scrub: Option<Dur<1, { bounds::SCRUB.as_secs() }>>,
 }
 
 #[derive(Deserialize)]
@@ -380,10 +381,27 @@ impl<'de> Deserialize<'de> for EnvValue {
     }
 }
 
-/// A humantime duration of at least `MIN_SECS` seconds.
-pub(super) struct Dur<const MIN_SECS: u64>(pub(super) Duration);
+/// A humantime duration of at least `MIN_SECS` and at most `MAX_SECS`
+/// seconds.
+pub(super) struct Dur<const MIN_SECS: u64, const MAX_SECS: u64>(pub(super) Duration);
 
-impl<'de, const MIN_SECS: u64> Deserialize<'de> for Dur<MIN_SECS> {
+/// `checkpoint.mtbf`, `min` and `max`.
+pub(super) type IntervalDur = Dur<1, { bounds::INTERVAL.as_secs() }>;
+/// `restore.backoff` and `backoff_max`.
+pub(super) type BackoffDur = Dur<0, { bounds::BACKOFF.as_secs() }>;
+
+/// "must be at most 1day (found "500000000y")" when `v` exceeds `max`.
+pub(super) fn check_max(v: Duration, max: Duration, s: &str) -> Result<(), String> {
+    if v > max {
+        return Err(format!(
+            "must be at most {} (found {s:?})",
+            humantime::format_duration(max)
+        ));
+    }
+    Ok(())
+}
+
+impl<'de, const MIN_SECS: u64, const MAX_SECS: u64> Deserialize<'de> for Dur<MIN_SECS, MAX_SECS> {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         de_str(
             d,
@@ -394,13 +412,15 @@ impl<'de, const MIN_SECS: u64> Deserialize<'de> for Dur<MIN_SECS> {
                 if v < Duration::from_secs(MIN_SECS) {
                     return Err(format!("must be at least {MIN_SECS}s (found {s:?})"));
                 }
+                check_max(v, Duration::from_secs(MAX_SECS), s)?;
                 Ok(Dur(v))
             },
         )
     }
 }
 
-/// `checkpoint.every`: a duration of at least 1 s, or `"auto"`.
+/// `checkpoint.every`: a duration of at least 1 s and at most a year, or
+/// `"auto"`.
 pub(super) enum Every {
     /// A fixed interval.
     Fixed(Duration),
@@ -423,6 +443,7 @@ impl<'de> Deserialize<'de> for Every {
                 if v < Duration::from_secs(1) {
                     return Err(format!("must be at least 1s (found {s:?})"));
                 }
+                check_max(v, bounds::INTERVAL, s)?;
                 Ok(Every::Fixed(v))
             },
         )

@@ -517,14 +517,14 @@ fn numeric_ranges() {
         3,
         8,
         "checkpoint.keep",
-        "must be at least 1 (found 0)",
+        "must be between 1 and 10000 (found 0)",
     );
     invalid(
         "command = [\"a\"]\n[checkpoint]\nkeep = -1\n",
         3,
         8,
         "checkpoint.keep",
-        "must be at least 1 (found -1)",
+        "must be between 1 and 10000 (found -1)",
     );
     invalid(
         "command = [\"a\"]\n[checkpoint]\nlog_level = 5\n",
@@ -538,14 +538,14 @@ fn numeric_ranges() {
         3,
         16,
         "restore.max_restores",
-        "must be at least 1 (found 0)",
+        "must be between 1 and 10000 (found 0)",
     );
     invalid(
         "command = [\"a\"]\n[restore]\nmax_restores = 5000000000\n",
         3,
         16,
         "restore.max_restores",
-        "must be at most 4294967295",
+        "must be between 1 and 10000 (found 5000000000)",
     );
     invalid("attach = 0\n", 1, 10, "attach", "invalid process id 0");
     invalid("attach = -5\n", 1, 10, "attach", "invalid process id -5");

@@ -7,19 +7,22 @@ use toml::Spanned;
 
 use super::diagnostics::{one_line, Ctx};
 use super::raw::{
-    is_valid_name, CronExpr, Dur, Every, JobName, PathValue, RawCheckpoint, RawFiles, RawJob,
-    RawRestore, RawStore, Table, NAME_RULE,
+    is_valid_name, CronExpr, Every, IntervalDur, JobName, PathValue, RawCheckpoint, RawFiles,
+    RawJob, RawRestore, RawStore, Table, NAME_RULE,
 };
 use super::*;
 
 impl JobConfig {
     /// Reads and validates a job file. Relative paths resolve against the
     /// job file's directory (see the module docs).
+    ///
+    /// A job file must be a regular file (a symlink to one is followed) of
+    /// at most [`MAX_JOB_FILE_SIZE`] bytes: a FIFO, a device or a directory
+    /// is refused without being opened, and the file is read from the
+    /// descriptor that was checked, so that neither can hang supervise nor
+    /// feed it endless bytes.
     pub fn load(path: &Path) -> Result<JobConfig, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: absolute(path),
-            source,
-        })?;
+        let text = read_job_file(path)?;
         JobConfig::from_str_at(&text, path)
     }
 
@@ -34,10 +37,16 @@ impl JobConfig {
                     path: absolute(p),
                     source,
                 })?;
+                // Every `*.toml` that is a file of some kind is a job file,
+                // and must then be a regular one (`load` refuses a FIFO or a
+                // device, naming it). Directories and dangling symlinks
+                // (editors' lock files such as `.#job.toml`) are not files
+                // and are skipped.
                 let mut found: Vec<PathBuf> = rd
                     .flatten()
                     .map(|e| e.path())
-                    .filter(|f| f.extension().is_some_and(|x| x == "toml") && f.is_file())
+                    .filter(|f| f.extension().is_some_and(|x| x == "toml"))
+                    .filter(|f| std::fs::metadata(f).is_ok_and(|m| !m.is_dir()))
                     .collect();
                 if found.is_empty() {
                     return Err(ConfigError::Invalid {
@@ -507,10 +516,10 @@ fn build_checkpoint(
 /// `every = "auto"`: `mtbf` is required; `min <= max`.
 fn auto_params(
     every_span: std::ops::Range<usize>,
-    mtbf: Option<Spanned<Dur<1>>>,
+    mtbf: Option<Spanned<IntervalDur>>,
     max_overhead_ppm: Option<u32>,
-    min: Option<Spanned<Dur<1>>>,
-    max: Option<Spanned<Dur<1>>>,
+    min: Option<Spanned<IntervalDur>>,
+    max: Option<Spanned<IntervalDur>>,
     ctx: &Ctx<'_>,
 ) -> Result<ScheduleSpec, ConfigError> {
     let Some(mtbf) = mtbf else {
@@ -590,6 +599,37 @@ fn build_restore(
         backoff,
         backoff_max,
         lazy: raw.lazy.unwrap_or(true),
+    })
+}
+
+/// Reads a job file: a regular file (symlinks followed) of at most
+/// [`MAX_JOB_FILE_SIZE`] bytes, read from the checked descriptor
+/// ([`crate::fsutil::read_regular_following`]), in UTF-8.
+fn read_job_file(path: &Path) -> Result<String, ConfigError> {
+    let read_error = |source| ConfigError::Read {
+        path: absolute(path),
+        source,
+    };
+    use crate::fsutil::RegularReadError;
+    let bytes = crate::fsutil::read_regular_following(path, MAX_JOB_FILE_SIZE).map_err(|e| {
+        let invalid = |text: String| std::io::Error::new(std::io::ErrorKind::InvalidData, text);
+        read_error(match e {
+            RegularReadError::NotRegular(kind) => invalid(format!(
+                "{kind}, not a regular file (a job file must be a regular file or a symlink \
+                 to one)"
+            )),
+            RegularReadError::TooLarge(max) => invalid(format!(
+                "larger than {} KiB ({max} bytes), the limit for a job file",
+                max / 1024
+            )),
+            RegularReadError::Io(e) => e,
+        })
+    })?;
+    String::from_utf8(bytes).map_err(|_| {
+        read_error(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            "not valid UTF-8",
+        ))
     })
 }
 

@@ -1,12 +1,29 @@
 //! The control socket's client side (`supervise status` and friends).
+//!
+//! The client trusts the socket no more than the server trusts its caller:
+//! before connecting it checks that the socket's directory is a trusted
+//! location for the caller (owned by root or the caller, not writable by
+//! group or others, all the way up: [`crate::fsutil::check_trusted`]), so
+//! that a directory another user planted at the default path
+//! (`/tmp/supervise-<uid>/`) is refused; after connecting it checks the
+//! server's uid (`SO_PEERCRED`): only root and the caller's own user are
+//! believed. Nothing is sent before both checks pass. Whatever the server
+//! answers is printed with its control characters escaped
+//! ([`escape_controls`]), so an answer cannot drive the terminal.
 
+use std::borrow::Cow;
 use std::io;
 use std::path::{Path, PathBuf};
 
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
 
 use super::{Request, Response};
+use crate::fsutil::{self, TrustError};
+
+/// Longest answer read from the server (a status of thousands of jobs fits
+/// many times over); a longer one is refused as malformed.
+pub const MAX_ANSWER: u64 = 64 << 20;
 
 /// Errors talking to a running supervise.
 #[derive(Debug, thiserror::Error)]
@@ -25,6 +42,28 @@ pub enum ClientError {
         /// The socket path.
         path: PathBuf,
     },
+    /// The socket's directory is not a trusted location for the caller:
+    /// someone else could have put a socket (and a fake supervise) there.
+    #[error("refusing to use control socket {path}: {source}; another user may have created it to impersonate supervise: have it removed, or use --socket or SUPERVISE_SOCKET")]
+    Untrusted {
+        /// The socket path.
+        path: PathBuf,
+        /// Which directory fails the rule, its owner and mode.
+        source: TrustError,
+    },
+    /// The process answering on the socket runs as neither root nor the
+    /// caller's own user.
+    #[error("refusing to use control socket {path}: it is served by uid {uid}{name}, which is neither root nor you (uid {me}); nothing was sent")]
+    ForeignServer {
+        /// The socket path.
+        path: PathBuf,
+        /// The server's uid (`SO_PEERCRED`).
+        uid: u32,
+        /// " (name)" of that uid, or nothing.
+        name: String,
+        /// The caller's uid.
+        me: u32,
+    },
     /// The connection failed midway.
     #[error("control socket {path}: {source}")]
     Io {
@@ -34,19 +73,55 @@ pub enum ClientError {
         source: io::Error,
     },
     /// The answer was not understood.
-    #[error("control socket {path}: malformed answer {answer:?}: {reason}")]
+    #[error("control socket {path}: malformed answer \"{answer}\": {reason}")]
     Malformed {
         /// The socket path.
         path: PathBuf,
-        /// What came back.
+        /// What came back (its start, control characters escaped).
         answer: String,
         /// Why it was not understood.
         reason: String,
     },
 }
 
-/// Sends one request and reads the answer.
+/// True if a server running as `server_uid` may be believed by a client
+/// running as `me`: the same user, or root.
+pub fn server_allowed(server_uid: u32, me: u32) -> bool {
+    server_uid == 0 || server_uid == me
+}
+
+/// Checks the socket's directory (see the module docs). A missing
+/// directory means no supervise runs; one the caller cannot examine is
+/// "permission denied".
+pub fn check_socket_dir(path: &Path) -> Result<(), ClientError> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    match fsutil::check_trusted("control socket directory", dir) {
+        Ok(()) => Ok(()),
+        Err(TrustError::Io { source, .. }) if source.kind() == io::ErrorKind::NotFound => {
+            Err(ClientError::NotRunning {
+                path: path.to_path_buf(),
+                source,
+            })
+        }
+        Err(TrustError::Io { source, .. }) if fsutil::is_permission_denied(&source) => {
+            Err(ClientError::PermissionDenied {
+                path: path.to_path_buf(),
+            })
+        }
+        Err(source) => Err(ClientError::Untrusted {
+            path: path.to_path_buf(),
+            source,
+        }),
+    }
+}
+
+/// Sends one request and reads the answer, after checking the socket's
+/// directory and the server's uid (see the module docs).
 pub async fn call(path: &Path, req: &Request) -> Result<Response, ClientError> {
+    check_socket_dir(path)?;
     let stream = UnixStream::connect(path).await.map_err(|source| {
         if source.kind() == io::ErrorKind::PermissionDenied {
             ClientError::PermissionDenied {
@@ -63,24 +138,148 @@ pub async fn call(path: &Path, req: &Request) -> Result<Response, ClientError> {
         path: path.to_path_buf(),
         source,
     };
+    let server = stream.peer_cred().map_err(ioe)?.uid();
+    let me = fsutil::own_uid();
+    if !server_allowed(server, me) {
+        return Err(ClientError::ForeignServer {
+            path: path.to_path_buf(),
+            uid: server,
+            name: user_name(server),
+            me,
+        });
+    }
     let (r, mut w) = stream.into_split();
     let mut line = serde_json::to_string(req).expect("requests serialise");
     line.push('\n');
     w.write_all(line.as_bytes()).await.map_err(ioe)?;
-    let mut answer = String::new();
-    BufReader::new(r)
-        .read_line(&mut answer)
+    let mut answer = Vec::new();
+    BufReader::new(r.take(MAX_ANSWER + 1))
+        .read_until(b'\n', &mut answer)
         .await
         .map_err(ioe)?;
-    serde_json::from_str(&answer).map_err(|e| ClientError::Malformed {
+    let malformed = |reason: String| ClientError::Malformed {
         path: path.to_path_buf(),
-        answer: answer.trim().to_string(),
-        reason: e.to_string(),
-    })
+        answer: shorten(&String::from_utf8_lossy(&answer)),
+        reason,
+    };
+    if answer.len() as u64 > MAX_ANSWER {
+        return Err(malformed(format!("longer than {MAX_ANSWER} bytes")));
+    }
+    serde_json::from_slice(&answer).map_err(|e| malformed(e.to_string()))
+}
+
+fn user_name(uid: u32) -> String {
+    match nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid)) {
+        Ok(Some(u)) => format!(" ({})", escape_controls(&u.name)),
+        _ => String::new(),
+    }
+}
+
+/// The start of a bad answer, for an error message: at most 200
+/// characters, control characters escaped.
+fn shorten(answer: &str) -> String {
+    let t = answer.trim();
+    let mut s: String = t.chars().take(200).collect();
+    if s.len() < t.len() {
+        s.push_str("...");
+    }
+    escape_controls(&s).into_owned()
+}
+
+/// True for the characters [`escape_controls`] escapes: C0 and C1 control
+/// characters and DEL (terminal escape sequences start with ESC, or with
+/// the 8-bit CSI U+009B), and the Unicode formatting characters that
+/// reorder or break the displayed text (bidirectional overrides and
+/// isolates, line and paragraph separators).
+pub fn is_unsafe_char(c: char) -> bool {
+    c.is_control()
+        || matches!(
+            c,
+            '\u{061c}' | '\u{200e}' | '\u{200f}' | '\u{2028}'..='\u{202e}' | '\u{2066}'..='\u{2069}'
+        )
+}
+
+/// `s` fit for a terminal: every character of [`is_unsafe_char`] written
+/// as an escape, `\x1b` for C0 controls and DEL, `\u{9b}` for the others;
+/// everything else (non-ASCII text included) unchanged. Used for all the
+/// client prints of what the server sent.
+pub fn escape_controls(s: &str) -> Cow<'_, str> {
+    if !s.chars().any(is_unsafe_char) {
+        return Cow::Borrowed(s);
+    }
+    let mut out = String::with_capacity(s.len() + 8);
+    for c in s.chars() {
+        match c {
+            c if (c as u32) < 0x20 || c == '\u{7f}' => {
+                out.push_str(&format!("\\x{:02x}", c as u32))
+            }
+            c if is_unsafe_char(c) => out.push_str(&format!("\\u{{{:x}}}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    Cow::Owned(out)
+}
+
+/// JSON text (as serde_json writes it) fit for a terminal, still the same
+/// JSON: serde_json escapes C0 controls in strings itself (the only C0
+/// characters left are its own line breaks), but writes DEL, C1 controls
+/// and the formatting characters of [`is_unsafe_char`] as they are; these
+/// (which can only occur inside strings) become `\uXXXX`.
+pub fn escape_json_controls(json: &str) -> Cow<'_, str> {
+    let unsafe_in_json = |c: char| c >= '\u{7f}' && is_unsafe_char(c);
+    if !json.chars().any(unsafe_in_json) {
+        return Cow::Borrowed(json);
+    }
+    let mut out = String::with_capacity(json.len() + 8);
+    for c in json.chars() {
+        if unsafe_in_json(c) {
+            // All of them are in the Basic Multilingual Plane.
+            out.push_str(&format!("\\u{:04x}", c as u32));
+        } else {
+            out.push(c);
+        }
+    }
+    Cow::Owned(out)
+}
+
+/// What a client command prints for the server's answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Printed {
+    /// Success: this goes to stdout (exit 0).
+    Out(String),
+    /// supervise refused or the command failed: this goes to stderr
+    /// (exit 1).
+    Refused(String),
+}
+
+/// Renders `resp` for the terminal (`json`: status as JSON), every piece
+/// the server sent escaped ([`escape_controls`], [`escape_json_controls`]).
+pub fn render_response(resp: &Response, json: bool, now: chrono::DateTime<chrono::Utc>) -> Printed {
+    match resp {
+        Response::Status { jobs } if json => {
+            let text = serde_json::to_string_pretty(jobs).expect("status serialises");
+            Printed::Out(format!("{}\n", escape_json_controls(&text)))
+        }
+        Response::Status { jobs } => Printed::Out(render_status(jobs, now)),
+        Response::Checkpoint { checkpoint: c } => Printed::Out(format!(
+            "checkpoint {} published: {} bytes, {} ms, frozen {}\n",
+            escape_controls(&c.id),
+            c.bytes,
+            c.duration_ms,
+            c.frozen_ms
+                .map(|f| format!("{f:.1} ms"))
+                .unwrap_or_else(|| "unknown".into())
+        )),
+        Response::Done { message } => Printed::Out(format!("{}\n", escape_controls(message))),
+        Response::Error { message } => {
+            Printed::Refused(format!("supervise: {}\n", escape_controls(message)))
+        }
+    }
 }
 
 /// `supervise status` as a table, one job per line (plus its failure
-/// reason or last error on the next line).
+/// reason or last error on the next line). Every text the server sent is
+/// escaped ([`escape_controls`]).
 pub fn render_status(jobs: &[super::JobStatus], now: chrono::DateTime<chrono::Utc>) -> String {
     let ago = |t: chrono::DateTime<chrono::Utc>| {
         let s = (now - t).num_seconds();
@@ -107,11 +306,11 @@ pub fn render_status(jobs: &[super::JobStatus], now: chrono::DateTime<chrono::Ut
     for j in jobs {
         let state = match &j.state {
             crate::control::JobState::Failed(_) => "failed".to_string(),
-            s => s.describe(),
+            s => escape_controls(&s.describe()).into_owned(),
         };
         let (last, frozen, age) = match &j.last_checkpoint {
             Some(c) => (
-                c.id.clone(),
+                escape_controls(&c.id).into_owned(),
                 c.frozen_ms
                     .map(|f| format!("{f:.1}ms"))
                     .unwrap_or_else(|| "-".into()),
@@ -121,7 +320,7 @@ pub fn render_status(jobs: &[super::JobStatus], now: chrono::DateTime<chrono::Ut
         };
         out.push_str(&format!(
             "{:<16} {:<14} {:>8} {:>8} {:>8}  {:<24} {:>8} {:>9}  {:<8} {:>8}  {}\n",
-            j.name,
+            escape_controls(&j.name),
             state,
             j.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
             j.uptime_s
@@ -147,8 +346,8 @@ pub fn render_status(jobs: &[super::JobStatus], now: chrono::DateTime<chrono::Ut
         if let Some(r) = &j.last_restore {
             out.push_str(&format!(
                 "  last restore: {} from {}, running after {:.0} ms, all memory resident {}\n",
-                r.mode,
-                r.checkpoint,
+                escape_controls(&r.mode),
+                escape_controls(&r.checkpoint),
                 r.running_ms,
                 r.resident_ms
                     .map(|m| format!("after {m:.0} ms"))
@@ -167,12 +366,16 @@ pub fn render_status(jobs: &[super::JobStatus], now: chrono::DateTime<chrono::Ut
             ));
         }
         if let crate::control::JobState::Failed(r) = &j.state {
-            out.push_str(&format!("  failed: {r}\n"));
+            out.push_str(&format!("  failed: {}\n", escape_controls(r)));
         } else if let Some(e) = &j.last_error {
-            out.push_str(&format!("  last error: {e}\n"));
+            out.push_str(&format!("  last error: {}\n", escape_controls(e)));
         }
         for (k, v) in &j.extra {
-            out.push_str(&format!("  {k}: {v}\n"));
+            out.push_str(&format!(
+                "  {}: {}\n",
+                escape_controls(k),
+                escape_controls(v)
+            ));
         }
     }
     out
@@ -193,6 +396,169 @@ mod tests {
     use super::*;
     use crate::control::JobState;
     use crate::control::{CheckpointSummary, JobStatus};
+    use std::borrow::Cow;
+
+    #[test]
+    fn controls_are_escaped_and_text_is_kept() {
+        assert!(matches!(
+            escape_controls("plain ü 日本 \\x"),
+            Cow::Borrowed(_)
+        ));
+        assert_eq!(escape_controls("\x1b[2Jgone"), "\\x1b[2Jgone");
+        assert_eq!(escape_controls("a\nb\rc\td\0"), "a\\x0ab\\x0dc\\x09d\\x00");
+        assert_eq!(escape_controls("\u{7f}"), "\\x7f");
+        // 8-bit CSI, bidi override, line separator.
+        assert_eq!(escape_controls("\u{9b}31m"), "\\u{9b}31m");
+        assert_eq!(escape_controls("x\u{202e}gnp.exe"), "x\\u{202e}gnp.exe");
+        assert_eq!(escape_controls("\u{2028}"), "\\u{2028}");
+        assert_eq!(escape_controls("\u{2066}\u{2069}"), "\\u{2066}\\u{2069}");
+        // Nothing unsafe is left, whatever came in.
+        let all: String = (0u32..0x3000).filter_map(char::from_u32).collect();
+        assert!(!escape_controls(&all).chars().any(is_unsafe_char));
+    }
+
+    #[test]
+    fn json_stays_the_same_json_without_raw_controls() {
+        let mut j = JobStatus::new("a\u{1b}[2J\u{9b}1m\u{7f}\u{202e}", "/img".into());
+        j.last_error = Some("line\nbreak \u{85}".into());
+        let text = serde_json::to_string_pretty(&vec![j.clone()]).unwrap();
+        let safe = escape_json_controls(&text);
+        assert!(
+            !safe.chars().any(|c| c != '\n' && is_unsafe_char(c)),
+            "{safe}"
+        );
+        let back: Vec<JobStatus> = serde_json::from_str(&safe).unwrap();
+        assert_eq!(back, vec![j]);
+        assert!(matches!(
+            escape_json_controls("{\"a\": \"ü\"}"),
+            Cow::Borrowed(_)
+        ));
+    }
+
+    #[test]
+    fn answers_are_printed_escaped() {
+        let now = chrono::Utc::now();
+        let done = Response::Done {
+            message: "\x1b]0;owned\x07\x1b[2Jok".into(),
+        };
+        assert_eq!(
+            render_response(&done, false, now),
+            Printed::Out("\\x1b]0;owned\\x07\\x1b[2Jok\n".into())
+        );
+        let err = Response::Error {
+            message: "no\nsupervise: fake second line".into(),
+        };
+        assert_eq!(
+            render_response(&err, false, now),
+            Printed::Refused("supervise: no\\x0asupervise: fake second line\n".into())
+        );
+        let mut c = JobStatus::new("\x1b[31mred", "/img".into());
+        c.state = JobState::Superseded("\x1b[2J".into());
+        c.last_error = Some("a\nb".into());
+        c.extra.insert("k\x1b".into(), "v\x1b".into());
+        c.last_checkpoint = Some(CheckpointSummary {
+            id: "1\x1b".into(),
+            time: now,
+            duration_ms: 1,
+            frozen_ms: None,
+            bytes: 1,
+        });
+        let resp = Response::Status { jobs: vec![c] };
+        for json in [false, true] {
+            let Printed::Out(text) = render_response(&resp, json, now) else {
+                panic!()
+            };
+            assert!(!text.contains('\x1b'), "{text}");
+            if !json {
+                assert_eq!(
+                    text.lines().count(),
+                    4,
+                    "header, job, last error, extra: {text}"
+                );
+                assert!(text.contains("\\x1b[31mred"), "{text}");
+                assert!(text.contains("  last error: a\\x0ab"), "{text}");
+            }
+        }
+        let cp = Response::Checkpoint {
+            checkpoint: CheckpointSummary {
+                id: "x\u{9b}2J".into(),
+                time: now,
+                duration_ms: 5,
+                frozen_ms: Some(1.0),
+                bytes: 9,
+            },
+        };
+        let Printed::Out(text) = render_response(&cp, false, now) else {
+            panic!()
+        };
+        assert!(
+            text.starts_with("checkpoint x\\u{9b}2J published"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn only_root_and_the_caller_are_believed() {
+        assert!(server_allowed(0, 1000));
+        assert!(server_allowed(1000, 1000));
+        assert!(!server_allowed(65534, 1000));
+        assert!(server_allowed(0, 0));
+        assert!(!server_allowed(1000, 0));
+    }
+
+    #[test]
+    fn socket_directory_is_checked_before_connecting() {
+        use std::os::unix::fs::PermissionsExt;
+        let t = tempfile::tempdir().unwrap();
+        // Missing directory: no supervise runs.
+        let missing = t.path().join("none/s.sock");
+        assert!(matches!(
+            check_socket_dir(&missing),
+            Err(ClientError::NotRunning { .. })
+        ));
+        // Ours, private: fine.
+        check_socket_dir(&t.path().join("s.sock")).unwrap();
+        // Writable by others: refused before anything is sent, naming the
+        // directory, its owner and mode.
+        let open = t.path().join("open");
+        std::fs::create_dir(&open).unwrap();
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let sock = open.join("s.sock");
+        let e = check_socket_dir(&sock).unwrap_err();
+        assert!(matches!(e, ClientError::Untrusted { .. }), "{e}");
+        let shown = e.to_string();
+        assert!(
+            shown.starts_with(&format!(
+                "refusing to use control socket {}",
+                sock.display()
+            )) && shown.contains(&format!("{} is a directory owned by uid", open.display()))
+                && shown.contains("with mode 0777"),
+            "{shown}"
+        );
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        assert!(matches!(
+            rt.block_on(call(&sock, &Request::Status)),
+            Err(ClientError::Untrusted { .. })
+        ));
+    }
+
+    #[test]
+    #[cfg_attr(not(root), ignore = "needs root")]
+    fn socket_directory_of_another_user_is_refused() {
+        let t = tempfile::tempdir().unwrap();
+        let d = t.path().join("supervise-1000");
+        std::fs::create_dir(&d).unwrap();
+        nix::unistd::chown(&d, Some(nix::unistd::Uid::from_raw(65534)), None).unwrap();
+        let e = check_socket_dir(&d.join("supervise.sock"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("owned by uid 65534 (nobody)"), "{e}");
+        assert!(e.contains("mode 0755"), "{e}");
+        assert!(!e.contains('\n'), "{e}");
+    }
 
     #[test]
     fn status_table() {

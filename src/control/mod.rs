@@ -4,7 +4,10 @@
 //! Protocol: one request per connection, one line of JSON each way
 //! ([`Request`] in, [`Response`] out). The socket file is mode 0600 inside a
 //! 0700 directory, and the server also checks the peer's credentials
-//! (`SO_PEERCRED`): only supervise's own user (and root) are served.
+//! (`SO_PEERCRED`): only supervise's own user (and root) are served. The
+//! client checks the other way round ([`client`]): the socket's directory
+//! must be a trusted location for the caller and the server must run as
+//! root or the caller, and answers are printed escaped.
 //!
 //! Each job's supervisor publishes its [`JobStatus`] on a watch channel (so
 //! status never waits for a checkpoint in progress) and takes [`Command`]s
@@ -32,7 +35,9 @@ pub const SOCKET_ENV: &str = "SUPERVISE_SOCKET";
 /// job `/run/supervise/slurm-<job id>.<restart count>.sock`, else
 /// `/run/supervise/supervise.sock` for root, else
 /// `$XDG_RUNTIME_DIR/supervise/supervise.sock`, else
-/// `/tmp/supervise-<uid>/supervise.sock`.
+/// `/tmp/supervise-<uid>/supervise.sock`. Another user can create that
+/// last directory first: the server then refuses to bind there and the
+/// client to connect (both check it, [`crate::fsutil::check_trusted`]).
 pub fn default_socket() -> PathBuf {
     if let Some(p) = std::env::var_os(SOCKET_ENV).filter(|p| !p.is_empty()) {
         return PathBuf::from(p);

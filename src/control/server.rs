@@ -12,6 +12,7 @@ use tracing::{info, warn};
 use tokio::sync::watch;
 
 use super::{dispatch, request_shutdown, JobHandle, Request, Response, Shutdown};
+use crate::admission::{Admission, Limits, Ticket};
 
 /// Errors setting up the control socket.
 #[derive(Debug, thiserror::Error)]
@@ -88,22 +89,31 @@ impl Server {
         &self.path
     }
 
-    /// Serves requests until the task is dropped.
+    /// Serves requests until the task is dropped. Connections are
+    /// admitted through [`Admission`]: caps per listener and per peer uid,
+    /// slow clients dropped first, one deadline for a whole request and
+    /// one for the whole answer.
     pub async fn serve(self, jobs: Arc<Vec<JobHandle>>, shutdown: Arc<watch::Sender<Shutdown>>) {
         let owner = nix::unistd::geteuid().as_raw();
+        let adm = Admission::new("control socket", Limits::control(crate::fdlimit::budget()));
+        let mut errors = crate::admission::AcceptErrors::default();
         loop {
             let (stream, _) = match self.listener.accept().await {
                 Ok(s) => s,
                 Err(e) => {
-                    warn!(error = %e, "control socket accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    errors.note("control socket", &e).await;
                     continue;
                 }
             };
+            let uid = match stream.peer_cred() {
+                Ok(c) => c.uid(),
+                Err(_) => continue,
+            };
             let jobs = jobs.clone();
             let shutdown = shutdown.clone();
-            tokio::spawn(async move {
-                if let Err(e) = handle(stream, &jobs, &shutdown, owner).await {
+            let limits = adm.limits();
+            adm.spawn(stream, uid, move |stream, ticket| async move {
+                if let Err(e) = handle(stream, uid, &jobs, &shutdown, owner, limits, ticket).await {
                     warn!(error = %e, "control connection failed");
                 }
             });
@@ -113,11 +123,13 @@ impl Server {
 
 async fn handle(
     stream: UnixStream,
+    uid: u32,
     jobs: &[JobHandle],
     shutdown: &watch::Sender<Shutdown>,
     owner: u32,
+    limits: Limits,
+    ticket: Ticket,
 ) -> io::Result<()> {
-    let uid = stream.peer_cred()?.uid();
     let (r, mut w) = stream.into_split();
     let reply = |resp: &Response| {
         let mut s = serde_json::to_string(resp).expect("responses serialise");
@@ -125,21 +137,23 @@ async fn handle(
         s
     };
     // Read the request first even from a refused peer, so it gets the
-    // answer rather than a broken pipe; it is never acted upon.
+    // answer rather than a broken pipe; it is never acted upon. One
+    // deadline for the whole request, however slowly it trickles in.
     let mut line = String::new();
     let mut reader = BufReader::new(r.take(1 << 16));
     let read = reader.read_line(&mut line);
-    match tokio::time::timeout(std::time::Duration::from_secs(10), read).await {
+    match tokio::time::timeout(limits.request, read).await {
         Ok(r) => {
             r?;
         }
         Err(_) => {
             return Err(io::Error::new(
                 io::ErrorKind::TimedOut,
-                "no request within 10 s",
+                format!("no whole request within {} s", limits.request.as_secs()),
             ))
         }
     }
+    ticket.request_read();
     if !peer_allowed(uid, owner) {
         warn!(uid, "control request from another user refused");
         let resp = Response::Error {
@@ -147,8 +161,7 @@ async fn handle(
                 "permission denied: uid {uid} is not the owner of this supervise (uid {owner})"
             ),
         };
-        w.write_all(reply(&resp).as_bytes()).await?;
-        return Ok(());
+        return send(&mut w, reply(&resp), limits.reply).await;
     }
     let resp = match serde_json::from_str::<Request>(&line) {
         Ok(Request::DetachAll) => {
@@ -176,8 +189,26 @@ async fn handle(
             message: format!("malformed request: {e}"),
         },
     };
-    w.write_all(reply(&resp).as_bytes()).await?;
-    w.shutdown().await
+    send(&mut w, reply(&resp), limits.reply).await
+}
+
+/// Writes the whole answer within `deadline`.
+async fn send(
+    w: &mut tokio::net::unix::OwnedWriteHalf,
+    text: String,
+    deadline: std::time::Duration,
+) -> io::Result<()> {
+    let write = async {
+        w.write_all(text.as_bytes()).await?;
+        w.shutdown().await
+    };
+    match tokio::time::timeout(deadline, write).await {
+        Ok(r) => r,
+        Err(_) => Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            "the client did not take the answer in time",
+        )),
+    }
 }
 
 #[cfg(test)]

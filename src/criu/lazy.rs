@@ -326,16 +326,7 @@ impl LazySession {
 
 /// Kills the process behind `pidfd` and waits (bounded) until it is gone.
 pub fn kill_and_wait(pidfd: &OwnedFd) {
-    // SAFETY: raw syscall on a valid pidfd.
-    unsafe {
-        libc::syscall(
-            libc::SYS_pidfd_send_signal,
-            pidfd.as_raw_fd(),
-            libc::SIGKILL,
-            std::ptr::null::<libc::siginfo_t>(),
-            0,
-        );
-    }
+    let _ = crate::pidfd::send_signal(pidfd, libc::SIGKILL);
     let _ = wait_readable(pidfd, KILL_WAIT);
 }
 
@@ -489,13 +480,7 @@ fn guard_child(fds: [RawFd; 3]) -> ! {
             break;
         }
         // supervise is gone while pages are missing: the job first.
-        libc::syscall(
-            libc::SYS_pidfd_send_signal,
-            4,
-            libc::SIGKILL,
-            std::ptr::null::<libc::siginfo_t>(),
-            0,
-        );
+        crate::pidfd::send_signal_raw(4, libc::SIGKILL);
         let mut p = libc::pollfd {
             fd: 4,
             events: libc::POLLIN,

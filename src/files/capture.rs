@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -130,20 +130,7 @@ fn job_fds(pids: &[i32]) -> BTreeMap<(u64, u64), Vec<JobFd>> {
 /// positional reads). Unlike an open of `/proc/PID/fd/N`, it does not break
 /// a lease on the file.
 fn dup_from(pid: i32, fd: i32) -> io::Result<File> {
-    // SAFETY: plain syscalls on integers; each returned descriptor is new
-    // and owned here alone.
-    unsafe {
-        let pidfd = libc::syscall(libc::SYS_pidfd_open, pid, 0);
-        if pidfd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        let pidfd = OwnedFd::from_raw_fd(pidfd as i32);
-        let n = libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), fd, 0);
-        if n < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(File::from(OwnedFd::from_raw_fd(n as i32)))
-    }
+    crate::pidfd::getfd(pid, fd)
 }
 
 /// How the content of a file to be recorded is read.

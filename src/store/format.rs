@@ -274,7 +274,10 @@ pub(super) fn load_image(
         return Ok(
             match heal::read_all(mirror, &p, MAX_MANIFEST_BYTES, &mut parse) {
                 Ok(info) => Ok(info),
-                Err(more) if more.is_empty() => Err(why),
+                Err(more) if more.resource => {
+                    return Err(StoreError::Resource(format!("{why}; {more}")))
+                }
+                Err(more) if more.why.is_empty() => Err(why),
                 Err(more) => Err(format!("{why}; cannot repair it: {more}")),
             },
         );
@@ -294,7 +297,9 @@ fn load_direct(
         match fsutil::read_limited(&p, MAX_MANIFEST_BYTES) {
             Ok(bytes) => return Ok(parse_bytes(id, seq, path, key, &bytes, sealed)),
             Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
-            Err(e) if fsutil::is_permission_denied(&e) => return Err(io_err(&p)(e)),
+            Err(e) if fsutil::is_permission_denied(&e) || crate::fdlimit::is_resource_error(&e) => {
+                return Err(io_err(&p)(e))
+            }
             Err(e) => {
                 return Ok(Err(format!(
                     "cannot read {}",

@@ -45,6 +45,53 @@ impl Mirror {
     }
 }
 
+/// Why a store file could not be read the slow way either.
+#[derive(Debug, Clone, Default)]
+pub struct Unhealed {
+    /// Every way that was tried, and why it failed.
+    pub why: String,
+    /// At least one way failed because a resource ran short (descriptors,
+    /// memory): the file may well be intact, so nothing may be concluded
+    /// from this failure.
+    pub resource: bool,
+}
+
+impl std::fmt::Display for Unhealed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.why)
+    }
+}
+
+/// Collects the reasons of [`Unhealed`].
+#[derive(Default)]
+struct Why {
+    lines: Vec<String>,
+    resource: bool,
+}
+
+impl Why {
+    fn push(&mut self, s: String) {
+        self.lines.push(s);
+    }
+
+    fn io(&mut self, path: &Path, e: &io::Error) {
+        self.resource |= crate::fdlimit::is_resource_error(e);
+        self.lines.push(fsutil::describe_error(path, e));
+    }
+
+    fn parity(&mut self, e: &parity::ParityError) {
+        self.resource |= e.is_resource();
+        self.lines.push(e.to_string());
+    }
+
+    fn done(self) -> Unhealed {
+        Unhealed {
+            why: self.lines.join("; "),
+            resource: self.resource,
+        }
+    }
+}
+
 /// `len` bytes at `offset` of the store file `path`, rebuilt from parity or
 /// read from the second copy; `check` must accept them. `Err` says why
 /// neither worked.
@@ -54,8 +101,8 @@ pub fn read_range(
     offset: u64,
     len: usize,
     check: &mut dyn FnMut(&[u8]) -> bool,
-) -> Result<Vec<u8>, String> {
-    let mut why = Vec::new();
+) -> Result<Vec<u8>, Unhealed> {
+    let mut why = Why::default();
     if parity::par_path(path).exists() {
         match parity::read_range(path, offset, len) {
             Ok((bytes, rep)) if check(&bytes) => {
@@ -63,7 +110,7 @@ pub fn read_range(
                 return Ok(bytes);
             }
             Ok(_) => why.push("parity rebuilt data that still does not check".to_string()),
-            Err(e) => why.push(e.to_string()),
+            Err(e) => why.parity(&e),
         }
     } else {
         why.push(format!("{} has no parity", path.display()));
@@ -80,18 +127,20 @@ pub fn read_range(
                 return Ok(b);
             }
             Ok(_) => why.push(format!("the copy {} is damaged too", alt.display())),
-            Err(e) => why.push(fsutil::describe_error(&alt, &e)),
+            Err(e) => why.io(&alt, &e),
         }
         if parity::par_path(&alt).exists() {
-            if let Ok((b, rep)) = parity::read_range(&alt, offset, len) {
-                if check(&b) {
+            match parity::read_range(&alt, offset, len) {
+                Ok((b, rep)) if check(&b) => {
                     warn!(file = %path.display(), copy = %alt.display(), repaired = %rep, "read a damaged store file from the second copy through its parity");
                     return Ok(b);
                 }
+                Ok(_) => {}
+                Err(e) => why.resource |= e.is_resource(),
             }
         }
     }
-    Err(why.join("; "))
+    Err(why.done())
 }
 
 /// The whole store file `path` (at most `max` bytes), rebuilt from parity
@@ -101,8 +150,8 @@ pub fn read_all<T>(
     path: &Path,
     max: u64,
     parse: &mut dyn FnMut(&[u8]) -> Result<T, String>,
-) -> Result<T, String> {
-    let mut why = Vec::new();
+) -> Result<T, Unhealed> {
+    let mut why = Why::default();
     let mut candidates = vec![path.to_path_buf()];
     candidates.extend(mirror.alt(path));
     for (i, p) in candidates.iter().enumerate() {
@@ -115,7 +164,7 @@ pub fn read_all<T>(
                     }
                     Err(e) => why.push(format!("{}: {e}", p.display())),
                 },
-                Err(e) => why.push(fsutil::describe_error(p, &e)),
+                Err(e) => why.io(p, &e),
             }
         }
         if !parity::par_path(p).exists() {
@@ -129,10 +178,10 @@ pub fn read_all<T>(
                 }
                 Err(e) => why.push(format!("rebuilt from parity: {e}")),
             },
-            Err(e) => why.push(e.to_string()),
+            Err(e) => why.parity(&e),
         }
     }
-    Err(why.join("; "))
+    Err(why.done())
 }
 
 fn read_capped(path: &Path, max: u64) -> io::Result<Vec<u8>> {

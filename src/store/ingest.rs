@@ -22,7 +22,7 @@ use super::pack::{self, PackWriter, TreeBuilder};
 use super::parity;
 use super::scratch::{self, tmpfs_dir, tmpfs_staging_prefix, Scratch, ScratchKind};
 use super::stream::PageStream;
-use super::util::{failpoint, fsync_dir, rename_noreplace};
+use super::util::{fsync_dir, rename_noreplace};
 use super::{io_err, ImageStore, StoreError};
 use crate::fsutil;
 
@@ -365,7 +365,7 @@ impl Staging {
         let node_bytes = w.node_bytes;
         let published = w.finish().map_err(io_err(&packs_dir))?;
         drop(db);
-        failpoint("commit-after-pack");
+        crate::failpoint::point("commit-after-pack");
 
         // The data is safe in a published pack: drop the raw dump.
         if let Some(m) = self.mem.take() {

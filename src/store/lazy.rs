@@ -6,7 +6,7 @@
 //! in any other read).
 
 use super::format::ImageInfo;
-use super::objects::Hash;
+use super::objects::{Hash, PieceError};
 use super::reader::Reader;
 use super::verify::{check_chunk_len, file_leaves};
 use super::{ImageStore, StoreError};
@@ -44,7 +44,8 @@ impl ImageStore {
         let mut reader = Reader::new(&db)
             .map_err(|e| super::io_err(db.dir())(e))?
             .sealed_only(image.sealed);
-        let (leaves, chunk) = file_leaves(&mut reader, f).map_err(corrupt)?;
+        let (leaves, chunk) =
+            file_leaves(&mut reader, f).map_err(|e| super::verify::piece_error(&image.id, e))?;
         Ok(FileReader {
             store: self.clone(),
             id: image.id.clone(),
@@ -93,28 +94,26 @@ impl FileReader {
         };
         let (first, second) =
             out[start..].split_at_mut(((mid - lo) as u64 * self.chunk).min(len) as usize);
-        let part = |from: usize, to: usize, dst: &mut [u8]| -> Result<(), String> {
+        let part = |from: usize, to: usize, dst: &mut [u8]| -> Result<(), PieceError> {
             if from >= to {
                 return Ok(());
             }
             let mut reader = Reader::new(db)
-                .map_err(|e| e.to_string())?
+                .map_err(|e| PieceError::io("cannot start reading", &e))?
                 .sealed_only(self.sealed);
             let items: Vec<(usize, Hash)> = (from..to).map(|i| (i, self.leaves[i])).collect();
             let base = from as u64 * self.chunk;
-            reader
-                .read_chunks(&items, &mut |i, data| {
-                    let f = super::format::FileEntry {
-                        size: self.size,
-                        ..Default::default()
-                    };
-                    check_chunk_len(&f, self.chunk, i, last, data.len())?;
-                    let at = (i as u64 * self.chunk - base) as usize;
-                    let n = data.len().min(dst.len().saturating_sub(at));
-                    dst[at..at + n].copy_from_slice(&data[..n]);
-                    Ok(())
-                })
-                .map_err(|e| e.0)
+            reader.read_chunks(&items, &mut |i, data| {
+                let f = super::format::FileEntry {
+                    size: self.size,
+                    ..Default::default()
+                };
+                check_chunk_len(&f, self.chunk, i, last, data.len())?;
+                let at = (i as u64 * self.chunk - base) as usize;
+                let n = data.len().min(dst.len().saturating_sub(at));
+                dst[at..at + n].copy_from_slice(&data[..n]);
+                Ok(())
+            })
         };
         let (a, b) = if mid < hi {
             std::thread::scope(|s| {
@@ -123,7 +122,7 @@ impl FileReader {
                 (
                     a,
                     h.join()
-                        .unwrap_or_else(|_| Err("read thread panicked".into())),
+                        .unwrap_or_else(|_| Err(PieceError::new("read thread panicked"))),
                 )
             })
         } else {
@@ -131,7 +130,11 @@ impl FileReader {
         };
         a.and(b).map_err(|e| {
             out.truncate(start);
-            corrupt(e)
+            if e.resource {
+                StoreError::Resource(format!("checkpoint {}: file {}: {e}", self.id, self.name))
+            } else {
+                corrupt(e.message().to_string())
+            }
         })
     }
 }

@@ -17,7 +17,7 @@ use super::parity;
 use super::progress::{Batch, Phase};
 use super::reader::Reader;
 use super::scratch::{remove_ours_with_prefix, tmpfs_staging_prefix};
-use super::util::{failpoint, fsync_dir, remove_any};
+use super::util::{fsync_dir, remove_any};
 use super::verify::logical_bytes;
 use super::{check_packs_dir, io_err, ImageStore, StoreError};
 use crate::fsutil;
@@ -74,7 +74,7 @@ impl ImageStore {
         }
         if !renamed.is_empty() {
             fsync_dir(&self.dir)?;
-            failpoint("retain-after-rename");
+            crate::failpoint::point("retain-after-rename");
         }
         let mut removed = Vec::new();
         for (id, path) in renamed {
@@ -188,7 +188,7 @@ impl ImageStore {
                 let mut batch = Batch::new(self.progress());
                 match repack(&db, &packs_dir, objs, self.parity, &mut batch) {
                     Ok(Some(new)) => {
-                        failpoint("gc-after-repack");
+                        crate::failpoint::point("gc-after-repack");
                         self.remove_pack_everywhere(&packs_dir, &pack.name)?;
                         report.rewritten_packs += 1;
                         report.freed_bytes += pack.file_bytes.saturating_sub(new.file_bytes);
@@ -310,7 +310,7 @@ fn remove_pack(dir: &Path, name: &str) -> Result<(), StoreError> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
         Err(e) => return Err(io_err(&idx)(e)),
     }
-    failpoint("gc-between-index-and-pack");
+    crate::failpoint::point("gc-between-index-and-pack");
     let pack = dir.join(format!("{name}.pack"));
     for p in [
         pack.clone(),
@@ -342,7 +342,7 @@ fn repack(
         .with_copy(db.mirror().alt(dir));
     let mut buf = Vec::new();
     for (_, h) in objs {
-        let loc = reader.read_stored(h, &mut buf).map_err(|e| e.0)?;
+        let loc = reader.read_stored(h, &mut buf).map_err(|e| e.to_string())?;
         batch.add(loc.stored_len as u64);
         w.add_stored(*h, &buf, loc.raw_len, loc.flags)
             .map_err(|e| e.to_string())?;
@@ -368,14 +368,14 @@ fn mark(
             if d > 0 {
                 reader.read(&h, &mut buf)?;
                 if buf.len() % 32 != 0 {
-                    return Err(PieceError(format!(
+                    return Err(PieceError::new(format!(
                         "tree node {} has a bad length",
                         objects::hex(&h)
                     )));
                 }
                 next.extend(buf.chunks_exact(32).map(|c| Hash::try_from(c).unwrap()));
             } else if reader_missing(reader, &h) {
-                return Err(PieceError(format!(
+                return Err(PieceError::new(format!(
                     "object {} is missing from the store",
                     &objects::hex(&h)[..16]
                 )));

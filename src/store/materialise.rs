@@ -182,6 +182,28 @@ enum WriteError {
     Damage(String),
 }
 
+impl WriteError {
+    /// A failed read: damage, unless a resource ran short.
+    fn piece(e: PieceError) -> WriteError {
+        if e.resource {
+            WriteError::Store(StoreError::Resource(e.to_string()))
+        } else {
+            WriteError::Damage(e.to_string())
+        }
+    }
+
+    /// The same error, about file `name`.
+    fn in_file(self, name: &str) -> WriteError {
+        match self {
+            WriteError::Damage(e) => WriteError::Damage(format!("file {name}: {e}")),
+            WriteError::Store(StoreError::Resource(e)) => {
+                WriteError::Store(StoreError::Resource(format!("file {name}: {e}")))
+            }
+            e => e,
+        }
+    }
+}
+
 /// Writes all files of `image` into `dir`.
 fn write_image(
     db: &ObjectDb,
@@ -244,7 +266,7 @@ fn write_image(
                 .map_err(|e| WriteError::Store(io_err(&path)(e)))?;
             continue;
         }
-        let (leaves, chunk) = file_leaves(&mut reader, f).map_err(damage)?;
+        let (leaves, chunk) = file_leaves(&mut reader, f).map_err(WriteError::piece)?;
         let ranges: Vec<(usize, usize)> = match select(&f.name, dir) {
             Select::Whole => vec![(0, leaves.len())],
             Select::Ranges(r) => r
@@ -289,16 +311,17 @@ fn write_image(
                 }
             }
         }
-        let results: Vec<Result<(), String>> = std::thread::scope(|s| {
+        let results: Vec<Result<(), WriteError>> = std::thread::scope(|s| {
             let handles: Vec<_> = shares
                 .iter()
                 .map(|share| {
                     let file = &file;
                     let leaves = &leaves;
                     let sealed = image.sealed;
+                    let path = &path;
                     s.spawn(move || {
                         share.iter().try_for_each(|&(lo, hi)| {
-                            write_range(db, sealed, f, leaves, chunk, lo, hi, file, progress)
+                            write_range(db, sealed, f, leaves, chunk, lo, hi, file, path, progress)
                         })
                     })
                 })
@@ -306,13 +329,14 @@ fn write_image(
             handles
                 .into_iter()
                 .map(|h| {
-                    h.join()
-                        .unwrap_or_else(|_| Err("materialise thread panicked".into()))
+                    h.join().unwrap_or_else(|_| {
+                        Err(WriteError::Damage("materialise thread panicked".into()))
+                    })
                 })
                 .collect()
         });
         for r in results {
-            r.map_err(|e| damage(format!("file {}: {e}", f.name)))?;
+            r.map_err(|e| e.in_file(&f.name))?;
         }
         for &(lo, hi) in &ranges {
             good.extend(leaves[lo..hi].iter().copied());
@@ -322,7 +346,7 @@ fn write_image(
     Ok(())
 }
 
-/// Writes chunks `lo..hi` of one file at their offsets.
+/// Writes chunks `lo..hi` of one file (`path`) at their offsets.
 #[allow(clippy::too_many_arguments)]
 fn write_range(
     db: &ObjectDb,
@@ -333,44 +357,48 @@ fn write_range(
     lo: usize,
     hi: usize,
     file: &File,
+    path: &Path,
     progress: &dyn Progress,
-) -> Result<(), String> {
+) -> Result<(), WriteError> {
     if lo >= hi {
         return Ok(());
     }
     let mut reader = Reader::new(db)
-        .map_err(|e| e.to_string())?
+        .map_err(|e| WriteError::Store(io_err(db.dir())(e)))?
         .sealed_only(sealed);
     let items: Vec<(usize, Hash)> = (lo..hi).map(|i| (i, leaves[i])).collect();
     let last = leaves.len() - 1;
     let mut buf: Vec<u8> = Vec::with_capacity(WRITE_BATCH + chunk as usize);
     let mut buf_start = lo as u64 * chunk;
-    let mut io_error: Option<String> = None;
+    // A failed write is the destination's problem, never the image's.
+    let mut write_error: Option<io::Error> = None;
     let mut batch = Batch::new(progress);
-    let flush = |buf: &mut Vec<u8>, at: u64| -> Result<(), String> {
-        file.write_all_at(buf, at)
-            .map_err(|e| format!("cannot write: {e}"))?;
+    let flush = |buf: &mut Vec<u8>, at: u64| -> io::Result<()> {
+        file.write_all_at(buf, at)?;
         buf.clear();
         Ok(())
     };
-    reader
-        .read_chunks(&items, &mut |i, data| {
-            check_chunk_len(f, chunk, i, last, data.len())?;
-            buf.extend_from_slice(data);
-            batch.add(data.len() as u64);
-            if buf.len() >= WRITE_BATCH {
-                let at = buf_start;
-                buf_start += buf.len() as u64;
-                if let Err(e) = flush(&mut buf, at) {
-                    io_error = Some(e.clone());
-                    return Err(PieceError(e));
-                }
+    let read = reader.read_chunks(&items, &mut |i, data| {
+        check_chunk_len(f, chunk, i, last, data.len())?;
+        buf.extend_from_slice(data);
+        batch.add(data.len() as u64);
+        if buf.len() >= WRITE_BATCH {
+            let at = buf_start;
+            buf_start += buf.len() as u64;
+            if let Err(e) = flush(&mut buf, at) {
+                let msg = e.to_string();
+                write_error = Some(e);
+                return Err(PieceError::resource(msg));
             }
-            Ok(())
-        })
-        .map_err(|e| io_error.take().unwrap_or(e.0))?;
+        }
+        Ok(())
+    });
+    if let Some(e) = write_error {
+        return Err(WriteError::Store(io_err(path)(e)));
+    }
+    read.map_err(WriteError::piece)?;
     if !buf.is_empty() {
-        flush(&mut buf, buf_start)?;
+        flush(&mut buf, buf_start).map_err(|e| WriteError::Store(io_err(path)(e)))?;
     }
     Ok(())
 }

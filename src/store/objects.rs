@@ -172,11 +172,60 @@ pub struct Pack {
 
 /// A problem reading one object, described for the user.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PieceError(pub String);
+pub struct PieceError {
+    msg: String,
+    /// The read failed because a resource ran short (descriptors,
+    /// memory): it says nothing about the stored data, which must not be
+    /// taken for damaged.
+    pub resource: bool,
+}
+
+impl PieceError {
+    /// Evidence about the data (it does not authenticate, is short, is
+    /// missing, ...).
+    pub fn new(msg: impl Into<String>) -> PieceError {
+        PieceError {
+            msg: msg.into(),
+            resource: false,
+        }
+    }
+
+    /// A resource ran short: not damage.
+    pub fn resource(msg: impl Into<String>) -> PieceError {
+        PieceError {
+            msg: msg.into(),
+            resource: true,
+        }
+    }
+
+    /// From an I/O error while reading `what`: resource shortage or
+    /// evidence, as the error says.
+    pub fn io(what: impl std::fmt::Display, e: &io::Error) -> PieceError {
+        let msg = format!("{what}: {e}");
+        if crate::fdlimit::is_resource_error(e) {
+            PieceError::resource(msg)
+        } else {
+            PieceError::new(msg)
+        }
+    }
+
+    /// The message.
+    pub fn message(&self) -> &str {
+        &self.msg
+    }
+
+    /// The same error with `prefix: ` in front of its message.
+    pub fn context(self, prefix: impl std::fmt::Display) -> PieceError {
+        PieceError {
+            msg: format!("{prefix}: {}", self.msg),
+            resource: self.resource,
+        }
+    }
+}
 
 impl std::fmt::Display for PieceError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
+        f.write_str(&self.msg)
     }
 }
 
@@ -199,6 +248,9 @@ pub struct ObjectDb {
     stamps: HashMap<String, (u64, i64, i64)>,
     /// Index files that failed their checksum or format check: (name, why).
     pub bad_indexes: Vec<(String, String)>,
+    /// Tests: this many pack opens fail with EMFILE.
+    #[cfg(test)]
+    pub(super) fail_opens: Arc<std::sync::atomic::AtomicU32>,
 }
 
 impl ObjectDb {
@@ -364,6 +416,15 @@ impl ObjectDb {
     /// True if `h` is stored.
     pub fn contains(&self, h: &Hash) -> bool {
         self.index.contains_key(h)
+    }
+
+    /// Tests: true if this open is to fail with EMFILE.
+    #[cfg(test)]
+    pub(super) fn fail_this_open(&self) -> bool {
+        use std::sync::atomic::Ordering;
+        self.fail_opens
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok()
     }
 
     /// True if `h` is stored and not known to be damaged: what
@@ -535,7 +596,8 @@ fn read_index(
         parse_index(name, b, pack_len, key)
     }) {
         Ok(entries) => Ok(Ok(entries)),
-        Err(more) if more.is_empty() => Ok(Err(why)),
+        Err(more) if more.resource => Err(StoreError::Resource(format!("{why}; {more}"))),
+        Err(more) if more.why.is_empty() => Ok(Err(why)),
         Err(more) => Ok(Err(format!("{why}; cannot repair it: {more}"))),
     }
 }
@@ -549,7 +611,9 @@ fn read_index_direct(
     let max = index_limit(pack_len);
     let bytes = match read_capped(path, max) {
         Ok(Some(b)) => b,
-        Err(e) if fsutil::is_permission_denied(&e) => return Err(io_err(path)(e)),
+        Err(e) if fsutil::is_permission_denied(&e) || crate::fdlimit::is_resource_error(&e) => {
+            return Err(io_err(path)(e))
+        }
         Ok(None) => {
             return Ok(Err(format!(
                 "{} is larger than {max} bytes, more than its pack {name}.pack ({pack_len} bytes) \

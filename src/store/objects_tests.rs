@@ -76,7 +76,7 @@ fn damaged_index_and_object_are_reported() {
     let mut r = Reader::new(&db).unwrap();
     let mut out = Vec::new();
     let e = r.read(&ha, &mut out).unwrap_err();
-    assert!(e.0.contains(&name), "{e}");
+    assert!(e.message().contains(&name), "{e}");
     // Damage the index: its objects disappear and it is reported.
     let ip = tmp.path().join(format!("{name}.idx"));
     let mut bytes = fs::read(&ip).unwrap();

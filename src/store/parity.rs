@@ -184,6 +184,8 @@ pub(crate) enum ParityError {
         path: PathBuf,
         /// One line naming it.
         msg: String,
+        /// A resource ran short (descriptors, memory): not damage.
+        resource: bool,
     },
     /// The requested range is not inside the file.
     #[error("{}: range {offset}+{len} is outside the file's {file_len} bytes", path.display())]
@@ -241,6 +243,14 @@ fn io_error(path: &Path, e: &io::Error) -> ParityError {
     ParityError::Io {
         path: path.to_path_buf(),
         msg: fsutil::describe_error(path, e),
+        resource: crate::fdlimit::is_resource_error(e),
+    }
+}
+
+impl ParityError {
+    /// True when a resource ran short: says nothing about the file.
+    pub(crate) fn is_resource(&self) -> bool {
+        matches!(self, ParityError::Io { resource: true, .. })
     }
 }
 

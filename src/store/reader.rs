@@ -80,6 +80,11 @@ impl<'a> Reader<'a> {
         out: &mut Vec<u8>,
         first: PieceError,
     ) -> Result<(), PieceError> {
+        // A read that failed for want of a resource says nothing about the
+        // data: no repair is tried and nothing is marked bad.
+        if first.resource {
+            return Err(first);
+        }
         let db = self.db;
         for alt in db.dups(h) {
             let mut stored = vec![0u8; alt.stored_len as usize];
@@ -116,9 +121,12 @@ impl<'a> Reader<'a> {
                 out.extend_from_slice(&tmp);
                 Ok(())
             }
+            Err(why) if why.resource => Err(PieceError::resource(format!(
+                "{first}; the repair could not be tried: {why}"
+            ))),
             Err(why) => {
                 db.mark_bad(h);
-                Err(PieceError(format!("{first}; not repairable: {why}")))
+                Err(PieceError::new(format!("{first}; not repairable: {why}")))
             }
         }
     }
@@ -126,8 +134,20 @@ impl<'a> Reader<'a> {
     fn file(&mut self, pack: u32) -> Result<&File, PieceError> {
         if !self.files.contains_key(&pack) {
             let p = self.db.pack_path(pack);
+            #[cfg(test)]
+            if self.db.fail_this_open() {
+                return Err(PieceError::io(
+                    format_args!("cannot open {}", p.display()),
+                    &io::Error::from_raw_os_error(libc::EMFILE),
+                ));
+            }
             let f = fsutil::open_regular(&p).map_err(|e| {
-                PieceError(format!("cannot open {}", fsutil::describe_error(&p, &e)))
+                let msg = format!("cannot open {}", fsutil::describe_error(&p, &e));
+                if crate::fdlimit::is_resource_error(&e) {
+                    PieceError::resource(msg)
+                } else {
+                    PieceError::new(msg)
+                }
             })?;
             self.files.insert(pack, f);
         }
@@ -153,16 +173,16 @@ impl<'a> Reader<'a> {
             // Stored raw (incompressible, the common case for pages):
             // decrypt straight into the output.
             let Some(key) = db.key() else {
-                return Err(PieceError(format!(
+                return Err(PieceError::new(format!(
                     "{}: sealed, and no store key is loaded",
                     what()
                 )));
             };
             if stored.len() != loc.raw_len as usize + super::crypto::TAG_LEN {
-                return Err(PieceError(format!("{}: bad stored length", what())));
+                return Err(PieceError::new(format!("{}: bad stored length", what())));
             }
             return key.open_object_append(h, stored, out).map_err(|_| {
-                PieceError(format!(
+                PieceError::new(format!(
                     "{}: does not authenticate under the store key (damaged, or not sealed by \
                      this store)",
                     what()
@@ -171,7 +191,7 @@ impl<'a> Reader<'a> {
         }
         let stored = if sealed {
             let Some(key) = db.key() else {
-                return Err(PieceError(format!(
+                return Err(PieceError::new(format!(
                     "{}: sealed, and no store key is loaded",
                     what()
                 )));
@@ -179,7 +199,7 @@ impl<'a> Reader<'a> {
             cx.opened.clear();
             cx.opened.extend_from_slice(stored);
             key.open_object(h, cx.opened).map_err(|_| {
-                PieceError(format!(
+                PieceError::new(format!(
                     "{}: does not authenticate under the store key (damaged, or not sealed by \
                      this store)",
                     what()
@@ -187,7 +207,7 @@ impl<'a> Reader<'a> {
             })?;
             &cx.opened[..]
         } else if cx.sealed_only {
-            return Err(PieceError(format!(
+            return Err(PieceError::new(format!(
                 "{}: not sealed, but the checkpoint is (the object was not written with this \
                  store's key)",
                 what()
@@ -200,9 +220,9 @@ impl<'a> Reader<'a> {
             out.resize(start + loc.raw_len as usize, 0);
             let n = dctx
                 .decompress_to_buffer(stored, &mut out[start..])
-                .map_err(|e| PieceError(format!("{}: cannot decompress: {e}", what())))?;
+                .map_err(|e| PieceError::new(format!("{}: cannot decompress: {e}", what())))?;
             if n != loc.raw_len as usize {
-                return Err(PieceError(format!(
+                return Err(PieceError::new(format!(
                     "{}: decompressed to {n} bytes, index says {}",
                     what(),
                     loc.raw_len
@@ -210,12 +230,12 @@ impl<'a> Reader<'a> {
             }
         } else {
             if stored.len() != loc.raw_len as usize {
-                return Err(PieceError(format!("{}: bad stored length", what())));
+                return Err(PieceError::new(format!("{}: bad stored length", what())));
             }
             out.extend_from_slice(stored);
         }
         if !sealed && hash(&out[start..]) != *h {
-            return Err(PieceError(format!(
+            return Err(PieceError::new(format!(
                 "{}: contents do not match their hash",
                 what()
             )));
@@ -226,7 +246,7 @@ impl<'a> Reader<'a> {
     /// Reads and verifies one object into `out` (cleared first).
     pub fn read(&mut self, h: &Hash, out: &mut Vec<u8>) -> Result<(), PieceError> {
         let loc = self.db.get(h).ok_or_else(|| {
-            PieceError(format!(
+            PieceError::new(format!(
                 "object {} is missing from the store",
                 &hex(h)[..16]
             ))
@@ -236,10 +256,10 @@ impl<'a> Reader<'a> {
         let pack_name = &self.db.packs[loc.pack as usize].name;
         let r = self.file(loc.pack).and_then(|f| {
             f.read_exact_at(&mut stored, loc.offset).map_err(|e| {
-                PieceError(format!(
-                    "object {}: cannot read pack {pack_name}: {e}",
-                    &hex(h)[..16],
-                ))
+                PieceError::io(
+                    format_args!("object {}: cannot read pack {pack_name}", &hex(h)[..16]),
+                    &e,
+                )
             })
         });
         out.clear();
@@ -255,7 +275,7 @@ impl<'a> Reader<'a> {
     /// Reads a verified object in its stored form (for repacking).
     pub fn read_stored(&mut self, h: &Hash, stored: &mut Vec<u8>) -> Result<Loc, PieceError> {
         let loc = self.db.get(h).ok_or_else(|| {
-            PieceError(format!(
+            PieceError::new(format!(
                 "object {} is missing from the store",
                 &hex(h)[..16]
             ))
@@ -263,13 +283,14 @@ impl<'a> Reader<'a> {
         stored.resize(loc.stored_len as usize, 0);
         let read = self.file(loc.pack).and_then(|f| {
             f.read_exact_at(stored, loc.offset)
-                .map_err(|e| PieceError(format!("cannot read pack: {e}")))
+                .map_err(|e| PieceError::io("cannot read pack", &e))
         });
         let mut out = Vec::new();
         let db = self.db;
         let first =
             match read.and_then(|()| Self::decode(self.ctx(), db, h, &loc, stored, &mut out)) {
                 Ok(()) => return Ok(loc),
+                Err(e) if e.resource => return Err(e),
                 Err(e) => e,
             };
         // Repaired bytes of the stored form (gc copies them as they are).
@@ -289,7 +310,14 @@ impl<'a> Reader<'a> {
                 Self::decode(cx, db, h, &loc, b, &mut Vec::new()).is_ok()
             },
         )
-        .map_err(|why| PieceError(format!("{first}; not repairable: {why}")))?;
+        .map_err(|why| {
+            let msg = format!("{first}; not repairable: {why}");
+            if why.resource {
+                PieceError::resource(msg)
+            } else {
+                PieceError::new(msg)
+            }
+        })?;
         *stored = bytes;
         Ok(loc)
     }
@@ -303,7 +331,7 @@ impl<'a> Reader<'a> {
             for h in &level {
                 self.read(h, &mut buf)?;
                 if buf.is_empty() || buf.len() % 32 != 0 || buf.len() > FANOUT * 32 {
-                    return Err(PieceError(format!(
+                    return Err(PieceError::new(format!(
                         "tree node {} (level {d}) has a bad length {}",
                         &hex(h)[..16],
                         buf.len()
@@ -328,7 +356,7 @@ impl<'a> Reader<'a> {
         let mut out = Vec::new();
         while i < hashes.len() {
             let first = self.db.get(&hashes[i].1).ok_or_else(|| {
-                PieceError(format!(
+                PieceError::new(format!(
                     "chunk {} (object {}) is missing from the store",
                     hashes[i].0,
                     &hex(&hashes[i].1)[..16]
@@ -352,10 +380,13 @@ impl<'a> Reader<'a> {
             // read object by object through the repair path.
             let run_err = match self.file(first.pack) {
                 Ok(f) => f.read_exact_at(&mut run, first.offset).err().map(|e| {
-                    PieceError(format!(
-                        "cannot read pack {}: {e}",
-                        self.db.packs[first.pack as usize].name
-                    ))
+                    PieceError::io(
+                        format_args!(
+                            "cannot read pack {}",
+                            self.db.packs[first.pack as usize].name
+                        ),
+                        &e,
+                    )
                 }),
                 Err(e) => Some(e),
             };
@@ -381,7 +412,7 @@ impl<'a> Reader<'a> {
                         out.clear();
                         self.read_repaired(h, &loc, &mut out, e)
                     })
-                    .map_err(|e| PieceError(format!("chunk {idx}: {e}")))
+                    .map_err(|e| e.context(format_args!("chunk {idx}")))
                     .and_then(|()| sink(*idx, &out));
                 if let Err(e) = r {
                     res = Err(e);

@@ -4,23 +4,8 @@ use std::fs;
 use std::io;
 use std::path::Path;
 
-use tracing::warn;
-
 use super::{io_err, StoreError};
 use crate::fsutil;
-
-/// Crash testing: when `SUPERVISE_FAILPOINT` names this point, the process
-/// SIGKILLs itself here (points: `commit-after-pack`, `retain-after-rename`,
-/// `gc-after-repack`, `gc-between-index-and-pack`).
-pub(super) fn failpoint(name: &str) {
-    if std::env::var_os("SUPERVISE_FAILPOINT").is_some_and(|v| v == name) {
-        warn!(
-            failpoint = name,
-            "SUPERVISE_FAILPOINT reached: killing this process"
-        );
-        let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGKILL);
-    }
-}
 
 pub(super) fn remove_any(path: &Path) -> Result<(), StoreError> {
     let md = fs::symlink_metadata(path).map_err(io_err(path))?;

@@ -53,12 +53,8 @@ impl ImageStore {
         let db = self.db()?;
         let mut checked = HashSetH::default();
         let mut batch = Batch::new(&NoProgress);
-        check_image(&db, image, &mut checked, &mut batch, &mut |_, _, _| Ok(())).map_err(|reason| {
-            StoreError::Corrupt {
-                id: image.id.clone(),
-                reason,
-            }
-        })
+        check_image(&db, image, &mut checked, &mut batch, &mut |_, _, _| Ok(()))
+            .map_err(|e| piece_error(&image.id, e))
     }
 
     /// Verifies the whole store: every listed checkpoint (objects shared by
@@ -87,6 +83,11 @@ impl ImageStore {
             // A damaged image counts as done (the bar sums to its total).
             let rest = logical_bytes(img).saturating_sub(batch.added() - done);
             batch.add(rest);
+            let r = match r {
+                // Not evidence of anything: the whole verification fails.
+                Err(e) if e.resource => return Err(piece_error(&img.id, e)),
+                r => r.map_err(|e| e.message().to_string()),
+            };
             if let Err(e) = &r {
                 warn!(checkpoint = %img.id, error = %e, "checkpoint failed verification");
             }
@@ -121,16 +122,19 @@ fn check_image(
     good: &mut HashSetH,
     batch: &mut Batch<'_>,
     sink: &mut FileChunkSink<'_>,
-) -> Result<(), String> {
+) -> Result<(), PieceError> {
     if image.manifest.version == MANIFEST_VERSION_V1 {
-        return verify_v1(image);
+        return verify_v1(image).map_err(PieceError::new);
     }
     let mut reader = Reader::new(db)
-        .map_err(|e| e.to_string())?
+        .map_err(|e| PieceError::io("cannot start reading", &e))?
         .sealed_only(image.sealed);
     for (fi, f) in image.manifest.files.iter().enumerate() {
         if !valid_file_name(&f.name) {
-            return Err(format!("manifest lists invalid file name {:?}", f.name));
+            return Err(PieceError::new(format!(
+                "manifest lists invalid file name {:?}",
+                f.name
+            )));
         }
         if f.link.is_some() {
             continue;
@@ -161,9 +165,22 @@ fn check_image(
             sink(fi, i, data)
         });
         good.extend(ok);
-        r.map_err(|e| format!("file {}: {e}", f.name))?;
+        r.map_err(|e| e.context(format_args!("file {}", f.name)))?;
     }
     Ok(())
+}
+
+/// A failed read of checkpoint `id` as a store error: a resource that ran
+/// short is [`StoreError::Resource`], anything else damage.
+pub(super) fn piece_error(id: &str, e: PieceError) -> StoreError {
+    if e.resource {
+        StoreError::Resource(format!("checkpoint {id}: {e}"))
+    } else {
+        StoreError::Corrupt {
+            id: id.to_string(),
+            reason: e.message().to_string(),
+        }
+    }
 }
 
 pub(super) fn check_chunk_len(
@@ -179,7 +196,7 @@ pub(super) fn check_chunk_len(
         f.size - chunk * last as u64
     };
     if len as u64 != want {
-        return Err(PieceError(format!(
+        return Err(PieceError::new(format!(
             "chunk {i} has {len} bytes, expected {want} (file size {})",
             f.size
         )));
@@ -191,25 +208,28 @@ pub(super) fn check_chunk_len(
 pub(super) fn file_leaves(
     reader: &mut Reader<'_>,
     f: &FileEntry,
-) -> Result<(Vec<Hash>, u64), String> {
+) -> Result<(Vec<Hash>, u64), PieceError> {
     let (Some((root, depth)), Some(chunk)) = (tree_of(f), f.chunk) else {
-        return Err(format!("file {}: manifest entry has no tree", f.name));
+        return Err(PieceError::new(format!(
+            "file {}: manifest entry has no tree",
+            f.name
+        )));
     };
     if chunk == 0 {
-        return Err(format!("file {}: chunk size 0", f.name));
+        return Err(PieceError::new(format!("file {}: chunk size 0", f.name)));
     }
     let chunk = chunk as u64;
     let leaves = reader
         .leaves(&root, depth)
-        .map_err(|e| format!("file {}: {e}", f.name))?;
+        .map_err(|e| e.context(format_args!("file {}", f.name)))?;
     let want = f.size.div_ceil(chunk).max(1) as usize;
     if leaves.len() != want {
-        return Err(format!(
+        return Err(PieceError::new(format!(
             "file {}: tree has {} chunks, size {} needs {want}",
             f.name,
             leaves.len(),
             f.size
-        ));
+        )));
     }
     Ok((leaves, chunk))
 }

@@ -127,7 +127,7 @@ impl Supervisor {
                     return true;
                 }
                 // Tests: crash supervise while CRIU dumps (job frozen).
-                crate::fsutil::pause_point("post-dump");
+                crate::failpoint::point("post-dump");
                 let pids = crate::proc::tree(host_pid);
                 if attached {
                     tree = pids.iter().filter_map(|p| ProcId::of(*p)).collect();
@@ -158,7 +158,7 @@ impl Supervisor {
                 sink.as_mut().map(|s| s as &mut (dyn DumpSink + Send)),
             );
             // Tests: look at (or crash) a finished dump before the commit.
-            crate::fsutil::pause_point("after-dump");
+            crate::failpoint::point("after-dump");
             (staging, r, files, tree, sink)
         })
         .await;

@@ -34,7 +34,7 @@ impl Supervisor {
         // damaged image is refused with the job left as it is.
         let m = match self.materialise_image(&img).await {
             Ok(m) => m,
-            Err(e) => return err(format!("{}; the job was left as it is", e.into_message())),
+            Err(e) => return err(format!("{}; the job was left as it is", e.message())),
         };
         if let Some(j) = job.take() {
             info!(checkpoint = %img.id, "replacing the running job by an image on request");
@@ -58,8 +58,13 @@ impl Supervisor {
                 warn!(checkpoint = %img.id, error = %e, "requested restore failed; recovering the job");
                 let recovered = match self.restore_newest().await {
                     Ok(r) => Some(r),
-                    Err(NotRestored::NoRoom(_)) => None,
-                    Err(NotRestored::None) => match self.cfg.target {
+                    // Nothing is wrong with the images: do not start
+                    // afresh; the job is down, and `start` tries again.
+                    Err(Failed::Resource(why)) => {
+                        warn!(error = %why, "cannot recover the job now; `supervise start` tries again");
+                        None
+                    }
+                    Err(_) => match self.cfg.target {
                         Target::Launch(_) => self.launch().await.ok(),
                         Target::Attach { .. } => None,
                     },
@@ -76,13 +81,25 @@ impl Supervisor {
         resp
     }
 
-    /// Tries images newest first: verify, then CRIU restore. Not enough
-    /// memory to restore without writing the job's memory to disk (the
-    /// store seals) ends the search: older images need as much, and
-    /// starting the job afresh instead would throw its progress away.
-    pub(super) async fn restore_newest(&mut self) -> Result<Running, NotRestored> {
+    /// Tries images newest first: verify, then CRIU restore. An image that
+    /// fails for a reason of its own (damage, CRIU refusing it) is skipped
+    /// for the next older one; when a resource of supervise's ran short
+    /// (descriptors, memory, space) nothing is concluded about any image
+    /// and [`Failed::Resource`] says to try again later (never an older
+    /// image, never a fresh start: they would cost the job its work).
+    /// [`Failed::Other`]: there is no image, or none could be restored.
+    pub(super) async fn restore_newest(&mut self) -> Result<Running, Failed> {
         self.set_state(JobState::Restoring);
-        let images = self.list_images().await;
+        let images = match self.try_list_images().await {
+            Ok(v) => v,
+            Err(e) if e.is_resource() => {
+                return Err(Failed::Resource(format!("cannot list the images: {e}")))
+            }
+            Err(e) => {
+                warn!(error = %e, "cannot list images");
+                Vec::new()
+            }
+        };
         self.kill_survivors(images.first()).await;
         if images.is_empty() {
             info!("no images to restore from");
@@ -90,19 +107,46 @@ impl Supervisor {
         for img in images {
             match self.restore_image(&img).await {
                 Ok(r) => return Ok(r),
+                Err(Failed::Resource(e)) => return Err(Failed::Resource(e)),
+                // Older images need as much memory.
                 Err(Failed::NoRoom(e)) => {
-                    error!(checkpoint = %img.id, error = %e, "cannot restore the job: not enough memory; its images are kept");
-                    return Err(NotRestored::NoRoom(format!(
-                        "cannot restore {}: {e}",
-                        img.id
-                    )));
+                    return Err(Failed::Resource(format!("cannot restore {}: {e}", img.id)))
                 }
                 Err(e) => {
-                    warn!(checkpoint = %img.id, error = %e.into_message(), "cannot restore this image; trying the next older one")
+                    warn!(checkpoint = %img.id, error = %e.message(), "cannot restore this image; trying the next older one")
                 }
             }
         }
-        Err(NotRestored::None)
+        Err(Failed::Other("no image could be restored".into()))
+    }
+
+    /// After a resource shortage ([`Failed::Resource`]): logs it and waits
+    /// `pause` (doubled for the next time, up to a minute) before the step
+    /// is tried again. False when there is no waiting (no shutdown
+    /// receiver: a control command answers at once) or supervise is asked
+    /// to shut down meanwhile.
+    pub(super) async fn resource_wait(
+        &mut self,
+        what: &str,
+        error: &str,
+        pause: &mut Duration,
+        shutdown: Option<&mut watch::Receiver<super::Shutdown>>,
+    ) -> bool {
+        let Some(shutdown) = shutdown else {
+            return false;
+        };
+        warn!(
+            error = %error,
+            retry_ms = pause.as_millis() as u64,
+            "cannot {what} now: a resource of supervise's ran short (not the job's or the image's fault); trying again"
+        );
+        self.publish(|s| s.last_error = Some(format!("{what}: {error} (retrying)")));
+        let slept = tokio::select! {
+            _ = tokio::time::sleep(*pause) => true,
+            _ = shutdown.changed() => false,
+        };
+        *pause = (*pause * 2).min(RESOURCE_PAUSE_MAX);
+        slept
     }
 
     /// Before an attached job is restored: every process of its tree at the
@@ -148,7 +192,7 @@ impl Supervisor {
     /// When the store seals and there is not enough memory to write the
     /// whole image out (it may not go to disk), a lazy restore is tried
     /// even if not wanted, where it works; else the restore fails with
-    /// [`Failed::NoRoom`].
+    /// [`Failed::NoRoom`] (tried again later, like any resource shortage).
     pub(super) async fn restore_image(&mut self, img: &ImageInfo) -> Result<Running, Failed> {
         let lazy = self.lazy_wanted(img).await;
         if lazy {
@@ -169,7 +213,10 @@ impl Supervisor {
             }
         }
         match self.materialise_image(img).await {
-            Ok(m) => self.restore_materialised(img, m, None).await,
+            Ok(m) => self
+                .restore_materialised(img, m, None)
+                .await
+                .map_err(Failed::not_lazy),
             Err(Failed::NoRoom(e)) if !lazy && self.lazy_works(img).await => {
                 info!(
                     checkpoint = %img.id,
@@ -256,13 +303,14 @@ impl Supervisor {
             let work = crate::store::restore_scratch(&fallback, need, sealed).map_err(no_dir)?;
             let m = store
                 .materialise_select(&img2, work.path(), &mut crate::pages::lazy_select())
-                .map_err(|e| Failed::Other(prepare_failed(e, work.path())))?
+                .map_err(|e| materialise_failed(work.path(), e))?
                 .in_scratch(work);
             match crate::pages::StoreSource::open(&store, &img2, &m.path, failures) {
                 Ok(src) => Ok((m, Box::new(src) as Box<dyn PageSource + Send>)),
                 Err(e) => {
+                    let f = materialise_failed(&m.path, e);
                     m.remove();
-                    Err(Failed::Other(format!("image failed verification: {e}")))
+                    Err(f)
                 }
             }
         })
@@ -317,10 +365,9 @@ impl Supervisor {
     }
 
     /// Writes the image out for CRIU, every piece verified as it is read.
-    /// Touches neither the job nor its files.
-    /// When the store seals, the image is written only into memory
-    /// (`/dev/shm` or a private tmpfs); without the memory for it, this
-    /// fails with [`Failed::NoRoom`].
+    /// Touches neither the job nor its files. When the store seals, the
+    /// image is written only into memory (`/dev/shm` or a private tmpfs);
+    /// without the memory for it, this fails with [`Failed::NoRoom`].
     pub(super) async fn materialise_image(&self, img: &ImageInfo) -> Result<Materialised, Failed> {
         let store = self.store.clone();
         let fallback = self.run_dir.join("restore");
@@ -331,7 +378,7 @@ impl Supervisor {
             let work = crate::store::restore_scratch(&fallback, need, sealed).map_err(no_dir)?;
             match store.materialise(&img2, work.path()) {
                 Ok(m) => Ok(m.in_scratch(work)),
-                Err(e) => Err(Failed::Other(prepare_failed(e, work.path()))),
+                Err(e) => Err(materialise_failed(work.path(), e)),
             }
         })
         .await
@@ -363,9 +410,15 @@ impl Supervisor {
                 // The job's files go back to the checkpoint's instant
                 // before CRIU reopens them.
                 let r = crate::files::rollback_checked(&m.path, &files_cfg)
-                    .map_err(|e| Failed::Other(e.to_string()))
+                    .map_err(|e| {
+                        if e.is_resource() {
+                            Failed::Resource(e.to_string())
+                        } else {
+                            Failed::Other(e.to_string())
+                        }
+                    })
                     .and_then(|(actions, expect)| {
-                        crate::fsutil::pause_point("after-rollback");
+                        crate::failpoint::point("after-rollback");
                         // CRIU reopens the job's files by path: before the
                         // restored tree runs, each descriptor that held a
                         // rolled-back file must hold that very file.
@@ -389,6 +442,9 @@ impl Supervisor {
                             (Ok(r), _) => Ok((r, actions)),
                             (Err(_), Some(why)) => Err(Failed::Other(why)),
                             (Err(JobError::Lazy(e)), None) => Err(Failed::Lazy(e)),
+                            (Err(e), None) if e.is_resource() => {
+                                Err(Failed::Resource(e.to_string()))
+                            }
                             (Err(e), None) => Err(Failed::Other(e.to_string())),
                         }
                     });
@@ -499,68 +555,111 @@ impl Supervisor {
                 }
             }
         }
-        match self.restore_newest().await {
-            Ok(r) => return Ok(r),
-            Err(NotRestored::NoRoom(why)) => return Err(self.fail(why)),
-            Err(NotRestored::None) => {}
+        let mut pause = RESOURCE_PAUSE_MIN;
+        loop {
+            match self.restore_newest().await {
+                Ok(r) => return Ok(r),
+                Err(Failed::Resource(e)) => {
+                    if !self
+                        .resource_wait("restore the job", &e, &mut pause, Some(shutdown))
+                        .await
+                    {
+                        self.set_state(JobState::Stopped);
+                        return Err(Outcome::Stopped);
+                    }
+                }
+                Err(_) => break,
+            }
         }
         match self.cfg.target {
             Target::Launch(_) => {
                 warn!("no image could be restored; starting the command afresh");
-                self.launch().await.map_err(|e| self.fail(e))
+                match self.launch_retrying(Some(shutdown)).await {
+                    Ok(r) => Ok(r),
+                    Err(e) => Err(self.fail(e)),
+                }
             }
             Target::Attach { .. } => Err(self.fail("no image could be restored".into())),
         }
     }
 }
 
-/// How a restore failed.
+/// First pause after a resource shortage.
+pub(super) const RESOURCE_PAUSE_MIN: Duration = Duration::from_secs(1);
+/// Longest pause between tries after resource shortages.
+const RESOURCE_PAUSE_MAX: Duration = Duration::from_secs(60);
+
+/// A failed materialise of an image into `work`: damage is the image's,
+/// a resource shortage nobody's, anything else the destination's.
+fn materialise_failed(work: &Path, e: crate::store::StoreError) -> Failed {
+    match e {
+        crate::store::StoreError::Corrupt { .. } => {
+            Failed::Other(format!("image failed verification: {e}"))
+        }
+        e if e.is_resource() => {
+            Failed::Resource(format!("cannot prepare {} for CRIU: {e}", work.display()))
+        }
+        e => Failed::Other(format!("cannot prepare {} for CRIU: {e}", work.display())),
+    }
+}
+
+/// How a restore (or a launch) failed.
+#[derive(Debug)]
 pub(super) enum Failed {
     /// The lazy restore failed before the job ran (an eager one may work).
     Lazy(String),
+    /// A resource of supervise's ran short (descriptors, memory, space):
+    /// nothing is known to be wrong with the image; try it again later.
+    Resource(String),
     /// Not enough memory to write the image out without it touching the
-    /// disk (the store seals).
+    /// disk (the store seals): a lazy restore may fit; else a resource
+    /// shortage.
     NoRoom(String),
     /// Anything else.
     Other(String),
 }
 
 impl Failed {
-    fn message(&self) -> &str {
+    /// The message.
+    pub(super) fn message(&self) -> &str {
         match self {
-            Failed::Lazy(e) | Failed::NoRoom(e) | Failed::Other(e) => e,
+            Failed::Lazy(e) | Failed::Resource(e) | Failed::NoRoom(e) | Failed::Other(e) => e,
         }
     }
 
-    fn into_message(self) -> String {
+    pub(super) fn into_message(self) -> String {
         match self {
-            Failed::Lazy(e) | Failed::NoRoom(e) | Failed::Other(e) => e,
+            Failed::Lazy(e) | Failed::Resource(e) | Failed::NoRoom(e) | Failed::Other(e) => e,
+        }
+    }
+
+    /// An eager restore's failure (a lazy one is just another failure).
+    fn not_lazy(self) -> Failed {
+        match self {
+            Failed::Lazy(e) => Failed::Other(e),
+            e => e,
+        }
+    }
+
+    /// `msg`, from the OS error `e`.
+    fn io(msg: String, e: &std::io::Error) -> Failed {
+        if crate::fdlimit::is_resource_error(e) {
+            Failed::Resource(msg)
+        } else {
+            Failed::Other(msg)
         }
     }
 }
 
-/// Why no image was restored.
-pub(super) enum NotRestored {
-    /// There was none, or none could be restored: the job may start afresh.
-    None,
-    /// Not enough memory to restore without writing the job's memory to
-    /// disk: the job must not start afresh (its images are kept).
-    NoRoom(String),
-}
-
-/// No scratch directory for a restore.
+/// No scratch directory for a restore: too little memory (the store
+/// seals), a resource shortage, or the destination's fault.
 fn no_dir(e: crate::store::ScratchError) -> Failed {
     if e.is_no_room() {
-        Failed::NoRoom(e.to_string())
-    } else {
-        Failed::Other(format!("cannot create a directory to restore into: {e}"))
+        return Failed::NoRoom(e.to_string());
     }
-}
-
-/// Materialising into `dir` failed.
-fn prepare_failed(e: crate::store::StoreError, dir: &std::path::Path) -> String {
-    match e {
-        crate::store::StoreError::Corrupt { .. } => format!("image failed verification: {e}"),
-        e => format!("cannot prepare {} for CRIU: {e}", dir.display()),
+    let msg = format!("cannot create a directory to restore into: {e}");
+    match &e {
+        crate::store::ScratchError::Io { source, .. } => Failed::io(msg, source),
+        _ => Failed::Other(msg),
     }
 }

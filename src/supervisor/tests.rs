@@ -36,6 +36,11 @@ struct Fake {
     lazy_reads: Mutex<Vec<u64>>,
     /// Whether each dump was streamed.
     streamed: Mutex<Vec<bool>>,
+    /// This many restores fail first, as when supervise is out of file
+    /// descriptors (EMFILE creating the namespace init).
+    restore_emfile: Mutex<u32>,
+    /// The dump each restore (attempted) was of.
+    restored_from: Mutex<Vec<u32>>,
 }
 
 /// The fake job's memory in dump `n`: three lazy pages and one eager page
@@ -150,6 +155,16 @@ impl Engine for Fake {
         assert!(images.join("core-1000.img").exists(), "materialised first");
         let core = std::fs::read_to_string(images.join("core-1000.img")).unwrap();
         let n: u32 = core.trim_start_matches("dump ").parse().unwrap();
+        self.restored_from.lock().unwrap().push(n);
+        {
+            let mut e = self.restore_emfile.lock().unwrap();
+            if *e > 0 {
+                *e -= 1;
+                return Err(JobError::Init(std::io::Error::from_raw_os_error(
+                    libc::EMFILE,
+                )));
+            }
+        }
         let map = Pagemap::parse(&std::fs::read(images.join("pagemap-1000.img")).unwrap()).unwrap();
         let file = std::fs::read(images.join(format!("pages-{}.img", map.pages_id))).unwrap();
         assert_eq!(file.len(), 4 * 4096);
@@ -368,6 +383,40 @@ async fn streamed_checkpoints_restore_lazily_from_the_store() {
         .await;
     assert_eq!(s.last_restore.unwrap().mode, "eager");
     assert!(h.fake.lazy_reads.lock().unwrap().is_empty());
+    h.shutdown.send(Shutdown::Configured).unwrap();
+    assert_eq!(h.task.await.unwrap(), Outcome::Stopped);
+}
+
+/// A restore that fails for want of a descriptor of supervise's (EMFILE)
+/// says nothing about the image: the same, newest image is tried again
+/// after a pause; no older image is tried and the command is not started
+/// afresh (either would lose the job's work).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restore_short_of_descriptors_retries_the_newest_image() {
+    let fake = Fake {
+        restore_emfile: Mutex::new(2),
+        ..Default::default()
+    };
+    let h = start_with("lazy = false\nbackoff = \"0s\"\n", fake).await;
+    h.checkpoint().await;
+    h.checkpoint().await;
+    h.fake.die(ExitStatus::Signal(libc::SIGKILL));
+    h.wait(|s| {
+        s.last_error
+            .as_deref()
+            .is_some_and(|e| e.contains("retrying") && e.contains("Too many open files"))
+    })
+    .await;
+    let s = h
+        .wait(|s| s.restores == 1 && s.state == JobState::Running)
+        .await;
+    assert_eq!(
+        s.last_restore.unwrap().checkpoint,
+        s.last_checkpoint.unwrap().id
+    );
+    // Three tries, all of the newest dump; one launch (the first start).
+    assert_eq!(*h.fake.restored_from.lock().unwrap(), vec![2, 2, 2]);
+    assert_eq!(h.fake.counts(), (1, 2, 1));
     h.shutdown.send(Shutdown::Configured).unwrap();
     assert_eq!(h.task.await.unwrap(), Outcome::Stopped);
 }

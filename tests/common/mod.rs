@@ -18,12 +18,21 @@ use std::time::{Duration, Instant};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_supervise");
 
-/// Test programs compiled once per test binary.
+/// Test programs, compiled once for all test processes (each test may be
+/// a process of its own, as under cargo-nextest): a program is rebuilt
+/// only when its source is newer than the binary, under a lock, into a
+/// temporary name renamed into place.
 pub fn progs() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
         let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("progs");
         fs::create_dir_all(&dir).unwrap();
+        let lock = fs::File::create(dir.join(".lock")).unwrap();
+        // SAFETY: flock on a descriptor we own; released when it closes.
+        assert_eq!(
+            unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&lock), libc::LOCK_EX) },
+            0
+        );
         let root = Path::new(env!("CARGO_MANIFEST_DIR"));
         for (name, src, extra) in [
             ("counter", "examples/counter.c", ""),
@@ -55,16 +64,29 @@ pub fn progs() -> &'static Path {
             ("secret", "tests/progs/secret.c", ""),
             ("lazymem", "tests/progs/lazymem.c", "-pthread"),
         ] {
+            let out = dir.join(name);
+            let mtime = |p: &Path| fs::metadata(p).and_then(|m| m.modified()).ok();
+            let header = root.join("tests/progs/matrix.h");
+            let fresh = match mtime(&out) {
+                Some(built) => [root.join(src), header]
+                    .iter()
+                    .all(|s| mtime(s).is_some_and(|t| t <= built)),
+                None => false,
+            };
+            if fresh {
+                continue;
+            }
+            let tmp = dir.join(format!(".{name}.{}", std::process::id()));
             let mut cmd = Command::new("cc");
-            cmd.args(["-O2", "-o"])
-                .arg(dir.join(name))
-                .arg(root.join(src));
+            cmd.args(["-O2", "-o"]).arg(&tmp).arg(root.join(src));
             if !extra.is_empty() {
                 cmd.arg(extra);
             }
             let st = cmd.status().expect("cc");
             assert!(st.success(), "compiling {src}");
+            fs::rename(&tmp, &out).unwrap();
         }
+        drop(lock);
         dir
     })
 }
@@ -274,7 +296,23 @@ impl Env {
         self.start_full(args, &[])
     }
 
+    /// Like [`start_with`](Self::start_with), with supervise's
+    /// RLIMIT_NOFILE (soft and hard) set to `nofile`, as a service whose
+    /// unit allows only that many descriptors.
+    pub fn start_with_nofile(&self, args: &[&std::ffi::OsStr], nofile: u64) -> Sup {
+        self.start_inner(args, &[], Some(nofile))
+    }
+
     fn start_full(&self, args: &[&std::ffi::OsStr], env: &[(&str, &str)]) -> Sup {
+        self.start_inner(args, env, None)
+    }
+
+    fn start_inner(
+        &self,
+        args: &[&std::ffi::OsStr],
+        env: &[(&str, &str)],
+        nofile: Option<u64>,
+    ) -> Sup {
         // Job files come last; the log is named after the last one.
         let job = Path::new(args.last().expect("a job file"));
         let log = self.path().join(format!(
@@ -299,17 +337,32 @@ impl Env {
                     .map(|(_, v)| PathBuf::from(v))
             })
             .unwrap_or_else(|| self.socket());
-        let child = Command::new(BIN)
-            .arg("run")
+        let mut cmd = Command::new(BIN);
+        cmd.arg("run")
             .args(args)
             .env("SUPERVISE_LOG", "info")
             .env("SUPERVISE_SOCKET", self.socket())
             .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(f.try_clone().unwrap())
-            .stderr(f)
-            .spawn()
-            .unwrap();
+            .stderr(f);
+        if let Some(n) = nofile {
+            use std::os::unix::process::CommandExt;
+            // SAFETY: setrlimit only, in the child before exec.
+            unsafe {
+                cmd.pre_exec(move || {
+                    let l = libc::rlimit {
+                        rlim_cur: n,
+                        rlim_max: n,
+                    };
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &l) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
+        let child = cmd.spawn().unwrap();
         Sup {
             child: Some(child),
             log,

@@ -8,13 +8,19 @@
 //!
 //! Modules: `locations` (image/state dirs, scratch, job.json), `store`
 //! (non-regular and oversized store files), `files` (file rollback through
-//! swapped directories, symlinks and races), `attach` (PID reuse, survivors).
+//! swapped directories, symlinks and races), `attach` (PID reuse, survivors),
+//! `clients` (a planted control socket directory, a fake server, escape
+//! sequences in answers), `inputs` (FIFO, `/dev/zero` and oversized job
+//! files, unbounded durations, `check` as a user who cannot see the key).
 
 #[path = "../common/mod.rs"]
 mod common;
 
 mod attach;
+mod clients;
+mod exhaustion;
 mod files;
+mod inputs;
 mod locations;
 mod messages;
 mod store;

@@ -172,6 +172,35 @@ fn without_parity_or_copy_damage_is_refused_and_marked_for_restoring() {
 }
 
 #[test]
+fn running_out_of_descriptors_is_not_damage() {
+    use std::sync::atomic::Ordering;
+    let tmp = private_dir();
+    let mut o = StoreOptions::new(tmp.path().join("keys").join("store.key"));
+    o.parity = false;
+    let s = ImageStore::open_with(&tmp.path().join("images"), &o).unwrap();
+    let data = job_pages(8, 40);
+    let img = publish_files(&s, &[("pages-1.img", &data)]);
+    // Every pack open fails with EMFILE, as when a flood holds every
+    // descriptor of the process.
+    s.db().unwrap().fail_opens.store(1000, Ordering::SeqCst);
+    let e = s.materialise(&img, &tmp.path().join("w")).unwrap_err();
+    assert!(e.is_resource(), "{e}");
+    assert!(!matches!(e, StoreError::Corrupt { .. }), "{e}");
+    let e = s.verify(&img).unwrap_err();
+    assert!(e.is_resource(), "{e}");
+    assert!(s.verify_all().unwrap_err().is_resource());
+    let db = s.db().unwrap();
+    assert!(db.bad_objects().is_empty(), "nothing is marked bad");
+    db.fail_opens.store(0, Ordering::SeqCst);
+    drop(db);
+    // Descriptors back: the same image reads back whole, and the next
+    // checkpoint of the same data stores nothing again.
+    assert_eq!(contents(&s, &img, &tmp.path().join("w2"))[0].1, data);
+    let img2 = publish_files(&s, &[("pages-1.img", &data)]);
+    assert_eq!(img2.manifest.stored.as_ref().unwrap().new_objects, 0);
+}
+
+#[test]
 fn parity_overhead_per_later_checkpoint() {
     let tmp = private_dir();
     let (s, _) = store(tmp.path(), false);
