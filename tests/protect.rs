@@ -899,7 +899,7 @@ fn short_of_memory_streams_restores_lazily_or_refuses_clearly() {
         "{log}"
     );
     assert!(
-        !log.contains("afresh") && !log.contains(" started pid="),
+        !log.contains("starting the command afresh") && !log.contains(" started pid="),
         "{log}"
     );
     assert_eq!(numbers(&out).len(), printed, "the job was started again");
