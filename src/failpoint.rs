@@ -10,7 +10,9 @@
 //!   creates `F.reached` and waits (at most 60 s) while `F` exists
 //!   (`after-rollback`: an attacker swaps a file between the rollback and
 //!   CRIU's reopen; `lazy-push`: supervise is killed in the middle of a
-//!   lazy restore's background push).
+//!   lazy restore's background push; `post-dump`: CRIU waits for the
+//!   answer to its post-dump notification, the job frozen; `after-dump`:
+//!   CRIU's dump is done, before the commit).
 
 use std::path::PathBuf;
 

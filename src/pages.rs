@@ -155,6 +155,25 @@ pub fn lazy_select() -> impl FnMut(&str, &Path) -> Select {
     }
 }
 
+/// About how many bytes a lazy restore of `img` writes out: every file
+/// but the page files whole, and of the page files what CRIU restores
+/// eagerly (stacks, file-backed and shared memory; taken as 1/16 of them,
+/// an estimate: the rest stays a hole, which takes no memory on tmpfs).
+pub fn lazy_bytes(img: &ImageInfo) -> u64 {
+    img.manifest
+        .files
+        .iter()
+        .map(|f| {
+            let base = f.name.rsplit('/').next().unwrap_or(&f.name);
+            if base.starts_with("pages-") && base.ends_with(".img") {
+                f.size / 16
+            } else {
+                f.size
+            }
+        })
+        .sum()
+}
+
 /// Images whose lazy restore found a page that could not be served: they
 /// are restored eagerly from then on (which verifies everything first).
 pub type LazyFailures = Arc<Mutex<HashSet<String>>>;

@@ -47,6 +47,30 @@ pub fn tree(pid: i32) -> Vec<i32> {
     out
 }
 
+/// Memory of `root`'s process tree: each process's resident and
+/// swapped-out memory (`VmRSS` + `VmSwap` of `/proc/PID/status`), summed.
+/// Memory shared between processes counts once per process, so this errs
+/// high, which is the safe side for sizing a dump.
+pub fn tree_memory(root: i32) -> u64 {
+    tree(root).into_iter().map(memory).sum()
+}
+
+/// `VmRSS` + `VmSwap` of `pid` in bytes (0 if it is gone or a kernel thread).
+pub fn memory(pid: i32) -> u64 {
+    let Ok(status) = fs::read_to_string(format!("/proc/{pid}/status")) else {
+        return 0;
+    };
+    status
+        .lines()
+        .filter_map(|l| {
+            l.strip_prefix("VmRSS:")
+                .or_else(|| l.strip_prefix("VmSwap:"))
+        })
+        .filter_map(|rest| rest.split_whitespace().next()?.parse::<u64>().ok())
+        .map(|kib| kib * 1024)
+        .sum()
+}
+
 /// Fields of `/proc/PID/stat` after the command name.
 fn stat_fields(pid: i32) -> io::Result<Vec<String>> {
     let stat = fs::read_to_string(format!("/proc/{pid}/stat"))?;

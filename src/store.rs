@@ -48,7 +48,9 @@
 //!   000001-20261128T132955Z/      # a published checkpoint: "<seq:06>-<UTC %Y%m%dT%H%M%SZ>"
 //!      MANIFEST.json              # version 2: files with size, chunk size, tree root/depth,
 //!                                 #   metadata, bytes newly stored; mode 0600
-//!   .staging-000002/              # CRIU's raw dump being written / ingested
+//!   .staging-000002/              # the checkpoint being written: receives the manifest;
+//!                                 #   without encryption also CRIU's raw dump (with it, the
+//!                                 #   dump is in memory: see "The job's memory in clear")
 //!   .deleting-000001-.../         # a checkpoint being removed by retention
 //! ```
 //!
@@ -97,10 +99,34 @@
 //!
 //! [`ImageStore::materialise`] writes the image directory with several
 //! threads (objects that lie back to back in a pack are read with one call)
-//! into a scratch directory made by [`scratch_dir`]: a fresh `mkdtemp`-style
-//! directory on tmpfs (`/dev/shm`) when it has room, else in the job's state
-//! directory. The caller removes it once CRIU has restored; leftovers of a
-//! crash are removed by [`remove_scratch`] (only directories that are ours).
+//! into a scratch directory made by [`restore_scratch`]: a fresh
+//! `mkdtemp`-style directory on tmpfs (`/dev/shm`) when it has room, else
+//! in the job's state directory (with encryption: a private tmpfs mounted
+//! there). The caller removes it once CRIU has restored
+//! ([`Materialised::remove`]); leftovers of a crash are removed by
+//! [`remove_scratch`] (only directories that are ours).
+//!
+//! # The job's memory in clear
+//!
+//! With encryption on, the job's memory never reaches a disk in clear on
+//! its way into the store or back out:
+//!
+//! * CRIU's dump goes into memory ([`ImageStore::begin_private`]): a
+//!   private tmpfs mounted in the job's state directory, or a private
+//!   directory on `/dev/shm`; when the job's memory does not fit, the pages
+//!   are streamed into the store instead and only the small non-page
+//!   images are in memory ([`DumpPlan`]).
+//! * The spill file of a streamed checkpoint (`spill.rs`) has no name and
+//!   holds each batch sealed under a key that exists only in memory.
+//! * A restore's scratch directory is in memory ([`restore_scratch`] with
+//!   `memory_only`), or the restore fails with [`ScratchError::NoRoom`]
+//!   (the supervisor then tries a lazy restore, which writes out only the
+//!   non-page files).
+//! * A crash leaves a tmpfs mounted at most (memory), which the next start
+//!   unmounts ([`remove_scratch`]); `.staging-*` directories of earlier
+//!   releases (which held raw dumps) are deleted by [`ImageStore::open`].
+//!
+//! The details and the test knobs are in `scratch.rs` and `spill.rs`.
 //!
 //! # Hostile files
 //!
@@ -126,8 +152,10 @@
 //! * `verify.rs`: [`ImageStore::verify`], [`ImageStore::verify_all`] and
 //!   version 1 checks;
 //! * `maintain.rs`: retention, gc, repacking, crash leftovers;
-//! * `scratch.rs`: [`scratch_dir`], [`remove_scratch`] and tmpfs staging
-//!   directories;
+//! * `scratch.rs`: [`restore_scratch`], [`scratch_dir`], [`remove_scratch`],
+//!   private tmpfs mounts and tmpfs staging directories;
+//! * `stream.rs`: streamed ingest of page files from CRIU's page server;
+//! * `spill.rs`: the unnamed, sealed spill file of a streamed checkpoint;
 //! * `objects.rs`: object, pack and index formats, the in-memory index
 //!   ([`objects::ObjectDb`]) and its loading;
 //! * `pack.rs`: writing packs and chunk trees, parallel batch ingest;
@@ -169,6 +197,7 @@ mod progress;
 mod reader;
 mod repair;
 mod scratch;
+mod spill;
 mod stream;
 mod util;
 mod verify;
@@ -181,7 +210,7 @@ pub use format::{
     LOCK_NAME, MANIFEST_NAME, MANIFEST_SEALED_NAME, MANIFEST_VERSION, MANIFEST_VERSION_V1,
     MARKER_NAME, MAX_MANIFEST_BYTES, PACKS_DIR, STAGING_PREFIX,
 };
-pub use ingest::Staging;
+pub use ingest::{DumpPlan, Staging};
 pub use lazy::FileReader;
 pub use maintain::GcReport;
 pub use materialise::{Materialised, Select};
@@ -189,7 +218,10 @@ pub use objects::{Hash, PieceError, FANOUT, FILE_CHUNK, PAGE_CHUNK};
 pub use options::{StoreOptions, DEFAULT_KEY_FILE};
 pub use progress::{NoProgress, Progress};
 pub use repair::RepairSummary;
-pub use scratch::{remove_scratch, scratch_dir};
+pub use scratch::{
+    human, mem_available, remove_scratch, restore_scratch, scratch_dir, Scratch, ScratchError,
+    ScratchKind,
+};
 pub use stream::PageStream;
 pub use util::dir_size;
 pub use verify::VerifyReport;
@@ -287,6 +319,10 @@ pub enum StoreError {
     /// The store key is missing, wrong, unsafe or unreadable (names the key file).
     #[error(transparent)]
     Key(Box<crypto::KeyError>),
+    /// No private directory in memory could be had for CRIU's dump (the
+    /// store seals, so the dump may not go to disk).
+    #[error(transparent)]
+    Scratch(Box<scratch::ScratchError>),
     /// `retain` was asked to keep fewer than one checkpoint.
     #[error("invalid retention count {keep} for store {}: must keep at least 1", dir.display())]
     InvalidKeep {

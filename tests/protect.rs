@@ -488,3 +488,423 @@ fn scrub_repairs_damage_in_the_background() {
     assert_eq!(code, 0, "{out}");
     stop(sup);
 }
+
+// ---- With encryption on, the job's memory is never on disk in clear ----
+//
+// The marker of `secret.c` (in every 512 bytes of its memory) is looked
+// for in every file under the test's directory (job file, logs, state
+// dir, image store) that is on the disk, i.e. not inside a tmpfs mounted
+// there, in every file on /dev/shm, and in the unnamed spill file through
+// supervise's own descriptors; while a dump is in memory, its private
+// tmpfs is looked into too (it must hold the marker when CRIU wrote the
+// pages there: the scan can find it). Each test uses its own seed, so a
+// test running beside it cannot plant its marker.
+
+/// `secret.c`'s marker for `seed`.
+fn marker(seed: u64) -> Vec<u8> {
+    format!("SUPERVISE-SECRET-{}", seed * seed * 7919 + 104729).into_bytes()
+}
+
+/// A `secret` job (`mb` MiB) checkpointed on demand.
+fn secret_job(name: &str, seed: u64, mb: u64) -> JobFile {
+    JobFile::program(
+        name,
+        &[&prog("secret"), &seed.to_string(), &mb.to_string(), "100"],
+    )
+    .every("1h")
+}
+
+/// tmpfs mounts under `dir` (from /proc/self/mountinfo).
+fn tmpfs_mounts_under(dir: &Path) -> Vec<PathBuf> {
+    let dir = fs::canonicalize(dir).unwrap();
+    fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .filter_map(|l| {
+            let (left, right) = l.split_once(" - ")?;
+            let point = PathBuf::from(left.split(' ').nth(4)?);
+            (right.starts_with("tmpfs ") && point.starts_with(&dir)).then_some(point)
+        })
+        .collect()
+}
+
+/// Files under `dir` holding `needle`, not looking into other file
+/// systems mounted below it.
+fn holding_on_disk(dir: &Path, needle: &[u8]) -> Vec<PathBuf> {
+    use std::os::unix::fs::MetadataExt;
+    let dev = fs::metadata(dir).unwrap().dev();
+    let mut out = Vec::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        let Ok(rd) = fs::read_dir(&d) else { continue };
+        for e in rd.flatten() {
+            let Ok(md) = fs::symlink_metadata(e.path()) else {
+                continue;
+            };
+            if md.dev() != dev {
+                continue;
+            }
+            if md.is_dir() {
+                todo.push(e.path());
+            } else if md.is_file()
+                && fs::read(e.path()).is_ok_and(|b| b.windows(needle.len()).any(|w| w == needle))
+            {
+                out.push(e.path());
+            }
+        }
+    }
+    out
+}
+
+/// Files on /dev/shm holding `needle` (files over 256 MiB, e.g. another
+/// benchmark's, are skipped).
+fn holding_in_shm(needle: &[u8]) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut todo = vec![PathBuf::from("/dev/shm")];
+    while let Some(d) = todo.pop() {
+        let Ok(rd) = fs::read_dir(&d) else { continue };
+        for e in rd.flatten() {
+            let Ok(md) = fs::symlink_metadata(e.path()) else {
+                continue;
+            };
+            if md.is_dir() {
+                todo.push(e.path());
+            } else if md.is_file()
+                && md.len() <= 256 << 20
+                && fs::read(e.path()).is_ok_and(|b| b.windows(needle.len()).any(|w| w == needle))
+            {
+                out.push(e.path());
+            }
+        }
+    }
+    out
+}
+
+/// The contents of the unnamed files process `pid` holds open in `dir`
+/// (the spill file).
+fn unnamed_files(pid: i32, dir: &Path) -> Vec<Vec<u8>> {
+    let dir = fs::canonicalize(dir).unwrap();
+    let Ok(rd) = fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return Vec::new();
+    };
+    rd.flatten()
+        .filter(|e| {
+            fs::read_link(e.path())
+                .is_ok_and(|t| t.starts_with(&dir) && t.to_string_lossy().ends_with(" (deleted)"))
+        })
+        .filter_map(|e| fs::read(e.path()).ok())
+        .collect()
+}
+
+/// Nothing holds `m` on the disk under `dir` or on /dev/shm.
+fn nothing_in_clear(dir: &Path, m: &[u8], when: &str) {
+    let found = holding_on_disk(dir, m);
+    assert!(found.is_empty(), "{when}: marker on disk in {found:?}");
+    let found = holding_in_shm(m);
+    assert!(found.is_empty(), "{when}: marker on /dev/shm in {found:?}");
+}
+
+/// Environment for a pause at `point` (armed while the returned file
+/// exists).
+fn pause_at(env: &Env, point: &str) -> (PathBuf, Vec<(String, String)>) {
+    let f = env.path().join("pause");
+    let vars = vec![
+        ("SUPERVISE_PAUSE".to_string(), point.to_string()),
+        ("SUPERVISE_PAUSE_FILE".to_string(), f.display().to_string()),
+    ];
+    (f, vars)
+}
+
+fn reached(pause: &Path) -> PathBuf {
+    let mut r = pause.as_os_str().to_os_string();
+    r.push(".reached");
+    PathBuf::from(r)
+}
+
+fn arm(pause: &Path) {
+    let _ = fs::remove_file(reached(pause));
+    fs::write(pause, b"").unwrap();
+}
+
+fn wait_reached(pause: &Path) {
+    wait_until("the pause point", LONG, || reached(pause).exists());
+}
+
+fn start_env(env: &Env, job: &Path, vars: &[(String, String)]) -> Sup {
+    let v: Vec<(&str, &str)> = vars.iter().map(|(a, b)| (a.as_str(), b.as_str())).collect();
+    env.start_with_env(job, &v)
+}
+
+/// The first checkpoint (CRIU writes the pages: into a private tmpfs) and
+/// a streamed one whose every batch goes through the spill file
+/// (`SUPERVISE_TEST_MAX_IN_FLIGHT=0`), each looked at right after CRIU's
+/// dump: the dump is in a tmpfs mounted in the state directory (holding
+/// the marker the first time: the pages are there), the spill file's bytes
+/// (read through supervise's descriptors) hold no marker, and nothing on
+/// disk or on /dev/shm does, then or after.
+#[test]
+#[cfg_attr(not(criu), ignore = "needs root and CRIU >= 4.2 (scripts/setup.sh)")]
+fn dumps_are_in_memory_and_the_spill_file_is_sealed() {
+    let env = Env::new();
+    let m = marker(1111);
+    let job = secret_job("mem", 1111, 8).write(&env);
+    let (pause, mut vars) = pause_at(&env, "after-dump");
+    vars.push(("SUPERVISE_TEST_MAX_IN_FLIGHT".into(), "0".into()));
+    let sup = start_env(&env, &job, &vars);
+    sup.wait_state("mem", "running", LONG);
+    wait_numbers(&env.path().join("mem.out"), 2, LONG);
+    let st = state(&env, "mem");
+    for (n, streamed) in [(1u64, false), (2, true)] {
+        arm(&pause);
+        let mut cp = env.ctl_spawn(&["checkpoint", "mem"]);
+        wait_reached(&pause);
+        let mounts = tmpfs_mounts_under(env.path());
+        assert_eq!(mounts.len(), 1, "checkpoint {n}: {mounts:?}");
+        assert!(mounts[0].starts_with(fs::canonicalize(&st).unwrap()));
+        let in_dump = holding(&mounts[0], &m);
+        assert_eq!(
+            in_dump.is_empty(),
+            streamed,
+            "checkpoint {n}: pages in the dump: {in_dump:?}"
+        );
+        if streamed {
+            let spills = unnamed_files(sup.pid(), &store(&env, "mem").join("packs"));
+            assert!(!spills.is_empty(), "no spill file open");
+            for b in &spills {
+                assert!(b.len() > 8 << 20, "spill file of {} bytes", b.len());
+                assert!(
+                    !b.windows(m.len()).any(|w| w == m),
+                    "marker in the spill file"
+                );
+            }
+        }
+        nothing_in_clear(env.path(), &m, &format!("during checkpoint {n}"));
+        fs::remove_file(&pause).unwrap();
+        assert!(cp.wait().unwrap().success(), "{}", sup.log());
+        sup.wait_checkpoints("mem", n, LONG);
+        assert!(tmpfs_mounts_under(env.path()).is_empty(), "mount left");
+        nothing_in_clear(env.path(), &m, &format!("after checkpoint {n}"));
+    }
+    let log = sup.log();
+    let published: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("checkpoint published"))
+        .collect();
+    assert!(published[0].contains("streamed=false"), "{log}");
+    assert!(published[1].contains("streamed=true"), "{log}");
+    assert!(
+        log.lines()
+            .any(|l| l.contains("went through the spill file") && l.contains("sealed=true")),
+        "{log}"
+    );
+    // No stale dump directory either.
+    let left: Vec<_> = fs::read_dir(&st)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("supervise-"))
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+    stop(sup);
+    nothing_in_clear(env.path(), &m, "at the end");
+}
+
+/// supervise SIGKILLed while CRIU dumps (at `post-dump`, the job frozen;
+/// a streamed checkpoint whose pages all went through the spill file):
+/// nothing of the job's memory is on disk or on /dev/shm, the dump's
+/// private tmpfs is still mounted (memory only) until the next supervise
+/// starts, which unmounts and removes it, re-adopts the job and restores
+/// it after a kill from the checkpoint before.
+#[test]
+#[cfg_attr(not(criu), ignore = "needs root and CRIU >= 4.2 (scripts/setup.sh)")]
+fn a_crash_mid_dump_leaves_nothing_in_clear() {
+    let env = Env::new();
+    let m = marker(2222);
+    let job = secret_job("crash", 2222, 8).write(&env);
+    let (pause, mut vars) = pause_at(&env, "post-dump");
+    vars.push(("SUPERVISE_TEST_MAX_IN_FLIGHT".into(), "0".into()));
+    let mut sup = start_env(&env, &job, &vars);
+    sup.wait_state("crash", "running", LONG);
+    let out = env.path().join("crash.out");
+    wait_numbers(&out, 2, LONG);
+    checkpoint(&env, "crash");
+    arm(&pause);
+    let mut cp = env.ctl_spawn(&["checkpoint", "crash"]);
+    wait_reached(&pause);
+    assert_eq!(tmpfs_mounts_under(env.path()).len(), 1);
+    for b in unnamed_files(sup.pid(), &store(&env, "crash").join("packs")) {
+        assert!(
+            !b.windows(m.len()).any(|w| w == m),
+            "marker in the spill file"
+        );
+    }
+    sup.signal(libc::SIGKILL);
+    assert_eq!(sup.wait_exit(T), 128 + 9);
+    drop(sup);
+    let _ = cp.wait();
+    fs::remove_file(&pause).unwrap();
+    // The job runs on (CRIU gave up the dump and let it go).
+    let printed = numbers(&out).len();
+    wait_numbers(&out, printed + 2, LONG);
+    nothing_in_clear(env.path(), &m, "after the crash");
+    let left = tmpfs_mounts_under(env.path());
+    assert_eq!(
+        left.len(),
+        1,
+        "the dump's tmpfs is left until the next start"
+    );
+
+    let sup = env.start(&job);
+    sup.wait_state("crash", "running", LONG);
+    assert!(
+        tmpfs_mounts_under(env.path()).is_empty(),
+        "leftover mount not removed: {}",
+        sup.log()
+    );
+    assert!(!left[0].exists(), "{}", left[0].display());
+    assert!(sup
+        .log()
+        .contains("leftover of an interrupted checkpoint's dump"));
+    nothing_in_clear(env.path(), &m, "after the restart");
+    sup.kill_job("crash");
+    sup.wait_restores("crash", 1, LONG);
+    continues(&env, "crash");
+    stop(sup);
+    nothing_in_clear(env.path(), &m, "at the end");
+}
+
+/// A restore with no room on /dev/shm (`SUPERVISE_TEST_SHM_FULL=1`), eager
+/// (`lazy = false`, so the whole image is written out), looked at after
+/// the rollback: with encryption the image is in a private tmpfs mounted
+/// in the state directory (holding the marker) and nothing on disk holds
+/// it; after the restore the mount is gone, from the restored job's mount
+/// namespace too. The control, with encryption off, finds the marker in
+/// the scratch directory on disk (so the scan can fail).
+#[test]
+#[cfg_attr(not(criu), ignore = "needs root and CRIU >= 4.2 (scripts/setup.sh)")]
+fn a_restore_without_room_on_dev_shm_stays_in_memory() {
+    for encrypted in [true, false] {
+        let env = Env::new();
+        let m = marker(3333);
+        let mut jf = secret_job("rst", 3333, 8).restore("lazy = false");
+        if !encrypted {
+            jf = jf.extra("[store]\nencryption = false\n");
+        }
+        let job = jf.write(&env);
+        let (pause, mut vars) = pause_at(&env, "after-rollback");
+        vars.push(("SUPERVISE_TEST_SHM_FULL".into(), "1".into()));
+        let sup = start_env(&env, &job, &vars);
+        sup.wait_state("rst", "running", LONG);
+        wait_numbers(&env.path().join("rst.out"), 2, LONG);
+        checkpoint(&env, "rst");
+        arm(&pause);
+        sup.kill_job("rst");
+        wait_reached(&pause);
+        let st = state(&env, "rst");
+        let mounts = tmpfs_mounts_under(env.path());
+        if encrypted {
+            assert_eq!(mounts.len(), 1, "{mounts:?}");
+            assert!(mounts[0].starts_with(fs::canonicalize(&st).unwrap()));
+            assert!(
+                !holding(&mounts[0], &m).is_empty(),
+                "the image is not there"
+            );
+            nothing_in_clear(env.path(), &m, "during the restore");
+        } else {
+            assert!(mounts.is_empty(), "{mounts:?}");
+            let found = holding_on_disk(&st, &m);
+            assert!(
+                found
+                    .iter()
+                    .any(|p| p.to_string_lossy().contains("/supervise-restore-")),
+                "the plaintext control's scratch holds no marker: {found:?}"
+            );
+        }
+        fs::remove_file(&pause).unwrap();
+        sup.wait_restores("rst", 1, LONG);
+        continues(&env, "rst");
+        assert!(tmpfs_mounts_under(env.path()).is_empty());
+        let (pid, _) = sup.job_pid("rst");
+        let theirs = fs::read_to_string(format!("/proc/{pid}/mountinfo")).unwrap();
+        assert!(
+            !theirs.contains("supervise-restore-"),
+            "the restored job's namespace kept the mount: {theirs}"
+        );
+        stop(sup);
+        if encrypted {
+            nothing_in_clear(env.path(), &m, "at the end");
+        }
+    }
+}
+
+/// Short of memory (`SUPERVISE_TEST_MEM_AVAILABLE` = 8 MiB, /dev/shm
+/// full): the first checkpoint streams its pages instead of dumping them
+/// into memory (and says why); an eager restore (`lazy = false`) has no
+/// room, so the image is restored lazily, and the job continues. With
+/// hardly any memory (1 byte) not even that fits: the restore fails with
+/// an error naming what it needed and had, and is tried again later like
+/// any shortage of supervise's resources; the job is not started afresh
+/// (its images are kept).
+#[test]
+#[cfg_attr(not(criu), ignore = "needs root and CRIU >= 4.2 (scripts/setup.sh)")]
+fn short_of_memory_streams_restores_lazily_or_refuses_clearly() {
+    let env = Env::new();
+    let m = marker(4444);
+    let job = secret_job("low", 4444, 4)
+        .restore("lazy = false")
+        .write(&env);
+    let mut vars = vec![
+        ("SUPERVISE_TEST_SHM_FULL".to_string(), "1".to_string()),
+        (
+            "SUPERVISE_TEST_MEM_AVAILABLE".to_string(),
+            (8u64 << 20).to_string(),
+        ),
+    ];
+    let sup = start_env(&env, &job, &vars);
+    sup.wait_state("low", "running", LONG);
+    let out = env.path().join("low.out");
+    wait_numbers(&out, 2, LONG);
+    checkpoint(&env, "low");
+    let log = sup.log();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("streaming this checkpoint's pages")
+                && l.contains("not enough memory")),
+        "{log}"
+    );
+    assert!(
+        log.lines()
+            .any(|l| l.contains("checkpoint published") && l.contains("streamed=true")),
+        "{log}"
+    );
+    sup.kill_job("low");
+    let s = sup.wait_restores("low", 1, LONG);
+    assert_eq!(s["last_restore"]["mode"], "lazy", "{s}");
+    assert!(sup.log().contains("restoring it lazily"), "{}", sup.log());
+    continues(&env, "low");
+    stop(sup);
+    nothing_in_clear(env.path(), &m, "after the lazy restore");
+
+    vars[1].1 = "1".into();
+    let printed = numbers(&out).len();
+    let mut sup = start_env(&env, &job, &vars);
+    sup.wait_for("trying again", 2, LONG);
+    let log = sup.log();
+    let errs: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("trying again") && l.contains("not enough memory"))
+        .collect();
+    assert!(!errs.is_empty(), "{log}");
+    assert!(
+        errs[0].contains("it needs") && errs[0].contains("1 KiB is available"),
+        "{log}"
+    );
+    assert!(
+        !log.contains("starting the command afresh") && !log.contains(" started pid="),
+        "{log}"
+    );
+    assert_eq!(numbers(&out).len(), printed, "the job was started again");
+    sup.signal(libc::SIGTERM);
+    sup.wait_exit(LONG);
+    assert!(!images(&job).is_empty());
+    nothing_in_clear(env.path(), &m, "at the end");
+}

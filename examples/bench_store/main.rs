@@ -169,15 +169,23 @@ pub(crate) enum Mode {
     Sealed,
     SealedParity,
     /// sealed+parity, the pages streamed from CRIU into the store (what
-    /// `supervise run` does by default).
+    /// `supervise run` does by default once the store has a checkpoint);
+    /// CRIU's other images in a private tmpfs.
     Streamed,
+    /// sealed+parity, CRIU's whole dump into a private tmpfs
+    /// ([`ImageStore::begin_private`]: what `supervise run` does with
+    /// encryption on for a checkpoint that is not streamed, e.g. the
+    /// first), where `sealed+parity` dumps into the store's directory on
+    /// disk as before.
+    InMemory,
 }
 
-const MODES: [Mode; 4] = [
+const MODES: [Mode; 5] = [
     Mode::Plain,
     Mode::Sealed,
     Mode::SealedParity,
     Mode::Streamed,
+    Mode::InMemory,
 ];
 
 impl Mode {
@@ -187,6 +195,7 @@ impl Mode {
             Mode::Sealed => "sealed",
             Mode::SealedParity => "sealed+parity",
             Mode::Streamed => "streamed",
+            Mode::InMemory => "in-memory",
         }
     }
 
@@ -203,6 +212,7 @@ impl Mode {
             Mode::Sealed => (work.join("store-sealed"), false),
             Mode::SealedParity => (work.join("store-sealed-parity"), true),
             Mode::Streamed => (work.join("store-streamed"), true),
+            Mode::InMemory => (work.join("store-in-memory"), true),
         };
         let keys = work.join("keys");
         {
@@ -366,7 +376,22 @@ fn bench(reaper: &Reaper, a: &Args) {
         nix::unistd::sync();
         warm_memory(a.warm_gib);
         let before = supervise::store::dir_size(&run.dir);
-        let staging = run.store.begin().unwrap();
+        let staging = match run.mode {
+            // As `supervise run` does with encryption on: the dump into a
+            // private tmpfs in the job's state directory.
+            Mode::Streamed | Mode::InMemory => {
+                let root = work.join("state");
+                fs::create_dir_all(&root).unwrap();
+                let job_bytes = supervise::proc::tree_memory(job_pid.0);
+                let (s, plan) = run
+                    .store
+                    .begin_private(&root, job_bytes, run.mode == Mode::Streamed)
+                    .unwrap();
+                assert_eq!(plan.stream, run.mode == Mode::Streamed, "{plan:?}");
+                s
+            }
+            _ => run.store.begin().unwrap(),
+        };
         let mut sink = (run.mode == Mode::Streamed)
             .then(|| StreamSink::new(staging.path(), staging.stream().unwrap()));
         let o = criu::dump_with(

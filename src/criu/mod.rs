@@ -46,6 +46,9 @@ pub const MIN_VERSION: (u32, u32, u32) = (4, 2, 0);
 pub const SWRK_FD: RawFd = 3;
 /// The fd number of the page-server socket in a streamed dump.
 pub const PS_FD: RawFd = 4;
+/// The fd number of the images directory in a dump (CRIU is told
+/// `/proc/self/fd/5`, see [`dump_with`]).
+pub const IMG_FD: RawFd = 5;
 
 /// Errors of the CRIU adapter.
 #[derive(Debug, thiserror::Error)]
@@ -535,6 +538,25 @@ pub fn dump_with(
             .create(images_dir.join(PRE_DUMP_DIR))?;
     }
     let ns_pid = crate::proc::ns_pid(host_pid)?;
+    // CRIU runs in the job's mount namespace, which need not see a mount
+    // made after the job started (a private tmpfs holding the dump, on a
+    // host whose mounts do not propagate): it gets the directory as a
+    // descriptor and opens it as /proc/self/fd/N, which reaches the very
+    // directory we opened whatever that namespace holds.
+    let dir_fd: OwnedFd = nix::fcntl::open(
+        images_dir,
+        nix::fcntl::OFlag::O_DIRECTORY | nix::fcntl::OFlag::O_RDONLY | nix::fcntl::OFlag::O_CLOEXEC,
+        nix::sys::stat::Mode::empty(),
+    )
+    // SAFETY: a fresh descriptor we own.
+    .map(|fd| unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) })
+    .map_err(|e| {
+        std::io::Error::new(
+            std::io::Error::from(e).kind(),
+            format!("{}: {e}", images_dir.display()),
+        )
+    })?;
+    let criu_dir = PathBuf::from(format!("/proc/self/fd/{IMG_FD}"));
     let (ours, theirs) = rpc_socketpair()?;
     let mut cmd = Command::new("nsenter");
     cmd.arg(format!("--target={host_pid}"))
@@ -555,7 +577,7 @@ pub fn dump_with(
         ),
         None => None,
     };
-    let mut extra = Vec::new();
+    let mut extra = vec![(dir_fd, IMG_FD)];
     let mut ps_ours = None;
     if let Some((ours, theirs)) = ps {
         extra.push((theirs, PS_FD));
@@ -563,7 +585,7 @@ pub fn dump_with(
     }
     let (spawned, stderr) = spawn_swrk_with(reaper, &mut cmd, theirs, extra, "nsenter/criu swrk")?;
     let conv = Conversation::new(ours);
-    let mut reqs = dump_requests(ns_pid, images_dir, o, timeout, true, mode);
+    let mut reqs = dump_requests(ns_pid, &criu_dir, o, timeout, true, mode);
     if ps_ours.is_some() {
         for r in reqs.iter_mut() {
             if let Some(opts) = r.opts.as_mut() {

@@ -20,7 +20,7 @@ use super::format::{
 use super::objects::{self, FILE_CHUNK, PAGE_CHUNK};
 use super::pack::{self, PackWriter, TreeBuilder};
 use super::parity;
-use super::scratch::{tmpfs_dir, tmpfs_staging_prefix};
+use super::scratch::{self, tmpfs_dir, tmpfs_staging_prefix, Scratch, ScratchKind};
 use super::stream::PageStream;
 use super::util::{fsync_dir, rename_noreplace};
 use super::{io_err, ImageStore, StoreError};
@@ -37,16 +37,98 @@ pub struct Staging {
     publish_dir: PathBuf,
     /// Where CRIU writes the dump: `path` itself, or a directory on tmpfs.
     dump: PathBuf,
+    /// `dump` when it is a private directory in memory (removed with the
+    /// staging; a tmpfs of ours is unmounted).
+    mem: Option<Scratch>,
     id: String,
     seq: u64,
     created: DateTime<Utc>,
     done: bool,
 }
 
+/// Where a sealed store's checkpoint keeps CRIU's images (from
+/// [`ImageStore::begin_private`]).
+#[derive(Debug, Clone)]
+pub struct DumpPlan {
+    /// The pages are streamed into the store; only CRIU's other images go
+    /// into the dump directory.
+    pub stream: bool,
+    /// The pages are streamed because there is not enough memory to dump
+    /// them into (not because the caller asked for it).
+    pub forced: bool,
+    /// Where the dump directory is.
+    pub place: ScratchKind,
+    /// Why, for the log.
+    pub reason: String,
+}
+
+/// The cap of a private tmpfs that receives only CRIU's non-page images
+/// (page maps, cores, file and socket images, pipe data, ghost files): a
+/// quarter of the available memory, within 64 MiB..4 GiB (a cap only:
+/// memory is used as files are written).
+fn streamed_dump_cap(available: u64) -> u64 {
+    (available / 4).clamp(64 << 20, 4 << 30)
+}
+
 impl ImageStore {
     /// Creates `.staging-<seq>` (mode 0700) for the next checkpoint. The id
     /// it will be published under is fixed now: `<seq:06>-<now, UTC>`.
     pub fn begin(&self) -> Result<Staging, StoreError> {
+        self.begin_with(None)
+    }
+
+    /// For a store that seals: begins the next checkpoint with CRIU's dump
+    /// directory in memory, never on disk (see `scratch.rs`): a private
+    /// tmpfs mounted in `root` (the job's trusted state directory), else a
+    /// private directory on `/dev/shm`. `job_bytes` estimates the job's
+    /// memory; with `stream` the pages are streamed into the store anyway.
+    /// A dump that would write the pages (`stream` false) gets a directory
+    /// with room for them (`job_bytes` + 1/4 + 64 MiB) when the system has
+    /// twice that available; when it has not, the pages are streamed
+    /// instead (the plan says so and why), and only the small non-page
+    /// images sit in memory.
+    pub fn begin_private(
+        &self,
+        root: &Path,
+        job_bytes: u64,
+        stream: bool,
+    ) -> Result<(Staging, DumpPlan), StoreError> {
+        let available = scratch::mem_available().unwrap_or(0);
+        let small = streamed_dump_cap(available);
+        let to_err = |e| StoreError::Scratch(Box::new(e));
+        let asked = stream;
+        let (mem, stream, reason) = if stream {
+            let m = scratch::dump_dir(root, 0, small).map_err(to_err)?;
+            (m, true, "the pages are streamed into the store".to_string())
+        } else {
+            let need = job_bytes + job_bytes / 4 + (64 << 20);
+            match scratch::dump_dir(root, need, need) {
+                Ok(m) => {
+                    let why = format!(
+                        "the job's memory (about {}) fits in memory ({} available)",
+                        scratch::human(job_bytes),
+                        scratch::human(available)
+                    );
+                    (m, false, why)
+                }
+                Err(e) if e.is_no_room() => {
+                    let m = scratch::dump_dir(root, 0, small).map_err(to_err)?;
+                    let why = format!("{e}: the pages are streamed into the store instead");
+                    (m, true, why)
+                }
+                Err(e) => return Err(to_err(e)),
+            }
+        };
+        let plan = DumpPlan {
+            forced: stream && !asked,
+            stream,
+            place: mem.kind(),
+            reason,
+        };
+        Ok((self.begin_with(Some(mem))?, plan))
+    }
+
+    fn begin_with(&self, mem: Option<Scratch>) -> Result<Staging, StoreError> {
         let mut seq = self.next_seq()?;
         loop {
             let path = self.dir.join(format!("{STAGING_PREFIX}{seq:06}"));
@@ -56,15 +138,16 @@ impl ImageStore {
                         .map_err(io_err(&path))?;
                     let created = Utc::now();
                     let id = format!("{seq:06}-{}", created.format(ID_TIME_FORMAT));
-                    let dump = match self.tmpfs_staging(seq) {
-                        Some(d) => d,
-                        None => path.clone(),
+                    let dump = match &mem {
+                        Some(m) => m.path().to_path_buf(),
+                        None => self.tmpfs_staging(seq).unwrap_or_else(|| path.clone()),
                     };
                     debug!(checkpoint = %id, path = %path.display(), dump = %dump.display(), "began checkpoint staging");
                     return Ok(Staging {
                         store: self.clone(),
                         publish_dir: path,
                         dump,
+                        mem,
                         id,
                         seq,
                         created,
@@ -134,8 +217,10 @@ impl Staging {
         &self.store
     }
 
-    /// The directory to dump into (pass this to `criu dump -D`): on tmpfs
-    /// when it has room, else the store's `.staging-<seq>` directory.
+    /// The directory to dump into (pass this to `criu dump -D`): the
+    /// private directory in memory of [`ImageStore::begin_private`], or
+    /// with [`ImageStore::with_tmpfs_staging`] one on tmpfs when it has
+    /// room, else the store's `.staging-<seq>` directory.
     pub fn path(&self) -> &Path {
         &self.dump
     }
@@ -283,7 +368,9 @@ impl Staging {
         crate::failpoint::point("commit-after-pack");
 
         // The data is safe in a published pack: drop the raw dump.
-        if self.dump != self.publish_dir {
+        if let Some(m) = self.mem.take() {
+            drop(m);
+        } else if self.dump != self.publish_dir {
             fs::remove_dir_all(&self.dump).map_err(io_err(&self.dump))?;
         }
         for e in entries
@@ -386,7 +473,9 @@ impl Staging {
             return;
         }
         self.done = true;
-        if self.dump != self.publish_dir {
+        if let Some(m) = self.mem.take() {
+            drop(m);
+        } else if self.dump != self.publish_dir {
             let _ = fs::remove_dir_all(&self.dump);
         }
         match fs::remove_dir_all(&self.publish_dir) {

@@ -32,6 +32,28 @@ pub struct Materialised {
     pub bytes: u64,
     /// Wall time.
     pub duration: Duration,
+    /// The scratch directory `path` is, when it is to be removed with this
+    /// (see [`Materialised::in_scratch`]).
+    pub scratch: Option<std::sync::Arc<super::Scratch>>,
+}
+
+impl Materialised {
+    /// Ties the scratch directory this was written into to it: removed
+    /// (a private tmpfs unmounted) by [`remove`](Self::remove).
+    pub fn in_scratch(mut self, dir: super::Scratch) -> Materialised {
+        self.scratch = Some(std::sync::Arc::new(dir));
+        self
+    }
+
+    /// Removes the written image directory.
+    pub fn remove(self) {
+        match self.scratch {
+            Some(s) => drop(s),
+            None => {
+                let _ = fs::remove_dir_all(&self.path);
+            }
+        }
+    }
 }
 
 impl ImageStore {
@@ -132,6 +154,7 @@ impl ImageStore {
                     path: work_dir.to_path_buf(),
                     bytes,
                     duration,
+                    scratch: None,
                 })
             }
             Err(e) => {

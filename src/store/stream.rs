@@ -13,14 +13,13 @@
 //! The receiving side never waits for the worker, so CRIU (and the frozen
 //! job) never waits for sealing and compression: up to [`MAX_IN_FLIGHT`]
 //! bytes wait in memory; beyond that (a first checkpoint, where every page
-//! is new) batches are appended to a spill file in the packs directory,
-//! as CRIU would have written them, and stored from there after the job
-//! has resumed. A later checkpoint, whose pages are mostly known, keeps
-//! up in memory and writes only what is new.
+//! is new) batches are appended to a spill file and stored from there
+//! after the job has resumed. The spill file has no name (nothing is left
+//! by a crash) and, when the store seals, holds each batch sealed under a
+//! key that exists only in memory (`spill.rs`). A later checkpoint, whose
+//! pages are mostly known, keeps up in memory and writes only what is new.
 
-use std::fs::File;
 use std::io::{self, Read};
-use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{channel, sync_channel, Receiver, Sender, SyncSender};
@@ -31,6 +30,7 @@ use super::format::FileEntry;
 use super::ingest::Staging;
 use super::objects::{self, PAGE_CHUNK};
 use super::pack::{PackWriter, TreeBuilder};
+use super::spill::{self, SpillReader, SpillWriter, SpilledBatch, SPILL_TAG};
 use super::{io_err, ImageStore, StoreError, StoreLock};
 
 /// Size of one batch handed to the worker.
@@ -44,8 +44,10 @@ const RECYCLED: usize = 4;
 enum Msg {
     Begin(String),
     Data(Vec<u8>),
+    /// The spill file, sent once before its first batch.
+    SpillFile(SpillReader),
     /// A batch in the spill file.
-    Spilled(Arc<PathBuf>, u64, usize),
+    Spilled(SpilledBatch),
     End,
 }
 
@@ -64,8 +66,10 @@ pub struct PageStream {
     tx: Option<Sender<Msg>>,
     recycle: Receiver<Vec<u8>>,
     in_flight: Arc<AtomicUsize>,
-    /// The spill file (created when first needed), its path and length.
-    spill: Option<(File, Arc<PathBuf>, u64)>,
+    /// The spill file (created when first needed).
+    spill: Option<SpillWriter>,
+    /// Spilled batches are sealed (the store seals).
+    seal_spill: bool,
     packs_dir: PathBuf,
     /// Bytes that went through the spill file.
     pub spilled: u64,
@@ -86,6 +90,7 @@ impl Staging {
         let lock = store.lock(true)?;
         let packs_dir = store.dir.join(super::format::PACKS_DIR);
         let key = if store.seal { store.key.clone() } else { None };
+        let seal_spill = key.is_some();
         let writer = PackWriter::new(&packs_dir, key)
             .map_err(io_err(&packs_dir))?
             .with_parity(store.parity)
@@ -106,11 +111,12 @@ impl Staging {
             recycle,
             in_flight,
             spill: None,
+            seal_spill,
             packs_dir,
             spilled: 0,
-            max_in_flight: MAX_IN_FLIGHT,
+            max_in_flight: test_max_in_flight().unwrap_or(MAX_IN_FLIGHT),
             worker: Some(worker),
-            buf: Vec::with_capacity(BATCH),
+            buf: Vec::with_capacity(BATCH + SPILL_TAG),
             names: Vec::new(),
             open: false,
             bytes: 0,
@@ -131,7 +137,7 @@ fn ingest(
     let mut files = Vec::new();
     let mut chunks = 0u64;
     let mut cur: Option<(String, TreeBuilder, u64)> = None;
-    let mut spill: Option<File> = None;
+    let mut spill: Option<SpillReader> = None;
     let mut spilled = Vec::new();
     for msg in rx {
         let (data, from_memory) = match msg {
@@ -140,16 +146,17 @@ fn ingest(
                 continue;
             }
             Msg::Data(data) => (data, true),
-            Msg::Spilled(path, off, len) => {
-                if spill.is_none() {
-                    spill = Some(crate::fsutil::open_regular(&path).map_err(io_err(&path))?);
-                }
-                spilled.resize(len, 0);
+            Msg::SpillFile(r) => {
+                spill = Some(r);
+                continue;
+            }
+            Msg::Spilled(b) => {
+                let spill_err = |e| io_err(&packs_dir.join("(spill file)"))(e);
                 spill
                     .as_ref()
-                    .expect("opened")
-                    .read_exact_at(&mut spilled, off)
-                    .map_err(io_err(&path))?;
+                    .ok_or_else(|| spill_err(io::Error::other("no spill file")))?
+                    .read(b, &mut spilled)
+                    .map_err(spill_err)?;
                 (std::mem::take(&mut spilled), false)
             }
             Msg::End => {
@@ -213,17 +220,18 @@ impl PageStream {
         if self.in_flight.load(Ordering::Relaxed) + len > self.max_in_flight {
             // The worker is behind: to disk, not back-pressure on CRIU.
             if self.spill.is_none() {
-                let (f, path) =
-                    crate::fsutil::create_temp_file(&self.packs_dir, "tmp-spill", 0o600)?;
-                self.spill = Some((f, Arc::new(path), 0));
+                let (w, r) = spill::create(&self.packs_dir, self.seal_spill)?;
+                self.spill = Some(w);
+                self.send(Msg::SpillFile(r))?;
             }
-            let (f, path, at) = self.spill.as_mut().expect("created");
-            f.write_all_at(&self.buf, *at)?;
-            let m = Msg::Spilled(path.clone(), *at, len);
-            *at += len as u64;
+            let b = self
+                .spill
+                .as_mut()
+                .expect("created")
+                .append(&mut self.buf)?;
             self.spilled += len as u64;
             self.buf.clear();
-            return self.send(m);
+            return self.send(Msg::Spilled(b));
         }
         self.in_flight.fetch_add(len, Ordering::Relaxed);
         let next = self
@@ -233,7 +241,7 @@ impl PageStream {
                 v.clear();
                 v
             })
-            .unwrap_or_else(|_| Vec::with_capacity(BATCH));
+            .unwrap_or_else(|_| Vec::with_capacity(BATCH + SPILL_TAG));
         let full = std::mem::replace(&mut self.buf, next);
         self.send(Msg::Data(full))
     }
@@ -329,15 +337,24 @@ impl PageStream {
             source: e,
         })?;
         let r = self.join();
-        self.remove_spill();
+        if self.spilled > 0 {
+            tracing::info!(
+                spilled_bytes = self.spilled,
+                sealed = self.seal_spill,
+                "storing the pages fell behind CRIU; some went through the spill file"
+            );
+        }
         r
     }
+}
 
-    fn remove_spill(&mut self) {
-        if let Some((_, path, _)) = self.spill.take() {
-            let _ = std::fs::remove_file(&*path);
-        }
-    }
+/// Test knob: `SUPERVISE_TEST_MAX_IN_FLIGHT=<bytes>` replaces
+/// [`MAX_IN_FLIGHT`] (e.g. `0`: every batch goes through the spill file).
+fn test_max_in_flight() -> Option<usize> {
+    std::env::var("SUPERVISE_TEST_MAX_IN_FLIGHT")
+        .ok()?
+        .parse()
+        .ok()
 }
 
 impl Drop for PageStream {
@@ -347,6 +364,6 @@ impl Drop for PageStream {
             // The writer's drop removes the unpublished pack.
             let _ = h.join();
         }
-        self.remove_spill();
+        // The spill file has no name: closing it frees it.
     }
 }

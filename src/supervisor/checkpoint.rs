@@ -59,22 +59,52 @@ impl Supervisor {
         waited: Duration,
         late_ms: Option<i64>,
     ) -> Result<ImageInfo, CheckpointError> {
+        let mode = self.dump_mode().await;
+        let want_stream = self.cfg.checkpoint.stream && mode == DumpMode::Full;
         // Directory scans and creation: off the async threads.
         let store = self.store.clone();
-        let begun = tokio::task::spawn_blocking(move || store.begin())
-            .await
-            .map_err(|e| CheckpointError::Failed(format!("checkpoint task failed: {e}")))?;
-        let staging = match begun {
+        let root = self.run_dir.clone();
+        let pid = job.host_pid;
+        let begun = tokio::task::spawn_blocking(move || {
+            let newest = store
+                .list()
+                .ok()
+                .and_then(|l| l.first().map(|i| i.size_bytes));
+            // Streamed: the pages go straight from CRIU into the store.
+            // Not the store's first checkpoint: every page of it is new,
+            // and storing 1 GiB of new pages while CRIU sends them froze
+            // the job 4-6x longer than CRIU writing them out (Performance).
+            let stream = want_stream && newest.is_some();
+            if !store.seals() {
+                return store.begin().map(|s| (s, stream, None));
+            }
+            // Sealed: CRIU's images never touch the disk in clear (the
+            // dump goes into memory; the pages are streamed when memory
+            // is short).
+            let job_bytes = crate::proc::tree_memory(pid).max(newest.unwrap_or(0));
+            store
+                .begin_private(&root, job_bytes, stream)
+                .map(|(s, plan)| (s, plan.stream, Some(plan)))
+        })
+        .await
+        .map_err(|e| CheckpointError::Failed(format!("checkpoint task failed: {e}")))?;
+        let (staging, stream, plan) = match begun {
             Ok(s) => s,
             Err(e) => {
-                error!(error = %e, "cannot stage a checkpoint");
+                error!(error = %e, "cannot stage a checkpoint; the job keeps running");
                 return Err(CheckpointError::Failed(e.to_string()));
             }
         };
         let id = staging.id().to_string();
-        let mode = self.dump_mode().await;
-        let stream = self.cfg.checkpoint.stream && mode == DumpMode::Full;
-        let store_for_list = self.store.clone();
+        if let Some(p) = &plan {
+            if p.forced {
+                info!(checkpoint = %id, dump_dir = p.place.name(), reason = %p.reason, "streaming this checkpoint's pages into the store");
+            } else {
+                tracing::debug!(checkpoint = %id, dump_dir = p.place.name(), streamed = p.stream, reason = %p.reason, "checkpoint dump in memory");
+            }
+        }
+        // Pages can be streamed only from a full dump.
+        let mode = if stream { DumpMode::Full } else { mode };
         let engine = self.engine.clone();
         let host_pid = job.host_pid;
         let opts = self.cfg.checkpoint.criu.clone();
@@ -96,6 +126,8 @@ impl Supervisor {
                 if script != "post-dump" {
                     return true;
                 }
+                // Tests: crash supervise while CRIU dumps (job frozen).
+                crate::failpoint::point("post-dump");
                 let pids = crate::proc::tree(host_pid);
                 if attached {
                     tree = pids.iter().filter_map(|p| ProcId::of(*p)).collect();
@@ -108,12 +140,7 @@ impl Supervisor {
                 files = Some(r);
                 ok
             };
-            // Streamed: the pages go straight from CRIU into the store.
-            // Not the store's first checkpoint: every page of it is new,
-            // and storing 1 GiB of new pages while CRIU sends them froze
-            // the job 4-6x longer than CRIU writing them out (Performance).
-            let first = store_for_list.list().map(|l| l.is_empty()).unwrap_or(true);
-            let mut sink = match (stream && !first).then(|| staging.stream()) {
+            let mut sink = match stream.then(|| staging.stream()) {
                 Some(Ok(s)) => Some(crate::pages::StreamSink::new(&dir, s)),
                 Some(Err(e)) => {
                     warn!(error = %e, "cannot stream this checkpoint into the store; CRIU writes it out first");
@@ -130,6 +157,8 @@ impl Supervisor {
                 &mut on_notify,
                 sink.as_mut().map(|s| s as &mut (dyn DumpSink + Send)),
             );
+            // Tests: look at (or crash) a finished dump before the commit.
+            crate::failpoint::point("after-dump");
             (staging, r, files, tree, sink)
         })
         .await;

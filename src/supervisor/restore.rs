@@ -108,6 +108,10 @@ impl Supervisor {
             match self.restore_image(&img).await {
                 Ok(r) => return Ok(r),
                 Err(Failed::Resource(e)) => return Err(Failed::Resource(e)),
+                // Older images need as much memory.
+                Err(Failed::NoRoom(e)) => {
+                    return Err(Failed::Resource(format!("cannot restore {}: {e}", img.id)))
+                }
                 Err(e) => {
                     warn!(checkpoint = %img.id, error = %e.message(), "cannot restore this image; trying the next older one")
                 }
@@ -184,8 +188,14 @@ impl Supervisor {
     /// and the pages CRIU restores eagerly are written out; the rest is
     /// served from the store while the job runs); if a lazy restore fails
     /// before the job runs, the same image is restored eagerly.
+    ///
+    /// When the store seals and there is not enough memory to write the
+    /// whole image out (it may not go to disk), a lazy restore is tried
+    /// even if not wanted, where it works; else the restore fails with
+    /// [`Failed::NoRoom`] (tried again later, like any resource shortage).
     pub(super) async fn restore_image(&mut self, img: &ImageInfo) -> Result<Running, Failed> {
-        if self.lazy_wanted(img).await {
+        let lazy = self.lazy_wanted(img).await;
+        if lazy {
             match self.materialise_lazy(img).await {
                 Ok((m, src)) => match self.restore_materialised(img, m, Some(src)).await {
                     Ok(r) => return Ok(r),
@@ -207,6 +217,28 @@ impl Supervisor {
                 .restore_materialised(img, m, None)
                 .await
                 .map_err(Failed::not_lazy),
+            Err(Failed::NoRoom(e)) if !lazy && self.lazy_works(img).await => {
+                info!(
+                    checkpoint = %img.id,
+                    reason = %e,
+                    "not enough memory to write the whole image out; restoring it lazily (its pages are served from the store)"
+                );
+                match self.materialise_lazy(img).await {
+                    Ok((m, src)) => match self.restore_materialised(img, m, Some(src)).await {
+                        // (Eagerly: no memory for it.)
+                        Err(Failed::Lazy(why)) => {
+                            let msg = format!("{e}; a lazy restore failed too: {why}");
+                            self.restore_failed(img, &msg);
+                            Err(Failed::NoRoom(msg))
+                        }
+                        r => r,
+                    },
+                    Err(e2) => {
+                        self.restore_failed(img, e2.message());
+                        Err(e2)
+                    }
+                }
+            }
             Err(e) => {
                 self.restore_failed(img, e.message());
                 Err(e)
@@ -221,6 +253,13 @@ impl Supervisor {
         if !self.cfg.restore.lazy {
             return false;
         }
+        self.lazy_works(img).await
+    }
+
+    /// Whether `img` can be restored lazily: CRIU can here (asked once;
+    /// the answer logged once) and the image has not failed a lazy
+    /// restore before.
+    async fn lazy_works(&mut self, img: &ImageInfo) -> bool {
         if self
             .lazy_failures
             .lock()
@@ -256,24 +295,22 @@ impl Supervisor {
     ) -> Result<(Materialised, Box<dyn PageSource + Send>), Failed> {
         let store = self.store.clone();
         let fallback = self.run_dir.join("restore");
-        let need = img.size_bytes;
+        let need = crate::pages::lazy_bytes(img);
+        let sealed = self.store.seals();
         let img2 = img.clone();
         let failures = self.lazy_failures.clone();
         tokio::task::spawn_blocking(move || {
-            let work = crate::store::scratch_dir(&fallback, need).map_err(|e| {
-                Failed::io(
-                    format!("cannot create a directory to restore into: {e}"),
-                    &e,
-                )
-            })?;
+            let work = crate::store::restore_scratch(&fallback, need, sealed).map_err(no_dir)?;
             let m = store
-                .materialise_select(&img2, &work, &mut crate::pages::lazy_select())
-                .map_err(|e| materialise_failed(&work, e))?;
+                .materialise_select(&img2, work.path(), &mut crate::pages::lazy_select())
+                .map_err(|e| materialise_failed(work.path(), e))?
+                .in_scratch(work);
             match crate::pages::StoreSource::open(&store, &img2, &m.path, failures) {
                 Ok(src) => Ok((m, Box::new(src) as Box<dyn PageSource + Send>)),
                 Err(e) => {
-                    let _ = std::fs::remove_dir_all(&m.path);
-                    Err(materialise_failed(&m.path, e))
+                    let f = materialise_failed(&m.path, e);
+                    m.remove();
+                    Err(f)
                 }
             }
         })
@@ -328,22 +365,21 @@ impl Supervisor {
     }
 
     /// Writes the image out for CRIU, every piece verified as it is read.
-    /// Touches neither the job nor its files.
+    /// Touches neither the job nor its files. When the store seals, the
+    /// image is written only into memory (`/dev/shm` or a private tmpfs);
+    /// without the memory for it, this fails with [`Failed::NoRoom`].
     pub(super) async fn materialise_image(&self, img: &ImageInfo) -> Result<Materialised, Failed> {
         let store = self.store.clone();
         let fallback = self.run_dir.join("restore");
         let need = img.size_bytes;
+        let sealed = self.store.seals();
         let img2 = img.clone();
         tokio::task::spawn_blocking(move || {
-            let work = crate::store::scratch_dir(&fallback, need).map_err(|e| {
-                Failed::io(
-                    format!("cannot create a directory to restore into: {e}"),
-                    &e,
-                )
-            })?;
-            store
-                .materialise(&img2, &work)
-                .map_err(|e| materialise_failed(&work, e))
+            let work = crate::store::restore_scratch(&fallback, need, sealed).map_err(no_dir)?;
+            match store.materialise(&img2, work.path()) {
+                Ok(m) => Ok(m.in_scratch(work)),
+                Err(e) => Err(materialise_failed(work.path(), e)),
+            }
         })
         .await
         .map_err(|e| Failed::Other(format!("restore task failed: {e}")))
@@ -414,7 +450,7 @@ impl Supervisor {
                     });
                 // The restored job does not use the image files: free the
                 // (tmpfs) space.
-                let _ = std::fs::remove_dir_all(&m.path);
+                m.remove();
                 r
             })
             .await
@@ -575,6 +611,10 @@ pub(super) enum Failed {
     /// A resource of supervise's ran short (descriptors, memory, space):
     /// nothing is known to be wrong with the image; try it again later.
     Resource(String),
+    /// Not enough memory to write the image out without it touching the
+    /// disk (the store seals): a lazy restore may fit; else a resource
+    /// shortage.
+    NoRoom(String),
     /// Anything else.
     Other(String),
 }
@@ -583,13 +623,13 @@ impl Failed {
     /// The message.
     pub(super) fn message(&self) -> &str {
         match self {
-            Failed::Lazy(e) | Failed::Resource(e) | Failed::Other(e) => e,
+            Failed::Lazy(e) | Failed::Resource(e) | Failed::NoRoom(e) | Failed::Other(e) => e,
         }
     }
 
     pub(super) fn into_message(self) -> String {
         match self {
-            Failed::Lazy(e) | Failed::Resource(e) | Failed::Other(e) => e,
+            Failed::Lazy(e) | Failed::Resource(e) | Failed::NoRoom(e) | Failed::Other(e) => e,
         }
     }
 
@@ -608,5 +648,18 @@ impl Failed {
         } else {
             Failed::Other(msg)
         }
+    }
+}
+
+/// No scratch directory for a restore: too little memory (the store
+/// seals), a resource shortage, or the destination's fault.
+fn no_dir(e: crate::store::ScratchError) -> Failed {
+    if e.is_no_room() {
+        return Failed::NoRoom(e.to_string());
+    }
+    let msg = format!("cannot create a directory to restore into: {e}");
+    match &e {
+        crate::store::ScratchError::Io { source, .. } => Failed::io(msg, source),
+        _ => Failed::Other(msg),
     }
 }

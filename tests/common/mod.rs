@@ -29,7 +29,10 @@ pub fn progs() -> &'static Path {
         fs::create_dir_all(&dir).unwrap();
         let lock = fs::File::create(dir.join(".lock")).unwrap();
         // SAFETY: flock on a descriptor we own; released when it closes.
-        assert_eq!(unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&lock), libc::LOCK_EX) }, 0);
+        assert_eq!(
+            unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&lock), libc::LOCK_EX) },
+            0
+        );
         let root = Path::new(env!("CARGO_MANIFEST_DIR"));
         for (name, src, extra) in [
             ("counter", "examples/counter.c", ""),
@@ -111,6 +114,7 @@ pub struct JobFile {
     keep: Option<u32>,
     checkpoint: Vec<String>,
     backoff: String,
+    restore: Vec<String>,
     extra: String,
 }
 
@@ -132,6 +136,7 @@ impl JobFile {
             keep: None,
             checkpoint: Vec::new(),
             backoff: "0s".into(),
+            restore: Vec::new(),
             extra: String::new(),
         }
     }
@@ -190,6 +195,12 @@ impl JobFile {
         self
     }
 
+    /// A further `[restore]` key, e.g. `lazy = false`.
+    pub fn restore(mut self, line: &str) -> JobFile {
+        self.restore.push(line.to_string());
+        self
+    }
+
     /// TOML appended at the end: further tables (`[files]`, `[shutdown]`,
     /// `[slurm]`).
     pub fn extra(mut self, toml: &str) -> JobFile {
@@ -224,6 +235,10 @@ impl JobFile {
             t.push('\n');
         }
         t.push_str(&format!("[restore]\nbackoff = {}\n", q(&self.backoff)));
+        for l in &self.restore {
+            t.push_str(l);
+            t.push('\n');
+        }
         t.push_str(&self.extra);
         t
     }

@@ -75,3 +75,160 @@ fn a_file_streamed_twice_or_also_staged_is_refused() {
     write(&st.path().join("pages-1.img"), b"staged");
     assert!(st.commit_with(meta(), Some(s)).is_err());
 }
+
+/// A sealing store (parity off), in a private temp dir.
+fn sealed_store() -> (tempfile::TempDir, ImageStore) {
+    let tmp = tempfile::tempdir().unwrap();
+    fs::set_permissions(tmp.path(), fs::Permissions::from_mode(0o700)).unwrap();
+    let keys = tmp.path().join("keys");
+    fs::create_dir(&keys).unwrap();
+    fs::set_permissions(&keys, fs::Permissions::from_mode(0o700)).unwrap();
+    let mut o = StoreOptions::new(keys.join("store.key"));
+    o.parity = false;
+    let store = ImageStore::open_with(&tmp.path().join("images"), &o).unwrap();
+    assert!(store.seals());
+    (tmp, store)
+}
+
+/// Our open descriptors on deleted files in `dir` (the unnamed spill
+/// file): their `/proc/self/fd` paths.
+fn unnamed_files_in(dir: &Path) -> Vec<std::path::PathBuf> {
+    let dir = fs::canonicalize(dir).unwrap();
+    fs::read_dir("/proc/self/fd")
+        .unwrap()
+        .flatten()
+        .filter(|e| {
+            fs::read_link(e.path()).is_ok_and(|t| {
+                let t = t.to_string_lossy().into_owned();
+                t.starts_with(&*dir.to_string_lossy()) && t.ends_with(" (deleted)")
+            })
+        })
+        .map(|e| e.path())
+        .collect()
+}
+
+fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    hay.windows(needle.len()).any(|w| w == needle)
+}
+
+#[test]
+fn sealed_spill_round_trips_has_no_name_and_holds_no_plaintext() {
+    let (tmp, store) = sealed_store();
+    let packs = tmp.path().join("images/packs");
+    let a = noise(3, 9 << 20);
+    let st = store.begin().unwrap();
+    // Hold the worker (it takes the object index for every batch) so the
+    // spilled batches are all in the file when it is looked at.
+    let db = store.db.lock().unwrap();
+    let mut s = st.stream().unwrap().with_max_in_flight(0);
+    s.begin_file("pages-1.img").unwrap();
+    s.write(&a).unwrap();
+    s.end_file().unwrap();
+    // (Checked with the index released: a panic while it is held would
+    // wait for the worker forever.)
+    let names: Vec<String> = fs::read_dir(&packs)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    let open = unnamed_files_in(&packs);
+    let contents: Vec<io::Result<Vec<u8>>> = open.iter().map(fs::read).collect();
+    drop(db);
+    assert_eq!(s.spilled, a.len() as u64);
+    // Nothing named: no new entry in packs/ but the pack being written.
+    assert!(
+        names
+            .iter()
+            .all(|n| n.starts_with(".tmp-") && !n.contains("spill")),
+        "{names:?}"
+    );
+    // The unnamed file holds the batches sealed: no page of them in clear.
+    assert!(!open.is_empty(), "no unnamed spill file open");
+    for bytes in contents {
+        let bytes = bytes.unwrap();
+        assert!(bytes.len() >= a.len(), "{} bytes", bytes.len());
+        for page in [0, 700, 2303] {
+            assert!(!contains(&bytes, &a[page * 4096..page * 4096 + 64]));
+        }
+    }
+    let img = st.commit_with(meta(), Some(s)).unwrap();
+    let out = tmp.path().join("out");
+    store.materialise(&img, &out).unwrap();
+    assert_eq!(fs::read(out.join("pages-1.img")).unwrap(), a);
+    // Gone with its last descriptor.
+    assert!(unnamed_files_in(&packs).is_empty());
+}
+
+#[test]
+fn a_tampered_spilled_batch_fails_the_checkpoint() {
+    let (tmp, store) = sealed_store();
+    let packs = tmp.path().join("images/packs");
+    let st = store.begin().unwrap();
+    let db = store.db.lock().unwrap();
+    let mut s = st.stream().unwrap().with_max_in_flight(0);
+    s.begin_file("pages-1.img").unwrap();
+    s.write(&noise(4, 12 << 20)).unwrap();
+    s.end_file().unwrap();
+    // The worker has read at most the first batch (it waits for the
+    // index): flip a byte of the third. (No assertion while the index is
+    // held: a panic would wait for the worker forever.)
+    let open = unnamed_files_in(&packs);
+    let tampered = (|| -> io::Result<()> {
+        use std::os::unix::fs::FileExt;
+        let f = fs::OpenOptions::new().read(true).write(true).open(
+            open.first()
+                .ok_or_else(|| io::Error::other("no spill file"))?,
+        )?;
+        let at = 2 * ((4 << 20) + 16) + 1000;
+        let mut b = [0u8; 1];
+        f.read_exact_at(&mut b, at)?;
+        f.write_all_at(&[b[0] ^ 0x40], at)
+    })();
+    drop(db);
+    // (Two descriptors: the writer's and the worker's duplicate.)
+    assert!(!open.is_empty());
+    tampered.unwrap();
+    let e = st.commit_with(meta(), Some(s)).unwrap_err().to_string();
+    assert!(
+        e.contains("spilled batch 2") && e.contains("does not authenticate"),
+        "{e}"
+    );
+    assert!(store.list().unwrap().is_empty());
+}
+
+#[test]
+fn spill_file_unit_round_trip_tamper_and_fallback_name() {
+    use crate::store::spill;
+    for (seal, named_first) in [(true, false), (true, true), (false, false)] {
+        let tmp = tempfile::tempdir().unwrap();
+        let (mut w, r) = spill::create_with(tmp.path(), seal, named_first).unwrap();
+        // Nothing named, even on the create-and-unlink path.
+        assert!(fs::read_dir(tmp.path()).unwrap().next().is_none());
+        let batches: Vec<Vec<u8>> = (0..3).map(|i| noise(10 + i, 4096 * 5)).collect();
+        let mut at = Vec::new();
+        for b in &batches {
+            let mut v = b.clone();
+            at.push(w.append(&mut v).unwrap());
+            assert_eq!(v.len() > b.len(), seal, "sealed batches carry a tag");
+            assert_eq!(v != *b, seal, "sealed batches are not in clear");
+        }
+        let mut out = Vec::new();
+        for (b, x) in batches.iter().zip(&at).rev() {
+            r.read(*x, &mut out).unwrap();
+            assert_eq!(&out, b);
+        }
+        if seal {
+            use std::os::unix::fs::FileExt;
+            w.file()
+                .write_all_at(&[0xff, 0xee], at[1].off + 10)
+                .unwrap();
+            let e = r.read(at[1], &mut out).unwrap_err();
+            assert_eq!(e.kind(), io::ErrorKind::InvalidData);
+            assert!(e.to_string().contains("spilled batch 1"), "{e}");
+            // A batch read at another's place does not open either.
+            let swapped = spill::SpilledBatch { n: 2, ..at[0] };
+            assert!(r.read(swapped, &mut out).is_err());
+            r.read(at[0], &mut out).unwrap();
+        }
+    }
+}
