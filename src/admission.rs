@@ -47,7 +47,7 @@ pub struct Limits {
 impl Limits {
     /// The control socket: many short requests from a few users.
     pub fn control(fd_budget: u64) -> Limits {
-        let total = cap(fd_budget / 8, 16, 256);
+        let total = cap(fd_budget / 16, 16, 256);
         Limits {
             max_total: total,
             max_per_uid: (total / 4).max(4),
@@ -58,7 +58,7 @@ impl Limits {
 
     /// The metrics endpoint: one scraper, now and then.
     pub fn metrics(fd_budget: u64) -> Limits {
-        let total = cap(fd_budget / 16, 8, 64);
+        let total = cap(fd_budget / 32, 8, 64);
         Limits {
             max_total: total,
             max_per_uid: (total / 4).max(2),
@@ -76,6 +76,9 @@ struct Conn {
     uid: u32,
     since: Instant,
     pending: bool,
+    /// Evicted: its task was told to stop, but until that task has been
+    /// dropped (its ticket with it) the descriptor is still open.
+    evicting: bool,
     abort: Option<AbortHandle>,
 }
 
@@ -88,14 +91,18 @@ struct Table {
 }
 
 impl Table {
+    /// Connections not being evicted.
+    fn live(&self) -> impl Iterator<Item = (&u64, &Conn)> {
+        self.conns.iter().filter(|(_, c)| !c.evicting)
+    }
+
     fn count(&self, uid: u32) -> usize {
-        self.conns.values().filter(|c| c.uid == uid).count()
+        self.live().filter(|(_, c)| c.uid == uid).count()
     }
 
     /// The oldest pending connection of `uid`.
     fn oldest_pending(&self, uid: u32) -> Option<u64> {
-        self.conns
-            .iter()
+        self.live()
             .filter(|(_, c)| c.uid == uid && c.pending)
             .min_by_key(|(id, c)| (c.since, **id))
             .map(|(id, _)| *id)
@@ -104,7 +111,7 @@ impl Table {
     /// The uid holding the most connections that has a pending one.
     fn heaviest_with_pending(&self) -> Option<u32> {
         let mut per: HashMap<u32, (usize, bool)> = HashMap::new();
-        for c in self.conns.values() {
+        for (_, c) in self.live() {
             let e = per.entry(c.uid).or_default();
             e.0 += 1;
             e.1 |= c.pending;
@@ -116,8 +123,9 @@ impl Table {
     }
 
     fn evict(&mut self, id: u64) {
-        if let Some(c) = self.conns.remove(&id) {
-            if let Some(a) = c.abort {
+        if let Some(c) = self.conns.get_mut(&id) {
+            c.evicting = true;
+            if let Some(a) = c.abort.take() {
                 a.abort();
             }
             self.evicted += 1;
@@ -125,25 +133,32 @@ impl Table {
     }
 }
 
+/// A listener's table and the signal that a connection has gone.
+#[derive(Default)]
+struct Shared {
+    table: Mutex<Table>,
+    gone: tokio::sync::Notify,
+}
+
 /// Connection admission for one listener; cheap to clone.
 #[derive(Clone)]
 pub struct Admission {
     limits: Limits,
-    table: Arc<Mutex<Table>>,
+    shared: Arc<Shared>,
     what: &'static str,
 }
 
 /// A connection's place in its listener; dropping it frees the place.
 pub struct Ticket {
     id: u64,
-    table: Arc<Mutex<Table>>,
+    shared: Arc<Shared>,
 }
 
 impl Ticket {
     /// The request has been read: from now on the connection is not
     /// evicted to make room for others.
     pub fn request_read(&self) {
-        if let Some(c) = lock(&self.table).conns.get_mut(&self.id) {
+        if let Some(c) = lock(&self.shared.table).conns.get_mut(&self.id) {
             c.pending = false;
         }
     }
@@ -156,7 +171,8 @@ impl Ticket {
 
 impl Drop for Ticket {
     fn drop(&mut self) {
-        lock(&self.table).conns.remove(&self.id);
+        lock(&self.shared.table).conns.remove(&self.id);
+        self.shared.gone.notify_waiters();
     }
 }
 
@@ -181,7 +197,7 @@ impl Admission {
     pub fn new(what: &'static str, limits: Limits) -> Admission {
         Admission {
             limits,
-            table: Arc::default(),
+            shared: Arc::default(),
             what,
         }
     }
@@ -194,7 +210,7 @@ impl Admission {
     /// Admits a connection from `uid`, closing slow (pending) connections
     /// to make room where needed; `None`: refused (close it at once).
     pub fn admit(&self, uid: u32) -> Option<Ticket> {
-        let mut t = lock(&self.table);
+        let mut t = lock(&self.shared.table);
         if t.count(uid) >= self.limits.max_per_uid {
             match t.oldest_pending(uid) {
                 Some(id) => t.evict(id),
@@ -205,7 +221,7 @@ impl Admission {
                 }
             }
         }
-        if t.conns.len() >= self.limits.max_total {
+        if t.live().count() >= self.limits.max_total {
             match t.heaviest_with_pending().and_then(|u| t.oldest_pending(u)) {
                 Some(id) => t.evict(id),
                 None => {
@@ -223,13 +239,30 @@ impl Admission {
                 uid,
                 since: Instant::now(),
                 pending: true,
+                evicting: false,
                 abort: None,
             },
         );
         Some(Ticket {
             id,
-            table: self.table.clone(),
+            shared: self.shared.clone(),
         })
+    }
+
+    /// Waits until the listener holds fewer than twice its cap of
+    /// descriptors, counting connections being evicted (until their tasks
+    /// are dropped): call before each `accept`, so that a burst of
+    /// newcomers evicting each other never holds more than that.
+    pub async fn room(&self) {
+        loop {
+            let gone = self.shared.gone.notified();
+            tokio::pin!(gone);
+            gone.as_mut().enable();
+            if lock(&self.shared.table).conns.len() < 2 * self.limits.max_total {
+                return;
+            }
+            gone.await;
+        }
     }
 
     fn note_refusal(&self, t: &Table, uid: u32) {
@@ -240,7 +273,7 @@ impl Admission {
                 listener = self.what,
                 uid,
                 refused = t.refused,
-                open = t.conns.len(),
+                open = t.live().count(),
                 max_total = self.limits.max_total,
                 max_per_uid = self.limits.max_per_uid,
                 "connection refused: the listener is full of requests being served"
@@ -251,8 +284,11 @@ impl Admission {
     /// Registers the task serving connection `id`, so that an eviction
     /// can stop it (a connection already gone is left alone).
     pub fn attach(&self, id: u64, abort: AbortHandle) {
-        if let Some(c) = lock(&self.table).conns.get_mut(&id) {
-            c.abort = Some(abort);
+        let mut t = lock(&self.shared.table);
+        match t.conns.get_mut(&id) {
+            Some(c) if c.evicting => abort.abort(),
+            Some(c) => c.abort = Some(abort),
+            None => {}
         }
     }
 
@@ -276,9 +312,9 @@ impl Admission {
     /// Open, evicted and refused connections.
     #[cfg(test)]
     pub fn counts(&self) -> Counts {
-        let t = lock(&self.table);
+        let t = lock(&self.shared.table);
         Counts {
-            open: t.conns.len(),
+            open: t.live().count(),
             evicted: t.evicted,
             refused: t.refused,
         }
@@ -456,7 +492,7 @@ mod tests {
         let t3 = a.admit(1).unwrap();
         assert_eq!(a.counts().open, 2);
         assert_eq!(a.counts().evicted, 1);
-        assert!(!lock(&a.table).conns.contains_key(&t1.id));
+        assert!(lock(&a.shared.table).conns[&t1.id].evicting);
         // Requests being served are never evicted: with both read, a
         // newcomer of uid 1 is refused.
         t2.request_read();
@@ -479,9 +515,9 @@ mod tests {
         assert_eq!(a.counts().open, 4);
         // Full: root's next request evicts the flooder's oldest, not root's.
         let root2 = a.admit(0).unwrap();
-        assert!(!lock(&a.table).conns.contains_key(&flood[0].id));
-        assert!(lock(&a.table).conns.contains_key(&root.id));
-        assert!(lock(&a.table).conns.contains_key(&root2.id));
+        assert!(lock(&a.shared.table).conns[&flood[0].id].evicting);
+        assert!(lock(&a.shared.table).conns.contains_key(&root.id));
+        assert!(lock(&a.shared.table).conns.contains_key(&root2.id));
         assert_eq!(a.counts().open, 4);
     }
 
@@ -501,12 +537,34 @@ mod tests {
         assert_eq!(a.counts().open, 1);
     }
 
+    #[tokio::test]
+    async fn no_accept_while_evicted_connections_still_hold_descriptors() {
+        let a = Admission::new("test", limits(1, 1));
+        let t1 = a.admit(7).unwrap();
+        a.room().await;
+        let t2 = a.admit(7).unwrap();
+        // t1 is evicted but not yet gone: two descriptors for a cap of one.
+        assert_eq!(a.counts().open, 1);
+        let waiting = tokio::spawn({
+            let a = a.clone();
+            async move { a.room().await }
+        });
+        tokio::task::yield_now().await;
+        assert!(!waiting.is_finished());
+        drop(t1);
+        tokio::time::timeout(Duration::from_secs(5), waiting)
+            .await
+            .expect("room once the evicted connection is gone")
+            .unwrap();
+        drop(t2);
+    }
+
     #[test]
     fn limits_follow_the_descriptor_budget() {
-        assert_eq!(Limits::control(1024).max_total, 128);
+        assert_eq!(Limits::control(1024).max_total, 64);
         assert_eq!(Limits::control(1 << 20).max_total, 256);
         assert_eq!(Limits::control(64).max_total, 16);
-        assert_eq!(Limits::metrics(1024).max_total, 64);
+        assert_eq!(Limits::metrics(1024).max_total, 32);
         assert_eq!(Limits::metrics(100).max_total, 8);
         assert!(Limits::metrics(100).max_per_uid >= 2);
     }

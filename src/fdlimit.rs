@@ -9,7 +9,8 @@
 //! and a restored one the limits CRIU recorded.
 //!
 //! The listeners size their connection caps from the budget
-//! ([`crate::admission::Limits`]): together at most about a fifth of it,
+//! ([`crate::admission::Limits`]): together at most about a fifth of it
+//! (twice their caps, counting connections being closed),
 //! so the rest stays in reserve for checkpoints and restores.
 
 use std::sync::atomic::{AtomicU64, Ordering};

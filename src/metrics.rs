@@ -447,6 +447,7 @@ pub async fn serve(listener: Listener, metrics: Metrics) {
     let adm = Admission::new("metrics", Limits::metrics(crate::fdlimit::budget()));
     let mut errors = crate::admission::AcceptErrors::default();
     loop {
+        adm.room().await;
         match &listener {
             Listener::Tcp(l) => match l.accept().await {
                 Ok((conn, peer)) => {

@@ -98,6 +98,7 @@ impl Server {
         let adm = Admission::new("control socket", Limits::control(crate::fdlimit::budget()));
         let mut errors = crate::admission::AcceptErrors::default();
         loop {
+            adm.room().await;
             let (stream, _) = match self.listener.accept().await {
                 Ok(s) => s,
                 Err(e) => {
