@@ -6,7 +6,11 @@
 #   3. cargo clippy --all-targets -- -D warnings
 #   4. scripts/build-deb.sh          the Debian package (of the test build), once;
 #                                    tests/package.rs installs it ($SUPERVISE_DEB)
-#   5. cargo test --all-targets -- --test-threads=2
+#   5. cargo nextest run --all-targets   (.config/nextest.toml: two slots
+#                                        shared by every test binary; plain
+#                                        `cargo test --all-targets --
+#                                        --test-threads=2` where nextest is
+#                                        not installed)
 #
 # The integration tests drive real CRIU against real processes: run this as
 # root on Linux. Usage: scripts/test.sh
@@ -51,9 +55,14 @@ SUPERVISE_DEB="$(SUPERVISE_DEB_PROFILE=dev bash scripts/build-deb.sh | tail -n1)
 export SUPERVISE_DEB
 step_ok "package $SUPERVISE_DEB" "$t"
 
-section "5/5 tests (cargo test --all-targets -- --test-threads=2)"
 t=$SECONDS
-cargo test --all-targets -- --test-threads=2
+if cargo nextest --version >/dev/null 2>&1; then
+  section "5/5 tests (cargo nextest run --all-targets)"
+  cargo nextest run --all-targets
+else
+  section "5/5 tests (cargo test --all-targets -- --test-threads=2; cargo-nextest not found)"
+  cargo test --all-targets -- --test-threads=2
+fi
 step_ok tests "$t"
 
 printf '\n==== all checks passed in %ss ====\n' "$((SECONDS - started))"
