@@ -183,6 +183,7 @@
 
 mod crypto;
 mod format;
+mod hash;
 mod heal;
 mod ingest;
 mod keyring;

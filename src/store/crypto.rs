@@ -48,7 +48,7 @@ use std::path::{Path, PathBuf};
 use chacha20poly1305::aead::{AeadInPlace, KeyInit};
 use chacha20poly1305::{XChaCha20Poly1305, XNonce};
 
-use super::objects::Hash;
+use super::hash::Hash;
 use crate::fsutil;
 
 /// First word of a key file's key line.

@@ -207,6 +207,13 @@ enum StagedEntry {
 }
 
 impl Staging {
+    /// Starts streaming files into this checkpoint (see
+    /// [`PageStream`]). Takes the store's exclusive lock until the commit
+    /// (or until the stream is dropped).
+    pub fn stream(&self) -> Result<PageStream, StoreError> {
+        PageStream::start(self.store().clone())
+    }
+
     /// The id this checkpoint will be published under.
     pub fn id(&self) -> &str {
         &self.id
@@ -512,7 +519,7 @@ fn copy_checkpoint(from: &Path, copy: &Path, id: &str, seq: u64) -> Result<(), S
         let e = e.map_err(io_err(from))?;
         if e.file_type().map(|t| t.is_file()).unwrap_or(false) {
             let to = staging.join(e.file_name());
-            pack::copy_file(&e.path(), &to).map_err(io_err(&to))?;
+            super::util::copy_file(&e.path(), &to).map_err(io_err(&to))?;
         }
     }
     fsync_dir(&staging)?;

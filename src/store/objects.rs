@@ -24,7 +24,6 @@
 
 use std::collections::{HashMap, HashSet};
 use std::fs;
-use std::hash::{BuildHasherDefault, Hasher};
 use std::io::{self, Read};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -33,13 +32,12 @@ use std::sync::{Arc, Mutex};
 
 use super::crypto::StoreKey;
 use super::heal::{self, Mirror};
-use super::pack::copy_file;
 use super::parity;
+use super::util::copy_file;
 use super::{io_err, StoreError};
 use crate::fsutil;
 
-/// An object's name: the BLAKE3 hash of its contents.
-pub type Hash = [u8; 32];
+pub use super::hash::{hash, hex, parse_hex, Hash, HashMapH, HashSetH};
 
 /// Children per tree node (a node is `FANOUT * 32` bytes = 2 KiB).
 pub const FANOUT: usize = 64;
@@ -62,8 +60,7 @@ pub(super) const IDX_MAGIC: &[u8; 8] = b"SVIDX001";
 /// the store key, the pack's name as associated data.
 pub(super) const IDX_MAGIC_SEALED: &[u8; 8] = b"SVIDX003";
 pub(super) const IDX_ENTRY: usize = 32 + 8 + 4 + 4 + 4;
-/// Prefix of pack and index files being written.
-pub const TMP_PREFIX: &str = ".tmp-";
+pub use super::util::TMP_PREFIX;
 /// Largest read of contiguous objects at once.
 pub(super) const RUN_MAX: u64 = 8 << 20;
 /// Absolute cap on a pack index file (it is read whole into memory). An
@@ -102,44 +99,6 @@ pub(super) fn not_a_dir_reason(path: &Path, md: &fs::Metadata) -> String {
         format!("{} is not a directory", path.display())
     }
 }
-
-/// BLAKE3 of `data`.
-pub fn hash(data: &[u8]) -> Hash {
-    *blake3::hash(data).as_bytes()
-}
-
-/// Lower-case hex of a hash.
-pub fn hex(h: &Hash) -> String {
-    hex::encode(h)
-}
-
-/// Parses a 64-digit hex hash.
-pub fn parse_hex(s: &str) -> Option<Hash> {
-    let v = hex::decode(s).ok()?;
-    v.try_into().ok()
-}
-
-/// Hashes are uniformly random: their first 8 bytes are a perfect hash key.
-#[derive(Default)]
-pub struct IdHasher(u64);
-
-impl Hasher for IdHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        for chunk in bytes.chunks(8) {
-            let mut b = [0u8; 8];
-            b[..chunk.len()].copy_from_slice(chunk);
-            self.0 ^= u64::from_le_bytes(b);
-        }
-    }
-}
-
-/// A map keyed by [`Hash`].
-pub type HashMapH<V> = HashMap<Hash, V, BuildHasherDefault<IdHasher>>;
-/// A set of [`Hash`]es.
-pub type HashSetH = HashSet<Hash, BuildHasherDefault<IdHasher>>;
 
 /// Where an object lives.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

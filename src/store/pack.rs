@@ -217,7 +217,7 @@ impl PackWriter {
             files.push(idx_path.clone());
             let r = files
                 .iter()
-                .try_for_each(|f| copy_file(f, &copy.join(f.file_name().unwrap())))
+                .try_for_each(|f| super::util::copy_file(f, &copy.join(f.file_name().unwrap())))
                 .and_then(|()| fsutil::fsync_dir(copy));
             if let Err(e) = r {
                 tracing::warn!(pack = %name, copy = %copy.display(), error = %e,
@@ -415,21 +415,6 @@ impl Default for TreeBuilder {
     fn default() -> Self {
         Self::new()
     }
-}
-
-/// Copies the store file `from` to `to` (a fresh temporary name in its
-/// directory, fsync, rename).
-pub fn copy_file(from: &Path, to: &Path) -> io::Result<()> {
-    let dir = to.parent().unwrap_or(Path::new("."));
-    let mut src = fsutil::open_regular(from)?;
-    let (mut f, tmp) = fsutil::create_temp_file(dir, TMP_PREFIX.trim_start_matches('.'), 0o600)?;
-    let r = io::copy(&mut src, &mut f)
-        .and_then(|_| f.sync_all())
-        .and_then(|()| fs::rename(&tmp, to));
-    if r.is_err() {
-        let _ = fs::remove_file(&tmp);
-    }
-    r
 }
 
 /// Reads a whole regular file in batches of up to 4 MiB, each a whole

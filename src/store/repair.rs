@@ -20,9 +20,9 @@ use tracing::{info, warn};
 
 use super::format::{MANIFEST_NAME, MANIFEST_SEALED_NAME, PACKS_DIR};
 use super::objects::{self, HashSetH};
-use super::pack::copy_file;
 use super::parity;
 use super::progress::{Batch, Phase};
+use super::util::copy_file;
 use super::{ImageStore, StoreError};
 
 /// What [`ImageStore::repair`] found and did.

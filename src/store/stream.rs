@@ -3,7 +3,7 @@
 //! hands over each `pages-<n>.img` as a byte stream while the job is
 //! frozen; [`PageStream`] cuts it into the same page chunks a staged file
 //! would get, hashes them and stores only the new ones, in the pack that
-//! [`Staging::commit_with`] then completes with the staged files. Nothing
+//! [`Staging::commit_with`](super::ingest::Staging::commit_with) then completes with the staged files. Nothing
 //! of the page contents is written except new chunks, so a checkpoint in
 //! which little changed writes little.
 //!
@@ -27,7 +27,6 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use super::format::FileEntry;
-use super::ingest::Staging;
 use super::objects::{self, PAGE_CHUNK};
 use super::pack::{PackWriter, TreeBuilder};
 use super::spill::{self, SpillReader, SpillWriter, SpilledBatch, SPILL_TAG};
@@ -60,7 +59,7 @@ pub(super) struct Streamed {
 }
 
 /// Files streamed into a checkpoint being written; from
-/// [`Staging::stream`]. Dropping it without [`Staging::commit_with`]
+/// [`Staging::stream`](super::ingest::Staging::stream). Dropping it without [`Staging::commit_with`](super::ingest::Staging::commit_with)
 /// discards what it stored (the unpublished pack is removed).
 pub struct PageStream {
     tx: Option<Sender<Msg>>,
@@ -82,11 +81,11 @@ pub struct PageStream {
     pub bytes: u64,
 }
 
-impl Staging {
-    /// Starts streaming files into this checkpoint. Takes the store's
-    /// exclusive lock until the commit (or until the stream is dropped).
-    pub fn stream(&self) -> Result<PageStream, StoreError> {
-        let store = self.store().clone();
+impl PageStream {
+    /// Starts streaming files into a checkpoint of `store` (through
+    /// `Staging::stream`). Takes the store's exclusive lock until the
+    /// commit (or until the stream is dropped).
+    pub(super) fn start(store: ImageStore) -> Result<PageStream, StoreError> {
         let lock = store.lock(true)?;
         let packs_dir = store.dir.join(super::format::PACKS_DIR);
         let key = if store.seal { store.key.clone() } else { None };

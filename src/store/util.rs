@@ -54,3 +54,21 @@ pub fn dir_size(path: &Path) -> u64 {
     let Ok(rd) = fs::read_dir(path) else { return 0 };
     rd.filter_map(Result::ok).map(|e| dir_size(&e.path())).sum()
 }
+
+/// Prefix of pack and index files (and copies) being written.
+pub const TMP_PREFIX: &str = ".tmp-";
+
+/// Copies the store file `from` to `to` (a fresh temporary name in its
+/// directory, fsync, rename).
+pub fn copy_file(from: &Path, to: &Path) -> io::Result<()> {
+    let dir = to.parent().unwrap_or(Path::new("."));
+    let mut src = fsutil::open_regular(from)?;
+    let (mut f, tmp) = fsutil::create_temp_file(dir, TMP_PREFIX.trim_start_matches('.'), 0o600)?;
+    let r = io::copy(&mut src, &mut f)
+        .and_then(|_| f.sync_all())
+        .and_then(|()| fs::rename(&tmp, to));
+    if r.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    r
+}
