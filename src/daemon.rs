@@ -14,7 +14,7 @@ use crate::control::{
 use crate::metrics::{Metrics, MetricsAddr, MetricsError};
 use crate::reaper::Reaper;
 use crate::slurm::SlurmContext;
-use crate::supervisor::{Supervisor, SupervisorError};
+use crate::supervisor::{Criu, Supervisor, SupervisorError};
 
 /// Errors that keep `supervise run` from starting (nothing is started then).
 #[derive(Debug, thiserror::Error)]
@@ -117,6 +117,8 @@ pub async fn run(cfgs: Vec<JobConfig>, opts: RunOptions) -> Result<Summary, Daem
         max_concurrent_dumps = opts.max_concurrent_dumps,
         "starting"
     );
+    // One engine for every job: what CRIU supports is asked once.
+    let engine = Arc::new(Criu::new(reaper.clone()));
     let mut sups = Vec::new();
     let mut handles: Vec<JobHandle> = Vec::new();
     let mut pre_term: Vec<(i32, String, bool)> = Vec::new();
@@ -127,7 +129,7 @@ pub async fn run(cfgs: Vec<JobConfig>, opts: RunOptions) -> Result<Summary, Daem
             cfg.name.clone(),
             cfg.slurm.requeue,
         ));
-        let mut s = Supervisor::new(cfg, reaper.clone(), slurm.clone())?;
+        let mut s = Supervisor::new(cfg, slurm.clone(), engine.clone())?;
         if let Some(v) = &opts.criu_version {
             s.set_criu_version(v.clone());
         }

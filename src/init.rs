@@ -109,6 +109,7 @@ impl Report {
                 .parse()
                 .ok()
                 .map(|s| Report::Ended(ExitStatus::Signal(s))),
+            "unknown" => Some(Report::Ended(ExitStatus::Unknown)),
             "error" => Some(Report::Error(rest.to_string())),
             _ => None,
         }
@@ -120,6 +121,7 @@ impl Report {
             Report::Started(p) => format!("started {p}\n"),
             Report::Ended(ExitStatus::Code(c)) => format!("exited {c}\n"),
             Report::Ended(ExitStatus::Signal(s)) => format!("signaled {s}\n"),
+            Report::Ended(ExitStatus::Unknown) => "unknown 0\n".to_string(),
             Report::Error(m) => format!("error {}\n", m.replace('\n', " ")),
         }
     }
@@ -144,6 +146,7 @@ pub fn main() -> ! {
             match status {
                 ExitStatus::Code(c) => c,
                 ExitStatus::Signal(s) => 128 + s,
+                ExitStatus::Unknown => 255,
             }
         }
         Err(msg) => {
@@ -409,6 +412,7 @@ mod tests {
             Report::Started(1000),
             Report::Ended(ExitStatus::Code(3)),
             Report::Ended(ExitStatus::Signal(9)),
+            Report::Ended(ExitStatus::Unknown),
             Report::Error("cannot start \"x\": No such file".into()),
         ] {
             assert_eq!(Report::parse(&r.line()), Some(r.clone()));

@@ -178,9 +178,9 @@ impl Running {
                     g.retain_ready();
                 }
                 // Not our child: read the zombie's status if its parent has
-                // not reaped it yet; otherwise we cannot know and call it a
-                // failure (documented).
-                crate::proc::zombie_exit_status(self.host_pid).unwrap_or(ExitStatus::Signal(0))
+                // not reaped it yet; otherwise we cannot know (a failure,
+                // documented), and say so rather than invent a signal.
+                crate::proc::zombie_exit_status(self.host_pid).unwrap_or(ExitStatus::Unknown)
             }
         };
         self.waiter = None;
@@ -238,6 +238,13 @@ impl Running {
             since: Instant::now(),
             waiter: Some(Waiter::Channel { exit, kill }),
         }
+    }
+
+    /// The same job, with the start time `t` (an engine's stand-in for a
+    /// process it attached to).
+    pub fn with_start_time(mut self, t: u64) -> Running {
+        self.start_time = t;
+        self
     }
 }
 
@@ -569,17 +576,36 @@ pub fn restore(
     })
 }
 
-/// A restore failed: a lazy session is torn down (its daemon killed) and
-/// the failure reported as a lazy one, so that the caller may restore the
-/// image eagerly instead.
+/// A restore failed: a lazy session is torn down (its daemon killed).
+/// The failure is a lazy one (so that the caller may restore the image
+/// eagerly instead) only where the lazy part failed: a page the server
+/// could not read, or CRIU failing over its lazy pages (userfaultfd).
+/// When CRIU refused the image for a reason of its own, that reason is the
+/// error, said once (the daemon we killed is not news).
 fn failed(e: JobError, session: Option<LazySession>) -> JobError {
-    match session {
-        Some(s) => match s.abort().result {
-            // The page server's reason (a damaged page) is the real one.
-            Err(why) => JobError::Lazy(format!("{e}; serving its pages: {why}")),
-            Ok(()) => JobError::Lazy(e.to_string()),
-        },
-        None => e,
+    let Some(s) = session else {
+        return e;
+    };
+    match s.abort().result {
+        // The page server's reason (a damaged page) is the real one.
+        Err(why) if why.unservable => JobError::Lazy(format!("{e}; serving its pages: {why}")),
+        _ if lazy_part_failed(&e) => JobError::Lazy(e.to_string()),
+        _ => e,
+    }
+}
+
+/// True if CRIU's error is about its lazy restore itself.
+fn lazy_part_failed(e: &JobError) -> bool {
+    match e {
+        JobError::Criu(CriuError::Failed { message, .. }) => {
+            let m = message.to_ascii_lowercase();
+            m.contains("uffd") || m.contains("lazy") || m.contains("userfault")
+        }
+        // CRIU died or the namespace failed around a lazy restore: try
+        // the same image eagerly rather than give it up.
+        JobError::Criu(_) | JobError::Start(_) | JobError::Io { .. } => true,
+        JobError::Lazy(_) => true,
+        JobError::Init(_) => false,
     }
 }
 
@@ -635,4 +661,30 @@ pub fn adopt(
             status_file,
         }),
     })
+}
+
+#[cfg(test)]
+mod failed_tests {
+    use super::*;
+
+    #[test]
+    fn only_lazy_trouble_makes_a_restore_failure_lazy() {
+        let criu = |m: &str| {
+            JobError::Criu(CriuError::Failed {
+                op: "restore",
+                message: m.into(),
+                errno: None,
+            })
+        };
+        // CRIU refusing the image for a reason of its own: not lazy.
+        assert!(!lazy_part_failed(&criu("Can't fork for 1000: File exists")));
+        // CRIU failing over its lazy pages: lazy (try the image eagerly).
+        assert!(lazy_part_failed(&criu("uffd: Can't register memory")));
+        assert!(lazy_part_failed(&criu(
+            "Error (criu/uffd.c:300): lazy-pages"
+        )));
+        assert!(!lazy_part_failed(&JobError::Init(
+            std::io::Error::from_raw_os_error(libc::EMFILE)
+        )));
+    }
 }

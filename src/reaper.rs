@@ -30,6 +30,9 @@ pub enum ExitStatus {
     Code(i32),
     /// Killed by this signal.
     Signal(i32),
+    /// Ended, but how is not known: a process supervise attached to (not
+    /// its child) that its own parent reaped first.
+    Unknown,
 }
 
 impl ExitStatus {
@@ -42,8 +45,10 @@ impl ExitStatus {
     pub fn from_raw(status: i32) -> ExitStatus {
         if libc::WIFSIGNALED(status) {
             ExitStatus::Signal(libc::WTERMSIG(status))
-        } else {
+        } else if libc::WIFEXITED(status) {
             ExitStatus::Code(libc::WEXITSTATUS(status))
+        } else {
+            ExitStatus::Unknown
         }
     }
 }
@@ -52,6 +57,9 @@ impl fmt::Display for ExitStatus {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             ExitStatus::Code(c) => write!(f, "exit code {c}"),
+            ExitStatus::Unknown => {
+                write!(f, "ended (exit status unknown: not supervise's child)")
+            }
             ExitStatus::Signal(s) => {
                 let name = nix::sys::signal::Signal::try_from(*s)
                     .map(|s| s.as_str().to_string())

@@ -1,72 +1,69 @@
 //! The per-job supervisor: a state machine (running, checkpointing, dead,
-//! restoring) driven by three kinds of events: the checkpoint schedule, the
-//! job's death (reported by the reaper or a pidfd, never polled) and
-//! supervise's own shutdown.
+//! restoring) driven by four kinds of events: the checkpoint schedule, the
+//! job's death (reported by the reaper or a pidfd, never polled), the end
+//! of a lazy restore's page serving, control commands, and supervise's
+//! own shutdown.
 //!
 //! Everything one job does happens on one task, one step at a time, so a job
 //! never has two checkpoints at once, nor a checkpoint during a restore.
-//! A tick that came due before the checkpoint for the previous one started
-//! (or during a restore) is skipped, counted and logged; the newest tick
-//! missed while a checkpoint ran is served at once
-//! ([`crate::schedule::Ticker`], `tuning.rs`).
+//!
+//! The supervisor owns its state in named parts, each with its own
+//! methods: [`Ctx`] (what does not change while it runs: the job file,
+//! the store, the engine, the state directory, the Slurm lease),
+//! `Report` (status and metrics), `Cadence` (ticks, interval, dump
+//! slots), `Tree` (the running job, its lazy restore, an attached job's
+//! processes) and `Recovery` (the restart policy's history, images that
+//! failed a lazy restore). The procedures take the parts they need:
+//! `checkpoint.rs` (a checkpoint), `restore.rs` (restoring, and the death
+//! handling that leads there), `start.rs` (adopt, attach, launch or
+//! resume). It reaches processes, CRIU and the job's files only through
+//! its [`Engine`] (`engine.rs`; the real one is [`Criu`]).
 
 use std::fs::File;
-use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
 
-use chrono::Utc;
-use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, watch};
 use tracing::{error, info, warn};
 
-use crate::control::{CheckpointSummary, Command, JobPort, JobStatus, Response};
+use crate::config::{JobConfig, ShutdownAction};
+use crate::control::{Command, JobPort, Response};
 use crate::fence::{Fence, Handover, Owner};
+use crate::job::InitFiles;
 use crate::metrics::Metrics;
-use crate::proc::ProcId;
 use crate::slurm::SlurmContext;
+use crate::store::ImageStore;
 
-/// How a start that gave up after a resource shortage begins its reason.
-const RESOURCE_PREFIX: &str = "a resource of supervise's ran short: ";
+mod cadence;
+mod checkpoint;
+mod criu_engine;
+pub mod engine;
+mod errors;
+pub mod policy;
+mod record;
+mod report;
+mod restore;
+mod scrub;
+mod start;
+mod tree;
+
+pub use checkpoint::summary;
+pub use criu_engine::Criu;
+pub use engine::Engine;
+pub use errors::CheckpointError;
+pub use policy::{Decision, History, Verb};
+pub use record::JobRecord;
+
+use cadence::Cadence;
+use report::Report;
+use tree::Tree;
+
+pub use crate::control::protocol::JobState;
+pub use crate::control::Shutdown;
 
 /// How often a copy inside Slurm checks that it still holds the store.
 const FENCE_CHECK: Duration = Duration::from_secs(1);
-
-use crate::config::{JobConfig, RestoreOn, ShutdownAction, Target};
-use crate::criu::DumpMode;
-use crate::files::{Action, CaptureSummary, FilesError};
-use crate::job::{self, InitFiles, Running};
-use crate::reaper::{ExitStatus, Reaper};
-use crate::schedule::Ticker;
-use crate::store::{CheckpointExtra, CheckpointMeta, ImageInfo, ImageStore, Materialised};
-
-mod checkpoint;
-pub mod engine;
-pub mod policy;
-mod record;
-mod restore;
-mod scrub;
-mod tuning;
-
-pub use checkpoint::summary;
-pub use engine::{Criu, Engine};
-pub use policy::{Decision, History, Verb};
-
-/// Why a checkpoint was not published (the job keeps running either way).
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum CheckpointError {
-    /// Another copy of this job (Slurm) took over the image store: this
-    /// copy must publish nothing more and stop its job.
-    #[error("superseded: {0}")]
-    Superseded(String),
-    /// The job had already ended.
-    #[error("the job has already ended")]
-    Ended,
-    /// CRIU, the file recording or the store failed.
-    #[error("{0}")]
-    Failed(String),
-}
-pub use record::JobRecord;
-use record::{read_record, AttachRecord, RECORD_MAX};
 
 /// Errors that stop a job's supervision before it starts.
 #[derive(Debug, thiserror::Error)]
@@ -102,15 +99,11 @@ pub enum SupervisorError {
     },
 }
 
-pub use crate::control::protocol::JobState;
-
-pub use crate::control::Shutdown;
-
 /// How supervision of a job ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
     /// The job exited in a way that needs no restore (e.g. exit 0).
-    Completed(ExitStatus),
+    Completed(crate::reaper::ExitStatus),
     /// supervise was asked to stop; the job was stopped.
     Stopped,
     /// supervise was asked to stop; the job was left running.
@@ -128,54 +121,57 @@ impl Outcome {
     }
 }
 
-/// Supervises one job.
-pub struct Supervisor {
-    cfg: JobConfig,
-    store: ImageStore,
-    /// Launch, dump, restore: CRIU, or a test double.
-    engine: std::sync::Arc<dyn Engine>,
-    state: JobState,
-    /// The restart policy's memory of earlier deaths.
-    history: History,
-    criu_version: String,
-    /// A live job left by an earlier supervise, to take over at start.
-    adopt: Option<JobRecord>,
-    status: Option<watch::Sender<JobStatus>>,
-    commands: Option<mpsc::Receiver<Command>>,
-    metrics: Metrics,
+/// What a supervisor works with and does not change while it runs.
+pub(crate) struct Ctx<E> {
+    /// The job file.
+    pub(crate) cfg: JobConfig,
+    /// The job's image store.
+    pub(crate) store: ImageStore,
+    /// Processes, CRIU, the job's files.
+    pub(crate) engine: Arc<E>,
     /// Where the per-run files live (the state dir, or a per-Slurm-run
     /// subdirectory of it).
-    run_dir: PathBuf,
-    slurm: Option<SlurmContext>,
-    /// Our lease on the image store (Slurm only).
-    fence: Option<Fence>,
-    /// Full dumps, or pre-dump + dump where CRIU tracks dirty memory;
-    /// asked of CRIU at the first checkpoint.
-    dump_mode: Option<DumpMode>,
-    /// An attached job that was never restored has no namespace init to
-    /// take its whole tree down: its processes at the last checkpoint, so
-    /// that survivors of its root's death are killed before a restore.
-    last_tree: Vec<ProcId>,
-    /// Whether lazy restores work here (asked of CRIU at the first restore).
-    lazy_ok: Option<bool>,
+    pub(crate) run_dir: PathBuf,
+    /// Inside Slurm: the job's context.
+    pub(crate) slurm: Option<SlurmContext>,
+    /// Inside Slurm: our lease on the image store (taken at start).
+    pub(crate) fence: Option<Fence>,
+    /// CRIU's version, recorded in each manifest.
+    pub(crate) criu_version: String,
+}
+
+impl<E> Ctx<E> {
+    /// Where the init records the job's end.
+    pub(crate) fn init_files(&self) -> InitFiles {
+        InitFiles {
+            status_file: self.run_dir.join("exit-status"),
+        }
+    }
+}
+
+/// What the restart policy remembers, and what restores learnt.
+#[derive(Default)]
+pub(crate) struct Recovery {
+    /// Deaths and restores, for `max_restores` and the backoff.
+    pub(crate) history: History,
     /// Images whose lazy restore could not serve a page.
-    lazy_failures: crate::pages::LazyFailures,
-    /// A lazy restore still pushing the job's memory.
-    lazy: Option<PendingLazy>,
-    /// Interval, skipped ticks, dump slots.
-    tuning: tuning::Tuning,
+    pub(crate) lazy_failures: crate::pages::LazyFailures,
+}
+
+/// Supervises one job.
+pub struct Supervisor<E: Engine = Criu> {
+    ctx: Ctx<E>,
+    report: Report,
+    cadence: Cadence,
+    tree: Tree,
+    recovery: Recovery,
+    /// A live job left by an earlier supervise, to take over at start.
+    adopt: Option<JobRecord>,
+    commands: Option<mpsc::Receiver<Command>>,
     _lock: File,
 }
 
-/// A lazy restore whose pages are still being served.
-struct PendingLazy {
-    image: String,
-    /// When the restore began (materialising included).
-    began: Instant,
-    end: tokio::task::JoinHandle<crate::criu::lazy::LazyOutcome>,
-}
-
-impl Supervisor {
+impl<E: Engine> Supervisor<E> {
     /// Prepares a job: state dir, lock, image store. Inside a Slurm job
     /// (`slurm`), the per-run files (lock, job.json, exit status, restore
     /// work dir) live in `<state_dir>/slurm-<job id>.<restart count>/`, so an
@@ -183,9 +179,9 @@ impl Supervisor {
     /// lease decides between them ([`crate::fence`]).
     pub fn new(
         cfg: JobConfig,
-        reaper: Reaper,
         slurm: Option<SlurmContext>,
-    ) -> Result<Supervisor, SupervisorError> {
+        engine: Arc<E>,
+    ) -> Result<Supervisor<E>, SupervisorError> {
         let job = cfg.name.clone();
         let run_dir = match &slurm {
             Some(s) => cfg
@@ -193,17 +189,17 @@ impl Supervisor {
                 .join(format!("slurm-{}.{}", s.job_id, s.restart_count)),
             None => cfg.state_dir.clone(),
         };
-        let sd = run_dir.clone();
-        let state_err = |source| SupervisorError::StateDir {
-            job: job.clone(),
-            path: sd.clone(),
-            source,
-        };
         // supervise's own files: only in a directory nobody else controls.
         crate::fsutil::ensure_trusted_dir("state directory", &cfg.state_dir)?;
         crate::fsutil::ensure_trusted_dir("state directory", &run_dir)?;
         let lock =
-            crate::fsutil::open_rw_nofollow(&run_dir.join("lock"), 0o600).map_err(state_err)?;
+            crate::fsutil::open_rw_nofollow(&run_dir.join("lock"), 0o600).map_err(|source| {
+                SupervisorError::StateDir {
+                    job: job.clone(),
+                    path: run_dir.clone(),
+                    source,
+                }
+            })?;
         if crate::fsutil::flock(&lock, true, true).is_err() {
             return Err(SupervisorError::Busy {
                 job,
@@ -216,10 +212,7 @@ impl Supervisor {
         // A job.json whose process still runs (same PID *and* start time)
         // is a job an earlier supervise left behind: take it over instead
         // of starting or restoring a second copy.
-        let adopt = read_record(&run_dir).filter(|rec| {
-            crate::proc::alive(rec.host_pid)
-                && crate::proc::start_time(rec.host_pid).ok() == Some(rec.start_time)
-        });
+        let adopt = record::read_record(&run_dir).filter(|rec| engine.still_running(rec));
         let store = ImageStore::open_with(&cfg.checkpoint.dir, &cfg.store).map_err(|source| {
             SupervisorError::Store {
                 job: job.clone(),
@@ -229,89 +222,72 @@ impl Supervisor {
         // Image files a crashed restore left behind (possibly GiBs of tmpfs).
         crate::store::remove_scratch(&run_dir.join("restore"));
         Ok(Supervisor {
-            tuning: tuning::Tuning::new(&cfg),
-            cfg,
-            store,
-            engine: std::sync::Arc::new(Criu::new(reaper)),
-            state: JobState::Starting,
-            history: History::default(),
-            criu_version: String::new(),
+            report: Report::new(&cfg.name),
+            cadence: Cadence::new(&cfg),
+            tree: Tree::default(),
+            recovery: Recovery::default(),
+            ctx: Ctx {
+                cfg,
+                store,
+                engine,
+                run_dir,
+                slurm,
+                fence: None,
+                criu_version: String::new(),
+            },
             adopt,
-            status: None,
             commands: None,
-            metrics: Metrics::new(),
-            run_dir,
-            slurm,
-            fence: None,
-            dump_mode: None,
-            last_tree: Vec::new(),
-            lazy_ok: None,
-            lazy_failures: Default::default(),
-            lazy: None,
             _lock: lock,
         })
     }
 
     /// Connects the job to the control socket and the metrics.
     pub fn connect(&mut self, port: JobPort, metrics: Metrics) {
-        self.status = Some(port.status);
         self.commands = Some(port.commands);
-        self.metrics = metrics;
-        self.metrics.declare_job(&self.cfg.name);
-        if let Some(ctx) = &self.slurm {
+        self.report.connect(port.status, metrics);
+        if let Some(ctx) = &self.ctx.slurm {
             let facts = ctx.facts();
-            self.publish(|s| s.extra = facts);
+            self.report.publish(|s| s.extra = facts);
         }
-    }
-
-    fn publish(&self, f: impl FnOnce(&mut JobStatus)) {
-        if let Some(tx) = &self.status {
-            tx.send_modify(f);
-        }
-    }
-
-    fn set_state(&mut self, state: JobState) {
-        self.publish(|s| s.state = state.clone());
-        self.state = state;
     }
 
     /// Records the CRIU version in each checkpoint's manifest.
     pub fn set_criu_version(&mut self, v: String) {
-        self.criu_version = v;
+        self.ctx.criu_version = v;
+    }
+
+    /// Shares the daemon's dump slots (`supervise run --max-concurrent-dumps`).
+    pub fn set_dump_slots(&mut self, slots: Arc<tokio::sync::Semaphore>) {
+        self.cadence.set_slots(slots);
     }
 
     /// The job's name.
     pub fn name(&self) -> &str {
-        &self.cfg.name
-    }
-
-    fn files(&self) -> InitFiles {
-        InitFiles {
-            status_file: self.run_dir.join("exit-status"),
-        }
+        &self.ctx.cfg.name
     }
 
     /// Runs the job until it completes, fails for good, or `shutdown` fires.
     pub async fn run(mut self, shutdown: watch::Receiver<Shutdown>) -> Outcome {
         info!(
-            schedule = %self.cfg.checkpoint.schedule.describe(),
-            images = %self.cfg.checkpoint.dir.display(),
+            schedule = %self.ctx.cfg.checkpoint.schedule.describe(),
+            images = %self.ctx.cfg.checkpoint.dir.display(),
             "supervising"
         );
         if let Err(reason) = self.take_lease().await {
             return self.fail(reason);
         }
         let scrub = self
+            .ctx
             .cfg
             .store
             .scrub
-            .map(|every| scrub::start(self.store.clone(), every));
+            .map(|every| scrub::start(self.ctx.store.clone(), every));
         let outcome = self.run_inner(shutdown).await;
         if let Some(s) = scrub {
             s.abort();
         }
         // Whatever the end, this copy no longer runs the job.
-        if let Some(f) = &self.fence {
+        if let Some(f) = &self.ctx.fence {
             if let Err(e) = f.release() {
                 warn!(error = %e, "cannot record the release of the image store lease");
             }
@@ -322,7 +298,7 @@ impl Supervisor {
     /// Inside Slurm: take over the image store from any earlier copy of
     /// this job, and give that copy a bounded time to stop its job.
     async fn take_lease(&mut self) -> Result<(), String> {
-        let Some(ctx) = self.slurm.clone() else {
+        let Some(ctx) = self.ctx.slurm.clone() else {
             return Ok(());
         };
         let owner = Owner {
@@ -335,15 +311,14 @@ impl Supervisor {
                 .unwrap_or_default(),
             pid: std::process::id(),
         };
-        let dir = self.cfg.checkpoint.dir.clone();
-        let wait = self.cfg.slurm.fence_wait;
-        let (fence, handover) = tokio::task::spawn_blocking(move || {
+        let dir = self.ctx.cfg.checkpoint.dir.clone();
+        let wait = self.ctx.cfg.slurm.fence_wait;
+        let (fence, handover) = engine::blocking(move || {
             let f = Fence::acquire(&dir, owner)?;
             let h = f.await_release(wait);
             Ok::<_, crate::fence::FenceError>((f, h))
         })
-        .await
-        .map_err(|e| e.to_string())?
+        .await?
         .map_err(|e| format!("cannot take the image store lease: {e}"))?;
         match (&fence.previous, handover) {
             (None, _) | (_, Handover::Fresh) => {
@@ -362,14 +337,14 @@ impl Supervisor {
                  (its node may be dead); it can no longer publish checkpoints"
             ),
         }
-        self.fence = Some(fence);
+        self.ctx.fence = Some(fence);
         Ok(())
     }
 
     /// The fence's verdict: `Some(reason)` once another copy took over.
     async fn superseded(&self) -> Option<String> {
-        let f = self.fence.clone()?;
-        match tokio::task::spawn_blocking(move || f.check()).await {
+        let f = self.ctx.fence.clone()?;
+        match engine::blocking(move || f.check()).await {
             Ok(Err(e @ crate::fence::FenceError::Superseded { .. })) => Some(e.to_string()),
             Ok(Err(e)) => {
                 warn!(error = %e, "cannot check the image store lease");
@@ -380,110 +355,124 @@ impl Supervisor {
     }
 
     /// Another copy owns the store now: stop the job, publish nothing more.
-    async fn give_way(&mut self, job: Option<Running>, reason: String) -> Outcome {
+    async fn give_way(&mut self, reason: String) -> Outcome {
         error!(reason = %reason, "another copy of this job took over; stopping this copy's job and its checkpoints");
-        if let Some(j) = job {
-            self.stop_job(j).await;
-        }
-        self.set_state(JobState::Superseded(reason.clone()));
+        self.stop_job().await;
+        self.report.set_state(JobState::Superseded(reason.clone()));
         Outcome::Superseded(reason)
     }
 
     async fn run_inner(&mut self, mut shutdown: watch::Receiver<Shutdown>) -> Outcome {
         let mut commands = self.commands.take();
-        let mut job = match self.start(Some(&mut shutdown)).await {
-            Ok(j) => Some(j),
+        match self.start(Some(&mut shutdown)).await {
+            Ok(j) => self.tree.job = Some(j),
             Err(reason) => return self.fail(reason),
-        };
-        self.job_running();
-        let mut ticker = Ticker::with_phase(
-            self.cfg.checkpoint.schedule.clone(),
-            Utc::now(),
-            crate::interval::phase(&self.cfg.name),
-        );
-        self.retune(&mut ticker);
+        }
+        self.cadence.job_running();
+        self.cadence.restart(None, &self.report);
+        self.cadence.retune(&self.report);
         loop {
-            let due = job.as_ref().and_then(|_| ticker.due());
-            self.set_state(if job.is_some() {
+            let runs = self.tree.runs();
+            let due = self.cadence.due().filter(|_| runs);
+            self.report.set_state(if runs {
                 JobState::Running
             } else {
                 JobState::Stopped
             });
-            self.publish(|s| s.next_checkpoint = due);
+            self.report.publish(|s| s.next_checkpoint = due);
             let sleep = match due {
                 Some(due) => {
-                    let d = (due - Utc::now()).to_std().unwrap_or(Duration::ZERO);
+                    let d = (due - chrono::Utc::now())
+                        .to_std()
+                        .unwrap_or(Duration::ZERO);
                     tokio::time::sleep(d)
                 }
                 None => tokio::time::sleep(Duration::from_secs(86400 * 365)),
             };
             let fence_tick = tokio::time::sleep(FENCE_CHECK);
+            let (job_ended, lazy_ended) = self.tree.events();
             tokio::select! {
-                _ = fence_tick, if self.fence.is_some() => {
+                _ = fence_tick, if self.ctx.fence.is_some() => {
                     if let Some(reason) = self.superseded().await {
-                        return self.give_way(job, reason).await;
+                        return self.give_way(reason).await;
                     }
                 }
-                _ = sleep, if job.is_some() => {
-                    if let Some(j) = &job {
-                        self.tuning.due = due;
-                        if let Err(CheckpointError::Superseded(reason)) = self.checkpoint(j).await {
-                            return self.give_way(job, reason).await;
-                        }
+                _ = sleep, if runs => {
+                    self.cadence.serving(due);
+                    if let Err(CheckpointError::Superseded(reason)) = self.checkpoint().await {
+                        return self.give_way(reason).await;
                     }
-                    self.tick_served(&mut ticker, due);
-                    self.retune(&mut ticker);
+                    self.cadence.served(due, &self.report);
+                    self.cadence.retune(&self.report);
                 }
-                outcome = wait_lazy(&mut self.lazy) => {
-                    self.lazy_done(outcome);
+                outcome = lazy_ended => {
+                    tree::lazy_done(outcome, &self.report);
                 }
-                (status, since) = wait_job(&mut job) => {
+                (status, since) = job_ended => {
                     self.job_down();
                     // A lazy restore that killed the job (a page it could
                     // not serve) says so before the job is restored again.
-                    if self.lazy.is_some() {
-                        let _ = tokio::time::timeout(Duration::from_secs(2), self.settle_lazy()).await;
+                    if self.tree.lazy_pending() {
+                        let _ = tokio::time::timeout(
+                            Duration::from_secs(2),
+                            self.tree.settle_lazy(&self.report),
+                        )
+                        .await;
                     }
                     match self.on_death(status, since, &mut shutdown).await {
                         Ok(j) => {
-                            job = Some(j);
-                            self.job_running();
-                            let skipped = ticker.reset(Utc::now());
-                            self.ticks_skipped(skipped, "fell during the restore");
-                            self.retune(&mut ticker);
+                            self.tree.job = Some(j);
+                            self.cadence.job_running();
+                            self.cadence.restart(Some("fell during the restore"), &self.report);
+                            self.cadence.retune(&self.report);
                         }
                         Err(outcome) => return outcome,
                     }
                 }
                 Some(cmd) = next_command(&mut commands) => {
-                    self.command(cmd, &mut job, &mut ticker).await;
-                    if job.is_some() && self.tuning.run_mark.is_none() {
-                        self.job_running();
+                    self.command(cmd).await;
+                    if self.tree.runs() && !self.cadence.counting() {
+                        self.cadence.job_running();
                     }
                 }
                 _ = shutdown.changed() => {
                     let how = *shutdown.borrow_and_update();
-                    return match job {
-                        Some(j) if how == Shutdown::DetachAll => {
-                            // A lazily restored job must hold all its
-                            // memory before supervise may go away.
-                            self.settle_lazy().await;
-                            self.detach(j)
-                        }
-                        Some(j) => self.shut_down(j).await,
-                        None => {
+                    return match how {
+                        _ if !self.tree.runs() => {
                             info!("shutdown requested; the job is stopped");
-                            self.set_state(JobState::Stopped);
+                            self.report.set_state(JobState::Stopped);
                             Outcome::Stopped
                         }
+                        Shutdown::DetachAll => {
+                            // A lazily restored job must hold all its
+                            // memory before supervise may go away.
+                            self.tree.settle_lazy(&self.report).await;
+                            self.detach()
+                        }
+                        _ => self.shut_down().await,
                     };
                 }
             }
         }
     }
 
+    /// Takes a checkpoint of the running job (after its lazy restore, if
+    /// any, has made all its memory resident).
+    async fn checkpoint(&mut self) -> Result<crate::store::ImageInfo, CheckpointError> {
+        self.tree.settle_lazy(&self.report).await;
+        let Some(job) = self.tree.job.as_ref() else {
+            return Err(CheckpointError::Ended);
+        };
+        let (info, tree) =
+            checkpoint::take(&self.ctx, job, &mut self.cadence, &mut self.report).await?;
+        if job.init_pid.is_none() {
+            self.tree.remember_tree(tree);
+        }
+        Ok(info)
+    }
+
     /// Carries out one control command between steps, and answers it.
-    async fn command(&mut self, cmd: Command, job: &mut Option<Running>, ticker: &mut Ticker) {
+    async fn command(&mut self, cmd: Command) {
         let err = |m: String| Response::Error { message: m };
         let verb = match &cmd {
             Command::Checkpoint(_) => Verb::Checkpoint,
@@ -491,7 +480,7 @@ impl Supervisor {
             Command::Start(_) => Verb::Start,
             Command::Restore(..) => Verb::Restore,
         };
-        if let Err(why) = policy::admit(verb, job.is_some()) {
+        if let Err(why) = policy::admit(verb, self.tree.runs()) {
             let tx = match cmd {
                 Command::Checkpoint(tx) | Command::Stop(_, tx) | Command::Start(tx) => tx,
                 Command::Restore(_, tx) => tx,
@@ -501,8 +490,7 @@ impl Supervisor {
         }
         match cmd {
             Command::Checkpoint(tx) => {
-                let Some(j) = job.as_ref() else { return };
-                let resp = match self.checkpoint(j).await {
+                let resp = match self.checkpoint().await {
                     Ok(info) => Response::Checkpoint {
                         checkpoint: summary(&info),
                     },
@@ -512,13 +500,11 @@ impl Supervisor {
                 let _ = tx.send(resp);
             }
             Command::Stop(with_checkpoint, tx) => {
-                let Some(j) = job.take() else { return };
                 let mut note = String::new();
                 if with_checkpoint {
-                    match self.checkpoint(&j).await {
+                    match self.checkpoint().await {
                         Ok(info) => note = format!(" after checkpoint {}", info.id),
                         Err(e) => {
-                            *job = Some(j);
                             let _ = tx.send(err(format!(
                                 "checkpoint failed, so the job was not stopped: {e}"
                             )));
@@ -526,331 +512,101 @@ impl Supervisor {
                         }
                     }
                 }
-                self.stop_job(j).await;
+                self.stop_job().await;
                 info!("job stopped on request");
-                self.set_state(JobState::Stopped);
+                self.report.set_state(JobState::Stopped);
                 let _ = tx.send(Response::Done {
-                    message: format!("job {} stopped{note}", self.cfg.name),
+                    message: format!("job {} stopped{note}", self.name()),
                 });
             }
             Command::Start(tx) => {
-                self.history.reset();
+                self.recovery.history.reset();
                 let resp = match self.start(None).await {
                     Ok(j) => {
-                        let m = format!("job {} running as pid {}", self.cfg.name, j.host_pid);
-                        *job = Some(j);
-                        ticker.reset(Utc::now());
+                        let m = format!("job {} running as pid {}", self.name(), j.host_pid);
+                        self.tree.job = Some(j);
+                        self.cadence.restart(None, &self.report);
                         Response::Done { message: m }
                     }
                     Err(e) => {
-                        self.publish(|s| s.last_error = Some(e.clone()));
+                        self.report.error(e.clone());
                         err(format!("cannot start the job: {e}"))
                     }
                 };
                 let _ = tx.send(resp);
             }
             Command::Restore(image, tx) => {
-                let resp = self.manual_restore(image, job, ticker).await;
+                let resp = self.manual_restore(image).await;
+                self.cadence.restart(None, &self.report);
                 let _ = tx.send(resp);
             }
         }
     }
 
-    /// Kills the job and waits for it (bounded); it is then down.
-    async fn stop_job(&mut self, mut job: Running) {
-        job.kill();
-        if job.is_waitable() {
-            let _ = tokio::time::timeout(Duration::from_secs(10), job.wait()).await;
+    /// Kills the job (if it runs) and waits for it (bounded); it is then
+    /// down.
+    async fn stop_job(&mut self) {
+        if let Some(mut job) = self.tree.job.take() {
+            job.kill();
+            if job.is_waitable() {
+                let _ = tokio::time::timeout(Duration::from_secs(10), job.wait()).await;
+            }
         }
         self.job_down();
     }
 
     /// The job's process is gone: forget it.
     fn job_down(&mut self) {
-        self.job_not_running();
-        self.forget_record();
-        self.metrics.up(&self.cfg.name, false);
-        self.publish(|s| {
-            s.pid = None;
-            s.ns_pid = None;
-        });
+        self.tree.job = None;
+        self.cadence.job_not_running();
+        record::forget(&self.ctx.run_dir);
+        self.report.down();
     }
 
     fn fail(&mut self, reason: String) -> Outcome {
         error!(reason = %reason, "job failed; supervision ends");
-        self.set_state(JobState::Failed(reason.clone()));
+        self.report.set_state(JobState::Failed(reason.clone()));
         Outcome::Failed(reason)
-    }
-
-    /// First start: resume from the newest image if there is one, else
-    /// launch (or attach). With `shutdown`, a step that fails for want of
-    /// a resource of supervise's (descriptors, memory) is tried again
-    /// until it works or supervise shuts down; without (a control
-    /// command), that failure is the answer.
-    async fn start(
-        &mut self,
-        mut shutdown: Option<&mut watch::Receiver<Shutdown>>,
-    ) -> Result<Running, String> {
-        self.set_state(JobState::Starting);
-        if let Some(rec) = self.adopt.take() {
-            let r = job::adopt(
-                rec.host_pid,
-                rec.ns_pid,
-                rec.init_pid,
-                rec.start_time,
-                self.files().status_file,
-            )
-            .map_err(|e| e.to_string())?;
-            info!(
-                pid = rec.host_pid,
-                ns_pid = rec.ns_pid,
-                "re-adopted the job an earlier supervise left running (same pid and start time)"
-            );
-            self.remember(&r).await;
-            return Ok(r);
-        }
-        match self.cfg.target.clone() {
-            Target::Attach { pid } => {
-                let path = self.run_dir.join("attached.json");
-                let recorded = crate::fsutil::read_limited(&path, RECORD_MAX)
-                    .ok()
-                    .and_then(|b| serde_json::from_slice::<AttachRecord>(&b).ok())
-                    .filter(|r| r.pid == pid);
-                if crate::proc::alive(pid) {
-                    match job::attach(pid, recorded.map(|r| r.start_time)) {
-                        Ok(r) => {
-                            info!(pid, start_time = r.start_time, "attached");
-                            let rec = AttachRecord {
-                                pid,
-                                start_time: r.start_time,
-                            };
-                            if let Err(e) = serde_json::to_vec(&rec)
-                                .map_err(std::io::Error::other)
-                                .and_then(|b| crate::fsutil::write_atomic(&path, &b, 0o600))
-                            {
-                                warn!(error = %e, "cannot record the attached process");
-                            }
-                            self.remember(&r).await;
-                            return Ok(r);
-                        }
-                        Err(e) => warn!(
-                            pid,
-                            error = %e,
-                            "not attaching; resuming from the newest image"
-                        ),
-                    }
-                } else {
-                    info!(
-                        pid,
-                        "process to attach to is gone; resuming from the newest image"
-                    );
-                }
-                match self.restore_newest_retrying(shutdown).await {
-                    Ok(r) => Ok(r),
-                    Err(e) => Err(format!("process {pid} does not exist and {e}")),
-                }
-            }
-            Target::Launch(_) => {
-                let mut pause = restore::RESOURCE_PAUSE_MIN;
-                let any = loop {
-                    match self.try_list_images().await {
-                        Ok(v) => break !v.is_empty(),
-                        Err(e) if e.is_resource() => {
-                            let e = format!("cannot list the images: {e}");
-                            if !self
-                                .resource_wait(
-                                    "start the job",
-                                    &e,
-                                    &mut pause,
-                                    shutdown.as_deref_mut(),
-                                )
-                                .await
-                            {
-                                return Err(e);
-                            }
-                        }
-                        Err(e) => {
-                            warn!(error = %e, "cannot list images");
-                            break false;
-                        }
-                    }
-                };
-                if any {
-                    info!("images found; resuming from the newest instead of starting afresh");
-                    match self.restore_newest_retrying(shutdown.as_deref_mut()).await {
-                        Ok(r) => return Ok(r),
-                        Err(e) if e.starts_with(RESOURCE_PREFIX) => return Err(e),
-                        Err(_) => warn!("no image could be restored; starting the command afresh"),
-                    }
-                }
-                self.launch_retrying(shutdown).await
-            }
-        }
-    }
-
-    /// [`restore_newest`](Self::restore_newest), tried again after each
-    /// resource shortage while `shutdown` allows.
-    async fn restore_newest_retrying(
-        &mut self,
-        mut shutdown: Option<&mut watch::Receiver<Shutdown>>,
-    ) -> Result<Running, String> {
-        let mut pause = restore::RESOURCE_PAUSE_MIN;
-        loop {
-            match self.restore_newest().await {
-                Ok(r) => return Ok(r),
-                Err(restore::Failed::Resource(e)) => {
-                    if !self
-                        .resource_wait("restore the job", &e, &mut pause, shutdown.as_deref_mut())
-                        .await
-                    {
-                        return Err(format!("{RESOURCE_PREFIX}{e}"));
-                    }
-                }
-                Err(_) => return Err("no image could be restored".into()),
-            }
-        }
-    }
-
-    /// Launches the job's command, tried again after each resource
-    /// shortage while `shutdown` allows.
-    async fn launch_retrying(
-        &mut self,
-        mut shutdown: Option<&mut watch::Receiver<Shutdown>>,
-    ) -> Result<Running, String> {
-        let mut pause = restore::RESOURCE_PAUSE_MIN;
-        loop {
-            match self.launch_once().await {
-                Ok(r) => return Ok(r),
-                Err(restore::Failed::Resource(e)) => {
-                    if !self
-                        .resource_wait("start the command", &e, &mut pause, shutdown.as_deref_mut())
-                        .await
-                    {
-                        return Err(e);
-                    }
-                }
-                Err(e) => return Err(e.into_message()),
-            }
-        }
-    }
-
-    async fn launch(&mut self) -> Result<Running, String> {
-        self.launch_once()
-            .await
-            .map_err(restore::Failed::into_message)
-    }
-
-    async fn launch_once(&mut self) -> Result<Running, restore::Failed> {
-        use restore::Failed;
-        let Target::Launch(spec) = self.cfg.target.clone() else {
-            return Err(Failed::Other("attached jobs cannot be launched".into()));
-        };
-        let engine = self.engine.clone();
-        let files = self.files();
-        let r = tokio::task::spawn_blocking(move || engine.launch(&spec, &files))
-            .await
-            .map_err(|e| Failed::Other(e.to_string()))?
-            .map_err(|e| {
-                let msg = format!("cannot start the command: {e}");
-                if e.is_resource() {
-                    Failed::Resource(msg)
-                } else {
-                    Failed::Other(msg)
-                }
-            })?;
-        self.remember(&r).await;
-        info!(pid = r.host_pid, ns_pid = r.ns_pid, "started");
-        Ok(r)
-    }
-
-    /// The published images, newest first (read on a blocking thread);
-    /// empty when they cannot be listed (logged).
-    async fn list_images(&self) -> Vec<ImageInfo> {
-        self.try_list_images().await.unwrap_or_else(|e| {
-            warn!(error = %e, "cannot list images");
-            Vec::new()
-        })
-    }
-
-    /// The published images, newest first, or why they cannot be listed.
-    async fn try_list_images(&self) -> Result<Vec<ImageInfo>, crate::store::StoreError> {
-        let store = self.store.clone();
-        tokio::task::spawn_blocking(move || store.list())
-            .await
-            .unwrap_or_else(|e| {
-                Err(crate::store::StoreError::Io {
-                    path: PathBuf::from("list"),
-                    source: std::io::Error::other(e.to_string()),
-                })
-            })
     }
 
     /// `supervise detach-all`: no checkpoint, the job keeps running and
     /// its `job.json` stays, so the next `supervise run` re-adopts it.
-    fn detach(&mut self, job: Running) -> Outcome {
-        info!(
-            pid = job.host_pid,
-            "leaving the job running (detach-all); a new supervise re-adopts it"
-        );
-        self.set_state(JobState::Stopped);
+    fn detach(&mut self) -> Outcome {
+        if let Some(job) = &self.tree.job {
+            info!(
+                pid = job.host_pid,
+                "leaving the job running (detach-all); a new supervise re-adopts it"
+            );
+        }
+        self.report.set_state(JobState::Stopped);
         Outcome::Detached
     }
 
-    async fn shut_down(&mut self, job: Running) -> Outcome {
+    async fn shut_down(&mut self) -> Outcome {
         info!("shutdown requested");
-        if self.cfg.shutdown.checkpoint {
-            if let Err(e) = self.checkpoint(&job).await {
+        if self.ctx.cfg.shutdown.checkpoint {
+            if let Err(e) = self.checkpoint().await {
                 warn!(error = %e, "final checkpoint failed");
             }
         }
-        match self.cfg.shutdown.action {
+        match self.ctx.cfg.shutdown.action {
             ShutdownAction::Detach => {
-                info!(
-                    pid = job.host_pid,
-                    "leaving the job running (shutdown.action = detach)"
-                );
-                self.set_state(JobState::Stopped);
+                if let Some(job) = &self.tree.job {
+                    info!(
+                        pid = job.host_pid,
+                        "leaving the job running (shutdown.action = detach)"
+                    );
+                }
+                self.report.set_state(JobState::Stopped);
                 Outcome::Detached
             }
             ShutdownAction::Stop => {
-                self.stop_job(job).await;
+                self.stop_job().await;
                 info!("job stopped");
-                self.set_state(JobState::Stopped);
+                self.report.set_state(JobState::Stopped);
                 Outcome::Stopped
             }
         }
-    }
-}
-
-/// Waits for the job's end; never resolves while there is no job.
-async fn wait_job(job: &mut Option<Running>) -> (ExitStatus, Instant) {
-    match job {
-        Some(j) => {
-            let status = j.wait().await;
-            (status, j.since)
-        }
-        None => std::future::pending().await,
-    }
-}
-
-/// The end of a lazy restore's serving; never resolves without one.
-async fn wait_lazy(
-    lazy: &mut Option<PendingLazy>,
-) -> (PendingLazy, crate::criu::lazy::LazyOutcome) {
-    match lazy.as_mut() {
-        Some(p) => {
-            let o = (&mut p.end)
-                .await
-                .unwrap_or_else(|e| crate::criu::lazy::LazyOutcome {
-                    result: Err(format!("the lazy restore task failed: {e}")),
-                    bytes: 0,
-                    stats: Default::default(),
-                    elapsed: Duration::ZERO,
-                    ended: Instant::now(),
-                });
-            (lazy.take().expect("pending"), o)
-        }
-        None => std::future::pending().await,
     }
 }
 

@@ -19,7 +19,8 @@ pub mod protocol;
 pub mod server;
 
 pub use protocol::{
-    AutoStatus, CheckpointSummary, JobState, JobStatus, Request, Response, RestoreSummary,
+    AutoStatus, CheckpointSummary, FailureSummary, JobState, JobStatus, Request, Response,
+    RestoreSummary,
 };
 
 use std::path::PathBuf;

@@ -143,11 +143,39 @@ pub struct JobStatus {
     pub skipped_ticks: u64,
     /// The last failure (checkpoint or restore), if any.
     pub last_error: Option<String>,
+    /// Checkpoints that failed (the job kept running).
+    #[serde(default)]
+    pub failed_checkpoints: u64,
+    /// Restore attempts that failed (each image tried counts once).
+    #[serde(default)]
+    pub failed_restores: u64,
+    /// The newest failed checkpoint or restore: which step failed, and why.
+    #[serde(default)]
+    pub last_failure: Option<FailureSummary>,
     /// The image directory.
     pub images: PathBuf,
     /// Extra facts (e.g. the Slurm job id), by name.
     #[serde(default)]
     pub extra: BTreeMap<String, String>,
+}
+
+/// A failed checkpoint or restore, as status shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FailureSummary {
+    /// "checkpoint" or "restore".
+    pub operation: String,
+    /// The step that failed (checkpoint: stage, dump, capture, ingest,
+    /// publish, fence; restore: list, materialise, rollback,
+    /// criu-restore, verify, lazy, launch).
+    pub step: String,
+    /// The checkpoint concerned, if any.
+    pub checkpoint: Option<String>,
+    /// Why.
+    pub error: String,
+    /// Whether only a resource of supervise's ran short (retried).
+    pub resource: bool,
+    /// When.
+    pub time: DateTime<Utc>,
 }
 
 impl JobStatus {
@@ -166,6 +194,9 @@ impl JobStatus {
             next_checkpoint: None,
             last_restore: None,
             interval_s: None,
+            failed_checkpoints: 0,
+            failed_restores: 0,
+            last_failure: None,
             auto: None,
             skipped_ticks: 0,
             last_error: None,

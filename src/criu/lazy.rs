@@ -189,7 +189,7 @@ impl LazyDaemon {
 pub struct LazyOutcome {
     /// `Ok`: every page is resident and the job depends on nobody; `Err`:
     /// why not (the job has been killed).
-    pub result: Result<(), String>,
+    pub result: Result<(), LazyFailure>,
     /// Page bytes served.
     pub bytes: u64,
     /// Requests, and the time spent reading pages and sending them.
@@ -198,6 +198,31 @@ pub struct LazyOutcome {
     pub elapsed: Duration,
     /// When it ended.
     pub ended: Instant,
+}
+
+/// Why a lazy restore's serving ended before every page was resident.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LazyFailure {
+    /// Why, in words.
+    pub message: String,
+    /// The pages asked for could not be read from the image (missing or
+    /// damaged): the image's fault, not the lazy machinery's.
+    pub unservable: bool,
+}
+
+impl LazyFailure {
+    fn other(message: impl Into<String>) -> LazyFailure {
+        LazyFailure {
+            message: message.into(),
+            unservable: false,
+        }
+    }
+}
+
+impl std::fmt::Display for LazyFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
 }
 
 /// A lazy restore being served; see [`LazySession::wait`].
@@ -254,11 +279,11 @@ impl LazySession {
                         drop(stream);
                         let log = daemon.take_log();
                         let status = daemon.spawned.exit.blocking_recv().ok();
-                        Err(format!(
+                        Err(LazyFailure::other(format!(
                             "the lazy-pages daemon ended ({}) before every page was transferred: {}",
                             status.map(|s| s.to_string()).unwrap_or_else(|| "unknown".into()),
                             error_lines(&log)
-                        ))
+                        )))
                     }
                     (Err(e), stream) => {
                         // The job first, then the socket (see above).
@@ -267,7 +292,10 @@ impl LazySession {
                         daemon.kill();
                         let _ = daemon.take_log();
                         let _ = daemon.spawned.exit.blocking_recv();
-                        Err(e.to_string())
+                        Err(LazyFailure {
+                            unservable: matches!(e, PageServerError::Source(_)),
+                            message: e.to_string(),
+                        })
                     }
                 };
                 drop(daemon.sock);
@@ -309,7 +337,7 @@ impl LazySession {
         match self.handle.take().map(|h| h.join()) {
             Some(Ok(o)) => o,
             _ => LazyOutcome {
-                result: Err("the lazy-pages thread panicked".into()),
+                result: Err(LazyFailure::other("the lazy-pages thread panicked")),
                 bytes: 0,
                 stats: ServeStats::default(),
                 elapsed: self.started.elapsed(),

@@ -2,7 +2,12 @@
 //! about the process an `attach = PID` job was attached to
 //! (`attached.json`), both in the (trusted) state directory.
 
-use super::*;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+use tracing::warn;
+
+use crate::job::Running;
 
 /// What supervise remembers about the live job, in `<state_dir>/job.json`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -34,33 +39,45 @@ pub(super) fn read_record(state_dir: &Path) -> Option<JobRecord> {
     serde_json::from_slice(&bytes).ok()
 }
 
-impl Supervisor {
-    pub(super) async fn remember(&self, r: &Running) {
-        self.metrics.up(&self.cfg.name, true);
-        let (pid, ns_pid) = (r.host_pid, r.ns_pid);
-        self.publish(|s| {
-            s.pid = Some(pid).filter(|p| *p > 0);
-            s.ns_pid = Some(ns_pid);
-            s.since = Some(Utc::now());
-        });
-        let rec = JobRecord {
-            host_pid: r.host_pid,
-            ns_pid: r.ns_pid,
-            init_pid: r.init_pid,
-            start_time: r.start_time,
-        };
-        let path = self.run_dir.join("job.json");
-        let written = tokio::task::spawn_blocking(move || {
-            let s = serde_json::to_vec(&rec).map_err(std::io::Error::other)?;
-            crate::fsutil::write_atomic(&path, &s, 0o600)
-        })
-        .await;
-        if let Ok(Err(e)) = written {
-            warn!(error = %e, "cannot record the job's pid");
-        }
+/// Records the running job in `<run_dir>/job.json` (so that a later
+/// supervise re-adopts it rather than start a second copy).
+pub(super) async fn remember(run_dir: &Path, r: &Running) {
+    let rec = JobRecord {
+        host_pid: r.host_pid,
+        ns_pid: r.ns_pid,
+        init_pid: r.init_pid,
+        start_time: r.start_time,
+    };
+    let path = run_dir.join("job.json");
+    let written = tokio::task::spawn_blocking(move || {
+        let s = serde_json::to_vec(&rec).map_err(std::io::Error::other)?;
+        crate::fsutil::write_atomic(&path, &s, 0o600)
+    })
+    .await;
+    if let Ok(Err(e)) = written {
+        warn!(error = %e, "cannot record the job's pid");
     }
+}
 
-    pub(super) fn forget_record(&self) {
-        let _ = std::fs::remove_file(self.run_dir.join("job.json"));
+/// The job no longer runs: nothing to re-adopt.
+pub(super) fn forget(run_dir: &Path) {
+    let _ = std::fs::remove_file(run_dir.join("job.json"));
+}
+
+/// The process an attached job was attached to, if recorded for `pid`.
+pub(super) fn read_attached(run_dir: &Path, pid: i32) -> Option<AttachRecord> {
+    crate::fsutil::read_limited(&run_dir.join("attached.json"), RECORD_MAX)
+        .ok()
+        .and_then(|b| serde_json::from_slice::<AttachRecord>(&b).ok())
+        .filter(|r| r.pid == pid)
+}
+
+/// Records the process an attached job is attached to.
+pub(super) fn write_attached(run_dir: &Path, rec: AttachRecord) {
+    if let Err(e) = serde_json::to_vec(&rec)
+        .map_err(std::io::Error::other)
+        .and_then(|b| crate::fsutil::write_atomic(&run_dir.join("attached.json"), &b, 0o600))
+    {
+        warn!(error = %e, "cannot record the attached process");
     }
 }
