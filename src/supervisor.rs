@@ -48,12 +48,12 @@ mod scrub;
 mod start;
 mod tree;
 
-pub use checkpoint::summary;
 pub use criu_engine::Criu;
 pub use engine::Engine;
 pub use errors::CheckpointError;
 pub use policy::{Decision, History, Verb};
 pub use record::JobRecord;
+pub use report::summary;
 
 use cadence::Cadence;
 use report::Report;

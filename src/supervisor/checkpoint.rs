@@ -19,7 +19,7 @@ use super::engine::{blocking, DumpRequest, Dumped, Engine};
 use super::errors::{CheckpointError, CheckpointStep};
 use super::report::Report;
 use super::Ctx;
-use crate::control::{CheckpointSummary, JobState};
+use crate::control::JobState;
 use crate::criu::{DumpMode, DumpOutcome};
 use crate::files::CaptureSummary;
 use crate::job::Running;
@@ -249,15 +249,4 @@ fn log_published(
         streamed,
         "checkpoint published"
     );
-}
-
-/// What status shows of a published checkpoint.
-pub fn summary(info: &ImageInfo) -> CheckpointSummary {
-    CheckpointSummary {
-        id: info.id.clone(),
-        time: info.created,
-        duration_ms: info.manifest.meta.duration_ms,
-        frozen_ms: info.manifest.meta.frozen_us.map(|u| u as f64 / 1000.0),
-        bytes: info.size_bytes,
-    }
 }

@@ -6,7 +6,7 @@ use chrono::Utc;
 use tokio::sync::watch;
 
 use super::errors::{CheckpointError, RestoreError};
-use crate::control::{FailureSummary, JobState, JobStatus, RestoreSummary};
+use crate::control::{CheckpointSummary, FailureSummary, JobState, JobStatus, RestoreSummary};
 use crate::job::Running;
 use crate::metrics::Metrics;
 use crate::store::ImageInfo;
@@ -91,7 +91,7 @@ impl Report {
             info.size_bytes,
             info.new_bytes,
         );
-        let sum = super::checkpoint::summary(info);
+        let sum = summary(info);
         self.publish(|s| {
             s.checkpoints += 1;
             s.last_checkpoint = Some(sum);
@@ -158,5 +158,16 @@ impl Report {
     /// Any other error worth showing.
     pub(super) fn error(&self, message: String) {
         self.publish(|s| s.last_error = Some(message));
+    }
+}
+
+/// What status shows of a published checkpoint.
+pub fn summary(info: &ImageInfo) -> CheckpointSummary {
+    CheckpointSummary {
+        id: info.id.clone(),
+        time: info.created,
+        duration_ms: info.manifest.meta.duration_ms,
+        frozen_ms: info.manifest.meta.frozen_us.map(|u| u as f64 / 1000.0),
+        bytes: info.size_bytes,
     }
 }
