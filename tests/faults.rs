@@ -107,10 +107,12 @@ fn undumpable_job_fails_each_tick_with_criu_text() {
     let sup = env.start(&job);
     sup.wait_state("tcp", "running", T);
     let _conn = server.join().unwrap().unwrap();
-    sup.wait_for("checkpoint failed", 1, T);
+    sup.wait_failed_checkpoints("tcp", 1, T);
     let t0 = Instant::now();
-    sup.wait_for("checkpoint failed", 4, T);
+    let s = sup.wait_failed_checkpoints("tcp", 4, T);
     let span = t0.elapsed();
+    assert_eq!(s["last_failure"]["step"], "dump", "{s}");
+    assert_eq!(s["checkpoints"], 0, "{s}");
     assert!(
         span >= Duration::from_millis(2500),
         "3 more failures took only {span:?}: retries must follow the 1 s schedule"
@@ -275,7 +277,16 @@ fn disk_full_during_a_checkpoint() {
     .unwrap();
     drop(f);
     let before = images(&job);
-    sup.wait_for("older images are intact", 2, T);
+    let failed = sup.job_status("full")["failed_checkpoints"]
+        .as_u64()
+        .unwrap();
+    let s = sup.wait_failed_checkpoints("full", failed + 2, T);
+    assert!(
+        s["last_failure"]["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("No space")),
+        "{s}"
+    );
     let log = sup.log();
     assert!(
         log.contains("No space left on device") || log.contains("ENOSPC"),

@@ -887,15 +887,18 @@ fn short_of_memory_streams_restores_lazily_or_refuses_clearly() {
     vars[1].1 = "1".into();
     let printed = numbers(&out).len();
     let mut sup = start_env(&env, &job, &vars);
-    sup.wait_for("trying again", 2, LONG);
-    let log = sup.log();
-    let errs: Vec<&str> = log
-        .lines()
-        .filter(|l| l.contains("trying again") && l.contains("not enough memory"))
-        .collect();
-    assert!(!errs.is_empty(), "{log}");
+    let s = sup.wait_failed_restores("low", 2, LONG);
+    let f = &s["last_failure"];
+    assert_eq!(f["resource"], true, "retried, not given up: {s}");
+    let e = f["error"].as_str().unwrap_or_default();
     assert!(
-        errs[0].contains("it needs") && errs[0].contains("1 KiB is available"),
+        e.contains("it needs") && e.contains("1 KiB is available"),
+        "{s}"
+    );
+    let log = sup.log();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("trying again") && l.contains("not enough memory")),
         "{log}"
     );
     assert!(

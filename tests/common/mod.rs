@@ -539,6 +539,28 @@ impl Sup {
         })
     }
 
+    /// Waits until `n` checkpoints of `job` have failed (status
+    /// `failed_checkpoints`); returns the job's status (its `last_failure`
+    /// says which step failed and why).
+    pub fn wait_failed_checkpoints(
+        &self,
+        job: &str,
+        n: u64,
+        timeout: Duration,
+    ) -> serde_json::Value {
+        self.wait_status(job, &format!("{n} failed checkpoints"), timeout, |j| {
+            j["failed_checkpoints"].as_u64().unwrap_or(0) >= n
+        })
+    }
+
+    /// Waits until `n` restore attempts of `job` have failed (status
+    /// `failed_restores`); returns the job's status.
+    pub fn wait_failed_restores(&self, job: &str, n: u64, timeout: Duration) -> serde_json::Value {
+        self.wait_status(job, &format!("{n} failed restores"), timeout, |j| {
+            j["failed_restores"].as_u64().unwrap_or(0) >= n
+        })
+    }
+
     /// Waits until `job`'s status `state` is `state` ("running", "stopped",
     /// "failed", ...); returns the job's status.
     pub fn wait_state(&self, job: &str, state: &str, timeout: Duration) -> serde_json::Value {
