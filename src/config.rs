@@ -29,8 +29,6 @@ use std::time::Duration;
 use crate::choice::choice_enum;
 use crate::schedule::ScheduleSpec;
 
-#[cfg(test)]
-mod bounds_tests;
 mod diagnostics;
 mod raw;
 #[cfg(test)]

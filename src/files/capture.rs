@@ -241,6 +241,13 @@ const LEASED: &str = "the job holds a lease on it and no descriptor it can be re
 /// Records the files of the process tree `pids` into `out_dir` (the
 /// checkpoint's staging directory). Call while the tree is frozen.
 /// `ignore` lists supervise's own directories (image store, state dir).
+///
+/// The steps: list the job's descriptors of regular files
+/// ([`job_fds`]); find the files it holds open for writing and how each
+/// is to be recorded ([`candidates`]); record each of them
+/// ([`Recorder::open_file`]), then the paths listed in `files.snapshot`
+/// that it does not hold open ([`Recorder::listed_file`]); write the
+/// state file ([`Recorder::finish`]).
 pub fn capture(
     pids: &[i32],
     cfg: &FilesConfig,
@@ -253,11 +260,60 @@ pub fn capture(
     // the frozen job cannot answer (the dump would hang for the kernel's
     // lease-break-time, then the job would get SIGIO and lose its lease).
     let held = job_fds(pids);
-    // (dev, ino) -> (opened, mode, why)
-    let mut found: BTreeMap<(u64, u64), (Opened, Mode, String)> = BTreeMap::new();
-    // (dev, ino) -> every (pid in the job's namespace, /proc entry) holding it
-    let mut holders: BTreeMap<(u64, u64), Vec<(i32, String)>> = BTreeMap::new();
-    let mut skipped = Vec::new();
+    let Candidates {
+        found,
+        mut holders,
+        skipped,
+    } = candidates(pids, cfg, ignore)?;
+    let mut rec = Recorder {
+        cfg,
+        out_dir,
+        held,
+        records: Vec::new(),
+        skipped,
+        summary: CaptureSummary::default(),
+        blobs: 0,
+    };
+    for (key, (o, mode, why)) in found {
+        let holders = holders.remove(&key).unwrap_or_default();
+        rec.open_file(&o, mode, why, holders)?;
+    }
+    for p in &cfg.snapshot {
+        if !excluded(p, cfg, ignore) {
+            rec.listed_file(p)?;
+        }
+    }
+    rec.finish(start)
+}
+
+/// The files the job holds open for writing, from [`candidates`].
+struct Candidates {
+    /// One per inode, (dev, ino) -> (how the job holds it, the mode it is
+    /// recorded in, why).
+    found: BTreeMap<(u64, u64), (Opened, Mode, String)>,
+    /// (dev, ino) -> every (pid in the job's namespace, `/proc` entry)
+    /// holding it.
+    holders: BTreeMap<(u64, u64), Vec<(i32, String)>>,
+    /// Paths that cannot be recorded, and why.
+    skipped: Vec<(PathBuf, String)>,
+}
+
+/// Capture step: every file the processes `pids` hold open for writing or
+/// map shared and writable, except `excluded` ones, once per inode, with
+/// the mode it is recorded in (from how it is opened, or `files.append` /
+/// `files.snapshot`; an inode held both ways is copied) and who holds it.
+/// A file that supervise cannot reach by the same path without following a
+/// symlink is skipped, with the reason. Nothing is opened.
+fn candidates(
+    pids: &[i32],
+    cfg: &FilesConfig,
+    ignore: &[PathBuf],
+) -> Result<Candidates, FilesError> {
+    let mut out = Candidates {
+        found: BTreeMap::new(),
+        holders: BTreeMap::new(),
+        skipped: Vec::new(),
+    };
     for &pid in pids {
         let ns_pid = crate::proc::ns_pid(pid).unwrap_or(pid);
         let opened = match opened_for_writing(pid) {
@@ -271,17 +327,12 @@ pub fn capture(
             if excluded(&o.path, cfg, ignore) {
                 continue;
             }
-            let (mut mode, mut why) = classify(&o);
-            if cfg.append.iter().any(|p| p == &o.path) {
-                (mode, why) = (Mode::Extend, "listed in files.append");
-            } else if cfg.snapshot.iter().any(|p| p == &o.path) {
-                (mode, why) = (Mode::Snapshot, "listed in files.snapshot");
-            }
+            let (mode, why) = mode_of(&o, cfg);
             let key = (o.dev, o.ino);
             if let Some(rel) = holder_entry(&o.handle, pid) {
-                holders.entry(key).or_default().push((ns_pid, rel));
+                out.holders.entry(key).or_default().push((ns_pid, rel));
             }
-            if let Some(prev) = found.get_mut(&key) {
+            if let Some(prev) = out.found.get_mut(&key) {
                 if prev.1 == Mode::Extend && mode == Mode::Snapshot {
                     prev.1 = mode;
                     prev.2 = why.to_string();
@@ -291,32 +342,96 @@ pub fn capture(
             // The job sees its mount namespace; supervise must reach the
             // same inode by the same path, without following a symlink, or
             // a rollback could hit another. (Checked again when opened
-            // below; this keeps a second path to the same inode usable.)
+            // later; this keeps a second path to the same inode usable.)
             match find(&o.path)? {
                 Ok((_, Some((_, st)))) if st.st_dev == o.dev && st.st_ino == o.ino => {}
                 Ok(_) => {
-                    skipped.push((
+                    out.skipped.push((
                         o.path.clone(),
                         "not the same file at this path outside the job's namespace".into(),
                     ));
                     continue;
                 }
                 Err(why) => {
-                    skipped.push((o.path.clone(), why));
+                    out.skipped.push((o.path.clone(), why));
                     continue;
                 }
             }
-            found.insert(key, (o, mode, why.to_string()));
+            out.found.insert(key, (o, mode, why.to_string()));
+        }
+    }
+    Ok(out)
+}
+
+/// How an opened file is recorded, and why: as [`classify`] says, unless
+/// it is listed in `files.append` or `files.snapshot`.
+fn mode_of(o: &Opened, cfg: &FilesConfig) -> (Mode, &'static str) {
+    if cfg.append.iter().any(|p| p == &o.path) {
+        (Mode::Extend, "listed in files.append")
+    } else if cfg.snapshot.iter().any(|p| p == &o.path) {
+        (Mode::Snapshot, "listed in files.snapshot")
+    } else {
+        classify(o)
+    }
+}
+
+/// A capture in progress: owns what becomes the state file (the records
+/// and the skipped paths) and the summary, and writes the content copies
+/// (blobs) into the staging directory.
+struct Recorder<'a> {
+    cfg: &'a FilesConfig,
+    /// The checkpoint's staging directory.
+    out_dir: &'a Path,
+    /// The job's descriptors of regular files, by (dev, ino) ([`job_fds`]).
+    held: BTreeMap<(u64, u64), Vec<JobFd>>,
+    records: Vec<FileRecord>,
+    skipped: Vec<(PathBuf, String)>,
+    summary: CaptureSummary,
+    /// Blobs written so far (they are numbered).
+    blobs: usize,
+}
+
+impl Recorder<'_> {
+    /// A record of the file at `path` with stat `st` (`None`: absent),
+    /// reached through the directories `dirs`, without content or
+    /// fingerprints yet.
+    fn record(
+        &self,
+        path: &Path,
+        mode: Mode,
+        why: String,
+        dirs: Vec<DirId>,
+        st: Option<&FileStat>,
+    ) -> FileRecord {
+        FileRecord {
+            path: path.to_path_buf(),
+            mode,
+            why,
+            size: st.map_or(0, |s| s.st_size as u64),
+            dev: st.map_or(0, |s| s.st_dev),
+            ino: st.map_or(0, |s| s.st_ino),
+            perm: st.map_or(0, |s| s.st_mode & 0o7777),
+            listed: self.cfg.snapshot.iter().any(|p| p == path),
+            head: None,
+            tail: None,
+            blob: None,
+            dirs,
+            uid: st.map(|s| s.st_uid),
+            gid: st.map(|s| s.st_gid),
+            holders: Vec::new(),
+            mtime: st.map(|s| (s.st_mtime, s.st_mtime_nsec)),
+            atime: st.map(|s| (s.st_atime, s.st_atime_nsec)),
         }
     }
 
-    let mut records = Vec::new();
-    let mut summary = CaptureSummary::default();
-    let mut n_blob = 0usize;
-    let mut take_blob = |src: &File, src_path: &Path| -> Result<(String, u64), FilesError> {
-        n_blob += 1;
-        let name = format!("{BLOB_PREFIX}{n_blob:04}");
-        let dst_path = out_dir.join(&name);
+    /// Copies all of `src` (the file at `src_path`) into the next blob of
+    /// the staging directory (created 0600, never through a symlink) and
+    /// counts it in the summary. Returns the blob's name and the bytes
+    /// copied.
+    fn copy_blob(&mut self, src: &File, src_path: &Path) -> Result<(String, u64), FilesError> {
+        self.blobs += 1;
+        let name = format!("{BLOB_PREFIX}{:04}", self.blobs);
+        let dst_path = self.out_dir.join(&name);
         let mut dst = OpenOptions::new()
             .write(true)
             .create_new(true)
@@ -325,56 +440,50 @@ pub fn capture(
             .open(&dst_path)
             .map_err(io_err(&dst_path, "create"))?;
         let n = copy_positional(src, &mut dst).map_err(io_err(src_path, "copy"))?;
+        self.summary.snapshots += 1;
+        self.summary.bytes_copied += n;
         Ok((name, n))
-    };
-    let record = |path: &Path, mode, why: String, dirs, st: Option<&FileStat>| FileRecord {
-        path: path.to_path_buf(),
-        mode,
-        why,
-        size: st.map_or(0, |s| s.st_size as u64),
-        dev: st.map_or(0, |s| s.st_dev),
-        ino: st.map_or(0, |s| s.st_ino),
-        perm: st.map_or(0, |s| s.st_mode & 0o7777),
-        listed: cfg.snapshot.iter().any(|p| p == path),
-        head: None,
-        tail: None,
-        blob: None,
-        dirs,
-        uid: st.map(|s| s.st_uid),
-        gid: st.map(|s| s.st_gid),
-        holders: Vec::new(),
-        mtime: st.map(|s| (s.st_mtime, s.st_mtime_nsec)),
-        atime: st.map(|s| (s.st_atime, s.st_atime_nsec)),
-    };
+    }
 
-    for (_, (o, mode, why)) in found {
-        // Found anew through the directories just checked: the identities
-        // recorded are those a rollback will insist on, and the content is
-        // read from that very inode.
+    /// Capture step: records one file the job holds open (`o`, to be
+    /// recorded in `mode` because of `why`; `holders` as in
+    /// [`Candidates`]). It is found anew through checked directories, so
+    /// the identities recorded are those a rollback will insist on, and is
+    /// read from that very inode: a size-only file gets fingerprints of its
+    /// head and tail (only its size when the job's lease forbids reading
+    /// it), any other a copy. A file that changed meanwhile, or that must
+    /// be copied but cannot be read without breaking a lease, is skipped.
+    fn open_file(
+        &mut self,
+        o: &Opened,
+        mode: Mode,
+        why: String,
+        holders: Vec<(i32, String)>,
+    ) -> Result<(), FilesError> {
         let changed = || (o.path.clone(), "changed while being recorded".to_string());
         let (dirs, dir, st) = match find(&o.path)? {
             Ok((dirs, Some((dir, st)))) if st.st_dev == o.dev && st.st_ino == o.ino => {
                 (dirs, dir, st)
             }
             Ok(_) => {
-                skipped.push(changed());
-                continue;
+                self.skipped.push(changed());
+                return Ok(());
             }
             Err(why) => {
-                skipped.push((o.path.clone(), why));
-                continue;
+                self.skipped.push((o.path.clone(), why));
+                return Ok(());
             }
         };
-        let (f, st) = match reader(&o.path, &dir, &st, held.get(&(o.dev, o.ino)))? {
+        let (f, st) = match reader(&o.path, &dir, &st, self.held.get(&(o.dev, o.ino)))? {
             Some(Reader::Fd(f, st)) => (Some(f), st),
             Some(Reader::Leased) => (None, st),
             None => {
-                skipped.push(changed());
-                continue;
+                self.skipped.push(changed());
+                return Ok(());
             }
         };
-        let mut rec = record(&o.path, mode, why, dirs, Some(&st));
-        rec.holders = holders.remove(&(o.dev, o.ino)).unwrap_or_default();
+        let mut rec = self.record(&o.path, mode, why, dirs, Some(&st));
+        rec.holders = holders;
         match (mode, f) {
             (Mode::Extend, Some(f)) => {
                 let (h, t) = fingerprints(&f, rec.size, &o.path)?;
@@ -388,89 +497,102 @@ pub fn capture(
                     .push_str(&format!("; {LEASED}, so not fingerprinted"));
             }
             (_, None) => {
-                skipped.push((o.path.clone(), format!("{LEASED}, so it cannot be copied")));
-                continue;
+                self.skipped
+                    .push((o.path.clone(), format!("{LEASED}, so it cannot be copied")));
+                return Ok(());
             }
             (_, Some(f)) => {
-                let (name, n) = take_blob(&f, &o.path)?;
+                let (name, n) = self.copy_blob(&f, &o.path)?;
                 rec.size = n;
                 rec.blob = Some(name);
-                summary.snapshots += 1;
-                summary.bytes_copied += n;
             }
         }
-        records.push(rec);
+        self.records.push(rec);
+        Ok(())
     }
 
-    // Listed paths the job does not hold open right now.
-    for p in &cfg.snapshot {
-        if records.iter().any(|r| &r.path == p)
-            || skipped.iter().any(|(s, _)| s == p)
-            || excluded(p, cfg, ignore)
-        {
-            continue;
+    /// Capture step: records the path `p`, listed in `files.snapshot`,
+    /// unless it is already recorded or skipped (the job holds it open):
+    /// a copy of it, or that it is absent (a rollback then removes it).
+    /// One that cannot be reached without following a symlink, that
+    /// changed meanwhile or that the job holds a lease on is skipped.
+    fn listed_file(&mut self, p: &Path) -> Result<(), FilesError> {
+        if self.records.iter().any(|r| r.path == p) || self.skipped.iter().any(|(s, _)| s == p) {
+            return Ok(());
         }
-        match find(p)? {
-            Ok((dirs, Some((dir, st)))) => {
-                let (f, st) = match reader(p, &dir, &st, held.get(&(st.st_dev, st.st_ino)))? {
-                    Some(Reader::Fd(f, st)) => (f, st),
-                    Some(Reader::Leased) => {
-                        skipped.push((p.clone(), format!("listed in files.snapshot but {LEASED}")));
-                        continue;
-                    }
-                    None => {
-                        skipped.push((
-                            p.clone(),
-                            "listed in files.snapshot but changed while being recorded".into(),
-                        ));
-                        continue;
-                    }
-                };
-                let (name, n) = take_blob(&f, p)?;
-                summary.snapshots += 1;
-                summary.bytes_copied += n;
-                let mut rec = record(
+        let (dirs, dir, st) = match find(p)? {
+            Ok((dirs, Some((dir, st)))) => (dirs, dir, st),
+            Ok((dirs, None)) => {
+                let rec = self.record(
                     p,
-                    Mode::Snapshot,
-                    "listed in files.snapshot".into(),
+                    Mode::Absent,
+                    "listed in files.snapshot; absent at the checkpoint".into(),
                     dirs,
-                    Some(&st),
+                    None,
                 );
-                rec.size = n;
-                rec.blob = Some(name);
-                records.push(rec);
+                self.records.push(rec);
+                return Ok(());
             }
-            Ok((dirs, None)) => records.push(record(
-                p,
-                Mode::Absent,
-                "listed in files.snapshot; absent at the checkpoint".into(),
-                dirs,
-                None,
-            )),
-            Err(why) => skipped.push((p.clone(), format!("listed in files.snapshot but {why}"))),
-        }
+            Err(why) => {
+                self.skipped
+                    .push((p.into(), format!("listed in files.snapshot but {why}")));
+                return Ok(());
+            }
+        };
+        let (f, st) = match reader(p, &dir, &st, self.held.get(&(st.st_dev, st.st_ino)))? {
+            Some(Reader::Fd(f, st)) => (f, st),
+            Some(Reader::Leased) => {
+                self.skipped
+                    .push((p.into(), format!("listed in files.snapshot but {LEASED}")));
+                return Ok(());
+            }
+            None => {
+                self.skipped.push((
+                    p.into(),
+                    "listed in files.snapshot but changed while being recorded".into(),
+                ));
+                return Ok(());
+            }
+        };
+        let (name, n) = self.copy_blob(&f, p)?;
+        let mut rec = self.record(
+            p,
+            Mode::Snapshot,
+            "listed in files.snapshot".into(),
+            dirs,
+            Some(&st),
+        );
+        rec.size = n;
+        rec.blob = Some(name);
+        self.records.push(rec);
+        Ok(())
     }
 
-    records.sort_by(|a, b| a.path.cmp(&b.path));
-    summary.files = records.len();
-    let state = FileState {
-        version: STATE_VERSION,
-        files: records,
-        skipped,
-    };
-    let path = out_dir.join(STATE_FILE);
-    let json = serde_json::to_vec_pretty(&state).map_err(|e| FilesError::Malformed {
-        path: path.clone(),
-        reason: e.to_string(),
-    })?;
-    let mut f = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-        .open(&path)
-        .map_err(io_err(&path, "create"))?;
-    f.write_all(&json).map_err(io_err(&path, "write"))?;
-    summary.elapsed = start.elapsed();
-    Ok(summary)
+    /// Capture step: writes the state file (the records in path order and
+    /// the skipped paths) into the staging directory (created 0600, never
+    /// through a symlink) and returns the summary, timed from `start`.
+    fn finish(mut self, start: Instant) -> Result<CaptureSummary, FilesError> {
+        self.records.sort_by(|a, b| a.path.cmp(&b.path));
+        self.summary.files = self.records.len();
+        let state = FileState {
+            version: STATE_VERSION,
+            files: self.records,
+            skipped: self.skipped,
+        };
+        let path = self.out_dir.join(STATE_FILE);
+        let json = serde_json::to_vec_pretty(&state).map_err(|e| FilesError::Malformed {
+            path: path.clone(),
+            reason: e.to_string(),
+        })?;
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(&path)
+            .map_err(io_err(&path, "create"))?;
+        f.write_all(&json).map_err(io_err(&path, "write"))?;
+        self.summary.elapsed = start.elapsed();
+        Ok(self.summary)
+    }
 }

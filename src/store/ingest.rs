@@ -7,23 +7,26 @@ use std::fs::{self, DirBuilder, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Instant;
 
 use chrono::{DateTime, Utc};
 use tracing::{debug, warn};
 
+use super::crypto::StoreKey;
 use super::format::{
     image_info, leading_seq, seal_manifest, valid_link, CheckpointMeta, FileEntry, ImageInfo,
     Manifest, StoredInfo, DELETING_PREFIX, ID_TIME_FORMAT, MANIFEST_NAME, MANIFEST_SEALED_NAME,
     MANIFEST_VERSION, STAGING_PREFIX,
 };
+use super::objects::ObjectDb;
 use super::objects::{self, FILE_CHUNK, PAGE_CHUNK};
-use super::pack::{self, PackWriter, TreeBuilder};
+use super::pack::{self, PackWriter, Published, TreeBuilder};
 use super::parity;
 use super::scratch::{self, tmpfs_dir, tmpfs_staging_prefix, Scratch, ScratchKind};
 use super::stream::PageStream;
 use super::util::{fsync_dir, rename_noreplace};
-use super::{io_err, ImageStore, StoreError};
+use super::{io_err, ImageStore, StoreError, StoreLock};
 use crate::fsutil;
 
 /// A checkpoint being written; obtained from [`ImageStore::begin`].
@@ -292,6 +295,16 @@ impl Staging {
     /// [`commit`](Self::commit), with the files of `stream` (already
     /// stored in its pack, which this commit completes) added to the
     /// staged ones.
+    ///
+    /// The steps, in order: take the store's exclusive lock and a pack
+    /// ([`open_pack`](Self::open_pack)); refuse a file both staged and
+    /// streamed; cut every staged file into the pack
+    /// ([`ingest_entry`](Self::ingest_entry)) and publish it
+    /// ([`PackInProgress::publish`]); drop the raw dump
+    /// ([`drop_raw_dump`](Self::drop_raw_dump)); write the manifest
+    /// ([`write_manifest`](Self::write_manifest)); rename the checkpoint
+    /// into place and write its second copy ([`publish`](Self::publish)).
+    /// The lock is held until the checkpoint is published.
     pub fn commit_with(
         mut self,
         meta: CheckpointMeta,
@@ -305,90 +318,171 @@ impl Staging {
             None
         };
         let packs_dir = self.store.dir.join(super::format::PACKS_DIR);
-        let (_lock, mut w, mut files, mut chunks) = match stream {
+        let mut pack = self.open_pack(stream, key.clone(), &packs_dir)?;
+        self.refuse_streamed_twice(&entries, &pack.files)?;
+        let db = self.store.db()?;
+        for e in &entries {
+            self.ingest_entry(e, &db, &mut pack, &packs_dir)?;
+        }
+        let (_lock, files, written) = pack.publish(&packs_dir)?;
+        drop(db);
+        crate::failpoint::point("commit-after-pack");
+
+        self.drop_raw_dump(&entries)?;
+        let manifest = Manifest {
+            version: MANIFEST_VERSION,
+            id: self.id.clone(),
+            created: self.created,
+            meta,
+            files,
+            stored: Some(written.stored_info(start)),
+        };
+        let manifest_len = self.write_manifest(&manifest, key.as_deref())?;
+        let final_path = self.publish()?;
+
+        let info = image_info(
+            &self.id,
+            self.seq,
+            final_path,
+            manifest,
+            manifest_len,
+            key.is_some(),
+        );
+        debug!(checkpoint = %self.id, size_bytes = info.size_bytes, new_bytes = info.new_bytes, "published checkpoint");
+        Ok(info)
+    }
+
+    /// Commit step: the pack this checkpoint's new objects go into, under
+    /// the store's exclusive lock. With a `stream`, its own (which already
+    /// holds the streamed files' objects, and the lock); else a new pack in
+    /// `packs_dir`, sealed under `key` if any, with the store's parity and
+    /// second copy.
+    fn open_pack(
+        &self,
+        stream: Option<PageStream>,
+        key: Option<Arc<StoreKey>>,
+        packs_dir: &Path,
+    ) -> Result<PackInProgress, StoreError> {
+        Ok(match stream {
             Some(s) => {
                 let s = s.finish()?;
-                (s.lock, s.writer, s.files, s.chunks)
+                PackInProgress {
+                    lock: s.lock,
+                    writer: s.writer,
+                    files: s.files,
+                    chunks: s.chunks,
+                }
             }
             None => {
                 let lock = self.store.lock(true)?;
-                let w = PackWriter::new(&packs_dir, key.clone())
-                    .map_err(io_err(&packs_dir))?
+                let writer = PackWriter::new(packs_dir, key)
+                    .map_err(io_err(packs_dir))?
                     .with_parity(self.store.parity)
-                    .with_copy(self.store.mirror.alt(&packs_dir));
-                (lock, w, Vec::new(), 0u64)
+                    .with_copy(self.store.mirror.alt(packs_dir));
+                PackInProgress {
+                    lock,
+                    writer,
+                    files: Vec::new(),
+                    chunks: 0,
+                }
             }
-        };
-        for e in &entries {
-            if files.iter().any(|f| f.name == entry_name(e)) {
+        })
+    }
+
+    /// Commit step: refuses a staged file that was also streamed into the
+    /// checkpoint (`streamed`: the stream's files), naming it.
+    fn refuse_streamed_twice(
+        &self,
+        entries: &[StagedEntry],
+        streamed: &[FileEntry],
+    ) -> Result<(), StoreError> {
+        for e in entries {
+            if streamed.iter().any(|f| f.name == entry_name(e)) {
                 return Err(StoreError::UnexpectedEntry {
                     path: self.dump.join(entry_name(e)),
                     reason: "this file was also streamed into the checkpoint".into(),
                 });
             }
         }
-        let db = self.store.db()?;
-        for e in &entries {
-            match e {
-                StagedEntry::Link(name, target) => files.push(FileEntry {
+        Ok(())
+    }
+
+    /// Commit step: adds one staged entry to `pack`. A link becomes a
+    /// manifest entry as it is; a file is read from the dump directory, cut
+    /// into chunks ([`chunk_size_for`]), its new chunks and tree nodes are
+    /// written into the pack (`db`: the objects the store already has), and
+    /// its entry records the tree's root. An error names the pack directory
+    /// when storing failed (e.g. ENOSPC), the staged file when reading it
+    /// did.
+    fn ingest_entry(
+        &self,
+        e: &StagedEntry,
+        db: &ObjectDb,
+        pack: &mut PackInProgress,
+        packs_dir: &Path,
+    ) -> Result<(), StoreError> {
+        let name = match e {
+            StagedEntry::Link(name, target) => {
+                pack.files.push(FileEntry {
                     name: name.clone(),
                     link: Some(target.clone()),
                     ..Default::default()
-                }),
-                StagedEntry::File(name) => {
-                    let path = self.dump.join(name);
-                    let chunk = chunk_size_for(name);
-                    let mut tree = TreeBuilder::new();
-                    // Tell a failure to store (e.g. ENOSPC in the pack) from
-                    // a failure to read the dump.
-                    let mut store_failed = false;
-                    let size = pack::for_each_batch(&path, chunk as usize, &mut |b| {
-                        chunks += b.len().div_ceil(chunk as usize) as u64;
-                        tree.push_batch(&db, &mut w, b, chunk as usize)
-                            .inspect_err(|_| store_failed = true)
-                    })
-                    .map_err(|e| {
-                        if store_failed {
-                            io_err(&packs_dir)(e)
-                        } else {
-                            io_err(&path)(e)
-                        }
-                    })?;
-                    let (root, depth) = tree.finish(&db, &mut w).map_err(io_err(&packs_dir))?;
-                    files.push(FileEntry {
-                        name: name.clone(),
-                        size,
-                        chunk: Some(chunk),
-                        depth: Some(depth),
-                        root: Some(objects::hex(&root)),
-                        ..Default::default()
-                    });
-                }
+                });
+                return Ok(());
             }
-        }
-        files.sort_by(|a, b| a.name.cmp(&b.name));
-        let new_objects = w.len() as u64;
-        let new_raw_bytes = w.raw_bytes;
-        let node_bytes = w.node_bytes;
-        let published = w.finish().map_err(io_err(&packs_dir))?;
-        drop(db);
-        crate::failpoint::point("commit-after-pack");
+            StagedEntry::File(name) => name,
+        };
+        let path = self.dump.join(name);
+        let chunk = chunk_size_for(name);
+        let mut tree = TreeBuilder::new();
+        let (w, chunks) = (&mut pack.writer, &mut pack.chunks);
+        // Tell a failure to store (e.g. ENOSPC in the pack) from a failure
+        // to read the dump.
+        let mut store_failed = false;
+        let size = pack::for_each_batch(&path, chunk as usize, &mut |b| {
+            *chunks += b.len().div_ceil(chunk as usize) as u64;
+            tree.push_batch(db, w, b, chunk as usize)
+                .inspect_err(|_| store_failed = true)
+        })
+        .map_err(|e| {
+            if store_failed {
+                io_err(packs_dir)(e)
+            } else {
+                io_err(&path)(e)
+            }
+        })?;
+        let (root, depth) = tree.finish(db, w).map_err(io_err(packs_dir))?;
+        pack.files.push(FileEntry {
+            name: name.clone(),
+            size,
+            chunk: Some(chunk),
+            depth: Some(depth),
+            root: Some(objects::hex(&root)),
+            ..Default::default()
+        });
+        Ok(())
+    }
 
-        // The data is safe in a published pack: drop the raw dump.
+    /// Commit step, once the data is safe in a published pack: removes
+    /// CRIU's raw dump. A dump in memory goes with its private directory, a
+    /// dump on tmpfs with its directory; a dump in the staging directory
+    /// itself (`entries`: what it held) file by file, then its
+    /// subdirectories, so that the staging directory is left for the
+    /// manifest.
+    fn drop_raw_dump(&mut self, entries: &[StagedEntry]) -> Result<(), StoreError> {
         if let Some(m) = self.mem.take() {
             drop(m);
         } else if self.dump != self.publish_dir {
             fs::remove_dir_all(&self.dump).map_err(io_err(&self.dump))?;
         }
-        for e in entries
-            .iter()
-            .rev()
-            .filter(|_| self.dump == self.publish_dir)
-        {
+        if self.dump != self.publish_dir {
+            return Ok(());
+        }
+        for e in entries.iter().rev() {
             let p = self.publish_dir.join(entry_name(e));
             fs::remove_file(&p).map_err(io_err(&p))?;
         }
-        for e in entries.iter().filter(|_| self.dump == self.publish_dir) {
+        for e in entries {
             if let Some((sub, _)) = entry_name(e).split_once('/') {
                 let d = self.publish_dir.join(sub);
                 match fs::remove_dir(&d) {
@@ -398,30 +492,25 @@ impl Staging {
                 }
             }
         }
-        let stored = StoredInfo {
-            pack_bytes: published.as_ref().map(|p| p.file_bytes).unwrap_or(0),
-            new_objects,
-            new_raw_bytes,
-            node_bytes,
-            chunks,
-            pack: published.as_ref().map(|p| p.name.clone()),
-            ingest_ms: start.elapsed().as_millis() as u64,
-        };
-        let manifest = Manifest {
-            version: MANIFEST_VERSION,
-            id: self.id.clone(),
-            created: self.created,
-            meta,
-            files,
-            stored: Some(stored),
-        };
+        Ok(())
+    }
+
+    /// Commit step: writes `manifest` into the staging directory (mode
+    /// 0600, synced): `MANIFEST.json`, or sealed under `key` as
+    /// `MANIFEST.sealed`; with parity, its sidecar too; then syncs the
+    /// directory. Returns the bytes written (manifest and sidecar).
+    fn write_manifest(
+        &self,
+        manifest: &Manifest,
+        key: Option<&StoreKey>,
+    ) -> Result<u64, StoreError> {
         let mut json =
-            serde_json::to_vec_pretty(&manifest).map_err(|source| StoreError::Serialize {
+            serde_json::to_vec_pretty(manifest).map_err(|source| StoreError::Serialize {
                 id: self.id.clone(),
                 source,
             })?;
         json.push(b'\n');
-        let (manifest_path, bytes) = match &key {
+        let (manifest_path, bytes) = match key {
             Some(k) => (
                 self.publish_dir.join(MANIFEST_SEALED_NAME),
                 seal_manifest(k, &self.id, &json).map_err(io_err(&self.publish_dir))?,
@@ -446,7 +535,15 @@ impl Staging {
                 parity::write_for_bytes(&manifest_path, &bytes).map_err(io_err(&manifest_path))?;
         }
         fsync_dir(&self.publish_dir)?;
+        Ok(manifest_len)
+    }
 
+    /// Commit step, the publication itself: renames the staging directory
+    /// to `<dir>/<id>` (from then on the checkpoint is the store's, and
+    /// dropping this `Staging` removes nothing), syncs the store directory,
+    /// and writes the second copy if the store keeps one (a failure there
+    /// is a warning: the checkpoint stays published). Returns its path.
+    fn publish(&mut self) -> Result<PathBuf, StoreError> {
         let final_path = self.store.dir.join(&self.id);
         rename_noreplace(&self.publish_dir, &final_path)?;
         self.done = true;
@@ -457,17 +554,7 @@ impl Staging {
                     "cannot write the checkpoint's second copy; it is kept in the image directory only");
             }
         }
-
-        let info = image_info(
-            &self.id,
-            self.seq,
-            final_path,
-            manifest,
-            manifest_len,
-            key.is_some(),
-        );
-        debug!(checkpoint = %self.id, size_bytes = info.size_bytes, new_bytes = info.new_bytes, "published checkpoint");
-        Ok(info)
+        Ok(final_path)
     }
 
     /// Removes the staging directory (errors are logged, not returned).
@@ -497,6 +584,76 @@ impl Staging {
 impl Drop for Staging {
     fn drop(&mut self) {
         self.remove();
+    }
+}
+
+/// The pack a commit writes its new objects into, and what it has put
+/// there so far; from [`Staging::open_pack`]. Owns the store's exclusive
+/// lock until [`publish`](Self::publish) hands it back.
+struct PackInProgress {
+    /// The store's exclusive lock.
+    lock: StoreLock,
+    /// The pack being written.
+    writer: PackWriter,
+    /// The manifest's entries so far (streamed files first).
+    files: Vec<FileEntry>,
+    /// Chunks cut so far (the manifest's `stored.chunks`).
+    chunks: u64,
+}
+
+/// What publishing a commit's pack wrote, for the manifest's
+/// [`StoredInfo`].
+struct PackWritten {
+    new_objects: u64,
+    new_raw_bytes: u64,
+    node_bytes: u64,
+    chunks: u64,
+    published: Option<Published>,
+}
+
+impl PackInProgress {
+    /// Commit step: publishes the pack (a pack with no new object is not
+    /// written). Returns the lock (still held), the manifest's entries in
+    /// name order, and what was written.
+    fn publish(
+        self,
+        packs_dir: &Path,
+    ) -> Result<(StoreLock, Vec<FileEntry>, PackWritten), StoreError> {
+        let PackInProgress {
+            lock,
+            writer: w,
+            mut files,
+            chunks,
+        } = self;
+        files.sort_by(|a, b| a.name.cmp(&b.name));
+        let new_objects = w.len() as u64;
+        let new_raw_bytes = w.raw_bytes;
+        let node_bytes = w.node_bytes;
+        let published = w.finish().map_err(io_err(packs_dir))?;
+        let written = PackWritten {
+            new_objects,
+            new_raw_bytes,
+            node_bytes,
+            chunks,
+            published,
+        };
+        Ok((lock, files, written))
+    }
+}
+
+impl PackWritten {
+    /// The manifest's record of what this checkpoint stored, with the time
+    /// since the commit `start`ed.
+    fn stored_info(self, start: Instant) -> StoredInfo {
+        StoredInfo {
+            pack_bytes: self.published.as_ref().map(|p| p.file_bytes).unwrap_or(0),
+            new_objects: self.new_objects,
+            new_raw_bytes: self.new_raw_bytes,
+            node_bytes: self.node_bytes,
+            chunks: self.chunks,
+            pack: self.published.map(|p| p.name),
+            ingest_ms: start.elapsed().as_millis() as u64,
+        }
     }
 }
 

@@ -11,7 +11,9 @@
 //! swapped directories, symlinks and races), `attach` (PID reuse, survivors),
 //! `clients` (a planted control socket directory, a fake server, escape
 //! sequences in answers), `inputs` (FIFO, `/dev/zero` and oversized job
-//! files, unbounded durations, `check` as a user who cannot see the key).
+//! files, unbounded durations, `check` as a user who cannot see the key),
+//! `messages` (what a refusal says), `exhaustion` (connection floods, no
+//! descriptors left, a squatted metrics port).
 
 #[path = "../common/mod.rs"]
 mod common;

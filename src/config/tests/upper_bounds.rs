@@ -1,17 +1,9 @@
 //! Upper bounds of durations and counts, and what a job file may be on
 //! disk (regular, at most `MAX_JOB_FILE_SIZE`).
 
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 use super::*;
-
-const FILE: &str = "/x/job.toml";
-const REFERENCE: &str = include_str!("../../config/reference.toml");
-
-fn parse(text: &str) -> Result<JobConfig, ConfigError> {
-    JobConfig::from_str_at(text, Path::new(FILE))
-}
 
 /// Every bounded duration: (table, key, extra lines the key needs, the
 /// bound as `config/reference.toml` writes it, the bound).
