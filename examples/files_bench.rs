@@ -161,6 +161,7 @@ async fn run(a: Args) {
     };
     let init_files = InitFiles {
         status_file: dir.join("exit-status"),
+        owner: None,
     };
     let r2 = reaper.clone();
     let mut running = tokio::task::spawn_blocking(move || job::launch(&r2, &spec, &init_files))

@@ -137,6 +137,10 @@ pub struct JobConfig {
     pub slurm: SlurmConfig,
     /// The `[store]` table.
     pub store: StoreOptions,
+    /// Whose the job is (`user`, `group`): it then runs as that user in a
+    /// user namespace of its own ([`crate::userns`]); `None`: as root (or
+    /// as the user supervise runs as).
+    pub owner: Option<crate::userns::Owner>,
 }
 
 /// The `[slurm]` table: what supervise does inside a Slurm batch job.

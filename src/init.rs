@@ -43,6 +43,9 @@ pub const CONTROL_FD: i32 = 4;
 pub const CRIU_SOCK_FD: i32 = 5;
 /// CRIU stderr fd in the init (restores).
 pub const CRIU_ERR_FD: i32 = 6;
+/// The images directory in the init (restores of owned jobs: CRIU, as the
+/// owner, reaches it as `/proc/self/fd/7`, not through root's directories).
+pub const IMAGES_FD: i32 = 7;
 /// The job's root gets PID `FIRST_PID` in its namespace, leaving the low PIDs
 /// free for the init and CRIU at restore time.
 pub const FIRST_PID: i32 = 1000;
@@ -58,6 +61,11 @@ pub struct InitSpec {
     /// raised to the hard limit: [`crate::fdlimit`]).
     #[serde(default)]
     pub nofile_soft: Option<u64>,
+    /// The job's owner: the init is the unmapped root of a user namespace
+    /// of the job's own ([`crate::userns`]); the job runs as the owner,
+    /// CRIU (restores) as the owner with the namespace's capabilities.
+    #[serde(default)]
+    pub owner: Option<crate::userns::Owner>,
 }
 
 /// See [`InitSpec`].
@@ -165,8 +173,12 @@ fn run(report: &mut File) -> Result<ExitStatus, String> {
         &std::env::var(SPEC_ENV).map_err(|_| format!("{SPEC_ENV} is not set"))?,
     )
     .map_err(|e| format!("bad {SPEC_ENV}: {e}"))?;
+    if spec.owner.is_some() {
+        crate::userns::await_maps()?;
+    }
     setup_namespace()?;
     close_on_exec_from(3);
+    let owner = spec.owner.as_ref();
     let root = match &spec.mode {
         InitMode::Launch {
             argv,
@@ -179,9 +191,13 @@ fn run(report: &mut File) -> Result<ExitStatus, String> {
                 crate::fdlimit::set_soft(soft)
                     .map_err(|e| format!("cannot set the job's RLIMIT_NOFILE to {soft}: {e}"))?;
             }
-            launch(argv, cwd, env, stdout, stderr)?
+            // The default output files live in supervise's own (trusted)
+            // state directory, which the owner cannot reach: opened by
+            // the init; any other path with the owner's rights.
+            let private = spec.status_file.as_ref().and_then(|f| f.parent());
+            launch(argv, cwd, env, stdout, stderr, owner, private)?
         }
-        InitMode::Restore { criu } => restore(criu)?,
+        InitMode::Restore { criu } => restore(criu, owner)?,
     };
     report
         .write_all(Report::Started(root.0).line().as_bytes())
@@ -299,19 +315,55 @@ fn launch(
     env: &[(String, String)],
     stdout: &PathBuf,
     stderr: &PathBuf,
+    owner: Option<&crate::userns::Owner>,
+    private: Option<&Path>,
 ) -> Result<(i32, Option<ExitStatus>), String> {
     // The job's root gets a PID well above those the init and CRIU use.
     let _ = std::fs::write("/proc/sys/kernel/ns_last_pid", format!("{}", FIRST_PID - 1));
-    let out = open_append(stdout)?;
+    // An owned job's files are opened with its owner's rights (but those
+    // in supervise's own directory).
+    let open = |p: &Path| match owner.filter(|_| !private.is_some_and(|d| p.starts_with(d))) {
+        Some(o) => crate::userns::as_owner(o, || open_append(p))
+            .map_err(|e| e.to_string())
+            .and_then(|r| r),
+        None => open_append(p),
+    };
+    if let Some(o) = owner {
+        // The working directory, entered with the owner's rights (the
+        // chdir itself happens in the child, as the owner).
+        crate::userns::as_owner(o, || std::fs::metadata(cwd.join(".")))
+            .map_err(|e| e.to_string())?
+            .map_err(|e| format!("cannot enter the working directory {}: {e}", cwd.display()))?;
+    }
+    let out = open(stdout)?;
     let err = if stderr == stdout {
         out.try_clone().map_err(|e| e.to_string())?
     } else {
-        open_append(stderr)?
+        open(stderr)?
     };
     let (prog, args) = argv.split_first().ok_or("empty command")?;
     let mut cmd = Command::new(prog);
+    if owner.is_none() {
+        cmd.current_dir(cwd);
+    }
+    let ids = owner.map(|o| (o.uid, o.gid, o.groups.clone()));
+    let cwd_c =
+        std::ffi::CString::new(cwd.as_os_str().as_encoded_bytes()).map_err(|e| e.to_string())?;
+    // SAFETY: raw credential syscalls and chdir only (async-signal-safe).
+    unsafe {
+        cmd.pre_exec(move || {
+            if let Some((uid, gid, groups)) = &ids {
+                // The owner, without capabilities; then its working
+                // directory, reached with its rights.
+                crate::userns::become_owner(*uid, *gid, groups, false)?;
+                if libc::chdir(cwd_c.as_ptr()) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
     cmd.args(args)
-        .current_dir(cwd)
         .env_remove(SPEC_ENV)
         .envs(env.iter().map(|(k, v)| (k, v)))
         .stdin(Stdio::null())
@@ -337,7 +389,10 @@ fn launch(
     Ok((child.id() as i32, None))
 }
 
-fn restore(criu: &PathBuf) -> Result<(i32, Option<ExitStatus>), String> {
+fn restore(
+    criu: &PathBuf,
+    owner: Option<&crate::userns::Owner>,
+) -> Result<(i32, Option<ExitStatus>), String> {
     // SAFETY: fd numbers handed to us by the supervisor.
     let control = unsafe { File::from_raw_fd(CONTROL_FD) };
     let criu_err = unsafe { File::from_raw_fd(CRIU_ERR_FD) };
@@ -347,9 +402,23 @@ fn restore(criu: &PathBuf) -> Result<(i32, Option<ExitStatus>), String> {
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::from(criu_err));
-    // SAFETY: dup2/fcntl only.
+    let ids = owner.map(|o| (o.uid, o.gid, o.groups.clone()));
+    // SAFETY: dup2/fcntl and raw credential syscalls only.
     unsafe {
-        cmd.pre_exec(|| crate::criu::inherit_as(CRIU_SOCK_FD, crate::criu::SWRK_FD));
+        cmd.pre_exec(move || {
+            crate::criu::inherit_as(CRIU_SOCK_FD, crate::criu::SWRK_FD)?;
+            if let Some((uid, gid, groups)) = &ids {
+                // CRIU as the owner, with the namespace's capabilities
+                // but CAP_SETUID (crate::userns); the images directory
+                // stays open for it (IMAGES_FD).
+                let fl = libc::fcntl(IMAGES_FD, libc::F_GETFD);
+                if fl >= 0 {
+                    libc::fcntl(IMAGES_FD, libc::F_SETFD, fl & !libc::FD_CLOEXEC);
+                }
+                crate::userns::become_owner(*uid, *gid, groups, true)?;
+            }
+            Ok(())
+        });
     }
     let child = cmd
         .spawn()

@@ -248,10 +248,13 @@ impl Running {
     }
 }
 
-/// Where the init's report and the job's end are recorded.
+/// Where the init records the job's end, and whose the job is.
+#[derive(Debug, Clone)]
 pub struct InitFiles {
     /// `<state_dir>/exit-status`.
     pub status_file: PathBuf,
+    /// The job's owner (`None`: root's job, no user namespace).
+    pub owner: Option<crate::userns::Owner>,
 }
 
 struct Pipe {
@@ -315,6 +318,13 @@ fn clone_init(
         .chain(std::iter::once(std::ptr::null()))
         .collect();
     let exe_p = exe_c.as_ptr();
+    let owned = spec.owner.is_some();
+    let mut flags = CloneFlags::CLONE_NEWPID | CloneFlags::CLONE_NEWNS;
+    if owned {
+        // A user namespace of the job's own, mapping only its owner's ids
+        // (written below); the init is its unmapped root.
+        flags |= CloneFlags::CLONE_NEWUSER;
+    }
     let mut stack = vec![0u8; 256 * 1024];
     let spawned = reaper
         .spawn_with(|| {
@@ -327,6 +337,10 @@ fn clone_init(
                         return 126;
                     }
                 }
+                // SAFETY: raw capability syscalls only.
+                if owned && unsafe { crate::userns::keep_caps_across_exec() }.is_err() {
+                    return 126;
+                }
                 // SAFETY: pointers to NUL-terminated arrays prepared above.
                 unsafe {
                     libc::execve(exe_p, argv_p.as_ptr(), envp_p.as_ptr());
@@ -334,19 +348,21 @@ fn clone_init(
                 }
             });
             // SAFETY: the callback only calls dup2/execve/_exit (see above).
-            let pid = unsafe {
-                nix::sched::clone(
-                    child,
-                    &mut stack,
-                    CloneFlags::CLONE_NEWPID | CloneFlags::CLONE_NEWNS,
-                    Some(libc::SIGCHLD),
-                )
-            }
-            .map_err(std::io::Error::from)?;
+            let pid = unsafe { nix::sched::clone(child, &mut stack, flags, Some(libc::SIGCHLD)) }
+                .map_err(std::io::Error::from)?;
             Ok(pid.as_raw())
         })
         .map_err(JobError::Init)?;
     drop(highs);
+    if let Some(owner) = &spec.owner {
+        if let Err(e) = crate::userns::write_maps(spawned.pid, owner) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(spawned.pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+            return Err(JobError::Init(e));
+        }
+    }
     Ok((spawned.pid, spawned.exit))
 }
 
@@ -429,6 +445,7 @@ pub fn launch(reaper: &Reaper, spec: &LaunchSpec, files: &InitFiles) -> Result<R
         },
         status_file: Some(files.status_file.clone()),
         nofile_soft: crate::fdlimit::job_soft_limit(),
+        owner: files.owner.clone(),
     };
     let (init_pid, exit) = clone_init(reaper, &ispec, &[&report.w, &control.r])?;
     drop(report.w);
@@ -483,12 +500,35 @@ pub fn restore(
         },
         status_file: Some(files.status_file.clone()),
         nofile_soft: None,
+        owner: files.owner.clone(),
     };
-    let (init_pid, exit) = clone_init(reaper, &ispec, &[&report.w, &control.r, &theirs, &errp.w])?;
+    // An owned job's CRIU reaches the images through a descriptor
+    // (init::IMAGES_FD), not through root's directories.
+    let images_fd: Option<OwnedFd> = match &files.owner {
+        Some(_) => Some(
+            nix::fcntl::open(
+                images_dir,
+                nix::fcntl::OFlag::O_DIRECTORY
+                    | nix::fcntl::OFlag::O_RDONLY
+                    | nix::fcntl::OFlag::O_CLOEXEC,
+                nix::sys::stat::Mode::empty(),
+            )
+            // SAFETY: a fresh descriptor we own.
+            .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) })
+            .map_err(|e| JobError::Init(e.into()))?,
+        ),
+        None => None,
+    };
+    let mut init_fds = vec![&report.w, &control.r, &theirs, &errp.w];
+    if let Some(fd) = &images_fd {
+        init_fds.push(fd);
+    }
+    let (init_pid, exit) = clone_init(reaper, &ispec, &init_fds)?;
     drop(report.w);
     drop(control.r);
     drop(theirs);
     drop(errp.w);
+    drop(images_fd);
     let log = criu::collect(File::from(errp.r));
     let lazy_failed = |e: String, control: &OwnedFd| {
         let _ = nix::unistd::write(control, b"fail\n");
@@ -518,7 +558,16 @@ pub fn restore(
     };
     let serving = start.elapsed();
     let conv = criu::Conversation::new(ours);
-    let mut req = criu::restore_request(images_dir, opts, true);
+    let criu_dir = match &files.owner {
+        Some(_) => PathBuf::from(format!("/proc/self/fd/{}", init::IMAGES_FD)),
+        None => images_dir.to_path_buf(),
+    };
+    let mut req = criu::restore_request(&criu_dir, opts, true);
+    if files.owner.is_some() {
+        if let Some(o) = req.opts.as_mut() {
+            o.unprivileged = Some(true);
+        }
+    }
     if session.is_some() {
         if let Some(o) = req.opts.as_mut() {
             o.lazy_pages = Some(true);

@@ -27,3 +27,4 @@ mod slurm;
 pub mod store;
 mod supervisor;
 pub mod systemd;
+pub mod userns;

@@ -139,11 +139,18 @@ enum Cmd {
     /// Internal: PID 1 of a job's namespace.
     #[command(name = "__init", hide = true)]
     Init,
+    /// Internal: runs CRIU in a job's namespaces as the job's owner.
+    #[command(name = "__nsexec", hide = true)]
+    Nsexec,
 }
 
 fn main() -> ExitCode {
     if std::env::args().nth(1).as_deref() == Some("__init") {
         supervise::init::main();
+    }
+    if std::env::args().nth(1).as_deref() == Some("__nsexec") {
+        let args: Vec<String> = std::env::args().skip(2).collect();
+        std::process::exit(supervise::userns::nsexec(&args));
     }
     let cli = Cli::parse();
     if !matches!(cli.cmd, Cmd::Run { .. }) {
@@ -271,7 +278,7 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
                 Ok(ExitCode::SUCCESS)
             }
         },
-        Cmd::Init => unreachable!("handled before parsing"),
+        Cmd::Init | Cmd::Nsexec => unreachable!("handled before parsing"),
     }
 }
 

@@ -141,10 +141,11 @@ pub(crate) struct Ctx<E> {
 }
 
 impl<E> Ctx<E> {
-    /// Where the init records the job's end.
+    /// Where the init records the job's end, and whose the job is.
     pub(crate) fn init_files(&self) -> InitFiles {
         InitFiles {
             status_file: self.run_dir.join("exit-status"),
+            owner: self.cfg.owner.clone(),
         }
     }
 }

@@ -329,6 +329,7 @@ fn bench(reaper: &Reaper, a: &Args) {
     };
     let files = InitFiles {
         status_file: work.join("exit-status"),
+        owner: None,
     };
     let job = job::launch(reaper, &spec, &files).expect("launch");
     // Whatever happens below, the job does not outlive the benchmark.
@@ -404,6 +405,7 @@ fn bench(reaper: &Reaper, a: &Args) {
             &mut |_| true,
             sink.as_mut()
                 .map(|s| s as &mut (dyn criu::page_server::DumpSink + Send)),
+            None,
         )
         .expect("engine dump");
         let staged = supervise::store::dir_size(staging.path());

@@ -24,6 +24,8 @@ pub(super) struct RawJob {
     pub(super) name: Option<JobName>,
     pub(super) command: Option<Spanned<Argv>>,
     pub(super) attach: Option<Spanned<Pid>>,
+    pub(super) user: Option<Spanned<String>>,
+    pub(super) group: Option<Spanned<String>>,
     pub(super) cwd: Option<Spanned<PathValue>>,
     pub(super) env: Option<EnvMap>,
     pub(super) stdout: Option<Spanned<PathValue>>,

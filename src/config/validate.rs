@@ -169,6 +169,7 @@ fn build(raw: RawJob, ctx: &Ctx<'_>) -> Result<JobConfig, ConfigError> {
         None => base_dir.join(STATE_PARENT).join(&name),
     };
 
+    let owner = build_owner(raw.user, raw.group, raw.attach.is_some(), ctx)?;
     let target = match (raw.command, raw.attach) {
         (Some(cmd), Some(pid)) => {
             let (span, key) = if cmd.span().start > pid.span().start {
@@ -220,16 +221,21 @@ fn build(raw: RawJob, ctx: &Ctx<'_>) -> Result<JobConfig, ConfigError> {
                     .to_string_lossy()
                     .into_owned();
             }
+            // A job that runs as its owner writes its output where the
+            // owner can reach it (its CRIU reopens it by path, as the
+            // owner): by default into its working directory.
             let out = |p: Option<Spanned<PathValue>>, default: &str| match p {
                 Some(p) => resolve(&base_dir, &p.into_inner().0),
+                None if owner.is_some() => cwd.join(format!("{name}.{default}")),
                 None => state_dir.join(default),
             };
+            let (stdout, stderr) = (out(raw.stdout, "stdout.log"), out(raw.stderr, "stderr.log"));
             Target::Launch(LaunchSpec {
                 command,
                 cwd,
                 env: raw.env.map(|e| e.vars).unwrap_or_default(),
-                stdout: out(raw.stdout, "stdout.log"),
-                stderr: out(raw.stderr, "stderr.log"),
+                stdout,
+                stderr,
             })
         }
     };
@@ -270,7 +276,48 @@ fn build(raw: RawJob, ctx: &Ctx<'_>) -> Result<JobConfig, ConfigError> {
         files,
         slurm,
         store,
+        owner,
     })
+}
+
+/// `user` and `group`: the job runs as that user (in a user namespace of
+/// its own). Only a launched job, and only for a supervise running as
+/// root (which alone can create the namespace and switch to the user).
+fn build_owner(
+    user: Option<Spanned<String>>,
+    group: Option<Spanned<String>>,
+    attach: bool,
+    ctx: &Ctx<'_>,
+) -> Result<Option<crate::userns::Owner>, ConfigError> {
+    let Some(user) = user else {
+        if let Some(g) = group {
+            return ctx.err(Some(g.span()), "group", "`group` needs `user`".to_string());
+        }
+        return Ok(None);
+    };
+    let span = user.span();
+    if attach {
+        return ctx.err(
+            Some(span),
+            "user",
+            "`user` can only be used with `command` (an attached process already has its owner)"
+                .to_string(),
+        );
+    }
+    if !nix::unistd::geteuid().is_root() {
+        return ctx.err(
+            Some(span),
+            "user",
+            "only a supervise running as root can run a job as another user".to_string(),
+        );
+    }
+    let gspan = group.as_ref().map(|g| g.span());
+    let group = group.map(|g| g.into_inner());
+    match crate::userns::Owner::lookup(user.get_ref(), group.as_deref()) {
+        Ok(o) => Ok(Some(o)),
+        Err(e @ crate::userns::OwnerError::NoGroup(_)) => ctx.err(gspan, "group", e.to_string()),
+        Err(e) => ctx.err(Some(span), "user", e.to_string()),
+    }
 }
 
 fn build_store(

@@ -511,6 +511,7 @@ pub fn dump(
         DumpMode::Full,
         on_notify,
         None,
+        None,
     )
 }
 
@@ -529,6 +530,7 @@ pub fn dump_with(
     mode: DumpMode,
     on_notify: &mut dyn FnMut(&str) -> bool,
     pages: Option<&mut (dyn page_server::DumpSink + Send)>,
+    owner: Option<&crate::userns::Owner>,
 ) -> Result<DumpOutcome, CriuError> {
     let pages = pages.filter(|_| mode == DumpMode::Full);
     if mode == DumpMode::PreDump {
@@ -558,10 +560,42 @@ pub fn dump_with(
     })?;
     let criu_dir = PathBuf::from(format!("/proc/self/fd/{IMG_FD}"));
     let (ours, theirs) = rpc_socketpair()?;
-    let mut cmd = Command::new("nsenter");
-    cmd.arg(format!("--target={host_pid}"))
-        .args(["--pid", "--mount", "--"])
-        .arg(criu_bin())
+    let mut cmd = match owner {
+        // An owned job: CRIU runs in its user, PID and mount namespaces as
+        // its owner (crate::userns), and writes into a directory the owner
+        // may write (it reaches it only through the descriptor).
+        Some(ow) => {
+            nix::unistd::fchown(
+                dir_fd.as_raw_fd(),
+                Some(nix::unistd::Uid::from_raw(ow.uid)),
+                Some(nix::unistd::Gid::from_raw(ow.gid)),
+            )
+            .map_err(std::io::Error::from)?;
+            let groups = if ow.groups.is_empty() {
+                "-".to_string()
+            } else {
+                ow.groups
+                    .iter()
+                    .map(u32::to_string)
+                    .collect::<Vec<_>>()
+                    .join(",")
+            };
+            let mut c = Command::new(std::env::current_exe()?);
+            c.arg("__nsexec")
+                .arg(host_pid.to_string())
+                .arg(ow.uid.to_string())
+                .arg(ow.gid.to_string())
+                .arg(groups);
+            c
+        }
+        None => {
+            let mut c = Command::new("nsenter");
+            c.arg(format!("--target={host_pid}"))
+                .args(["--pid", "--mount", "--"]);
+            c
+        }
+    };
+    cmd.arg(criu_bin())
         .args(dump_cli_options(o))
         .args(["swrk", &SWRK_FD.to_string()]);
     let start = Instant::now();
@@ -586,6 +620,13 @@ pub fn dump_with(
     let (spawned, stderr) = spawn_swrk_with(reaper, &mut cmd, theirs, extra, "nsenter/criu swrk")?;
     let conv = Conversation::new(ours);
     let mut reqs = dump_requests(ns_pid, &criu_dir, o, timeout, true, mode);
+    if owner.is_some() {
+        for r in reqs.iter_mut() {
+            if let Some(opts) = r.opts.as_mut() {
+                opts.unprivileged = Some(true);
+            }
+        }
+    }
     if ps_ours.is_some() {
         for r in reqs.iter_mut() {
             if let Some(opts) = r.opts.as_mut() {

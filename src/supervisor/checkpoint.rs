@@ -191,6 +191,7 @@ async fn dump<E: Engine>(ctx: &Ctx<E>, job: &Running, staged: Staged) -> (Stagin
         ignore,
         attached: job.init_pid.is_none(),
         pages,
+        owner: ctx.cfg.owner.clone(),
     };
     let dumped = ctx.engine.dump(req).await;
     (staging, dumped)

@@ -213,6 +213,7 @@ fn dump_blocking(reaper: &Reaper, mut req: DumpRequest) -> Dumped {
         req.mode,
         &mut on_notify,
         req.pages.as_mut().map(|s| s as &mut (dyn DumpSink + Send)),
+        req.owner.as_ref(),
     );
     // Tests: look at (or crash) a finished dump before the commit.
     crate::failpoint::point("after-dump");
@@ -257,15 +258,36 @@ fn dump_blocking(reaper: &Reaper, mut req: DumpRequest) -> Dumped {
 /// that held a rolled-back file must hold that very file (CRIU reopens
 /// them by path).
 fn restore_blocking(reaper: &Reaper, req: RestoreRequest) -> Result<RestoredJob, RestoreError> {
-    let (actions, expect) =
-        crate::files::rollback_checked(&req.images, &req.files).map_err(|e| {
-            let step = RestoreStep::Rollback;
-            if e.is_resource() {
-                RestoreError::resource(step, e.to_string())
-            } else {
-                RestoreError::image(step, e.to_string())
-            }
-        })?;
+    // An owned job's files are rolled back with its owner's rights, and
+    // its CRIU (running as the owner) reads and writes the images.
+    let rollback = || crate::files::rollback_checked(&req.images, &req.files);
+    let rolled = match &req.init.owner {
+        Some(o) => {
+            hand_over(&req.images, o).map_err(|e| {
+                RestoreError::io(
+                    RestoreStep::Materialise,
+                    format!("cannot hand the image to {}: {e}", o.name),
+                    &e,
+                )
+            })?;
+            crate::userns::as_owner(o, rollback).map_err(|e| {
+                RestoreError::io(
+                    RestoreStep::Rollback,
+                    format!("cannot take {}'s file credentials: {e}", o.name),
+                    &e,
+                )
+            })?
+        }
+        None => rollback(),
+    };
+    let (actions, expect) = rolled.map_err(|e| {
+        let step = RestoreStep::Rollback;
+        if e.is_resource() {
+            RestoreError::resource(step, e.to_string())
+        } else {
+            RestoreError::image(step, e.to_string())
+        }
+    })?;
     crate::failpoint::point("after-rollback");
     let mut refusal = None;
     let mut on_notify = |script: &str, init: i32| {
@@ -299,6 +321,30 @@ fn restore_blocking(reaper: &Reaper, req: RestoreRequest) -> Result<RestoredJob,
         )),
         (Err(e), None) => Err(RestoreError::image(RestoreStep::CriuRestore, e.to_string())),
     }
+}
+
+/// Gives the materialised image directory `dir` (fresh, private, in a
+/// directory of root's) and its files to `owner`, whose CRIU restores it.
+fn hand_over(dir: &std::path::Path, owner: &crate::userns::Owner) -> std::io::Result<()> {
+    use nix::fcntl::AtFlags;
+    use nix::unistd::{fchownat, Gid, Uid};
+    let (u, g) = (
+        Some(Uid::from_raw(owner.uid)),
+        Some(Gid::from_raw(owner.gid)),
+    );
+    let chown = |p: &std::path::Path| {
+        fchownat(None, p, u, g, AtFlags::AT_SYMLINK_NOFOLLOW).map_err(std::io::Error::from)
+    };
+    chown(dir)?;
+    for e in std::fs::read_dir(dir)? {
+        let e = e?;
+        if e.file_type()?.is_dir() {
+            hand_over(&e.path(), owner)?;
+        } else {
+            chown(&e.path())?;
+        }
+    }
+    Ok(())
 }
 
 /// After a failed dump: any process of the job left stopped is resumed.

@@ -52,6 +52,9 @@ pub struct DumpRequest {
     pub attached: bool,
     /// Streamed: the page maps and pages go here instead of `dir`.
     pub pages: Option<StreamSink>,
+    /// The job's owner: CRIU runs as the owner in the job's user
+    /// namespace (`crate::userns`); `None`: root's job.
+    pub owner: Option<crate::userns::Owner>,
 }
 
 /// What [`Engine::dump`] did.
@@ -77,7 +80,9 @@ pub struct RestoreRequest {
     pub images: PathBuf,
     /// CRIU's options.
     pub opts: CriuOptions,
-    /// Where the init records the job's end.
+    /// Where the init records the job's end, and whose the job is (an
+    /// owned job's images are handed to its owner, its files rolled back
+    /// with the owner's rights).
     pub init: InitFiles,
     /// The job's files: rolled back to the image before CRIU reopens them,
     /// and checked after, before the restored tree runs.

@@ -190,6 +190,11 @@ impl<E: Engine> Restorer<'_, E> {
     /// Whether `img` can be restored lazily: CRIU can here (asked once)
     /// and the image has not failed a lazy restore before.
     async fn lazy_works(&mut self, img: &ImageInfo) -> bool {
+        if self.ctx.cfg.owner.is_some() {
+            // The lazy-pages daemon runs as root outside the job's user
+            // namespace; not (yet) for owned jobs.
+            return false;
+        }
         if self
             .lazy_failures
             .lock()
