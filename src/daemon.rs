@@ -6,15 +6,19 @@ use std::sync::Arc;
 
 use tracing::Instrument;
 
+mod node;
+
 use crate::config::JobConfig;
 use crate::control::server::{Server, ServerError};
-use crate::control::{
-    dispatch, job_channel, request_shutdown, JobHandle, Request, Response, Shutdown,
-};
+use crate::control::{dispatch, request_shutdown, Caller, Request, Response, Shutdown};
+use crate::service::{Registry, ServiceConfig};
+use node::{Factory, Node};
+
 use crate::metrics::{Metrics, MetricsAddr, MetricsError};
 use crate::reaper::Reaper;
 use crate::slurm::SlurmContext;
 use crate::supervisor::{Criu, Supervisor, SupervisorError};
+pub use node::image_row;
 
 /// Errors that keep `supervise run` from starting (nothing is started then).
 #[derive(Debug, thiserror::Error)]
@@ -28,6 +32,9 @@ pub enum DaemonError {
     /// The metrics listener could not be set up.
     #[error(transparent)]
     Metrics(#[from] MetricsError),
+    /// The node service cannot start.
+    #[error("{0}")]
+    Service(String),
     /// Becoming a child subreaper or installing signal handlers failed.
     #[error("{what}: {source}")]
     Os {
@@ -50,6 +57,9 @@ pub struct RunOptions {
     /// At most this many checkpoints at once across the jobs (0: no
     /// limit); the others wait in the order their ticks came due.
     pub max_concurrent_dumps: usize,
+    /// The node service: local users submit jobs that run as themselves
+    /// (`supervise run --service`, or no job files).
+    pub service: Option<ServiceConfig>,
 }
 
 /// How the jobs ended.
@@ -119,27 +129,39 @@ pub async fn run(cfgs: Vec<JobConfig>, opts: RunOptions) -> Result<Summary, Daem
     );
     // One engine for every job: what CRIU supports is asked once.
     let engine = Arc::new(Criu::new(reaper.clone()));
+    let factory = Factory {
+        engine,
+        metrics: metrics.clone(),
+        slots,
+        slurm: slurm.clone(),
+        criu_version: opts.criu_version.clone(),
+    };
+    let registry = Arc::new(Registry::default());
     let mut sups = Vec::new();
-    let mut handles: Vec<JobHandle> = Vec::new();
     let mut pre_term: Vec<(i32, String, bool)> = Vec::new();
     for cfg in cfgs {
-        let (handle, port) = job_channel(&cfg.name, cfg.checkpoint.dir.clone());
         pre_term.push((
             cfg.slurm.signal.number(),
             cfg.name.clone(),
             cfg.slurm.requeue,
         ));
-        let mut s = Supervisor::new(cfg, slurm.clone(), engine.clone())?;
-        if let Some(v) = &opts.criu_version {
-            s.set_criu_version(v.clone());
-        }
-        s.connect(port, metrics.clone());
-        s.set_dump_slots(slots.clone());
-        handles.push(handle);
+        let (s, entry) = factory.make(cfg, None, None)?;
+        registry.add(entry);
         sups.push(s);
     }
     let (tx, rx) = tokio::sync::watch::channel(Shutdown::No);
     let tx = Arc::new(tx);
+    let (spawn_tx, mut spawn_rx) = tokio::sync::mpsc::unbounded_channel();
+    let node = Arc::new(Node {
+        registry: registry.clone(),
+        service: opts.service.clone(),
+        factory,
+        spawn: spawn_tx,
+        shutdown: rx.clone(),
+    });
+    if let Some(svc) = &opts.service {
+        start_service(&node, svc, &server)?;
+    }
     {
         use tokio::signal::unix::{signal, SignalKind};
         let os = |source| DaemonError::Os {
@@ -163,13 +185,12 @@ pub async fn run(cfgs: Vec<JobConfig>, opts: RunOptions) -> Result<Summary, Daem
             }
         });
     }
-    let handles = Arc::new(handles);
     if let Some(ctx) = slurm.clone() {
-        slurm_signals(ctx, pre_term, handles.clone(), reaper.clone())?;
+        slurm_signals(ctx, pre_term, registry.clone(), reaper.clone())?;
     }
     // Only now, with every job prepared, is supervise ready for clients.
     tracing::info!(socket = %server.path().display(), "control socket ready");
-    let control = tokio::spawn(server.serve(handles, tx));
+    let control = tokio::spawn(server.serve(node.clone(), tx));
     let metrics_task = opts.metrics.clone().map(|addr| {
         tokio::spawn(crate::metrics::serve_retrying(
             addr,
@@ -178,7 +199,7 @@ pub async fn run(cfgs: Vec<JobConfig>, opts: RunOptions) -> Result<Summary, Daem
         ))
     });
     let mut set = tokio::task::JoinSet::new();
-    for s in sups {
+    let run_job = |set: &mut tokio::task::JoinSet<_>, s: Supervisor<Criu>| {
         let span = match &slurm {
             Some(ctx) => tracing::info_span!(
                 "job",
@@ -190,9 +211,27 @@ pub async fn run(cfgs: Vec<JobConfig>, opts: RunOptions) -> Result<Summary, Daem
             None => tracing::info_span!("job", job = %s.name()),
         };
         set.spawn(s.run(rx.clone()).instrument(span));
+    };
+    for s in sups {
+        run_job(&mut set, s);
     }
+    let mut shutdown = rx.clone();
     let mut summary = Summary { jobs: 0, failed: 0 };
-    while let Some(res) = set.join_next().await {
+    loop {
+        // The node service runs until supervise is asked to stop, even
+        // without jobs; otherwise supervise ends with its last job.
+        let stopping = *shutdown.borrow() != Shutdown::No;
+        if set.is_empty() && (opts.service.is_none() || stopping) {
+            break;
+        }
+        let res = tokio::select! {
+            Some(res) = set.join_next() => res,
+            Some(s) = spawn_rx.recv() => {
+                run_job(&mut set, s);
+                continue;
+            }
+            _ = shutdown.changed(), if !stopping => continue,
+        };
         summary.jobs += 1;
         match res {
             Ok(o) if o.is_failure() => summary.failed += 1,
@@ -212,6 +251,49 @@ pub async fn run(cfgs: Vec<JobConfig>, opts: RunOptions) -> Result<Summary, Daem
     Ok(summary)
 }
 
+/// The node service: its users' directory checked, its socket opened to
+/// the local users (or a group), and the jobs users submitted before this
+/// supervise started supervised again (re-adopted where they still run).
+fn start_service(node: &Node, svc: &ServiceConfig, server: &Server) -> Result<(), DaemonError> {
+    crate::fsutil::ensure_trusted_dir("service users directory", &svc.users_dir)
+        .map_err(|e| DaemonError::Control(ServerError::Untrusted(e)))?;
+    let gid = match &svc.allow_group {
+        Some(g) => Some(
+            nix::unistd::Group::from_name(g)
+                .ok()
+                .flatten()
+                .ok_or_else(|| {
+                    DaemonError::Service(format!("service.allow_group: no group {g:?}"))
+                })?
+                .gid
+                .as_raw(),
+        ),
+        None => None,
+    };
+    server.open_to_users(gid)?;
+    let mut kept = 0;
+    for job in crate::service::load_user_jobs(svc) {
+        match job.and_then(|j| node.start(j, svc)) {
+            Ok(name) => {
+                kept += 1;
+                tracing::debug!(job = %name, "a submitted job is supervised again");
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot supervise a submitted job again; it is left as it is")
+            }
+        }
+    }
+    tracing::info!(
+        users_dir = %svc.users_dir.display(),
+        allow_group = svc.allow_group.as_deref().unwrap_or("(every local user)"),
+        max_jobs_per_user = svc.max_jobs_per_user,
+        max_image_bytes_per_user = svc.max_image_bytes_per_user,
+        submitted_jobs = kept,
+        "node service: local users may submit jobs, which run as themselves"
+    );
+    Ok(())
+}
+
 /// Inside Slurm: on a job's pre-termination signal (time limit or
 /// preemption, `sbatch --signal=B:USR1@N`), take a final checkpoint of
 /// each job that listens to it and stop it; once those checkpoints are
@@ -221,9 +303,13 @@ pub async fn run(cfgs: Vec<JobConfig>, opts: RunOptions) -> Result<Summary, Daem
 fn slurm_signals(
     ctx: SlurmContext,
     jobs_by_signal: Vec<(i32, String, bool)>,
-    handles: Arc<Vec<JobHandle>>,
+    registry: Arc<Registry>,
     reaper: Reaper,
 ) -> Result<(), DaemonError> {
+    let root = Caller {
+        uid: 0,
+        daemon: nix::unistd::geteuid().as_raw(),
+    };
     use tokio::signal::unix::{signal, SignalKind};
     let mut numbers: Vec<i32> = jobs_by_signal.iter().map(|(n, _, _)| *n).collect();
     numbers.sort_unstable();
@@ -257,7 +343,8 @@ fn slurm_signals(
         for (_, job, rq) in jobs_by_signal.iter().filter(|(s, _, _)| *s == n) {
             requeue |= *rq;
             let r = dispatch(
-                &handles,
+                &registry.handles(),
+                root,
                 Request::Stop {
                     job: job.clone(),
                     checkpoint: true,
@@ -269,7 +356,8 @@ fn slurm_signals(
                 Response::Error { message } => {
                     tracing::error!(job = %job, error = %message, "final checkpoint failed; the newest earlier image will be used");
                     let _ = dispatch(
-                        &handles,
+                        &registry.handles(),
+                        root,
                         Request::Stop {
                             job: job.clone(),
                             checkpoint: false,

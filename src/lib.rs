@@ -23,6 +23,7 @@ pub mod pidfd;
 pub mod proc;
 pub mod reaper;
 mod schedule;
+pub mod service;
 mod slurm;
 pub mod store;
 mod supervisor;

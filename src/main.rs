@@ -13,6 +13,18 @@ use supervise::store::{ImageStore, StoreError};
 
 #[path = "cli/progress.rs"]
 mod progress;
+#[path = "cli/service.rs"]
+mod service;
+
+/// `images`/`verify`/`gc` take a job file, or the name of a job of the
+/// running supervise (no such file, and no `/`-free `.toml` ending): the
+/// name, then.
+fn remote_name(arg: &Path) -> Option<String> {
+    if arg.exists() || arg.extension().is_some_and(|e| e == "toml") {
+        return None;
+    }
+    Some(arg.to_string_lossy().into_owned())
+}
 
 #[derive(Parser)]
 #[command(
@@ -36,10 +48,18 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Launch (or attach to) the jobs, checkpoint them on schedule, restore them when they die.
+    /// With --service (or no job files), also the node service: local
+    /// users submit jobs that run as themselves.
     Run {
         /// Job files (TOML), or directories of them.
-        #[arg(required = true)]
         jobs: Vec<PathBuf>,
+        /// Be the node service (implied without job files): every local
+        /// user may submit jobs (`supervise submit`), which run as that user.
+        #[arg(long)]
+        service: bool,
+        /// The daemon's configuration (limits, who may submit).
+        #[arg(long, value_name = "PATH", default_value = supervise::service::DEFAULT_CONFIG)]
+        config: PathBuf,
         /// Serve Prometheus metrics on this loopback address (e.g. 127.0.0.1:9464),
         /// or on a Unix socket (unix:/PATH; gets its directory's group, mode 0660).
         #[arg(long, value_name = "ADDR")]
@@ -60,7 +80,8 @@ enum Cmd {
     /// List a job's images, newest first, with their logical size, the
     /// bytes each newly stored, CRIU's frozen time and whether it verifies.
     Images {
-        /// Job file.
+        /// Job file, or the name of a job of the running supervise (a
+        /// submitted job's images are read by the service for its owner).
         job: PathBuf,
         /// Machine-readable output.
         #[arg(long)]
@@ -72,7 +93,7 @@ enum Cmd {
     /// Check every stored piece of every image against its hash; exits 1
     /// on damage, naming the image and the piece.
     Verify {
-        /// Job file.
+        /// Job file, or the name of a job of the running supervise.
         job: PathBuf,
         /// Rewrite what can be repaired (from parity or the second copy)
         /// and drop objects that cannot, so the next checkpoint stores
@@ -82,8 +103,27 @@ enum Cmd {
     },
     /// Reclaim stored data no image references (also run after retention).
     Gc {
+        /// Job file, or the name of a job of the running supervise.
+        job: PathBuf,
+    },
+    /// Hand a job to the node service: it runs as you (your uid, groups),
+    /// its images are kept by the service. With --wait, wait for its end
+    /// (a Slurm batch step: final checkpoint and requeue at the job's
+    /// pre-termination signal).
+    Submit {
         /// Job file.
         job: PathBuf,
+        /// Wait until the job ends; exit with its exit status.
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Stop a submitted job and forget it.
+    Cancel {
+        /// Job name.
+        name: String,
+        /// Delete its images and state too.
+        #[arg(long)]
+        purge: bool,
     },
     /// Show the jobs of the running supervise.
     Status {
@@ -225,14 +265,39 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
             job,
             json,
             no_verify,
-        } => images(&job, json, !no_verify),
-        Cmd::Verify { job, repair } => verify(&job, repair),
-        Cmd::Gc { job } => gc(&job),
+        } => match remote_name(&job) {
+            Some(name) => control(
+                &socket,
+                Request::Images {
+                    job: name,
+                    verify: !no_verify,
+                },
+                json,
+            ),
+            None => images(&job, json, !no_verify),
+        },
+        Cmd::Verify { job, repair } => match remote_name(&job) {
+            Some(name) => control(&socket, Request::Verify { job: name, repair }, false),
+            None => verify(&job, repair),
+        },
+        Cmd::Gc { job } => match remote_name(&job) {
+            Some(name) => control(&socket, Request::Gc { job: name }, false),
+            None => gc(&job),
+        },
+        Cmd::Submit { job, wait } => service::submit(&socket, &job, wait),
+        Cmd::Cancel { name, purge } => {
+            control(&socket, Request::Cancel { job: name, purge }, false)
+        }
         Cmd::Run {
             jobs,
+            service,
+            config,
             metrics,
             max_concurrent_dumps,
-        } => run(&jobs, socket, metrics, max_concurrent_dumps),
+        } => {
+            let service = (service || jobs.is_empty()).then_some(config);
+            run(&jobs, socket, metrics, max_concurrent_dumps, service)
+        }
         Cmd::Status { json } => control(&socket, Request::Status, json),
         Cmd::Checkpoint { name } => control(&socket, Request::Checkpoint { job: name }, false),
         Cmd::Restore { name, image } => {
@@ -310,7 +375,12 @@ fn control(socket: &std::path::Path, req: Request, json: bool) -> Result<ExitCod
         .build()?;
     // The supervisor answers only when done: show that we wait.
     let waiting = match &req {
-        Request::Status | Request::DetachAll => None,
+        Request::Status | Request::DetachAll | Request::Submit { .. } => None,
+        Request::Cancel { job, .. } => Some(format!("cancelling {job}")),
+        Request::Images { job, .. } => Some(format!("reading the images of {job}")),
+        Request::Verify { job, .. } => Some(format!("verifying {job}")),
+        Request::Gc { job } => Some(format!("collecting garbage of {job}")),
+        Request::Wait { job } => Some(format!("waiting for {job}")),
         Request::Checkpoint { job } => Some(format!("checkpointing {job}")),
         Request::Restore { job, .. } => Some(format!("restoring {job}")),
         Request::Stop { job, .. } => Some(format!("stopping {job}")),
@@ -541,10 +611,22 @@ fn run(
     socket: PathBuf,
     metrics: Option<supervise::metrics::MetricsAddr>,
     max_concurrent_dumps: Option<usize>,
+    service: Option<PathBuf>,
 ) -> Result<ExitCode> {
     limit_malloc_arenas();
     // Parse everything first: bad input starts nothing.
     let cfgs = JobConfig::load_all(jobs)?;
+    let service = match service {
+        Some(path) => {
+            if !nix::unistd::geteuid().is_root() {
+                anyhow::bail!(
+                    "the node service (supervise run --service, or no job files) runs as root:                      it runs each user's jobs as that user"
+                );
+            }
+            Some(supervise::service::ServiceConfig::load(&path)?)
+        }
+        None => None,
+    };
     let report = supervise::check::preflight();
     if report.fatal() {
         eprint!("{}", report.render());
@@ -566,6 +648,7 @@ fn run(
         metrics,
         max_concurrent_dumps: slots,
         criu_version: report.criu_version.map(|(a, b, c)| format!("{a}.{b}.{c}")),
+        service,
     };
     let summary = rt.block_on(supervise::daemon::run(cfgs, opts))?;
     Ok(if summary.all_failed() {

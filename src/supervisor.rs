@@ -138,6 +138,18 @@ pub(crate) struct Ctx<E> {
     pub(crate) fence: Option<Fence>,
     /// CRIU's version, recorded in each manifest.
     pub(crate) criu_version: String,
+    /// The node service's limit on the images of the job's owner.
+    pub(crate) quota: Option<Quota>,
+}
+
+/// A limit on the bytes of images one user may keep: every directory
+/// under `root` counts (all of the user's stores).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Quota {
+    /// The user's area.
+    pub root: PathBuf,
+    /// Bytes allowed.
+    pub max_bytes: u64,
 }
 
 impl<E> Ctx<E> {
@@ -235,6 +247,7 @@ impl<E: Engine> Supervisor<E> {
                 slurm,
                 fence: None,
                 criu_version: String::new(),
+                quota: None,
             },
             adopt,
             commands: None,
@@ -246,6 +259,8 @@ impl<E: Engine> Supervisor<E> {
     pub fn connect(&mut self, port: JobPort, metrics: Metrics) {
         self.commands = Some(port.commands);
         self.report.connect(port.status, metrics);
+        let owner = self.ctx.cfg.owner.as_ref().map(|o| o.name.clone());
+        self.report.publish(|s| s.owner = owner);
         if let Some(ctx) = &self.ctx.slurm {
             let facts = ctx.facts();
             self.report.publish(|s| s.extra = facts);
@@ -255,6 +270,12 @@ impl<E: Engine> Supervisor<E> {
     /// Records the CRIU version in each checkpoint's manifest.
     pub fn set_criu_version(&mut self, v: String) {
         self.ctx.criu_version = v;
+    }
+
+    /// Limits the bytes of images the job's owner may keep (the node
+    /// service): a checkpoint beyond it is refused, older images kept.
+    pub fn set_quota(&mut self, quota: Quota) {
+        self.ctx.quota = Some(quota);
     }
 
     /// Shares the daemon's dump slots (`supervise run --max-concurrent-dumps`).
@@ -431,7 +452,9 @@ impl<E: Engine> Supervisor<E> {
                     }
                 }
                 Some(cmd) = next_command(&mut commands) => {
-                    self.command(cmd).await;
+                    if let Some(outcome) = self.command(cmd).await {
+                        return outcome;
+                    }
                     if self.tree.runs() && !self.cadence.counting() {
                         self.cadence.job_running();
                     }
@@ -472,22 +495,27 @@ impl<E: Engine> Supervisor<E> {
         Ok(info)
     }
 
-    /// Carries out one control command between steps, and answers it.
-    async fn command(&mut self, cmd: Command) {
+    /// Carries out one control command between steps, and answers it;
+    /// `Some` when it ends the job's supervision (`cancel`).
+    async fn command(&mut self, cmd: Command) -> Option<Outcome> {
         let err = |m: String| Response::Error { message: m };
         let verb = match &cmd {
             Command::Checkpoint(_) => Verb::Checkpoint,
             Command::Stop(..) => Verb::Stop,
             Command::Start(_) => Verb::Start,
             Command::Restore(..) => Verb::Restore,
+            Command::Cancel(_) => Verb::Cancel,
         };
         if let Err(why) = policy::admit(verb, self.tree.runs()) {
             let tx = match cmd {
-                Command::Checkpoint(tx) | Command::Stop(_, tx) | Command::Start(tx) => tx,
+                Command::Checkpoint(tx)
+                | Command::Stop(_, tx)
+                | Command::Start(tx)
+                | Command::Cancel(tx) => tx,
                 Command::Restore(_, tx) => tx,
             };
             let _ = tx.send(err(why.into()));
-            return;
+            return None;
         }
         match cmd {
             Command::Checkpoint(tx) => {
@@ -509,7 +537,7 @@ impl<E: Engine> Supervisor<E> {
                             let _ = tx.send(err(format!(
                                 "checkpoint failed, so the job was not stopped: {e}"
                             )));
-                            return;
+                            return None;
                         }
                     }
                 }
@@ -541,7 +569,18 @@ impl<E: Engine> Supervisor<E> {
                 self.cadence.restart(None, &self.report);
                 let _ = tx.send(resp);
             }
+            Command::Cancel(tx) => {
+                self.tree.settle_lazy(&self.report).await;
+                self.stop_job().await;
+                info!("job cancelled: stopped, and no longer supervised");
+                self.report.set_state(JobState::Stopped);
+                let _ = tx.send(Response::Done {
+                    message: format!("job {} cancelled", self.name()),
+                });
+                return Some(Outcome::Stopped);
+            }
         }
+        None
     }
 
     /// Kills the job (if it runs) and waits for it (bounded); it is then

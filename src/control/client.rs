@@ -121,6 +121,15 @@ pub fn check_socket_dir(path: &Path) -> Result<(), ClientError> {
 /// Sends one request and reads the answer, after checking the socket's
 /// directory and the server's uid (see the module docs).
 pub async fn call(path: &Path, req: &Request) -> Result<Response, ClientError> {
+    call_with_fds(path, req, &[]).await
+}
+
+/// [`call`], with descriptors sent along with the request (`SCM_RIGHTS`).
+pub async fn call_with_fds(
+    path: &Path,
+    req: &Request,
+    fds: &[std::os::fd::RawFd],
+) -> Result<Response, ClientError> {
     check_socket_dir(path)?;
     let stream = UnixStream::connect(path).await.map_err(|source| {
         if source.kind() == io::ErrorKind::PermissionDenied {
@@ -148,9 +157,36 @@ pub async fn call(path: &Path, req: &Request) -> Result<Response, ClientError> {
             me,
         });
     }
-    let (r, mut w) = stream.into_split();
     let mut line = serde_json::to_string(req).expect("requests serialise");
     line.push('\n');
+    if !fds.is_empty() {
+        // The descriptors ride on the request's first bytes.
+        use std::os::fd::AsRawFd;
+        stream.writable().await.map_err(ioe)?;
+        let first = line.len().min(1);
+        let cmsg = [nix::sys::socket::ControlMessage::ScmRights(fds)];
+        let iov = [std::io::IoSlice::new(&line.as_bytes()[..first])];
+        loop {
+            match stream.try_io(tokio::io::Interest::WRITABLE, || {
+                nix::sys::socket::sendmsg::<()>(
+                    stream.as_raw_fd(),
+                    &iov,
+                    &cmsg,
+                    nix::sys::socket::MsgFlags::empty(),
+                    None,
+                )
+                .map_err(io::Error::from)
+            }) {
+                Ok(_) => break,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    stream.writable().await.map_err(ioe)?
+                }
+                Err(e) => return Err(ioe(e)),
+            }
+        }
+        line.drain(..first);
+    }
+    let (r, mut w) = stream.into_split();
     w.write_all(line.as_bytes()).await.map_err(ioe)?;
     let mut answer = Vec::new();
     BufReader::new(r.take(MAX_ANSWER + 1))
@@ -274,7 +310,62 @@ pub fn render_response(resp: &Response, json: bool, now: chrono::DateTime<chrono
         Response::Error { message } => {
             Printed::Refused(format!("supervise: {}\n", escape_controls(message)))
         }
+        Response::Images { images } => Printed::Out(render_images(images, json)),
     }
+}
+
+/// `supervise images` (a job file's store, or a job of the running
+/// supervise): a table, or JSON.
+pub fn render_images(rows: &[super::ImageRow], json: bool) -> String {
+    let mb = |b: u64| format!("{:.1} MiB", b as f64 / (1 << 20) as f64);
+    if json {
+        let v: Vec<_> = rows
+            .iter()
+            .map(|i| {
+                serde_json::json!({
+                    "id": i.id,
+                    "created": i.created.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+                    "created_precise": i.created.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true),
+                    "sealed": i.sealed,
+                    "pack": i.pack,
+                    "size_bytes": i.size_bytes,
+                    "logical_bytes": i.size_bytes,
+                    "new_bytes": i.new_bytes,
+                    "duration_ms": i.duration_ms,
+                    "frozen_us": i.frozen_us,
+                    "job_files": i.job_files,
+                    "job_files_copied_bytes": i.job_files_copied_bytes,
+                    "verified": i.verified,
+                    "damage": i.damage,
+                    "path": i.path,
+                })
+            })
+            .collect();
+        let text = serde_json::to_string_pretty(&v).expect("rows serialise");
+        return format!("{}\n", escape_json_controls(&text));
+    }
+    let mut out = format!(
+        "{:<24} {:<21} {:>12} {:>12} {:>10} {:>8}\n",
+        "ID", "CREATED", "LOGICAL", "NEW", "FROZEN", "VERIFIED"
+    );
+    for i in rows {
+        out.push_str(&format!(
+            "{:<24} {:<21} {:>12} {:>12} {:>10} {:>8}\n",
+            escape_controls(&i.id),
+            i.created.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+            mb(i.size_bytes),
+            mb(i.new_bytes),
+            i.frozen_us
+                .map(|u| format!("{:.1}ms", u as f64 / 1000.0))
+                .unwrap_or_else(|| "-".into()),
+            match i.verified {
+                Some(true) => "yes",
+                Some(false) => "NO",
+                None => "-",
+            }
+        ));
+    }
+    out
 }
 
 /// `supervise status` as a table, one job per line (plus its failure

@@ -19,8 +19,8 @@ pub mod protocol;
 pub mod server;
 
 pub use protocol::{
-    AutoStatus, CheckpointSummary, FailureSummary, JobState, JobStatus, Request, Response,
-    RestoreSummary,
+    AutoStatus, CheckpointSummary, FailureSummary, ImageRow, JobState, JobStatus, Request,
+    Response, RestoreSummary,
 };
 
 use std::path::PathBuf;
@@ -100,17 +100,64 @@ pub enum Command {
     Stop(bool, oneshot::Sender<Response>),
     /// See [`Request::Start`].
     Start(oneshot::Sender<Response>),
+    /// See [`Request::Cancel`]: stop the job (no checkpoint) and end its
+    /// supervision.
+    Cancel(oneshot::Sender<Response>),
 }
 
 /// The control side of one job: its status and its command queue.
 #[derive(Debug, Clone)]
 pub struct JobHandle {
-    /// Job name.
+    /// Job name, unique in this supervise (a submitted job's is
+    /// `<user>/<name>`).
     pub name: String,
+    /// The name its owner may also use (`<name>` of `<user>/<name>`).
+    pub short: String,
+    /// The uid of the user the job belongs to: `None` for supervise's
+    /// own jobs (its job files), which only root and supervise's user
+    /// may control.
+    pub owner: Option<u32>,
     /// Latest status.
     pub status: watch::Receiver<JobStatus>,
     /// Commands to its task.
     pub commands: mpsc::Sender<Command>,
+}
+
+impl JobHandle {
+    /// Marks the job as belonging to user `uid`, named `user`.
+    pub fn owned_by(mut self, uid: u32, user: &str, short: &str) -> JobHandle {
+        self.owner = Some(uid);
+        self.short = short.to_string();
+        self.name = format!("{user}/{short}");
+        self
+    }
+}
+
+/// Who is asking, from `SO_PEERCRED`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Caller {
+    /// The peer's uid.
+    pub uid: u32,
+    /// The uid supervise runs as.
+    pub daemon: u32,
+}
+
+impl Caller {
+    /// root, or the user supervise runs as: every job.
+    pub fn is_admin(&self) -> bool {
+        self.uid == 0 || self.uid == self.daemon
+    }
+
+    /// Whether the caller may see and control `job`.
+    pub fn may(&self, job: &JobHandle) -> bool {
+        self.is_admin() || job.owner == Some(self.uid)
+    }
+
+    /// Whether `name` names `job` for this caller: its full name, or its
+    /// short name for its owner.
+    pub fn names(&self, job: &JobHandle, name: &str) -> bool {
+        job.name == name || (job.owner == Some(self.uid) && job.short == name)
+    }
 }
 
 /// The supervisor's end of a [`JobHandle`].
@@ -129,6 +176,8 @@ pub fn job_channel(name: &str, images: PathBuf) -> (JobHandle, JobPort) {
     (
         JobHandle {
             name: name.to_string(),
+            short: name.to_string(),
+            owner: None,
             status: srx,
             commands: ctx,
         },
@@ -139,19 +188,99 @@ pub fn job_channel(name: &str, images: PathBuf) -> (JobHandle, JobPort) {
     )
 }
 
+/// Answers requests; the daemon's implementation knows the jobs and the
+/// node service.
+pub trait Handler: Send + Sync {
+    /// Answers `req` from `caller`; `fds` came with it (`SCM_RIGHTS`).
+    fn handle<'a>(
+        &'a self,
+        caller: Caller,
+        req: Request,
+        fds: Vec<std::os::fd::OwnedFd>,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Response> + Send + 'a>>;
+
+    /// Whether `caller` may use this socket at all (the node service:
+    /// every local user, or a group's members).
+    fn admits(&self, caller: Caller) -> bool;
+
+    /// How many jobs there are (for `detach-all`'s answer).
+    fn jobs(&self) -> usize;
+}
+
+/// The jobs of a supervise that is not the node service: a fixed set,
+/// controlled by root and supervise's own user only.
+pub struct FixedJobs(pub Vec<JobHandle>);
+
+impl Handler for FixedJobs {
+    fn handle<'a>(
+        &'a self,
+        caller: Caller,
+        req: Request,
+        _fds: Vec<std::os::fd::OwnedFd>,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Response> + Send + 'a>> {
+        Box::pin(dispatch(&self.0, caller, req))
+    }
+
+    fn admits(&self, caller: Caller) -> bool {
+        caller.is_admin()
+    }
+
+    fn jobs(&self) -> usize {
+        self.0.len()
+    }
+}
+
 /// Builds a job's [`Command`] around the reply channel.
 type MakeCommand = Box<dyn FnOnce(oneshot::Sender<Response>) -> Command + Send>;
 
-/// Answers one request against the jobs' handles.
-pub async fn dispatch(jobs: &[JobHandle], req: Request) -> Response {
+/// The job `name` for `caller`: `Err` says there is none, or that it is
+/// someone else's.
+pub fn find<'a>(
+    jobs: &'a [JobHandle],
+    caller: Caller,
+    name: &str,
+) -> Result<&'a JobHandle, String> {
+    if let Some(h) = jobs.iter().find(|j| caller.names(j, name)) {
+        return if caller.may(h) {
+            Ok(h)
+        } else {
+            Err(format!(
+                "permission denied: job {name} belongs to another user"
+            ))
+        };
+    }
+    let mine: Vec<&str> = jobs
+        .iter()
+        .filter(|j| caller.may(j))
+        .map(|j| {
+            if j.owner == Some(caller.uid) {
+                j.short.as_str()
+            } else {
+                j.name.as_str()
+            }
+        })
+        .collect();
+    Err(format!(
+        "no job named {name:?} ({})",
+        if mine.is_empty() {
+            "you have no jobs here".to_string()
+        } else {
+            format!("yours: {}", mine.join(", "))
+        }
+    ))
+}
+
+/// Answers one request against the jobs' handles, for `caller` (who sees
+/// and controls only their own jobs, unless root).
+pub async fn dispatch(jobs: &[JobHandle], caller: Caller, req: Request) -> Response {
     let err = |m: String| Response::Error { message: m };
-    let find = |name: &str| jobs.iter().find(|j| j.name == name);
     let (name, make): (&str, MakeCommand) = match &req {
         Request::Status => {
             let now = Utc::now();
             return Response::Status {
                 jobs: jobs
                     .iter()
+                    .filter(|j| caller.may(j))
                     .map(|j| {
                         let mut s = j.status.borrow().clone();
                         s.uptime_s = s
@@ -173,16 +302,31 @@ pub async fn dispatch(jobs: &[JobHandle], req: Request) -> Response {
             (job, Box::new(move |tx| Command::Stop(c, tx)))
         }
         Request::Start { job } => (job, Box::new(Command::Start)),
-        Request::DetachAll => {
-            return err("detach-all is answered by the control socket's server only".into())
+        Request::Wait { job } => {
+            let h = match find(jobs, caller, job) {
+                Ok(h) => h,
+                Err(e) => return err(e),
+            };
+            let mut rx = h.status.clone();
+            return match rx.wait_for(|s| s.state.is_at_rest()).await {
+                Ok(s) => Response::Status {
+                    jobs: vec![s.clone()],
+                },
+                Err(_) => err(format!("job {job} is no longer supervised (cancelled)")),
+            };
+        }
+        Request::DetachAll
+        | Request::Submit { .. }
+        | Request::Cancel { .. }
+        | Request::Images { .. }
+        | Request::Verify { .. }
+        | Request::Gc { .. } => {
+            return err("this request is answered by the control socket's server".into())
         }
     };
-    let Some(h) = find(name) else {
-        let names: Vec<&str> = jobs.iter().map(|j| j.name.as_str()).collect();
-        return err(format!(
-            "no job named {name:?} (this supervise runs: {})",
-            names.join(", ")
-        ));
+    let h = match find(jobs, caller, name) {
+        Ok(h) => h,
+        Err(e) => return err(e),
     };
     let state = h.status.borrow().state.clone();
     match (&req, &state) {
@@ -210,6 +354,8 @@ pub async fn dispatch(jobs: &[JobHandle], req: Request) -> Response {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const ROOT: Caller = Caller { uid: 0, daemon: 0 };
 
     #[test]
     fn requests_round_trip_as_json_lines() {
@@ -268,7 +414,7 @@ mod tests {
         let (h, mut port) = job_channel("a", "/img".into());
         let jobs = vec![h];
         // Unknown job.
-        let r = dispatch(&jobs, Request::Start { job: "b".into() }).await;
+        let r = dispatch(&jobs, ROOT, Request::Start { job: "b".into() }).await;
         assert!(
             matches!(r, Response::Error { ref message } if message.contains("no job named \"b\"")),
             "{r:?}"
@@ -276,7 +422,7 @@ mod tests {
         // Busy checkpointing: refused without queueing.
         port.status
             .send_modify(|s| s.state = JobState::Checkpointing);
-        let r = dispatch(&jobs, Request::Checkpoint { job: "a".into() }).await;
+        let r = dispatch(&jobs, ROOT, Request::Checkpoint { job: "a".into() }).await;
         assert!(
             matches!(r, Response::Error { ref message } if message.contains("already in progress")),
             "{r:?}"
@@ -297,6 +443,7 @@ mod tests {
         });
         let r = dispatch(
             &jobs,
+            ROOT,
             Request::Stop {
                 job: "a".into(),
                 checkpoint: true,
@@ -313,17 +460,58 @@ mod tests {
         // Ended jobs refuse.
         port.status
             .send_modify(|s| s.state = JobState::Failed("x".into()));
-        let r = dispatch(&jobs, Request::Start { job: "a".into() }).await;
+        let r = dispatch(&jobs, ROOT, Request::Start { job: "a".into() }).await;
         assert!(
             matches!(r, Response::Error { ref message } if message.contains("no longer supervised")),
             "{r:?}"
         );
         // Status fills in uptime only for a running job.
-        let r = dispatch(&jobs, Request::Status).await;
+        let r = dispatch(&jobs, ROOT, Request::Status).await;
         let Response::Status { jobs: s } = r else {
             panic!()
         };
         assert_eq!(s[0].uptime_s, None);
+    }
+
+    #[tokio::test]
+    async fn users_see_and_control_only_their_own_jobs() {
+        let (a, _pa) = job_channel("alice/sim", "/img".into());
+        let a = a.owned_by(1000, "alice", "sim");
+        let (b, _pb) = job_channel("bob/sim", "/img".into());
+        let b = b.owned_by(1001, "bob", "sim");
+        let (r, _pr) = job_channel("rootjob", "/img".into());
+        let jobs = vec![a, b, r];
+        let alice = Caller {
+            uid: 1000,
+            daemon: 0,
+        };
+        let Response::Status { jobs: seen } = dispatch(&jobs, alice, Request::Status).await else {
+            panic!()
+        };
+        assert_eq!(
+            seen.iter().map(|s| s.name.as_str()).collect::<Vec<_>>(),
+            ["alice/sim"]
+        );
+        // Her short name is hers; bob's job and root's are refused.
+        assert_eq!(find(&jobs, alice, "sim").unwrap().name, "alice/sim");
+        for other in ["bob/sim", "rootjob"] {
+            let e = find(&jobs, alice, other).unwrap_err();
+            assert!(e.starts_with("permission denied"), "{e}");
+            let r = dispatch(&jobs, alice, Request::Start { job: other.into() }).await;
+            assert!(
+                matches!(&r, Response::Error { message } if message.starts_with("permission denied")),
+                "{r:?}"
+            );
+        }
+        assert!(find(&jobs, alice, "nope")
+            .unwrap_err()
+            .contains("yours: sim"));
+        // root sees every job.
+        let Response::Status { jobs: seen } = dispatch(&jobs, ROOT, Request::Status).await else {
+            panic!()
+        };
+        assert_eq!(seen.len(), 3);
+        assert!(find(&jobs, ROOT, "bob/sim").is_ok());
     }
 
     #[test]

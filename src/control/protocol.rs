@@ -45,6 +45,105 @@ pub enum Request {
     /// later `supervise run` re-adopts the jobs. What `systemctl restart`
     /// uses (`ExecStop=`).
     DetachAll,
+    /// A user hands a job to the node service (the job runs as that
+    /// user). The client sends the job file's text and, as `SCM_RIGHTS`
+    /// with this request, descriptors of its working directory and of the
+    /// job file's directory.
+    Submit {
+        /// The job file's text.
+        text: String,
+        /// The job file's absolute path (its directory is the base of its
+        /// relative paths; named in messages).
+        path: PathBuf,
+        /// The client's working directory.
+        cwd: PathBuf,
+    },
+    /// Stop a submitted job and forget it (with `purge`, delete its
+    /// images too).
+    Cancel {
+        /// Job name.
+        job: String,
+        /// Delete the job's images and state.
+        #[serde(default)]
+        purge: bool,
+    },
+    /// A job's images (newest first), optionally each verified.
+    Images {
+        /// Job name.
+        job: String,
+        /// Read and check every piece of every image.
+        #[serde(default)]
+        verify: bool,
+    },
+    /// Check (and with `repair`, repair) every stored piece of a job's
+    /// images.
+    Verify {
+        /// Job name.
+        job: String,
+        /// Rewrite what can be repaired.
+        #[serde(default)]
+        repair: bool,
+    },
+    /// Reclaim stored data of a job's store that no image references.
+    Gc {
+        /// Job name.
+        job: String,
+    },
+    /// Wait until the job's supervision ends or it is stopped, then
+    /// answer its status (`supervise submit --wait`).
+    Wait {
+        /// Job name.
+        job: String,
+    },
+}
+
+impl Request {
+    /// The job the request names, if any.
+    pub fn job(&self) -> Option<&str> {
+        match self {
+            Request::Checkpoint { job }
+            | Request::Restore { job, .. }
+            | Request::Stop { job, .. }
+            | Request::Start { job }
+            | Request::Cancel { job, .. }
+            | Request::Images { job, .. }
+            | Request::Verify { job, .. }
+            | Request::Gc { job }
+            | Request::Wait { job } => Some(job),
+            Request::Status | Request::DetachAll | Request::Submit { .. } => None,
+        }
+    }
+}
+
+/// One image, as `supervise images` shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ImageRow {
+    /// Checkpoint id.
+    pub id: String,
+    /// When it was taken.
+    pub created: DateTime<Utc>,
+    /// Sealed with the store key.
+    pub sealed: bool,
+    /// Its pack.
+    pub pack: Option<String>,
+    /// Logical size.
+    pub size_bytes: u64,
+    /// Bytes it newly stored.
+    pub new_bytes: u64,
+    /// Wall time of the dump, ms.
+    pub duration_ms: u64,
+    /// CRIU's frozen time, µs.
+    pub frozen_us: Option<u64>,
+    /// Job files recorded.
+    pub job_files: Option<u64>,
+    /// Bytes of job files copied.
+    pub job_files_copied_bytes: Option<u64>,
+    /// Verified (if asked).
+    pub verified: Option<bool>,
+    /// Why it failed verification.
+    pub damage: Option<String>,
+    /// Where it is.
+    pub path: PathBuf,
 }
 
 /// The supervisor's answer.
@@ -70,6 +169,11 @@ pub enum Response {
     Error {
         /// Why.
         message: String,
+    },
+    /// Answer to [`Request::Images`].
+    Images {
+        /// Newest first.
+        images: Vec<ImageRow>,
     },
 }
 
@@ -154,6 +258,14 @@ pub struct JobStatus {
     pub last_failure: Option<FailureSummary>,
     /// The image directory.
     pub images: PathBuf,
+    /// The user the job runs as (a submitted job, or `user =`); `None`:
+    /// supervise's own user.
+    #[serde(default)]
+    pub owner: Option<String>,
+    /// How the job ended, once `completed`: its exit code (128 + N for
+    /// a signal N).
+    #[serde(default)]
+    pub exit_code: Option<i32>,
     /// Extra facts (e.g. the Slurm job id), by name.
     #[serde(default)]
     pub extra: BTreeMap<String, String>,
@@ -197,6 +309,8 @@ impl JobStatus {
             failed_checkpoints: 0,
             failed_restores: 0,
             last_failure: None,
+            owner: None,
+            exit_code: None,
             auto: None,
             skipped_ticks: 0,
             last_error: None,
@@ -243,6 +357,14 @@ pub enum JobState {
 }
 
 impl JobState {
+    /// True once the job's supervision has ended or the job is stopped.
+    pub fn is_at_rest(&self) -> bool {
+        matches!(
+            self,
+            JobState::Stopped | JobState::Completed | JobState::Failed(_) | JobState::Superseded(_)
+        )
+    }
+
     /// One line for humans: "running", "failed: <reason>".
     pub fn describe(&self) -> String {
         match self {

@@ -5,14 +5,15 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::AsyncWriteExt;
 use tokio::net::{UnixListener, UnixStream};
 use tracing::{info, warn};
 
 use tokio::sync::watch;
 
-use super::{dispatch, request_shutdown, JobHandle, Request, Response, Shutdown};
+use super::{request_shutdown, Caller, Handler, Request, Response, Shutdown};
 use crate::admission::{Admission, Limits, Ticket};
+use std::os::fd::OwnedFd;
 
 /// Errors setting up the control socket.
 #[derive(Debug, thiserror::Error)]
@@ -89,12 +90,38 @@ impl Server {
         &self.path
     }
 
-    /// Serves requests until the task is dropped. Connections are
-    /// admitted through [`Admission`]: caps per listener and per peer uid,
-    /// slow clients dropped first, one deadline for a whole request and
-    /// one for the whole answer.
-    pub async fn serve(self, jobs: Arc<Vec<JobHandle>>, shutdown: Arc<watch::Sender<Shutdown>>) {
-        let owner = nix::unistd::geteuid().as_raw();
+    /// Opens the socket to every local user (the node service: each
+    /// request is authorized per job, [`Caller`]), or to the members of
+    /// `group`: the directory becomes 0755, the socket 0666 (0660 with
+    /// the group's ownership).
+    pub fn open_to_users(&self, group: Option<u32>) -> Result<(), ServerError> {
+        let ioe = |source| ServerError::Io {
+            path: self.path.clone(),
+            source,
+        };
+        if let Some(dir) = self.path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).map_err(ioe)?;
+        }
+        let mode = match group {
+            Some(gid) => {
+                nix::unistd::chown(&self.path, None, Some(nix::unistd::Gid::from_raw(gid)))
+                    .map_err(|e| ioe(e.into()))?;
+                0o660
+            }
+            None => 0o666,
+        };
+        std::fs::set_permissions(&self.path, std::fs::Permissions::from_mode(mode)).map_err(ioe)?;
+        Ok(())
+    }
+
+    /// Serves requests until the task is dropped, each answered by
+    /// `handler` for the caller `SO_PEERCRED` names (but `detach-all`,
+    /// which this server answers: root's and supervise's user's only).
+    /// Connections are admitted through [`Admission`]: caps per listener
+    /// and per peer uid, slow clients dropped first, one deadline for a
+    /// whole request and one for the whole answer.
+    pub async fn serve(self, handler: Arc<dyn Handler>, shutdown: Arc<watch::Sender<Shutdown>>) {
+        let daemon = nix::unistd::geteuid().as_raw();
         let adm = Admission::new("control socket", Limits::control(crate::fdlimit::budget()));
         let mut errors = crate::admission::AcceptErrors::default();
         loop {
@@ -110,11 +137,12 @@ impl Server {
                 Ok(c) => c.uid(),
                 Err(_) => continue,
             };
-            let jobs = jobs.clone();
+            let handler = handler.clone();
             let shutdown = shutdown.clone();
             let limits = adm.limits();
+            let caller = Caller { uid, daemon };
             adm.spawn(stream, uid, move |stream, ticket| async move {
-                if let Err(e) = handle(stream, uid, &jobs, &shutdown, owner, limits, ticket).await {
+                if let Err(e) = handle(stream, caller, &*handler, &shutdown, limits, ticket).await {
                     warn!(error = %e, "control connection failed");
                 }
             });
@@ -122,16 +150,74 @@ impl Server {
     }
 }
 
+/// Largest request (a submitted job file is at most 1 MiB).
+const MAX_REQUEST: usize = 2 << 20;
+/// Descriptors a request may carry.
+const MAX_FDS: usize = 4;
+
+/// Reads one request line with the descriptors sent along with it.
+async fn read_request(stream: &UnixStream) -> io::Result<(Vec<u8>, Vec<OwnedFd>)> {
+    use std::os::fd::{AsRawFd, FromRawFd};
+    let mut line = Vec::new();
+    let mut fds = Vec::new();
+    let mut buf = vec![0u8; 64 << 10];
+    loop {
+        stream.readable().await?;
+        let r = stream.try_io(tokio::io::Interest::READABLE, || {
+            let mut iov = [std::io::IoSliceMut::new(&mut buf)];
+            let mut space = nix::cmsg_space!([std::os::fd::RawFd; MAX_FDS]);
+            let msg = nix::sys::socket::recvmsg::<()>(
+                stream.as_raw_fd(),
+                &mut iov,
+                Some(&mut space),
+                nix::sys::socket::MsgFlags::MSG_CMSG_CLOEXEC,
+            )
+            .map_err(io::Error::from)?;
+            let mut got = Vec::new();
+            for c in msg.cmsgs().map_err(io::Error::from)? {
+                if let nix::sys::socket::ControlMessageOwned::ScmRights(r) = c {
+                    got.extend(r);
+                }
+            }
+            Ok((msg.bytes, got))
+        });
+        let (n, got) = match r {
+            Ok(x) => x,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
+        };
+        for fd in got {
+            // SAFETY: descriptors the kernel just installed for us.
+            let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+            if fds.len() < MAX_FDS {
+                fds.push(fd);
+            }
+        }
+        line.extend_from_slice(&buf[..n]);
+        if n == 0 || line.contains(&b'\n') {
+            break;
+        }
+        if line.len() > MAX_REQUEST {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "request larger than 2 MiB",
+            ));
+        }
+    }
+    if let Some(i) = line.iter().position(|&b| b == b'\n') {
+        line.truncate(i);
+    }
+    Ok((line, fds))
+}
+
 async fn handle(
-    stream: UnixStream,
-    uid: u32,
-    jobs: &[JobHandle],
+    mut stream: UnixStream,
+    caller: Caller,
+    handler: &dyn Handler,
     shutdown: &watch::Sender<Shutdown>,
-    owner: u32,
     limits: Limits,
     ticket: Ticket,
 ) -> io::Result<()> {
-    let (r, mut w) = stream.into_split();
     let reply = |resp: &Response| {
         let mut s = serde_json::to_string(resp).expect("responses serialise");
         s.push('\n');
@@ -140,31 +226,33 @@ async fn handle(
     // Read the request first even from a refused peer, so it gets the
     // answer rather than a broken pipe; it is never acted upon. One
     // deadline for the whole request, however slowly it trickles in.
-    let mut line = String::new();
-    let mut reader = BufReader::new(r.take(1 << 16));
-    let read = reader.read_line(&mut line);
-    match tokio::time::timeout(limits.request, read).await {
-        Ok(r) => {
-            r?;
-        }
+    let (line, fds) = match tokio::time::timeout(limits.request, read_request(&stream)).await {
+        Ok(r) => r?,
         Err(_) => {
             return Err(io::Error::new(
                 io::ErrorKind::TimedOut,
                 format!("no whole request within {} s", limits.request.as_secs()),
             ))
         }
-    }
+    };
     ticket.request_read();
-    if !peer_allowed(uid, owner) {
-        warn!(uid, "control request from another user refused");
+    if !handler.admits(caller) {
+        warn!(
+            uid = caller.uid,
+            "control request from another user refused"
+        );
         let resp = Response::Error {
             message: format!(
-                "permission denied: uid {uid} is not the owner of this supervise (uid {owner})"
+                "permission denied: uid {} may not use this supervise (uid {})",
+                caller.uid, caller.daemon
             ),
         };
-        return send(&mut w, reply(&resp), limits.reply).await;
+        return send(&mut stream, reply(&resp), limits.reply).await;
     }
-    let resp = match serde_json::from_str::<Request>(&line) {
+    let resp = match serde_json::from_slice::<Request>(&line) {
+        Ok(Request::DetachAll) if !caller.is_admin() => Response::Error {
+            message: "permission denied: only root may detach every job".into(),
+        },
         Ok(Request::DetachAll) => {
             info!("control request: detach-all");
             match request_shutdown(shutdown, Shutdown::DetachAll) {
@@ -172,7 +260,7 @@ async fn handle(
                     message: format!(
                         "detaching {} job(s): each is left running, without a checkpoint, once \
                          its current step ends; supervise then exits",
-                        jobs.len()
+                        handler.jobs()
                     ),
                 },
                 _ => Response::Error {
@@ -183,22 +271,23 @@ async fn handle(
             }
         }
         Ok(req) => {
-            info!(?req, "control request");
-            dispatch(jobs, req).await
+            match &req {
+                Request::Submit { path, .. } => {
+                    info!(uid = caller.uid, path = %path.display(), "control request: submit")
+                }
+                r => info!(uid = caller.uid, req = ?r, "control request"),
+            }
+            handler.handle(caller, req, fds).await
         }
         Err(e) => Response::Error {
             message: format!("malformed request: {e}"),
         },
     };
-    send(&mut w, reply(&resp), limits.reply).await
+    send(&mut stream, reply(&resp), limits.reply).await
 }
 
 /// Writes the whole answer within `deadline`.
-async fn send(
-    w: &mut tokio::net::unix::OwnedWriteHalf,
-    text: String,
-    deadline: std::time::Duration,
-) -> io::Result<()> {
+async fn send(w: &mut UnixStream, text: String, deadline: std::time::Duration) -> io::Result<()> {
     let write = async {
         w.write_all(text.as_bytes()).await?;
         w.shutdown().await
@@ -247,7 +336,7 @@ mod tests {
         // A stale file is replaced.
         std::fs::write(&path, "").unwrap();
         let s = Server::bind(&path).await.unwrap();
-        let jobs = Arc::new(Vec::new());
+        let jobs = Arc::new(super::super::FixedJobs(Vec::new()));
         let (tx, rx) = tokio::sync::watch::channel(Shutdown::No);
         let task = tokio::spawn(s.serve(jobs, Arc::new(tx)));
         let resp = super::super::client::call(&path, &Request::Status)

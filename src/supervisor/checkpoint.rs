@@ -116,6 +116,21 @@ async fn take_in_slot<E: Engine>(
 /// touch the disk in clear: the dump goes into memory, and the pages are
 /// streamed when memory is short.
 async fn stage<E: Engine>(ctx: &Ctx<E>, job: &Running) -> Result<Staged, CheckpointError> {
+    if let Some(q) = ctx.quota.clone() {
+        let used = blocking(move || crate::store::dir_size(&q.root))
+            .await
+            .unwrap_or(0);
+        let max = ctx.quota.as_ref().map_or(0, |q| q.max_bytes);
+        if used >= max {
+            return Err(CheckpointError::failed(
+                CheckpointStep::Stage,
+                format!(
+                    "the owner's images take {used} bytes, the most this node allows \
+                     (limits.max_image_bytes_per_user = {max}); older images are kept"
+                ),
+            ));
+        }
+    }
     let mode = ctx.engine.dump_mode().await;
     let want_stream = ctx.cfg.checkpoint.stream && mode == DumpMode::Full;
     let store = ctx.store.clone();

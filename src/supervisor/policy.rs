@@ -109,6 +109,8 @@ pub enum Verb {
     Start,
     /// `supervise restore` (admitted whether the job runs or not).
     Restore,
+    /// `supervise cancel` (admitted whether the job runs or not).
+    Cancel,
 }
 
 /// Whether `verb` may run now, with the job running or stopped; the refusal

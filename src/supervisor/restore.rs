@@ -460,6 +460,12 @@ impl<E: Engine> Supervisor<E> {
         let delay = match decision {
             Decision::Complete => {
                 info!(%status, "job exited; supervision ends");
+                let code = match status {
+                    ExitStatus::Code(c) => c,
+                    ExitStatus::Signal(s) => 128 + s,
+                    ExitStatus::Unknown => 255,
+                };
+                self.report.publish(|s| s.exit_code = Some(code));
                 self.report.set_state(JobState::Completed);
                 return Err(Outcome::Completed(status));
             }
