@@ -10,46 +10,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::{prog, Env, T};
-
-/// A local user for the tests (created once, kept: `useradd` is
-/// idempotent here), with a group of its own and one more group.
-pub struct TestUser {
-    pub name: String,
-    pub uid: u32,
-    pub gid: u32,
-}
-
-/// The test user `name` (`sv-alice`, `sv-bob`), created if missing, in
-/// the extra group `sv-team`.
-pub fn user(name: &str) -> TestUser {
-    let _ = Command::new("groupadd").args(["-f", "sv-team"]).status();
-    let exists = Command::new("id")
-        .arg(name)
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false);
-    if !exists {
-        let st = Command::new("useradd")
-            .args(["-M", "-U", "-G", "sv-team", "-s", "/usr/sbin/nologin", name])
-            .status()
-            .unwrap();
-        // Another test process may have created it meanwhile.
-        assert!(
-            st.success() || Command::new("id").arg(name).status().unwrap().success(),
-            "useradd {name}"
-        );
-    }
-    let id = |flag: &str| -> u32 {
-        let o = Command::new("id").args([flag, name]).output().unwrap();
-        String::from_utf8_lossy(&o.stdout).trim().parse().unwrap()
-    };
-    TestUser {
-        name: name.to_string(),
-        uid: id("-u"),
-        gid: id("-g"),
-    }
-}
+use common::{prog, user, Env, TestUser, T};
 
 /// A directory owned by `u` (mode 0755) in the test's (opened-up) dir.
 fn users_dir(env: &Env, u: &TestUser) -> PathBuf {

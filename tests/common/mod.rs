@@ -10,6 +10,8 @@
 //! when `CI` is set and it is not.
 #![allow(dead_code)]
 
+pub mod service;
+
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -853,4 +855,59 @@ pub fn checkpoint(env: &Env, name: &str) {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// `supervise checkpoint NAME` on the control socket `socket`; must work.
+pub fn checkpoint_on(socket: &Path, name: &str) {
+    let out = Command::new(BIN)
+        .arg("--socket")
+        .arg(socket)
+        .args(["checkpoint", name])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "checkpoint: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A local user for the tests (created once, kept: `useradd` is
+/// idempotent here), with a group of its own and one more group.
+pub struct TestUser {
+    pub name: String,
+    pub uid: u32,
+    pub gid: u32,
+}
+
+/// The test user `name` (`sv-alice`, `sv-bob`), created if missing, in
+/// the extra group `sv-team`.
+pub fn user(name: &str) -> TestUser {
+    let _ = Command::new("groupadd").args(["-f", "sv-team"]).status();
+    let exists = Command::new("id")
+        .arg(name)
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    if !exists {
+        let st = Command::new("useradd")
+            .args(["-M", "-U", "-G", "sv-team", "-s", "/usr/sbin/nologin", name])
+            .status()
+            .unwrap();
+        // Another test process may have created it meanwhile.
+        assert!(
+            st.success() || Command::new("id").arg(name).status().unwrap().success(),
+            "useradd {name}"
+        );
+    }
+    let id = |flag: &str| -> u32 {
+        let o = Command::new("id").args([flag, name]).output().unwrap();
+        String::from_utf8_lossy(&o.stdout).trim().parse().unwrap()
+    };
+    TestUser {
+        name: name.to_string(),
+        uid: id("-u"),
+        gid: id("-g"),
+    }
 }

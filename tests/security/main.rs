@@ -26,6 +26,7 @@ mod inputs;
 mod locations;
 mod messages;
 mod store;
+mod users;
 
 use std::fs;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
