@@ -273,7 +273,7 @@ fn start_service(node: &Node, svc: &ServiceConfig, server: &Server) -> Result<()
     server.open_to_users(gid)?;
     let mut kept = 0;
     for job in crate::service::load_user_jobs(svc) {
-        match job.and_then(|j| node.start(j, svc)) {
+        match job.and_then(|j| node.start(j, svc).map_err(|(e, _)| e)) {
             Ok(name) => {
                 kept += 1;
                 tracing::debug!(job = %name, "a submitted job is supervised again");

@@ -234,6 +234,7 @@ fn debian_package_installs_works_and_removes() {
         "/usr/share/doc/supervise/reference.toml",
         "/usr/share/doc/supervise/README.md",
         "/etc/supervise/jobs/README",
+        "/etc/supervise/supervise.toml",
     ];
     for f in files {
         assert!(Path::new(f).is_file(), "{f} is installed");
@@ -242,7 +243,7 @@ fn debian_package_installs_works_and_removes() {
     assert!(bash.contains("complete -F _supervise"), "{bash}");
     let unit = fs::read_to_string(files[4]).unwrap();
     for line in [
-        "ExecStart=/usr/bin/supervise run /etc/supervise/jobs",
+        "ExecStart=/usr/bin/supervise run --service /etc/supervise/jobs",
         "ExecStop=/usr/bin/supervise __systemd-stop %n",
         "KillMode=process",
         "Restart=on-failure",
@@ -253,11 +254,16 @@ fn debian_package_installs_works_and_removes() {
         "dpkg-query",
         &["--showformat=${Conffiles}", "--show", "supervise"],
     );
-    assert!(
-        String::from_utf8_lossy(&conf.stdout).contains("/etc/supervise/jobs/README"),
-        "{}",
-        text(&conf)
-    );
+    for f in [
+        "/etc/supervise/jobs/README",
+        "/etc/supervise/supervise.toml",
+    ] {
+        assert!(
+            String::from_utf8_lossy(&conf.stdout).contains(f),
+            "{f} is a conffile: {}",
+            text(&conf)
+        );
+    }
 
     let o = run("dpkg", &["-r", "supervise"]);
     assert!(o.status.success(), "dpkg -r supervise: {}", text(&o));

@@ -220,3 +220,34 @@ fn a_restarted_service_re_adopts_the_users_jobs() {
     common::wait_numbers(&out, before + 3, T);
     common::assert_exactly_once(&common::numbers(&out));
 }
+
+/// A stopped job submitted again (as a requeued Slurm batch step does,
+/// after the final checkpoint at the pre-termination signal) resumes from
+/// its newest image; one still running is refused.
+#[test]
+#[cfg_attr(not(criu), ignore = "needs root and CRIU >= 4.2 (scripts/setup.sh)")]
+fn submitting_a_stopped_job_again_resumes_it() {
+    let alice = user("sv-alice");
+    let env = Env::new();
+    let n = node(&env, "");
+    let sup = start(&env, &n);
+    let ha = home(&env, &alice);
+    job_file(&alice, &ha, "again", "");
+    let o = as_user(&alice, &n, &ha, &["submit", "again.toml"]);
+    assert!(o.status.success(), "{}", text(&o));
+    sup.wait_state("sv-alice/again", "running", T);
+    let o = as_user(&alice, &n, &ha, &["submit", "again.toml"]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(text(&o).contains("it runs"), "{}", text(&o));
+    let out = ha.join("again.out");
+    common::wait_numbers(&out, 3, T);
+    let o = as_user(&alice, &n, &ha, &["stop", "again", "--checkpoint"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let o = as_user(&alice, &n, &ha, &["submit", "again.toml"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let s = sup.wait_restores("sv-alice/again", 1, T);
+    assert_eq!(uid_of(s["pid"].as_i64().unwrap()), alice.uid);
+    let before = common::numbers(&out).len();
+    common::wait_numbers(&out, before + 3, T);
+    common::assert_exactly_once(&common::numbers(&out));
+}

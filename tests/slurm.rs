@@ -339,6 +339,101 @@ fn two_live_copies() {
     eprintln!("two copies: slurmd killed -> new copy restored in {resumed:?}");
 }
 
+/// Slurm as a user: alice's batch script hands her job to the node
+/// service (`supervise submit --wait`), which runs it as her. At the
+/// pre-termination signal her client has the service take a final
+/// checkpoint and stop the job, requeues the batch job as her, and the
+/// rerun's `submit --wait` resumes the job from that checkpoint.
+fn user_requeue() {
+    let alice = user("sv-alice");
+    let env = Env::new();
+    let n = service::node(&env, "");
+    let sup = service::start(&env, &n);
+    let dir = tempfile::Builder::new()
+        .prefix("supervise-slurm-user-")
+        .tempdir_in("/var/tmp")
+        .unwrap();
+    let d = dir.path();
+    fs::set_permissions(d, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    nix::unistd::chown(d, Some(nix::unistd::Uid::from_raw(alice.uid)), None).unwrap();
+    fs::write(
+        d.join("job.toml"),
+        format!(
+            "command = [\"{}\", \"100\"]\nstdout = \"counter.out\"\n[checkpoint]\nevery = \"2s\"\n[restore]\nbackoff = \"0s\"\n",
+            prog("counter")
+        ),
+    )
+    .unwrap();
+    fs::write(
+        d.join("batch.sh"),
+        format!(
+            "#!/bin/bash\nexec {BIN} --socket {} submit --wait job.toml\n",
+            n.socket.display()
+        ),
+    )
+    .unwrap();
+    for f in ["job.toml", "batch.sh"] {
+        nix::unistd::chown(
+            &d.join(f),
+            Some(nix::unistd::Uid::from_raw(alice.uid)),
+            None,
+        )
+        .unwrap();
+    }
+    let out = d.join("slurm.out");
+    let sbatch = Command::new("setpriv")
+        .args([
+            &format!("--reuid={}", alice.uid),
+            &format!("--regid={}", alice.gid),
+            "--init-groups",
+            "--",
+            "sbatch",
+            "--parsable",
+            "--requeue",
+            "--open-mode=append",
+            "-D",
+            d.to_str().unwrap(),
+            "-o",
+            out.to_str().unwrap(),
+            d.join("batch.sh").to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        sbatch.status.success(),
+        "{}",
+        String::from_utf8_lossy(&sbatch.stderr)
+    );
+    let id = String::from_utf8_lossy(&sbatch.stdout).trim().to_string();
+    let job = "sv-alice/job";
+    let s = sup.wait_state(job, "running", Duration::from_secs(60));
+    assert_eq!(s["owner"], "sv-alice");
+    sup.wait_checkpoints(job, 1, T);
+    let t = Instant::now();
+    // The pre-termination signal, now (as at a time limit or preemption).
+    sh("scancel", &["--signal=USR1", "--batch", &id]);
+    let s = sup.wait_restores(job, 1, Duration::from_secs(120));
+    let resumed = t.elapsed();
+    assert_eq!(s["owner"], "sv-alice");
+    assert_eq!(
+        fs::metadata(format!("/proc/{}", s["pid"]))
+            .map(|m| std::os::unix::fs::MetadataExt::uid(&m))
+            .unwrap(),
+        alice.uid
+    );
+    let counter = d.join("counter.out");
+    let before = numbers(&counter).len();
+    wait_numbers(&counter, before + 5, T);
+    assert_exactly_once(&numbers(&counter));
+    assert_eq!(job_field(&id, "Restarts"), "1");
+    let log = fs::read_to_string(&out).unwrap_or_default();
+    assert!(log.contains("asked Slurm to requeue job"), "{log}");
+    // scancel ends the batch step, and with it the job.
+    let _ = Command::new("scancel").arg(&id).status();
+    sup.wait_state(job, "stopped", Duration::from_secs(60));
+    eprintln!("user requeue: USR1 -> resumed as alice in {resumed:?}");
+}
+
 #[test]
 #[cfg_attr(not(criu), ignore = "needs root and CRIU >= 4.2 (scripts/setup.sh)")]
 fn slurm_scenarios() {
@@ -348,4 +443,5 @@ fn slurm_scenarios() {
     node_failure();
     preemption();
     two_live_copies();
+    user_requeue();
 }

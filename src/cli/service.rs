@@ -99,8 +99,9 @@ pub fn submit(socket: &Path, job: &Path, wait: bool) -> Result<ExitCode> {
 /// `sbatch --signal=B:USR1@120`) makes the service take a final
 /// checkpoint and stop the job; once it is published the batch job is
 /// requeued (as this user, `scontrol requeue`), and this client ends when
-/// Slurm's SIGTERM comes. SIGTERM or SIGINT otherwise only ends the
-/// waiting: the job runs on.
+/// Slurm's SIGTERM comes. SIGTERM otherwise, inside Slurm, stops the job
+/// (after its final checkpoint, as `[shutdown] checkpoint` says); outside
+/// Slurm, SIGTERM or SIGINT only ends the waiting: the job runs on.
 async fn wait_for(socket: &Path, name: &str, cfg: &JobConfig) -> Result<ExitCode> {
     use tokio::signal::unix::{signal, SignalKind};
     let slurm = std::env::var("SLURM_JOB_ID").ok().filter(|s| !s.is_empty());
@@ -121,7 +122,22 @@ async fn wait_for(socket: &Path, name: &str, cfg: &JobConfig) -> Result<ExitCode
             final_checkpoint(socket, name, cfg, slurm.as_deref().unwrap_or_default()).await
         }
         _ = term.recv() => {
-            eprintln!("supervise: no longer waiting; job {name} runs on");
+            if slurm.is_some() {
+                // Slurm ends the batch step (scancel, a time limit without
+                // a signal ahead of it): the job ends with it, after its
+                // final checkpoint if the job file asks for one.
+                let _ = client::call(
+                    socket,
+                    &Request::Stop {
+                        job: name.to_string(),
+                        checkpoint: cfg.shutdown.checkpoint,
+                    },
+                )
+                .await;
+                eprintln!("supervise: the Slurm job ends; job {name} is stopped");
+            } else {
+                eprintln!("supervise: no longer waiting; job {name} runs on");
+            }
             Ok(ExitCode::from(143))
         }
         _ = int.recv() => {

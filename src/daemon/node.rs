@@ -167,23 +167,51 @@ impl Node {
             Ok((job, sub))
         })
         .await;
-        let (job, sub) = match prepared {
+        let (mut job, sub) = match prepared {
             Ok(Ok(x)) => x,
             Ok(Err(e)) => return error(e),
             Err(e) => return error(format!("cannot prepare the job: {e}")),
         };
         let full = format!("{}/{}", job.user, job.cfg.name);
-        if self.registry.get(&full).is_some() {
-            return error(format!(
-                "you already have a job named {} (cancel it first, or give this one another \
-                 `name`)",
-                job.cfg.name
-            ));
-        }
+        // Submitting a job of that name again: a stopped one (e.g. after
+        // its final checkpoint at a Slurm job's pre-termination signal) is
+        // resumed from its newest image, with the new job file; a running
+        // one is refused.
+        let resumed = match self.registry.get(&full) {
+            Some(e) if !e.handle.status.borrow().state.is_at_rest() => {
+                return error(format!(
+                    "you already have a job named {} and it runs (cancel it first, or give this \
+                     one another `name`)",
+                    job.cfg.name
+                ));
+            }
+            Some(e) => {
+                let (tx, rx) = tokio::sync::oneshot::channel();
+                if e.handle.commands.send(Command::Cancel(tx)).await.is_ok() {
+                    let _ = rx.await;
+                }
+                self.registry.remove(&full);
+                true
+            }
+            None => false,
+        };
         if let Err(e) = job.keep(&sub, &svc) {
             return error(format!("cannot keep the job: {e}"));
         }
-        match self.start(job, &svc) {
+        // The old supervisor releases the job's lock as its task ends.
+        let mut tries = 0;
+        let started = loop {
+            match self.start(job, &svc) {
+                Err((e, Some(again))) if resumed && tries < 50 => {
+                    tries += 1;
+                    let _ = e;
+                    job = again;
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                }
+                r => break r.map_err(|(e, _)| e),
+            }
+        };
+        match started {
             Ok(name) => Response::Done {
                 message: format!("submitted job {name}"),
             },
@@ -192,7 +220,13 @@ impl Node {
     }
 
     /// Supervises a user's job (submitted now, or kept from before).
-    pub(super) fn start(&self, job: UserJob, svc: &ServiceConfig) -> Result<String, String> {
+    /// `Err` gives the job back when its lock is still held (an earlier
+    /// supervisor of it is ending).
+    pub(super) fn start(
+        &self,
+        job: UserJob,
+        svc: &ServiceConfig,
+    ) -> Result<String, (String, Option<UserJob>)> {
         let quota = svc.max_image_bytes_per_user.map(|max| Quota {
             root: svc.users_dir.join(job.uid.to_string()),
             max_bytes: max,
@@ -203,18 +237,23 @@ impl Node {
             .as_ref()
             .map(|o| format!(", running as {} (uid {})", o.name, o.uid))
             .unwrap_or_default();
-        let (sup, entry) = self
-            .factory
-            .make(job.cfg, Some((job.uid, &job.user)), quota)
-            .map_err(|e| e.to_string())?;
+        let (sup, entry) =
+            match self
+                .factory
+                .make(job.cfg.clone(), Some((job.uid, &job.user)), quota)
+            {
+                Ok(x) => x,
+                Err(e @ SupervisorError::Busy { .. }) => return Err((e.to_string(), Some(job))),
+                Err(e) => return Err((e.to_string(), None)),
+            };
         let name = entry.handle.name.clone();
         if !self.registry.add(entry) {
-            return Err(format!("a job named {name} is already supervised"));
+            return Err((format!("a job named {name} is already supervised"), None));
         }
         info!(job = %name, "supervising a user's job{owner}");
         self.spawn
             .send(sup)
-            .map_err(|_| "supervise is shutting down".to_string())?;
+            .map_err(|_| ("supervise is shutting down".to_string(), None))?;
         Ok(format!("{name}{owner}"))
     }
 
