@@ -205,7 +205,7 @@ impl Node {
                 Err((e, Some(again))) if resumed && tries < 50 => {
                     tries += 1;
                     let _ = e;
-                    job = again;
+                    job = *again;
                     tokio::time::sleep(std::time::Duration::from_millis(100)).await;
                 }
                 r => break r.map_err(|(e, _)| e),
@@ -226,7 +226,7 @@ impl Node {
         &self,
         job: UserJob,
         svc: &ServiceConfig,
-    ) -> Result<String, (String, Option<UserJob>)> {
+    ) -> Result<String, (String, Option<Box<UserJob>>)> {
         let quota = svc.max_image_bytes_per_user.map(|max| Quota {
             root: svc.users_dir.join(job.uid.to_string()),
             max_bytes: max,
@@ -243,7 +243,7 @@ impl Node {
                 .make(job.cfg.clone(), Some((job.uid, &job.user)), quota)
             {
                 Ok(x) => x,
-                Err(e @ SupervisorError::Busy { .. }) => return Err((e.to_string(), Some(job))),
+                Err(e @ SupervisorError::Busy { .. }) => return Err((e.to_string(), Some(Box::new(job)))),
                 Err(e) => return Err((e.to_string(), None)),
             };
         let name = entry.handle.name.clone();
