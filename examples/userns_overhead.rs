@@ -110,7 +110,7 @@ fn main() {
         fs::write(
             d.join(format!("{name}.toml")),
             format!(
-                "command = [\"{}\", \"{mb}\"]\n{user}cwd = \"work\"\nstdout = \"work/{name}.out\"\nstate_dir = \"{}\"\n[checkpoint]\nevery = \"1h\"\nkeep = 2\n[restore]\nbackoff = \"0s\"\n",
+                "command = [\"{}\", \"{mb}\"]\n{user}cwd = \"work\"\nstdout = \"work/{name}.out\"\nstate_dir = \"{}\"\n[checkpoint]\nevery = \"1h\"\nkeep = 2\n[restore]\nbackoff = \"0s\"\nlazy = false\n",
                 d.join("bigmem").display(),
                 d.join(format!("state-{name}")).display(),
             ),

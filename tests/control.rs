@@ -334,7 +334,10 @@ fn socket_refuses_other_users() {
     let refused = as_nobody();
     assert_eq!(refused.status.code(), Some(1), "{refused:?}");
     let err = String::from_utf8_lossy(&refused.stderr);
-    assert!(err.contains("uid 65534 is not the owner"), "{err}");
+    assert!(
+        err.contains("uid 65534 may not use this supervise"),
+        "{err}"
+    );
     ok(&env.ctl(&["status"]));
 }
 

@@ -31,22 +31,46 @@ fn sh(cmd: &str, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-/// Stops the cluster (and with it any job left) when the test ends.
-struct Cluster;
+/// Stops the cluster (and with it any job left) when the test ends, and
+/// removes the control sockets its batch jobs left in /run/supervise (a
+/// supervise killed with its node cannot remove its own).
+struct Cluster {
+    sockets_before: Vec<std::path::PathBuf>,
+}
+
+fn slurm_sockets() -> Vec<std::path::PathBuf> {
+    std::fs::read_dir("/run/supervise")
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.path())
+                .filter(|p| {
+                    let n = p.file_name().unwrap_or_default().to_string_lossy();
+                    n.starts_with("slurm-") && n.ends_with(".sock")
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
 
 impl Cluster {
     fn start() -> Cluster {
+        let sockets_before = slurm_sockets();
         sh(
             "bash",
             &[scripts().join("start.sh").to_str().unwrap(), "--clean"],
         );
-        Cluster
+        Cluster { sockets_before }
     }
 }
 
 impl Drop for Cluster {
     fn drop(&mut self) {
         let _ = Command::new("bash").arg(scripts().join("stop.sh")).status();
+        for s in slurm_sockets() {
+            if !self.sockets_before.contains(&s) {
+                let _ = std::fs::remove_file(s);
+            }
+        }
     }
 }
 

@@ -32,9 +32,13 @@ use tokio::sync::{mpsc, oneshot, watch};
 /// Environment variable overriding the default socket path.
 pub const SOCKET_ENV: &str = "SUPERVISE_SOCKET";
 
-/// The default control socket: `$SUPERVISE_SOCKET`, else inside a Slurm
-/// job `/run/supervise/slurm-<job id>.<restart count>.sock`, else
-/// `/run/supervise/supervise.sock` for root, else
+/// The node service's socket (root's supervise).
+pub const NODE_SOCKET: &str = "/run/supervise/supervise.sock";
+
+/// The default control socket: `$SUPERVISE_SOCKET`, else for root inside
+/// a Slurm job `/run/supervise/slurm-<job id>.<restart count>.sock`, else
+/// `/run/supervise/supervise.sock` for root and, when it exists (the node
+/// service), for every user, else
 /// `$XDG_RUNTIME_DIR/supervise/supervise.sock`, else
 /// `/tmp/supervise-<uid>/supervise.sock`. Another user can create that
 /// last directory first: the server then refuses to bind there and the
@@ -43,12 +47,16 @@ pub fn default_socket() -> PathBuf {
     if let Some(p) = std::env::var_os(SOCKET_ENV).filter(|p| !p.is_empty()) {
         return PathBuf::from(p);
     }
-    if let Some(ctx) = crate::slurm::SlurmContext::from_env() {
-        return ctx.default_socket();
-    }
     let uid = nix::unistd::geteuid();
     if uid.is_root() {
-        return PathBuf::from("/run/supervise/supervise.sock");
+        if let Some(ctx) = crate::slurm::SlurmContext::from_env() {
+            return ctx.default_socket();
+        }
+    }
+    let node = PathBuf::from(NODE_SOCKET);
+    // A user talks to the node service when there is one.
+    if uid.is_root() || node.exists() {
+        return node;
     }
     if let Some(d) = std::env::var_os("XDG_RUNTIME_DIR").filter(|p| !p.is_empty()) {
         return PathBuf::from(d).join("supervise").join("supervise.sock");

@@ -243,7 +243,9 @@ impl Node {
                 .make(job.cfg.clone(), Some((job.uid, &job.user)), quota)
             {
                 Ok(x) => x,
-                Err(e @ SupervisorError::Busy { .. }) => return Err((e.to_string(), Some(Box::new(job)))),
+                Err(e @ SupervisorError::Busy { .. }) => {
+                    return Err((e.to_string(), Some(Box::new(job))))
+                }
                 Err(e) => return Err((e.to_string(), None)),
             };
         let name = entry.handle.name.clone();

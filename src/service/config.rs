@@ -105,6 +105,16 @@ impl ServiceConfig {
                 })
             }
         };
+        // It decides what users may do: only from a place no user controls.
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            crate::fsutil::check_trusted("service configuration directory", dir).map_err(|e| {
+                ServiceConfigError::Invalid {
+                    path: path.to_path_buf(),
+                    line: None,
+                    message: e.to_string(),
+                }
+            })?;
+        }
         let text = String::from_utf8_lossy(&bytes);
         ServiceConfig::parse(&text, path)
     }
