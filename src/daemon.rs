@@ -145,7 +145,7 @@ pub async fn run(cfgs: Vec<JobConfig>, opts: RunOptions) -> Result<Summary, Daem
             cfg.name.clone(),
             cfg.slurm.requeue,
         ));
-        let (s, entry) = factory.make(cfg, None, None)?;
+        let (s, entry) = factory.make(cfg, None, None, None)?;
         registry.add(entry);
         sups.push(s);
     }

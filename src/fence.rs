@@ -82,6 +82,20 @@ pub enum FenceError {
         /// Its epoch.
         epoch: u64,
     },
+    /// A later run of the same Slurm job holds the lease: this copy is
+    /// stale (e.g. a service restarted on a node Slurm has moved the job
+    /// away from) and must not take the store back.
+    #[error(
+        "a later run holds the image store: {by} (epoch {epoch}); this copy (run {run}) is stale"
+    )]
+    Stale {
+        /// The holder.
+        by: Owner,
+        /// Its epoch.
+        epoch: u64,
+        /// Our run (`SLURM_RESTART_COUNT`).
+        run: u32,
+    },
     /// The lease files could not be read or written.
     #[error("{path}: {source}")]
     Io {
@@ -198,10 +212,21 @@ impl Fence {
 
     /// Takes the lease of `dir` (which must exist): epoch + 1, written
     /// atomically under the lock. Does not wait for the previous holder;
-    /// see [`Fence::await_release`].
+    /// see [`Fence::await_release`]. Refused ([`FenceError::Stale`]) when
+    /// a later run of the same Slurm job holds it.
     pub fn acquire(dir: &Path, owner: Owner) -> Result<Fence, FenceError> {
         let _l = lock(&dir.join(LEASE_LOCK_NAME))?;
         let previous = Self::current(dir)?;
+        if let Some(p) = previous.as_ref().filter(|p| {
+            p.owner.slurm_job_id == owner.slurm_job_id
+                && p.owner.restart_count > owner.restart_count
+        }) {
+            return Err(FenceError::Stale {
+                by: p.owner.clone(),
+                epoch: p.epoch,
+                run: owner.restart_count,
+            });
+        }
         let epoch = previous.as_ref().map_or(1, |l| l.epoch + 1);
         let lease = Lease {
             epoch,
@@ -344,6 +369,28 @@ mod tests {
             "the previous one is kept"
         );
         assert_eq!(c.await_release(Duration::ZERO), Handover::Released);
+    }
+
+    #[test]
+    fn an_earlier_run_never_takes_the_store_back() {
+        let t = tempfile::tempdir().unwrap();
+        let b = Fence::acquire(t.path(), owner(1)).unwrap();
+        let e = Fence::acquire(t.path(), owner(0)).unwrap_err();
+        assert!(
+            matches!(&e, FenceError::Stale { by, epoch: 1, run: 0 } if by == &owner(1)),
+            "{e}"
+        );
+        assert!(e.to_string().contains("is stale"), "{e}");
+        b.check().unwrap();
+        // The same run again (its supervise restarted) takes it over.
+        let again = Fence::acquire(t.path(), owner(1)).unwrap();
+        assert_eq!(again.epoch, 2);
+        // Another Slurm job's lease is no reason to refuse.
+        let other = Owner {
+            slurm_job_id: "8".into(),
+            ..owner(0)
+        };
+        assert_eq!(Fence::acquire(t.path(), other).unwrap().epoch, 3);
     }
 
     #[test]

@@ -16,13 +16,22 @@
 //! * `submit.rs`: checking a submitted job (keys a user may not set,
 //!   paths with the owner's rights, limits) and keeping it on disk.
 //! * `registry.rs`: the jobs the running service supervises, by name.
+//!
+//! On a cluster, `users_dir` may be shared by the nodes' services (a
+//! cluster file system): each kept job names the node that supervises
+//! it, a service supervises again after a restart only its own node's
+//! jobs, and a job moves to another node only with a later run of the
+//! Slurm batch job it was submitted from (`submit --wait` as the batch
+//! step, rerun there after a node failure); the image store's lease
+//! ([`crate::fence`]) then stops any copy still running on the old node.
 
 mod config;
 mod registry;
 mod submit;
 
-pub use config::{ServiceConfig, ServiceConfigError, DEFAULT_CONFIG};
+pub use config::{host_name, ServiceConfig, ServiceConfigError, DEFAULT_CONFIG};
 pub use registry::{Entry, Registry};
 pub use submit::{
-    forbidden_key, load_user_jobs, prepare as submit_prepare, Submission, SubmitError, UserJob,
+    forbidden_key, load_user_jobs, may_take, prepare as submit_prepare, Placement, Submission,
+    SubmitError, UserJob,
 };

@@ -1,6 +1,8 @@
 //! supervise under a real Slurm 22.05 cluster (two slurmd nodes on this
 //! host, scripts/slurm/): time-limit signal -> checkpoint -> requeue ->
-//! resume on the other node; node failure; preemption; two live copies.
+//! resume on the other node; node failure; preemption; two live copies;
+//! then the same with the job submitted by an unprivileged user to the
+//! node services (`supervise submit --wait` as the batch step).
 //! One test runs the scenarios in turn (they share the cluster), then
 //! stops the cluster.
 
@@ -458,14 +460,321 @@ fn user_requeue() {
     eprintln!("user requeue: USR1 -> resumed as alice in {resumed:?}");
 }
 
+/// Cancels Slurm job `id` and waits until Slurm has let it go.
+fn scancel(id: &str) {
+    let _ = Command::new("scancel").arg(id).status();
+    wait_until("job gone", Duration::from_secs(60), || {
+        let s = job_field(id, "JobState");
+        s.is_empty() || s == "CANCELLED" || s == "COMPLETED" || s == "FAILED"
+    });
+}
+
+/// The job of sv-alice's that the user scenarios run.
+const USER_JOB: &str = "sv-alice/job";
+
+/// sv-alice's Slurm job on the two-node cluster, each node running its
+/// node service ("n1", "n2") over one shared users' area (as a cluster
+/// file system would share it): her batch script hands the job to the
+/// service of the node it runs on (`supervise submit --wait`).
+struct UserCluster {
+    /// The services, by node (dropped first: they stop their jobs).
+    sups: Vec<(String, service::Node, Sup)>,
+    alice: TestUser,
+    dir: tempfile::TempDir,
+    id: String,
+    _env: Env,
+}
+
+impl UserCluster {
+    fn submit(sbatch_args: &[&str]) -> UserCluster {
+        subreaper();
+        let alice = user("sv-alice");
+        let env = Env::new();
+        let users = env.path().join("users");
+        let sups = ["n1", "n2"]
+            .into_iter()
+            .map(|name| {
+                let n = service::node_named(&env, name, &users);
+                let sup = service::start(&env, &n);
+                (name.to_string(), n, sup)
+            })
+            .collect();
+        let dir = tempfile::Builder::new()
+            .prefix("supervise-slurm-user-")
+            .tempdir_in("/var/tmp")
+            .unwrap();
+        let d = dir.path();
+        fs::set_permissions(d, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+        nix::unistd::chown(d, Some(nix::unistd::Uid::from_raw(alice.uid)), None).unwrap();
+        fs::write(
+            d.join("job.toml"),
+            format!(
+                "command = [\"{}\", \"100\"]\nstdout = \"counter.out\"\n[checkpoint]\nevery = \"2s\"\n[restore]\nbackoff = \"0s\"\n[slurm]\nfence_wait = \"10s\"\n",
+                prog("counter")
+            ),
+        )
+        .unwrap();
+        fs::write(
+            d.join("batch.sh"),
+            format!(
+                "#!/bin/bash\nexec {BIN} --socket {}/run-$SLURMD_NODENAME/supervise.sock submit --wait job.toml\n",
+                env.path().display()
+            ),
+        )
+        .unwrap();
+        for f in ["job.toml", "batch.sh"] {
+            nix::unistd::chown(
+                &d.join(f),
+                Some(nix::unistd::Uid::from_raw(alice.uid)),
+                None,
+            )
+            .unwrap();
+        }
+        let out = d.join("slurm.out");
+        let mut args = vec![
+            format!("--reuid={}", alice.uid),
+            format!("--regid={}", alice.gid),
+            "--init-groups".into(),
+            "--".into(),
+            "sbatch".into(),
+            "--parsable".into(),
+            "--requeue".into(),
+            "--open-mode=append".into(),
+            "-D".into(),
+            d.to_string_lossy().into_owned(),
+            "-o".into(),
+            out.to_string_lossy().into_owned(),
+        ];
+        args.extend(sbatch_args.iter().map(|s| s.to_string()));
+        args.push(d.join("batch.sh").to_string_lossy().into_owned());
+        let sbatch = Command::new("setpriv").args(&args).output().unwrap();
+        assert!(
+            sbatch.status.success(),
+            "{}",
+            String::from_utf8_lossy(&sbatch.stderr)
+        );
+        let id = String::from_utf8_lossy(&sbatch.stdout).trim().to_string();
+        UserCluster {
+            sups,
+            alice,
+            dir,
+            id,
+            _env: env,
+        }
+    }
+
+    fn at(&self, node: &str) -> &(String, service::Node, Sup) {
+        self.sups.iter().find(|(n, _, _)| n == node).unwrap()
+    }
+
+    fn sup(&self, node: &str) -> &Sup {
+        &self.at(node).2
+    }
+
+    /// The node whose service runs the job, once one does.
+    fn running(&self, timeout: Duration) -> String {
+        let mut on = String::new();
+        wait_until("alice's job running on a node", timeout, || {
+            for (n, _, sup) in &self.sups {
+                let s = sup.try_status();
+                if s.as_ref()
+                    .and_then(|s| find_job(s, USER_JOB))
+                    .is_some_and(|j| j["state"] == "running")
+                {
+                    on = n.clone();
+                    return true;
+                }
+            }
+            false
+        });
+        on
+    }
+
+    /// The job runs as alice and its counter goes on exactly once.
+    fn assert_resumed_as_alice(&self, status: &serde_json::Value) {
+        assert_eq!(status["owner"], "sv-alice", "{status}");
+        assert_eq!(
+            service::uid_of(status["pid"].as_i64().unwrap()),
+            self.alice.uid
+        );
+        let counter = self.dir.path().join("counter.out");
+        let before = numbers(&counter).len();
+        wait_numbers(&counter, before + 5, T);
+        assert_exactly_once(&numbers(&counter));
+    }
+
+    fn slurm_log(&self) -> String {
+        fs::read_to_string(self.dir.path().join("slurm.out")).unwrap_or_default()
+    }
+}
+
+fn node_fail(node: &str, mode: &str) {
+    sh(
+        "bash",
+        &[scripts().join("node-fail.sh").to_str().unwrap(), node, mode],
+    );
+}
+
+/// Node failure, the job submitted by alice: the node dies with its
+/// service and her job; Slurm reruns the batch job on the other node,
+/// whose service takes the job over (a later run of its Slurm job) and
+/// resumes it, as alice, from the last checkpoint the dead node published.
+fn user_node_failure() {
+    let mut c = UserCluster::submit(&[]);
+    let n = c.running(Duration::from_secs(60));
+    c.sup(&n).wait_checkpoints(USER_JOB, 2, T);
+    let t = Instant::now();
+    node_fail(&n, "kill");
+    // The node's service and the job die with it.
+    let i = c.sups.iter().position(|(x, _, _)| *x == n).unwrap();
+    c.sups[i].2.kill_all();
+    let last = ids(&c.sup(&n).log(), "checkpoint published").pop().unwrap();
+    let o = other(&n);
+    let s = c
+        .sup(o)
+        .wait_restores(USER_JOB, 1, Duration::from_secs(150));
+    let resumed = t.elapsed();
+    let log = c.sup(o).log();
+    assert!(log.contains("taking over a job from another node"), "{log}");
+    assert!(
+        log.contains(&format!("restored checkpoint={last}")),
+        "{log}"
+    );
+    assert_eq!(s["extra"]["slurm_restart_count"], "1", "{s}");
+    c.assert_resumed_as_alice(&s);
+    node_fail(&n, "revive");
+    scancel(&c.id);
+    c.sup(o)
+        .wait_state(USER_JOB, "stopped", Duration::from_secs(60));
+    eprintln!("user node failure: kill -> resumed as alice on the other node in {resumed:?}");
+}
+
+/// Only slurmd dies, the job submitted by alice: the old copy (its node's
+/// service) still runs when the other node's service takes the job over;
+/// the image store's lease makes the old copy stop its job and publish
+/// nothing more; the store stays intact.
+fn user_two_copies() {
+    let c = UserCluster::submit(&[]);
+    let n = c.running(Duration::from_secs(60));
+    c.sup(&n).wait_checkpoints(USER_JOB, 2, T);
+    let t = Instant::now();
+    node_fail(&n, "slurmd");
+    let o = other(&n);
+    let s = c
+        .sup(o)
+        .wait_restores(USER_JOB, 1, Duration::from_secs(150));
+    let resumed = t.elapsed();
+    let old = c.sup(&n).wait_state(USER_JOB, "superseded", T);
+    let published = old["checkpoints"].as_u64().unwrap();
+    let log = c.sup(o).log();
+    assert!(
+        log.contains("took over the image store; the previous copy had stopped"),
+        "{log}"
+    );
+    c.sup(o).wait_checkpoints(USER_JOB, 2, T);
+    assert_eq!(
+        c.sup(&n).checkpoints(USER_JOB),
+        published,
+        "the old copy published after the takeover"
+    );
+    // alice's client on the old node ended with her job there.
+    wait_until("the old client's message", T, || {
+        c.slurm_log().contains("is superseded")
+    });
+    let v = service::as_user(&c.alice, &c.at(o).1, c.dir.path(), &["verify", "job"]);
+    assert!(v.status.success(), "store damaged: {}", service::text(&v));
+    c.assert_resumed_as_alice(&s);
+    node_fail(&n, "revive");
+    scancel(&c.id);
+    c.sup(o)
+        .wait_state(USER_JOB, "stopped", Duration::from_secs(60));
+    eprintln!("user two copies: slurmd killed -> new copy resumed as alice in {resumed:?}");
+}
+
+/// Preemption, the job submitted by alice: her client gets USR1 at once,
+/// the job's final checkpoint is taken and the batch job requeued (as
+/// her); the rerun, on whichever node, resumes it.
+fn user_preemption() {
+    let c = UserCluster::submit(&["--exclusive", "--signal=B:USR1@10"]);
+    let n = c.running(Duration::from_secs(60));
+    c.sup(&n).wait_checkpoints(USER_JOB, 1, T);
+    let t = Instant::now();
+    let high = sh(
+        "sbatch",
+        &[
+            "--parsable",
+            "-p",
+            "high",
+            "-w",
+            &n,
+            "--exclusive",
+            "-o",
+            "/dev/null",
+            "--wrap",
+            "sleep 5",
+        ],
+    );
+    let mut on = String::new();
+    wait_until(
+        "alice's job resumed after preemption",
+        Duration::from_secs(120),
+        || {
+            for (x, _, sup) in &c.sups {
+                if sup
+                    .try_status()
+                    .as_ref()
+                    .and_then(|s| find_job(s, USER_JOB))
+                    .is_some_and(|j| {
+                        j["restores"].as_u64().unwrap_or(0) >= 1 && j["state"] == "running"
+                    })
+                {
+                    on = x.clone();
+                    return true;
+                }
+            }
+            false
+        },
+    );
+    let resumed = t.elapsed();
+    let s = c.sup(&on).job_status(USER_JOB);
+    assert!(
+        c.slurm_log().contains("asked Slurm to requeue job"),
+        "{}",
+        c.slurm_log()
+    );
+    c.assert_resumed_as_alice(&s);
+    scancel(&c.id);
+    let _ = Command::new("scancel").arg(high.trim()).status();
+    c.sup(&on)
+        .wait_state(USER_JOB, "stopped", Duration::from_secs(60));
+    eprintln!("user preemption: high job submitted -> resumed as alice on {on} in {resumed:?}");
+}
+
 #[test]
 #[cfg_attr(not(criu), ignore = "needs root and CRIU >= 4.2 (scripts/setup.sh)")]
 fn slurm_scenarios() {
     progs();
     let _cluster = Cluster::start();
-    time_limit_requeue();
-    node_failure();
-    preemption();
-    two_live_copies();
-    user_requeue();
+    // SUPERVISE_SLURM_ONLY=a,b runs only those scenarios (when working on one).
+    let only = std::env::var("SUPERVISE_SLURM_ONLY").ok();
+    let scenarios: [(&str, fn()); 8] = [
+        ("time_limit_requeue", time_limit_requeue),
+        ("node_failure", node_failure),
+        ("preemption", preemption),
+        ("two_live_copies", two_live_copies),
+        ("user_requeue", user_requeue),
+        ("user_node_failure", user_node_failure),
+        ("user_two_copies", user_two_copies),
+        ("user_preemption", user_preemption),
+    ];
+    for (name, f) in scenarios {
+        if only
+            .as_deref()
+            .is_none_or(|o| o.split(',').any(|x| x == name))
+        {
+            let t = Instant::now();
+            f();
+            eprintln!("{name}: {:?}", t.elapsed());
+        }
+    }
 }

@@ -64,10 +64,14 @@ pub fn submit(socket: &Path, job: &Path, wait: bool) -> Result<ExitCode> {
         open_dir(path.parent().unwrap_or(Path::new("/")))?,
     ];
     let fds: Vec<_> = dirs.iter().map(|d| d.as_raw_fd()).collect();
+    // Inside a Slurm batch job: which run of it this is, so that the
+    // service follows the job to the node Slurm reruns it on.
+    let slurm = client::slurm_run();
     let req = Request::Submit {
         text,
         path: path.clone(),
         cwd,
+        slurm,
     };
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()

@@ -482,6 +482,16 @@ fn short(s: i64) -> String {
     }
 }
 
+/// The run of the Slurm batch job this client runs in (from its
+/// environment), to send with a submission; `None` outside Slurm.
+pub fn slurm_run() -> Option<super::SlurmRun> {
+    crate::slurm::SlurmContext::from_env().map(|c| super::SlurmRun {
+        job_id: c.job_id,
+        node: c.node,
+        restart_count: c.restart_count,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -20,7 +20,7 @@ pub mod server;
 
 pub use protocol::{
     AutoStatus, CheckpointSummary, FailureSummary, ImageRow, JobState, JobStatus, Request,
-    Response, RestoreSummary,
+    Response, RestoreSummary, SlurmRun,
 };
 
 use std::path::PathBuf;

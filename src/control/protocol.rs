@@ -8,6 +8,18 @@ use std::path::PathBuf;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
+/// A run of a Slurm batch job, as the client's environment names it
+/// (`SLURM_JOB_ID`, `SLURMD_NODENAME`, `SLURM_RESTART_COUNT`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SlurmRun {
+    /// `SLURM_JOB_ID`.
+    pub job_id: String,
+    /// `SLURMD_NODENAME`.
+    pub node: String,
+    /// `SLURM_RESTART_COUNT` (0 on the first run).
+    pub restart_count: u32,
+}
+
 /// A request to the running supervisor.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
@@ -57,6 +69,10 @@ pub enum Request {
         path: PathBuf,
         /// The client's working directory.
         cwd: PathBuf,
+        /// The Slurm batch job the client runs in (`submit --wait` as the
+        /// batch step), if any: the job's run of that Slurm job.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        slurm: Option<SlurmRun>,
     },
     /// Stop a submitted job and forget it (with `purge`, delete its
     /// images too).

@@ -33,11 +33,14 @@ pub(super) struct Factory {
 impl Factory {
     /// A supervisor for `cfg` and its registry entry; a job of user `uid`
     /// (named `<user>/<name>`) when `owned`, with its image quota.
+    /// `slurm`: the job's own Slurm run (a job submitted from a batch
+    /// job), else the daemon's.
     pub(super) fn make(
         &self,
         mut cfg: JobConfig,
         owned: Option<(u32, &str)>,
         quota: Option<Quota>,
+        slurm: Option<SlurmContext>,
     ) -> Result<(Supervisor<Criu>, Entry), SupervisorError> {
         let short = cfg.name.clone();
         if let Some((_, user)) = owned {
@@ -48,7 +51,8 @@ impl Factory {
             handle = handle.owned_by(uid, user, &short);
         }
         let cfg = Arc::new(cfg);
-        let mut s = Supervisor::new((*cfg).clone(), self.slurm.clone(), self.engine.clone())?;
+        let slurm = slurm.or_else(|| self.slurm.clone());
+        let mut s = Supervisor::new((*cfg).clone(), slurm, self.engine.clone())?;
         if let Some(v) = &self.criu_version {
             s.set_criu_version(v.clone());
         }
@@ -81,7 +85,17 @@ impl Handler for Node {
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Response> + Send + 'a>> {
         Box::pin(async move {
             match req {
-                Request::Submit { text, path, cwd } => {
+                Request::Submit {
+                    text,
+                    path,
+                    cwd,
+                    slurm,
+                } => {
+                    let slurm = slurm.map(|r| SlurmContext {
+                        job_id: r.job_id,
+                        node: r.node,
+                        restart_count: r.restart_count,
+                    });
                     self.submit(
                         caller,
                         Submission {
@@ -89,6 +103,7 @@ impl Handler for Node {
                             path,
                             cwd,
                             fds,
+                            slurm,
                         },
                     )
                     .await
@@ -193,7 +208,32 @@ impl Node {
                 self.registry.remove(&full);
                 true
             }
-            None => false,
+            None => {
+                // Kept by another node's service (a shared users' area):
+                // taken over only by a later run of its Slurm job.
+                let (svc2, uid, short) = (svc.clone(), job.uid, job.cfg.name.clone());
+                let kept =
+                    tokio::task::spawn_blocking(move || UserJob::placement(&svc2, uid, &short))
+                        .await
+                        .ok()
+                        .flatten();
+                if let Err(e) = crate::service::may_take(
+                    &svc.node,
+                    &job.cfg.name,
+                    kept.as_ref(),
+                    job.slurm.as_ref(),
+                ) {
+                    return error(e);
+                }
+                if let Some(k) = kept.filter(|k| k.node != svc.node) {
+                    info!(
+                        job = %full,
+                        from = %k.node,
+                        "taking over a job from another node: a later run of its Slurm job"
+                    );
+                }
+                false
+            }
         };
         if let Err(e) = job.keep(&sub, &svc) {
             return error(format!("cannot keep the job: {e}"));
@@ -237,17 +277,18 @@ impl Node {
             .as_ref()
             .map(|o| format!(", running as {} (uid {})", o.name, o.uid))
             .unwrap_or_default();
-        let (sup, entry) =
-            match self
-                .factory
-                .make(job.cfg.clone(), Some((job.uid, &job.user)), quota)
-            {
-                Ok(x) => x,
-                Err(e @ SupervisorError::Busy { .. }) => {
-                    return Err((e.to_string(), Some(Box::new(job))))
-                }
-                Err(e) => return Err((e.to_string(), None)),
-            };
+        let (sup, entry) = match self.factory.make(
+            job.cfg.clone(),
+            Some((job.uid, &job.user)),
+            quota,
+            job.slurm.clone(),
+        ) {
+            Ok(x) => x,
+            Err(e @ SupervisorError::Busy { .. }) => {
+                return Err((e.to_string(), Some(Box::new(job))))
+            }
+            Err(e) => return Err((e.to_string(), None)),
+        };
         let name = entry.handle.name.clone();
         if !self.registry.add(entry) {
             return Err((format!("a job named {name} is already supervised"), None));
@@ -283,7 +324,14 @@ impl Node {
         let forgot =
             tokio::task::spawn_blocking(move || UserJob::forget(&svc, uid, &short, purge)).await;
         match forgot {
-            Ok(Ok(())) => Response::Done {
+            Ok(Ok(Some(node))) => Response::Done {
+                message: format!(
+                    "job {} stopped here; node {node} supervises it now (a later run of its \
+                     Slurm job), so its record and images are left to that node",
+                    h.name
+                ),
+            },
+            Ok(Ok(None)) => Response::Done {
                 message: format!(
                     "job {} cancelled{}",
                     h.name,

@@ -6,6 +6,7 @@
 //! [service]
 //! users_dir = "/var/lib/supervise/users"  # submitted jobs: <users_dir>/<uid>/
 //! allow_group = "hpc"                      # only this group may connect (default: every local user)
+//! node = "n1"                              # this node's name (default: the host name)
 //!
 //! [limits]
 //! max_jobs_per_user = 16
@@ -32,6 +33,19 @@ pub struct ServiceConfig {
     /// Bytes of images (all of a user's stores on disk) a user may have;
     /// `None`: no limit.
     pub max_image_bytes_per_user: Option<u64>,
+    /// This node's name. With `users_dir` shared between nodes (a cluster
+    /// file system), each kept job records the node that runs it, and only
+    /// that node supervises it again after a restart.
+    pub node: String,
+}
+
+/// The host name (the default node name).
+pub fn host_name() -> String {
+    nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "localhost".into())
 }
 
 impl Default for ServiceConfig {
@@ -41,6 +55,7 @@ impl Default for ServiceConfig {
             allow_group: None,
             max_jobs_per_user: 16,
             max_image_bytes_per_user: None,
+            node: host_name(),
         }
     }
 }
@@ -80,6 +95,7 @@ struct Raw {
 struct RawService {
     users_dir: Option<PathBuf>,
     allow_group: Option<String>,
+    node: Option<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -144,6 +160,20 @@ impl ServiceConfig {
                 c.users_dir = d;
             }
             c.allow_group = s.allow_group;
+            if let Some(n) = s.node {
+                if n.is_empty()
+                    || n.len() > 255
+                    || !n
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+                {
+                    return Err(invalid(
+                        line_of(text, "node"),
+                        "service.node: must be 1-255 letters, digits, '-', '_' or '.'".into(),
+                    ));
+                }
+                c.node = n;
+            }
         }
         if let Some(l) = raw.limits {
             if let Some(n) = l.max_jobs_per_user {
@@ -192,12 +222,13 @@ mod tests {
             ServiceConfig::default()
         );
         let c = ServiceConfig::parse(
-            "[service]\nusers_dir = \"/srv/sv\"\nallow_group = \"hpc\"\n[limits]\nmax_jobs_per_user = 2\nmax_image_bytes_per_user = \"1G\"\n",
+            "[service]\nusers_dir = \"/srv/sv\"\nallow_group = \"hpc\"\nnode = \"n7\"\n[limits]\nmax_jobs_per_user = 2\nmax_image_bytes_per_user = \"1G\"\n",
             p,
         )
         .unwrap();
         assert_eq!(c.users_dir, Path::new("/srv/sv"));
         assert_eq!(c.allow_group.as_deref(), Some("hpc"));
+        assert_eq!(c.node, "n7");
         assert_eq!(c.max_jobs_per_user, 2);
         assert_eq!(c.max_image_bytes_per_user, Some(1 << 30));
     }
@@ -211,6 +242,14 @@ mod tests {
         assert_eq!(
             e,
             "/etc/supervise/supervise.toml:3: limits.max_jobs_per_user: must be 1..=10000"
+        );
+        let e = ServiceConfig::parse("[service]\nnode = \"a/b\"\n", p)
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            e,
+            "/etc/supervise/supervise.toml:2: service.node: must be 1-255 letters, digits, '-', \
+             '_' or '.'"
         );
         let e = ServiceConfig::parse("[service]\nusers = 1\n", p)
             .unwrap_err()

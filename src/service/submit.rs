@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use super::config::ServiceConfig;
 use crate::config::{ConfigError, JobConfig, Target};
+use crate::slurm::SlurmContext;
 use crate::userns::Owner;
 
 /// What a client handed over.
@@ -24,6 +25,8 @@ pub struct Submission {
     /// Descriptors of the client's working directory and of the job
     /// file's directory (`SCM_RIGHTS`), when sent.
     pub fds: Vec<OwnedFd>,
+    /// The run of the Slurm batch job the client runs in, if any.
+    pub slurm: Option<SlurmContext>,
 }
 
 /// A job of a user, ready to be supervised.
@@ -34,6 +37,10 @@ pub struct UserJob {
     pub uid: u32,
     /// Their name.
     pub user: String,
+    /// The run of the Slurm batch job it belongs to (`submit --wait` as
+    /// the batch step), if any: its per-run files and the image store's
+    /// lease follow that run ([`crate::fence`]).
+    pub slurm: Option<SlurmContext>,
 }
 
 /// Why a submission is refused.
@@ -152,7 +159,12 @@ pub fn prepare(sub: &Submission, uid: u32, svc: &ServiceConfig) -> Result<UserJo
         .unwrap_or_else(|| "root".into());
     let cfg = apply_service(cfg, uid, owner, svc);
     check_paths(&cfg, sub)?;
-    Ok(UserJob { cfg, uid, user })
+    Ok(UserJob {
+        cfg,
+        uid,
+        user,
+        slurm: sub.slurm.clone(),
+    })
 }
 
 /// The service's places and the owner, applied to a parsed job file.
@@ -246,6 +258,55 @@ struct Kept {
     path: PathBuf,
     cwd: PathBuf,
     submitted: chrono::DateTime<chrono::Utc>,
+    /// The node whose service supervises it (`None`: kept before nodes
+    /// were recorded; this node).
+    #[serde(default)]
+    node: Option<String>,
+    /// Its Slurm run, if submitted from a batch job.
+    #[serde(default)]
+    slurm: Option<SlurmContext>,
+}
+
+/// Where a kept job runs: the node, and its Slurm run if any.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Placement {
+    /// The node whose service supervises it.
+    pub node: String,
+    /// Its Slurm run.
+    pub slurm: Option<SlurmContext>,
+}
+
+/// Whether this node (`here`) may take a job now submitted with `slurm`
+/// when it is kept as `kept`: always when the job is kept here or nowhere;
+/// from another node only for a later run of the same Slurm job (Slurm
+/// reran the batch job here after that node failed or was drained). `Err`
+/// is the refusal, naming the node.
+pub fn may_take(
+    here: &str,
+    name: &str,
+    kept: Option<&Placement>,
+    slurm: Option<&SlurmContext>,
+) -> Result<(), String> {
+    let Some(k) = kept.filter(|k| k.node != here) else {
+        return Ok(());
+    };
+    match (&k.slurm, slurm) {
+        (Some(old), Some(new))
+            if old.job_id == new.job_id && new.restart_count > old.restart_count =>
+        {
+            Ok(())
+        }
+        (Some(old), Some(new)) if old.job_id == new.job_id => Err(format!(
+            "job {name} belongs to run {} of Slurm job {} on node {}, a later run than this \
+             one ({}): this copy is stale",
+            old.restart_count, old.job_id, k.node, new.restart_count
+        )),
+        _ => Err(format!(
+            "you already have a job named {name}, supervised on node {} (the users' area is \
+             shared): cancel it there first, or give this one another `name`",
+            k.node
+        )),
+    }
 }
 
 fn jobs_dir(svc: &ServiceConfig, uid: u32) -> PathBuf {
@@ -262,6 +323,8 @@ impl UserJob {
             path: sub.path.clone(),
             cwd: sub.cwd.clone(),
             submitted: chrono::Utc::now(),
+            node: Some(svc.node.clone()),
+            slurm: self.slurm.clone(),
         };
         crate::fsutil::write_atomic(
             &dir.join(format!("{}.json", self.cfg.name)),
@@ -275,8 +338,28 @@ impl UserJob {
         )
     }
 
-    /// Forgets the job (with `purge`, its state and images too).
-    pub fn forget(svc: &ServiceConfig, uid: u32, name: &str, purge: bool) -> std::io::Result<()> {
+    /// Where the job `name` of user `uid` is kept, if it is.
+    pub fn placement(svc: &ServiceConfig, uid: u32, name: &str) -> Option<Placement> {
+        let p = jobs_dir(svc, uid).join(format!("{name}.json"));
+        let kept = read_kept(&p)?;
+        Some(Placement {
+            node: kept.node.unwrap_or_else(|| svc.node.clone()),
+            slurm: kept.slurm,
+        })
+    }
+
+    /// Forgets the job (with `purge`, its state and images too), unless
+    /// another node's service supervises it now (a Slurm rerun there):
+    /// then nothing is removed, and `Ok(Some(node))` names that node.
+    pub fn forget(
+        svc: &ServiceConfig,
+        uid: u32,
+        name: &str,
+        purge: bool,
+    ) -> std::io::Result<Option<String>> {
+        if let Some(p) = Self::placement(svc, uid, name).filter(|p| p.node != svc.node) {
+            return Ok(Some(p.node));
+        }
         let dir = jobs_dir(svc, uid);
         for ext in ["toml", "json"] {
             match fs::remove_file(dir.join(format!("{name}.{ext}"))) {
@@ -291,7 +374,7 @@ impl UserJob {
                 _ => {}
             }
         }
-        Ok(())
+        Ok(None)
     }
 
     /// Bytes user `uid` keeps in the service's area (images, state).
@@ -321,6 +404,17 @@ pub fn load_user_jobs(svc: &ServiceConfig) -> Vec<Result<UserJob, String>> {
             .collect();
         names.sort();
         for toml_path in names {
+            let elsewhere = read_kept(&toml_path.with_extension("json"))
+                .and_then(|k| k.node)
+                .filter(|n| *n != svc.node);
+            if let Some(node) = elsewhere {
+                tracing::info!(
+                    job = %toml_path.display(),
+                    node = %node,
+                    "not supervising a kept job here: node {node} supervises it now"
+                );
+                continue;
+            }
             out.push(load_one(svc, uid, &toml_path));
         }
     }
@@ -330,9 +424,7 @@ pub fn load_user_jobs(svc: &ServiceConfig) -> Vec<Result<UserJob, String>> {
 fn load_one(svc: &ServiceConfig, uid: u32, toml_path: &Path) -> Result<UserJob, String> {
     let text = crate::fsutil::read_limited(toml_path, 1 << 20)
         .map_err(|e| crate::fsutil::describe_error(toml_path, &e))?;
-    let kept: Kept = crate::fsutil::read_limited(&toml_path.with_extension("json"), 64 << 10)
-        .ok()
-        .and_then(|b| serde_json::from_slice(&b).ok())
+    let kept = read_kept(&toml_path.with_extension("json"))
         .ok_or_else(|| format!("{}: its submission record is missing", toml_path.display()))?;
     let owner = match uid {
         0 => None,
@@ -348,7 +440,14 @@ fn load_one(svc: &ServiceConfig, uid: u32, toml_path: &Path) -> Result<UserJob, 
         cfg: apply_service(cfg, uid, owner, svc),
         uid,
         user,
+        slurm: kept.slurm,
     })
+}
+
+fn read_kept(p: &Path) -> Option<Kept> {
+    crate::fsutil::read_limited(p, 64 << 10)
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
 }
 
 #[cfg(test)]
@@ -376,6 +475,42 @@ mod tests {
             "{e}"
         );
         assert!(forbidden_key("command = [\"x\"]\nuser = \"root\"\n", p).is_some());
+    }
+
+    fn run(id: &str, node: &str, n: u32) -> SlurmContext {
+        SlurmContext {
+            job_id: id.into(),
+            node: node.into(),
+            restart_count: n,
+        }
+    }
+
+    #[test]
+    fn only_a_later_run_of_the_same_slurm_job_takes_a_job_from_another_node() {
+        let on = |node: &str, s: Option<SlurmContext>| Placement {
+            node: node.into(),
+            slurm: s,
+        };
+        // Kept nowhere, or here: always.
+        assert!(may_take("n2", "sim", None, None).is_ok());
+        assert!(may_take("n2", "sim", Some(&on("n2", None)), None).is_ok());
+        let kept = on("n1", Some(run("42", "n1", 0)));
+        // The rerun of Slurm job 42 on n2.
+        assert!(may_take("n2", "sim", Some(&kept), Some(&run("42", "n2", 1))).is_ok());
+        // Not a Slurm job, another Slurm job, or the same run again.
+        let e = may_take("n2", "sim", Some(&kept), None).unwrap_err();
+        assert!(e.contains("supervised on node n1"), "{e}");
+        assert!(may_take("n2", "sim", Some(&kept), Some(&run("43", "n2", 1))).is_err());
+        let e = may_take("n2", "sim", Some(&kept), Some(&run("42", "n2", 0))).unwrap_err();
+        assert!(e.contains("stale"), "{e}");
+        // A job kept on n1 without Slurm is n1's.
+        assert!(may_take(
+            "n2",
+            "sim",
+            Some(&on("n1", None)),
+            Some(&run("42", "n2", 1))
+        )
+        .is_err());
     }
 
     #[test]

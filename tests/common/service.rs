@@ -37,13 +37,38 @@ pub fn node(env: &Env, limits: &str) -> Node {
     }
 }
 
+/// The service of cluster node `name` (`[service] node`), its users'
+/// area `users` shared with the other nodes' services, its socket
+/// `<env>/run-<name>/supervise.sock`.
+pub fn node_named(env: &Env, name: &str, users: &Path) -> Node {
+    fs::set_permissions(env.path(), fs::Permissions::from_mode(0o755)).unwrap();
+    let config = env.path().join(format!("{name}.toml"));
+    fs::write(
+        &config,
+        format!(
+            "[service]\nusers_dir = \"{}\"\nnode = \"{name}\"\n",
+            users.display()
+        ),
+    )
+    .unwrap();
+    Node {
+        config,
+        socket: env
+            .path()
+            .join(format!("run-{name}"))
+            .join("supervise.sock"),
+        users: users.to_path_buf(),
+    }
+}
+
 pub fn start(env: &Env, n: &Node) -> Sup {
+    // The log is named after the last argument: the configuration's name.
     let sup = env.start_with(&[
         OsStr::new("--service"),
-        OsStr::new("--config"),
-        n.config.as_os_str(),
         OsStr::new("--socket"),
         n.socket.as_os_str(),
+        OsStr::new("--config"),
+        n.config.as_os_str(),
     ]);
     sup.wait_for("control socket ready", 1, T);
     sup
