@@ -69,6 +69,34 @@ PIN
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq -t forky criu python3-pycriu libcriu-dev >/dev/null
 fi
 
+# criu from forky needs libnl-3-200 >= 3.11, so the rest of the libnl family
+# (libnl-route-3-200, ...) must come from forky too, or nothing that links
+# it installs any more (Debian's OpenMPI: "libnl-route-3-200 : Depends:
+# libnl-3-200 (= 3.7.0-0.2+b1) but 3.12.0-2+b1 is to be installed").
+if [ -f /etc/apt/sources.list.d/supervise-forky.sources ] &&
+   [ ! -f /etc/apt/preferences.d/supervise-forky-libnl ]; then
+  log "pinning the libnl family to forky (it follows criu's libnl-3-200)"
+  $SUDO tee /etc/apt/preferences.d/supervise-forky-libnl >/dev/null <<'PIN'
+# The libnl family follows libnl-3-200, which criu from forky needs at
+# >= 3.11: all of it from forky, so that packages linking libnl-route and
+# friends (e.g. Debian's OpenMPI) still install.
+Package: src:libnl3
+Pin: release n=forky
+Pin-Priority: 990
+PIN
+  apt_updated=0
+  apt_update
+fi
+# Upgrade any member of the family already installed from bookworm.
+old_nl=$(dpkg-query -W -f='${Package} ${Version} ${Status}\n' 'libnl-*' 2>/dev/null |
+  awk '$NF == "installed" && $2 !~ /^3\.1[1-9]/ {print $1}' | tr '\n' ' ')
+if [ -n "${old_nl// /}" ]; then
+  apt_update
+  log "upgrading $old_nl from forky"
+  # shellcheck disable=SC2086
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq -t forky $old_nl >/dev/null
+fi
+
 # `man` for tests/package.rs (man -P cat supervise on the installed package).
 if ! command -v man >/dev/null 2>&1; then
   apt_update

@@ -28,4 +28,5 @@ mod slurm;
 pub mod store;
 mod supervisor;
 pub mod systemd;
+pub mod tcp;
 pub mod userns;

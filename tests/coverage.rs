@@ -230,6 +230,71 @@ fn process_tree_zombie_sessions() {
     matrix("ptree", "");
 }
 
+/// A parent and its child talking over loopback TCP, with a listener:
+/// both ends are in the job's tree, so no key is needed — supervise
+/// checkpoints the connection as established and restores it so.
+#[test]
+#[cfg_attr(not(criu), ignore = "needs root and CRIU >= 4.2 (scripts/setup.sh)")]
+fn tcp_inside_the_job_needs_no_key() {
+    let env = Env::new();
+    matrix_in(&env, "tcppair", "");
+    let log = fs::read_to_string(env.path().join("supervise-tcppair.log")).unwrap();
+    assert!(
+        log.contains("the job's TCP connections all run inside its process tree"),
+        "{log}"
+    );
+    let out = numbers(&env.path().join("tcppair.out"));
+    assert_exactly_once(&out);
+}
+
+/// A TCP client of a server outside the job, with no key: the checkpoint
+/// is refused before the job is frozen, naming the connection (both
+/// addresses) and the job file's key, and the job runs on.
+#[test]
+#[cfg_attr(not(criu), ignore = "needs root and CRIU >= 4.2 (scripts/setup.sh)")]
+fn tcp_to_an_outside_peer_names_the_peer_and_the_key() {
+    let env = Env::new();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    fs::write(env.path().join("port"), port.to_string()).unwrap();
+    let server = std::thread::spawn(move || {
+        use std::io::Read;
+        let (mut c, _) = listener.accept().unwrap();
+        let mut buf = [0u8; 4096];
+        while matches!(c.read(&mut buf), Ok(n) if n > 0) {}
+    });
+    let job = write_job(&env, "tcpclient", "");
+    let out_path = env.path().join("tcpclient.out");
+    let sup = env.start(&job);
+    wait_until("READY", T, || {
+        fs::read_to_string(&out_path)
+            .unwrap_or_default()
+            .contains("READY")
+    });
+    let ck = env.ctl(&["checkpoint", "tcpclient"]);
+    let err = String::from_utf8_lossy(&ck.stderr);
+    assert!(!ck.status.success(), "checkpoint succeeded");
+    assert!(err.contains("the job keeps running"), "{err}");
+    assert!(
+        err.contains(&format!("-> 127.0.0.1:{port} (process")),
+        "the error names the peer: {err}"
+    );
+    assert!(
+        err.contains("`[checkpoint] tcp_established = true`"),
+        "the error names the key: {err}"
+    );
+    assert!(!err.contains("--tcp-established"), "not CRIU's flag: {err}");
+    assert_eq!(sup.checkpoints("tcpclient"), 0);
+    assert_eq!(sup.job_status("tcpclient")["state"], "running");
+    let n = numbers(&out_path).len();
+    wait_until("steps after the refusal", T, || {
+        numbers(&out_path).len() >= n + 3
+    });
+    // supervise stops the job (its connection closes, the server ends).
+    drop(sup);
+    server.join().unwrap();
+}
+
 /// A TCP client of a server outside the job (this test's listener). The
 /// connection is checkpointed with `tcp_established`; the crash resets it
 /// in the kernel, so it cannot come back established: with `tcp_close` the

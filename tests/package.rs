@@ -272,3 +272,17 @@ fn debian_package_installs_works_and_removes() {
         assert!(!Path::new(f).exists(), "{f} removed");
     }
 }
+
+/// After scripts/setup.sh (CRIU from forky, with a newer libnl-3-200),
+/// Debian's MPI stack still installs: the libnl family follows libnl-3
+/// (simulated: `apt-get install -s`, nothing is installed).
+#[test]
+#[cfg_attr(not(criu), ignore = "needs root and CRIU >= 4.2 (scripts/setup.sh)")]
+fn debian_openmpi_installs_after_setup() {
+    let out = run("apt-get", &["install", "-s", "libopenmpi3"]);
+    assert!(
+        out.status.success(),
+        "apt-get install -s libopenmpi3 does not resolve after scripts/setup.sh:\n{}",
+        text(&out)
+    );
+}

@@ -45,9 +45,17 @@ fn dump_failed(e: CriuError) -> CheckpointError {
         }
         _ => false,
     };
+    let mut message = e.to_string();
+    // CRIU names its command-line flag; say the job file's key.
+    if message.contains("consider using --tcp-established") {
+        message.push_str(
+            " (a TCP connection to a peer outside the job: set `[checkpoint] tcp_established = \
+             true` in the job file)",
+        );
+    }
     CheckpointError::Failed {
         step: CheckpointStep::Dump,
-        message: e.to_string(),
+        message,
         resource,
     }
 }
@@ -183,7 +191,38 @@ impl Engine for Criu {
 /// processes) are recorded at the instant of the dump.
 fn dump_blocking(reaper: &Reaper, mut req: DumpRequest) -> Dumped {
     let host_pid = req.host_pid;
+    // TCP connections whose both ends are in the job's tree are taken as
+    // established without the key; one to an outside peer needs it. Looked
+    // at before the dump, and again once the job is frozen (post-dump).
+    let auto_tcp = !req.opts.tcp_established;
+    if auto_tcp {
+        match crate::tcp::inspect(&crate::proc::tree(host_pid)) {
+            Ok(crate::tcp::Verdict::Inside(c)) => {
+                info!(
+                    connections = c.len(),
+                    "the job's TCP connections all run inside its process tree: checkpointing \
+                     them as established"
+                );
+                req.opts.tcp_established = true;
+            }
+            Ok(crate::tcp::Verdict::Outside(o)) => {
+                return Dumped {
+                    result: Err(CheckpointError::Failed {
+                        step: CheckpointStep::Dump,
+                        message: outside_peers(&o),
+                        resource: false,
+                    }),
+                    files: None,
+                    tree: Vec::new(),
+                    pages: req.pages,
+                };
+            }
+            Ok(crate::tcp::Verdict::None) => {}
+            Err(e) => warn!(error = %e, "cannot list the job's TCP connections"),
+        }
+    }
     let mut files: Option<Result<CaptureSummary, crate::files::FilesError>> = None;
+    let mut tcp_refused: Option<String> = None;
     let mut tree: Vec<ProcId> = Vec::new();
     let (attached, files_cfg, ignore, dir) = (req.attached, &req.files, &req.ignore, &req.dir);
     let mut on_notify = |script: &str| {
@@ -195,6 +234,23 @@ fn dump_blocking(reaper: &Reaper, mut req: DumpRequest) -> Dumped {
         let pids = crate::proc::tree(host_pid);
         if attached {
             tree = pids.iter().filter_map(|p| ProcId::of(*p)).collect();
+        }
+        // The connections at the instant of the dump: recorded in the
+        // image (a restore clears their leftovers), and none may lead
+        // outside unless the job file says so.
+        if let Ok(v) = crate::tcp::inspect(&pids) {
+            match v {
+                crate::tcp::Verdict::Outside(o) if auto_tcp => {
+                    tcp_refused = Some(outside_peers(&o));
+                    return false;
+                }
+                crate::tcp::Verdict::Inside(c) => {
+                    if let Err(e) = crate::tcp::record(dir, &c) {
+                        warn!(error = %e, "cannot record the job's TCP connections in the image");
+                    }
+                }
+                _ => {}
+            }
         }
         if !files_cfg.rollback {
             return true;
@@ -223,6 +279,11 @@ fn dump_blocking(reaper: &Reaper, mut req: DumpRequest) -> Dumped {
         resource,
     };
     let result = match (r, files.take()) {
+        (Err(_), _) if tcp_refused.is_some() => Err(CheckpointError::Failed {
+            step: CheckpointStep::Dump,
+            message: tcp_refused.take().unwrap_or_default(),
+            resource: false,
+        }),
         (_, Some(Err(e))) => Err(capture(
             format!("cannot record the job's files: {e}"),
             e.is_resource(),
@@ -251,6 +312,27 @@ fn dump_blocking(reaper: &Reaper, mut req: DumpRequest) -> Dumped {
         tree,
         pages: req.pages,
     }
+}
+
+/// The checkpoint error for connections to peers outside the job's tree,
+/// in supervise's words.
+fn outside_peers(o: &[crate::tcp::Outside]) -> String {
+    let list: Vec<String> = o.iter().take(4).map(|c| c.to_string()).collect();
+    let more = o.len().saturating_sub(4);
+    format!(
+        "the job has {} TCP connection{} to a peer outside its process tree: {}{}; such a \
+         connection is checkpointed only with `[checkpoint] tcp_established = true` in the \
+         job file (after a crash the peer has reset it: add `[checkpoint] tcp_close = true` \
+         so that the restored job sees it closed and can reconnect)",
+        o.len(),
+        if o.len() == 1 { "" } else { "s" },
+        list.join(", "),
+        if more > 0 {
+            format!(" and {more} more")
+        } else {
+            String::new()
+        }
+    )
 }
 
 /// The job's files go back to the checkpoint's instant, then CRIU
@@ -303,10 +385,22 @@ fn restore_blocking(reaper: &Reaper, req: RestoreRequest) -> Result<RestoredJob,
             }
         }
     };
+    // An image with connected TCP sockets (tcp-stream-*.img, e.g. taken as
+    // established because both ends were in the job) is restored with
+    // tcp_established too.
+    let mut opts = req.opts.clone();
+    if !opts.tcp_established && has_tcp_streams(&req.images) {
+        opts.tcp_established = true;
+    }
+    // What the dead job's connections left in the kernel (TIME_WAIT on its
+    // own ports) would keep its listeners from binding again.
+    if crate::tcp::clear_leftovers(&req.images) > 0 {
+        warn!("cannot clear what the job's dead TCP connections left in the kernel (ss -K)");
+    }
     let res = crate::job::restore(
         reaper,
         &req.images,
-        &req.opts,
+        &opts,
         &req.init,
         &mut on_notify,
         req.lazy,
@@ -321,6 +415,18 @@ fn restore_blocking(reaper: &Reaper, req: RestoreRequest) -> Result<RestoredJob,
         )),
         (Err(e), None) => Err(RestoreError::image(RestoreStep::CriuRestore, e.to_string())),
     }
+}
+
+/// True if the image in `dir` holds connected TCP sockets (CRIU writes a
+/// `tcp-stream-<inode>.img` for each).
+fn has_tcp_streams(dir: &std::path::Path) -> bool {
+    std::fs::read_dir(dir).is_ok_and(|d| {
+        d.flatten().any(|e| {
+            e.file_name()
+                .to_str()
+                .is_some_and(|n| n.starts_with("tcp-stream-") && n.ends_with(".img"))
+        })
+    })
 }
 
 /// Gives the materialised image directory `dir` (fresh, private, in a

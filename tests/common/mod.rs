@@ -60,6 +60,7 @@ pub fn progs() -> &'static Path {
             ("mthread", "tests/progs/mthread.c", "-pthread"),
             ("ptree", "tests/progs/ptree.c", ""),
             ("tcpclient", "tests/progs/tcpclient.c", ""),
+            ("tcppair", "tests/progs/tcppair.c", ""),
             ("ghost", "tests/progs/ghost.c", ""),
             ("lease", "tests/progs/lease.c", ""),
             ("mtime", "tests/progs/mtime.c", ""),
