@@ -158,10 +158,12 @@ async fn run(a: Args) {
         env: Default::default(),
         stdout: dir.join("stdout.log"),
         stderr: dir.join("stderr.log"),
+        private_tmp: false,
     };
     let init_files = InitFiles {
         status_file: dir.join("exit-status"),
         owner: None,
+        private_tmp: None,
     };
     let r2 = reaper.clone();
     let mut running = tokio::task::spawn_blocking(move || job::launch(&r2, &spec, &init_files))

@@ -191,6 +191,10 @@ pub struct LaunchSpec {
     pub stdout: PathBuf,
     /// Absolute path of the file stderr is appended to.
     pub stderr: PathBuf,
+    /// The job gets a /tmp of its own (`private_tmp`, default true): a
+    /// directory `<state_dir>/tmp` bound over /tmp in its mount namespace,
+    /// kept across restores, removed when the job ends.
+    pub private_tmp: bool,
 }
 
 /// The `[checkpoint]` table.

@@ -367,6 +367,22 @@ fn excluded(path: &Path, cfg: &FilesConfig, ignore: &[PathBuf]) -> bool {
 
 /// Regular files `pid` holds open for writing, and its shared writable file
 /// mappings. Unlinked files and non-files are left out.
+/// The path outside the job's mount namespace of `p`, a path the job
+/// sees: under the inside path of one of `views`, the same place under its
+/// outside path; else `p` itself.
+pub fn outside_path(p: &Path, views: &[(PathBuf, PathBuf)]) -> PathBuf {
+    for (inside, outside) in views {
+        if let Ok(rest) = p.strip_prefix(inside) {
+            return if rest.as_os_str().is_empty() {
+                outside.clone()
+            } else {
+                outside.join(rest)
+            };
+        }
+    }
+    p.to_path_buf()
+}
+
 pub fn opened_for_writing(pid: i32) -> io::Result<Vec<Opened>> {
     let mut out = Vec::new();
     let fd_dir = PathBuf::from(format!("/proc/{pid}/fd"));

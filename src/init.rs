@@ -66,6 +66,10 @@ pub struct InitSpec {
     /// CRIU (restores) as the owner with the namespace's capabilities.
     #[serde(default)]
     pub owner: Option<crate::userns::Owner>,
+    /// A directory to bind over /tmp in the job's mount namespace (its
+    /// private /tmp), for a launch and for every restore alike.
+    #[serde(default)]
+    pub private_tmp: Option<PathBuf>,
 }
 
 /// See [`InitSpec`].
@@ -176,7 +180,7 @@ fn run(report: &mut File) -> Result<ExitStatus, String> {
     if spec.owner.is_some() {
         crate::userns::await_maps()?;
     }
-    setup_namespace()?;
+    setup_namespace(spec.private_tmp.as_deref())?;
     close_on_exec_from(3);
     let owner = spec.owner.as_ref();
     let root = match &spec.mode {
@@ -212,7 +216,7 @@ fn run(report: &mut File) -> Result<ExitStatus, String> {
     Ok(status)
 }
 
-fn setup_namespace() -> Result<(), String> {
+fn setup_namespace(private_tmp: Option<&Path>) -> Result<(), String> {
     use nix::mount::{mount, MsFlags};
     mount(
         None::<&str>,
@@ -230,6 +234,21 @@ fn setup_namespace() -> Result<(), String> {
         None::<&str>,
     )
     .map_err(|e| format!("cannot mount /proc in the job's namespace: {e}"))?;
+    if let Some(dir) = private_tmp {
+        mount(
+            Some(dir),
+            "/tmp",
+            None::<&str>,
+            MsFlags::MS_BIND | MsFlags::MS_REC,
+            None::<&str>,
+        )
+        .map_err(|e| {
+            format!(
+                "cannot bind the job's private /tmp ({}) over /tmp: {e}",
+                dir.display()
+            )
+        })?;
+    }
     Ok(())
 }
 

@@ -255,6 +255,9 @@ pub struct InitFiles {
     pub status_file: PathBuf,
     /// The job's owner (`None`: root's job, no user namespace).
     pub owner: Option<crate::userns::Owner>,
+    /// The directory bound over /tmp in the job's mount namespace (its
+    /// private /tmp), if it has one.
+    pub private_tmp: Option<PathBuf>,
 }
 
 struct Pipe {
@@ -446,6 +449,7 @@ pub fn launch(reaper: &Reaper, spec: &LaunchSpec, files: &InitFiles) -> Result<R
         status_file: Some(files.status_file.clone()),
         nofile_soft: crate::fdlimit::job_soft_limit(),
         owner: files.owner.clone(),
+        private_tmp: files.private_tmp.clone(),
     };
     let (init_pid, exit) = clone_init(reaper, &ispec, &[&report.w, &control.r])?;
     drop(report.w);
@@ -501,6 +505,7 @@ pub fn restore(
         status_file: Some(files.status_file.clone()),
         nofile_soft: None,
         owner: files.owner.clone(),
+        private_tmp: files.private_tmp.clone(),
     };
     // An owned job's CRIU reaches the images through a descriptor
     // (init::IMAGES_FD), not through root's directories.

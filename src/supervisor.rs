@@ -27,7 +27,7 @@ use std::time::Duration;
 use tokio::sync::{mpsc, watch};
 use tracing::{error, info, warn};
 
-use crate::config::{JobConfig, ShutdownAction};
+use crate::config::{JobConfig, ShutdownAction, Target};
 use crate::control::{Command, JobPort, Response};
 use crate::fence::{Fence, Handover, Owner};
 use crate::job::InitFiles;
@@ -158,8 +158,120 @@ impl<E> Ctx<E> {
         InitFiles {
             status_file: self.run_dir.join("exit-status"),
             owner: self.cfg.owner.clone(),
+            private_tmp: self.private_tmp(),
         }
     }
+
+    /// The job's private /tmp (`<state_dir>/tmp`), made if need be: the
+    /// owner's (0700) for a job that runs as its owner, else root's with
+    /// /tmp's mode (1777). `None` when the job has none (`private_tmp =
+    /// false`, an attached process) or it cannot be made (logged; the job
+    /// then shares the host's /tmp).
+    pub(crate) fn private_tmp(&self) -> Option<PathBuf> {
+        if !self.has_private_tmp() {
+            return None;
+        }
+        let dir = private_tmp_dir(&self.cfg.state_dir);
+        match ensure_private_tmp(&dir, self.cfg.owner.as_ref()) {
+            Ok(()) => Some(dir),
+            Err(e) => {
+                warn!(dir = %dir.display(), error = %e, "cannot make the job's private /tmp; it shares the host's /tmp");
+                None
+            }
+        }
+    }
+
+    /// Whether the job gets a private /tmp: asked (`private_tmp`, the
+    /// default) for a launched job none of whose own paths (working
+    /// directory, output files, program) is under /tmp, which its private
+    /// /tmp would hide.
+    pub(crate) fn has_private_tmp(&self) -> bool {
+        match &self.cfg.target {
+            Target::Launch(s) => s.private_tmp && paths_under_tmp(s).is_empty(),
+            Target::Attach { .. } => false,
+        }
+    }
+
+    /// The `[files]` table, with the job's private /tmp as a view: the
+    /// job's `/tmp/...` is `<state_dir>/tmp/...` outside its namespace.
+    pub(crate) fn files_config(&self) -> crate::files::FilesConfig {
+        let mut f = self.cfg.files.clone();
+        if self.has_private_tmp() {
+            f.views
+                .push((PathBuf::from("/tmp"), private_tmp_dir(&self.cfg.state_dir)));
+        }
+        f
+    }
+
+    /// Removes the job's private /tmp (the job has ended for good).
+    pub(crate) fn remove_private_tmp(&self) {
+        let dir = private_tmp_dir(&self.cfg.state_dir);
+        match std::fs::remove_dir_all(&dir) {
+            Ok(()) => info!(dir = %dir.display(), "removed the job's private /tmp"),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                warn!(dir = %dir.display(), error = %e, "cannot remove the job's private /tmp")
+            }
+        }
+    }
+}
+
+/// The job's own paths under /tmp (its private /tmp would hide them).
+pub fn paths_under_tmp(spec: &crate::config::LaunchSpec) -> Vec<PathBuf> {
+    let prog = spec
+        .command
+        .first()
+        .map(PathBuf::from)
+        .filter(|p| p.is_absolute());
+    [
+        Some(spec.cwd.clone()),
+        Some(spec.stdout.clone()),
+        Some(spec.stderr.clone()),
+        prog,
+    ]
+    .into_iter()
+    .flatten()
+    .filter(|p| p.starts_with("/tmp"))
+    .collect()
+}
+
+/// Where the private /tmp of the job whose state directory is `state_dir`
+/// lives.
+pub fn private_tmp_dir(state_dir: &std::path::Path) -> PathBuf {
+    state_dir.join("tmp")
+}
+
+/// Makes `dir` (in the job's trusted state directory) a directory, never
+/// through a symlink, owned and moded as [`Ctx::private_tmp`] says.
+fn ensure_private_tmp(
+    dir: &std::path::Path,
+    owner: Option<&crate::userns::Owner>,
+) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    match std::fs::create_dir(dir) {
+        Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => return Err(e),
+        _ => {}
+    }
+    let md = std::fs::symlink_metadata(dir)?;
+    if !md.is_dir() {
+        return Err(std::io::Error::other(format!(
+            "{} is not a directory",
+            dir.display()
+        )));
+    }
+    let (uid, gid, mode) = match owner {
+        Some(o) => (o.uid, o.gid, 0o700),
+        None => (0, 0, 0o1777),
+    };
+    nix::unistd::fchownat(
+        None,
+        dir,
+        Some(nix::unistd::Uid::from_raw(uid)),
+        Some(nix::unistd::Gid::from_raw(gid)),
+        nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
+    )
+    .map_err(std::io::Error::from)?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode))
 }
 
 /// What the restart policy remembers, and what restores learnt.
@@ -295,6 +407,16 @@ impl<E: Engine> Supervisor<E> {
             images = %self.ctx.cfg.checkpoint.dir.display(),
             "supervising"
         );
+        if let Target::Launch(s) = &self.ctx.cfg.target {
+            let under = paths_under_tmp(s);
+            if s.private_tmp && !under.is_empty() {
+                info!(
+                    paths = ?under,
+                    "the job's own paths are under /tmp: it shares the host's /tmp (a private \
+                     /tmp would hide them; `private_tmp = false` says so and silences this)"
+                );
+            }
+        }
         if let Err(reason) = self.take_lease().await {
             return self.fail(reason);
         }
@@ -307,6 +429,11 @@ impl<E: Engine> Supervisor<E> {
         let outcome = self.run_inner(shutdown).await;
         if let Some(s) = scrub {
             s.abort();
+        }
+        // A job that has ended needs its private /tmp no more (one that
+        // stopped, failed or gave way keeps it for its next restore).
+        if matches!(outcome, Outcome::Completed(_)) {
+            self.ctx.remove_private_tmp();
         }
         // Whatever the end, this copy no longer runs the job.
         if let Some(f) = &self.ctx.fence {

@@ -326,10 +326,12 @@ fn bench(reaper: &Reaper, a: &Args) {
         env: Default::default(),
         stdout: out.clone(),
         stderr: work.join("job.err"),
+        private_tmp: false,
     };
     let files = InitFiles {
         status_file: work.join("exit-status"),
         owner: None,
+        private_tmp: None,
     };
     let job = job::launch(reaper, &spec, &files).expect("launch");
     // Whatever happens below, the job does not outlive the benchmark.

@@ -31,6 +31,7 @@ pub(super) struct RawJob {
     pub(super) stdout: Option<Spanned<PathValue>>,
     pub(super) stderr: Option<Spanned<PathValue>>,
     pub(super) state_dir: Option<PathValue>,
+    pub(super) private_tmp: Option<bool>,
     pub(super) checkpoint: Option<Table<RawCheckpoint>>,
     pub(super) restore: Option<Table<RawRestore>>,
     pub(super) shutdown: Option<Table<RawShutdown>>,

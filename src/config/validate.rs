@@ -236,6 +236,7 @@ fn build(raw: RawJob, ctx: &Ctx<'_>) -> Result<JobConfig, ConfigError> {
                 env: raw.env.map(|e| e.vars).unwrap_or_default(),
                 stdout,
                 stderr,
+                private_tmp: raw.private_tmp.unwrap_or(true),
             })
         }
     };
@@ -433,6 +434,7 @@ fn build_files(
         snapshot: strip(snapshot),
         append: strip(append),
         exclude: strip(exclude),
+        views: Vec::new(),
     })
 }
 

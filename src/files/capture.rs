@@ -280,7 +280,7 @@ pub fn capture(
     }
     for p in &cfg.snapshot {
         if !excluded(p, cfg, ignore) {
-            rec.listed_file(p)?;
+            rec.listed_file(&super::outside_path(p, &cfg.views))?;
         }
     }
     rec.finish(start)
@@ -328,6 +328,8 @@ fn candidates(
                 continue;
             }
             let (mode, why) = mode_of(&o, cfg);
+            let mut o = o;
+            o.path = super::outside_path(&o.path, &cfg.views);
             let key = (o.dev, o.ino);
             if let Some(rel) = holder_entry(&o.handle, pid) {
                 out.holders.entry(key).or_default().push((ns_pid, rel));

@@ -18,6 +18,11 @@ pub struct FilesConfig {
     /// Absolute paths (files, or directories with everything under them)
     /// never recorded nor touched.
     pub exclude: Vec<PathBuf>,
+    /// Directories supervise bound in the job's mount namespace, as (the
+    /// path the job sees, the path outside): the job's private /tmp. The
+    /// job's paths under them are recorded and rolled back at the outside
+    /// path. Set by the supervisor, not by the job file.
+    pub views: Vec<(PathBuf, PathBuf)>,
 }
 
 impl Default for FilesConfig {
@@ -27,6 +32,7 @@ impl Default for FilesConfig {
             snapshot: Vec::new(),
             append: Vec::new(),
             exclude: Vec::new(),
+            views: Vec::new(),
         }
     }
 }

@@ -367,6 +367,13 @@ impl UserJob {
                 _ => {}
             }
         }
+        // The job's private /tmp goes with the job.
+        let tmp =
+            crate::supervisor::private_tmp_dir(&svc.users_dir.join(uid.to_string()).join(name));
+        match fs::remove_dir_all(&tmp) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
         if purge {
             let state = svc.users_dir.join(uid.to_string()).join(name);
             match fs::remove_dir_all(&state) {

@@ -202,7 +202,7 @@ async fn dump<E: Engine>(ctx: &Ctx<E>, job: &Running, staged: Staged) -> (Stagin
         opts: ctx.cfg.checkpoint.criu.clone(),
         timeout: ctx.cfg.checkpoint.timeout,
         mode,
-        files: ctx.cfg.files.clone(),
+        files: ctx.files_config(),
         ignore,
         attached: job.init_pid.is_none(),
         pages,

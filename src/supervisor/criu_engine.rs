@@ -235,6 +235,16 @@ fn dump_blocking(reaper: &Reaper, mut req: DumpRequest) -> Dumped {
         if attached {
             tree = pids.iter().filter_map(|p| ProcId::of(*p)).collect();
         }
+        // The image says whether the job had a private /tmp: a restore
+        // binds one only for an image that had it.
+        if !files_cfg.views.is_empty() {
+            if let Err(e) =
+                crate::fsutil::write_atomic(&dir.join(PRIVATE_TMP_MARK), b"/tmp\n", 0o600)
+            {
+                warn!(error = %e, "cannot record the job's private /tmp in the image");
+                return false;
+            }
+        }
         // The connections at the instant of the dump: recorded in the
         // image (a restore clears their leftovers), and none may lead
         // outside unless the job file says so.
@@ -397,14 +407,14 @@ fn restore_blocking(reaper: &Reaper, req: RestoreRequest) -> Result<RestoredJob,
     if crate::tcp::clear_leftovers(&req.images) > 0 {
         warn!("cannot clear what the job's dead TCP connections left in the kernel (ss -K)");
     }
-    let res = crate::job::restore(
-        reaper,
-        &req.images,
-        &opts,
-        &req.init,
-        &mut on_notify,
-        req.lazy,
-    );
+    // The job comes back with the /tmp it had: its private one only if the
+    // image was taken with it (an image from before, or with
+    // `private_tmp = false`, saw the host's).
+    let mut init = req.init.clone();
+    if !req.images.join(PRIVATE_TMP_MARK).exists() {
+        init.private_tmp = None;
+    }
+    let res = crate::job::restore(reaper, &req.images, &opts, &init, &mut on_notify, req.lazy);
     match (res, refusal) {
         (Ok(restored), _) => Ok(RestoredJob { restored, actions }),
         (Err(_), Some(why)) => Err(RestoreError::image(RestoreStep::Verify, why)),
@@ -416,6 +426,9 @@ fn restore_blocking(reaper: &Reaper, req: RestoreRequest) -> Result<RestoredJob,
         (Err(e), None) => Err(RestoreError::image(RestoreStep::CriuRestore, e.to_string())),
     }
 }
+
+/// In an image taken with the job's private /tmp bound over /tmp.
+pub const PRIVATE_TMP_MARK: &str = "supervise-private-tmp";
 
 /// True if the image in `dir` holds connected TCP sockets (CRIU writes a
 /// `tcp-stream-<inode>.img` for each).

@@ -276,7 +276,7 @@ impl<E: Engine> Restorer<'_, E> {
             images: m.path.clone(),
             opts: self.ctx.cfg.checkpoint.criu.clone(),
             init: self.ctx.init_files(),
-            files: self.ctx.cfg.files.clone(),
+            files: self.ctx.files_config(),
             lazy,
         };
         let res = self.ctx.engine.restore(req).await;

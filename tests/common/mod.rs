@@ -274,6 +274,17 @@ impl Env {
         }
     }
 
+    /// An env outside /tmp (in /var/tmp): for jobs whose own /tmp must
+    /// not hide their files.
+    pub fn outside_tmp() -> Env {
+        Env {
+            dir: tempfile::Builder::new()
+                .prefix("supervise-test-")
+                .tempdir_in("/var/tmp")
+                .unwrap(),
+        }
+    }
+
     pub fn path(&self) -> &Path {
         self.dir.path()
     }

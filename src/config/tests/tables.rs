@@ -22,6 +22,7 @@ fn defaults() {
             env: BTreeMap::new(),
             stdout: "/x/jobs/.supervise/counter/stdout.log".into(),
             stderr: "/x/jobs/.supervise/counter/stderr.log".into(),
+            private_tmp: true,
         })
     );
     assert_eq!(
@@ -215,6 +216,7 @@ fn files_table() {
             snapshot: vec!["/x/state.db".into(), "/abs/s".into()],
             append: vec!["/x/out/results.csv".into()],
             exclude: vec!["/x/scratch".into()],
+            views: Vec::new(),
         }
     );
     let off = parse("command = [\"a\"]\n[files]\nrollback = false\n").unwrap();

@@ -1,0 +1,208 @@
+//! What real HPC applications need from a plain job file (issue 25): each
+//! job gets its own /tmp (tools name files there by PID, and every job's
+//! PID namespace hands out the same PIDs). TCP inside the job: see
+//! tests/coverage.rs (`tcppair`).
+
+mod common;
+
+use std::fs;
+use std::path::Path;
+
+use common::*;
+
+/// A shell job that writes its name to /tmp/pid.$$, prints its PID once,
+/// then prints that file's content every 100 ms until `go` exists.
+/// It also counts 0, 1, 2, ... into /tmp/held.log, held open (appending)
+/// throughout: a file of its private /tmp that a restore rolls back.
+fn pid_file_job(env: &Env, name: &str, extra_top: &str) -> std::path::PathBuf {
+    let script = format!(
+        "echo {name} > /tmp/pid.$$; echo pid=$$; exec 3>>/tmp/held.log; i=0; \
+         while [ ! -e go ]; do echo $i >&3; i=$((i+1)); cat /tmp/pid.$$; sleep 0.1; done"
+    );
+    let mut jf = JobFile::program(name, &["/bin/sh", "-c", &script]).every("1h");
+    if !extra_top.is_empty() {
+        jf = jf.top(extra_top);
+    }
+    jf.write(env)
+}
+
+fn lines(p: &Path) -> Vec<String> {
+    fs::read_to_string(p)
+        .unwrap_or_default()
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
+/// Two jobs under one supervise, both writing /tmp/pid.$$ with the same
+/// PID (each in its own PID namespace): each reads back only its own
+/// name. A job's /tmp survives checkpoint -> SIGKILL -> restore, and is
+/// removed when the job ends.
+#[test]
+#[cfg_attr(not(criu), ignore = "needs root and CRIU >= 4.2 (scripts/setup.sh)")]
+fn each_job_has_its_own_tmp() {
+    progs();
+    subreaper();
+    let env = Env::outside_tmp();
+    let a = pid_file_job(&env, "a", "");
+    let b = pid_file_job(&env, "b", "");
+    let mut sup = env.start_with(&[a.as_os_str(), b.as_os_str()]);
+    let (out_a, out_b) = (env.path().join("a.out"), env.path().join("b.out"));
+    for o in [&out_a, &out_b] {
+        wait_until("lines from both jobs", T, || lines(o).len() >= 6);
+    }
+    let pid = |o: &Path| lines(o)[0].clone();
+    assert_eq!(
+        pid(&out_a),
+        pid(&out_b),
+        "both shells have the same PID in their namespaces"
+    );
+    let own = |o: &Path, name: &str| {
+        let l = lines(o);
+        assert!(
+            l[1..].iter().all(|x| x == name),
+            "{} read another job's file: {l:?}",
+            o.display()
+        );
+    };
+    own(&out_a, "a");
+    own(&out_b, "b");
+    let tmp_a = env.path().join(".supervise/a/tmp");
+    assert!(tmp_a.is_dir(), "a's private /tmp is in its state directory");
+    // Across a crash restore, a's /tmp is the same.
+    checkpoint(&env, "a");
+    // Lines written after the checkpoint, which the restore must undo.
+    let held = tmp_a.join("held.log");
+    let at = numbers(&held).len();
+    wait_until("lines after the checkpoint", T, || {
+        numbers(&held).len() >= at + 3
+    });
+    sup.kill_job("a");
+    sup.wait_restores("a", 1, T);
+    let n = lines(&out_a).len();
+    wait_until("a goes on after the restore", T, || {
+        lines(&out_a).len() >= n + 5
+    });
+    own(&out_a, "a");
+    own(&out_b, "b");
+    // held.log (at <state_dir>/tmp outside the job) was rolled back to the
+    // checkpoint: the count goes on exactly once.
+    // (Lines were written after the checkpoint: without the rollback the
+    // restored count would repeat them.)
+    assert_exactly_once(&numbers(&held));
+    // Both end: their private /tmp go with them.
+    fs::write(env.path().join("go"), "").unwrap();
+    sup.wait_for("job exited; supervision ends", 2, T);
+    assert!(!tmp_a.exists(), "a's private /tmp is removed when it ends");
+    assert!(!env.path().join(".supervise/b/tmp").exists());
+    assert_eq!(sup.wait_exit(T), 0);
+}
+
+/// `private_tmp = false`: the job sees the host's /tmp. (So does a job
+/// whose own paths are under /tmp: a private /tmp would hide them.)
+#[test]
+#[cfg_attr(not(criu), ignore = "needs root and CRIU >= 4.2 (scripts/setup.sh)")]
+fn private_tmp_false_shares_the_hosts_tmp() {
+    progs();
+    subreaper();
+    let env = Env::outside_tmp();
+    let marker = format!("supervise-test-{}", std::process::id());
+    let host = Path::new("/tmp").join(&marker);
+    fs::write(&host, "host").unwrap();
+    let script = format!("cat /tmp/{marker}; while [ ! -e go ]; do sleep 0.1; done");
+    let job = JobFile::program("shared", &["/bin/sh", "-c", &script])
+        .every("1h")
+        .top("private_tmp = false")
+        .write(&env);
+    let mut sup = env.start(&job);
+    let out = env.path().join("shared.out");
+    wait_until("the job read the host's file", T, || {
+        lines(&out).first().is_some_and(|l| l == "host")
+    });
+    assert!(!env.path().join(".supervise/shared/tmp").exists());
+    fs::write(env.path().join("go"), "").unwrap();
+    sup.wait_for("job exited; supervision ends", 1, T);
+    assert_eq!(sup.wait_exit(T), 0);
+    fs::remove_file(host).unwrap();
+}
+
+/// A job that runs as its owner gets its own /tmp too (the owner's, mode
+/// 0700), through checkpoint -> SIGKILL -> restore by the owner's CRIU.
+#[test]
+#[cfg_attr(not(criu), ignore = "needs root and CRIU >= 4.2 (scripts/setup.sh)")]
+fn an_owned_job_has_its_own_tmp() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    progs();
+    subreaper();
+    let alice = user("sv-alice");
+    let env = Env::outside_tmp();
+    fs::set_permissions(env.path(), fs::Permissions::from_mode(0o755)).unwrap();
+    let home = service::home(&env, &alice);
+    let script = "echo mine > /tmp/pid.$$; while [ ! -e go ]; do cat /tmp/pid.$$; sleep 0.1; done";
+    let job = JobFile::program("own", &["/bin/sh", "-c", script])
+        .every("1h")
+        .top(&format!("user = \"{}\"", alice.name))
+        .top(&format!("cwd = \"{}\"", home.display()))
+        .stdout(&format!("{}/own.out", home.display()))
+        .write(&env);
+    let mut sup = env.start(&job);
+    let out = home.join("own.out");
+    wait_until("the job's lines", T, || lines(&out).len() >= 3);
+    let tmp = env.path().join(".supervise/own/tmp");
+    let md = fs::metadata(&tmp).unwrap();
+    assert_eq!((md.uid(), md.mode() & 0o7777), (alice.uid, 0o700));
+    checkpoint(&env, "own");
+    sup.kill_job("own");
+    sup.wait_restores("own", 1, T);
+    let n = lines(&out).len();
+    wait_until("the job goes on after the restore", T, || {
+        lines(&out).len() >= n + 5
+    });
+    assert!(lines(&out).iter().all(|l| l == "mine"), "{:?}", lines(&out));
+    fs::write(home.join("go"), "").unwrap();
+    sup.wait_for("job exited; supervision ends", 1, T);
+    assert!(!tmp.exists());
+    assert_eq!(sup.wait_exit(T), 0);
+}
+
+/// An image comes back with the /tmp it was taken with: one taken while
+/// the job shared the host's /tmp (`private_tmp = false`, or an older
+/// supervise) is restored without a private /tmp even once the job file
+/// asks for one, so the files it held in /tmp are there.
+#[test]
+#[cfg_attr(not(criu), ignore = "needs root and CRIU >= 4.2 (scripts/setup.sh)")]
+fn an_image_comes_back_with_the_tmp_it_was_taken_with() {
+    progs();
+    subreaper();
+    let env = Env::outside_tmp();
+    let held = Path::new("/tmp").join(format!("supervise-test-held-{}", std::process::id()));
+    let _ = fs::remove_file(&held);
+    let script = format!(
+        "exec 3>>{}; i=0; while [ ! -e go ]; do echo $i >&3; i=$((i+1)); sleep 0.1; done",
+        held.display()
+    );
+    let job = |top: &str| {
+        let mut jf = JobFile::program("j", &["/bin/sh", "-c", &script]).every("1h");
+        if !top.is_empty() {
+            jf = jf.top(top);
+        }
+        jf.write(&env)
+    };
+    let path = job("private_tmp = false");
+    let mut sup = env.start(&path);
+    wait_until("lines", T, || numbers(&held).len() >= 3);
+    checkpoint(&env, "j");
+    // supervise and the job die (a crash, or an upgrade); the job file now
+    // asks for a private /tmp (the default).
+    sup.kill_all();
+    job("");
+    let mut sup = env.start(&path);
+    sup.wait_restores("j", 1, T);
+    let n = numbers(&held).len();
+    wait_until("the job goes on", T, || numbers(&held).len() >= n + 3);
+    assert_exactly_once(&numbers(&held));
+    fs::write(env.path().join("go"), "").unwrap();
+    sup.wait_for("job exited; supervision ends", 1, T);
+    assert_eq!(sup.wait_exit(T), 0);
+    fs::remove_file(held).unwrap();
+}
