@@ -231,17 +231,45 @@ fn leftover_filter(local: &SocketAddr, peer: &SocketAddr) -> Vec<String> {
     args
 }
 
+/// The recorded connections that left an orphan socket behind (held by no
+/// process: inode 0) in this network namespace's TCP table `entries`.
+pub fn orphans(
+    recorded: &[(SocketAddr, SocketAddr)],
+    entries: &[Entry],
+) -> Vec<(SocketAddr, SocketAddr)> {
+    recorded
+        .iter()
+        .filter(|(l, p)| {
+            entries
+                .iter()
+                .any(|e| e.inode == 0 && e.state != LISTEN && e.local == *l && e.peer == *p)
+        })
+        .copied()
+        .collect()
+}
+
 /// Before a restore: removes from the kernel what is left of the
 /// connections the image recorded (a job killed with a loopback
 /// connection leaves its sockets in TIME_WAIT on its own ports, and a
 /// listener that did not set `SO_REUSEADDR` cannot be bound again until
-/// they expire, a minute later). Only sockets with the recorded 4-tuples,
-/// in states no process holds, are destroyed (`ss -K`, `SOCK_DESTROY`).
-/// Returns how many `ss` calls failed (not fatal: the restore says why if
-/// it cannot bind).
+/// they expire, a minute later). Only orphans are destroyed (`ss -K`,
+/// `SOCK_DESTROY`): a socket with a recorded 4-tuple that no process holds
+/// (a 4-tuple names one connection at a time), in a closing state. Returns
+/// how many `ss` calls failed (not fatal: the restore says why if it
+/// cannot bind).
 pub fn clear_leftovers(dir: &Path) -> usize {
+    let recorded = recorded(dir);
+    if recorded.is_empty() {
+        return 0;
+    }
+    let mut entries = Vec::new();
+    for f in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        if let Ok(t) = std::fs::read_to_string(f) {
+            entries.extend(parse(&t));
+        }
+    }
     let mut failed = 0;
-    for (local, peer) in recorded(dir) {
+    for (local, peer) in orphans(&recorded, &entries) {
         let ok = Command::new("ss")
             .args(leftover_filter(&local, &peer))
             .stdin(Stdio::null())
@@ -324,6 +352,17 @@ mod tests {
             o[0].to_string(),
             "10.0.0.10:49152 -> 8.8.8.8:80 (process 3)"
         );
+    }
+
+    #[test]
+    fn only_orphans_of_recorded_connections_are_leftovers() {
+        let e = parse(TCP);
+        let a: SocketAddr = "127.0.0.1:40960".parse().unwrap();
+        let b: SocketAddr = "127.0.0.1:53248".parse().unwrap();
+        let c: SocketAddr = "127.0.0.1:45056".parse().unwrap();
+        // (a, b) is in TIME_WAIT with no owner; (a, c) is held (inode 101).
+        assert_eq!(orphans(&[(a, b), (a, c)], &e), vec![(a, b)]);
+        assert!(orphans(&[(b, a)], &e).is_empty(), "direction matters");
     }
 
     #[test]
