@@ -41,6 +41,7 @@ impl SlurmContext {
     /// From any variable lookup (for tests).
     pub fn from_vars(get: impl Fn(&str) -> Option<String>) -> Option<SlurmContext> {
         let job_id = get("SLURM_JOB_ID").filter(|s| !s.trim().is_empty())?;
+        // (Checked by [`SlurmContext::validate`] where it names files.)
         let node = get("SLURMD_NODENAME")
             .filter(|s| !s.is_empty())
             .or_else(|| nix::unistd::gethostname().ok()?.into_string().ok())
@@ -53,6 +54,34 @@ impl SlurmContext {
             node,
             restart_count,
         })
+    }
+
+    /// Checks what names files and directories: the job id (in the per-run
+    /// directory `slurm-<id>.<run>` and the default socket) is Slurm's
+    /// (digits, an array job's `_`, a het job's `+`, letters at most), the
+    /// node a host name. The node service gets these from its clients, who
+    /// could say anything.
+    pub fn validate(&self) -> Result<(), String> {
+        let ok = |s: &str, extra: &str, max: usize| {
+            !s.is_empty()
+                && s.len() <= max
+                && !s.starts_with('.')
+                && s.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || extra.contains(c))
+        };
+        if !ok(&self.job_id, "_+", 64) {
+            return Err(format!(
+                "Slurm job id {:?} is not one (letters, digits, '_' and '+', at most 64)",
+                self.job_id
+            ));
+        }
+        if !ok(&self.node, "-_.", 255) {
+            return Err(format!(
+                "Slurm node name {:?} is not one (letters, digits, '-', '_' and '.', at most 255)",
+                self.node
+            ));
+        }
+        Ok(())
     }
 
     /// Facts for `supervise status`.
@@ -154,6 +183,25 @@ mod tests {
 
     fn vars<'a>(v: &'a [(&'a str, &'a str)]) -> impl Fn(&str) -> Option<String> + 'a {
         move |k| v.iter().find(|(n, _)| *n == k).map(|(_, x)| x.to_string())
+    }
+
+    #[test]
+    fn what_names_files_is_checked() {
+        let c = |id: &str, node: &str| SlurmContext {
+            job_id: id.into(),
+            node: node.into(),
+            restart_count: 0,
+        };
+        assert!(c("42", "n1").validate().is_ok());
+        assert!(c("42_7", "node-01.cluster").validate().is_ok());
+        assert!(c("42+1", "n1").validate().is_ok());
+        for bad in ["../../tmp/x", "4/2", "", ".", "..", "42 ", "a\nb"] {
+            assert!(c(bad, "n1").validate().is_err(), "{bad:?}");
+        }
+        let e = c("x/../y", "n1").validate().unwrap_err();
+        assert!(e.contains("\"x/../y\" is not one"), "{e}");
+        assert!(c("42", "n1/../x").validate().is_err());
+        assert!(c("42", &"n".repeat(256)).validate().is_err());
     }
 
     #[test]

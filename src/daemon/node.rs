@@ -96,6 +96,11 @@ impl Handler for Node {
                         node: r.node,
                         restart_count: r.restart_count,
                     });
+                    // Names the job's per-run directory: what a client
+                    // says is checked first.
+                    if let Some(Err(e)) = slurm.as_ref().map(SlurmContext::validate) {
+                        return error(format!("refused: {e}"));
+                    }
                     self.submit(
                         caller,
                         Submission {

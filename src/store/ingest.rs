@@ -684,10 +684,15 @@ fn copy_checkpoint(from: &Path, copy: &Path, id: &str, seq: u64) -> Result<(), S
     fsync_dir(copy)
 }
 
-/// Page images are cut into pages, everything else into 64 KiB pieces.
+/// Page images are cut into pages, and so are the copies of the job's own
+/// files (`supervise-file-*`: a file rewritten in place changes a few
+/// pages here and there, and a 4 KiB cut stores only those again); every
+/// other file into 64 KiB pieces.
 pub(super) fn chunk_size_for(name: &str) -> u32 {
     let base = name.rsplit('/').next().unwrap_or(name);
-    if base.starts_with("pages-") && base.ends_with(".img") {
+    if (base.starts_with("pages-") && base.ends_with(".img"))
+        || base.starts_with(crate::files::BLOB_PREFIX)
+    {
         PAGE_CHUNK
     } else {
         FILE_CHUNK

@@ -110,6 +110,51 @@ fn alices_job_cannot_reach_roots_side() {
     assert!(Path::new(&area).exists());
 }
 
+/// alice's client says it runs in a Slurm job whose id climbs out of her
+/// job's state directory (`slurm-<id>.<run>` is made as root): refused
+/// before anything is made.
+#[test]
+#[cfg_attr(not(criu), ignore = "needs root and CRIU >= 4.2 (scripts/setup.sh)")]
+fn a_crafted_slurm_job_id_names_no_directory() {
+    let alice = user("sv-alice");
+    let env = Env::new();
+    let n = node(&env, "");
+    let sup = start(&env, &n);
+    let ha = home(&env, &alice);
+    let p = ha.join("j.toml");
+    fs::write(
+        &p,
+        format!(
+            "command = [\"{}\", \"100\"]\nstdout = \"j.out\"\n[checkpoint]\nevery = \"1h\"\n",
+            prog("counter")
+        ),
+    )
+    .unwrap();
+    let escape = env.path().join("escaped");
+    let id = format!("1/../../../../../../..{}", escape.display());
+    let o = std::process::Command::new("setpriv")
+        .args([
+            &format!("--reuid={}", alice.uid),
+            &format!("--regid={}", alice.gid),
+            "--init-groups",
+            "--",
+            crate::common::BIN,
+        ])
+        .arg("--socket")
+        .arg(&n.socket)
+        .args(["submit", p.to_str().unwrap()])
+        .current_dir(&ha)
+        .env("SLURM_JOB_ID", &id)
+        .env("SLURMD_NODENAME", "n1")
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(text(&o).contains("is not one"), "{}", text(&o));
+    assert!(!escape.exists() && !Path::new(&format!("{}.0", escape.display())).exists());
+    let s = sup.try_status().unwrap();
+    assert!(s.as_array().unwrap().is_empty(), "{s}");
+}
+
 fn toml_str(s: &str) -> String {
     format!("{:?}", s)
 }

@@ -26,6 +26,8 @@ fn id_parsing() {
     assert_eq!(chunk_size_for("pre/pages-12.img"), PAGE_CHUNK);
     assert_eq!(chunk_size_for("pagemap-12.img"), FILE_CHUNK);
     assert_eq!(chunk_size_for("supervise-pages-1.img.json"), FILE_CHUNK);
+    assert_eq!(chunk_size_for("supervise-file-0003"), PAGE_CHUNK);
+    assert_eq!(chunk_size_for("supervise-files.json"), FILE_CHUNK);
 }
 
 #[test]
