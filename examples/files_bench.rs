@@ -134,6 +134,10 @@ fn dump_once(
         .and_then(|s| s.frozen_time)
         .expect("stats-dump frozen_time") as f64
         / 1000.0;
+    // As supervise does once the job runs again: the deferred copies.
+    if let Some(c) = &captured {
+        files::finish_copies(c, dir, cfg.shadow_dir.as_deref()).expect("deferred copies");
+    }
     std::fs::remove_dir_all(dir).unwrap();
     (frozen, captured)
 }
@@ -193,7 +197,14 @@ async fn run(a: Args) {
     {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    let cfg = FilesConfig::default();
+    // As `supervise run` does: shadow copies in a directory of root's, so
+    // that a checkpoint rewrites only what changed while the job is frozen.
+    let shadow = dir.join("shadow");
+    std::fs::create_dir(&shadow).unwrap();
+    let cfg = FilesConfig {
+        shadow_dir: Some(shadow),
+        ..FilesConfig::default()
+    };
     let mut off = Vec::new();
     let mut on = Vec::new();
     let mut capture_ms = Vec::new();
@@ -237,8 +248,8 @@ async fn run(a: Args) {
         a.files, a.state_bytes, a.rounds
     );
     println!(
-        "recorded per checkpoint: {} files, {} copied, {} bytes copied",
-        s.files, s.snapshots, s.bytes_copied
+        "recorded per checkpoint: {} files, {} copied, {} bytes copied ({} rewritten in the shadow copy while frozen)",
+        s.files, s.snapshots, s.bytes_copied, s.bytes_changed
     );
     println!(
         "{:<28} {:>9} {:>9} {:>9} {:>9}",
@@ -308,11 +319,12 @@ fn stored_rounds(
         std::thread::sleep(Duration::from_secs(1));
         let staging = store.begin().unwrap();
         let sdir = staging.path().to_path_buf();
+        let mut cap = None;
         let ignore = [sdir.clone()];
         let mut cb = |script: &str| {
             if script == "post-dump" {
                 let pids = supervise::proc::tree(host_pid);
-                files::capture(&pids, cfg, &ignore, &sdir).expect("capture");
+                cap = Some(files::capture(&pids, cfg, &ignore, &sdir).expect("capture"));
             }
             true
         };
@@ -325,6 +337,12 @@ fn stored_rounds(
             &mut cb,
         )
         .expect("dump");
+        files::finish_copies(
+            cap.as_ref().expect("post-dump"),
+            &sdir,
+            cfg.shadow_dir.as_deref(),
+        )
+        .expect("deferred copies");
         let state: files::FileState =
             serde_json::from_slice(&std::fs::read(sdir.join(files::STATE_FILE)).unwrap()).unwrap();
         let blob = state

@@ -27,8 +27,13 @@
 //! * **snapshot** — the job may rewrite the file in place: opened read-write
 //!   (without `O_APPEND`), write-only with its offset before the end, mapped
 //!   shared and writable, or listed in `[files] snapshot`. The full content is
-//!   copied (by `copy_file_range`, which reflinks where the file system can);
-//!   a rollback writes it back.
+//!   kept: with a shadow directory (`FilesConfig::shadow_dir`, what the
+//!   supervisor uses) the file is compared, while the job is frozen, with
+//!   its shadow copy from the last checkpoint and only the pieces that
+//!   differ are rewritten; the copy into the checkpoint is made from the
+//!   shadow after the freeze ([`finish_copies`]). Without one it is copied
+//!   while frozen (by `copy_file_range`, which reflinks where the file
+//!   system can). A rollback writes it back.
 //! * **absent** — a path listed in `[files] snapshot` that did not exist at
 //!   the checkpoint; a rollback removes it.
 //!
@@ -123,7 +128,7 @@ mod options;
 mod resolve;
 mod rollback;
 
-pub use capture::capture;
+pub use capture::{capture, finish_copies};
 pub use options::FilesConfig;
 pub use rollback::{
     apply, apply_checked, plan, rollback, rollback_checked, verify_restored, Action, Expected, Step,
@@ -298,6 +303,12 @@ pub struct CaptureSummary {
     pub bytes_copied: u64,
     /// Time spent (inside the job's freeze).
     pub elapsed: Duration,
+    /// Of `bytes_copied`, the bytes that differed from the shadow copy and
+    /// were rewritten while the job was frozen (with a shadow directory).
+    pub bytes_changed: u64,
+    /// Copies still to make into the checkpoint once the job runs again:
+    /// (shadow file, blob name). See [`finish_copies`].
+    pub deferred: Vec<(PathBuf, String)>,
 }
 
 /// One way the job holds a file open for writing.

@@ -196,6 +196,15 @@ impl<E> Ctx<E> {
     /// job's `/tmp/...` is `<state_dir>/tmp/...` outside its namespace.
     pub(crate) fn files_config(&self) -> crate::files::FilesConfig {
         let mut f = self.cfg.files.clone();
+        // The copied files' content as of the last checkpoint, so that a
+        // checkpoint rewrites only what changed while the job is frozen.
+        let shadow = self.run_dir.join("shadow");
+        match crate::fsutil::ensure_trusted_dir("files' shadow directory", &shadow) {
+            Ok(_) => f.shadow_dir = Some(shadow),
+            Err(e) => {
+                warn!(error = %e, "cannot keep shadow copies of the job's files; each checkpoint copies them whole while the job is frozen")
+            }
+        }
         if self.has_private_tmp() {
             f.views
                 .push((PathBuf::from("/tmp"), private_tmp_dir(&self.cfg.state_dir)));

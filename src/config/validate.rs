@@ -435,6 +435,7 @@ fn build_files(
         append: strip(append),
         exclude: strip(exclude),
         views: Vec::new(),
+        shadow_dir: None,
     })
 }
 

@@ -228,6 +228,114 @@ fn copy_positional(src: &File, dst: &mut File) -> io::Result<u64> {
     }
 }
 
+/// Makes `shadow` hold what `src` holds (read with positional reads only),
+/// rewriting only the 256 KiB pieces that differ, and cuts it to `src`'s
+/// size (which does not change: the job is frozen). The pieces are
+/// compared on up to 4 threads. Returns (bytes of `src`, bytes rewritten).
+fn update_shadow(src: &File, shadow: &mut File) -> io::Result<(u64, u64)> {
+    const PIECE: u64 = 256 << 10;
+    let size = src.metadata()?.len();
+    let pieces = size.div_ceil(PIECE);
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .clamp(1, 4) as u64;
+    let threads = threads.min(pieces.max(1));
+    let shadow_len = shadow.metadata()?.len();
+    let read_full = |f: &File, buf: &mut [u8], at: u64| -> io::Result<usize> {
+        let mut got = 0;
+        while got < buf.len() {
+            match f.read_at(&mut buf[got..], at + got as u64) {
+                Ok(0) => break,
+                Ok(n) => got += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(got)
+    };
+    let shadow_ref: &File = shadow;
+    // Thread k takes pieces k, k + threads, ...
+    let work = |k: u64| -> io::Result<u64> {
+        let (mut a, mut b) = (vec![0u8; PIECE as usize], vec![0u8; PIECE as usize]);
+        let mut changed = 0;
+        let mut i = k;
+        while i < pieces {
+            let off = i * PIECE;
+            let len = PIECE.min(size - off) as usize;
+            let n = read_full(src, &mut a[..len], off)?;
+            if n != len {
+                return Err(io::Error::other("the file shrank while being recorded"));
+            }
+            let m = if off < shadow_len {
+                read_full(shadow_ref, &mut b[..len], off)?
+            } else {
+                0
+            };
+            if m != len || a[..len] != b[..len] {
+                shadow_ref.write_all_at(&a[..len], off)?;
+                changed += len as u64;
+            }
+            i += threads;
+        }
+        Ok(changed)
+    };
+    let changed = std::thread::scope(|s| {
+        let handles: Vec<_> = (1..threads).map(|k| s.spawn(move || work(k))).collect();
+        let mut total = work(0)?;
+        for h in handles {
+            total += h
+                .join()
+                .map_err(|_| io::Error::other("a comparing thread panicked"))??;
+        }
+        Ok::<u64, io::Error>(total)
+    })?;
+    shadow.set_len(size)?;
+    Ok((size, changed))
+}
+
+/// A new blob file at `path` (created 0600, never through a symlink).
+fn create_blob(path: &Path) -> Result<File, FilesError> {
+    OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(path)
+        .map_err(io_err(path, "create"))
+}
+
+/// After the dump, the job running again: makes the copies that
+/// [`capture`] deferred (each shadow copy into its blob in `out_dir`,
+/// created 0600, never through a symlink), and removes the shadow copies
+/// in `shadow_dir` no checkpoint needs any more (files no longer copied).
+pub fn finish_copies(
+    summary: &CaptureSummary,
+    out_dir: &Path,
+    shadow_dir: Option<&Path>,
+) -> Result<(), FilesError> {
+    for (shadow, name) in &summary.deferred {
+        let src = OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(shadow)
+            .map_err(io_err(shadow, "open the shadow copy"))?;
+        let mut dst = create_blob(&out_dir.join(name))?;
+        copy_positional(&src, &mut dst).map_err(io_err(shadow, "copy"))?;
+    }
+    if let Some(dir) = shadow_dir {
+        let used: std::collections::BTreeSet<&Path> =
+            summary.deferred.iter().map(|(p, _)| p.as_path()).collect();
+        if let Ok(rd) = std::fs::read_dir(dir) {
+            for e in rd.flatten() {
+                if !used.contains(e.path().as_path()) {
+                    let _ = std::fs::remove_file(e.path());
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
 /// `fd/N` or `map_files/RANGE` of a `/proc/PID/...` handle of `pid`.
 fn holder_entry(handle: &Path, pid: i32) -> Option<String> {
     let rel = handle.strip_prefix(format!("/proc/{pid}")).ok()?;
@@ -433,14 +541,30 @@ impl Recorder<'_> {
     fn copy_blob(&mut self, src: &File, src_path: &Path) -> Result<(String, u64), FilesError> {
         self.blobs += 1;
         let name = format!("{BLOB_PREFIX}{:04}", self.blobs);
-        let dst_path = self.out_dir.join(&name);
-        let mut dst = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-            .open(&dst_path)
-            .map_err(io_err(&dst_path, "create"))?;
+        if let Some(shadow_dir) = &self.cfg.shadow_dir {
+            let md = src.metadata().map_err(io_err(src_path, "examine"))?;
+            let shadow = shadow_dir.join(format!(
+                "{}-{}",
+                std::os::unix::fs::MetadataExt::dev(&md),
+                std::os::unix::fs::MetadataExt::ino(&md)
+            ));
+            let mut dst = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .mode(0o600)
+                .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+                .open(&shadow)
+                .map_err(io_err(&shadow, "open the shadow copy"))?;
+            let (n, changed) = update_shadow(src, &mut dst).map_err(io_err(src_path, "compare"))?;
+            self.summary.snapshots += 1;
+            self.summary.bytes_copied += n;
+            self.summary.bytes_changed += changed;
+            self.summary.deferred.push((shadow, name.clone()));
+            return Ok((name, n));
+        }
+        let mut dst = create_blob(&self.out_dir.join(&name))?;
         let n = copy_positional(src, &mut dst).map_err(io_err(src_path, "copy"))?;
         self.summary.snapshots += 1;
         self.summary.bytes_copied += n;

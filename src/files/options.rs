@@ -23,6 +23,14 @@ pub struct FilesConfig {
     /// job's paths under them are recorded and rolled back at the outside
     /// path. Set by the supervisor, not by the job file.
     pub views: Vec<(PathBuf, PathBuf)>,
+    /// Where the content of the copied files as of the last checkpoint is
+    /// kept (root's, in the job's trusted run directory): while the job is
+    /// frozen a copied file is only compared with it and the pieces that
+    /// changed rewritten; the copy into the checkpoint is made from it
+    /// after the job runs again ([`crate::files::finish_copies`]). `None`:
+    /// the whole file is copied while the job is frozen. Set by the
+    /// supervisor.
+    pub shadow_dir: Option<PathBuf>,
 }
 
 impl Default for FilesConfig {
@@ -33,6 +41,7 @@ impl Default for FilesConfig {
             append: Vec::new(),
             exclude: Vec::new(),
             views: Vec::new(),
+            shadow_dir: None,
         }
     }
 }

@@ -305,8 +305,17 @@ fn dump_blocking(reaper: &Reaper, mut req: DumpRequest) -> Dumped {
             false,
         )),
         (Ok(o), Some(Ok(f))) => {
-            files = Some(Ok(f));
-            Ok(o)
+            // The copies deferred past the freeze, from the shadow copies.
+            match crate::files::finish_copies(&f, dir, files_cfg.shadow_dir.as_deref()) {
+                Ok(()) => {
+                    files = Some(Ok(f));
+                    Ok(o)
+                }
+                Err(e) => Err(capture(
+                    format!("cannot copy the job's files into the checkpoint: {e}"),
+                    e.is_resource(),
+                )),
+            }
         }
         (Ok(o), None) => Ok(o),
         (Err(e), _) => Err(dump_failed(e)),

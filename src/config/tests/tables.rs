@@ -217,6 +217,7 @@ fn files_table() {
             append: vec!["/x/out/results.csv".into()],
             exclude: vec!["/x/scratch".into()],
             views: Vec::new(),
+            shadow_dir: None,
         }
     );
     let off = parse("command = [\"a\"]\n[files]\nrollback = false\n").unwrap();

@@ -283,3 +283,71 @@ fn malformed_state_is_refused() {
     fs::remove_file(t.path().join(STATE_FILE)).unwrap();
     assert_eq!(load(t.path()).unwrap(), None);
 }
+
+/// With a shadow directory, a copied file is compared with its shadow
+/// copy while the job is frozen and only the pieces that differ are
+/// rewritten; the checkpoint's copy is made from the shadow afterwards,
+/// and holds exactly what the file held at the capture, whatever the job
+/// writes after it. Shadows of files no longer copied are removed.
+#[test]
+fn shadow_copies_rewrite_only_what_changed() {
+    let t = tempfile::tempdir().unwrap();
+    let dir = t.path().join("job");
+    fs::create_dir(&dir).unwrap();
+    let shadow = t.path().join("shadow");
+    fs::create_dir(&shadow).unwrap();
+    // 3 MiB + a bit of state, rewritten in place.
+    let mut content: Vec<u8> = (0..(3 << 20) + 100).map(|i| (i * 7 % 251) as u8).collect();
+    fs::write(dir.join("s.bin"), &content).unwrap();
+    let h = Holder::new(&dir, "exec 5<>s.bin");
+    let mut c = cfg();
+    c.shadow_dir = Some(shadow.clone());
+    let take = |n: usize, c: &FilesConfig| {
+        let img = t.path().join(format!("img{n}"));
+        fs::create_dir(&img).unwrap();
+        let s = capture(&[h.pid()], c, std::slice::from_ref(&img), &img).unwrap();
+        (img, s)
+    };
+    let (img1, s1) = take(1, &c);
+    assert_eq!(s1.bytes_copied, content.len() as u64);
+    assert_eq!(s1.bytes_changed, content.len() as u64, "first: all new");
+    assert_eq!(s1.deferred.len(), 1);
+    // Not copied yet: the blob is made after the freeze.
+    let blob1 = img1.join(&s1.deferred[0].1);
+    assert!(!blob1.exists());
+    finish_copies(&s1, &img1, Some(&shadow)).unwrap();
+    assert_eq!(fs::read(&blob1).unwrap(), content);
+    // The job rewrites 10 bytes in the fifth 256 KiB piece and grows the
+    // file.
+    content[(1 << 20) + 5..(1 << 20) + 15].copy_from_slice(b"0123456789");
+    content.extend_from_slice(b"tail");
+    fs::write(dir.join("s.bin"), &content).unwrap();
+    let (img2, s2) = take(2, &c);
+    assert_eq!(s2.bytes_copied, content.len() as u64);
+    assert_eq!(
+        s2.bytes_changed,
+        (256 << 10) + 104,
+        "the changed 256 KiB piece and the last piece"
+    );
+    // The job writes on before the deferred copy: the copy still holds
+    // what the file held at the capture.
+    let at_capture = content.clone();
+    content[0] = content[0].wrapping_add(1);
+    fs::write(dir.join("s.bin"), &content).unwrap();
+    finish_copies(&s2, &img2, Some(&shadow)).unwrap();
+    assert_eq!(fs::read(img2.join(&s2.deferred[0].1)).unwrap(), at_capture);
+    // The rollback of that image brings back the capture's content.
+    rollback(&img2, &c).unwrap();
+    assert_eq!(fs::read(dir.join("s.bin")).unwrap(), at_capture);
+    // A file no longer held: its shadow goes at the next checkpoint.
+    drop(h);
+    let empty = FilesConfig {
+        shadow_dir: Some(shadow.clone()),
+        ..cfg()
+    };
+    let img3 = t.path().join("img3");
+    fs::create_dir(&img3).unwrap();
+    let s3 = capture(&[], &empty, std::slice::from_ref(&img3), &img3).unwrap();
+    finish_copies(&s3, &img3, Some(&shadow)).unwrap();
+    assert_eq!(fs::read_dir(&shadow).unwrap().count(), 0);
+}

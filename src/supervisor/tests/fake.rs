@@ -255,6 +255,7 @@ impl Engine for Fake {
                 snapshots: 0,
                 bytes_copied: 0,
                 elapsed: Duration::ZERO,
+                ..Default::default()
             }),
             tree,
             pages: req.pages,
