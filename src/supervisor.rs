@@ -136,6 +136,10 @@ pub(crate) struct Ctx<E> {
     pub(crate) slurm: Option<SlurmContext>,
     /// Inside Slurm: our lease on the image store (taken at start).
     pub(crate) fence: Option<Fence>,
+    /// `<run_dir>/shadow`: the copied files' content as of the last
+    /// checkpoint, so that a checkpoint rewrites only what changed while
+    /// the job is frozen (`None` if it cannot be made: whole copies).
+    pub(crate) shadow_dir: Option<PathBuf>,
     /// CRIU's version, recorded in each manifest.
     pub(crate) criu_version: String,
     /// The node service's limit on the images of the job's owner.
@@ -192,19 +196,12 @@ impl<E> Ctx<E> {
         }
     }
 
-    /// The `[files]` table, with the job's private /tmp as a view: the
-    /// job's `/tmp/...` is `<state_dir>/tmp/...` outside its namespace.
+    /// The `[files]` table, with the job's private /tmp as a view (the
+    /// job's `/tmp/...` is `<state_dir>/tmp/...` outside its namespace)
+    /// and the shadow directory.
     pub(crate) fn files_config(&self) -> crate::files::FilesConfig {
         let mut f = self.cfg.files.clone();
-        // The copied files' content as of the last checkpoint, so that a
-        // checkpoint rewrites only what changed while the job is frozen.
-        let shadow = self.run_dir.join("shadow");
-        match crate::fsutil::ensure_trusted_dir("files' shadow directory", &shadow) {
-            Ok(_) => f.shadow_dir = Some(shadow),
-            Err(e) => {
-                warn!(error = %e, "cannot keep shadow copies of the job's files; each checkpoint copies them whole while the job is frozen")
-            }
-        }
+        f.shadow_dir = self.shadow_dir.clone();
         if self.has_private_tmp() {
             f.views
                 .push((PathBuf::from("/tmp"), private_tmp_dir(&self.cfg.state_dir)));
@@ -353,6 +350,14 @@ impl<E: Engine> Supervisor<E> {
                 source,
             }
         })?;
+        let shadow = run_dir.join("shadow");
+        let shadow_dir = match crate::fsutil::ensure_trusted_dir("shadow directory", &shadow) {
+            Ok(_) => Some(shadow),
+            Err(e) => {
+                warn!(error = %e, "cannot keep shadow copies of the job's files; each checkpoint copies them whole while the job is frozen");
+                None
+            }
+        };
         // Image files a crashed restore left behind (possibly GiBs of tmpfs).
         crate::store::remove_scratch(&run_dir.join("restore"));
         Ok(Supervisor {
@@ -367,6 +372,7 @@ impl<E: Engine> Supervisor<E> {
                 run_dir,
                 slurm,
                 fence: None,
+                shadow_dir,
                 criu_version: String::new(),
                 quota: None,
             },

@@ -173,11 +173,7 @@ impl Job {
     }
 
     fn cancel(&self) {
-        let _ = Command::new("scancel").arg(&self.id).status();
-        wait_until("job gone", Duration::from_secs(60), || {
-            let s = job_field(&self.id, "JobState");
-            s.is_empty() || s == "CANCELLED" || s == "COMPLETED" || s == "FAILED"
-        });
+        scancel(&self.id);
     }
 }
 
@@ -246,14 +242,7 @@ fn node_failure() {
     let n1 = job.running_node(Duration::from_secs(30));
     job.wait_log("checkpoint published", 2, Duration::from_secs(30));
     let t = Instant::now();
-    sh(
-        "bash",
-        &[
-            scripts().join("node-fail.sh").to_str().unwrap(),
-            &n1,
-            "kill",
-        ],
-    );
+    node_fail(&n1, "kill");
     let last = ids(&job.log(), "checkpoint published").pop().unwrap();
     job.wait_log("restart=1}: restored", 1, Duration::from_secs(150));
     let resumed = t.elapsed();
@@ -267,14 +256,7 @@ fn node_failure() {
         "{log}"
     );
     job.assert_counter_goes_on();
-    sh(
-        "bash",
-        &[
-            scripts().join("node-fail.sh").to_str().unwrap(),
-            &n1,
-            "revive",
-        ],
-    );
+    node_fail(&n1, "revive");
     job.cancel();
     eprintln!("node failure: kill -> restored on the other node in {resumed:?}");
 }
@@ -286,27 +268,13 @@ fn preemption() {
     let n = job.running_node(Duration::from_secs(30));
     job.wait_log("checkpoint published", 1, Duration::from_secs(30));
     let t = Instant::now();
-    let high = sh(
-        "sbatch",
-        &[
-            "--parsable",
-            "-p",
-            "high",
-            "-w",
-            &n,
-            "--exclusive",
-            "-o",
-            "/dev/null",
-            "--wrap",
-            "sleep 5",
-        ],
-    );
+    let high = preempt(&n);
     job.wait_log("Slurm pre-termination signal", 1, Duration::from_secs(60));
     job.wait_log("restart=1}: restored", 1, Duration::from_secs(90));
     let resumed = t.elapsed();
     job.assert_counter_goes_on();
     job.cancel();
-    let _ = Command::new("scancel").arg(high.trim()).status();
+    let _ = Command::new("scancel").arg(&high).status();
     eprintln!("preemption: high job submitted -> victim restored in {resumed:?}");
 }
 
@@ -318,14 +286,7 @@ fn two_live_copies() {
     let n1 = job.running_node(Duration::from_secs(30));
     job.wait_log("checkpoint published", 2, Duration::from_secs(30));
     let t = Instant::now();
-    sh(
-        "bash",
-        &[
-            scripts().join("node-fail.sh").to_str().unwrap(),
-            &n1,
-            "slurmd",
-        ],
-    );
+    node_fail(&n1, "slurmd");
     job.wait_log("restart=1}: restored", 1, Duration::from_secs(150));
     let resumed = t.elapsed();
     job.wait_log("another copy of this job took over", 1, T);
@@ -353,14 +314,7 @@ fn two_live_copies() {
         String::from_utf8_lossy(&out.stdout)
     );
     job.assert_counter_goes_on();
-    sh(
-        "bash",
-        &[
-            scripts().join("node-fail.sh").to_str().unwrap(),
-            &n1,
-            "revive",
-        ],
-    );
+    node_fail(&n1, "revive");
     job.cancel();
     eprintln!("two copies: slurmd killed -> new copy restored in {resumed:?}");
 }
@@ -375,62 +329,9 @@ fn user_requeue() {
     let env = Env::new();
     let n = service::node(&env, "");
     let sup = service::start(&env, &n);
-    let dir = tempfile::Builder::new()
-        .prefix("supervise-slurm-user-")
-        .tempdir_in("/var/tmp")
-        .unwrap();
+    let (dir, id) = user_batch(&alice, &n.socket.display().to_string(), "", &[]);
     let d = dir.path();
-    fs::set_permissions(d, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
-    nix::unistd::chown(d, Some(nix::unistd::Uid::from_raw(alice.uid)), None).unwrap();
-    fs::write(
-        d.join("job.toml"),
-        format!(
-            "command = [\"{}\", \"100\"]\nstdout = \"counter.out\"\n[checkpoint]\nevery = \"2s\"\n[restore]\nbackoff = \"0s\"\n",
-            prog("counter")
-        ),
-    )
-    .unwrap();
-    fs::write(
-        d.join("batch.sh"),
-        format!(
-            "#!/bin/bash\nexec {BIN} --socket {} submit --wait job.toml\n",
-            n.socket.display()
-        ),
-    )
-    .unwrap();
-    for f in ["job.toml", "batch.sh"] {
-        nix::unistd::chown(
-            &d.join(f),
-            Some(nix::unistd::Uid::from_raw(alice.uid)),
-            None,
-        )
-        .unwrap();
-    }
     let out = d.join("slurm.out");
-    let sbatch = Command::new("setpriv")
-        .args([
-            &format!("--reuid={}", alice.uid),
-            &format!("--regid={}", alice.gid),
-            "--init-groups",
-            "--",
-            "sbatch",
-            "--parsable",
-            "--requeue",
-            "--open-mode=append",
-            "-D",
-            d.to_str().unwrap(),
-            "-o",
-            out.to_str().unwrap(),
-            d.join("batch.sh").to_str().unwrap(),
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        sbatch.status.success(),
-        "{}",
-        String::from_utf8_lossy(&sbatch.stderr)
-    );
-    let id = String::from_utf8_lossy(&sbatch.stdout).trim().to_string();
     let job = "sv-alice/job";
     let s = sup.wait_state(job, "running", Duration::from_secs(60));
     assert_eq!(s["owner"], "sv-alice");
@@ -469,6 +370,92 @@ fn scancel(id: &str) {
     });
 }
 
+/// sv-alice's batch job, submitted as her (`sbatch` with `sbatch_args`):
+/// in a directory of hers under /var/tmp (shared by the nodes), a
+/// counter job file (checkpoint every 2 s, `extra` TOML appended) and a
+/// batch script that runs `supervise --socket SOCKET submit --wait`
+/// (`socket` may name `$SLURMD_NODENAME`). Returns the directory and the
+/// Slurm job id.
+fn user_batch(
+    alice: &TestUser,
+    socket: &str,
+    extra: &str,
+    sbatch_args: &[&str],
+) -> (tempfile::TempDir, String) {
+    let dir = tempfile::Builder::new()
+        .prefix("supervise-slurm-user-")
+        .tempdir_in("/var/tmp")
+        .unwrap();
+    let d = dir.path();
+    fs::set_permissions(d, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let files = [
+        (
+            "job.toml",
+            format!(
+                "command = [\"{}\", \"100\"]\nstdout = \"counter.out\"\n[checkpoint]\nevery = \"2s\"\n[restore]\nbackoff = \"0s\"\n{extra}",
+                prog("counter")
+            ),
+        ),
+        (
+            "batch.sh",
+            format!("#!/bin/bash\nexec {BIN} --socket {socket} submit --wait job.toml\n"),
+        ),
+    ];
+    for (f, text) in &files {
+        fs::write(d.join(f), text).unwrap();
+    }
+    for p in [d.to_path_buf(), d.join("job.toml"), d.join("batch.sh")] {
+        nix::unistd::chown(&p, Some(nix::unistd::Uid::from_raw(alice.uid)), None).unwrap();
+    }
+    let out = d.join("slurm.out");
+    let mut args = vec![
+        format!("--reuid={}", alice.uid),
+        format!("--regid={}", alice.gid),
+        "--init-groups".into(),
+        "--".into(),
+        "sbatch".into(),
+        "--parsable".into(),
+        "--requeue".into(),
+        "--open-mode=append".into(),
+        "-D".into(),
+        d.to_string_lossy().into_owned(),
+        "-o".into(),
+        out.to_string_lossy().into_owned(),
+    ];
+    args.extend(sbatch_args.iter().map(|s| s.to_string()));
+    args.push(d.join("batch.sh").to_string_lossy().into_owned());
+    let sbatch = Command::new("setpriv").args(&args).output().unwrap();
+    assert!(
+        sbatch.status.success(),
+        "{}",
+        String::from_utf8_lossy(&sbatch.stderr)
+    );
+    let id = String::from_utf8_lossy(&sbatch.stdout).trim().to_string();
+    (dir, id)
+}
+
+/// A job of the high-priority partition on node `n`, exclusive: it
+/// preempts what runs there. Returns its id.
+fn preempt(n: &str) -> String {
+    sh(
+        "sbatch",
+        &[
+            "--parsable",
+            "-p",
+            "high",
+            "-w",
+            n,
+            "--exclusive",
+            "-o",
+            "/dev/null",
+            "--wrap",
+            "sleep 5",
+        ],
+    )
+    .trim()
+    .to_string()
+}
+
 /// The job of sv-alice's that the user scenarios run.
 const USER_JOB: &str = "sv-alice/job";
 
@@ -499,61 +486,15 @@ impl UserCluster {
                 (name.to_string(), n, sup)
             })
             .collect();
-        let dir = tempfile::Builder::new()
-            .prefix("supervise-slurm-user-")
-            .tempdir_in("/var/tmp")
-            .unwrap();
-        let d = dir.path();
-        fs::set_permissions(d, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
-        nix::unistd::chown(d, Some(nix::unistd::Uid::from_raw(alice.uid)), None).unwrap();
-        fs::write(
-            d.join("job.toml"),
-            format!(
-                "command = [\"{}\", \"100\"]\nstdout = \"counter.out\"\n[checkpoint]\nevery = \"2s\"\n[restore]\nbackoff = \"0s\"\n[slurm]\nfence_wait = \"10s\"\n",
-                prog("counter")
-            ),
-        )
-        .unwrap();
-        fs::write(
-            d.join("batch.sh"),
-            format!(
-                "#!/bin/bash\nexec {BIN} --socket {}/run-$SLURMD_NODENAME/supervise.sock submit --wait job.toml\n",
+        let (dir, id) = user_batch(
+            &alice,
+            &format!(
+                "{}/run-$SLURMD_NODENAME/supervise.sock",
                 env.path().display()
             ),
-        )
-        .unwrap();
-        for f in ["job.toml", "batch.sh"] {
-            nix::unistd::chown(
-                &d.join(f),
-                Some(nix::unistd::Uid::from_raw(alice.uid)),
-                None,
-            )
-            .unwrap();
-        }
-        let out = d.join("slurm.out");
-        let mut args = vec![
-            format!("--reuid={}", alice.uid),
-            format!("--regid={}", alice.gid),
-            "--init-groups".into(),
-            "--".into(),
-            "sbatch".into(),
-            "--parsable".into(),
-            "--requeue".into(),
-            "--open-mode=append".into(),
-            "-D".into(),
-            d.to_string_lossy().into_owned(),
-            "-o".into(),
-            out.to_string_lossy().into_owned(),
-        ];
-        args.extend(sbatch_args.iter().map(|s| s.to_string()));
-        args.push(d.join("batch.sh").to_string_lossy().into_owned());
-        let sbatch = Command::new("setpriv").args(&args).output().unwrap();
-        assert!(
-            sbatch.status.success(),
-            "{}",
-            String::from_utf8_lossy(&sbatch.stderr)
+            "[slurm]\nfence_wait = \"10s\"\n",
+            sbatch_args,
         );
-        let id = String::from_utf8_lossy(&sbatch.stdout).trim().to_string();
         UserCluster {
             sups,
             alice,
@@ -699,21 +640,7 @@ fn user_preemption() {
     let n = c.running(Duration::from_secs(60));
     c.sup(&n).wait_checkpoints(USER_JOB, 1, T);
     let t = Instant::now();
-    let high = sh(
-        "sbatch",
-        &[
-            "--parsable",
-            "-p",
-            "high",
-            "-w",
-            &n,
-            "--exclusive",
-            "-o",
-            "/dev/null",
-            "--wrap",
-            "sleep 5",
-        ],
-    );
+    let high = preempt(&n);
     let mut on = String::new();
     wait_until(
         "alice's job resumed after preemption",
@@ -744,7 +671,7 @@ fn user_preemption() {
     );
     c.assert_resumed_as_alice(&s);
     scancel(&c.id);
-    let _ = Command::new("scancel").arg(high.trim()).status();
+    let _ = Command::new("scancel").arg(&high).status();
     c.sup(&on)
         .wait_state(USER_JOB, "stopped", Duration::from_secs(60));
     eprintln!("user preemption: high job submitted -> resumed as alice on {on} in {resumed:?}");

@@ -19,15 +19,7 @@ fn users_dir(env: &Env, u: &TestUser) -> PathBuf {
         std::os::unix::fs::PermissionsExt::from_mode(0o755),
     )
     .unwrap();
-    let d = env.path().join(&u.name);
-    fs::create_dir_all(&d).unwrap();
-    nix::unistd::chown(
-        &d,
-        Some(nix::unistd::Uid::from_raw(u.uid)),
-        Some(nix::unistd::Gid::from_raw(u.gid)),
-    )
-    .unwrap();
-    d
+    common::service::home(env, u)
 }
 
 /// `Uid:`/`Gid:`/`Groups:` of `pid` as the host sees them.
