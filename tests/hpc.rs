@@ -93,6 +93,8 @@ fn each_job_has_its_own_tmp() {
     // Both end: their private /tmp go with them.
     fs::write(env.path().join("go"), "").unwrap();
     sup.wait_for("job exited; supervision ends", 2, T);
+    // (Removed once the job's supervision has ended, which logs it.)
+    sup.wait_for("removed the job's private /tmp", 2, T);
     assert!(!tmp_a.exists(), "a's private /tmp is removed when it ends");
     assert!(!env.path().join(".supervise/b/tmp").exists());
     assert_eq!(sup.wait_exit(T), 0);
@@ -161,6 +163,7 @@ fn an_owned_job_has_its_own_tmp() {
     assert!(lines(&out).iter().all(|l| l == "mine"), "{:?}", lines(&out));
     fs::write(home.join("go"), "").unwrap();
     sup.wait_for("job exited; supervision ends", 1, T);
+    sup.wait_for("removed the job's private /tmp", 1, T);
     assert!(!tmp.exists());
     assert_eq!(sup.wait_exit(T), 0);
 }
