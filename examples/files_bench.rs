@@ -183,6 +183,7 @@ async fn run(a: Args) {
         status_file: dir.join("exit-status"),
         owner: None,
         private_tmp: None,
+        watch: None,
     };
     let r2 = reaper.clone();
     let mut running = tokio::task::spawn_blocking(move || job::launch(&r2, &spec, &init_files))

@@ -124,15 +124,21 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 mod capture;
+mod journal;
 mod options;
 mod resolve;
 mod rollback;
+mod tracker;
+pub mod watch;
 
-pub use capture::{capture, finish_copies};
+pub use capture::{capture, capture_with, finish_copies};
+pub use journal::{Journal, Plan};
 pub use options::FilesConfig;
 pub use rollback::{
-    apply, apply_checked, plan, rollback, rollback_checked, verify_restored, Action, Expected, Step,
+    apply, apply_checked, plan, rollback, rollback_checked, verify_restored, Action, Expected,
+    Rolled, Step,
 };
+pub use tracker::{Tracker, WatchFds, MAX_DIRS};
 
 /// Name of the file-state record inside a checkpoint.
 pub const STATE_FILE: &str = "supervise-files.json";
@@ -140,6 +146,8 @@ pub const STATE_FILE: &str = "supervise-files.json";
 pub const BLOB_PREFIX: &str = "supervise-file-";
 /// Format version of [`STATE_FILE`].
 pub const STATE_VERSION: u32 = 1;
+/// The reason recorded for a name kept because the job changed it.
+pub const TOUCHED_WHY: &str = "changed by the job (created, written, renamed or deleted)";
 /// Bytes hashed at the head and at the tail of an *extend* file.
 pub const FINGERPRINT_BYTES: u64 = 4096;
 
@@ -309,6 +317,8 @@ pub struct CaptureSummary {
     /// Copies still to make into the checkpoint once the job runs again:
     /// (shadow file, blob name). See [`finish_copies`].
     pub deferred: Vec<(PathBuf, String)>,
+    /// The directories of the files recorded (watched from then on).
+    pub dirs: Vec<PathBuf>,
 }
 
 /// One way the job holds a file open for writing.

@@ -70,6 +70,11 @@ pub struct InitSpec {
     /// private /tmp), for a launch and for every restore alike.
     #[serde(default)]
     pub private_tmp: Option<PathBuf>,
+    /// The fanotify group watching the job's directories and the pipe to
+    /// supervise, as (fd, fd): the init forwards the group's events, read
+    /// in the job's PID namespace ([`crate::files::Tracker`]).
+    #[serde(default)]
+    pub watch: Option<(i32, i32)>,
 }
 
 /// See [`InitSpec`].
@@ -206,10 +211,17 @@ fn run(report: &mut File) -> Result<ExitStatus, String> {
     report
         .write_all(Report::Started(root.0).line().as_bytes())
         .ok();
+    let forwarder = spec.watch.map(|(fan, pipe)| Forwarder::start(fan, pipe));
     let status = match root.1 {
         Some(s) => s,
         None => wait_for(root.0, &mut HashMap::new())?,
     };
+    if let Some(f) = forwarder {
+        // Everything the job did reaches supervise before the init exits:
+        // what is left of the job is killed and reaped first.
+        kill_and_reap_all();
+        f.finish();
+    }
     if let Some(path) = &spec.status_file {
         let _ = crate::fsutil::write_atomic(path, Report::Ended(status).line().as_bytes(), 0o600);
     }
@@ -464,6 +476,113 @@ fn restore(
     };
     let early = seen.remove(&root);
     Ok((root, early))
+}
+
+/// Kills every other process of the namespace and reaps them all.
+fn kill_and_reap_all() {
+    // SAFETY: plain syscalls; kill(-1) from a namespace's init reaches
+    // every process of the namespace but itself.
+    unsafe {
+        libc::kill(-1, libc::SIGKILL);
+        loop {
+            let mut status = 0;
+            let got = libc::waitpid(-1, &mut status, 0);
+            if got < 0 && std::io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
+                break;
+            }
+        }
+    }
+}
+
+/// Forwards the fanotify group's events, read here in the job's PID
+/// namespace (so their PIDs are the job's or 0), unchanged to supervise.
+struct Forwarder {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    lock: std::sync::Arc<std::sync::Mutex<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    fan: i32,
+    pipe: i32,
+}
+
+impl Forwarder {
+    fn start(fan: i32, pipe: i32) -> Forwarder {
+        use std::sync::atomic::Ordering;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let lock = std::sync::Arc::new(std::sync::Mutex::new(()));
+        let (s, l) = (stop.clone(), lock.clone());
+        let thread = std::thread::Builder::new()
+            .name("forward".into())
+            .spawn(move || {
+                while !s.load(Ordering::Relaxed) {
+                    let mut p = libc::pollfd {
+                        fd: fan,
+                        events: libc::POLLIN,
+                        revents: 0,
+                    };
+                    // SAFETY: one valid pollfd.
+                    unsafe { libc::poll(&mut p, 1, 200) };
+                    let _g = l.lock();
+                    if !forward_available(fan, pipe) {
+                        break;
+                    }
+                }
+            })
+            .ok();
+        Forwarder {
+            stop,
+            lock,
+            thread,
+            fan,
+            pipe,
+        }
+    }
+
+    /// Stops the thread and forwards what is still queued.
+    fn finish(mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        let _g = self.lock.lock();
+        forward_available(self.fan, self.pipe);
+        // SAFETY: our descriptors; supervise sees EOF once we exit.
+        unsafe {
+            libc::close(self.pipe);
+            libc::close(self.fan);
+        }
+    }
+}
+
+/// Reads the group (non-blocking) until it is empty, writing every read
+/// to the pipe. False when the pipe is gone (supervise went away).
+fn forward_available(fan: i32, pipe: i32) -> bool {
+    let mut buf = vec![0u8; 64 << 10];
+    loop {
+        // SAFETY: reading into our buffer.
+        let n = unsafe { libc::read(fan, buf.as_mut_ptr().cast(), buf.len()) };
+        if n < 0 {
+            let e = std::io::Error::last_os_error().raw_os_error();
+            if e == Some(libc::EINTR) {
+                continue;
+            }
+            return true; // EAGAIN: empty
+        }
+        if n == 0 {
+            return true;
+        }
+        let mut off = 0usize;
+        while off < n as usize {
+            // SAFETY: writing from our buffer.
+            let w = unsafe { libc::write(pipe, buf[off..].as_ptr().cast(), n as usize - off) };
+            if w < 0 {
+                if std::io::Error::last_os_error().raw_os_error() == Some(libc::EINTR) {
+                    continue;
+                }
+                return false;
+            }
+            off += w as usize;
+        }
+    }
 }
 
 /// Reaps children until `pid` exits; remembers the others' statuses.

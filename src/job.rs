@@ -258,6 +258,9 @@ pub struct InitFiles {
     /// The directory bound over /tmp in the job's mount namespace (its
     /// private /tmp), if it has one.
     pub private_tmp: Option<PathBuf>,
+    /// The watch of the job's directories for this run, handed to the init
+    /// ([`crate::files::Tracker`]).
+    pub watch: Option<std::sync::Arc<crate::files::WatchFds>>,
 }
 
 struct Pipe {
@@ -429,6 +432,22 @@ fn running(
     })
 }
 
+/// The init's spec with the watch's descriptors, appended to `fds` (the
+/// init finds them at `3 + index`).
+fn with_watch<'a>(
+    mut spec: InitSpec,
+    files: &'a InitFiles,
+    fds: &mut Vec<&'a OwnedFd>,
+) -> InitSpec {
+    if let Some(w) = &files.watch {
+        let at = 3 + fds.len() as i32;
+        fds.push(&w.fan);
+        fds.push(&w.pipe);
+        spec.watch = Some((at, at + 1));
+    }
+    spec
+}
+
 /// Launches the job's command under a fresh namespace init. Blocking.
 pub fn launch(reaper: &Reaper, spec: &LaunchSpec, files: &InitFiles) -> Result<Running, JobError> {
     let report = pipe().map_err(JobError::Init)?;
@@ -450,8 +469,15 @@ pub fn launch(reaper: &Reaper, spec: &LaunchSpec, files: &InitFiles) -> Result<R
         nofile_soft: crate::fdlimit::job_soft_limit(),
         owner: files.owner.clone(),
         private_tmp: files.private_tmp.clone(),
+        watch: None,
     };
-    let (init_pid, exit) = clone_init(reaper, &ispec, &[&report.w, &control.r])?;
+    let mut fds = vec![&report.w, &control.r];
+    let ispec = with_watch(ispec, files, &mut fds);
+    if let Some(w) = &files.watch {
+        // Nothing before the job starts is its doing.
+        w.start(Some(Vec::new()));
+    }
+    let (init_pid, exit) = clone_init(reaper, &ispec, &fds)?;
     drop(report.w);
     drop(control.r);
     let mut rd = BufReader::new(File::from(report.r));
@@ -506,6 +532,7 @@ pub fn restore(
         nofile_soft: None,
         owner: files.owner.clone(),
         private_tmp: files.private_tmp.clone(),
+        watch: None,
     };
     // An owned job's CRIU reaches the images through a descriptor
     // (init::IMAGES_FD), not through root's directories.
@@ -528,6 +555,7 @@ pub fn restore(
     if let Some(fd) = &images_fd {
         init_fds.push(fd);
     }
+    let ispec = with_watch(ispec, files, &mut init_fds);
     let (init_pid, exit) = clone_init(reaper, &ispec, &init_fds)?;
     drop(report.w);
     drop(control.r);

@@ -20,7 +20,7 @@
 //! its [`Engine`] (`engine.rs`; the real one is [`Criu`]).
 
 use std::fs::File;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -144,6 +144,45 @@ pub(crate) struct Ctx<E> {
     pub(crate) criu_version: String,
     /// The node service's limit on the images of the job's owner.
     pub(crate) quota: Option<Quota>,
+    /// The watch of the job's directories (`[files] watch`).
+    pub(crate) tracker: Option<Arc<crate::files::Tracker>>,
+}
+
+/// The watch of a launched job's directories, when `[files] rollback` and
+/// `watch` ask for it: its working directory (and below), the directories
+/// of the files listed in `[files] snapshot`; not the image store, the directory's own files, nor `[files] exclude`. Markers go in
+/// `<run_dir>/watch`.
+fn tracker_for(cfg: &JobConfig, run_dir: &Path) -> Option<Arc<crate::files::Tracker>> {
+    let Target::Launch(spec) = &cfg.target else {
+        return None;
+    };
+    if !cfg.files.rollback || !cfg.files.watch {
+        return None;
+    }
+    let sync = run_dir.join("watch");
+    if let Err(e) = crate::fsutil::ensure_trusted_dir("watch directory", &sync) {
+        warn!(error = %e, "cannot watch the job's directories; only the files it has open at a checkpoint are rolled back");
+        return None;
+    }
+    let extra: Vec<PathBuf> = cfg
+        .files
+        .snapshot
+        .iter()
+        .filter_map(|p| p.parent().map(Path::to_path_buf))
+        .collect();
+    // supervise's own directories (the job's private /tmp, in the state
+    // directory, is watched like any other).
+    let mut exclude = cfg.files.exclude.clone();
+    exclude.push(cfg.checkpoint.dir.clone());
+    for own in ["watch", "shadow", "restore"] {
+        exclude.push(run_dir.join(own));
+    }
+    Some(Arc::new(crate::files::Tracker::new(
+        sync,
+        Some(spec.cwd.clone()),
+        extra,
+        exclude,
+    )))
 }
 
 /// A limit on the bytes of images one user may keep: every directory
@@ -163,6 +202,7 @@ impl<E> Ctx<E> {
             status_file: self.run_dir.join("exit-status"),
             owner: self.cfg.owner.clone(),
             private_tmp: self.private_tmp(),
+            watch: None,
         }
     }
 
@@ -358,6 +398,7 @@ impl<E: Engine> Supervisor<E> {
                 None
             }
         };
+        let tracker = tracker_for(&cfg, &run_dir);
         // Image files a crashed restore left behind (possibly GiBs of tmpfs).
         crate::store::remove_scratch(&run_dir.join("restore"));
         Ok(Supervisor {
@@ -375,6 +416,7 @@ impl<E: Engine> Supervisor<E> {
                 shadow_dir,
                 criu_version: String::new(),
                 quota: None,
+                tracker,
             },
             adopt,
             commands: None,

@@ -209,3 +209,123 @@ fn an_image_comes_back_with_the_tmp_it_was_taken_with() {
     assert_eq!(sup.wait_exit(T), 0);
     fs::remove_file(held).unwrap();
 }
+
+/// FNV-1a, as tests/progs/restartapp.c computes it.
+fn fnv(b: &[u8]) -> u64 {
+    b.iter().fold(1469598103934665603u64, |h, &c| {
+        (h ^ c as u64).wrapping_mul(1099511628211)
+    })
+}
+
+/// restart.dat ("step=K size=S sum=H") describes out.dat: its body up to
+/// S has checksum H; and out.dat's header counts its body lines.
+fn assert_restart_matches_output(dir: &Path) {
+    let r = fs::read_to_string(dir.join("restart.dat")).unwrap();
+    let field = |k: &str| -> u64 {
+        r.split_whitespace()
+            .find_map(|w| w.strip_prefix(k))
+            .unwrap_or_else(|| panic!("no {k} in {r:?}"))
+            .parse()
+            .unwrap()
+    };
+    let (size, sum) = (field("size=") as usize, field("sum="));
+    let out = fs::read(dir.join("out.dat")).unwrap();
+    assert!(
+        out.len() >= size,
+        "restart.dat ({r:?}) describes {size} bytes of out.dat, which has {}",
+        out.len()
+    );
+    assert_eq!(
+        fnv(&out[15..size]),
+        sum,
+        "restart.dat ({r:?}) does not match out.dat"
+    );
+    let text = String::from_utf8_lossy(&out);
+    let steps: usize = text[6..14].parse().unwrap();
+    assert_eq!(
+        steps,
+        text[15..].lines().count(),
+        "header of out.dat: {text:?}"
+    );
+}
+
+/// The application's own restart file (written to restart.tmp, renamed
+/// over restart.dat) and the files it creates and deletes after a
+/// checkpoint come back as they were, with a default job file: killed
+/// right after a rename, restored, restart.dat matches the restored
+/// out.dat (opened O_RDWR, header rewritten at 0, appended to); late.txt,
+/// created after the checkpoint, is gone; scratch.txt, deleted after it,
+/// is back; the count goes on exactly once.
+#[test]
+#[cfg_attr(not(criu), ignore = "needs root and CRIU >= 4.2 (scripts/setup.sh)")]
+fn the_applications_own_restart_files_are_rolled_back() {
+    progs();
+    subreaper();
+    let env = Env::new();
+    let dir = env.path();
+    let job = JobFile::program("app", &[&prog("restartapp")])
+        .every("1h")
+        .write(&env);
+    let mut sup = env.start(&job);
+    let log = dir.join("app.out");
+    let has = |needle: &str| {
+        fs::read_to_string(&log)
+            .unwrap_or_default()
+            .contains(needle)
+    };
+    wait_until("the first restart file", T, || has("renamed 2\n"));
+    checkpoint(&env, "app");
+    let at_checkpoint = fs::read(dir.join("restart.dat")).unwrap();
+    // After the checkpoint: the job deletes scratch.txt, creates late.txt,
+    // and writes a new restart file; it is killed right after the rename.
+    fs::write(dir.join("go"), "").unwrap();
+    wait_until("the job acted", T, || has("acted"));
+    let acted: i64 = lines(&log)
+        .iter()
+        .find_map(|l| l.strip_prefix("acted ").map(|n| n.parse().unwrap()))
+        .unwrap();
+    let next = acted + 3 - (acted + 1) % 3; // the next k with k % 3 == 2
+    wait_until("a rename after acting", T, || {
+        has(&format!("renamed {next}\n"))
+    });
+    sup.kill_job("app");
+    assert!(dir.join("late.txt").exists() && !dir.join("scratch.txt").exists());
+    sup.wait_restores("app", 1, T);
+    // (Checked before the restored job's next step could change them:
+    // restart.dat only every 3 steps, the rest only after `go`.)
+    assert_eq!(
+        fs::read_to_string(dir.join("scratch.txt")).unwrap(),
+        "scratch v1\n",
+        "deleted after the checkpoint: back"
+    );
+    assert!(
+        !dir.join("late.txt").exists(),
+        "created after the checkpoint: gone"
+    );
+    assert!(!dir.join("go").exists());
+    let now = fs::read(dir.join("restart.dat")).unwrap();
+    assert!(
+        now == at_checkpoint || now.starts_with(b"step="),
+        "restart.dat: {:?}",
+        String::from_utf8_lossy(&now)
+    );
+    assert_restart_matches_output(dir);
+    // The job goes on; every step once in out.dat.
+    let n = lines(&log).len();
+    wait_until("steps after the restore", T, || lines(&log).len() >= n + 8);
+    sup.kill_all();
+    let body: Vec<i64> = fs::read_to_string(dir.join("out.dat"))
+        .unwrap()
+        .lines()
+        .skip(1)
+        .map(|l| l.strip_prefix("step ").unwrap().parse().unwrap())
+        .collect();
+    assert_exactly_once(&body);
+    assert_restart_matches_output(dir);
+    let log = sup.log();
+    let removed = log
+        .lines()
+        .find(|l| l.contains("removed files absent at the checkpoint"))
+        .unwrap_or_else(|| panic!("no removal logged: {log}"));
+    assert!(removed.contains("late.txt"), "{removed}");
+}

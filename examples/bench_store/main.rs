@@ -332,6 +332,7 @@ fn bench(reaper: &Reaper, a: &Args) {
         status_file: work.join("exit-status"),
         owner: None,
         private_tmp: None,
+        watch: None,
     };
     let job = job::launch(reaper, &spec, &files).expect("launch");
     // Whatever happens below, the job does not outlive the benchmark.

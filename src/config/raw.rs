@@ -128,6 +128,7 @@ pub(super) struct RawStore {
 #[serde(deny_unknown_fields)]
 pub(super) struct RawFiles {
     pub(super) rollback: Option<bool>,
+    pub(super) watch: Option<bool>,
     pub(super) snapshot: Option<Vec<Spanned<PathValue>>>,
     pub(super) append: Option<Vec<Spanned<PathValue>>>,
     pub(super) exclude: Option<Vec<Spanned<PathValue>>>,

@@ -431,6 +431,7 @@ fn build_files(
     let strip = |v: Spans| v.into_iter().map(|(p, _)| p).collect();
     Ok(FilesConfig {
         rollback: raw.rollback.unwrap_or(true),
+        watch: raw.watch.unwrap_or(true),
         snapshot: strip(snapshot),
         append: strip(append),
         exclude: strip(exclude),

@@ -342,6 +342,12 @@ fn holder_entry(handle: &Path, pid: i32) -> Option<String> {
     Some(rel.to_str()?.to_string())
 }
 
+/// Why a path is recorded by name: listed in the job file.
+const LISTED: &str = "listed in files.snapshot";
+/// Why a path is recorded by name: the job changed it (the prefix of the
+/// reason in the record; see [`super::TOUCHED_WHY`]).
+const TOUCHED: &str = super::TOUCHED_WHY;
+
 /// Why a leased file is not read.
 const LEASED: &str = "the job holds a lease on it and no descriptor it can be read through \
      (opening it would break the lease)";
@@ -361,6 +367,20 @@ pub fn capture(
     cfg: &FilesConfig,
     ignore: &[PathBuf],
     out_dir: &Path,
+) -> Result<CaptureSummary, FilesError> {
+    capture_with(pids, cfg, ignore, out_dir, &[])
+}
+
+/// [`capture`], also recording by name every path in `touched` (the names
+/// the job created, wrote, renamed or deleted since it started, from
+/// [`super::Tracker`]): its content, or that it is absent. A restore puts
+/// each back by name.
+pub fn capture_with(
+    pids: &[i32],
+    cfg: &FilesConfig,
+    ignore: &[PathBuf],
+    out_dir: &Path,
+    touched: &[PathBuf],
 ) -> Result<CaptureSummary, FilesError> {
     let start = Instant::now();
     // Read through the job's own descriptors where possible: opening a
@@ -388,7 +408,12 @@ pub fn capture(
     }
     for p in &cfg.snapshot {
         if !excluded(p, cfg, ignore) {
-            rec.listed_file(&super::outside_path(p, &cfg.views))?;
+            rec.listed_file(&super::outside_path(p, &cfg.views), LISTED)?;
+        }
+    }
+    for p in touched {
+        if !excluded(p, cfg, ignore) {
+            rec.listed_file(p, TOUCHED)?;
         }
     }
     rec.finish(start)
@@ -642,26 +667,26 @@ impl Recorder<'_> {
     /// a copy of it, or that it is absent (a rollback then removes it).
     /// One that cannot be reached without following a symlink, that
     /// changed meanwhile or that the job holds a lease on is skipped.
-    fn listed_file(&mut self, p: &Path) -> Result<(), FilesError> {
+    fn listed_file(&mut self, p: &Path, label: &str) -> Result<(), FilesError> {
         if self.records.iter().any(|r| r.path == p) || self.skipped.iter().any(|(s, _)| s == p) {
             return Ok(());
         }
         let (dirs, dir, st) = match find(p)? {
             Ok((dirs, Some((dir, st)))) => (dirs, dir, st),
             Ok((dirs, None)) => {
-                let rec = self.record(
+                let mut rec = self.record(
                     p,
                     Mode::Absent,
-                    "listed in files.snapshot; absent at the checkpoint".into(),
+                    format!("{label}; absent at the checkpoint"),
                     dirs,
                     None,
                 );
+                rec.listed = true;
                 self.records.push(rec);
                 return Ok(());
             }
             Err(why) => {
-                self.skipped
-                    .push((p.into(), format!("listed in files.snapshot but {why}")));
+                self.skipped.push((p.into(), format!("{label} but {why}")));
                 return Ok(());
             }
         };
@@ -669,25 +694,20 @@ impl Recorder<'_> {
             Some(Reader::Fd(f, st)) => (f, st),
             Some(Reader::Leased) => {
                 self.skipped
-                    .push((p.into(), format!("listed in files.snapshot but {LEASED}")));
+                    .push((p.into(), format!("{label} but {LEASED}")));
                 return Ok(());
             }
             None => {
                 self.skipped.push((
                     p.into(),
-                    "listed in files.snapshot but changed while being recorded".into(),
+                    format!("{label} but changed while being recorded"),
                 ));
                 return Ok(());
             }
         };
         let (name, n) = self.copy_blob(&f, p)?;
-        let mut rec = self.record(
-            p,
-            Mode::Snapshot,
-            "listed in files.snapshot".into(),
-            dirs,
-            Some(&st),
-        );
+        let mut rec = self.record(p, Mode::Snapshot, label.to_string(), dirs, Some(&st));
+        rec.listed = true;
         rec.size = n;
         rec.blob = Some(name);
         self.records.push(rec);
@@ -700,6 +720,15 @@ impl Recorder<'_> {
     fn finish(mut self, start: Instant) -> Result<CaptureSummary, FilesError> {
         self.records.sort_by(|a, b| a.path.cmp(&b.path));
         self.summary.files = self.records.len();
+        let mut dirs: Vec<PathBuf> = self
+            .records
+            .iter()
+            .filter(|r| r.mode != Mode::Absent)
+            .filter_map(|r| r.path.parent().map(Path::to_path_buf))
+            .collect();
+        dirs.sort();
+        dirs.dedup();
+        self.summary.dirs = dirs;
         let state = FileState {
             version: STATE_VERSION,
             files: self.records,

@@ -9,6 +9,10 @@ pub struct FilesConfig {
     /// Record the files the job has open for writing at each checkpoint and
     /// put them back to that state before a restore.
     pub rollback: bool,
+    /// Also watch the job's directories (fanotify) and roll back every file
+    /// it created, wrote, renamed or deleted since a checkpoint
+    /// ([`crate::files::Tracker`]).
+    pub watch: bool,
     /// Absolute paths whose full content is kept with every checkpoint
     /// (whether or not the job has them open at that moment).
     pub snapshot: Vec<PathBuf>,
@@ -37,6 +41,7 @@ impl Default for FilesConfig {
     fn default() -> Self {
         FilesConfig {
             rollback: true,
+            watch: true,
             snapshot: Vec::new(),
             append: Vec::new(),
             exclude: Vec::new(),

@@ -205,3 +205,19 @@ pub(crate) fn open_parent(path: &Path, expect: &[DirId]) -> Result<Walk, WalkErr
     }
     Ok(Walk::Parent(fd, ids))
 }
+
+/// Opens the directory at `path` for reading (listing, marking), walking
+/// from `/` without following any symlink (the last component included).
+pub(crate) fn open_dir(path: &Path) -> Result<OwnedFd, WalkError> {
+    let (_, name) = split(path)?;
+    let parent = match open_parent(path, &[])? {
+        Walk::Parent(fd, _) => fd,
+        Walk::Missing(at, _) => {
+            return Err(WalkError::Io(at, io::ErrorKind::NotFound.into()));
+        }
+    };
+    open_at(&parent, name, OFlag::O_RDONLY | OFlag::O_DIRECTORY, 0).map_err(|e| match e {
+        Errno::ELOOP | Errno::ENOTDIR => WalkError::NotADirectory(path.into()),
+        e => WalkError::Io(path.into(), e.into()),
+    })
+}

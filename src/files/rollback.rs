@@ -642,17 +642,85 @@ pub fn rollback(image_dir: &Path, cfg: &FilesConfig) -> Result<Vec<Action>, File
 }
 
 /// [`rollback`], also returning what [`verify_restored`] must find after
-/// CRIU's restore.
+/// CRIU's restore. With a `tracker`, the names the job touched that the
+/// image does not record are dealt with as [`super::Journal::rollback_plan`]
+/// says: those it created after the image are removed (checked and done
+/// like a listed file that was absent), the others are returned, with the
+/// reason, to be logged.
 pub fn rollback_checked(
     image_dir: &Path,
     cfg: &FilesConfig,
-) -> Result<(Vec<Action>, Vec<Expected>), FilesError> {
+    tracker: Option<&super::Tracker>,
+) -> Result<Rolled, FilesError> {
     if !cfg.rollback {
-        return Ok((Vec::new(), Vec::new()));
+        return Ok(Rolled::default());
     }
-    let Some(state) = load(image_dir)? else {
-        return Ok((Vec::new(), Vec::new()));
+    let Some(mut state) = load(image_dir)? else {
+        return Ok(Rolled::default());
     };
+    let mut left = Vec::new();
+    if let Some(t) = tracker {
+        // Recorded, or seen and not recordable (a FIFO, a socket): the
+        // image's either way, never removed.
+        let recorded: std::collections::BTreeSet<PathBuf> = state
+            .files
+            .iter()
+            .map(|r| r.path.clone())
+            .chain(state.skipped.iter().map(|(p, _)| p.clone()))
+            .collect();
+        let plan = t.plan(&recorded);
+        left = plan.leave;
+        for p in plan.remove {
+            if resolve::split(&p).is_err() {
+                continue;
+            }
+            state.files.push(FileRecord {
+                path: p,
+                mode: Mode::Absent,
+                why: "created by the job after the checkpoint".into(),
+                size: 0,
+                dev: 0,
+                ino: 0,
+                perm: 0,
+                listed: true,
+                head: None,
+                tail: None,
+                blob: None,
+                dirs: Vec::new(),
+                uid: None,
+                gid: None,
+                holders: Vec::new(),
+                mtime: None,
+                atime: None,
+            });
+        }
+    }
     let steps = plan(&state, image_dir, cfg)?;
-    apply_checked(steps)
+    let (actions, expected) = apply_checked(steps)?;
+    Ok(Rolled {
+        actions,
+        expected,
+        left,
+        restored_names: state
+            .files
+            .iter()
+            .filter(|r| r.why.starts_with(super::TOUCHED_WHY))
+            .map(|r| r.path.clone())
+            .collect(),
+    })
+}
+
+/// What [`rollback_checked`] did.
+#[derive(Debug, Default)]
+pub struct Rolled {
+    /// The actions, file by file.
+    pub actions: Vec<Action>,
+    /// What [`verify_restored`] must find.
+    pub expected: Vec<Expected>,
+    /// Names the job changed after the checkpoint that are left as they
+    /// are, and why.
+    pub left: Vec<(PathBuf, String)>,
+    /// The names the image recorded because the job had changed them (the
+    /// journal of the restored job starts with them).
+    pub restored_names: Vec<PathBuf>,
 }

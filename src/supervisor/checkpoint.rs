@@ -207,6 +207,7 @@ async fn dump<E: Engine>(ctx: &Ctx<E>, job: &Running, staged: Staged) -> (Stagin
         attached: job.init_pid.is_none(),
         pages,
         owner: ctx.cfg.owner.clone(),
+        tracker: ctx.tracker.clone(),
     };
     let dumped = ctx.engine.dump(req).await;
     (staging, dumped)

@@ -225,6 +225,7 @@ fn dump_blocking(reaper: &Reaper, mut req: DumpRequest) -> Dumped {
     let mut tcp_refused: Option<String> = None;
     let mut tree: Vec<ProcId> = Vec::new();
     let (attached, files_cfg, ignore, dir) = (req.attached, &req.files, &req.ignore, &req.dir);
+    let tracker = req.tracker.as_deref();
     let mut on_notify = |script: &str| {
         if script != "post-dump" {
             return true;
@@ -265,7 +266,20 @@ fn dump_blocking(reaper: &Reaper, mut req: DumpRequest) -> Dumped {
         if !files_cfg.rollback {
             return true;
         }
-        let r = crate::files::capture(&pids, files_cfg, ignore, dir);
+        // Every change the job made before the freeze, then its names.
+        let touched = match tracker {
+            Some(t) => {
+                if let Err(e) = t.sync(std::time::Duration::from_secs(5)) {
+                    warn!(error = %e, "the files the job changed may not all be recorded with this checkpoint");
+                }
+                t.names()
+            }
+            None => Vec::new(),
+        };
+        let r = crate::files::capture_with(&pids, files_cfg, ignore, dir, &touched);
+        if let (Ok(s), Some(t)) = (&r, tracker) {
+            t.checkpointed(&s.dirs);
+        }
         let ok = r.is_ok();
         files = Some(r);
         ok
@@ -361,7 +375,13 @@ fn outside_peers(o: &[crate::tcp::Outside]) -> String {
 fn restore_blocking(reaper: &Reaper, req: RestoreRequest) -> Result<RestoredJob, RestoreError> {
     // An owned job's files are rolled back with its owner's rights, and
     // its CRIU (running as the owner) reads and writes the images.
-    let rollback = || crate::files::rollback_checked(&req.images, &req.files);
+    // The dead job's last file events first (its init forwards them before
+    // it exits).
+    if let Some(t) = &req.tracker {
+        t.end_run(std::time::Duration::from_secs(5));
+    }
+    let tracker = req.tracker.as_deref();
+    let rollback = || crate::files::rollback_checked(&req.images, &req.files, tracker);
     let rolled = match &req.init.owner {
         Some(o) => {
             hand_over(&req.images, o).map_err(|e| {
@@ -381,7 +401,7 @@ fn restore_blocking(reaper: &Reaper, req: RestoreRequest) -> Result<RestoredJob,
         }
         None => rollback(),
     };
-    let (actions, expect) = rolled.map_err(|e| {
+    let rolled = rolled.map_err(|e| {
         let step = RestoreStep::Rollback;
         if e.is_resource() {
             RestoreError::resource(step, e.to_string())
@@ -389,10 +409,29 @@ fn restore_blocking(reaper: &Reaper, req: RestoreRequest) -> Result<RestoredJob,
             RestoreError::image(step, e.to_string())
         }
     })?;
+    for (p, why) in &rolled.left {
+        warn!(path = %p.display(), "not rolled back: {why}");
+    }
+    if let Some(why) = req.tracker.as_ref().and_then(|t| t.incomplete()) {
+        warn!("the files the job changed since the checkpoint may not all be rolled back: {why}");
+    }
+    let (actions, expect) = (rolled.actions, rolled.expected);
+    let restored_names = rolled.restored_names;
+    // The restored job's own watch (after the rollback: supervise's own
+    // changes are not the job's).
+    let watch = req.tracker.as_ref().and_then(|t| t.begin_run());
     crate::failpoint::point("after-rollback");
     let mut refusal = None;
     let mut on_notify = |script: &str, init: i32| {
-        if script != "post-restore" || expect.is_empty() {
+        if script != "post-restore" {
+            return true;
+        }
+        // The restored tasks have not run yet: the job's watch starts here,
+        // with the names the image recorded as the job's.
+        if let Some(w) = &watch {
+            w.start(Some(restored_names.clone()));
+        }
+        if expect.is_empty() {
             return true;
         }
         let map = crate::proc::ns_pid_map(init);
@@ -423,6 +462,7 @@ fn restore_blocking(reaper: &Reaper, req: RestoreRequest) -> Result<RestoredJob,
     if !req.images.join(PRIVATE_TMP_MARK).exists() {
         init.private_tmp = None;
     }
+    init.watch = watch.clone();
     let res = crate::job::restore(reaper, &req.images, &opts, &init, &mut on_notify, req.lazy);
     match (res, refusal) {
         (Ok(restored), _) => Ok(RestoredJob { restored, actions }),

@@ -55,6 +55,9 @@ pub struct DumpRequest {
     /// The job's owner: CRIU runs as the owner in the job's user
     /// namespace (`crate::userns`); `None`: root's job.
     pub owner: Option<crate::userns::Owner>,
+    /// The watch of the job's directories: the names the job changed are
+    /// recorded with the checkpoint too.
+    pub tracker: Option<std::sync::Arc<crate::files::Tracker>>,
 }
 
 /// What [`Engine::dump`] did.
@@ -90,6 +93,9 @@ pub struct RestoreRequest {
     /// A lazy restore: the pages missing from `images` are served from
     /// here while the job runs.
     pub lazy: Option<Box<dyn PageSource + Send>>,
+    /// The watch of the job's directories: what the dead job changed
+    /// since the image is rolled back too, and the restored job is watched.
+    pub tracker: Option<std::sync::Arc<crate::files::Tracker>>,
 }
 
 /// A restored job and what its files' rollback did.

@@ -278,6 +278,7 @@ impl<E: Engine> Restorer<'_, E> {
             init: self.ctx.init_files(),
             files: self.ctx.files_config(),
             lazy,
+            tracker: self.ctx.tracker.clone(),
         };
         let res = self.ctx.engine.restore(req).await;
         // The restored job does not use the image files: free the (tmpfs)
@@ -334,6 +335,17 @@ fn log_rollback(id: &str, actions: &[Action]) {
         .filter(|a| !matches!(a, Action::Keep(_)))
         .count();
     info!(checkpoint = %id, files = actions.len(), changed, "job files rolled back to the checkpoint");
+    let removed: Vec<String> = actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Remove(p) => Some(p.display().to_string()),
+            _ => None,
+        })
+        .collect();
+    if !removed.is_empty() {
+        let shown = removed.len().min(20);
+        info!(checkpoint = %id, count = removed.len(), files = ?&removed[..shown], "removed files absent at the checkpoint");
+    }
 }
 
 impl<E: Engine> Supervisor<E> {

@@ -198,19 +198,26 @@ impl<E: Engine> Supervisor<E> {
                 "attached jobs cannot be launched",
             ));
         };
-        let r = self
-            .ctx
-            .engine
-            .launch(spec, self.ctx.init_files())
+        let mut init = self.ctx.init_files();
+        if let Some(t) = &self.ctx.tracker {
+            // A previous run's last events (a fresh start after a death).
+            let t = t.clone();
+            init.watch = blocking(move || {
+                t.end_run(std::time::Duration::from_secs(5));
+                t.begin_run()
+            })
             .await
-            .map_err(|e| {
-                let msg = format!("cannot start the command: {e}");
-                if e.is_resource() {
-                    RestoreError::resource(RestoreStep::Launch, msg)
-                } else {
-                    RestoreError::image(RestoreStep::Launch, msg)
-                }
-            })?;
+            .ok()
+            .flatten();
+        }
+        let r = self.ctx.engine.launch(spec, init).await.map_err(|e| {
+            let msg = format!("cannot start the command: {e}");
+            if e.is_resource() {
+                RestoreError::resource(RestoreStep::Launch, msg)
+            } else {
+                RestoreError::image(RestoreStep::Launch, msg)
+            }
+        })?;
         self.started(&r).await;
         info!(pid = r.host_pid, ns_pid = r.ns_pid, "started");
         Ok(r)

@@ -45,6 +45,7 @@ pub fn progs() -> &'static Path {
             ("dirty", "tests/progs/dirty.c", ""),
             ("exchange", "tests/progs/exchange.c", ""),
             ("appender", "tests/progs/appender.c", ""),
+            ("restartapp", "tests/progs/restartapp.c", ""),
             // The kernel-object matrix of tests/coverage.rs.
             ("locks", "tests/progs/locks.c", ""),
             ("unlinked", "tests/progs/unlinked.c", ""),

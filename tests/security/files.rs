@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use crate::common::*;
-use crate::{as_nobody, attacker_dir, nobody, Canary};
+use crate::{as_nobody, attacker_dir, nobody, Canary, NOBODY};
 
 /// A root-owned 0700 directory: names, sizes, modes, owners and contents of
 /// everything in it.
@@ -293,4 +293,73 @@ fn swap_between_rollback_and_criu_reopen_is_caught_before_the_job_runs() {
     // the fresh start refuses to open it), the canary stays intact.
     sup.wait_for("no image could be restored", 1, T);
     canary.check();
+}
+
+/// The job's directory is the attacker's: what the attacker does there
+/// after a checkpoint is not the job's doing, and a restore leaves it. The
+/// attacker adds a file of its own, and replaces a file the job created
+/// after the checkpoint; the restore removes neither (and says why it
+/// left the second), while it still removes what the job alone created
+/// and brings back what the job deleted.
+#[test]
+#[cfg_attr(not(criu), ignore = "needs root and CRIU >= 4.2 (scripts/setup.sh)")]
+fn what_another_user_does_in_the_jobs_directory_is_left_alone() {
+    progs();
+    let env = Env::new();
+    let home = attacker_dir(&env, "home");
+    nobody(&format!("mkdir -m 777 {}/work", home.display()));
+    let work = home.join("work");
+    let job = env.job(
+        "app",
+        &format!(
+            r#"command = ["{prog}"]
+cwd = "{work}"
+stdout = "{out}"
+[checkpoint]
+every = "1h"
+dir = "images"
+"#,
+            prog = prog("restartapp"),
+            work = work.display(),
+            out = env.path().join("app.out").display(),
+        ),
+    );
+    let mut sup = env.start(&job);
+    let log = env.path().join("app.out");
+    let has = |n: &str| fs::read_to_string(&log).unwrap_or_default().contains(n);
+    wait_until("the first restart file", T, || has("renamed 2\n"));
+    checkpoint(&env, "app");
+    // The attacker's own file, and `go` (the job removes it, then deletes
+    // scratch.txt and creates late.txt).
+    nobody(&format!(
+        "cd {} && echo theirs > theirs.txt && touch go",
+        work.display()
+    ));
+    wait_until("the job acted", T, || has("acted"));
+    // The attacker replaces the job's new late.txt with its own.
+    nobody(&format!(
+        "cd {} && rm -f late.txt && echo attacker > late.txt",
+        work.display()
+    ));
+    sup.kill_job("app");
+    sup.wait_restores("app", 1, T);
+    assert_eq!(
+        fs::read_to_string(work.join("theirs.txt")).unwrap(),
+        "theirs\n"
+    );
+    assert_eq!(
+        fs::read_to_string(work.join("late.txt")).unwrap(),
+        "attacker\n"
+    );
+    assert_eq!(fs::metadata(work.join("late.txt")).unwrap().uid(), NOBODY);
+    assert_eq!(
+        fs::read_to_string(work.join("scratch.txt")).unwrap(),
+        "scratch v1\n"
+    );
+    let text = sup.log();
+    assert!(
+        text.contains("not rolled back: another process changed it after the job did"),
+        "{text}"
+    );
+    sup.kill_all();
 }

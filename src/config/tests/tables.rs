@@ -213,6 +213,7 @@ fn files_table() {
         j.files,
         FilesConfig {
             rollback: true,
+            watch: true,
             snapshot: vec!["/x/state.db".into(), "/abs/s".into()],
             append: vec!["/x/out/results.csv".into()],
             exclude: vec!["/x/scratch".into()],
@@ -222,6 +223,8 @@ fn files_table() {
     );
     let off = parse("command = [\"a\"]\n[files]\nrollback = false\n").unwrap();
     assert!(!off.files.rollback);
+    let unwatched = parse("command = [\"a\"]\n[files]\nwatch = false\n").unwrap();
+    assert!(!unwatched.files.watch && unwatched.files.rollback);
     assert_eq!(
         parse("command = [\"a\"]\n").unwrap().files,
         FilesConfig::default()
