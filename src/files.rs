@@ -56,7 +56,15 @@
 //! back (`futimens`), as does an unchanged file whose modification time
 //! moved (rewritten with the same bytes).
 //!
-//! Files opened read-only, files the job did not have open, anything under
+//! # Files the job does not hold open
+//! With `[files] watch` (the default) a [`Tracker`] learns, from fanotify,
+//! every name the job created, wrote, renamed or deleted in its watched
+//! directories (see `tracker.rs`); [`capture_with`] records each of them by
+//! name like a file listed in `[files] snapshot` (*snapshot* if it exists,
+//! *absent* if not), and [`rollback_checked`] also removes the names the
+//! job created after the image ([`Journal::rollback_plan`]).
+//!
+//! Files opened read-only, anything under
 //! `/proc`, `/sys` and `/dev`, unlinked files (CRIU keeps those itself),
 //! supervise's image store and paths listed in `[files] exclude` are never
 //! recorded nor touched.
@@ -247,7 +255,8 @@ pub struct FileRecord {
     pub ino: u64,
     /// Permission bits at the checkpoint.
     pub perm: u32,
-    /// Listed in `[files] snapshot` (put back by path, whatever its inode).
+    /// Put back by path, whatever its inode: listed in `[files] snapshot`,
+    /// or a name the job changed (its `why` starts with [`TOUCHED_WHY`]).
     #[serde(default)]
     pub listed: bool,
     /// SHA-256 of the first `min(size, 4 KiB)` bytes (extend).

@@ -498,7 +498,8 @@ fn kill_and_reap_all() {
 /// namespace (so their PIDs are the job's or 0), unchanged to supervise.
 struct Forwarder {
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    lock: std::sync::Arc<std::sync::Mutex<()>>,
+    /// Held while forwarding; true once the descriptors are closed.
+    lock: std::sync::Arc<std::sync::Mutex<bool>>,
     thread: Option<std::thread::JoinHandle<()>>,
     fan: i32,
     pipe: i32,
@@ -508,7 +509,7 @@ impl Forwarder {
     fn start(fan: i32, pipe: i32) -> Forwarder {
         use std::sync::atomic::Ordering;
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let lock = std::sync::Arc::new(std::sync::Mutex::new(()));
+        let lock = std::sync::Arc::new(std::sync::Mutex::new(false));
         let (s, l) = (stop.clone(), lock.clone());
         let thread = std::thread::Builder::new()
             .name("forward".into())
@@ -521,8 +522,16 @@ impl Forwarder {
                     };
                     // SAFETY: one valid pollfd.
                     unsafe { libc::poll(&mut p, 1, 200) };
-                    let _g = l.lock();
+                    let mut closed = l.lock().unwrap_or_else(|p| p.into_inner());
+                    if *closed {
+                        break;
+                    }
                     if !forward_available(fan, pipe) {
+                        // supervise went away (the job runs on detached):
+                        // stop watching, or the kernel queues its events
+                        // for nobody.
+                        close_pair(fan, pipe);
+                        *closed = true;
                         break;
                     }
                 }
@@ -543,13 +552,21 @@ impl Forwarder {
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
-        let _g = self.lock.lock();
-        forward_available(self.fan, self.pipe);
-        // SAFETY: our descriptors; supervise sees EOF once we exit.
-        unsafe {
-            libc::close(self.pipe);
-            libc::close(self.fan);
+        let mut closed = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+        if !*closed {
+            forward_available(self.fan, self.pipe);
+            close_pair(self.fan, self.pipe);
+            *closed = true;
         }
+    }
+}
+
+/// Closes the group and the pipe (supervise then sees EOF).
+fn close_pair(fan: i32, pipe: i32) {
+    // SAFETY: our descriptors, closed once (under the forwarder's lock).
+    unsafe {
+        libc::close(pipe);
+        libc::close(fan);
     }
 }
 

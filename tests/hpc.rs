@@ -128,18 +128,26 @@ fn private_tmp_false_shares_the_hosts_tmp() {
     fs::remove_file(host).unwrap();
 }
 
-/// A job that runs as its owner gets its own /tmp too (the owner's, mode
-/// 0700), through checkpoint -> SIGKILL -> restore by the owner's CRIU.
-#[test]
-#[cfg_attr(not(criu), ignore = "needs root and CRIU >= 4.2 (scripts/setup.sh)")]
-fn an_owned_job_has_its_own_tmp() {
-    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+/// For a job of `sv-alice`'s: the user, a test directory others can
+/// reach, and her home in it.
+fn owned_setup() -> (TestUser, Env, std::path::PathBuf) {
+    use std::os::unix::fs::PermissionsExt;
     progs();
     subreaper();
     let alice = user("sv-alice");
     let env = Env::outside_tmp();
     fs::set_permissions(env.path(), fs::Permissions::from_mode(0o755)).unwrap();
     let home = service::home(&env, &alice);
+    (alice, env, home)
+}
+
+/// A job that runs as its owner gets its own /tmp too (the owner's, mode
+/// 0700), through checkpoint -> SIGKILL -> restore by the owner's CRIU.
+#[test]
+#[cfg_attr(not(criu), ignore = "needs root and CRIU >= 4.2 (scripts/setup.sh)")]
+fn an_owned_job_has_its_own_tmp() {
+    use std::os::unix::fs::MetadataExt;
+    let (alice, env, home) = owned_setup();
     let script = "echo mine > /tmp/pid.$$; while [ ! -e go ]; do cat /tmp/pid.$$; sleep 0.1; done";
     let job = JobFile::program("own", &["/bin/sh", "-c", script])
         .every("1h")
@@ -262,11 +270,35 @@ fn the_applications_own_restart_files_are_rolled_back() {
     progs();
     subreaper();
     let env = Env::new();
-    let dir = env.path();
     let job = JobFile::program("app", &[&prog("restartapp")])
         .every("1h")
         .write(&env);
-    let mut sup = env.start(&job);
+    restart_files_scenario(&env, env.path(), &job);
+}
+
+/// The same for a job that runs as its owner (its own user namespace; the
+/// rollback runs with the owner's rights).
+#[test]
+#[cfg_attr(not(criu), ignore = "needs root and CRIU >= 4.2 (scripts/setup.sh)")]
+fn an_owned_jobs_restart_files_are_rolled_back() {
+    use std::os::unix::fs::MetadataExt;
+    let (alice, env, home) = owned_setup();
+    let job = JobFile::program("app", &[&prog("restartapp")])
+        .every("1h")
+        .top(&format!("user = \"{}\"", alice.name))
+        .top(&format!("cwd = \"{}\"", home.display()))
+        .stdout(&format!("{}/app.out", home.display()))
+        .write(&env);
+    restart_files_scenario(&env, &home, &job);
+    let md = fs::metadata(home.join("scratch.txt")).unwrap();
+    assert_eq!(md.uid(), alice.uid, "brought back with its owner");
+}
+
+/// Runs restartapp (`job`, working in `dir`, printing to `dir`/app.out):
+/// checkpoint, `go`, SIGKILL right after the next rename, restore; checks
+/// the files.
+fn restart_files_scenario(env: &Env, dir: &Path, job: &Path) {
+    let mut sup = env.start(job);
     let log = dir.join("app.out");
     let has = |needle: &str| {
         fs::read_to_string(&log)
@@ -274,7 +306,7 @@ fn the_applications_own_restart_files_are_rolled_back() {
             .contains(needle)
     };
     wait_until("the first restart file", T, || has("renamed 2\n"));
-    checkpoint(&env, "app");
+    checkpoint(env, "app");
     let at_checkpoint = fs::read(dir.join("restart.dat")).unwrap();
     // After the checkpoint: the job deletes scratch.txt, creates late.txt,
     // and writes a new restart file; it is killed right after the rename.

@@ -231,40 +231,45 @@ pub fn handle_of(dir: &OwnedFd) -> io::Result<Handle> {
     })
 }
 
+/// Info record types, for [`record`].
+#[cfg(test)]
+pub(crate) const INFO: (u8, u8, u8) = (INFO_DFID_NAME, INFO_OLD_DFID_NAME, INFO_NEW_DFID_NAME);
+
+/// An event record as the kernel lays it out.
+#[cfg(test)]
+pub(crate) fn record(mask: u64, pid: i32, names: &[(u8, &Handle, &str)]) -> Vec<u8> {
+    let mut infos = Vec::new();
+    for (kind, h, name) in names {
+        let mut i = vec![*kind, 0, 0, 0];
+        i.extend(h.fsid[0].to_ne_bytes());
+        i.extend(h.fsid[1].to_ne_bytes());
+        i.extend((h.bytes.len() as u32).to_ne_bytes());
+        i.extend(h.kind.to_ne_bytes());
+        i.extend(&h.bytes);
+        i.extend(name.as_bytes());
+        i.push(0);
+        while i.len() % 4 != 0 {
+            i.push(0);
+        }
+        let l = i.len() as u16;
+        i[2..4].copy_from_slice(&l.to_ne_bytes());
+        infos.extend(i);
+    }
+    let len = (META_LEN + infos.len()) as u32;
+    let mut r = Vec::new();
+    r.extend(len.to_ne_bytes());
+    r.extend([3u8, 0]);
+    r.extend((META_LEN as u16).to_ne_bytes());
+    r.extend(mask.to_ne_bytes());
+    r.extend((-1i32).to_ne_bytes());
+    r.extend(pid.to_ne_bytes());
+    r.extend(infos);
+    r
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// An event record as the kernel lays it out.
-    pub(crate) fn record(mask: u64, pid: i32, names: &[(u8, &Handle, &str)]) -> Vec<u8> {
-        let mut infos = Vec::new();
-        for (kind, h, name) in names {
-            let mut i = vec![*kind, 0, 0, 0];
-            i.extend(h.fsid[0].to_ne_bytes());
-            i.extend(h.fsid[1].to_ne_bytes());
-            i.extend((h.bytes.len() as u32).to_ne_bytes());
-            i.extend(h.kind.to_ne_bytes());
-            i.extend(&h.bytes);
-            i.extend(name.as_bytes());
-            i.push(0);
-            while i.len() % 4 != 0 {
-                i.push(0);
-            }
-            let l = i.len() as u16;
-            i[2..4].copy_from_slice(&l.to_ne_bytes());
-            infos.extend(i);
-        }
-        let len = (META_LEN + infos.len()) as u32;
-        let mut r = Vec::new();
-        r.extend(len.to_ne_bytes());
-        r.extend([3u8, 0]);
-        r.extend((META_LEN as u16).to_ne_bytes());
-        r.extend(mask.to_ne_bytes());
-        r.extend((-1i32).to_ne_bytes());
-        r.extend(pid.to_ne_bytes());
-        r.extend(infos);
-        r
-    }
 
     #[test]
     fn parses_names_renames_and_cut_records() {

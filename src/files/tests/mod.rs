@@ -11,6 +11,7 @@ use std::process::{Child, Command, Stdio};
 mod checked_paths;
 mod record_and_rollback;
 mod times_and_leases;
+mod tracker;
 
 /// A shell that opens files as `script` says, then becomes `sleep`, holding
 /// them. Returns once the files are open.
