@@ -58,6 +58,8 @@ pub const DEFAULT_KEEP: usize = 3;
 pub const DEFAULT_MAX_RESTORES: u32 = 10;
 /// Default `restore.window`.
 pub const DEFAULT_RESTORE_WINDOW: Duration = Duration::from_secs(60 * 60);
+/// Default `restore.healthy_after`.
+pub const DEFAULT_HEALTHY_AFTER: Duration = Duration::from_secs(10);
 /// Default `restore.backoff`.
 pub const DEFAULT_BACKOFF: Duration = Duration::from_secs(1);
 /// Default `restore.backoff_max`.
@@ -224,11 +226,15 @@ pub struct RestoreConfig {
     pub max_restores: u32,
     /// The sliding window `max_restores` is counted in.
     pub window: Duration,
-    /// Delay before the first restore after a death; doubles per consecutive
-    /// failure up to `backoff_max`.
+    /// Delay before restoring a job that died again soon after a restore
+    /// (a crash loop); doubles with each further such death, up to
+    /// `backoff_max`. A death after a healthy run is restored at once.
     pub backoff: Duration,
     /// Cap of the restore delay (>= `backoff`).
     pub backoff_max: Duration,
+    /// A run at least this long is healthy: the next death is restored at
+    /// once, and the backoff starts over.
+    pub healthy_after: Duration,
     /// Restore lazily (memory served from the store on demand, then in the
     /// background) where userfaultfd works.
     pub lazy: bool,
@@ -242,6 +248,7 @@ impl Default for RestoreConfig {
             window: DEFAULT_RESTORE_WINDOW,
             backoff: DEFAULT_BACKOFF,
             backoff_max: DEFAULT_BACKOFF_MAX,
+            healthy_after: DEFAULT_HEALTHY_AFTER,
             lazy: true,
         }
     }

@@ -95,6 +95,7 @@ pub(super) struct RawRestore {
     pub(super) window: Option<Dur<1, { bounds::RESTORE_WINDOW.as_secs() }>>,
     pub(super) backoff: Option<Spanned<BackoffDur>>,
     pub(super) backoff_max: Option<Spanned<BackoffDur>>,
+    pub(super) healthy_after: Option<BackoffDur>,
     pub(super) lazy: Option<bool>,
 }
 
@@ -391,7 +392,7 @@ pub(super) struct Dur<const MIN_SECS: u64, const MAX_SECS: u64>(pub(super) Durat
 
 /// `checkpoint.mtbf`, `min` and `max`.
 pub(super) type IntervalDur = Dur<1, { bounds::INTERVAL.as_secs() }>;
-/// `restore.backoff` and `backoff_max`.
+/// `restore.backoff`, `backoff_max` and `healthy_after`.
 pub(super) type BackoffDur = Dur<0, { bounds::BACKOFF.as_secs() }>;
 
 /// "must be at most 1day (found "500000000y")" when `v` exceeds `max`.

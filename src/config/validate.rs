@@ -649,6 +649,9 @@ fn build_restore(
         window: raw.window.map_or(DEFAULT_RESTORE_WINDOW, |w| w.0),
         backoff,
         backoff_max,
+        healthy_after: raw
+            .healthy_after
+            .map_or(crate::config::DEFAULT_HEALTHY_AFTER, |d| d.0),
         lazy: raw.lazy.unwrap_or(true),
     })
 }

@@ -23,8 +23,9 @@ pub enum Decision {
     },
 }
 
-/// The restore delay after `consecutive` deaths in a row: `backoff`,
-/// doubling each time, capped at `backoff_max`.
+/// The restore delay for the `consecutive`-th death in a crash loop
+/// (1: the first death soon after a restore): `backoff`, doubling each
+/// time, capped at `backoff_max`.
 pub fn restore_delay(consecutive: u32, backoff: Duration, backoff_max: Duration) -> Duration {
     let exp = consecutive.saturating_sub(1).min(30);
     backoff.saturating_mul(1u32 << exp).min(backoff_max)
@@ -35,7 +36,7 @@ pub fn restore_delay(consecutive: u32, backoff: Duration, backoff_max: Duration)
 pub struct History {
     /// When automatic restores were started, within the window.
     restores: VecDeque<Instant>,
-    /// Deaths in a row without a run longer than `backoff_max` between.
+    /// Deaths in a row without a healthy run (`healthy_after`) between.
     consecutive: u32,
 }
 
@@ -76,11 +77,17 @@ impl History {
                 humantime::format_duration(p.window)
             ));
         }
-        if ran > p.backoff_max {
+        // The first death after a healthy run (or the first ever) is
+        // restored at once; each one soon after that restore is a crash
+        // loop, and backs off.
+        if ran >= p.healthy_after {
             self.consecutive = 0;
         }
         self.consecutive += 1;
-        let delay = restore_delay(self.consecutive, p.backoff, p.backoff_max);
+        let delay = match self.consecutive {
+            1 => Duration::ZERO,
+            n => restore_delay(n - 1, p.backoff, p.backoff_max),
+        };
         self.restores.push_back(now + delay);
         Decision::Restore { delay }
     }
@@ -136,8 +143,33 @@ mod tests {
             window: Duration::from_secs(600),
             backoff: Duration::from_millis(200),
             backoff_max: Duration::from_secs(5),
+            healthy_after: Duration::from_secs(10),
             lazy: true,
         }
+    }
+
+    /// The issue-26 case: a job that ran for hours dies; the restore is
+    /// at once. The restored job dies again 14 s later (healthy): at once
+    /// again. Then 2 s after that restore (a crash loop): the backoff.
+    #[test]
+    fn a_death_after_a_healthy_run_restores_at_once() {
+        let mut p = policy();
+        p.max_restores = 10;
+        let mut h = History::default();
+        let t0 = Instant::now();
+        let mut delay = |ran: u64, at: u64| match h.on_death(
+            &p,
+            KILLED,
+            Duration::from_secs(ran),
+            t0 + Duration::from_secs(at),
+        ) {
+            Decision::Restore { delay } => delay.as_millis(),
+            d => panic!("{d:?}"),
+        };
+        assert_eq!(delay(7200, 7200), 0);
+        assert_eq!(delay(14, 7214), 0);
+        assert_eq!(delay(2, 7216), 200);
+        assert_eq!(delay(1, 7217), 400);
     }
 
     const KILLED: ExitStatus = ExitStatus::Signal(9);
@@ -167,7 +199,7 @@ mod tests {
                 d => panic!("death {i}: {d:?}"),
             }
         }
-        assert_eq!(delays, [200, 400, 800]);
+        assert_eq!(delays, [0, 200, 400]);
         match h.on_death(&p, KILLED, short, t0 + Duration::from_secs(4)) {
             Decision::GiveUp(r) => assert_eq!(
                 r,
@@ -193,9 +225,9 @@ mod tests {
         assert_eq!(
             h.on_death(&p, KILLED, Duration::from_secs(600), later),
             Decision::Restore {
-                delay: Duration::from_millis(200)
+                delay: Duration::ZERO
             },
-            "a run longer than backoff_max starts the backoff over"
+            "a healthy run: restored at once, the backoff starts over"
         );
         assert_eq!(h.counted(), 1);
     }
@@ -233,7 +265,7 @@ mod tests {
         assert_eq!(h.counted(), 0);
         assert!(matches!(
             h.on_death(&p, KILLED, Duration::ZERO, now),
-            Decision::Restore { delay } if delay == p.backoff
+            Decision::Restore { delay } if delay.is_zero()
         ));
         assert!(admit(Verb::Checkpoint, true).is_ok());
         assert!(admit(Verb::Checkpoint, false).is_err());

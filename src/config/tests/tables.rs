@@ -56,6 +56,7 @@ fn defaults() {
             window: Duration::from_secs(3600),
             backoff: Duration::from_secs(1),
             backoff_max: Duration::from_secs(300),
+            healthy_after: Duration::from_secs(10),
             lazy: true,
         }
     );
@@ -111,6 +112,7 @@ max_restores = 3
 window = "30m"
 backoff = "2s"
 backoff_max = "1m"
+healthy_after = "30s"
 
 [shutdown]
 action = "detach"
@@ -165,6 +167,7 @@ checkpoint = false
             window: Duration::from_secs(1800),
             backoff: Duration::from_secs(2),
             backoff_max: Duration::from_secs(60),
+            healthy_after: Duration::from_secs(30),
             lazy: true,
         }
     );
