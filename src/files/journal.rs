@@ -115,8 +115,25 @@ impl Journal {
         self.listed.extend(names);
     }
 
-    /// A checkpoint: what exists now is what existed at it.
+    /// A checkpoint (after it recorded [`names`](Self::names)): what
+    /// exists now is what existed at it. A touched name that does not
+    /// exist now needs no journal entry any more: no image after this one
+    /// holds anything of it, and should the job touch it again, it is its
+    /// creation (so a job that makes and removes a new temporary file at
+    /// every step does not grow the journal, nor the images' records).
     pub fn checkpoint(&mut self) {
+        let gone: Vec<PathBuf> = self
+            .touched
+            .keys()
+            .filter(|p| self.exists.get(*p) == Some(&false))
+            .cloned()
+            .collect();
+        for p in &gone {
+            self.touched.remove(p);
+            self.outsider_after.remove(p);
+        }
+        let listed = &self.listed;
+        self.exists.retain(|p, e| *e || listed.contains(p));
         self.at_checkpoint = self.exists.clone();
     }
 
@@ -210,6 +227,27 @@ mod tests {
             plan.leave.iter().map(|l| &l.0).collect::<Vec<_>>(),
             [&p("/w/x")]
         );
+    }
+
+    #[test]
+    fn names_gone_at_a_checkpoint_leave_the_journal() {
+        let mut j = Journal::default();
+        j.add_listing([p("/w/input")]);
+        for i in 0..100 {
+            let t = p(&format!("/w/tmp.{i}"));
+            j.job_touch(&t, true);
+            j.job_touch(&t, false);
+        }
+        j.job_touch(&p("/w/input"), false); // an input the job deleted
+        j.job_touch(&p("/w/keep"), true);
+        j.checkpoint();
+        assert_eq!(j.names(), vec![p("/w/keep")]);
+        // Made again after the checkpoint: the job's creation.
+        j.job_touch(&p("/w/tmp.7"), true);
+        // Made again after the checkpoint: absent at it, so the job's.
+        j.job_touch(&p("/w/input"), true);
+        let plan = j.rollback_plan(&[p("/w/keep")].into());
+        assert_eq!(plan.remove, vec![p("/w/input"), p("/w/tmp.7")]);
     }
 
     #[test]
