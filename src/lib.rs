@@ -29,4 +29,5 @@ pub mod store;
 mod supervisor;
 pub mod systemd;
 pub mod tcp;
+pub mod uffd;
 pub mod userns;
