@@ -190,15 +190,22 @@ impl Uffd {
         self.ioctl(UFFDIO_REGISTER, reg.as_mut_ptr().cast())
     }
 
-    fn fill(&self, req: u64, args: &mut [u64], result_at: usize) -> io::Result<Filled> {
+    /// Runs a fill ioctl; returns the outcome and the bytes placed before
+    /// it stopped (all of them when [`Filled::Done`]).
+    fn fill(
+        &self,
+        req: u64,
+        args: &mut [u64],
+        len: u64,
+        result_at: usize,
+    ) -> io::Result<(Filled, u64)> {
+        let done = |a: &[u64]| (a[result_at] as i64).max(0) as u64;
         match self.ioctl(req, args.as_mut_ptr().cast()) {
-            Ok(()) => Ok(Filled::Done),
+            Ok(()) => Ok((Filled::Done, len)),
             Err(e) => match e.raw_os_error() {
-                Some(libc::EEXIST) => Ok(Filled::Exists),
-                Some(libc::EAGAIN) => Ok(Filled::Changed),
-                Some(libc::ESRCH) => Ok(Filled::Gone),
-                // A partial copy reports the bytes done in the struct.
-                _ if args[result_at] as i64 > 0 => Ok(Filled::Changed),
+                Some(libc::EEXIST) => Ok((Filled::Exists, done(args))),
+                Some(libc::EAGAIN) => Ok((Filled::Changed, done(args))),
+                Some(libc::ESRCH) => Ok((Filled::Gone, 0)),
                 _ => Err(e),
             },
         }
@@ -206,17 +213,21 @@ impl Uffd {
 
     /// `UFFDIO_COPY`: places `src` (whole pages) at `dst` in the
     /// registered task, waking its waiting threads unless `wake` is false.
-    pub fn copy(&self, dst: u64, src: &[u8], wake: bool) -> io::Result<Filled> {
+    /// Returns the outcome and the bytes placed (a copy stops at the first
+    /// page that exists already: [`Filled::Exists`] with the bytes before
+    /// it).
+    pub fn copy(&self, dst: u64, src: &[u8], wake: bool) -> io::Result<(Filled, u64)> {
         let mode = if wake { 0 } else { DONTWAKE };
-        let mut args = [dst, src.as_ptr() as u64, src.len() as u64, mode, 0u64];
-        self.fill(UFFDIO_COPY, &mut args, 4)
+        let len = src.len() as u64;
+        let mut args = [dst, src.as_ptr() as u64, len, mode, 0u64];
+        self.fill(UFFDIO_COPY, &mut args, len, 4)
     }
 
     /// `UFFDIO_ZEROPAGE`: maps zero pages over `dst..dst+len`.
-    pub fn zero(&self, dst: u64, len: u64, wake: bool) -> io::Result<Filled> {
+    pub fn zero(&self, dst: u64, len: u64, wake: bool) -> io::Result<(Filled, u64)> {
         let mode = if wake { 0 } else { DONTWAKE };
         let mut args = [dst, len, mode, 0u64];
-        self.fill(UFFDIO_ZEROPAGE, &mut args, 3)
+        self.fill(UFFDIO_ZEROPAGE, &mut args, len, 3)
     }
 
     /// `UFFDIO_WAKE`: wakes the threads waiting on `start..start+len`.
@@ -364,7 +375,7 @@ mod tests {
                 } else {
                     u.zero(at, page as u64, true).unwrap()
                 };
-                assert!(matches!(r, Filled::Done | Filled::Exists), "{r:?}");
+                assert!(matches!(r.0, Filled::Done | Filled::Exists), "{r:?}");
                 served += 1;
             }
         }
@@ -375,7 +386,7 @@ mod tests {
         // A page already there: EEXIST, reported as such.
         assert_eq!(
             u.copy(start, &vec![1u8; page], true).unwrap(),
-            Filled::Exists
+            (Filled::Exists, 0)
         );
         // SAFETY: the mapping made above.
         unsafe { libc::munmap(base, PAGES * page) };

@@ -12,6 +12,7 @@
 //! fresh namespace's init. That is what makes a restore independent of which
 //! PIDs are taken on the host.
 
+pub mod faults;
 pub mod lazy;
 mod options;
 pub mod page_server;
