@@ -11,10 +11,10 @@
 //!   touch, the job created it: the restore removes it. Otherwise the job
 //!   changed a file it had never written before, whose content no image
 //!   holds: it is left as it is, with a warning ([`Journal::rollback_plan`]).
-//! * Whether a name existed at a checkpoint: what the events since the
-//!   watch began say of it (every process's events, the job's and others'),
-//!   as they stood at that checkpoint; for a name no event concerned, the
-//!   listing of its directory taken when the directory was first watched.
+//! * Whether a name existed at a checkpoint: asked of the file system at
+//!   that checkpoint for every name some event (the job's or another
+//!   process's) concerned; for a name no event concerned, the listing of
+//!   its directory taken when the directory was first watched.
 //!   No directory is listed again at a checkpoint (it would lengthen the
 //!   freeze with the size of the directories).
 //! * A name another process touched after the job's last touch is not the
@@ -121,7 +121,21 @@ impl Journal {
     /// holds anything of it, and should the job touch it again, it is its
     /// creation (so a job that makes and removes a new temporary file at
     /// every step does not grow the journal, nor the images' records).
-    pub fn checkpoint(&mut self) {
+    ///
+    /// Whether a name exists is asked of the file system (`exists_now`),
+    /// for every name an event concerned: the events alone cannot say (a
+    /// `RENAME_EXCHANGE` comes as two renames, each name "moved away").
+    pub fn checkpoint(&mut self, exists_now: &dyn Fn(&Path) -> bool) {
+        let names: Vec<PathBuf> = self
+            .exists
+            .keys()
+            .chain(self.touched.keys())
+            .cloned()
+            .collect();
+        for p in names {
+            let e = exists_now(&p);
+            self.exists.insert(p, e);
+        }
         let gone: Vec<PathBuf> = self
             .touched
             .keys()
@@ -213,7 +227,7 @@ mod tests {
         // checkpoint; the job then renames onto both after it.
         j.outsider_touch(&p("/w/x"), true);
         j.outsider_touch(&p("/w/old"), false);
-        j.checkpoint();
+        j.checkpoint(&|q| q == Path::new("/w/x"));
         j.outsider_touch(&p("/w/y"), true); // after the checkpoint
         j.job_touch(&p("/w/x"), true);
         j.job_touch(&p("/w/old"), true);
@@ -240,7 +254,7 @@ mod tests {
         }
         j.job_touch(&p("/w/input"), false); // an input the job deleted
         j.job_touch(&p("/w/keep"), true);
-        j.checkpoint();
+        j.checkpoint(&|q| q == Path::new("/w/keep"));
         assert_eq!(j.names(), vec![p("/w/keep")]);
         // Made again after the checkpoint: the job's creation.
         j.job_touch(&p("/w/tmp.7"), true);
@@ -250,11 +264,28 @@ mod tests {
         assert_eq!(plan.remove, vec![p("/w/input"), p("/w/tmp.7")]);
     }
 
+    /// Another process swaps two names with RENAME_EXCHANGE (two rename
+    /// events, each name "moved away"); both still exist, and the job
+    /// writing the file now under the other name does not make it the
+    /// job's creation.
+    #[test]
+    fn an_exchange_does_not_make_names_absent() {
+        let mut j = Journal::default();
+        j.add_listing([p("/w/out"), p("/w/link")]);
+        j.outsider_touch(&p("/w/out"), false);
+        j.outsider_touch(&p("/w/link"), true);
+        j.outsider_touch(&p("/w/link"), false);
+        j.outsider_touch(&p("/w/out"), true);
+        j.checkpoint(&|q| q == Path::new("/w/out") || q == Path::new("/w/link"));
+        j.job_touch(&p("/w/link"), true);
+        assert!(j.rollback_plan(&BTreeSet::new()).remove.is_empty());
+    }
+
     #[test]
     fn first_touch_decides_and_outsiders_win() {
         let mut j = Journal::default();
         j.job_touch(&p("/w/a"), true);
-        j.checkpoint();
+        j.checkpoint(&|q| q == Path::new("/w/a"));
         j.job_touch(&p("/w/a"), true);
         j.job_touch(&p("/w/c"), true);
         j.outsider_touch(&p("/w/c"), true);

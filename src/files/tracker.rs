@@ -286,7 +286,7 @@ impl Tracker {
                 watch_tree(&self.shared, &mut st, d, false);
             }
         }
-        st.journal.checkpoint();
+        st.journal.checkpoint(&exists_now);
     }
 
     /// The job has ended: waits (up to `timeout`) for the last of its
@@ -316,6 +316,17 @@ impl Tracker {
     /// names the job touched.
     pub fn plan(&self, recorded: &BTreeSet<PathBuf>) -> Plan {
         lock(&self.shared).journal.rollback_plan(recorded)
+    }
+}
+
+/// Whether `p` exists, looked at without following any symlink.
+fn exists_now(p: &Path) -> bool {
+    let Ok((_, name)) = resolve::split(p) else {
+        return false;
+    };
+    match resolve::open_parent(p, &[]) {
+        Ok(resolve::Walk::Parent(fd, _)) => matches!(resolve::lstat_at(&fd, name), Ok(Some(_))),
+        _ => false,
     }
 }
 
