@@ -84,23 +84,14 @@ impl Journal {
                 _ => p.clone(),
             }
         };
-        self.touched = std::mem::take(&mut self.touched)
-            .into_iter()
-            .map(|(p, b)| (moved(&p), b))
-            .collect();
+        rekey(&mut self.touched, &moved);
+        rekey(&mut self.exists, &moved);
+        rekey(&mut self.at_checkpoint, &moved);
         self.outsider_after = std::mem::take(&mut self.outsider_after)
             .iter()
             .map(moved)
             .collect();
         self.listed = std::mem::take(&mut self.listed).iter().map(moved).collect();
-        self.exists = std::mem::take(&mut self.exists)
-            .into_iter()
-            .map(|(p, b)| (moved(&p), b))
-            .collect();
-        self.at_checkpoint = std::mem::take(&mut self.at_checkpoint)
-            .into_iter()
-            .map(|(p, b)| (moved(&p), b))
-            .collect();
     }
 
     /// A new run's watch begins: what was known of the names goes.
@@ -190,6 +181,17 @@ impl Journal {
         self.outsider_after.clear();
         self.incomplete = None;
     }
+}
+
+/// Renames every key of `m` by `f`.
+fn rekey<M>(m: &mut M, f: &impl Fn(&PathBuf) -> PathBuf)
+where
+    M: Default + IntoIterator<Item = (PathBuf, bool)> + FromIterator<(PathBuf, bool)>,
+{
+    *m = std::mem::take(m)
+        .into_iter()
+        .map(|(p, b)| (f(&p), b))
+        .collect();
 }
 
 #[cfg(test)]

@@ -243,21 +243,12 @@ impl Tracker {
         };
         touch_marker(&self.shared.sync_dir, &format!("sync-{run}-{n}"))
             .map_err(|e| format!("cannot write a marker: {e}"))?;
-        let deadline = Instant::now() + timeout;
-        let mut st = lock(&self.shared);
-        while st.seen < n && !st.ended && st.run == run {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return Err(format!(
-                    "the job's file events did not come through within {timeout:?}"
-                ));
-            }
-            st = self
-                .shared
-                .cv
-                .wait_timeout(st, left)
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
+        let (st, timed_out) =
+            self.wait_while(timeout, |st| st.seen < n && !st.ended && st.run == run);
+        if timed_out {
+            return Err(format!(
+                "the job's file events did not come through within {timeout:?}"
+            ));
         }
         if st.seen < n {
             return Err("the job's init stopped forwarding its file events".into());
@@ -292,15 +283,28 @@ impl Tracker {
     /// The job has ended: waits (up to `timeout`) for the last of its
     /// events (the init forwards them before it exits).
     pub fn end_run(&self, timeout: Duration) {
+        let (mut st, timed_out) = self.wait_while(timeout, |st| st.group.is_some() && !st.ended);
+        if timed_out {
+            st.journal
+                .incomplete
+                .get_or_insert_with(|| "the job's last file events did not come".into());
+        }
+        st.group = None;
+    }
+
+    /// Waits on the reader's notifications while `cond` holds, up to
+    /// `timeout`; true in the second place when the time ran out.
+    fn wait_while(
+        &self,
+        timeout: Duration,
+        cond: impl Fn(&State) -> bool,
+    ) -> (MutexGuard<'_, State>, bool) {
         let deadline = Instant::now() + timeout;
         let mut st = lock(&self.shared);
-        while st.group.is_some() && !st.ended {
+        while cond(&st) {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
-                st.journal
-                    .incomplete
-                    .get_or_insert_with(|| "the job's last file events did not come".into());
-                break;
+                return (st, true);
             }
             st = self
                 .shared
@@ -309,7 +313,7 @@ impl Tracker {
                 .unwrap_or_else(|p| p.into_inner())
                 .0;
         }
-        st.group = None;
+        (st, false)
     }
 
     /// What a restore of an image recording `recorded` does with the other
